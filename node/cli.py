@@ -1,0 +1,116 @@
+"""The ``lungnode`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from node import __version__
+from node.config import Config, load_config
+from node.errors import LungnodeError
+from node.logs import setup_logging
+
+log = logging.getLogger("node.cli")
+
+EPILOG = """\
+Configuration: embedded defaults, then --config FILE (see deploy/config.example.yaml), then
+environment variables LUNGNODE_<SECTION>__<KEY>, e.g. LUNGNODE_DICOM__PORT=11113.
+Reference models, not cleared for clinical use.
+"""
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, metavar="FILE", help="YAML configuration (default: embedded defaults)")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config)
+    setup_logging(cfg.logging.level, cfg.logging.file, cfg.logging.include_phi)
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.app import serve
+
+    return serve(_load(args))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.file)
+    print(f"{args.file}: valid")
+    if args.show:
+        print(json.dumps(cfg.redacted(), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from node.db.session import make_engine, make_sessionmaker, upgrade_schema
+    from node.db.status import render_text, summary
+
+    cfg = load_config(args.config)
+    setup_logging("WARNING")
+    engine = make_engine(cfg.storage.database_url)
+    upgrade_schema(engine)
+    with make_sessionmaker(engine)() as s:
+        data = summary(s, limit=args.limit)
+    engine.dispose()
+    print(json.dumps(data, indent=2) if args.json else render_text(data))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from node.synthetic.cli import synth_main
+
+    setup_logging("INFO")
+    return synth_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lungnode",
+        description="DICOM inference node for chest CT: receives series from a PACS, analyses them, sends results back.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"lungnode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the DICOM node (C-STORE SCP, series assembly) in the foreground")
+    _config_arg(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a configuration file and exit (0 valid, 2 invalid)")
+    p.add_argument("file", type=Path, help="the YAML file to check")
+    p.add_argument("--show", action="store_true", help="print the effective configuration after defaults and environment")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("status", help="recent studies, series and jobs with their states")
+    _config_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--limit", type=int, default=20, help="how many recent series to list (default 20)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic chest-CT series with ground-truth masks (lungnode synth --help for options)",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LungnodeError as exc:
+        print(f"lungnode: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Node configuration: embedded defaults, then one YAML file, then environment variables.
+
+The model is strict on purpose: an unknown key or a bad value stops start-up with a message
+that names the key (``dicom.port: Input should be less than or equal to 65535``), because a
+typo in a hospital's config must not be silently ignored.
+
+Environment overrides use ``LUNGNODE_<SECTION>__<KEY>`` (double underscore between levels),
+e.g. ``LUNGNODE_DICOM__PORT=11113`` or ``LUNGNODE_STORAGE__DATABASE_URL=postgresql+psycopg://...``.
+Values are parsed as YAML scalars/lists, so ``LUNGNODE_DICOM__ALLOWED_CALLERS='[{ae_title: PACS}]'``
+works too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from node.errors import ConfigError
+
+ENV_PREFIX = "LUNGNODE_"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash, no controls
+
+
+def _check_ae(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(value):
+        raise ValueError("an AE title is 1 to 16 printable characters without backslash")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AllowedCaller(Strict):
+    """A calling AE title that may associate, optionally only from one host address."""
+
+    ae_title: AETitle
+    host: str | None = Field(default=None, description="IP address the caller must come from; any when unset")
+
+
+class DicomSettings(Strict):
+    ae_title: AETitle = "LUNGNODE"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    allowed_callers: list[AllowedCaller] = Field(
+        default_factory=list, description="empty: any caller is accepted"
+    )
+    require_called_ae_title: bool = True
+    max_associations: int = Field(default=8, ge=1, le=256)
+    max_pdu_size: int = Field(
+        default=1048576,
+        ge=0,
+        description="largest P-DATA PDU we accept, in bytes; 0 means unlimited",
+    )
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    tcp_nodelay: bool = True
+    fast_receive: bool = Field(
+        default=True, description="use the tuned pynetdicom receive path (node/receive/tuning.py)"
+    )
+
+    @field_validator("max_pdu_size")
+    @classmethod
+    def _pdu(cls, v: int) -> int:
+        if v != 0 and v < 4096:
+            raise ValueError("must be 0 (unlimited) or at least 4096 bytes")
+        return v
+
+
+class StorageSettings(Strict):
+    spool_dir: Path = Path("./var/spool")
+    database_url: str = "sqlite:///./var/lungnode.db"
+    min_free_disk_mb: int = Field(
+        default=1024, ge=0, description="below this free space C-STORE answers 0xA700 (out of resources)"
+    )
+    fsync: bool = Field(default=True, description="fsync every instance before acknowledging it")
+
+
+class AssemblySettings(Strict):
+    quiet_period_s: float = Field(default=60.0, gt=0, description="no new instance for this long: series complete")
+    release_grace_s: float = Field(
+        default=2.0, ge=0, description="after the carrying associations were released: complete this much sooner"
+    )
+    poll_interval_s: float = Field(default=0.5, gt=0)
+
+
+class Destination(Strict):
+    """A DICOM node results are sent to (used by the sender)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class RetentionSettings(Strict):
+    received_days: float = Field(
+        default=7.0, ge=0, description="delete received images this many days after their series was processed; 0 keeps them"
+    )
+    check_interval_s: float = Field(default=3600.0, gt=0)
+
+
+class LoggingSettings(Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    file: Path | None = None
+    include_phi: bool = Field(default=False, description="never enable outside a test system")
+
+
+class Config(Strict):
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration for the start-up log, with secrets in URLs masked."""
+        data = self.model_dump(mode="json")
+        data["storage"]["database_url"] = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", self.storage.database_url)
+        return data
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        try:
+            node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment variable {name}: not a valid value ({exc})") from exc
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Build the effective configuration; raise ConfigError naming every bad key."""
+    data: dict[str, Any] = {}
+    source = "embedded defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+        data = loaded
+    env = _env_overrides(dict(os.environ if environ is None else environ))
+    if env:
+        data = _merge(data, env)
+        source += " + environment"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from exc

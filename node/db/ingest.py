@@ -1,0 +1,270 @@
+"""Recording what the SCP receives: associations, studies, series (with revisions) and instances.
+
+Each call is one short transaction; the SCP answers success only after it committed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db.models import (
+    Association,
+    AssociationState,
+    Event,
+    Instance,
+    Series,
+    SeriesOrigin,
+    SeriesState,
+    Study,
+    utcnow,
+)
+from node.logs import kv
+from node.receive.inspect import ANALYSABLE_SOP_CLASSES, InstanceHeader
+
+log = logging.getLogger(__name__)
+
+
+_TOUCH_OPEN_SERIES = (
+    update(Series)
+    .where(Series.id == bindparam("sid"), Series.state == SeriesState.receiving)
+    .values(instance_count=Series.instance_count + 1, last_received_at=bindparam("now"))
+    .returning(Series.revision)
+)
+_INSERT_INSTANCE = insert(Instance)
+
+
+class Outcome(str, Enum):
+    stored = "stored"
+    duplicate = "duplicate"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    outcome: Outcome
+    series_id: int
+    revision: int
+    new_revision: bool = False
+
+
+def origin_of(header: InstanceHeader, *, own_output: bool) -> SeriesOrigin:
+    if own_output:
+        return SeriesOrigin.own_output
+    if header.sop_class_uid in ANALYSABLE_SOP_CLASSES:
+        return SeriesOrigin.modality
+    return SeriesOrigin.other
+
+
+class IngestLedger:
+    """Database side of the SCP. Thread-safe: every method opens its own session."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        # SeriesInstanceUID -> series id. Ids never change, so the cache can only be incomplete,
+        # never wrong; it lets the common case (another instance of an open series) skip the
+        # study/series lookups.
+        self._series_ids: dict[str, int] = {}
+        self._cache_lock = threading.Lock()
+
+    # -- associations -------------------------------------------------------------------------
+    def open_association(self, *, calling_ae: str, called_ae: str, host: str, port: int) -> int:
+        with self.sessions.begin() as s:
+            row = Association(
+                calling_ae=calling_ae,
+                called_ae=called_ae,
+                peer_host=host,
+                peer_port=port,
+                state=AssociationState.open,
+            )
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def close_association(self, assoc_id: int, state: AssociationState) -> None:
+        with self.sessions.begin() as s:
+            received = select(func.count(Instance.id)).where(Instance.association_id == assoc_id).scalar_subquery()
+            s.execute(
+                update(Association)
+                .where(Association.id == assoc_id, Association.state == AssociationState.open)
+                .values(state=state, closed_at=utcnow(), instances_received=received)
+            )
+
+    def abort_open_associations(self) -> int:
+        """At start-up: associations the previous process had open were cut by its end."""
+        with self.sessions.begin() as s:
+            result = s.execute(
+                update(Association)
+                .where(Association.state == AssociationState.open)
+                .values(state=AssociationState.aborted, closed_at=utcnow())
+            )
+            return int(result.rowcount or 0)
+
+    # -- instances ----------------------------------------------------------------------------
+    def known_paths(self) -> set[str]:
+        with self.sessions() as s:
+            return set(s.scalars(select(Instance.path)))
+
+    def record_instance(
+        self,
+        header: InstanceHeader,
+        *,
+        path: Path,
+        size_bytes: int,
+        association_id: int | None,
+        own_output: bool,
+        received_at: dt.datetime | None = None,
+    ) -> Recorded:
+        """Insert the instance, creating study/series or a new series revision as needed.
+
+        A second insert of the same SOP Instance UID (a concurrent re-send) is a duplicate.
+        """
+        now = received_at or utcnow()
+        series_id = self._series_ids.get(header.series_instance_uid)
+        for attempt in range(3):
+            try:
+                if series_id is not None:
+                    fast = self._record_into_open_series(series_id, header, path, size_bytes, association_id, now)
+                    if fast is not None:
+                        return fast
+                with self.sessions.begin() as s:
+                    recorded = self._record(s, header, path, size_bytes, association_id, own_output, now)
+                with self._cache_lock:
+                    self._series_ids[header.series_instance_uid] = recorded.series_id
+                return recorded
+            except IntegrityError:
+                # The same instance (a concurrent re-send), or its study/series, was inserted
+                # concurrently: look again.
+                with self.sessions() as s:
+                    existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid))
+                    if existing is not None:
+                        return Recorded(Outcome.duplicate, existing.series_id, existing.revision)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _record_into_open_series(
+        self,
+        series_id: int,
+        h: InstanceHeader,
+        path: Path,
+        size_bytes: int,
+        association_id: int | None,
+        now: dt.datetime,
+    ) -> Recorded | None:
+        """Common case in two prebuilt statements: the series exists and its revision is open.
+
+        Returns None when the series is complete (a late instance): the caller takes the full path.
+        Core statements built once at import keep SQLAlchemy's per-call cost off the hot path.
+        """
+        engine = self.sessions.kw["bind"]
+        with engine.begin() as conn:
+            revision = conn.execute(_TOUCH_OPEN_SERIES, {"sid": series_id, "now": now}).scalar()
+            if revision is None:
+                return None
+            conn.execute(
+                _INSERT_INSTANCE,
+                {
+                    "series_id": series_id,
+                    "association_id": association_id,
+                    "sop_instance_uid": h.sop_instance_uid,
+                    "sop_class_uid": h.sop_class_uid,
+                    "transfer_syntax_uid": h.transfer_syntax_uid,
+                    "instance_number": h.instance_number,
+                    "revision": revision,
+                    "path": str(path),
+                    "size_bytes": size_bytes,
+                    "received_at": now,
+                },
+            )
+        return Recorded(Outcome.stored, series_id, revision)
+
+    def _record(
+        self,
+        s: Session,
+        h: InstanceHeader,
+        path: Path,
+        size_bytes: int,
+        association_id: int | None,
+        own_output: bool,
+        now: dt.datetime,
+    ) -> Recorded:
+        existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid))
+        if existing is not None:
+            return Recorded(Outcome.duplicate, existing.series_id, existing.revision)
+
+        study = s.scalar(select(Study).where(Study.study_instance_uid == h.study_instance_uid))
+        if study is None:
+            study = Study(
+                study_instance_uid=h.study_instance_uid,
+                patient_id=h.patient_id,
+                accession_number=(h.accession_number or "")[:16] or None,
+                study_date=h.study_date,
+            )
+            s.add(study)
+            s.flush()
+
+        series = s.scalar(select(Series).where(Series.series_instance_uid == h.series_instance_uid))
+        new_revision = False
+        if series is None:
+            origin = origin_of(h, own_output=own_output)
+            series = Series(
+                study_id=study.id,
+                series_instance_uid=h.series_instance_uid,
+                modality=h.modality,
+                series_number=h.series_number,
+                series_description=(h.series_description or "")[:64] or None,
+                origin=origin,
+                state=SeriesState.receiving,
+                revision=1,
+                instance_count=0,
+                first_received_at=now,
+                last_received_at=now,
+                note=_origin_note(origin, h),
+            )
+            s.add(series)
+            s.flush()
+            s.add(Event(kind="series_opened", series_id=series.id, association_id=association_id,
+                        message=f"series opened ({origin.value})"))
+        elif series.state == SeriesState.complete:
+            series.revision += 1
+            series.state = SeriesState.receiving
+            series.completed_at = None
+            new_revision = True
+            s.add(Event(kind="series_revision_opened", series_id=series.id, association_id=association_id,
+                        message=f"late instance after completion opens revision {series.revision}"))
+
+        s.add(
+            Instance(
+                series_id=series.id,
+                association_id=association_id,
+                sop_instance_uid=h.sop_instance_uid,
+                sop_class_uid=h.sop_class_uid,
+                transfer_syntax_uid=h.transfer_syntax_uid,
+                instance_number=h.instance_number,
+                revision=series.revision,
+                path=str(path),
+                size_bytes=size_bytes,
+                received_at=now,
+            )
+        )
+        series.instance_count += 1
+        series.last_received_at = now
+        if new_revision:
+            log.info(kv("series_revision_opened", series=h.series_instance_uid, revision=series.revision))
+        return Recorded(Outcome.stored, series.id, series.revision, new_revision)
+
+
+def _origin_note(origin: SeriesOrigin, h: InstanceHeader) -> str | None:
+    if origin == SeriesOrigin.own_output:
+        return "this node's own output returned by a peer: stored, never analysed"
+    if origin == SeriesOrigin.other:
+        return f"storage class {h.sop_class_uid} is stored but not analysed"
+    return None

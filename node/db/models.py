@@ -1,0 +1,167 @@
+"""The ledger: what arrived, how it was grouped, and every job and event since.
+
+The schema is owned by the Alembic migrations in node/db/migrations; these classes must match
+them (a test compares the two).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Stored as naive UTC (same on SQLite and PostgreSQL), always returned timezone-aware."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger; use node.db.models.utcnow()")
+        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        return None if value is None else value.replace(tzinfo=dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSON}
+
+
+class SeriesState(str, enum.Enum):
+    receiving = "receiving"  # instances are arriving; the current revision is open
+    complete = "complete"  # the current revision is closed; a job exists if it is analysable
+
+
+class SeriesOrigin(str, enum.Enum):
+    modality = "modality"  # images from a scanner/PACS: candidates for analysis
+    own_output = "own_output"  # our SEG/SR/key image coming back from the PACS: never analysed
+    other = "other"  # a storage class we keep but do not analyse
+
+
+class AssociationState(str, enum.Enum):
+    open = "open"
+    released = "released"
+    aborted = "aborted"  # aborted by the peer, or cut by a node restart
+
+
+class JobState(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    rejected = "rejected"  # refused by selection/QA, with a recorded reason
+    failed = "failed"
+
+
+def _enum(e: type[enum.Enum], name: str) -> Enum:
+    return Enum(e, name=name, native_enum=False, length=16, validate_strings=True)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    origin: Mapped[SeriesOrigin] = mapped_column(_enum(SeriesOrigin, "series_origin"))
+    state: Mapped[SeriesState] = mapped_column(_enum(SeriesState, "series_state"))
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[dt.datetime | None]
+    purged_at: Mapped[dt.datetime | None]  # received images deleted by the retention rule
+    note: Mapped[str | None] = mapped_column(Text)
+    study: Mapped[Study] = relationship(back_populates="series")
+    __table_args__ = (Index("ix_series_state", "state"),)
+
+
+class Association(Base):
+    __tablename__ = "associations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    called_ae: Mapped[str] = mapped_column(String(16))
+    peer_host: Mapped[str] = mapped_column(String(64))
+    peer_port: Mapped[int] = mapped_column(Integer)
+    state: Mapped[AssociationState] = mapped_column(_enum(AssociationState, "association_state"))
+    opened_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    closed_at: Mapped[dt.datetime | None]
+    instances_received: Mapped[int] = mapped_column(Integer, default=0)
+    __table_args__ = (Index("ix_associations_state", "state"),)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    revision: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    __table_args__ = (Index("ix_instances_series_revision", "series_id", "revision"),)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    revision: Mapped[int] = mapped_column(Integer)
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    heartbeat_at: Mapped[dt.datetime | None]
+    worker: Mapped[str | None] = mapped_column(String(128))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    timings: Mapped[dict[str, Any] | None]
+    series: Mapped[Series] = relationship()
+    __table_args__ = (
+        UniqueConstraint("series_id", "revision", name="uq_jobs_series_revision"),
+        Index("ix_jobs_state", "state"),
+    )
+
+
+class Event(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(64))
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None]
+    __table_args__ = (Index("ix_events_at", "at"),)

@@ -1,0 +1,86 @@
+"""Read-only summaries of the ledger for ``lungnode status``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from node.db.models import Association, AssociationState, Job, Series, Study
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat(timespec="seconds") if value is not None else None
+
+
+def summary(s: Session, *, limit: int = 20) -> dict[str, Any]:
+    """Recent series (newest first) with their study and jobs, plus counts by state."""
+    series_rows = s.execute(
+        select(Series, Study).join(Study, Study.id == Series.study_id).order_by(Series.last_received_at.desc()).limit(limit)
+    ).all()
+    series_ids = [row.Series.id for row in series_rows]
+    jobs_by_series: dict[int, list[Job]] = {}
+    if series_ids:
+        for job in s.scalars(select(Job).where(Job.series_id.in_(series_ids)).order_by(Job.revision)):
+            jobs_by_series.setdefault(job.series_id, []).append(job)
+    series = [
+        {
+            "study_instance_uid": study.study_instance_uid,
+            "series_instance_uid": ser.series_instance_uid,
+            "modality": ser.modality,
+            "series_number": ser.series_number,
+            "origin": ser.origin.value,
+            "state": ser.state.value,
+            "revision": ser.revision,
+            "instances": ser.instance_count,
+            "last_received_at": _iso(ser.last_received_at),
+            "completed_at": _iso(ser.completed_at),
+            "note": ser.note,
+            "jobs": [
+                {
+                    "id": j.id,
+                    "revision": j.revision,
+                    "state": j.state.value,
+                    "created_at": _iso(j.created_at),
+                    "finished_at": _iso(j.finished_at),
+                    "error": j.error,
+                }
+                for j in jobs_by_series.get(ser.id, [])
+            ],
+        }
+        for ser, study in series_rows
+    ]
+    jobs_by_state = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+    open_assocs = s.scalar(select(func.count()).where(Association.state == AssociationState.open)) or 0
+    return {
+        "counts": {
+            "studies": s.scalar(select(func.count(Study.id))) or 0,
+            "series": s.scalar(select(func.count(Series.id))) or 0,
+            "jobs": {state.value: n for state, n in jobs_by_state.items()},
+            "open_associations": open_assocs,
+        },
+        "series": series,
+    }
+
+
+def render_text(data: dict[str, Any]) -> str:
+    c = data["counts"]
+    jobs = ", ".join(f"{k} {v}" for k, v in sorted(c["jobs"].items())) or "none"
+    lines = [
+        f"studies {c['studies']}  series {c['series']}  open associations {c['open_associations']}  jobs: {jobs}",
+        "",
+        f"{'last received (UTC)':20} {'state':10} {'rev':>3} {'inst':>5} {'origin':10} {'job':14} series",
+    ]
+    for ser in data["series"]:
+        job = ser["jobs"][-1] if ser["jobs"] else None
+        job_text = f"#{job['id']} {job['state']}" if job else "-"
+        lines.append(
+            f"{(ser['last_received_at'] or '')[:19]:20} {ser['state']:10} {ser['revision']:>3} {ser['instances']:>5} "
+            f"{ser['origin']:10} {job_text:14} {ser['series_instance_uid']}"
+        )
+        if ser["note"]:
+            lines.append(f"{'':20} note: {ser['note']}")
+    if not data["series"]:
+        lines.append("(nothing received yet)")
+    return "\n".join(lines)

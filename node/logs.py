@@ -1,0 +1,60 @@
+"""Logging set-up: one line per event, ``key=value`` fields, UTC timestamps, easy to grep.
+
+Lines never carry patient names, ids or dates unless ``logging.include_phi`` is set; UIDs and AE
+titles are logged because IT needs them to trace a study through the PACS.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_PHI = {"enabled": False}
+
+
+class _UTCFormatter(logging.Formatter):
+    converter = time.gmtime
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+def setup_logging(level: str = "INFO", file: Path | None = None, include_phi: bool = False) -> None:
+    """Configure the root logger once for the process (idempotent)."""
+    _PHI["enabled"] = include_phi
+    fmt = _UTCFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(file, encoding="utf-8"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(level)
+    # pynetdicom logs every PDU at INFO/DEBUG; keep its warnings and errors only.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def kv(event: str, **fields: Any) -> str:
+    """Format an event and its fields as ``event=name key=value ...`` (values quoted when needed)."""
+    parts = [f"event={event}"]
+    for key, value in fields.items():
+        if value is None:
+            continue
+        text = str(value)
+        if not text or any(c in text for c in ' ="'):
+            text = '"' + text.replace('"', "'") + '"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def phi(value: Any) -> str:
+    """Patient-identifying value for a log line: shown only when include_phi is enabled."""
+    return str(value) if _PHI["enabled"] else "[redacted]"

@@ -1,0 +1,118 @@
+"""Decides when a series revision is complete and creates exactly one job for it.
+
+A revision is complete when no instance arrived for ``quiet_period_s``, or sooner (after
+``release_grace_s``) when every association that carried its instances was released normally.
+An aborted association, or one cut by a restart, does not count as released: the sender may
+come back with the rest, so the quiet period applies. The job's uniqueness on
+(series, revision) makes a second completion of the same revision impossible.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+
+from sqlalchemy import and_, exists, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import AssemblySettings
+from node.db.models import (
+    Association,
+    AssociationState,
+    Event,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    SeriesOrigin,
+    SeriesState,
+    utcnow,
+)
+from node.logs import kv
+
+log = logging.getLogger(__name__)
+
+
+class Assembler:
+    def __init__(self, settings: AssemblySettings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poke(self) -> None:
+        """An association closed: look again now rather than at the next poll."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.complete_due()
+            except Exception:  # keep assembling after a transient database error; it is logged in full
+                log.exception(kv("assembler_error"))
+            self._wake.wait(self.settings.poll_interval_s)
+            self._wake.clear()
+
+    def due_series(self, now: dt.datetime | None = None) -> list[int]:
+        """Ids of series whose current revision is complete by the quiet-period or release rule."""
+        now = now or utcnow()
+        quiet_before = now - dt.timedelta(seconds=self.settings.quiet_period_s)
+        grace_before = now - dt.timedelta(seconds=self.settings.release_grace_s)
+        not_released = (
+            select(Instance.id)
+            .outerjoin(Association, Instance.association_id == Association.id)
+            .where(
+                Instance.series_id == Series.id,
+                Instance.revision == Series.revision,
+                or_(Association.id.is_(None), Association.state != AssociationState.released),
+            )
+        )
+        query = select(Series.id).where(
+            Series.state == SeriesState.receiving,
+            or_(
+                Series.last_received_at <= quiet_before,
+                and_(Series.last_received_at <= grace_before, ~exists(not_released)),
+            ),
+        )
+        with self.sessions() as s:
+            return list(s.scalars(query))
+
+    def complete_due(self, now: dt.datetime | None = None) -> int:
+        done = 0
+        for series_id in self.due_series(now):
+            if self._complete(series_id):
+                done += 1
+        return done
+
+    def _complete(self, series_id: int) -> bool:
+        with self.sessions.begin() as s:
+            series = s.get(Series, series_id, with_for_update=True)
+            if series is None or series.state != SeriesState.receiving:
+                return False  # another process completed it, or a late instance reopened it
+            series.state = SeriesState.complete
+            series.completed_at = utcnow()
+            job_id: int | None = None
+            if series.origin == SeriesOrigin.modality:
+                job = Job(series_id=series.id, revision=series.revision, state=JobState.queued)
+                s.add(job)
+                s.flush()
+                job_id = job.id
+                message = f"revision {series.revision} complete with {series.instance_count} instances: job queued"
+            else:
+                message = f"revision {series.revision} complete with {series.instance_count} instances: not analysed ({series.note})"
+            s.add(Event(kind="series_complete", series_id=series.id, job_id=job_id, message=message))
+        log.info(kv("series_complete", series=series.series_instance_uid, revision=series.revision,
+                    instances=series.instance_count, job=job_id, origin=series.origin.value))
+        return True

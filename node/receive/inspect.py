@@ -1,0 +1,148 @@
+"""Read and check a received instance before it is acknowledged.
+
+pydicom reads a truncated file without complaint (it returns short values), so completeness is
+checked here: the last element must hold as many bytes as its header declares, and native pixel
+data must be as long as Rows x Columns x frames says. Anything wrong becomes an InstanceRejected
+carrying the DICOM status to answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from node.errors import InstanceRejected
+
+# Storage service statuses (PS3.4 B.2.3). The C000 range is "cannot understand".
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+STATUS_CANNOT_PARSE = 0xC210
+STATUS_MISSING_UID = 0xC221
+STATUS_UID_MISMATCH = 0xC222
+STATUS_INCOMPLETE = 0xC223
+STATUS_PROCESSING_FAILURE = 0x0110  # we could not record it (database unavailable)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+ANALYSABLE_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE})
+
+_UNDEFINED = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the ledger needs from one instance; PHI fields are stored, never logged."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+    instance_number: int | None
+    patient_id: str | None
+    accession_number: str | None
+    study_date: str | None
+    manufacturer: str | None
+    software_versions: str | None
+
+
+def _str(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_uid(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if not value:
+        raise InstanceRejected(STATUS_MISSING_UID, f"dataset has no {keyword}")
+    uid = str(value)
+    if not UID(uid).is_valid:
+        raise InstanceRejected(STATUS_MISSING_UID, f"{keyword} is not a valid UID")
+    return uid
+
+
+def _check_complete(ds: Dataset) -> None:
+    tags = sorted(ds.keys())
+    if tags:
+        raw = ds.get_item(tags[-1])
+        if isinstance(raw, RawDataElement) and raw.length != _UNDEFINED and raw.value is not None:
+            if len(raw.value) < raw.length:
+                raise InstanceRejected(
+                    STATUS_INCOMPLETE,
+                    f"dataset truncated: element {raw.tag} declares {raw.length} bytes, {len(raw.value)} present",
+                )
+    if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        rows, cols = _int(ds, "Rows") or 0, _int(ds, "Columns") or 0
+        bits = _int(ds, "BitsAllocated") or 0
+        samples = _int(ds, "SamplesPerPixel") or 1
+        frames = _int(ds, "NumberOfFrames") or 1
+        expected = rows * cols * samples * frames * bits // 8
+        got = len(ds.PixelData)
+        if got < expected:
+            raise InstanceRejected(STATUS_INCOMPLETE, f"pixel data truncated: {got} of {expected} bytes")
+
+
+def inspect_instance(
+    path: Path, *, sop_class_uid: str, sop_instance_uid: str, check_request: bool = True
+) -> InstanceHeader:
+    """Parse the received file and check it against the C-STORE request; raise InstanceRejected.
+
+    ``check_request=False`` skips the comparison with the request (a file found in the spool).
+    """
+    try:
+        ds = pydicom.dcmread(path)
+        ds.keys()  # force the element walk so garbled streams fail here
+        _check_complete(ds)
+    except InstanceRejected:
+        raise
+    except Exception as exc:  # pydicom raises many types on garbled input; all mean "cannot understand"
+        raise InstanceRejected(STATUS_CANNOT_PARSE, f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
+
+    header = InstanceHeader(
+        sop_class_uid=_check_uid(ds, "SOPClassUID"),
+        sop_instance_uid=_check_uid(ds, "SOPInstanceUID"),
+        study_instance_uid=_check_uid(ds, "StudyInstanceUID"),
+        series_instance_uid=_check_uid(ds, "SeriesInstanceUID"),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        modality=_str(ds, "Modality"),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_str(ds, "SeriesDescription"),
+        instance_number=_int(ds, "InstanceNumber"),
+        patient_id=_str(ds, "PatientID"),
+        accession_number=_str(ds, "AccessionNumber"),
+        study_date=_str(ds, "StudyDate"),
+        manufacturer=_str(ds, "Manufacturer"),
+        software_versions=_str(ds, "SoftwareVersions"),
+    )
+    if not check_request:
+        return header
+    if header.sop_instance_uid != sop_instance_uid:
+        raise InstanceRejected(
+            STATUS_UID_MISMATCH, "SOPInstanceUID in the dataset differs from AffectedSOPInstanceUID of the request"
+        )
+    if header.sop_class_uid != sop_class_uid:
+        raise InstanceRejected(
+            STATUS_SOP_CLASS_MISMATCH, "SOPClassUID in the dataset differs from AffectedSOPClassUID of the request"
+        )
+    return header

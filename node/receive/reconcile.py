@@ -1,0 +1,81 @@
+"""Start-up reconciliation of spool and ledger after any stop, a SIGKILL included.
+
+Order of the receive path is: file fsynced and renamed into the spool, row committed, status sent.
+So after a crash:
+- files in ``incoming/`` were never acknowledged: deleted;
+- a committed file without a row was not acknowledged either, but it is a valid instance, so it is
+  adopted (a sender that retries then gets a duplicate, which is harmless);
+- a row whose file is missing cannot come from this order: it is reported loudly;
+- associations left open were cut: marked aborted, so their series wait for the quiet period and the
+  assembler completes them as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db.ingest import IngestLedger
+from node.db.models import Event, Instance, Series
+from node.errors import InstanceRejected
+from node.logs import kv
+from node.receive.inspect import inspect_instance
+from node.receive.scp import is_own_output
+from node.receive.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    discarded_partial: int
+    aborted_associations: int
+    adopted: int
+    unreadable: int
+    missing_files: int
+
+
+def reconcile(spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session]) -> ReconcileReport:
+    discarded = spool.discard_incoming()
+    aborted = ledger.abort_open_associations()
+    known = ledger.known_paths()
+    adopted = unreadable = 0
+    for path in spool.committed_files():
+        if str(path) in known:
+            continue
+        try:
+            header = inspect_instance(path, sop_class_uid="", sop_instance_uid=path.stem, check_request=False)
+        except InstanceRejected as rej:
+            log.error(kv("reconcile_unreadable", path=path, reason=rej.reason))
+            unreadable += 1
+            continue
+        ledger.record_instance(
+            header, path=path, size_bytes=path.stat().st_size, association_id=None, own_output=is_own_output(header)
+        )
+        adopted += 1
+    missing = _missing_files(sessions)
+    report = ReconcileReport(discarded, aborted, adopted, unreadable, missing)
+    log.info(kv("reconcile_done", discarded_partial=discarded, aborted_associations=aborted, adopted=adopted,
+                unreadable=unreadable, missing_files=missing))
+    return report
+
+
+def _missing_files(sessions: sessionmaker[Session]) -> int:
+    missing = 0
+    with sessions.begin() as s:
+        rows = s.execute(
+            select(Instance.id, Instance.path, Instance.series_id, Instance.sop_instance_uid)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.purged_at.is_(None))
+        ).all()
+        for _id, path, series_id, sop in rows:
+            if not Path(path).is_file():
+                missing += 1
+                log.error(kv("reconcile_missing_file", sop=sop, path=path))
+                s.add(Event(kind="instance_file_missing", level="error", series_id=series_id,
+                            message=f"spool file of instance {sop} is missing: {path}"))
+    return missing

@@ -1,0 +1,242 @@
+"""The DICOM listener: C-ECHO and C-STORE, thin handlers that always answer with a status.
+
+A C-STORE is acknowledged only after the instance is durable in the spool and recorded in the
+ledger. pynetdicom writes each incoming dataset straight to a file (chunked receive) in the spool's
+``incoming/`` folder, so committing it is a fsync and a rename on the same file system.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association as PnAssociation
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from node import MANUFACTURER
+from node.config import DicomSettings
+from node.db.ingest import IngestLedger, Outcome
+from node.db.models import AssociationState
+from node.errors import InstanceRejected
+from node.logs import kv
+from node.receive.inspect import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, InstanceHeader, inspect_instance
+from node.receive import tuning
+from node.receive.spool import Spool
+
+log = logging.getLogger(__name__)
+
+#: Uncompressed first (preferred when a peer offers several), then the usual lossless and lossy
+#: compressions: we store whatever the modality sends, decoding happens later in the pipeline.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+]
+
+_ASSOC_ID = "_lungnode_assoc_id"
+
+
+def is_own_output(header: InstanceHeader) -> bool:
+    """Objects this node wrote (SEG, SR, key image) carry our Manufacturer; never analyse them."""
+    return header.manufacturer == MANUFACTURER
+
+
+class StorageSCP:
+    """C-STORE/C-ECHO listener bound to the spool and the ledger."""
+
+    def __init__(
+        self,
+        settings: DicomSettings,
+        *,
+        spool: Spool,
+        ledger: IngestLedger,
+        on_association_closed: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.ledger = ledger
+        self.on_association_closed = on_association_closed or (lambda: None)
+        self._server: ThreadedAssociationServer | None = None
+        self._allowed = {(c.ae_title, c.host) for c in settings.allowed_callers}
+        self._lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu_size
+        ae.acse_timeout = s.acse_timeout_s
+        ae.dimse_timeout = s.dimse_timeout_s
+        ae.network_timeout = s.network_timeout_s
+        ae.require_called_aet = s.require_called_ae_title
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> int:
+        """Start listening in background threads; return the bound port (useful with port 0)."""
+        # Chunked receive: pynetdicom streams each dataset into a temporary file instead of memory.
+        # Point its temporary files at the spool so committing is a rename on one file system.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        if self.settings.fast_receive:
+            tuning.install()
+        tempfile.tempdir = str(self.spool.incoming)
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        ae = self._make_ae()
+        self._server = ae.start_server(
+            (self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers
+        )
+        port = int(self._server.server_address[1])
+        log.info(kv("scp_listening", ae_title=self.settings.ae_title, address=self.settings.bind_address, port=port,
+                    allow_list=len(self._allowed) or "any"))
+        return port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            log.info(kv("scp_stopped"))
+
+    # -- association events ---------------------------------------------------------------------
+    def _on_conn_open(self, event: evt.Event) -> None:
+        tuning.tune_association(event.assoc)
+        if self.settings.tcp_nodelay:
+            sock = event.assoc.dul.socket
+            if sock is not None and sock.socket is not None:
+                sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _caller_allowed(self, ae_title: str, host: str) -> bool:
+        if not self._allowed:
+            return True
+        return (ae_title, None) in self._allowed or (ae_title, host) in self._allowed
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc: PnAssociation = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        host = str(assoc.requestor.address)
+        if not self._caller_allowed(calling, host):
+            log.warning(kv("association_rejected", calling_ae=calling, host=host,
+                           reason="calling AE title (or its host) not in dicom.allowed_callers"))
+            # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-AE-title-not-recognized
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc: PnAssociation = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        try:
+            assoc_id = self.ledger.open_association(
+                calling_ae=calling,
+                called_ae=str(assoc.acceptor.ae_title).strip(),
+                host=str(assoc.requestor.address),
+                port=int(assoc.requestor.port),
+            )
+        except SQLAlchemyError as exc:
+            log.error(kv("association_not_recorded", calling_ae=calling, error=exc.__class__.__name__))
+            return
+        setattr(assoc, _ASSOC_ID, assoc_id)
+        log.info(kv("association_accepted", assoc=assoc_id, calling_ae=calling, host=assoc.requestor.address))
+
+    def _close(self, event: evt.Event, state: AssociationState) -> None:
+        assoc_id = getattr(event.assoc, _ASSOC_ID, None)
+        if assoc_id is None:
+            return
+        with self._lock:
+            if getattr(event.assoc, _ASSOC_ID, None) is None:
+                return
+            setattr(event.assoc, _ASSOC_ID, None)
+        try:
+            self.ledger.close_association(assoc_id, state)
+        except SQLAlchemyError as exc:
+            log.error(kv("association_close_not_recorded", assoc=assoc_id, error=exc.__class__.__name__))
+        log.info(kv(f"association_{state.value}", assoc=assoc_id))
+        self.on_association_closed()
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._close(event, AssociationState.released)
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        self._close(event, AssociationState.aborted)
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        # The connection dropped without release or abort (peer vanished): treat as aborted.
+        self._close(event, AssociationState.aborted)
+
+    # -- DIMSE ----------------------------------------------------------------------------------
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        req = event.request
+        sop_uid = str(req.AffectedSOPInstanceUID)
+        assoc_id = getattr(event.assoc, _ASSOC_ID, None)
+        received = Path(event.dataset_path)
+        try:
+            self.spool.check_space()
+            header = inspect_instance(received, sop_class_uid=str(req.AffectedSOPClassUID), sop_instance_uid=sop_uid)
+            size = received.stat().st_size
+            final = self.spool.commit(received, header.series_instance_uid, sop_uid)
+            if final is None:
+                log.info(kv("store_duplicate", assoc=assoc_id, sop=sop_uid))
+                return STATUS_SUCCESS
+            recorded = self.ledger.record_instance(
+                header, path=final, size_bytes=size, association_id=assoc_id, own_output=is_own_output(header)
+            )
+        except InstanceRejected as rej:
+            log.warning(kv("store_refused", assoc=assoc_id, sop=sop_uid, status=f"0x{rej.status:04X}", reason=rej.reason))
+            return rej.status
+        except SQLAlchemyError as exc:
+            # The file is in the spool but not acknowledged; start-up reconciliation will adopt it.
+            log.error(kv("store_not_recorded", assoc=assoc_id, sop=sop_uid, error=exc.__class__.__name__,
+                         reason="database unavailable"))
+            return STATUS_OUT_OF_RESOURCES
+        if recorded.outcome == Outcome.duplicate:
+            # Known to the ledger but its file was gone (series purged by retention): keep it gone.
+            final.unlink(missing_ok=True)
+            log.info(kv("store_duplicate", assoc=assoc_id, sop=sop_uid))
+        else:
+            log.debug(kv("store_ok", assoc=assoc_id, sop=sop_uid, series=header.series_instance_uid))
+        return STATUS_SUCCESS

@@ -1,0 +1,114 @@
+"""The spool: where received instances live on disk, written so that an acknowledged one survives a crash.
+
+Layout under ``storage.spool_dir``::
+
+    incoming/                       files being received (pynetdicom writes here); never acknowledged
+    instances/<SeriesUID>/<SOPUID>.dcm   committed instances
+
+An instance is committed by fsync of the file, an atomic link into ``instances/`` (then the
+temporary name is removed) and fsync of the directory; only then is its row inserted and the
+success status sent.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from node.errors import InstanceRejected
+from node.logs import kv
+from node.receive.inspect import STATUS_OUT_OF_RESOURCES
+
+log = logging.getLogger(__name__)
+
+
+class Spool:
+    def __init__(self, root: Path, *, min_free_bytes: int, fsync: bool = True) -> None:
+        self.root = root.resolve()
+        self.incoming = self.root / "incoming"
+        self.instances = self.root / "instances"
+        self.min_free_bytes = min_free_bytes
+        self.fsync = fsync
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.instances.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, series_uid: str, sop_uid: str) -> Path:
+        return self.instances / series_uid / f"{sop_uid}.dcm"
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self) -> None:
+        """Refuse with 0xA700 before writing when the disk is nearly full."""
+        free = self.free_bytes()
+        if free < self.min_free_bytes:
+            raise InstanceRejected(
+                STATUS_OUT_OF_RESOURCES,
+                f"spool disk nearly full: {free // 2**20} MiB free, at least {self.min_free_bytes // 2**20} MiB required",
+            )
+
+    def commit(self, received: Path, series_uid: str, sop_uid: str) -> Path | None:
+        """Make a received file durable at its final place and return that place.
+
+        Returns None when an instance with this SOP Instance UID is already in the spool: the
+        first copy is kept (a re-send is idempotent). ``link`` + ``unlink`` instead of ``rename``
+        makes that check atomic even for two associations sending the same instance at once.
+        """
+        final = self.path_for(series_uid, sop_uid)
+        try:
+            new_dir = not final.parent.exists()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if self.fsync:
+                fd = os.open(received, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            try:
+                os.link(received, final)
+            except FileExistsError:
+                return None
+            os.unlink(received)
+            if self.fsync:
+                _fsync_dir(final.parent)
+                if new_dir:
+                    _fsync_dir(self.instances)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InstanceRejected(STATUS_OUT_OF_RESOURCES, f"spool disk full while writing: {exc.strerror}") from exc
+            raise InstanceRejected(STATUS_OUT_OF_RESOURCES, f"cannot write to spool: {exc.strerror}") from exc
+        return final
+
+    def discard_incoming(self) -> int:
+        """Delete partial files left by a crash; none of them was ever acknowledged."""
+        count = 0
+        for path in self.incoming.iterdir():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                count += 1
+        if count:
+            log.info(kv("spool_discard_incoming", files=count))
+        return count
+
+    def committed_files(self) -> list[Path]:
+        return [p for p in self.instances.glob("*/*.dcm") if p.is_file()]
+
+    def remove_series(self, series_uid: str) -> int:
+        """Delete a series' files (retention); returns how many were removed."""
+        folder = self.instances / series_uid
+        if not folder.is_dir():
+            return 0
+        count = sum(1 for _ in folder.glob("*.dcm"))
+        shutil.rmtree(folder)
+        return count
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
