@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up lungnode on a Debian machine from the repository root.
+#   bash deploy/install.sh          Debian packages the node needs, then .venv with lungnode
+#   bash deploy/install.sh --test   also the peers the tests use (dcmtk, dicom3tools, Orthanc) and dev tools
+# Idempotent: running it again only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=${1:-run}
+case "$mode" in run|--run) mode=run ;; --test) mode=test ;; *) echo "usage: bash deploy/install.sh [--test]" >&2; exit 2 ;; esac
+
+debs=(python3 python3-venv python3-pip)
+[ "$mode" = test ] && debs+=(dcmtk dicom3tools orthanc)
+
+missing=()
+for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "installing Debian packages: ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The Debian Orthanc service is not used: tests and the demo start Orthanc with their own config.
+  if [ "$mode" = test ] && command -v systemctl >/dev/null 2>&1; then $sudo systemctl disable --now orthanc >/dev/null 2>&1 || true; fi
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "creating .venv with $($python --version)" >&2
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+extra=""; [ "$mode" = test ] && extra="[dev]"
+echo "installing lungnode$extra into .venv" >&2
+log=$(mktemp)
+if ! .venv/bin/python -m pip install -q -e ".$extra" >"$log" 2>&1; then
+  cat "$log" >&2; echo "pip install failed (log above)" >&2; exit 1
+fi
+rm -f "$log"
+.venv/bin/lungnode --version >&2
