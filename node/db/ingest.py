@@ -105,9 +105,18 @@ class IngestLedger:
                 .where(Association.state == AssociationState.open)
                 .values(state=AssociationState.aborted, closed_at=utcnow())
             )
-            return int(result.rowcount or 0)
+            return int(getattr(result, "rowcount", 0) or 0)
 
     # -- instances ----------------------------------------------------------------------------
+    def forget_instance(self, sop_instance_uid: str) -> None:
+        """Undo a row whose file could not be made durable (the instance was not acknowledged)."""
+        with self.sessions.begin() as s:
+            row = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+            if row is None:
+                return
+            s.execute(update(Series).where(Series.id == row.series_id).values(instance_count=Series.instance_count - 1))
+            s.delete(row)
+
     def known_paths(self) -> set[str]:
         with self.sessions() as s:
             return set(s.scalars(select(Instance.path)))

@@ -5,7 +5,8 @@ So after a crash:
 - files in ``incoming/`` were never acknowledged: deleted;
 - a committed file without a row was not acknowledged either, but it is a valid instance, so it is
   adopted (a sender that retries then gets a duplicate, which is harmless);
-- a row whose file is missing cannot come from this order: it is reported loudly;
+- a row whose file is missing was never acknowledged either (the row and the file are made durable
+  in parallel, and the answer waits for both): the row is removed, with an event saying so;
 - associations left open were cut: marked aborted, so their series wait for the quiet period and the
   assembler completes them as usual.
 """
@@ -16,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.ingest import IngestLedger
@@ -36,7 +37,7 @@ class ReconcileReport:
     aborted_associations: int
     adopted: int
     unreadable: int
-    missing_files: int
+    rows_without_file: int
 
 
 def reconcile(spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session]) -> ReconcileReport:
@@ -57,14 +58,14 @@ def reconcile(spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session
             header, path=path, size_bytes=path.stat().st_size, association_id=None, own_output=is_own_output(header)
         )
         adopted += 1
-    missing = _missing_files(sessions)
+    missing = _drop_rows_without_file(sessions)
     report = ReconcileReport(discarded, aborted, adopted, unreadable, missing)
     log.info(kv("reconcile_done", discarded_partial=discarded, aborted_associations=aborted, adopted=adopted,
-                unreadable=unreadable, missing_files=missing))
+                unreadable=unreadable, rows_without_file=missing))
     return report
 
 
-def _missing_files(sessions: sessionmaker[Session]) -> int:
+def _drop_rows_without_file(sessions: sessionmaker[Session]) -> int:
     missing = 0
     with sessions.begin() as s:
         rows = s.execute(
@@ -72,10 +73,15 @@ def _missing_files(sessions: sessionmaker[Session]) -> int:
             .join(Series, Series.id == Instance.series_id)
             .where(Series.purged_at.is_(None))
         ).all()
-        for _id, path, series_id, sop in rows:
-            if not Path(path).is_file():
-                missing += 1
-                log.error(kv("reconcile_missing_file", sop=sop, path=path))
-                s.add(Event(kind="instance_file_missing", level="error", series_id=series_id,
-                            message=f"spool file of instance {sop} is missing: {path}"))
+        for instance_id, path, series_id, sop in rows:
+            if Path(path).is_file():
+                continue
+            missing += 1
+            log.warning(kv("reconcile_row_without_file", sop=sop, path=path,
+                           action="removed from the ledger; it was not acknowledged"))
+            s.execute(delete(Instance).where(Instance.id == instance_id))
+            s.execute(update(Series).where(Series.id == series_id).values(instance_count=Series.instance_count - 1))
+            s.add(Event(kind="instance_row_removed", level="warning", series_id=series_id,
+                        message=f"instance {sop} was recorded but its file never reached the spool (crash before "
+                                f"acknowledgement): record removed"))
     return missing

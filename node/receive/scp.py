@@ -11,8 +11,9 @@ import logging
 import socket
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, cast
 
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -31,8 +32,9 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association as PnAssociation
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -92,6 +94,7 @@ class StorageSCP:
         self._server: ThreadedAssociationServer | None = None
         self._allowed = {(c.ae_title, c.host) for c in settings.allowed_callers}
         self._lock = threading.Lock()
+        self._io = ThreadPoolExecutor(max_workers=settings.max_associations, thread_name_prefix="spool-io")
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -105,18 +108,19 @@ class StorageSCP:
         ae.require_called_aet = s.require_called_ae_title
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
 
     def start(self) -> int:
         """Start listening in background threads; return the bound port (useful with port 0)."""
-        # Chunked receive: pynetdicom streams each dataset into a temporary file instead of memory.
-        # Point its temporary files at the spool so committing is a rename on one file system.
+        # Chunked receive: pynetdicom streams each dataset into a file instead of memory. Those files
+        # must be in the spool's incoming/ folder so committing is a link on one file system: the
+        # tuned path creates them there; stock pynetdicom uses tempfile, so point that there.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        if self.settings.fast_receive:
-            tuning.install()
-        tempfile.tempdir = str(self.spool.incoming)
-        handlers = [
+        if not (self.settings.fast_receive and tuning.install(self.spool.incoming)):
+            tempfile.tempdir = str(self.spool.incoming)
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -127,10 +131,10 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
         ]
         ae = self._make_ae()
-        self._server = ae.start_server(
-            (self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers
-        )
-        port = int(self._server.server_address[1])
+        server = ae.start_server((self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers)
+        assert server is not None  # block=False always returns the server
+        self._server = server
+        port = int(server.server_address[1])
         log.info(kv("scp_listening", ae_title=self.settings.ae_title, address=self.settings.bind_address, port=port,
                     allow_list=len(self._allowed) or "any"))
         return port
@@ -139,6 +143,7 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            self._io.shutdown(wait=True)
             log.info(kv("scp_stopped"))
 
     # -- association events ---------------------------------------------------------------------
@@ -156,7 +161,8 @@ class StorageSCP:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc: PnAssociation = event.assoc
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
         host = str(assoc.requestor.address)
         if not self._caller_allowed(calling, host):
             log.warning(kv("association_rejected", calling_ae=calling, host=host,
@@ -210,32 +216,52 @@ class StorageSCP:
         return STATUS_SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
-        req = event.request
+        req = cast(C_STORE, event.request)
         sop_uid = str(req.AffectedSOPInstanceUID)
         assoc_id = getattr(event.assoc, _ASSOC_ID, None)
         received = Path(event.dataset_path)
         try:
             self.spool.check_space()
             header = inspect_instance(received, sop_class_uid=str(req.AffectedSOPClassUID), sop_instance_uid=sop_uid)
-            size = received.stat().st_size
-            final = self.spool.commit(received, header.series_instance_uid, sop_uid)
-            if final is None:
-                log.info(kv("store_duplicate", assoc=assoc_id, sop=sop_uid))
-                return STATUS_SUCCESS
-            recorded = self.ledger.record_instance(
-                header, path=final, size_bytes=size, association_id=assoc_id, own_output=is_own_output(header)
-            )
+            return self._store(header, received, assoc_id)
         except InstanceRejected as rej:
             log.warning(kv("store_refused", assoc=assoc_id, sop=sop_uid, status=f"0x{rej.status:04X}", reason=rej.reason))
             return rej.status
         except SQLAlchemyError as exc:
-            # The file is in the spool but not acknowledged; start-up reconciliation will adopt it.
+            # Not acknowledged. A file that reached the spool is adopted by start-up reconciliation.
             log.error(kv("store_not_recorded", assoc=assoc_id, sop=sop_uid, error=exc.__class__.__name__,
                          reason="database unavailable"))
             return STATUS_OUT_OF_RESOURCES
+
+    def _store(self, header: InstanceHeader, received: Path, assoc_id: int | None) -> int:
+        """Make the file durable and record its row at the same time, then answer.
+
+        The two fsync-bound steps run in parallel (the file in the I/O pool, the row here) so the
+        disk can commit them together; success is answered only after both are durable. If the row
+        committed but the file did not, the row is removed again (and reconciliation removes rows
+        left without a file by a crash in between: none of them was acknowledged).
+        """
+        sop_uid = header.sop_instance_uid
+        final = self.spool.path_for(header.series_instance_uid, sop_uid)
+        size = received.stat().st_size
+        file_done = self._io.submit(self.spool.commit, received, header.series_instance_uid, sop_uid)
+        try:
+            recorded = self.ledger.record_instance(
+                header, path=final, size_bytes=size, association_id=assoc_id, own_output=is_own_output(header)
+            )
+        except BaseException:
+            file_done.result()
+            raise
+        try:
+            created = file_done.result() is not None
+        except InstanceRejected:
+            if recorded.outcome == Outcome.stored:
+                self.ledger.forget_instance(sop_uid)
+            raise
         if recorded.outcome == Outcome.duplicate:
-            # Known to the ledger but its file was gone (series purged by retention): keep it gone.
-            final.unlink(missing_ok=True)
+            if created:
+                # Known to the ledger while its file was gone (series purged by retention): keep it gone.
+                final.unlink(missing_ok=True)
             log.info(kv("store_duplicate", assoc=assoc_id, sop=sop_uid))
         else:
             log.debug(kv("store_ok", assoc=assoc_id, sop=sop_uid, series=header.series_instance_uid))

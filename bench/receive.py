@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Receive speed: lungnode's C-STORE SCP against dcmtk's storescp, in one run.
+
+Sends the same 300-slice 512x512 CT series (uncompressed, Explicit VR Little Endian) with dcmtk's
+storescu over one association on loopback to
+  - dcmtk storescp (writes files, no fsync): the reference,
+  - lungnode serve with durability on (fsync, ledger commit before each acknowledgement),
+  - lungnode serve with pynetdicom's stock receive loop (dicom.fast_receive: false), for scale,
+alternating the targets each round so machine noise hits all of them alike. Every lungnode run
+starts a fresh node (empty spool and database) so no instance is a duplicate. Prints slices per
+second (median over rounds) and the ratio to storescp, which is the figure to compare.
+
+    .venv/bin/python bench/receive.py [--rounds 5] [--slices 300] [--matrix 512] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def make_series(out: Path, slices: int, matrix: int) -> Path:
+    from node.synthetic import PhantomSpec, SeriesOptions, make_phantom, write_series
+
+    phantom = make_phantom(PhantomSpec(kind="covid", slices=slices, matrix=matrix, seed=7))
+    write_series(out, phantom, SeriesOptions(transfer_syntax="explicit"))
+    return out
+
+
+def send(port: int, ae: str, series: Path) -> float:
+    files = sorted(str(p) for p in series.glob("IM*.dcm"))
+    env = dict(os.environ, TCP_NODELAY="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run([STORESCU, "-aec", ae, "127.0.0.1", str(port), *files], env=env,
+                          capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"storescu failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return elapsed
+
+
+def run_storescp(series: Path, work: Path) -> float:
+    out = work / "storescp"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([STORESCP, "-od", str(out), str(port)], env=dict(os.environ, TCP_NODELAY="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return send(port, "ANY-SCP", series)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(out)
+
+
+def run_node(series: Path, work: Path, *, fast: bool) -> float:
+    home = work / "node"
+    home.mkdir()
+    port = free_port()
+    env = dict(
+        os.environ,
+        LUNGNODE_DICOM__PORT=str(port),
+        LUNGNODE_DICOM__BIND_ADDRESS="127.0.0.1",
+        LUNGNODE_DICOM__FAST_RECEIVE=str(fast).lower(),
+        LUNGNODE_STORAGE__SPOOL_DIR=str(home / "spool"),
+        LUNGNODE_STORAGE__DATABASE_URL=f"sqlite:///{home / 'ledger.db'}",
+        LUNGNODE_STORAGE__MIN_FREE_DISK_MB="0",
+        LUNGNODE_LOGGING__LEVEL="WARNING",
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_port(port)
+        return send(port, "LUNGNODE", series)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"lungnode exited {proc.returncode}: {err[-2000:]}")
+        shutil.rmtree(home)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds; each sends once to every target (default 5)")
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--matrix", type=int, default=512)
+    ap.add_argument("--skip-stock", action="store_true", help="do not measure pynetdicom's stock receive loop")
+    ap.add_argument("--series", type=Path, help="send this folder of IM*.dcm files instead of a synthetic series")
+    ap.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = ap.parse_args()
+    for tool in (STORESCU, STORESCP):
+        if not Path(tool).exists():
+            sys.exit(f"{tool} not found: install Debian's dcmtk (bash deploy/install.sh --test)")
+
+    targets = {"storescp": None, "lungnode": True}
+    if not args.skip_stock:
+        targets["lungnode-stock-pynetdicom"] = False
+    times: dict[str, list[float]] = {name: [] for name in targets}
+    with tempfile.TemporaryDirectory(prefix="lungnode-bench-") as tmp:
+        work = Path(tmp)
+        if args.series:
+            series = args.series
+            args.slices = len(list(series.glob("IM*.dcm")))
+        else:
+            print(f"generating a {args.slices}-slice {args.matrix}x{args.matrix} series...", file=sys.stderr)
+            series = make_series(work / "series", args.slices, args.matrix)
+        mb = sum(p.stat().st_size for p in series.glob("IM*.dcm")) / 1e6
+        for r in range(args.rounds):
+            for name, fast in targets.items():
+                t = run_storescp(series, work) if fast is None else run_node(series, work, fast=fast)
+                times[name].append(t)
+                print(f"round {r + 1}/{args.rounds} {name:28} {t:6.2f} s  {args.slices / t:7.0f} slices/s",
+                      file=sys.stderr)
+
+    ref = statistics.median(times["storescp"])
+    result = {
+        "series": {"slices": args.slices, "matrix": args.matrix, "megabytes": round(mb, 1)},
+        "rounds": args.rounds,
+        "targets": {
+            name: {
+                "median_s": round(statistics.median(ts), 3),
+                "slices_per_s": round(args.slices / statistics.median(ts), 1),
+                "ratio_to_storescp": round(ref / statistics.median(ts), 3),
+                "runs_s": [round(t, 3) for t in ts],
+            }
+            for name, ts in times.items()
+        },
+    }
+    print(f"\n{args.slices} slices of {args.matrix}x{args.matrix} ({mb:.0f} MB), one association, median of {args.rounds}:")
+    print(f"{'target':30} {'seconds':>8} {'slices/s':>9} {'ratio to storescp':>18}")
+    for name, row in result["targets"].items():
+        print(f"{name:30} {row['median_s']:8.2f} {row['slices_per_s']:9.0f} {row['ratio_to_storescp']:17.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Branching pulmonary vessel and airway trees grown into a lung by recursive splitting of targets.
+
+The targets are random points inside the lung. Starting at the hilum, a branch grows toward the
+centroid of the targets it serves, then the targets are split in two along their principal axis
+and each half gets a child branch. Radii follow the number of targets served (a Murray-like power
+law), so vessels are thick at the hilum and thin toward the periphery, and the branching fills the
+lung without any explicit anatomy atlas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .tubes import TubeSet
+
+
+@dataclass
+class TreeStyle:
+    """Growth parameters of one tree."""
+
+    r_leaf: float = 0.35  # mm, radius of a branch serving one target
+    gamma: float = 0.5  # radius ~ r_leaf * n_targets ** gamma
+    r_max: float = 9.0  # mm, cap near the hilum
+    r_min: float = 0.35  # mm, stop refining below this (resolution dependent)
+    reach: tuple[float, float] = (0.35, 0.6)  # fraction of the way toward the served centroid
+
+
+@dataclass
+class Node:
+    """A branch end point; the airway tree is derived from the arterial nodes."""
+
+    pos: NDArray[np.float64]
+    radius: float  # radius of the branch that ends here, at its start
+    parent: int  # -1 for the root
+    r_end: float = 0.0  # radius at this end of the branch (tapering)
+
+
+def grow_tree(rng: np.random.Generator, root: NDArray[np.float64], targets: NDArray[np.float64], style: TreeStyle) -> list[Node]:
+    """Grow a tree from ``root`` serving the (n, 3) ``targets``; returns the node list (root first)."""
+    nodes: list[Node] = [Node(np.asarray(root, dtype=np.float64), style.r_max, -1)]
+    stack: list[tuple[int, NDArray[np.float64]]] = [(0, targets)]
+    while stack:
+        parent, pts = stack.pop()
+        start = nodes[parent].pos
+        m = len(pts)
+        r = min(style.r_max, style.r_leaf * m**style.gamma)
+        if m == 1:
+            nodes.append(Node(pts[0], style.r_leaf, parent, style.r_leaf * 0.6))
+            continue
+        c = pts.mean(axis=0)
+        if r < style.r_min:
+            # below the visible size: one tapering twig toward the served region
+            nodes.append(Node(c, r, parent, max(r * 0.4, style.r_leaf * 0.5)))
+            continue
+        alpha = rng.uniform(*style.reach)
+        end = start + alpha * (c - start)
+        nodes.append(Node(end, r, parent, r * 0.93))
+        me = len(nodes) - 1
+        centred = pts - c
+        # principal axis of the served targets
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        proj = centred @ vt[0]
+        q = rng.uniform(0.3, 0.7)
+        thr = np.quantile(proj, q)
+        a = pts[proj <= thr]
+        b = pts[proj > thr]
+        if len(a) == 0 or len(b) == 0:
+            order = np.argsort(proj)
+            half = m // 2
+            a, b = pts[order[:half]], pts[order[half:]]
+        stack.append((me, a))
+        stack.append((me, b))
+    return nodes
+
+
+def tree_to_tubes(nodes: list[Node], ts: TubeSet, material: int, max_piece: float = 6.0) -> None:
+    """Add each parent->child branch as tapered segments, split so bounding boxes stay tight."""
+    for n in nodes[1:]:
+        _add_split(ts, nodes[n.parent].pos, n.pos, n.radius, n.r_end, material, max_piece)
+
+
+def _add_split(ts: TubeSet, a: NDArray[np.float64], b: NDArray[np.float64], ra: float, rb: float, material: int, max_piece: float) -> None:
+    length = float(np.linalg.norm(b - a))
+    piece = max(max_piece, 4.0 * max(ra, rb))
+    k = max(1, int(np.ceil(length / piece)))
+    for i in range(k):
+        t0, t1 = i / k, (i + 1) / k
+        ts.add(a + t0 * (b - a), a + t1 * (b - a), ra + t0 * (rb - ra), ra + t1 * (rb - ra), material)
+
+
+def airway_from_tree(nodes: list[Node], bronchus_root: NDArray[np.float64], ref: NDArray[np.float64], ts: TubeSet,
+                     wall_mat: int, lumen_mat: int, r_min: float, ratio: float = 1.0) -> list[tuple[NDArray[np.float64], NDArray[np.float64], float, float]]:
+    """Bronchi running beside the arteries: each arterial node offset sideways by the two radii.
+
+    Returns the lumen segments (start, end, r_start, r_end) so callers can place lesions along them.
+    """
+    offs: dict[int, NDArray[np.float64]] = {0: np.asarray(bronchus_root, dtype=np.float64)}
+    lumens: list[tuple[NDArray[np.float64], NDArray[np.float64], float, float]] = []
+    for idx in range(1, len(nodes)):
+        n = nodes[idx]
+        if n.parent not in offs:
+            continue
+        ra = n.radius * ratio
+        if ra < r_min:
+            continue
+        d = n.pos - nodes[n.parent].pos
+        d /= max(float(np.linalg.norm(d)), 1e-6)
+        side = ref - (ref @ d) * d
+        nrm = float(np.linalg.norm(side))
+        side = side / nrm if nrm > 1e-6 else np.array([0.0, 0.0, 1.0])
+        pos = n.pos + side * (n.radius + ra + 0.4)
+        offs[idx] = pos
+        a = offs[n.parent]
+        wall = 0.18 * ra + 0.25
+        r1 = max(n.r_end * ratio, ra * 0.85)
+        _add_split(ts, a, pos, ra, r1, wall_mat, 6.0)
+        _add_split(ts, a, pos, max(ra - wall, 0.2), max(r1 - wall, 0.2), lumen_mat, 6.0)
+        lumens.append((a, pos, max(ra - wall, 0.2), max(r1 - wall, 0.2)))
+    return lumens

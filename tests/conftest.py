@@ -1,0 +1,87 @@
+"""Shared fixtures: free ports, a real ``lungnode serve`` subprocess, dcmtk peers, test series."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.dcmtk import have_dcmtk
+from tests.helpers.net import free_port
+from tests.helpers.node_proc import NodeProcess
+
+SHARED_DATA = Path("/work/shared/data")
+LIDC_0001 = SHARED_DATA / "lidc-idri-0001-ct.tar.xz"
+
+NodeFactory = Callable[..., NodeProcess]
+
+
+@pytest.fixture
+def port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    return free_port()
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start nodes: ``node_factory(name="node", settings={...}, env={...}, start=True)``.
+
+    Each node gets its own folder under tmp_path (config.yaml, spool/, ledger.sqlite, node.log).
+    At teardown every node still running gets SIGTERM and must exit 0.
+    """
+    nodes: list[NodeProcess] = []
+
+    def make(name: str = "node", *, settings: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+             port: int | None = None, start: bool = True) -> NodeProcess:
+        node = NodeProcess(tmp_path / name, port=port, settings=settings, env=env)
+        nodes.append(node)
+        if start:
+            node.start()
+        return node
+
+    yield make
+    problems = []
+    for node in nodes:
+        if node.running:
+            rc = node.stop()
+            if rc != 0:
+                problems.append(f"{node.workdir.name}: exit code {rc} after SIGTERM\n{node.log[-3000:]}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def node(node_factory: NodeFactory) -> NodeProcess:
+    """A running node with the test defaults (quiet period 2 s, release grace 0.5 s, any caller)."""
+    return node_factory()
+
+
+@pytest.fixture(scope="session")
+def require_dcmtk() -> None:
+    if not have_dcmtk("storescu", "echoscu", "dcmdump"):
+        pytest.skip("dcmtk (/usr/bin/storescu, echoscu, dcmdump) is not installed")
+
+
+@pytest.fixture(scope="session")
+def lidc_0001(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LIDC-IDRI-0001 CT series extracted once per session; the folder holding its .dcm files."""
+    if not LIDC_0001.is_file():
+        pytest.skip(f"real CT data not available: {LIDC_0001} is absent")
+    out = tmp_path_factory.mktemp("lidc-0001")
+    with tarfile.open(LIDC_0001) as tar:
+        tar.extractall(out, filter="data")
+    return out
+
+
+@pytest.fixture(scope="session")
+def series_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session folder for generated series that several tests can share read-only."""
+    return tmp_path_factory.mktemp("series")
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
