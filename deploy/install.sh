@@ -10,7 +10,7 @@ mode=${1:-run}
 case "$mode" in run|--run) mode=run ;; --test) mode=test ;; *) echo "usage: bash deploy/install.sh [--test]" >&2; exit 2 ;; esac
 
 debs=(python3 python3-venv python3-pip)
-[ "$mode" = test ] && debs+=(dcmtk dicom3tools orthanc)
+[ "$mode" = test ] && debs+=(dcmtk dicom3tools orthanc postgresql)
 
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -29,7 +29,7 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-extra=""; [ "$mode" = test ] && extra="[dev]"
+extra=""; [ "$mode" = test ] && extra="[dev,postgres]"
 echo "installing lungnode$extra into .venv" >&2
 log=$(mktemp)
 if ! .venv/bin/python -m pip install -q -e ".$extra" >"$log" 2>&1; then

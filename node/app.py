@@ -13,7 +13,10 @@ import threading
 from types import FrameType
 
 from node import __version__
+from sqlalchemy.exc import SQLAlchemyError
+
 from node.config import Config
+from node.errors import LungnodeError
 from node.db.ingest import IngestLedger
 from node.db.session import make_engine, make_sessionmaker, upgrade_schema
 from node.logs import kv
@@ -48,7 +51,13 @@ class Node:
         self.port: int | None = None
 
     def start(self) -> None:
-        upgrade_schema(self.engine)
+        try:
+            upgrade_schema(self.engine)
+        except SQLAlchemyError as exc:
+            raise LungnodeError(
+                f"cannot open the database {self.engine.url.render_as_string(hide_password=True)}: "
+                f"{exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}. Check storage.database_url."
+            ) from exc
         reconcile(self.spool, self.ledger, self.sessions)
         self.assembler.start()
         self.port = self.scp.start()
@@ -76,7 +85,11 @@ def serve(config: Config) -> int:
     log.info(kv("node_starting", version=__version__))
     log.info("event=effective_config config=%s", json.dumps(config.redacted(), sort_keys=True))
     node = Node(config)
-    node.start()
+    try:
+        node.start()
+    except BaseException:
+        node.stop()
+        raise
     stop = threading.Event()
 
     def _signal(signum: int, _frame: FrameType | None) -> None:

@@ -15,6 +15,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.errors import LungnodeError
+
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -40,11 +42,23 @@ def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LungnodeError(
+                    f"cannot create the folder of the database {parsed.database}: {exc.strerror}. "
+                    f"Check storage.database_url."
+                ) from exc
         engine = create_engine(url, connect_args={"timeout": 30})
         _sqlite_pragmas(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except ModuleNotFoundError as exc:
+        raise LungnodeError(
+            f"the database driver for {parsed.drivername} is not installed ({exc.name}). For PostgreSQL: "
+            f".venv/bin/pip install -e '.[postgres]' and use postgresql+psycopg://..."
+        ) from exc
 
 
 def upgrade_schema(engine: Engine) -> None:

@@ -42,7 +42,7 @@ from node import MANUFACTURER
 from node.config import DicomSettings
 from node.db.ingest import IngestLedger, Outcome
 from node.db.models import AssociationState
-from node.errors import InstanceRejected
+from node.errors import InstanceRejected, LungnodeError
 from node.logs import kv
 from node.receive.inspect import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, InstanceHeader, inspect_instance
 from node.receive import tuning
@@ -131,7 +131,14 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
         ]
         ae = self._make_ae()
-        server = ae.start_server((self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers)
+        address = (self.settings.bind_address, self.settings.port)
+        try:
+            server = ae.start_server(address, block=False, evt_handlers=handlers)
+        except OSError as exc:
+            raise LungnodeError(
+                f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}. Is another DICOM service using "
+                f"the port? Change dicom.port or dicom.bind_address."
+            ) from exc
         assert server is not None  # block=False always returns the server
         self._server = server
         port = int(server.server_address[1])

@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from node.errors import InstanceRejected
+from node.errors import InstanceRejected, LungnodeError
 from node.logs import kv
 from node.receive.inspect import STATUS_OUT_OF_RESOURCES
 
@@ -32,8 +32,11 @@ class Spool:
         self.instances = self.root / "instances"
         self.min_free_bytes = min_free_bytes
         self.fsync = fsync
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        self.instances.mkdir(parents=True, exist_ok=True)
+        try:
+            self.incoming.mkdir(parents=True, exist_ok=True)
+            self.instances.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LungnodeError(f"cannot create the spool in {self.root}: {exc.strerror}. Check storage.spool_dir.") from exc
 
     def path_for(self, series_uid: str, sop_uid: str) -> Path:
         return self.instances / series_uid / f"{sop_uid}.dcm"

@@ -79,6 +79,10 @@ class Prof:
     bm_post: Arr
     y_vb: Arr
 
+    def sub(self, k: slice) -> "Prof":
+        """The same profile restricted to slices ``k``."""
+        return Prof(*(getattr(self, f)[k] for f in self.__dataclass_fields__))
+
 
 @dataclass
 class Anatomy:
@@ -142,16 +146,16 @@ class Anatomy:
     def prof(self, Z: Arr) -> Prof:
         """Cage, body and spine outline parameters at heights ``Z``."""
         u = (np.asarray(Z, dtype=F32) / F32(self.L)).astype(F32)
-        x = np.clip((u - 0.42) / 0.58, 0.0, 1.35)
-        fw = np.clip(1.0 - 0.42 * x**1.6, 0.36, None) * (1.0 + 0.03 * np.clip(-u * 4.0, 0.0, 1.0))
-        fd = 1.0 - 0.22 * x**1.4
+        x = np.clip((u - 0.5) / 0.5, 0.0, 1.4)
+        fw = np.clip(1.0 - 0.42 * x**1.6, 0.4, None) * (1.0 + 0.03 * np.clip(-u * 4.0, 0.0, 1.0))
+        fd = 1.0 - 0.2 * x**1.5
         a_c = (self.A * fw).astype(F32)
         b_ant = (self.Ba * fd).astype(F32)
         b_post = (self.Bp * fd).astype(F32)
-        y_c = (10.0 * x).astype(F32)
-        sh = self.shoulder * smoothstep(0.55, 1.0, u)
-        a_b = (self.A * (0.96 + 0.04 * fw) + self.wall_lat + self.fat_lat + sh).astype(F32)
-        pect = 14.0 * smoothstep(0.4, 0.8, u) * (1.0 - smoothstep(1.05, 1.25, u))
+        y_c = (8.0 * x).astype(F32)
+        sh = self.shoulder * smoothstep(0.6, 1.05, u)
+        a_b = (self.A * (0.9 + 0.1 * fw) + self.wall_lat + self.fat_lat + sh).astype(F32)
+        pect = 10.0 * smoothstep(0.45, 0.8, u) * (1.0 - smoothstep(1.05, 1.25, u))
         belly = self.belly * smoothstep(0.3, -0.25, u)
         bb_ant = (b_ant + self.wall_ant + pect + self.fat_ant + belly).astype(F32)
         bb_post = (b_post + self.wall_post + self.fat_post).astype(F32)
@@ -159,23 +163,25 @@ class Anatomy:
         a_m = (a_b - self.fat_lat).astype(F32)
         bm_ant = (bb_ant - self.fat_ant - belly * 0.8).astype(F32)
         bm_post = (bb_post - self.fat_post).astype(F32)
-        y_vb = (y_c + b_post - 0.8 * self.r_vb + self.kyphosis * np.sin(np.pi * np.clip(u, 0.0, 1.0))).astype(F32)
+        y_vb = (y_c + b_post - 0.9 * self.r_vb + self.kyphosis * np.sin(np.pi * np.clip(u, 0.0, 1.0))).astype(F32)
         return Prof(u, a_c, b_ant, b_post, y_c, a_b, bb_ant, bb_post, y_back, a_m, bm_ant, bm_post, y_vb)
 
     # ------------------------------------------------------------------ diaphragm
     def dome(self, X: Arr, Y: Arr, right: bool) -> tuple[Arr, Arr]:
         """Diaphragm height z_d(X, Y) and its in-plane slope magnitude for one side."""
         top = self.z_top_r if right else self.z_top_l
-        xdc = -0.42 * self.A if right else 0.42 * self.A
-        rx = 0.62 * self.A
+        xdc = -0.4 * self.A if right else 0.4 * self.A
+        rx = 0.66 * self.A
         dy = Y - F32(0.05 * self.Ba)
-        ry = np.where(dy > 0, F32(self.Bp * 1.02), F32(self.Ba * 1.1)).astype(F32)
-        ga = np.where(dy > 0, F32(1.0), F32(0.72)).astype(F32)
+        ry = np.where(dy > 0, F32(self.Bp * 0.95), F32(self.Ba * 1.15)).astype(F32)
+        ga = np.where(dy > 0, F32(1.0), F32(0.75)).astype(F32)
         sx = (X - F32(xdc)) / F32(rx)
         sy = dy / ry
         s = sx * sx + ga * sy * sy
-        zd = F32(top) - F32(top) * s * (0.5 + 0.5 * s)
-        fp = F32(top) * (0.5 + s)
+        # rounded dome falling steeply into the costophrenic recesses, a shallow shelf beyond
+        t = np.clip(1.0 - s, 0.0, None)
+        zd = F32(top) * t * np.sqrt(t) - F32(10.0) * np.clip(s - 1.0, 0.0, 0.6)
+        fp = F32(1.5 * top) * np.sqrt(t) + F32(10.0) * (s > 1.0)
         gx = fp * 2.0 * sx / F32(rx)
         gy = fp * 2.0 * ga * sy / ry
         return zd.astype(F32), np.sqrt(gx * gx + gy * gy).astype(F32)
@@ -190,33 +196,37 @@ class Anatomy:
         return ((Z - zf) / slope).astype(F32)
 
     # ------------------------------------------------------------------ lungs
-    def lung_sdfs(self, X: Arr, Y: Arr, Z: Arr, p: Prof, tube_sdf: Arr | float, heart_sdf: Arr | None = None) -> tuple[Arr, Arr]:
+    def lung_sdfs(self, X: Arr, Y: Arr, Z: Arr, p: Prof, tube_sdf: Arr | float, heart_sdf: Arr | None = None,
+                  cage: Arr | None = None) -> tuple[Arr, Arr]:
         """Signed distances of the right and left lung (elementwise, broadcastable inputs)."""
-        b = np.where(Y < p.y_c, p.b_ant, p.b_post)
-        cage = ellipse_sdf(X, Y - p.y_c, p.a_c, b)
+        if cage is None:
+            b = np.where(Y < p.y_c, p.b_ant, p.b_post)
+            cage = ellipse_sdf(X, Y - p.y_c, p.a_c, b)
         if heart_sdf is None:
             heart_sdf = self.heart_sdf(X, Y, Z)
         med = np.minimum(heart_sdf - 2.5, tube_sdf)
-        vb = ellipse_sdf(X, Y - p.y_vb, F32(self.r_vb * 1.1 + 5.0), F32(self.r_vb + 5.0))
-        med = np.minimum(med, vb)
+        vb = ellipse_sdf(X, Y - p.y_vb, F32(self.r_vb * 1.1 + 4.0), F32(self.r_vb + 4.0))
+        np.minimum(med, vb, out=med)
         # the posterior midline behind the vertebral body belongs to the spine
-        med = np.minimum(med, np.maximum(np.abs(X) - F32(self.r_vb * 0.9 + 4.0), p.y_vb - Y))
-        med = smin(med, np.abs(X - F32(self.x_t * 0.5)) - F32(self.band), 6.0)
-        base = smax(cage, -med, 4.0)
+        np.minimum(med, np.maximum(np.abs(X) - F32(self.r_vb * 1.1 + 6.0), p.y_vb + F32(0.4 * self.r_vb) - Y), out=med)
+        med = smin(med, np.abs(X - F32(self.x_t * 0.5)) - F32(self.band), 5.0)
+        base = smax(cage, -med, 3.0)
         # apex: each lung narrows to a rounded tip at Z = L
-        z0 = F32(0.74 * self.L)
-        k = np.sqrt(np.clip(1.0 - ((Z - z0) / F32(self.L - 0.74 * self.L)) ** 2, 0.0, 1.0))
+        z0 = F32(0.72 * self.L)
+        k = np.sqrt(np.clip(1.0 - ((Z - z0) / F32(self.L - 0.72 * self.L)) ** 2, 0.0, 1.0))
         k = np.where(Z > z0, k, F32(1.0)).astype(F32)
+        upper = bool(np.any(np.asarray(Z) > z0))
         out = []
         for right in (True, False):
             sgn = -1.0 if right else 1.0
             zd, g = self.dome(X, Y, right)
             d_dome = (zd - Z) / np.maximum(g, F32(0.35))
-            ap = ellipse_sdf(X - F32(sgn) * p.a_c * 0.5, Y - p.y_c - 0.2 * p.b_post,
-                             p.a_c * 0.62 * k + 0.5, (p.b_ant + p.b_post) * 0.5 * k + 0.5)
-            ap = np.where(Z > z0, ap, -BIG)
-            side = F32(sgn) * -X + F32(1.0)
-            s = np.maximum(np.maximum(base, d_dome), np.maximum(ap, side))
+            s = np.maximum(base, d_dome)
+            if upper:
+                ap = ellipse_sdf(X - F32(sgn) * p.a_c * 0.48, Y - p.y_c - 0.15 * p.b_post,
+                                 p.a_c * 0.6 * k + 0.5, (p.b_ant + p.b_post) * 0.52 * k + 0.5)
+                s = np.maximum(s, np.where(Z > z0, ap, -BIG))
+            s = np.maximum(s, F32(sgn) * -X + F32(1.0))
             out.append(s.astype(F32))
         return out[0], out[1]
 
@@ -237,12 +247,13 @@ class Anatomy:
         """Evaluate the smooth fields on a (coarse) chunk grid.
 
         Returns ``hu`` (everything but lung parenchyma), ``lung_r``/``lung_l`` fractions, their signed
-        distances ``sdf_r``/``sdf_l``, the parenchyma HU ``paren`` and the fissure distance ``fiss``.
+        distances ``sdf_r``/``sdf_l``, the parenchyma HU ``paren``, the fissure distance ``fiss``,
+        the height above the horizontal fissure ``zhf`` and ``win`` (the (k, j, i) slices of the grid
+        outside which there is no lung).
         """
+        c = _Ctx(g)
         n = g.z.size
-        Z = g.z.astype(F32).reshape(n, 1, 1)
-        Y = (g.y0 + np.arange(g.h) * g.px).astype(F32).reshape(1, g.h, 1)
-        X = (g.x0 + np.arange(g.w) * g.px).astype(F32).reshape(1, 1, g.w)
+        Z, Y, X = c.Z, c.Y, c.X
         p = self.prof(Z)
         hu_ = self.hu
         shape = (n, g.h, g.w)
@@ -251,173 +262,283 @@ class Anatomy:
 
         if self.table is not None:
             gap, curv, thick = self.table
-            ytop = p.y_c + p.bb_post + F32(gap) - F32(curv) * X * X
-            dtab = np.maximum(np.abs(Y - ytop - F32(thick / 2)) - F32(thick / 2), np.abs(X) - F32(215.0))
-            shell = np.maximum(np.abs(np.abs(Y - ytop - F32(thick / 2)) - F32(thick / 2)) - 1.2, np.abs(X) - F32(215.0))
-            lerp_(hu, F32(hu_["table_core"]), soft(dtab, w))
-            lerp_(hu, F32(hu_["table_shell"]), soft(shell, w))
+            yt0 = float((p.y_c + p.bb_post).min()) + gap
+            win = c.window(-220.0, 220.0, yt0 - curv * 220.0**2 - 3.0, float((p.y_c + p.bb_post).max()) + gap + thick + 3.0)
+            if win is not None:
+                sk, sy, sx = win
+                Xs, Ys, ps = X[:, :, sx], Y[:, sy, :], p.sub(sk)
+                ytop = ps.y_c + ps.bb_post + F32(gap) - F32(curv) * Xs * Xs
+                side = np.abs(Xs) - F32(215.0)
+                dtab = np.maximum(np.abs(Ys - ytop - F32(thick / 2)) - F32(thick / 2), side)
+                shell = np.maximum(np.abs(np.abs(Ys - ytop - F32(thick / 2)) - F32(thick / 2)) - 1.2, side)
+                hv = hu[sk, sy, sx]
+                lerp_(hv, F32(hu_["table_core"]), soft(dtab, w))
+                lerp_(hv, F32(hu_["table_shell"]), soft(shell, w))
 
-        bb = np.where(Y < p.y_c, p.bb_ant, p.bb_post)
-        body = smax(ellipse_sdf(X, Y - p.y_c, p.a_b, bb), Y - p.y_back, 18.0)
+        # ---- body wall
+        ab = float(p.a_b.max()) + 3.0
+        y_front = float((p.y_c - p.bb_ant).min()) - (self.breasts[4] + 10.0 if self.breasts else 0.0) - 3.0
+        win = c.window(-ab, ab, y_front, float(p.y_back.max()) + 3.0)
+        if win is None:
+            return self._empty(shape)
+        sk, sy, sx = win
+        Xb, Yb = X[:, :, sx], Y[:, sy, :]
+        hb = hu[:, sy, sx]
+        bb = np.where(Yb < p.y_c, p.bb_ant, p.bb_post)
+        body = smax(ellipse_sdf(Xb, Yb - p.y_c, p.a_b, bb), Yb - p.y_back, 18.0)
+        br = None
         if self.breasts is not None:
             bx, bdy, bz, bax, bay = self.breasts
             kb = np.sqrt(np.clip(1.0 - ((Z - F32(bz)) / F32(bax)) ** 2, 0.0, 1.0)).astype(F32)
-            ybr = p.y_c - p.bb_ant + F32(bdy)
-            br = np.minimum(ellipse_sdf(X - F32(bx), Y - ybr, F32(bax) * kb + 0.01, F32(bay) * kb + 0.01),
-                            ellipse_sdf(X + F32(bx), Y - ybr, F32(bax) * kb + 0.01, F32(bay) * kb + 0.01))
-            br = np.where(kb > 0.02, br, BIG)
-            body = smin(body, br, 14.0)
-        lerp_(hu, F32(hu_["fat"]), soft(body, w))
-        if self.breasts is not None:
-            gland = soft(br + F32(0.45 * self.breasts[3]), 6.0) * np.clip(0.55 + 0.6 * self.tex_a.grid(g.z, Y.ravel(), X.ravel()), 0.0, 1.0)
-            lerp_(hu, F32(hu_["gland"]), gland * soft(body, w))
-        skin = soft(np.abs(body + 1.1) - 1.0, w)
-        lerp_(hu, F32(hu_["skin"]), skin)
-
-        bm = np.where(Y < p.y_c, p.bm_ant, p.bm_post)
-        musc = smax(ellipse_sdf(X, Y - p.y_c, p.a_m, bm), Y - (p.y_back - F32(self.fat_post * 0.7)), 14.0)
-        lerp_(hu, F32(hu_["muscle"]), soft(musc, w))
-        # intermuscular fat plane and axillary fat in the upper chest wall
-        b = np.where(Y < p.y_c, p.b_ant, p.b_post)
-        cage = ellipse_sdf(X, Y - p.y_c, p.a_c, b)
-        plane = soft(np.abs(cage - F32(self.wall_lat * 0.55)) - 0.9, w) * soft(musc + 3.0, w)
-        lerp_(hu, F32(hu_["fat"]), plane * F32(0.8))
+            if float(kb.max()) > 0.02:
+                ybr = p.y_c - p.bb_ant + F32(bdy)
+                br = np.minimum(ellipse_sdf(Xb - F32(bx), Yb - ybr, F32(bax) * kb + 0.01, F32(bay) * kb + 0.01),
+                                ellipse_sdf(Xb + F32(bx), Yb - ybr, F32(bax) * kb + 0.01, F32(bay) * kb + 0.01))
+                br = np.where(kb > 0.02, br, BIG)
+                body = smin(body, br, 14.0)
+        body_f = soft(body, w)
+        lerp_(hb, F32(hu_["fat"]), body_f)
+        if br is not None:
+            tex = self.tex_a.grid(g.z, Yb.ravel(), Xb.ravel())
+            gland = soft(br + F32(0.45 * self.breasts[3]), 6.0) * np.clip(0.55 + 0.6 * tex, 0.0, 1.0)
+            lerp_(hb, F32(hu_["gland"]), gland * body_f)
+        lerp_(hb, F32(hu_["skin"]), soft(np.abs(body + 1.1) - 1.0, w))
+        bm = np.where(Yb < p.y_c, p.bm_ant, p.bm_post)
+        musc = smax(ellipse_sdf(Xb, Yb - p.y_c, p.a_m, bm), Yb - (p.y_back - F32(self.fat_post * 0.7)), 14.0)
+        lerp_(hb, F32(hu_["muscle"]), soft(musc, w))
+        b = np.where(Yb < p.y_c, p.b_ant, p.b_post)
+        cage = ellipse_sdf(Xb, Yb - p.y_c, p.a_c, b)
+        # intermuscular fat plane, axillary fat, scapulae
+        lerp_(hb, F32(hu_["fat"]), soft(np.abs(cage - F32(self.wall_lat * 0.6 + 6.0)) - 0.9, w) * soft(musc + 3.0, w) * F32(0.7))
         ax_w = smoothstep(0.5, 0.75, p.u) * (1.0 - smoothstep(1.1, 1.25, p.u))
         if float(ax_w.max()) > 0:
-            axd = np.minimum(ellipse_sdf(np.abs(X) - (p.a_c + F32(0.45 * self.wall_lat + 8.0)), Y - p.y_c + 0.1 * p.b_ant, F32(14.0), p.b_ant * 0.45), BIG)
-            lerp_(hu, F32(hu_["fat"]), soft(axd, 3.0) * ax_w * soft(musc + 2.0, w))
-
-        # scapulae: thin curved plates behind the upper ribs
+            axd = ellipse_sdf(np.abs(Xb) - (p.a_c + F32(0.5 * self.wall_lat + 10.0)), Yb - p.y_c + 0.1 * p.b_ant, F32(12.0), p.b_ant * 0.45)
+            lerp_(hb, F32(hu_["fat"]), soft(axd, 3.0) * ax_w * soft(musc + 2.0, w))
         sc_w = smoothstep(0.45, 0.55, p.u) * (1.0 - smoothstep(1.0, 1.12, p.u))
         if float(sc_w.max()) > 0:
-            off = F32(self.wall_lat * 0.75 + 9.0)
-            plate = np.maximum(np.abs(cage - off) - 2.2, np.maximum(np.abs(X) - p.a_c * 0.95, p.a_c * 0.35 - np.abs(X)))
-            plate = np.maximum(plate, p.y_c + 0.25 * p.b_post - Y)
-            lerp_(hu, F32(hu_["scapula"]), soft(plate, w) * sc_w)
-
+            off = F32(self.wall_lat * 0.8 + 8.0)
+            plate = np.maximum(np.abs(cage - off) - 2.0, np.maximum(np.abs(Xb) - p.a_c * 0.95, p.a_c * 0.35 - np.abs(Xb)))
+            plate = np.maximum(plate, p.y_c + 0.25 * p.b_post - Yb)
+            lerp_(hb, F32(hu_["scapula"]), soft(plate, w) * sc_w)
         # inside the thoracic cage: mediastinal fat (muscle and fat at the thoracic inlet)
         inlet = smoothstep(1.0, 1.12, p.u)
         inside_hu = F32(hu_["med_fat"]) * (1.0 - inlet) + F32(0.5 * (hu_["muscle"] + hu_["fat"])) * inlet
-        fat_tex = inside_hu + F32(12.0) * self.tex_b.grid(g.z, Y.ravel(), X.ravel())
-        lerp_(hu, fat_tex, soft(cage, w))
+        lerp_(hb, inside_hu + F32(10.0) * self.tex_b.grid(g.z, Yb.ravel(), Xb.ravel()), soft(cage, w))
+        hu[:, sy, sx] = hb
 
-        self._spine(hu, X, Y, Z, p, w)
-        self._sternum(hu, X, Y, p, w)
-        heart = self.heart_sdf(X, Y, Z)
-        self._abdomen(hu, X, Y, Z, p, cage, w)
-        self._heart(hu, X, Y, Z, heart, w)
+        self._spine(hu, c, p, w)
+        self._sternum(hu, c, p, w)
+        # ---- cage window: heart, abdomen, lungs
+        ac = float(p.a_c.max()) + 4.0
+        cw = c.window(-ac, ac, float((p.y_c - p.b_ant).min()) - 4.0, float((p.y_c + p.b_post).max()) + 4.0)
+        lung_r = np.zeros(shape, F32)
+        lung_l = np.zeros(shape, F32)
+        sdf_r = np.full(shape, BIG, F32)
+        sdf_l = np.full(shape, BIG, F32)
+        paren = np.zeros(shape, F32)
+        fiss = np.broadcast_to(self.fissure(Y, Z, p), shape)
+        zhf = np.broadcast_to(Z - F32(self.z_hf), shape)
+        if cw is None:
+            return {"hu": hu, "lung_r": lung_r, "lung_l": lung_l, "sdf_r": sdf_r, "sdf_l": sdf_l, "paren": paren,
+                    "fiss": fiss, "zhf": zhf, "win": (slice(0, 0), slice(0, 0), slice(0, 0))}
+        _, cy, cx = cw
+        Xc, Yc = X[:, :, cx], Y[:, cy, :]
+        cage_c = cage[:, cy.start - sy.start:cy.stop - sy.start, cx.start - sx.start:cx.stop - sx.start] if (
+            cy.start >= sy.start and cx.start >= sx.start and cy.stop <= sy.stop and cx.stop <= sx.stop) else ellipse_sdf(
+            Xc, Yc - p.y_c, p.a_c, np.where(Yc < p.y_c, p.b_ant, p.b_post))
+        hc = hu[:, cy, cx]
+        heart = np.full(hc.shape, BIG, F32)
+        hwin = self._heart(hc, heart, c, cy, cx, p, w)
+        _ = hwin
+        self._abdomen(hc, c, cy, cx, p, cage_c, w)
+        hu[:, cy, cx] = hc
+        # lungs (only slices that can hold lung)
+        lk = c.zwindow(-5.0, self.L + 2.0)
+        if lk is not None:
+            ps = p.sub(lk)
+            Zs = Z[lk]
+            gsub = Grid(g.z[lk], float(c.xs[cx.start]), float(c.ys[cy.start]), g.px, cy.stop - cy.start, cx.stop - cx.start)
+            tsdf = np.full((gsub.z.size, gsub.h, gsub.w), BIG, dtype=F32)
+            min_sdf(self.med, gsub, 6.0, tsdf)
+            sr, sl = self.lung_sdfs(Xc, Yc, Zs, ps, tsdf, heart[lk], cage_c[lk])
+            sdf_r[lk, cy, cx] = sr
+            sdf_l[lk, cy, cx] = sl
+            lung_r[lk, cy, cx] = soft(sr, w)
+            lung_l[lk, cy, cx] = soft(sl, w)
+            zz = g.z[lk]
+            tex = self.tex_a.grid(zz, Yc.ravel(), Xc.ravel()) * F32(14.0) + self.tex_c.grid(zz, Yc.ravel(), Xc.ravel()) * F32(9.0)
+            par = F32(self.lung_mu) + F32(self.lung_grad) * np.clip((Yc - ps.y_c) / ps.b_post, -1.0, 1.0) * 0.5 + tex
+            if self.fissure_hu > 0:
+                par += soft(np.abs(fiss[lk, cy, cx]) - 0.45, w) * F32(self.fissure_hu)
+            paren[lk, cy, cx] = par
+        return {"hu": hu, "lung_r": lung_r, "lung_l": lung_l, "sdf_r": sdf_r, "sdf_l": sdf_l, "paren": paren,
+                "fiss": fiss, "zhf": zhf, "win": (lk if lk is not None else slice(0, 0), cy, cx)}
 
-        # lungs
-        tsdf = np.full(shape, BIG, dtype=F32)
-        min_sdf(self.med, g, 8.0, tsdf)
-        sdf_r, sdf_l = self.lung_sdfs(X, Y, Z, p, tsdf, heart)
-        lung_r = soft(sdf_r, w)
-        lung_l = soft(sdf_l, w)
-        tex = self.tex_a.grid(g.z, Y.ravel(), X.ravel()) * F32(14.0) + self.tex_c.grid(g.z, Y.ravel(), X.ravel()) * F32(9.0)
-        paren = F32(self.lung_mu) + F32(self.lung_grad) * np.clip((Y - p.y_c) / p.b_post, -1.0, 1.0) * 0.5 + tex
-        fiss = self.fissure(Y, Z, p)
-        line = soft(np.abs(fiss) - 0.45, w)
-        paren = paren + line * F32(self.fissure_hu)
-        return {"hu": hu, "lung_r": lung_r, "lung_l": lung_l, "sdf_r": sdf_r, "sdf_l": sdf_l,
-                "paren": paren.astype(F32), "fiss": np.broadcast_to(fiss, shape),
-                "zhf": np.broadcast_to(Z - F32(self.z_hf), shape)}
+    @staticmethod
+    def _empty(shape: tuple[int, int, int]) -> dict[str, Arr]:
+        z = np.zeros(shape, F32)
+        big = np.full(shape, BIG, F32)
+        return {"hu": np.full(shape, F32(-1000.0)), "lung_r": z, "lung_l": z, "sdf_r": big, "sdf_l": big, "paren": z,
+                "fiss": big, "zhf": big, "win": (slice(0, 0), slice(0, 0), slice(0, 0))}
 
-    def _spine(self, hu: Arr, X: Arr, Y: Arr, Z: Arr, p: Prof, w: float) -> None:
+    def _spine(self, hu: Arr, c: "_Ctx", p: Prof, w: float) -> None:
         h = self.hu
         r = F32(self.r_vb)
+        ylo = float(p.y_vb.min()) - self.r_vb - 3.0
+        yhi = float(p.y_vb.max()) + self.r_vb + 2 * self.r_can + 36.0
+        win = c.window(-(self.r_can + 28.0), self.r_can + 28.0, ylo, yhi)
+        if win is None:
+            return
+        _, sy, sx = win
+        X, Y, Z = c.X[:, :, sx], c.Y[:, sy, :], c.Z
+        hv = hu[:, sy, sx]
         vb = ellipse_sdf(X, Y - p.y_vb, r * 1.1, r)
         phase = np.mod(Z - F32(self.vert_phase), F32(self.vert_period))
         disc = (phase < F32(5.0)).astype(F32)
-        lerp_(hu, F32(h["bone_cortex"] * 0.8) * (1 - disc) + F32(h["disc"]) * disc, soft(vb, w))
-        lerp_(hu, F32(h["vb_marrow"]) * (1 - disc) + F32(h["disc"]) * disc, soft(vb + 1.8, w))
+        lerp_(hv, F32(h["bone_cortex"] * 0.8) * (1 - disc) + F32(h["disc"]) * disc, soft(vb, w))
+        lerp_(hv, F32(h["vb_marrow"]) * (1 - disc) + F32(h["disc"]) * disc, soft(vb + 1.8, w))
         yc = p.y_vb + r + F32(self.r_can + 1.5)
         can = ellipse_sdf(X, Y - yc, F32(self.r_can * 1.05), F32(self.r_can))
         arch = ellipse_sdf(X, Y - yc, F32(self.r_can + 5.5), F32(self.r_can + 5.0))
         spin = ellipse_sdf(X, Y - yc - F32(self.r_can + 14.0), F32(4.0), F32(15.0))
         trans = ellipse_sdf(np.abs(X) - F32(self.r_can + 13.0), Y - yc + 1.0, F32(12.0), F32(5.0))
         post = np.minimum(np.minimum(arch, spin), trans)
-        lerp_(hu, F32(h["bone_post"]), soft(post, w))
-        lerp_(hu, F32(h["cord"]), soft(can, w))
+        lerp_(hv, F32(h["bone_post"]), soft(post, w))
+        lerp_(hv, F32(h["cord"]), soft(can, w))
+        hu[:, sy, sx] = hv
 
-    def _sternum(self, hu: Arr, X: Arr, Y: Arr, p: Prof, w: float) -> None:
-        u = p.u
-        top = F32(0.93)
-        bottom = F32(min(self.z_top_r, self.z_top_l) / self.L - 0.02)
-        present = smoothstep(float(bottom) - 0.02, float(bottom) + 0.02, u) * (1.0 - smoothstep(float(top), float(top) + 0.02, u))
-        if float(present.max()) <= 0:
+    def _sternum(self, hu: Arr, c: "_Ctx", p: Prof, w: float) -> None:
+        top = 0.93
+        bottom = min(self.z_top_r, self.z_top_l) / self.L - 0.02
+        sk = c.zwindow((bottom - 0.03) * self.L, (top + 0.03) * self.L)
+        if sk is None:
             return
+        ps = p.sub(sk)
+        u = ps.u
+        present = smoothstep(bottom - 0.02, bottom + 0.02, u) * (1.0 - smoothstep(top, top + 0.02, u))
         manub = smoothstep(0.74, 0.8, u)
-        hw = F32(self.sternum_w) * (1.0 + 0.7 * manub) * (1.0 - 0.5 * smoothstep(float(bottom) + 0.02, float(bottom) + 0.06, u) * 0)
+        hw = F32(self.sternum_w) * (1.0 + 0.7 * manub)
         ht = F32(5.5) + 2.5 * manub
-        ys = p.y_c - p.b_ant - ht - F32(1.5)
+        ys = ps.y_c - ps.b_ant - ht - F32(1.5)
+        win = c.window(-float(hw.max()) - 3.0, float(hw.max()) + 3.0, float(ys.min() - ht.max()) - 3.0, float(ys.max() + ht.max()) + 3.0)
+        if win is None:
+            return
+        _, sy, sx = win
+        X, Y = c.X[:, :, sx], c.Y[:, sy, :]
+        hv = hu[sk, sy, sx]
         st = ellipse_sdf(X, Y - ys, hw, ht)
         st = np.where(present > 0.5, st, BIG)
-        lerp_(hu, F32(self.hu["bone_cortex"] * 0.75), soft(st, w))
-        lerp_(hu, F32(self.hu["marrow"]), soft(st + 1.6, w))
+        lerp_(hv, F32(self.hu["bone_cortex"] * 0.75), soft(st, w))
+        lerp_(hv, F32(self.hu["marrow"]), soft(st + 1.6, w))
+        hu[sk, sy, sx] = hv
 
-    def _abdomen(self, hu: Arr, X: Arr, Y: Arr, Z: Arr, p: Prof, cage: Arr, w: float) -> None:
+    def _abdomen(self, hc: Arr, c: "_Ctx", cy: slice, cx: slice, p: Prof, cage: Arr, w: float) -> None:
         h = self.hu
+        zmax = max(self.z_top_r, self.z_top_l) + 2.0
+        sk = c.zwindow(-1e4, zmax)
+        if sk is None:
+            return
+        X, Y, Z = c.X[:, :, cx], c.Y[:, cy, :], c.Z[sk]
+        ps = p.sub(sk)
+        hv = hc[sk]
+        cg = cage[sk]
         zr, _ = self.dome(X, Y, True)
         zl, _ = self.dome(X, Y, False)
         zd = np.where(X < 0, zr, zl)
-        zmax = max(self.z_top_r, self.z_top_l)
-        if float(Z.min()) > zmax:
-            return
-        below = soft(Z - zd, 2.0) * soft(cage + 1.0, w)
-        lerp_(hu, F32(h["muscle"]), below)  # diaphragm
-        deep = soft(Z - zd + 5.0, 2.0) * soft(cage + 3.0, w)
-        lerp_(hu, F32(h["abd_fat"]), deep)
+        lerp_(hv, F32(h["muscle"]), soft(Z - zd, 2.0) * soft(cg + 1.0, w))  # diaphragm
+        lerp_(hv, F32(h["abd_fat"]), soft(Z - zd + 5.0, 2.0) * soft(cg + 3.0, w))
         # liver: right of a line from the anterior left to the posterior right of the spine
-        t = np.clip((Y - (p.y_c - p.b_ant)) / (p.b_ant + p.b_post), 0.0, 1.0)
-        x_edge = F32(0.35 * self.A) * (1.0 - t) + (-F32(self.r_vb + 12.0)) * t
-        liv = np.maximum(X - x_edge, cage + 4.0)
-        liv = np.maximum(liv, (Z - zd + 7.0))
-        liver_hu = F32(h["liver"]) + F32(6.0) * self.tex_b.grid(np.asarray(Z).ravel(), Y.ravel(), X.ravel())
-        lerp_(hu, liver_hu, soft(liv, 2.5))
-        # stomach with an air cap (supine: air rises anteriorly) and spleen
-        sx, sy, sz = 0.45 * self.A, -0.05 * self.Ba, self.z_top_l - 45.0
-        ks = np.sqrt(np.clip(1.0 - ((Z - F32(sz)) / F32(50.0)) ** 2, 0.0, 1.0)).astype(F32)
-        sto = ellipse_sdf(X - F32(sx), Y - F32(sy), F32(0.38 * self.A) * ks + 0.01, F32(0.42 * self.Ba) * ks + 0.01)
-        sto = np.maximum(np.where(ks > 0.02, sto, BIG), Z - zd + 6.0)
-        lerp_(hu, F32(h["muscle"]), soft(sto, w))
-        lerp_(hu, F32(h["stomach"]), soft(sto + 3.0, w))
-        air = np.maximum(sto + 3.0, Y - F32(sy - 0.12 * self.Ba))
-        lerp_(hu, F32(h["air"]), soft(air, w) * F32(h["stomach_air"]))
+        t = np.clip((Y - (ps.y_c - ps.b_ant)) / (ps.b_ant + ps.b_post), 0.0, 1.0)
+        x_edge = F32(0.3 * self.A) * (1.0 - t) + (-F32(self.r_vb + 14.0)) * t
+        liv = np.maximum(np.maximum(X - x_edge, cg + 4.0), Z - zd + 7.0)
+        liver_hu = F32(h["liver"]) + F32(6.0) * self.tex_b.grid(c.zs[sk], Y.ravel(), X.ravel())
+        lerp_(hv, liver_hu, soft(liv, 2.5))
+        # stomach with an air cap (supine: air rises anteriorly), spleen, kidneys
+        sx_, sy_, sz_ = 0.45 * self.A, -0.05 * self.Ba, self.z_top_l - 45.0
+        ks = np.sqrt(np.clip(1.0 - ((Z - F32(sz_)) / F32(50.0)) ** 2, 0.0, 1.0)).astype(F32)
+        if float(ks.max()) > 0.02:
+            sto = ellipse_sdf(X - F32(sx_), Y - F32(sy_), F32(0.36 * self.A) * ks + 0.01, F32(0.42 * self.Ba) * ks + 0.01)
+            sto = np.maximum(np.where(ks > 0.02, sto, BIG), Z - zd + 6.0)
+            lerp_(hv, F32(h["muscle"]), soft(sto, w))
+            lerp_(hv, F32(h["stomach"]), soft(sto + 3.0, w))
+            if h["stomach_air"] > 0:
+                lerp_(hv, F32(h["air"]), soft(np.maximum(sto + 3.0, Y - F32(sy_ - 0.12 * self.Ba)), w))
         kp = np.sqrt(np.clip(1.0 - ((Z - F32(self.z_top_l - 60.0)) / F32(55.0)) ** 2, 0.0, 1.0)).astype(F32)
-        spl = ellipse_sdf(X - F32(0.68 * self.A), Y - p.y_c - 0.55 * p.b_post, F32(0.22 * self.A) * kp + 0.01, F32(0.3 * self.Bp) * kp + 0.01)
-        spl = np.maximum(np.where(kp > 0.02, spl, BIG), Z - zd + 6.0)
-        lerp_(hu, F32(h["spleen"]), soft(spl, w))
-        # kidneys (upper poles only on most series)
+        if float(kp.max()) > 0.02:
+            spl = ellipse_sdf(X - F32(0.66 * self.A), Y - ps.y_c - 0.55 * ps.b_post, F32(0.2 * self.A) * kp + 0.01, F32(0.3 * self.Bp) * kp + 0.01)
+            spl = np.maximum(np.where(kp > 0.02, spl, BIG), Z - zd + 6.0)
+            lerp_(hv, F32(h["spleen"]), soft(spl, w))
         kk = np.sqrt(np.clip(1.0 - ((Z - F32(-75.0)) / F32(55.0)) ** 2, 0.0, 1.0)).astype(F32)
-        kid = ellipse_sdf(np.abs(X) - F32(self.r_vb + 42.0), Y - p.y_vb, F32(26.0) * kk + 0.01, F32(22.0) * kk + 0.01)
-        kid = np.where(kk > 0.02, kid, BIG)
-        lerp_(hu, F32(h["kidney"]), soft(kid, w))
+        if float(kk.max()) > 0.02:
+            kid = ellipse_sdf(np.abs(X) - F32(self.r_vb + 42.0), Y - ps.y_vb, F32(26.0) * kk + 0.01, F32(22.0) * kk + 0.01)
+            lerp_(hv, F32(h["kidney"]), soft(np.where(kk > 0.02, kid, BIG), w))
+        hc[sk] = hv
 
-    def _heart(self, hu: Arr, X: Arr, Y: Arr, Z: Arr, heart: Arr, w: float) -> None:
+    def _heart(self, hc: Arr, heart_out: Arr, c: "_Ctx", cy: slice, cx: slice, p: Prof, w: float) -> bool:
         h = self.hu
+        hx, hy, hz, ha, hb, hc_, ang = self.heart
+        sk = c.zwindow(hz - hc_, hz + hc_)
+        if sk is None:
+            return False
+        r = max(ha, hb) + 3.0
+        ys, xs = c.ys[cy], c.xs[cx]
+        j0, j1 = np.searchsorted(ys, hy - r), np.searchsorted(ys, hy + r)
+        i0, i1 = np.searchsorted(xs, hx - r), np.searchsorted(xs, hx + r)
+        if j1 <= j0 or i1 <= i0:
+            return False
+        X = c.X[:, :, cx][:, :, i0:i1]
+        Y = c.Y[:, cy, :][:, j0:j1, :]
+        Z = c.Z[sk]
+        heart = self.heart_sdf(X, Y, Z)
+        heart_out[sk, j0:j1, i0:i1] = heart
+        hv = hc[sk, j0:j1, i0:i1]
         inside = soft(heart, w)
-        if float(inside.max()) <= 0:
-            return
-        hx, hy, hz, ha, hb, hc, ang = self.heart
-        lerp_(hu, F32(h["med_fat"]), inside)
-        lerp_(hu, F32(h["pericard"]), soft(np.abs(heart + 0.6) - 0.7, w))
-        tex = self.tex_a.grid(np.asarray(Z).ravel(), Y.ravel(), X.ravel())
+        lerp_(hv, F32(h["med_fat"]), inside)
+        lerp_(hv, F32(h["pericard"]), soft(np.abs(heart + 0.6) - 0.7, w))
+        tex = self.tex_a.grid(c.zs[sk], Y.ravel(), X.ravel())
         epi = F32(self.epi_fat) * (1.0 + 0.8 * tex)
         myo = heart + np.clip(epi, 0.5, None) + F32(1.0)
-        lerp_(hu, F32(h["myocardium"]), soft(myo, w))
+        lerp_(hv, F32(h["myocardium"]), soft(myo, w))
         if self.contrast:
             ca, sa = math.cos(ang), math.sin(ang)
             for (ox, oy, oz, sx, sy, sz) in ((0.22, 0.1, -0.05, 0.42, 0.42, 0.62), (-0.35, -0.3, -0.1, 0.38, 0.32, 0.6),
                                              (-0.55, 0.25, 0.15, 0.3, 0.35, 0.45), (0.05, 0.62, 0.4, 0.3, 0.28, 0.35)):
-                cx = hx + ha * (ox * ca - oy * sa)
-                cy = hy + hb * (ox * sa + oy * ca)
-                cz = hz + hc * oz
-                kc = np.sqrt(np.clip(1.0 - ((Z - F32(cz)) / F32(hc * sz)) ** 2, 0.0, 1.0)).astype(F32)
-                dx = X - F32(cx)
-                dy = Y - F32(cy)
+                cxx = hx + ha * (ox * ca - oy * sa)
+                cyy = hy + hb * (ox * sa + oy * ca)
+                czz = hz + hc_ * oz
+                kc = np.sqrt(np.clip(1.0 - ((Z - F32(czz)) / F32(hc_ * sz)) ** 2, 0.0, 1.0)).astype(F32)
+                if float(kc.max()) <= 0.02:
+                    continue
+                dx = X - F32(cxx)
+                dy = Y - F32(cyy)
                 ch = ellipse_sdf(F32(ca) * dx + F32(sa) * dy, -F32(sa) * dx + F32(ca) * dy, F32(ha * sx) * kc + 0.01, F32(hb * sy) * kc + 0.01)
                 ch = np.maximum(np.where(kc > 0.02, ch, BIG), myo + 3.0)
-                lerp_(hu, F32(h["blood_heart"]), soft(ch, w))
+                lerp_(hv, F32(h["blood_heart"]), soft(ch, w))
+        hc[sk, j0:j1, i0:i1] = hv
+        return True
+
+
+class _Ctx:
+    """Broadcastable coordinates of a chunk grid and helpers to cut windows out of it."""
+
+    def __init__(self, g: Grid) -> None:
+        self.zs = g.z
+        self.ys = g.y0 + np.arange(g.h) * g.px
+        self.xs = g.x0 + np.arange(g.w) * g.px
+        self.Z = g.z.astype(F32).reshape(-1, 1, 1)
+        self.Y = self.ys.astype(F32).reshape(1, -1, 1)
+        self.X = self.xs.astype(F32).reshape(1, 1, -1)
+
+    def window(self, xlo: float, xhi: float, ylo: float, yhi: float) -> tuple[slice, slice, slice] | None:
+        i0, i1 = int(np.searchsorted(self.xs, xlo)), int(np.searchsorted(self.xs, xhi))
+        j0, j1 = int(np.searchsorted(self.ys, ylo)), int(np.searchsorted(self.ys, yhi))
+        if i1 <= i0 or j1 <= j0:
+            return None
+        return slice(0, self.zs.size), slice(j0, j1), slice(i0, i1)
+
+    def zwindow(self, zlo: float, zhi: float) -> slice | None:
+        k0, k1 = int(np.searchsorted(self.zs, zlo)), int(np.searchsorted(self.zs, zhi, side="right"))
+        return slice(k0, k1) if k1 > k0 else None
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -431,9 +552,9 @@ def sample_anatomy(rng: np.random.Generator, *, px: float, contrast: bool | None
     """Draw one random patient. ``px`` (mm) sets how fine the vessel trees go; ``lo``/``hi`` (z, y, x) bound noise lattices."""
     s = scale if scale is not None else _u(rng, 0.86, 1.12)
     L = lung_height if lung_height is not None else float(np.clip(245.0 * s * _u(rng, 0.9, 1.1), 185.0, 310.0))
-    A = 128.0 * s * _u(rng, 0.92, 1.08)
-    Ba = 78.0 * s * _u(rng, 0.88, 1.12)
-    Bp = 74.0 * s * _u(rng, 0.9, 1.1)
+    A = 140.0 * s * _u(rng, 0.93, 1.07)
+    Ba = 86.0 * s * _u(rng, 0.88, 1.12)
+    Bp = 96.0 * s * _u(rng, 0.9, 1.1)
     obese = float(rng.beta(1.6, 3.0))
     fat_lat = 6.0 + 40.0 * obese
     fat_ant = 5.0 + 30.0 * obese
@@ -450,7 +571,7 @@ def sample_anatomy(rng: np.random.Generator, *, px: float, contrast: bool | None
     breasts = None
     if female:
         bax = _u(rng, 45, 70) * s
-        breasts = (0.42 * A + _u(rng, -5, 10), _u(rng, 5.0, 20.0), L * _u(rng, 0.35, 0.5), bax, _u(rng, 20.0, 55.0) * (0.6 + obese))
+        breasts = (0.45 * A + _u(rng, -5, 10), _u(rng, 12.0, 25.0), L * _u(rng, 0.28, 0.42), bax, _u(rng, 12.0, 32.0) * (0.6 + obese))
     hu = {
         "air": -1000.0,
         "fat": _u(rng, -115, -90),
@@ -484,18 +605,18 @@ def sample_anatomy(rng: np.random.Generator, *, px: float, contrast: bool | None
         "trachea_wall": _u(rng, 10, 60),
         "esophagus": _u(rng, 30, 50),
         "calc": _u(rng, 300, 900),
-        "table_core": _u(rng, -900, -700),
+        "table_core": _u(rng, -980, -850),
         "table_shell": _u(rng, 80, 300),
     }
     hu["artery"] = hu["pulm_art"] if contrast else _u(rng, 30, 60)
     hu["vein"] = hu["pulm_vein"] if contrast else _u(rng, 30, 55)
-    table = (_u(rng, 0.0, 4.0), _u(rng, 0.0, 0.0012), _u(rng, 25, 45)) if rng.random() < 0.75 else None
+    table = (_u(rng, 0.0, 4.0), _u(rng, 0.0, 0.0012), _u(rng, 6, 22)) if rng.random() < 0.75 else None
     anat = Anatomy(
         rng_seed=int(rng.integers(0, 2**31 - 1)),
         L=L, A=A, Ba=Ba, Bp=Bp,
         fat_lat=fat_lat, fat_ant=fat_ant, fat_post=fat_post,
-        wall_lat=_u(rng, 14, 24) * s, wall_ant=_u(rng, 14, 24) * s, wall_post=_u(rng, 52, 66) * s,
-        shoulder=_u(rng, 20, 55) * s, belly=70.0 * obese * _u(rng, 0.5, 1.2), back_flat=_u(rng, 4, 16),
+        wall_lat=_u(rng, 8, 14) * s, wall_ant=_u(rng, 8, 15) * s, wall_post=_u(rng, 45, 58) * s,
+        shoulder=_u(rng, 0, 35) * s, belly=70.0 * obese * _u(rng, 0.5, 1.2), back_flat=_u(rng, 4, 16),
         r_vb=r_vb, vert_period=_u(rng, 23.0, 28.0) * L / 245.0, vert_phase=_u(rng, 0, 30), r_can=_u(rng, 6.5, 8.5),
         kyphosis=_u(rng, 0.0, 12.0),
         z_top_r=z_top_r, z_top_l=z_top_l, heart=heart, epi_fat=_u(rng, 1.5, 6.0) * (0.7 + obese),
@@ -561,15 +682,6 @@ def sample_in_lung(anat: Anatomy, rng: np.random.Generator, n: int, right: bool,
             break
     allp = np.concatenate(out) if out else np.zeros((0, 3))
     return allp[:n]
-
-
-def _medial_boundary(anat: Anatomy, y: float, z: float, right: bool) -> float:
-    xs = np.linspace(0.0, anat.A, 200) * (-1.0 if right else 1.0)
-    pts = np.column_stack([xs, np.full_like(xs, y), np.full_like(xs, z)])
-    sr, sl = _lung_point_sdf(anat, pts)
-    sd = sr if right else sl
-    inside = np.nonzero(sd < -2.0)[0]
-    return float(xs[inside[0]]) if inside.size else float(xs[60])
 
 
 def _bezier(p0: NDArray[np.float64], p1: NDArray[np.float64], p2: NDArray[np.float64], n: int = 8) -> NDArray[np.float64]:
@@ -666,32 +778,32 @@ def _build_tubes(anat: Anatomy, rng: np.random.Generator, px: float) -> None:
     both(pt0, bif, r_pt, r_pt, Mat.PULM_ART, 3.0)
     anat.med = med.freeze()
 
-    # --- hila from the lung shape without the hilar vessels
-    z_hr = anat.z_car - 22.0
+    # --- hila: where the main bronchi, pulmonary arteries and veins enter each lung
+    z_hr = anat.z_car - 20.0
     z_hl = anat.z_car - 32.0
-    y_h = yt + 8.0
-    xb_r = _medial_boundary(anat, y_h, z_hr, True)
-    xb_l = _medial_boundary(anat, y_h, z_hl, False)
-    h_r = np.array([xb_r + 6.0, y_h, z_hr])
-    h_l = np.array([xb_l - 6.0, y_h, z_hl])
+    xh = 0.26 * A + 8.0
+    h_r = np.array([-xh, yt + 3.0, z_hr])
+    h_l = np.array([xh + 6.0, yt + 6.0, z_hl])
     rb_r, rb_l = rt * 0.78, rt * 0.68
     both(car, h_r, rb_r + 1.5, rb_r + 1.5, Mat.TRACHEA_WALL, 2.0)
     ts.add(car, h_r, rb_r, rb_r, int(Mat.TRACHEA_AIR))
     both(car, h_l, rb_l + 1.5, rb_l + 1.5, Mat.TRACHEA_WALL, 2.0)
     ts.add(car, h_l, rb_l, rb_l, int(Mat.TRACHEA_AIR))
+    xb_r, xb_l, y_h = -xh, xh + 6.0, yt
     r_pa = _u(rng, 8.5, 11.0) * s
-    ha_r = np.array([xb_r - 4.0, y_h - 12.0, z_hr + 8.0])
-    ha_l = np.array([xb_l + 4.0, y_h - 4.0, z_hl + 16.0])
-    both(bif, np.array([-10.0, y_h - 10.0, z_hr + 10.0]), r_pa, r_pa, Mat.PULM_ART, 3.0)
-    both(np.array([-10.0, y_h - 10.0, z_hr + 10.0]), ha_r + [6.0, 0, 0], r_pa, r_pa * 0.9, Mat.PULM_ART, 3.0)
-    both(bif, np.array([xb_l - 4.0, y_h - 2.0, z_hl + 22.0]), r_pa, r_pa * 0.9, Mat.PULM_ART, 3.0)
+    ha_r = np.array([xb_r - 2.0, y_h - 14.0, z_hr + 6.0])
+    ha_l = np.array([xb_l + 2.0, y_h - 2.0, z_hl + 16.0])
+    both(bif, np.array([-10.0, y_h - 12.0, z_hr + 8.0]), r_pa, r_pa, Mat.PULM_ART, 3.0)
+    both(np.array([-10.0, y_h - 12.0, z_hr + 8.0]), ha_r, r_pa, r_pa * 0.9, Mat.PULM_ART, 3.0)
+    both(bif, np.array([xb_l - 8.0, y_h - 4.0, z_hl + 24.0]), r_pa, r_pa * 0.9, Mat.PULM_ART, 3.0)
+    both(np.array([xb_l - 8.0, y_h - 4.0, z_hl + 24.0]), ha_l, r_pa * 0.9, r_pa * 0.9, Mat.PULM_ART, 3.0)
     la = np.array([hx - 0.1 * ha, hy + 0.75 * hb, hz + 0.35 * hc])
     hv = {}
     for key, right, dz, dy in (("rs", True, -18.0, -14.0), ("ri", True, -48.0, 6.0), ("ls", False, -14.0, -12.0), ("li", False, -44.0, 8.0)):
         z = (z_hr if right else z_hl) + dz
-        xb = _medial_boundary(anat, y_h + dy, z, right)
-        hv[key] = np.array([xb + (6.0 if right else -6.0), y_h + dy, z])
-        both(la, hv[key] - np.array([(6.0 if right else -6.0), 0, 0]), 6.5 * s, 6.0 * s, Mat.PULM_VEIN_MED, 2.0)
+        xb = -xh + 4.0 if right else xh - 4.0
+        hv[key] = np.array([xb, y_h + dy, z])
+        both(la, hv[key], 6.5 * s, 6.0 * s, Mat.PULM_VEIN_MED, 2.0)
     anat.hila = {"bronchus_r": h_r, "bronchus_l": h_l, "artery_r": ha_r, "artery_l": ha_l, **{f"vein_{k}": v for k, v in hv.items()}}
     anat.med = med.freeze()
 
@@ -700,14 +812,14 @@ def _build_tubes(anat: Anatomy, rng: np.random.Generator, px: float) -> None:
 
     # --- intrapulmonary trees
     r_min = max(0.3, 0.28 * px)
-    n_t = int(np.clip(900.0 * (0.7 / max(px, 0.35)) ** 1.2, 90, 1100))
+    n_t = int(np.clip(1600.0 * (0.7 / max(px, 0.35)), 300, 1800))
     for right, key in ((True, "r"), (False, "l")):
         vol_scale = 1.0 if right else 0.85
         tg = sample_in_lung(anat, rng, int(n_t * vol_scale), right, depth=4.0)
         anat.vessel_targets[key] = tg
-        style = TreeStyle(r_leaf=_u(rng, 0.3, 0.4), gamma=_u(rng, 0.45, 0.52), r_max=r_pa * 0.85, r_min=r_min)
+        style = TreeStyle(r_leaf=_u(rng, 0.28, 0.36), gamma=_u(rng, 0.47, 0.53), r_max=r_pa * 0.6, r_min=r_min)
         nodes = grow_tree(rng, anat.hila[f"artery_{key}"], tg, style)
-        tree_to_tubes(nodes, ts, int(Mat.ARTERY))
+        tree_to_tubes(nodes, ts, int(Mat.ARTERY), rng)
         ref = np.array([0.3 if right else -0.3, 0.8, 0.5])
         anat.airway_lumens[key] = airway_from_tree(nodes, anat.hila[f"bronchus_{key}"], ref, ts, int(Mat.AW_WALL), int(Mat.AW_LUMEN),
                                                    r_min=max(0.9, 0.5 * px), ratio=_u(rng, 0.85, 1.05))
@@ -715,9 +827,9 @@ def _build_tubes(anat: Anatomy, rng: np.random.Generator, px: float) -> None:
         half = len(tv) // 2
         sup, inf = (("rs", "ri") if right else ("ls", "li"))
         order = np.argsort(tv[:, 2])
-        vs = TreeStyle(r_leaf=style.r_leaf, gamma=style.gamma, r_max=6.0 * s, r_min=r_min)
-        tree_to_tubes(grow_tree(rng, anat.hila[f"vein_{inf}"], tv[order[:half]], vs), ts, int(Mat.VEIN))
-        tree_to_tubes(grow_tree(rng, anat.hila[f"vein_{sup}"], tv[order[half:]], vs), ts, int(Mat.VEIN))
+        vs = TreeStyle(r_leaf=style.r_leaf, gamma=style.gamma, r_max=5.0 * s, r_min=r_min)
+        tree_to_tubes(grow_tree(rng, anat.hila[f"vein_{inf}"], tv[order[:half]], vs), ts, int(Mat.VEIN), rng)
+        tree_to_tubes(grow_tree(rng, anat.hila[f"vein_{sup}"], tv[order[half:]], vs), ts, int(Mat.VEIN), rng)
     anat.tubes = ts.freeze()
 
 
@@ -747,7 +859,7 @@ def _ribs(anat: Anatomy, ts: TubeSet, rng: np.random.Generator) -> None:
             pts = np.array([_cage_point(anat, float(t), float(z), off, right) for t, z in zip(thetas, zz)])
             # rib head and neck reach the vertebral body
             p0 = anat.prof(np.array([zk], dtype=F32))
-            head = np.array([(-1.0 if right else 1.0) * (anat.r_vb * 0.9), float(p0.y_vb[0]) + 0.2 * anat.r_vb, zk + 3.0])
+            head = np.array([(-1.0 if right else 1.0) * (anat.r_vb + 1.0), float(p0.y_vb[0]) + 0.55 * anat.r_vb, zk + 3.0])
             pts = np.vstack([head, pts])
             for i in range(len(pts) - 1):
                 ts.add(pts[i], pts[i + 1], r_rib, r_rib, int(Mat.BONE_CORTEX))

@@ -15,7 +15,6 @@ tubes (spheres) rendered at full resolution.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -182,15 +182,19 @@ def _evaluate(tubes: Tubes, grid: Grid, sel: NDArray[np.int64], k0: NDArray[np.i
     return mats[valid], flat[valid], sdf[valid], rad[valid]
 
 
-def stamp(tubes: Tubes, grid: Grid, width: float, outputs: dict[int, NDArray[np.float32]]) -> None:
+def stamp(tubes: Tubes, grid: Grid, width: float, outputs: dict[int, NDArray[np.float32]]) -> dict[int, list[int]]:
     """Max-composite the partial-volume fraction of every segment into ``outputs[material]``.
 
-    ``outputs`` arrays are (len(grid.z), h, w) float32; materials without an array are skipped.
+    ``outputs`` arrays are (len(grid.z), h, w) float32 (several materials may share one array);
+    materials without an array are skipped. Returns per material the touched box
+    [k0, k1, j0, j1, i0, i1] (half-open) so callers can composite only there.
     """
+    boxes: dict[int, list[int]] = {}
     if len(tubes) == 0:
-        return
+        return boxes
     tubes = tubes.select(np.isin(tubes.mat, np.fromiter(outputs.keys(), dtype=np.int16)))
     margin = np.full(len(tubes), width)
+    hw = grid.h * grid.w
     for mats, flat, sdf, _ in _batches(tubes, grid, margin):
         frac = np.clip(0.5 - sdf / width, 0.0, 1.0)
         hit = frac > 0
@@ -199,7 +203,19 @@ def stamp(tubes: Tubes, grid: Grid, width: float, outputs: dict[int, NDArray[np.
         mats, flat, frac = mats[hit], flat[hit], frac[hit]
         for m in np.unique(mats):
             sel = mats == m
-            np.maximum.at(outputs[int(m)].reshape(-1), flat[sel], frac[sel])
+            fl = flat[sel]
+            np.maximum.at(outputs[int(m)].reshape(-1), fl, frac[sel])
+            k = fl // hw
+            rem = fl - k * hw
+            j = rem // grid.w
+            i = rem - j * grid.w
+            box = [int(k.min()), int(k.max()) + 1, int(j.min()), int(j.max()) + 1, int(i.min()), int(i.max()) + 1]
+            old = boxes.get(int(m))
+            if old is not None:
+                box = [min(old[0], box[0]), max(old[1], box[1]), min(old[2], box[2]), max(old[3], box[3]),
+                       min(old[4], box[4]), max(old[5], box[5])]
+            boxes[int(m)] = box
+    return boxes
 
 
 def min_sdf(tubes: Tubes, grid: Grid, margin: float, out: NDArray[np.float32]) -> None:

@@ -59,10 +59,13 @@ def grow_tree(rng: np.random.Generator, root: NDArray[np.float64], targets: NDAr
         end = start + alpha * (c - start)
         nodes.append(Node(end, r, parent, r * 0.93))
         me = len(nodes) - 1
-        centred = pts - c
-        # principal axis of the served targets
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        proj = centred @ vt[0]
+        # split the served targets by direction as seen from the branch end, so that children fan
+        # out radially (as pulmonary vessels do from the hilum) instead of heading for centroids
+        dirs = pts - end
+        dirs /= np.maximum(np.linalg.norm(dirs, axis=1, keepdims=True), 1e-6)
+        dirs -= dirs.mean(axis=0)
+        _, _, vt = np.linalg.svd(dirs, full_matrices=False)
+        proj = dirs @ vt[0]
         q = rng.uniform(0.3, 0.7)
         thr = np.quantile(proj, q)
         a = pts[proj <= thr]
@@ -76,10 +79,30 @@ def grow_tree(rng: np.random.Generator, root: NDArray[np.float64], targets: NDAr
     return nodes
 
 
-def tree_to_tubes(nodes: list[Node], ts: TubeSet, material: int, max_piece: float = 6.0) -> None:
-    """Add each parent->child branch as tapered segments, split so bounding boxes stay tight."""
+def tree_to_tubes(nodes: list[Node], ts: TubeSet, material: int, rng: np.random.Generator | None = None,
+                  bend: float = 0.12, max_piece: float = 6.0) -> None:
+    """Add each parent->child branch as tapered segments along a gently curved path.
+
+    Long branches are split into pieces so bounding boxes stay tight; the bend (a quadratic
+    curve with a random sideways control point, ``bend`` times the length) avoids stick figures.
+    """
     for n in nodes[1:]:
-        _add_split(ts, nodes[n.parent].pos, n.pos, n.radius, n.r_end, material, max_piece)
+        a, b = nodes[n.parent].pos, n.pos
+        length = float(np.linalg.norm(b - a))
+        if rng is None or length < 4.0 * max(n.radius, 1.0):
+            _add_split(ts, a, b, n.radius, n.r_end, material, max_piece)
+            continue
+        d = (b - a) / length
+        side = rng.normal(0.0, 1.0, 3)
+        side -= (side @ d) * d
+        side /= max(float(np.linalg.norm(side)), 1e-6)
+        ctrl = 0.5 * (a + b) + side * bend * length * rng.uniform(0.3, 1.0)
+        k = max(2, int(np.ceil(length / max(max_piece, 4.0 * n.radius))))
+        t = np.linspace(0.0, 1.0, k + 1)[:, None]
+        pts = (1 - t) ** 2 * a + 2 * (1 - t) * t * ctrl + t**2 * b
+        radii = n.radius + t[:, 0] * (n.r_end - n.radius)
+        for i in range(k):
+            ts.add(pts[i], pts[i + 1], radii[i], radii[i + 1], material)
 
 
 def _add_split(ts: TubeSet, a: NDArray[np.float64], b: NDArray[np.float64], ra: float, rb: float, material: int, max_piece: float) -> None:

@@ -9,11 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 SUCCESS = 0x0000
+
+# A path given to send_c_store is sent as the file's bytes after its file meta, unparsed (and so
+# unrepaired): exactly what a broken sender would put on the wire.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,12 @@ def _nodelay(event: evt.Event) -> None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def associate(port: int, files: Iterable[Path] = (), *, calling: str = "PYSCU", called: str = "LUNGNODE") -> Association:
-    """Open an association proposing one context per (SOP class, transfer syntax) of ``files``."""
+def associate(port: int, files: Iterable[Path] = (), *, calling: str = "PYSCU", called: str = "LUNGNODE",
+              source_host: str = "127.0.0.1") -> Association:
+    """Open an association proposing one context per (SOP class, transfer syntax) of ``files``.
+
+    ``source_host`` is the local address to connect from (any 127.x.y.z works on loopback).
+    """
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     pairs = set()
@@ -41,7 +49,8 @@ def associate(port: int, files: Iterable[Path] = (), *, calling: str = "PYSCU", 
     for sop_class, ts in sorted(pairs):
         ae.add_requested_context(sop_class, [ts])
     ae.add_requested_context(Verification)
-    return ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    return ae.associate("127.0.0.1", port, ae_title=called, bind_address=(source_host, 0),
+                        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
 
 
 def send_files(
@@ -52,10 +61,13 @@ def send_files(
     called: str = "LUNGNODE",
     on_sent: Callable[[Sent], None] | None = None,
     abort: bool = False,
+    source_host: str = "127.0.0.1",
 ) -> list[Sent]:
-    """Send ``files`` in one association; returns one Sent per attempted file (stops when the link dies)."""
+    """Send ``files`` in one association; returns one Sent per attempted file (stops when the link dies).
+
+    The association is released at the end (aborted with ``abort=True``)."""
     files = list(files)
-    assoc = associate(port, files, calling=calling, called=called)
+    assoc = associate(port, files, calling=calling, called=called, source_host=source_host)
     assert assoc.is_established, f"association to port {port} not established"
     results: list[Sent] = []
     try:
@@ -84,3 +96,15 @@ def store_status(port: int, path: Path, **kw: object) -> int | None:
     """Send one file in its own association; the C-STORE status (None when no response)."""
     (sent,) = send_files(port, [path], **kw)  # type: ignore[arg-type]
     return sent.status
+
+
+def echo(port: int, *, calling: str = "PYSCU", called: str = "LUNGNODE", source_host: str = "127.0.0.1") -> int | None:
+    """C-ECHO in its own association: the status, or None when the association was not accepted."""
+    assoc = associate(port, calling=calling, called=called, source_host=source_host)
+    if not assoc.is_established:
+        return None
+    try:
+        rsp = assoc.send_c_echo()
+        return int(rsp.Status) if "Status" in rsp else None
+    finally:
+        assoc.release()

@@ -239,7 +239,44 @@ def rewrite_body(src: Path, dst: Path, body: bytes) -> None:
     dst.write_bytes(raw[:off] + body)
 
 
+def rewrite_meta(src: Path, dst: Path, **overrides: str) -> None:
+    """Copy ``src`` with some file meta elements changed (e.g. MediaStorageSOPInstanceUID), body untouched.
+
+    pynetdicom's SCU takes the C-STORE request's UIDs from the file meta, so this makes a request
+    that disagrees with its dataset. (pydicom's save_as would silently "fix" the meta.)
+    """
+    import io
+
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = read_file_meta_info(src)
+    for keyword, value in overrides.items():
+        setattr(meta, keyword, value)
+    buf = io.BytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
+    dst.write_bytes(buf.getvalue() + src.read_bytes()[dataset_offset(src):])
+
+
 def truncate_file(src: Path, dst: Path, *, drop: int) -> None:
     """Copy ``src`` without its last ``drop`` bytes."""
     raw = src.read_bytes()
     dst.write_bytes(raw[: len(raw) - drop])
+
+
+def make_series(outdir: Path, *, slices: int = 40, matrix: int = 128, transfer_syntax: str = "explicit",
+                seed: int = 0) -> SeriesInfo:
+    """The synthetic chest-CT series the integration tests send (one switch point for the generator)."""
+    return write_ct_series(outdir, slices=slices, matrix=matrix, transfer_syntax=transfer_syntax, seed=seed)
+
+
+def add_slice(series: SeriesInfo, outdir: Path, *, index: int, matrix: int) -> SeriesInfo:
+    """One more slice of an existing series (a late instance), written to ``outdir``."""
+    ds = make_ct_dataset(study_uid=series.study_uid, series_uid=series.series_uid, index=index, slices=index + 1,
+                         matrix=matrix)
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / f"IM{index + 1:05d}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return SeriesInfo(outdir, [path], series.study_uid, series.series_uid, [str(ds.SOPInstanceUID)],
+                      ExplicitVRLittleEndian)

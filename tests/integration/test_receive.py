@@ -1,0 +1,260 @@
+"""Receiving over real sockets: a real ``lungnode serve`` subprocess, dcmtk and pynetdicom as peers,
+the real SQLite ledger and spool on disk."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import MRImageStorage, generate_uid
+
+from tests.conftest import NodeFactory
+from tests.helpers.dcmtk import echoscu, storescu
+from tests.helpers.node_proc import NodeProcess
+from tests.helpers.scu import SUCCESS, echo, send_files, store_status
+from tests.helpers.series import (
+    TRANSFER_SYNTAXES,
+    SeriesInfo,
+    add_slice,
+    make_series,
+    rewrite_body,
+    rewrite_meta,
+    truncate_file,
+    write_ct_series,
+    write_mr_image,
+    write_secondary_capture,
+)
+
+pytestmark = pytest.mark.usefixtures("require_dcmtk")
+
+
+def assert_stored(node: NodeProcess, series: SeriesInfo) -> None:
+    """Every instance of ``series`` is in the spool (readable, right UIDs) and has its row."""
+    rows = {r["sop_instance_uid"]: r for r in node.instances(series.series_uid)}
+    assert set(rows) == set(series.sop_uids)
+    files = node.spool_files(series.series_uid)
+    assert {p.stem for p in files} == set(series.sop_uids)
+    for sop in series.sop_uids:
+        path = node.spool_path(series.series_uid, sop)
+        assert rows[sop]["path"] == str(path)
+        assert rows[sop]["size_bytes"] == path.stat().st_size
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert (ds.SOPInstanceUID, ds.SeriesInstanceUID) == (sop, series.series_uid)
+    assert node.incoming_files() == []
+
+
+def status_series(node: NodeProcess, series_uid: str) -> dict:
+    data = node.status()
+    matches = [s for s in data["series"] if s["series_instance_uid"] == series_uid]
+    assert len(matches) == 1, data
+    return matches[0]
+
+
+# -- C-ECHO ----------------------------------------------------------------------------------------
+def test_echoscu(node: NodeProcess) -> None:
+    proc = echoscu(node.port)
+    assert proc.returncode == 0, proc.stderr
+    node.wait_for_log(r"event=association_released")
+    assert "calling_ae=ECHOSCU" in node.log
+    assert node.query("SELECT calling_ae, state FROM associations")[0][:] == ("ECHOSCU", "released")
+
+
+def test_wrong_called_ae_title_is_rejected(node: NodeProcess) -> None:
+    proc = echoscu(node.port, called="SOMEONE_ELSE")
+    assert proc.returncode != 0
+    assert "Association Rejected" in proc.stderr or "rejected" in proc.stderr.lower()
+    assert node.count("associations") == 0
+
+
+# -- one series, uncompressed ----------------------------------------------------------------------
+def test_series_complete_after_release_with_one_job(node_factory: NodeFactory, tmp_path: Path) -> None:
+    # a quiet period far longer than the test: completion can only come from the release rule
+    node = node_factory(settings={"assembly": {"quiet_period_s": 120, "release_grace_s": 0.5}})
+    series = make_series(tmp_path / "ct", slices=40, matrix=128)
+    proc = storescu(node.port, series.folder)
+    assert proc.returncode == 0, proc.stderr
+    row = node.wait_complete(series.series_uid, timeout=15)
+    assert (row["revision"], row["instance_count"], row["origin"]) == (1, 40, "modality")
+    assert_stored(node, series)
+    assert [(j["revision"], j["state"]) for j in node.jobs(series.series_uid)] == [(1, "queued")]
+    st = status_series(node, series.series_uid)
+    assert (st["state"], st["revision"], st["instances"], st["origin"]) == ("complete", 1, 40, "modality")
+    assert [j["revision"] for j in st["jobs"]] == [1]
+    assert node.status()["counts"]["open_associations"] == 0
+    assert len(re.findall(r"event=series_complete", node.log)) == 1
+
+
+@pytest.mark.parametrize("ts", ["implicit", "rle", "jpeg-ls", "jpeg2000", "jpeg-lossless"])
+def test_series_in_each_transfer_syntax_is_stored_as_sent(node: NodeProcess, tmp_path: Path, ts: str) -> None:
+    series = make_series(tmp_path / ts, slices=12, matrix=128, transfer_syntax=ts)
+    uid = TRANSFER_SYNTAXES[ts]
+    proc = storescu(node.port, series.folder, transfer_syntax=uid)
+    assert proc.returncode == 0, proc.stderr
+    node.wait_complete(series.series_uid)
+    assert_stored(node, series)
+    assert {r["transfer_syntax_uid"] for r in node.instances(series.series_uid)} == {uid}
+    assert len(node.jobs(series.series_uid)) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in (0, len(series) // 2, len(series) - 1):
+            sent = pydicom.dcmread(series.files[i])
+            stored = pydicom.dcmread(node.spool_path(series.series_uid, series.sop_uids[i]))
+            assert stored.file_meta.TransferSyntaxUID == uid
+            assert np.array_equal(stored.pixel_array, sent.pixel_array)
+
+
+# -- who may associate ------------------------------------------------------------------------------
+def test_allow_list_rejects_unknown_callers_and_wrong_hosts(node_factory: NodeFactory, tmp_path: Path) -> None:
+    node = node_factory(settings={"dicom": {"allowed_callers": [
+        {"ae_title": "PACS"},
+        {"ae_title": "CT1", "host": "127.0.0.2"},
+    ]}})
+    series = make_series(tmp_path / "ct", slices=2, matrix=32)
+
+    assert echoscu(node.port, calling="PACS").returncode == 0
+    assert echoscu(node.port, calling="INTRUDER").returncode != 0
+    refused = storescu(node.port, series.folder, calling="INTRUDER")
+    assert refused.returncode != 0
+    node.wait_for_log(r"event=association_rejected calling_ae=INTRUDER")
+    # CT1 is allowed only from 127.0.0.2: from 127.0.0.1 it is refused
+    assert echoscu(node.port, calling="CT1").returncode != 0
+    node.wait_for_log(r"event=association_rejected calling_ae=CT1 host=127.0.0.1")
+    assert echo(node.port, calling="CT1", source_host="127.0.0.1") is None
+    assert echo(node.port, calling="CT1", source_host="127.0.0.2") == SUCCESS
+    sent = send_files(node.port, series.files, calling="CT1", source_host="127.0.0.2")
+    assert [s.status for s in sent] == [SUCCESS, SUCCESS]
+
+    assert len(re.findall(r"event=association_rejected", node.log)) >= 4
+    callers = {(r["calling_ae"], r["peer_host"]) for r in node.query("SELECT calling_ae, peer_host FROM associations")}
+    assert callers == {("PACS", "127.0.0.1"), ("CT1", "127.0.0.2")}
+    assert len(node.instances(series.series_uid)) == 2
+
+
+# -- bad datasets --------------------------------------------------------------------------------------
+def test_garbled_and_truncated_datasets_fail_and_the_node_keeps_serving(node: NodeProcess, tmp_path: Path) -> None:
+    series = make_series(tmp_path / "ct", slices=4, matrix=64)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    garbled = bad / "garbled.dcm"
+    rewrite_body(series.files[1], garbled, np.random.default_rng(7).bytes(5000))
+    truncated = bad / "truncated.dcm"
+    truncate_file(series.files[2], truncated, drop=1000)
+    sent = send_files(node.port, [series.files[0], garbled, truncated, series.files[3]])
+    statuses = [s.status for s in sent]
+    assert statuses[0] == SUCCESS and statuses[3] == SUCCESS, [hex(s or 0) for s in statuses]
+    assert statuses[1] is not None and 0xC000 <= statuses[1] <= 0xCFFF, statuses
+    assert statuses[2] == 0xC223, statuses
+    # a new association works too, and the refused SOP Instance UIDs can still be sent intact
+    assert store_status(node.port, series.files[1]) == SUCCESS
+    assert store_status(node.port, series.files[2]) == SUCCESS
+    assert_stored(node, series)
+    assert len(re.findall(r"event=store_refused", node.log)) == 2
+
+
+def test_request_uids_differing_from_the_dataset_are_refused(node: NodeProcess, tmp_path: Path) -> None:
+    """The C-STORE request (pynetdicom takes it from the file meta) names another instance or class."""
+    series = make_series(tmp_path / "ct", slices=2, matrix=32)
+    other_instance = tmp_path / "other-instance.dcm"
+    rewrite_meta(series.files[0], other_instance, MediaStorageSOPInstanceUID=generate_uid())
+    other_class = tmp_path / "other-class.dcm"
+    rewrite_meta(series.files[1], other_class, MediaStorageSOPClassUID=MRImageStorage)
+    assert store_status(node.port, other_instance) == 0xC222
+    assert store_status(node.port, other_class) == 0xA900
+    assert node.count("instances") == 0
+    assert node.spool_files() == []
+    assert node.incoming_files() == []
+
+
+# -- idempotence and revisions -----------------------------------------------------------------------
+def test_resending_the_whole_series_changes_nothing(node: NodeProcess, tmp_path: Path) -> None:
+    series = make_series(tmp_path / "ct", slices=20, matrix=64)
+    assert storescu(node.port, series.folder).returncode == 0
+    node.wait_complete(series.series_uid)
+    before = node.status()
+    mtimes = {p: p.stat().st_mtime_ns for p in node.spool_files()}
+
+    proc = storescu(node.port, series.folder)
+    assert proc.returncode == 0, proc.stderr
+    node.wait_for_log(r"(?s)(event=association_released.*){2}")
+    after = node.status()
+    assert after["counts"] == before["counts"]
+    assert after["series"] == before["series"]  # same state, revision 1, 20 instances, one job
+    assert {p: p.stat().st_mtime_ns for p in node.spool_files()} == mtimes
+    assert node.count("instances") == 20
+    assert len(re.findall(r"event=store_duplicate", node.log)) == 20
+    row = node.series(series.series_uid)
+    assert row is not None and (row["state"], row["revision"]) == ("complete", 1)
+
+
+def test_late_instance_opens_revision_two_and_a_second_job(node: NodeProcess, tmp_path: Path) -> None:
+    series = make_series(tmp_path / "ct", slices=10, matrix=64)
+    assert storescu(node.port, series.folder).returncode == 0
+    node.wait_complete(series.series_uid, revision=1)
+    late = add_slice(series, tmp_path / "late", index=10, matrix=64)
+    assert store_status(node.port, late.files[0]) == SUCCESS
+    row = node.wait_complete(series.series_uid, revision=2)
+    assert row["instance_count"] == 11
+    assert [(j["revision"], j["state"]) for j in node.jobs(series.series_uid)] == [(1, "queued"), (2, "queued")]
+    revisions = [r["revision"] for r in node.instances(series.series_uid)]
+    assert revisions.count(1) == 10 and revisions.count(2) == 1
+    st = status_series(node, series.series_uid)
+    assert (st["revision"], st["instances"], len(st["jobs"])) == (2, 11, 2)
+
+
+# -- what is stored but never analysed -----------------------------------------------------------------
+def test_own_output_is_stored_without_a_job(node: NodeProcess, tmp_path: Path) -> None:
+    key_image = write_secondary_capture(tmp_path / "own" / "key.dcm", manufacturer="lungnode")
+    own_ct = write_ct_series(tmp_path / "own-ct", slices=2, matrix=32, manufacturer="lungnode")
+    assert [s.status for s in send_files(node.port, [key_image.files[0], *own_ct.files])] == [SUCCESS] * 3
+    for series in (key_image, own_ct):
+        row = node.wait_complete(series.series_uid)
+        assert row["origin"] == "own_output"
+        assert node.jobs(series.series_uid) == []
+        assert_stored(node, series)
+    assert node.status()["counts"]["jobs"] == {}
+
+
+def test_non_ct_storage_class_is_stored_without_a_job(node: NodeProcess, tmp_path: Path) -> None:
+    mr = write_mr_image(tmp_path / "mr" / "mr.dcm")
+    sc = write_secondary_capture(tmp_path / "sc" / "sc.dcm", manufacturer="OTHERVENDOR")
+    assert store_status(node.port, mr.files[0]) == SUCCESS
+    assert store_status(node.port, sc.files[0]) == SUCCESS
+    for series in (mr, sc):
+        row = node.wait_complete(series.series_uid)
+        assert row["origin"] == "other"
+        assert node.jobs(series.series_uid) == []
+        assert_stored(node, series)
+    assert node.status()["counts"]["jobs"] == {}
+
+
+# -- out of disk -------------------------------------------------------------------------------------------
+def test_out_of_disk_answers_a700_and_records_nothing(node_factory: NodeFactory, tmp_path: Path) -> None:
+    node = node_factory(settings={"storage": {"min_free_disk_mb": 10**9}})
+    series = make_series(tmp_path / "ct", slices=3, matrix=32)
+    sent = send_files(node.port, series.files)
+    assert [s.status for s in sent] == [0xA700] * 3
+    proc = storescu(node.port, series.folder)
+    assert "0xa700" in (proc.stdout + proc.stderr).lower() or proc.returncode != 0, proc.stderr
+    assert node.count("instances") == 0
+    assert node.count("series") == 0
+    assert node.spool_files() == []
+    assert node.incoming_files() == []
+    assert "status=0xA700" in node.log
+
+
+# -- real CT ----------------------------------------------------------------------------------------------
+def test_real_lidc_series(node: NodeProcess, lidc_0001: Path) -> None:
+    files = sorted(lidc_0001.rglob("*.dcm"))
+    assert len(files) == 133
+    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    proc = storescu(node.port, lidc_0001)  # a folder: +sd +r +sp '*.dcm' (it also holds an XML file)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = node.wait_complete(series_uid, timeout=30)
+    assert (row["instance_count"], row["origin"], row["modality"]) == (133, "modality", "CT")
+    assert len(node.spool_files(series_uid)) == 133
+    assert [j["revision"] for j in node.jobs(series_uid)] == [1]
+    assert node.incoming_files() == []
