@@ -801,7 +801,7 @@ def _build_tubes(anat: Anatomy, rng: np.random.Generator, px: float) -> None:
     hv = {}
     for key, right, dz, dy in (("rs", True, -18.0, -14.0), ("ri", True, -48.0, 6.0), ("ls", False, -14.0, -12.0), ("li", False, -44.0, 8.0)):
         z = (z_hr if right else z_hl) + dz
-        xb = -xh + 4.0 if right else xh - 4.0
+        xb = la[0] - 30.0 if right else la[0] + 26.0
         hv[key] = np.array([xb, y_h + dy, z])
         both(la, hv[key], 6.5 * s, 6.0 * s, Mat.PULM_VEIN_MED, 2.0)
     anat.hila = {"bronchus_r": h_r, "bronchus_l": h_l, "artery_r": ha_r, "artery_l": ha_l, **{f"vein_{k}": v for k, v in hv.items()}}
@@ -812,12 +812,12 @@ def _build_tubes(anat: Anatomy, rng: np.random.Generator, px: float) -> None:
 
     # --- intrapulmonary trees
     r_min = max(0.3, 0.28 * px)
-    n_t = int(np.clip(1600.0 * (0.7 / max(px, 0.35)), 300, 1800))
+    n_t = int(np.clip(2200.0 * (0.7 / max(px, 0.35)), 300, 2400))
     for right, key in ((True, "r"), (False, "l")):
         vol_scale = 1.0 if right else 0.85
         tg = sample_in_lung(anat, rng, int(n_t * vol_scale), right, depth=4.0)
         anat.vessel_targets[key] = tg
-        style = TreeStyle(r_leaf=_u(rng, 0.28, 0.36), gamma=_u(rng, 0.47, 0.53), r_max=r_pa * 0.6, r_min=r_min)
+        style = TreeStyle(r_leaf=_u(rng, 0.36, 0.44), gamma=_u(rng, 0.43, 0.48), r_max=r_pa * 0.55, r_min=r_min)
         nodes = grow_tree(rng, anat.hila[f"artery_{key}"], tg, style)
         tree_to_tubes(nodes, ts, int(Mat.ARTERY), rng)
         ref = np.array([0.3 if right else -0.3, 0.8, 0.5])

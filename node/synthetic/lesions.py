@@ -383,4 +383,3 @@ def _emphysema(rng: np.random.Generator, anat: Anatomy, ts: TubeSet) -> None:
                     continue
                 r = float(rng.uniform(4.0, 11.0))
                 ts.add(c, c + rng.normal(0, 1.0, 3), r, r, int(Mat.EMPH))
-    _ = math.pi

@@ -1,0 +1,333 @@
+"""A CT series as a HU volume with its geometry, after the checks that make it safe to analyse.
+
+Slices are ordered by their position along the slice normal (never by InstanceNumber) and the
+volume is brought to one canonical orientation, whatever the patient position:
+
+    axis 0 (z): inferior -> superior     axis 1 (y): anterior -> posterior     axis 2 (x): right -> left
+
+which is the usual radiological view of an axial slice (patient's right on the image's left). Only
+flips are needed for axial series; ``Volume.to_source`` undoes them so masks can be written back
+frame by frame against the source images.
+
+Problems with the geometry or the pixel values raise SeriesRefused with a human-readable reason;
+milder ones are recorded as QA flags on the volume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from node.errors import LungnodeError
+
+Severity = Literal["refuse", "flag"]
+
+#: Two slice positions closer than this (mm) are the same position.
+DUPLICATE_TOLERANCE_MM = 0.01
+#: Relative deviation of a slice gap from the median gap still counted as uniform.
+SPACING_TOLERANCE = 0.10
+#: Cosine tolerance for "the same orientation" between slices.
+ORIENTATION_TOLERANCE = 1e-3
+AIR_HU = -1024
+
+
+@dataclass(frozen=True)
+class QAFlag:
+    """One finding about a series: ``refuse`` stops analysis, ``flag`` is reported with the results."""
+
+    code: str
+    severity: Severity
+    reason: str
+
+
+class SeriesRefused(LungnodeError):
+    """The series cannot be analysed; ``flag.reason`` says why in words a radiologist understands."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.flag = QAFlag(code, "refuse", reason)
+
+
+@dataclass(frozen=True)
+class SourceFrame:
+    """The source image of one canonical slice: an instance, and its frame for multi-frame objects."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    frame_number: int | None  # 1-based, Enhanced CT only
+
+
+@dataclass
+class Volume:
+    hu: np.ndarray  # int16, (z, y, x) canonical orientation
+    spacing_mm: tuple[float, float, float]  # (z, y, x)
+    origin_lps: np.ndarray  # position of voxel (0, 0, 0), mm
+    axes_lps: np.ndarray  # 3x3, rows: unit vectors of canonical x, y, z in patient space
+    frames: list[SourceFrame]  # source of each canonical z
+    flip_rows: bool  # source image rows run opposite to canonical y
+    flip_cols: bool  # source image columns run opposite to canonical x
+    reference: Dataset  # header of one source image (patient/study modules for outputs)
+    qa: list[QAFlag] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = self.hu.shape
+        return int(z), int(y), int(x)
+
+    @property
+    def voxel_ml(self) -> float:
+        dz, dy, dx = self.spacing_mm
+        return dz * dy * dx / 1000.0
+
+    def to_source(self, mask: np.ndarray) -> list[tuple[SourceFrame, np.ndarray]]:
+        """Split a canonical (z, y, x) mask into per-source-frame 2D arrays in source pixel order."""
+        out = []
+        for z, frame in enumerate(self.frames):
+            plane = mask[z]
+            if self.flip_rows:
+                plane = plane[::-1, :]
+            if self.flip_cols:
+                plane = plane[:, ::-1]
+            out.append((frame, np.ascontiguousarray(plane)))
+        return out
+
+
+@dataclass
+class _Plane:
+    """One source image plane before sorting."""
+
+    ds: Dataset
+    frame_number: int | None
+    position: np.ndarray
+    row_dir: np.ndarray  # direction of increasing column index (IOP first triplet)
+    col_dir: np.ndarray  # direction of increasing row index (IOP second triplet)
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing)
+    rows: int
+    cols: int
+    slope: float
+    intercept: float
+
+
+def _floats(value: Sequence[object] | None, n: int, what: str) -> np.ndarray:
+    if value is None or len(value) != n:
+        raise SeriesRefused("geometry_missing", f"images lack {what}: the slice geometry is unknown")
+    return np.array([float(v) for v in value], dtype=np.float64)  # type: ignore[arg-type]
+
+
+def _planes_classic(ds: Dataset) -> list[_Plane]:
+    return [
+        _Plane(
+            ds=ds,
+            frame_number=None,
+            position=_floats(ds.get("ImagePositionPatient"), 3, "Image Position (Patient)"),
+            row_dir=_floats(ds.get("ImageOrientationPatient"), 6, "Image Orientation (Patient)")[:3],
+            col_dir=_floats(ds.get("ImageOrientationPatient"), 6, "Image Orientation (Patient)")[3:],
+            pixel_spacing=tuple(_floats(ds.get("PixelSpacing"), 2, "Pixel Spacing")),  # type: ignore[arg-type]
+            rows=int(ds.Rows),
+            cols=int(ds.Columns),
+            slope=float(ds.get("RescaleSlope", 1) or 1),
+            intercept=float(ds.get("RescaleIntercept", 0) or 0),
+        )
+    ]
+
+
+def _group(fg: Dataset | None, shared: Dataset | None, seq: str) -> Dataset | None:
+    for source in (fg, shared):
+        if source is not None and seq in source and len(source[seq].value) > 0:
+            return source[seq].value[0]
+    return None
+
+
+def _planes_enhanced(ds: Dataset) -> list[_Plane]:
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame:
+        raise SeriesRefused("geometry_missing", "multi-frame image without per-frame functional groups")
+    planes = []
+    for i, fg in enumerate(per_frame):
+        pos = _group(fg, shared, "PlanePositionSequence")
+        ori = _group(fg, shared, "PlaneOrientationSequence")
+        meas = _group(fg, shared, "PixelMeasuresSequence")
+        trans = _group(fg, shared, "PixelValueTransformationSequence")
+        if pos is None or ori is None or meas is None:
+            raise SeriesRefused("geometry_missing", f"frame {i + 1} lacks plane position, orientation or pixel spacing")
+        iop = _floats(ori.get("ImageOrientationPatient"), 6, "Image Orientation (Patient)")
+        planes.append(
+            _Plane(
+                ds=ds,
+                frame_number=i + 1,
+                position=_floats(pos.get("ImagePositionPatient"), 3, "Image Position (Patient)"),
+                row_dir=iop[:3],
+                col_dir=iop[3:],
+                pixel_spacing=tuple(_floats(meas.get("PixelSpacing"), 2, "Pixel Spacing")),  # type: ignore[arg-type]
+                rows=int(ds.Rows),
+                cols=int(ds.Columns),
+                slope=float(trans.get("RescaleSlope", 1)) if trans is not None else 1.0,
+                intercept=float(trans.get("RescaleIntercept", 0)) if trans is not None else 0.0,
+            )
+        )
+    return planes
+
+
+def read_planes(paths: Sequence[Path]) -> list[_Plane]:
+    """Headers of every image plane in the files (multi-frame files give one plane per frame)."""
+    planes: list[_Plane] = []
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+            planes.extend(_planes_enhanced(ds))
+        else:
+            planes.extend(_planes_classic(ds))
+    if not planes:
+        raise SeriesRefused("empty", "the series has no images")
+    return planes
+
+
+def _check_geometry(planes: list[_Plane]) -> tuple[list[_Plane], np.ndarray, float, list[QAFlag]]:
+    """Sort along the normal and check the stack; returns (sorted planes, normal, slice gap, flags)."""
+    flags: list[QAFlag] = []
+    first = planes[0]
+    sizes = {(p.rows, p.cols) for p in planes}
+    if len(sizes) > 1:
+        raise SeriesRefused("mixed_matrix", f"images of different sizes in one series: {sorted(sizes)}")
+    spacings = {tuple(round(v, 4) for v in p.pixel_spacing) for p in planes}
+    if len(spacings) > 1:
+        raise SeriesRefused("mixed_pixel_spacing", f"images with different pixel spacing in one series: {sorted(spacings)}")
+    for p in planes:
+        if (abs(np.dot(p.row_dir, first.row_dir) - 1) > ORIENTATION_TOLERANCE
+                or abs(np.dot(p.col_dir, first.col_dir) - 1) > ORIENTATION_TOLERANCE):
+            raise SeriesRefused("mixed_orientation", "images with different orientations in one series")
+    row_dir = first.row_dir / np.linalg.norm(first.row_dir)
+    col_dir = first.col_dir / np.linalg.norm(first.col_dir)
+    normal = np.cross(row_dir, col_dir)
+    if len(planes) < 2:
+        raise SeriesRefused("too_few_slices", "a single image is not a volume")
+
+    ordered = sorted(planes, key=lambda p: float(np.dot(p.position, normal)))
+    along = np.array([float(np.dot(p.position, normal)) for p in ordered])
+    gaps = np.diff(along)
+    duplicates = int(np.sum(gaps < DUPLICATE_TOLERANCE_MM))
+    if duplicates:
+        raise SeriesRefused(
+            "duplicate_positions",
+            f"{duplicates} slice position(s) occur twice: the series mixes several acquisitions or phases",
+        )
+    gap = float(np.median(gaps))
+    # Tilt: consecutive positions must move along the normal, not sideways (sheared stack).
+    steps = np.diff(np.array([p.position for p in ordered]), axis=0)
+    sideways = steps - np.outer(steps @ normal, normal)
+    shear = float(np.max(np.linalg.norm(sideways, axis=1)))
+    if shear > 0.05 * gap + 0.01:
+        tilt = float(np.degrees(np.arctan2(shear, gap)))
+        raise SeriesRefused("gantry_tilt", f"gantry tilt of about {tilt:.1f} degrees (sheared slices) is not supported")
+    off = np.abs(gaps - gap) > SPACING_TOLERANCE * gap
+    if np.any(off):
+        multiples = gaps[off] / gap
+        if np.all(np.abs(multiples - np.round(multiples)) < SPACING_TOLERANCE) and np.all(multiples > 1.5):
+            missing = int(np.sum(np.round(multiples) - 1))
+            raise SeriesRefused(
+                "missing_slices",
+                f"{missing} slice(s) missing in {int(np.sum(off))} gap(s) of the stack (slice gap {gap:.2f} mm): "
+                f"re-send the complete series",
+            )
+        raise SeriesRefused(
+            "non_uniform_spacing",
+            f"slice spacing is not uniform ({float(gaps.min()):.2f} to {float(gaps.max()):.2f} mm)",
+        )
+    thickness = first.ds.get("SliceThickness")
+    if thickness is not None and float(thickness) > 0 and float(thickness) < gap * 0.5:
+        flags.append(QAFlag("slice_gap", "flag", f"slices of {float(thickness):.2f} mm are {gap:.2f} mm apart (gaps between slices)"))
+    return ordered, normal, gap, flags
+
+
+def _frame_pixels(ds: Dataset, cache: dict[int, np.ndarray], frame_number: int | None) -> np.ndarray:
+    key = id(ds)
+    if key not in cache:
+        cache[key] = ds.pixel_array
+    arr = cache[key]
+    return arr if frame_number is None else arr[frame_number - 1]
+
+
+def _to_hu(raw: np.ndarray, plane: _Plane) -> np.ndarray:
+    ds = plane.ds
+    hu = raw.astype(np.float32) * plane.slope + plane.intercept
+    padding = ds.get("PixelPaddingValue")
+    if padding is not None:
+        limit = ds.get("PixelPaddingRangeLimit")
+        lo, hi = sorted((int(padding), int(limit if limit is not None else padding)))
+        hu[(raw >= lo) & (raw <= hi)] = AIR_HU
+    np.clip(hu, AIR_HU, 32767, out=hu)  # outside-FOV values (-2000, -3024) become air
+    return np.rint(hu).astype(np.int16)
+
+
+def _check_hu(hu: np.ndarray) -> list[QAFlag]:
+    sample = hu[:: max(1, hu.shape[0] // 16), ::4, ::4]
+    low = float(np.percentile(sample, 1))
+    high = float(np.percentile(sample, 99.5))
+    if low > -800:
+        raise SeriesRefused(
+            "not_hu", f"no air in the images (1st percentile {low:.0f}): the values do not look like Hounsfield units"
+        )
+    flags = []
+    if high < 0:
+        flags.append(QAFlag("hu_range", "flag", f"no soft tissue or bone values (99.5th percentile {high:.0f} HU)"))
+    return flags
+
+
+def load_volume(paths: Sequence[Path]) -> Volume:
+    """Read a series (classic or Enhanced CT) into a checked canonical HU volume."""
+    ordered, normal, gap, flags = _check_geometry(read_planes(paths))
+    first = ordered[0]
+    row_dir = first.row_dir / np.linalg.norm(first.row_dir)
+    col_dir = first.col_dir / np.linalg.norm(first.col_dir)
+    # Canonical axes in LPS: x toward patient left (+L), y toward posterior (+P), z toward head (+S).
+    flip_cols = bool(row_dir[0] < 0)
+    flip_rows = bool(col_dir[1] < 0)
+    if normal[2] < 0:
+        ordered = ordered[::-1]
+    rows, cols = first.rows, first.cols
+    hu = np.empty((len(ordered), rows, cols), dtype=np.int16)
+    cache: dict[int, np.ndarray] = {}
+    datasets: dict[int, Dataset] = {}
+    for z, plane in enumerate(ordered):
+        if id(plane.ds) not in datasets:
+            datasets[id(plane.ds)] = pydicom.dcmread(plane.ds.filename) if plane.ds.filename else plane.ds
+        full = datasets[id(plane.ds)]
+        img = _to_hu(_frame_pixels(full, cache, plane.frame_number), plane)
+        if flip_rows:
+            img = img[::-1, :]
+        if flip_cols:
+            img = img[:, ::-1]
+        hu[z] = img
+    flags += _check_hu(hu)
+
+    x_axis = -row_dir if flip_cols else row_dir
+    y_axis = -col_dir if flip_rows else col_dir
+    z_axis = normal if normal[2] >= 0 else -normal
+    # Voxel (0,0,0) is at the corner of the lowest slice that the flips brought to index 0.
+    base = ordered[0].position.copy()
+    row_sp, col_sp = first.pixel_spacing
+    if flip_cols:
+        base = base + row_dir * col_sp * (cols - 1)
+    if flip_rows:
+        base = base + col_dir * row_sp * (rows - 1)
+    frames = [
+        SourceFrame(str(p.ds.SOPInstanceUID), str(p.ds.SOPClassUID), p.frame_number) for p in ordered
+    ]
+    return Volume(
+        hu=hu,
+        spacing_mm=(gap, float(row_sp), float(col_sp)),
+        origin_lps=base,
+        axes_lps=np.stack([x_axis, y_axis, z_axis]),
+        frames=frames,
+        flip_rows=flip_rows,
+        flip_cols=flip_cols,
+        reference=first.ds,
+        qa=flags,
+    )
