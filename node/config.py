@@ -94,6 +94,51 @@ class AssemblySettings(Strict):
     poll_interval_s: float = Field(default=0.5, gt=0)
 
 
+class PatternRule(Strict):
+    """Regular expressions (Python syntax, searched anywhere in the value)."""
+
+    include: list[str] = Field(default_factory=list, description="when set, the value must match one")
+    exclude: list[str] = Field(default_factory=list, description="the value must match none")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {p!r}: {exc}") from exc
+        return patterns
+
+
+class Range(Strict):
+    min: float = Field(ge=0)
+    max: float = Field(gt=0)
+
+
+class SelectionSettings(Strict):
+    """Which series of a study are analysed (header rules), and which one wins."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    image_type_required: list[str] = Field(default_factory=lambda: ["ORIGINAL", "PRIMARY"])
+    axial_tolerance_deg: float = Field(default=10.0, ge=0, le=45)
+    slice_thickness_mm: Range = Field(default_factory=lambda: Range(min=0.5, max=5.0))
+    min_slices: int = Field(default=40, ge=2)
+    series_description: PatternRule = Field(
+        default_factory=lambda: PatternRule(
+            exclude=[r"(?i)scout|topogram|localizer|surview|dose|mip|minip|\bcor(onal)?\b|\bsag(ittal)?\b|\b3d\b|report"]
+        )
+    )
+    body_part: PatternRule = Field(
+        default_factory=lambda: PatternRule(exclude=[r"(?i)^(head|brain|neck|abdomen|pelvis|extremity|knee|ankle|foot|hand)$"])
+    )
+    convolution_kernel: PatternRule = Field(default_factory=PatternRule)
+    prefer_kernel: list[str] = Field(
+        default_factory=lambda: [r"(?i)lung|^b[67]\d|^br6|^bl\d|^i70|^fc(5[0-9]|8[0-9])|^y[a-d]$|^l$|sharp"],
+        description="kernels preferred when a study has several candidate series (lung/sharp kernels)",
+    )
+
+
 class Destination(Strict):
     """A DICOM node results are sent to (used by the sender)."""
 
@@ -120,6 +165,7 @@ class Config(Strict):
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
     destinations: list[Destination] = Field(default_factory=list)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

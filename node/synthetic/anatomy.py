@@ -184,7 +184,16 @@ class Anatomy:
         fp = F32(1.5 * top) * np.sqrt(t) + F32(10.0) * (s > 1.0)
         gx = fp * 2.0 * sx / F32(rx)
         gy = fp * 2.0 * ga * sy / ry
-        return zd.astype(F32), np.sqrt(gx * gx + gy * gy).astype(F32)
+        # central tendon: a plateau under the heart, so no lung lies between the domes and the heart
+        zc = F32(0.92 * min(self.z_top_r, self.z_top_l))
+        px_ = (X - F32(0.06 * self.A)) / F32(0.34 * self.A)
+        py_ = (Y + F32(0.15 * self.Ba)) / F32(0.75 * self.Ba)
+        pc = np.clip(1.0 - px_ * px_ - py_ * py_, 0.0, None)
+        zp = zc * np.sqrt(pc)
+        use = zp > zd
+        gp = zc / np.maximum(np.sqrt(pc), F32(0.05)) * np.sqrt((px_ / F32(0.34 * self.A)) ** 2 + (py_ / F32(0.75 * self.Ba)) ** 2)
+        g = np.sqrt(gx * gx + gy * gy)
+        return np.where(use, zp, zd).astype(F32), np.where(use, gp, g).astype(F32)
 
     def fissure(self, Y: Arr, Z: Arr, p: Prof) -> Arr:
         """In-plane signed distance to the oblique fissure (negative on the lower-lobe side)."""

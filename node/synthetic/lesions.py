@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from ._fields import NoiseField, lerp_, smoothstep, soft
 from .anatomy import Anatomy, Mat, lung_point_sdf, sample_in_lung
 from .tubes import Grid, Tubes, TubeSet
+from .vessels import TreeStyle, grow_tree, tree_to_tubes
 
 F32 = np.float32
 Arr = NDArray[np.float32]
@@ -64,6 +65,7 @@ class Atelectasis:
     thickness: float
     hu: float
     z_top: float
+    y_from: float  # Y (mm) where the posterior weighting starts
 
 
 @dataclass
@@ -109,10 +111,12 @@ class LesionModel:
             a = self.atelectasis
             Y = (g.y0 + np.arange(g.h) * g.px).astype(F32).reshape(1, g.h, 1)
             Z = g.z.astype(F32).reshape(-1, 1, 1)
-            post = smoothstep(25.0, 55.0, Y)
-            low = 1.0 - smoothstep(a.z_top - 20.0, a.z_top, Z)
+            post = smoothstep(a.y_from, a.y_from + 45.0, Y)
+            low = 1.0 - smoothstep(a.z_top - 25.0, a.z_top, Z)
+            X = (g.x0 + np.arange(g.w) * g.px).astype(F32).reshape(1, 1, g.w)
+            thick = F32(a.thickness) * np.clip(1.0 + 0.8 * self.shape_noise.grid(g.z, Y.ravel(), X.ravel()), 0.2, 2.0)
             for key in ("sdf_r", "sdf_l"):
-                band = soft(-(f[key] + F32(a.thickness)), 2.0) * post * low
+                band = soft(-(f[key] + thick), 2.0) * post * low
                 lerp_(paren, F32(a.hu), band)
         ggo = np.zeros(shape, dtype=F32)
         cons = np.zeros(shape, dtype=F32)
@@ -234,7 +238,7 @@ def sample_lesions(rng: np.random.Generator, anat: Anatomy, kind: str, variant: 
         if variant == "bronchopneumonia":
             blobs = _broncho(rng, anat, ts, hu)
         else:
-            blobs = _lobar(rng, anat, variant, severity, hu)
+            blobs = _lobar(rng, anat, variant, severity, hu, ts)
     # confounders: the point of "normal" is to not be empty, but every kind may carry them
     conf: list[str] = []
     p_nod, p_emph, p_atel = 0.2, 0.15, 0.2
@@ -250,7 +254,8 @@ def sample_lesions(rng: np.random.Generator, anat: Anatomy, kind: str, variant: 
         conf.append("emphysema")
     atel = None
     if rng.random() < p_atel:
-        atel = Atelectasis(float(rng.uniform(3.0, 10.0)), float(rng.uniform(-380, -60)), float(anat.L * rng.uniform(0.25, 0.45)))
+        atel = Atelectasis(float(rng.uniform(2.0, 7.0)), float(rng.uniform(-450, -150)), float(anat.L * rng.uniform(0.2, 0.4)),
+                           float(anat.Bp * rng.uniform(0.2, 0.45)))
         conf.append("atelectasis")
     return LesionModel(
         kind=kind, variant=variant, blobs=blobs, tubes=ts.freeze(), hu=hu, atelectasis=atel, confounders=conf,
@@ -285,7 +290,8 @@ def _covid(rng: np.random.Generator, anat: Anatomy, variant: str, severity: floa
     return blobs
 
 
-def _lobar(rng: np.random.Generator, anat: Anatomy, variant: str, severity: float | None, hu: dict[str, float]) -> list[Blob]:
+def _lobar(rng: np.random.Generator, anat: Anatomy, variant: str, severity: float | None, hu: dict[str, float],
+           ts: TubeSet) -> list[Blob]:
     right = bool(rng.random() < 0.6)
     side = "r" if right else "l"
     names = ("RUL", "RML", "RLL") if right else ("LUL", "LLL")
@@ -302,16 +308,34 @@ def _lobar(rng: np.random.Generator, anat: Anatomy, variant: str, severity: floa
         spread = in_lobe.std(axis=0)
         frac = 1.0 if severity is None else float(np.clip(severity * 2.5, 0.4, 1.3))
         axes = np.clip(spread * rng.uniform(1.6, 2.4) * frac, 25.0, 140.0)
-        frame = np.eye(3)
-        return [Blob(c, axes, frame, amp=float(rng.uniform(0.15, 0.3)), ggo_hu=ggo_hu, cons_hu=cons_hu,
-                     cons_t=float(rng.uniform(0.12, 0.25)), crazy=False, soft_mm=3.0, side=side, lobe=lobe)]
-    # segmental: wedge abutting the pleura inside one lobe
-    deep = in_lobe[lung_point_sdf(anat, in_lobe)[0 if right else 1] > -25.0]
-    c = deep[rng.integers(len(deep))] if len(deep) else in_lobe[rng.integers(len(in_lobe))]
-    frame = _frame(anat, c, right)
-    axes = np.array([rng.uniform(22, 40), rng.uniform(20, 40), rng.uniform(20, 40)])
-    return [Blob(c + frame[0] * 8.0, axes, frame, amp=float(rng.uniform(0.2, 0.35)), ggo_hu=ggo_hu, cons_hu=cons_hu,
-                 cons_t=float(rng.uniform(0.15, 0.3)), crazy=False, soft_mm=3.0, side=side, lobe=lobe)]
+        blob = Blob(c, axes, np.eye(3), amp=float(rng.uniform(0.15, 0.3)), ggo_hu=ggo_hu, cons_hu=cons_hu,
+                    cons_t=float(rng.uniform(0.12, 0.25)), crazy=False, soft_mm=3.0, side=side, lobe=lobe)
+    else:
+        # segmental: wedge abutting the pleura inside one lobe
+        deep = in_lobe[lung_point_sdf(anat, in_lobe)[0 if right else 1] > -25.0]
+        c = deep[rng.integers(len(deep))] if len(deep) else in_lobe[rng.integers(len(in_lobe))]
+        frame = _frame(anat, c, right)
+        axes = np.array([rng.uniform(22, 40), rng.uniform(20, 40), rng.uniform(20, 40)])
+        blob = Blob(c + frame[0] * 8.0, axes, frame, amp=float(rng.uniform(0.2, 0.35)), ggo_hu=ggo_hu, cons_hu=cons_hu,
+                    cons_t=float(rng.uniform(0.15, 0.3)), crazy=False, soft_mm=3.0, side=side, lobe=lobe)
+    _bronchograms(rng, anat, blob, in_lobe, ts)
+    return [blob]
+
+
+def _bronchograms(rng: np.random.Generator, anat: Anatomy, blob: Blob, pts: NDArray[np.float64], ts: TubeSet) -> None:
+    """Air-filled bronchi branching through a consolidation, entering from its hilar side."""
+    rel = (pts - blob.centre) @ blob.frame.T / blob.axes
+    inside = pts[(rel**2).sum(axis=1) < 0.6]
+    if len(inside) < 8:
+        return
+    inside = inside[rng.permutation(len(inside))[: int(rng.integers(40, 120))]]
+    hil = anat.hila["bronchus_r" if blob.side == "r" else "bronchus_l"]
+    # entry point: the served region's point closest to the hilum, pulled back toward it
+    entry = inside[np.argmin(np.linalg.norm(inside - hil, axis=1))]
+    entry = entry + 0.35 * (hil - entry)
+    style = TreeStyle(r_leaf=float(rng.uniform(0.7, 1.0)), gamma=0.4, r_max=float(rng.uniform(2.8, 4.0)), r_min=0.6,
+                      reach=(0.5, 0.75))
+    tree_to_tubes(grow_tree(rng, entry, inside, style), ts, int(Mat.AW_LUMEN), rng)
 
 
 def _broncho(rng: np.random.Generator, anat: Anatomy, ts: TubeSet, hu: dict[str, float]) -> list[Blob]:

@@ -1,0 +1,153 @@
+"""Which series of a study are worth analysing, and which one is best.
+
+Rules come from the ``selection`` section of the config and work on header values only (no pixel
+data), so a study's candidates are ranked before any volume is read. Each skipped series carries
+the rule that skipped it, in words.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from pydicom.dataset import Dataset
+
+from node.config import SelectionSettings
+
+
+@dataclass(frozen=True)
+class SeriesHeader:
+    """What selection needs from one series, taken from one of its images."""
+
+    series_instance_uid: str
+    modality: str
+    sop_class_uid: str
+    image_type: tuple[str, ...]
+    slice_thickness_mm: float | None
+    slice_count: int
+    series_description: str
+    body_part: str
+    convolution_kernel: str
+    normal_z: float | None  # |z component| of the slice normal, 1.0 for a true axial series
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, *, slice_count: int) -> SeriesHeader:
+        def text(keyword: str) -> str:
+            value = ds.get(keyword)
+            if value is None:
+                return ""
+            if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str):
+                return "\\".join(str(v) for v in value)
+            return str(value)
+
+        normal_z = None
+        iop = ds.get("ImageOrientationPatient")
+        if iop is None and "SharedFunctionalGroupsSequence" in ds:
+            shared = ds.SharedFunctionalGroupsSequence[0]
+            if "PlaneOrientationSequence" in shared:
+                iop = shared.PlaneOrientationSequence[0].get("ImageOrientationPatient")
+        if iop is not None and len(iop) == 6:
+            r = [float(v) for v in iop[:3]]
+            c = [float(v) for v in iop[3:]]
+            nz = r[0] * c[1] - r[1] * c[0]
+            norm = math.sqrt(
+                (r[1] * c[2] - r[2] * c[1]) ** 2 + (r[2] * c[0] - r[0] * c[2]) ** 2 + nz**2
+            )
+            normal_z = abs(nz) / norm if norm else None
+        thickness = ds.get("SliceThickness")
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        return cls(
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            modality=str(ds.get("Modality", "")),
+            sop_class_uid=str(ds.SOPClassUID),
+            image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or [])),
+            slice_thickness_mm=float(thickness) if thickness not in (None, "") else None,
+            slice_count=max(slice_count, frames),
+            series_description=text("SeriesDescription"),
+            body_part=text("BodyPartExamined"),
+            convolution_kernel=text("ConvolutionKernel"),
+            normal_z=normal_z,
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    series_instance_uid: str
+    eligible: bool
+    rule: str | None  # the rule that skipped it
+    reason: str | None  # the same in words
+
+
+def _match_any(patterns: Sequence[str], value: str) -> bool:
+    return any(re.search(p, value) for p in patterns)
+
+
+def check(header: SeriesHeader, rules: SelectionSettings) -> Verdict:
+    """Apply the rules in a fixed order; the first one that fails is reported."""
+    uid = header.series_instance_uid
+
+    def skip(rule: str, reason: str) -> Verdict:
+        return Verdict(uid, False, rule, reason)
+
+    if header.modality not in rules.modalities:
+        return skip("modality", f"modality {header.modality or '(none)'} is not one of {', '.join(rules.modalities)}")
+    missing = [t for t in rules.image_type_required if t not in header.image_type]
+    if missing:
+        return skip("image_type", f"ImageType {'/'.join(header.image_type) or '(none)'} lacks {'/'.join(missing)}")
+    if header.normal_z is None:
+        return skip("orientation", "image orientation unknown")
+    tilt = math.degrees(math.acos(min(1.0, header.normal_z)))
+    if tilt > rules.axial_tolerance_deg:
+        return skip("orientation", f"not axial: slices are {tilt:.0f} degrees off the axial plane")
+    t = header.slice_thickness_mm
+    if t is None:
+        return skip("slice_thickness", "SliceThickness is missing")
+    if not rules.slice_thickness_mm.min <= t <= rules.slice_thickness_mm.max:
+        return skip(
+            "slice_thickness",
+            f"slice thickness {t:g} mm outside {rules.slice_thickness_mm.min:g}-{rules.slice_thickness_mm.max:g} mm",
+        )
+    if header.slice_count < rules.min_slices:
+        return skip("min_slices", f"{header.slice_count} slices, at least {rules.min_slices} needed")
+    for name, value in (
+        ("series_description", header.series_description),
+        ("body_part", header.body_part),
+        ("convolution_kernel", header.convolution_kernel),
+    ):
+        rule = getattr(rules, name)
+        if rule.include and not _match_any(rule.include, value):
+            return skip(name, f"{name.replace('_', ' ')} '{value}' matches none of the include patterns")
+        if rule.exclude and _match_any(rule.exclude, value):
+            return skip(name, f"{name.replace('_', ' ')} '{value}' matches an exclude pattern")
+    return Verdict(uid, True, None, None)
+
+
+def rank_key(header: SeriesHeader, rules: SelectionSettings) -> tuple[int, float, int]:
+    """Sort key, best first: lung kernel, then thinnest slices, then most slices."""
+    lung = 0 if rules.prefer_kernel and _match_any(rules.prefer_kernel, header.convolution_kernel) else 1
+    return (lung, header.slice_thickness_mm or math.inf, -header.slice_count)
+
+
+def choose(headers: Sequence[SeriesHeader], rules: SelectionSettings) -> tuple[SeriesHeader | None, list[Verdict]]:
+    """The best eligible series of a study (or None) and a verdict for every series.
+
+    Eligible series that lose to a better one get the rule ``not_best`` naming the chosen series.
+    """
+    verdicts = {h.series_instance_uid: check(h, rules) for h in headers}
+    eligible = sorted((h for h in headers if verdicts[h.series_instance_uid].eligible), key=lambda h: rank_key(h, rules))
+    best = eligible[0] if eligible else None
+    out = []
+    for h in headers:
+        v = verdicts[h.series_instance_uid]
+        if v.eligible and best is not None and h is not best:
+            v = Verdict(
+                h.series_instance_uid,
+                False,
+                "not_best",
+                f"another series of the study is preferred ({best.slice_thickness_mm:g} mm, "
+                f"kernel '{best.convolution_kernel}'): {best.series_instance_uid}",
+            )
+        out.append(v)
+    return best, out
