@@ -139,6 +139,28 @@ class SelectionSettings(Strict):
     )
 
 
+class InferenceSettings(Strict):
+    """Where models come from and what runs them."""
+
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto: CUDA when onnxruntime has it and a GPU answers, else CPU; cpu; cuda or cuda:N",
+    )
+    threads: int = Field(default=0, ge=0, description="CPU threads per model session; 0 = all cores")
+    models_dir: Path = Field(default=Path(__file__).resolve().parent.parent / "models")
+    lung_model: str = "lung_seg"
+    lesion_model: str = "lesion_seg"
+    diagnosis_model: str = "diagnosis"
+
+
+class WorkerSettings(Strict):
+    count: int = Field(default=1, ge=0, le=64, description="worker processes started by `lungnode serve` (0: none)")
+    lease_s: float = Field(default=120.0, gt=0, description="a running job without heartbeat this long goes back to the queue")
+    max_attempts: int = Field(default=3, ge=1)
+    poll_interval_s: float = Field(default=1.0, gt=0)
+
+
 class Destination(Strict):
     """A DICOM node results are sent to (used by the sender)."""
 
@@ -166,6 +188,8 @@ class Config(Strict):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
     destinations: list[Destination] = Field(default_factory=list)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

@@ -1,0 +1,121 @@
+"""The job queue is the ledger's ``jobs`` table.
+
+A worker claims the oldest queued job in one transaction (PostgreSQL: ``FOR UPDATE SKIP LOCKED``
+so several workers and machines share the queue without blocking; SQLite: transactions are
+serialised by BEGIN IMMEDIATE, which gives the same guarantee on one machine), keeps a heartbeat
+while it runs, and records the outcome. A job whose heartbeat stopped (its worker died) goes back
+to the queue, up to ``max_attempts`` times.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db.models import Event, Job, JobState, utcnow
+from node.logs import kv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    job_id: int
+    series_id: int
+    revision: int
+    attempt: int
+
+
+class JobQueue:
+    def __init__(self, sessions: sessionmaker[Session], *, worker: str, lease_s: float = 60.0, max_attempts: int = 3) -> None:
+        self.sessions = sessions
+        self.worker = worker
+        self.lease_s = lease_s
+        self.max_attempts = max_attempts
+
+    def claim(self) -> Claimed | None:
+        """Take the oldest queued job, or None when the queue is empty."""
+        with self.sessions.begin() as s:
+            job = s.scalar(
+                select(Job)
+                .where(Job.state == JobState.queued)
+                .order_by(Job.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            if job is None:
+                return None
+            now = utcnow()
+            job.state = JobState.running
+            job.worker = self.worker
+            job.started_at = now
+            job.heartbeat_at = now
+            job.attempts += 1
+            job.error = None
+            s.add(Event(kind="job_started", job_id=job.id, series_id=job.series_id,
+                        message=f"attempt {job.attempts} on {self.worker}"))
+            claimed = Claimed(job.id, job.series_id, job.revision, job.attempts)
+        log.info(kv("job_started", job=claimed.job_id, attempt=claimed.attempt, worker=self.worker))
+        return claimed
+
+    def heartbeat(self, job_id: int) -> bool:
+        """Extend the lease; False when the job is no longer ours (requeued after a stall)."""
+        with self.sessions.begin() as s:
+            result = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.running, Job.worker == self.worker)
+                .values(heartbeat_at=utcnow())
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    def finish(self, job_id: int, state: JobState, *, error: str | None = None, timings: dict[str, Any] | None = None) -> bool:
+        """Record the outcome; False (and nothing written) if another worker owns the job now."""
+        if state not in (JobState.done, JobState.rejected, JobState.failed):
+            raise ValueError(f"not a final state: {state}")
+        with self.sessions.begin() as s:
+            result = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.running, Job.worker == self.worker)
+                .values(state=state, finished_at=utcnow(), error=error, timings=timings)
+            )
+            if not getattr(result, "rowcount", 0):
+                log.warning(kv("job_result_dropped", job=job_id, worker=self.worker,
+                               reason="the job was requeued while this worker ran it"))
+                return False
+            job = s.get(Job, job_id)
+            assert job is not None
+            s.add(Event(kind=f"job_{state.value}", level="error" if state == JobState.failed else "info",
+                        job_id=job_id, series_id=job.series_id, message=error or state.value, data=timings))
+        log.info(kv(f"job_{state.value}", job=job_id, worker=self.worker, reason=error))
+        return True
+
+    def requeue_stalled(self, now: dt.datetime | None = None) -> int:
+        """Jobs whose worker stopped sending heartbeats go back to the queue (or fail after max_attempts)."""
+        cutoff = (now or utcnow()) - dt.timedelta(seconds=self.lease_s)
+        count = 0
+        with self.sessions.begin() as s:
+            stalled = s.scalars(
+                select(Job)
+                .where(Job.state == JobState.running, Job.heartbeat_at < cutoff)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for job in stalled:
+                count += 1
+                stalled_worker = job.worker
+                if job.attempts >= self.max_attempts:
+                    job.state = JobState.failed
+                    job.finished_at = utcnow()
+                    job.error = f"worker {job.worker} stopped responding on {job.attempts} attempts"
+                    s.add(Event(kind="job_failed", level="error", job_id=job.id, series_id=job.series_id, message=job.error))
+                else:
+                    s.add(Event(kind="job_requeued", level="warning", job_id=job.id, series_id=job.series_id,
+                                message=f"worker {job.worker} stopped responding: back in the queue"))
+                    job.state = JobState.queued
+                    job.worker = None
+                log.warning(kv("job_stalled", job=job.id, worker=stalled_worker, new_state=job.state.value))
+        return count
