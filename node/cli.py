@@ -68,6 +68,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return synth_main(args.rest)
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from node.pipeline.models_cli import models_main
+
+    cfg = load_config(args.config)
+    setup_logging("WARNING")
+    return models_main(args.rest, cfg.inference)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lungnode",
@@ -100,11 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "models", help="list and verify the ONNX models: lungnode [--config F] models list|verify", add_help=False
+    )
+    _config_arg(p)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_models)
     return parser
 
 
+PASSTHROUGH = {"synth", "models"}  # subcommands with their own argparse (and --help)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command not in PASSTHROUGH:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.rest = list(args.rest) + extra
     try:
         return int(args.func(args))
     except LungnodeError as exc:
