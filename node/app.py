@@ -2,12 +2,15 @@
 
     config ─► spool + ledger (database, migrated) ─► reconcile after any crash
            ─► SCP (receive)  ─► assembler (series complete ─► job)  ─► retention
+           ─► worker processes (job ─► node.pipeline.runner.analyse_series ─► result)
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import signal
 import threading
 from types import FrameType
@@ -20,6 +23,7 @@ from node.errors import LungnodeError
 from node.db.ingest import IngestLedger
 from node.db.session import make_engine, make_sessionmaker, upgrade_schema
 from node.logs import kv
+from node.pipeline.worker import start_workers
 from node.receive.assembler import Assembler
 from node.receive.reconcile import reconcile
 from node.receive.retention import purge_expired
@@ -80,6 +84,56 @@ class Node:
         log.info(kv("node_stopped"))
 
 
+class WorkerPool:
+    """The analysis worker processes of ``lungnode serve``; a worker that dies is restarted."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+
+    def start(self) -> None:
+        count = self.config.workers.count
+        if count == 0:
+            log.info(kv("workers_disabled", reason="workers.count is 0"))
+            return
+        problem = models_problem(self.config)
+        if problem:
+            log.error(kv("analysis_disabled", reason=problem,
+                         effect="images are received and series assembled; jobs wait in the queue",
+                         fix="lungnode models verify"))
+            return
+        self.procs = start_workers(self.config, count)
+        log.info(kv("workers_started", count=count, pids=",".join(str(p.pid) for p in self.procs)))
+
+    def watch(self) -> None:
+        for i, proc in enumerate(self.procs):
+            if not proc.is_alive():
+                log.error(kv("worker_died", pid=proc.pid, exitcode=proc.exitcode, action="restarting"))
+                self.procs[i] = start_workers(self.config, 1)[0]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+        self.procs = []
+
+
+def models_problem(config: Config) -> str | None:
+    """Why the configured models cannot run, or None when all three load."""
+    from node.pipeline.infer import get_model
+
+    try:
+        for role in ("lung", "lesion", "diagnosis"):
+            get_model(config.inference, role)  # type: ignore[arg-type]
+    except LungnodeError as exc:
+        return str(exc)
+    return None
+
+
 def serve(config: Config) -> int:
     """Run the node in the foreground until SIGTERM or SIGINT."""
     log.info(kv("node_starting", version=__version__))
@@ -99,6 +153,10 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
     log.info(kv("node_ready", ae_title=config.dicom.ae_title, port=node.port))
-    stop.wait()
+    workers = WorkerPool(config)
+    workers.start()
+    while not stop.wait(2.0):
+        workers.watch()
+    workers.stop()
     node.stop()
     return 0

@@ -76,6 +76,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     return models_main(args.rest, cfg.inference)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from node.pipeline.worker import worker_process_main
+
+    worker_process_main(_load(args))
+    return 0
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    from node.pipeline.process import process
+
+    cfg = load_config(args.config)
+    setup_logging("WARNING" if cfg.logging.level == "INFO" else cfg.logging.level)
+    return process(args.input, args.out, cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lungnode",
@@ -86,9 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lungnode {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the DICOM node (C-STORE SCP, series assembly) in the foreground")
+    p = sub.add_parser("serve", help="run the node in the foreground: DICOM listener, series assembly and analysis workers")
     _config_arg(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run analysis workers only (they take jobs from the database in storage.database_url)")
+    _config_arg(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "process",
+        help="analyse a folder of DICOM files offline and write OUT/result.json",
+        description="Run selection, QA and the models on a folder holding a series or a study. "
+        "Exit status: 0 analysed, 3 rejected (the reason is in result.json), 1 failed.",
+    )
+    p.add_argument("input", type=Path, help="folder (searched recursively) or file of DICOM images")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where result.json and the outputs go")
+    _config_arg(p)
+    p.set_defaults(func=cmd_process)
 
     p = sub.add_parser("check-config", help="validate a configuration file and exit (0 valid, 2 invalid)")
     p.add_argument("file", type=Path, help="the YAML file to check")

@@ -368,6 +368,14 @@ def model_name(settings: InferenceSettings, which: Which) -> str:
     return names[which]
 
 
+#: Output label names each role's model must have (the pipeline looks channels up by name).
+ROLE_LABELS: dict[str, frozenset[str]] = {
+    "lung": frozenset({"right_lung", "left_lung"}),
+    "lesion": frozenset({"ground_glass_opacity", "consolidation"}),
+    "diagnosis": DIAGNOSIS_LABELS,
+}
+
+
 def check_role(manifest: ModelManifest, which: Which) -> None:
     """Refuse a model configured for a role it cannot play (e.g. a segmentation model as diagnosis)."""
     setting = f"inference.{which}_model"
@@ -376,6 +384,12 @@ def check_role(manifest: ModelManifest, which: Which) -> None:
         raise ModelLoadError(
             f"{setting} is {manifest.name!r}, a {manifest.task} model, but the {which} step needs a {want} model: "
             f"point {setting} at the right model folder"
+        )
+    needed = ROLE_LABELS[which]
+    if which != "diagnosis" and not needed <= set(manifest.output.label_names):
+        raise ModelLoadError(
+            f"{setting} is {manifest.name!r} with labels {manifest.output.label_names}, the {which} step needs "
+            f"labels named {sorted(needed)}: correct output.labels in its model.yaml"
         )
     if which == "diagnosis" and set(manifest.output.label_names) != DIAGNOSIS_LABELS:
         raise ModelLoadError(

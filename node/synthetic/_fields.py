@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
 F32 = np.float32
-Arr = NDArray[np.float32]
+Arr = NDArray[Any]
+Scalar = float | np.floating[Any]
+Num = Scalar | NDArray[Any]
 
 
-def soft(sdf: Arr, width: float) -> Arr:
+def soft(sdf: Arr, width: Scalar) -> Arr:
     """Partial-volume fraction of a shape from its signed distance (linear ramp ``width`` mm wide)."""
     out = np.multiply(sdf, -1.0 / width, dtype=F32)
     out += 0.5
@@ -24,12 +28,12 @@ def soft(sdf: Arr, width: float) -> Arr:
     return out
 
 
-def lerp_(base: Arr, value: float | Arr, weight: Arr) -> None:
+def lerp_(base: Arr, value: Num, weight: Arr) -> None:
     """In place ``base += (value - base) * weight`` (alpha compositing of one material)."""
     base += (value - base) * weight
 
 
-def ellipse_sdf(x: Arr, y: Arr, a: float | Arr, b: float | Arr) -> Arr:
+def ellipse_sdf(x: Arr, y: Arr, a: Num, b: Num) -> Arr:
     """Approximate signed distance to an axis-aligned ellipse centred at 0 (exact on the axes).
 
     Uses the radial distance to the boundary, ``|p| (1 - 1/q)`` with ``q`` the normalised radius:
@@ -44,25 +48,25 @@ def ellipse_sdf(x: Arr, y: Arr, a: float | Arr, b: float | Arr) -> Arr:
     return out.astype(F32, copy=False)
 
 
-def smax(a: Arr, b: Arr | float, k: float) -> Arr:
+def smax(a: Arr, b: Num, k: float) -> Arr:
     """Smooth maximum (intersection of SDFs) with blend radius ``k`` mm."""
     h = np.clip(k - np.abs(a - b), 0.0, None) / k
     return (np.maximum(a, b) + h * h * (k * 0.25)).astype(F32, copy=False)
 
 
-def smin(a: Arr, b: Arr | float, k: float) -> Arr:
+def smin(a: Arr, b: Num, k: float) -> Arr:
     """Smooth minimum (union of SDFs) with blend radius ``k`` mm."""
     h = np.clip(k - np.abs(a - b), 0.0, None) / k
     return (np.minimum(a, b) - h * h * (k * 0.25)).astype(F32, copy=False)
 
 
-def smoothstep(e0: float, e1: float, x: Arr | float) -> Arr:
+def smoothstep(e0: float, e1: float, x: Num) -> Arr:
     """Hermite step from 0 at ``e0`` to 1 at ``e1``."""
     t = np.clip((np.asarray(x, dtype=F32) - e0) / (e1 - e0), 0.0, 1.0)
     return (t * t * (3.0 - 2.0 * t)).astype(F32, copy=False)
 
 
-def _bspline_weights(pos: NDArray[np.float64], n: int) -> NDArray[np.float32]:
+def _bspline_weights(pos: NDArray[Any], n: int) -> NDArray[Any]:
     """Dense (len(pos), n) cubic B-spline interpolation matrix for lattice coordinates ``pos``."""
     i0 = np.floor(pos).astype(np.int64)
     t = pos - i0
@@ -88,7 +92,7 @@ class NoiseField:
     slice instead of a trilinear lookup per voxel; scattered points use the same weights.
     """
 
-    lattice: NDArray[np.float32]  # (nz, ny, nx)
+    lattice: NDArray[Any]  # (nz, ny, nx)
     origin: tuple[float, float, float]  # (z, y, x) mm of lattice node 0
     step: float  # mm
 
@@ -108,7 +112,7 @@ class NoiseField:
         origin = (lo[0] - 2 * step, lo[1] - 2 * step, lo[2] - 2 * step)
         return cls(lat, origin, step)
 
-    def grid(self, z: NDArray[np.float64], y: NDArray[np.float64], x: NDArray[np.float64]) -> Arr:
+    def grid(self, z: NDArray[Any], y: NDArray[Any], x: NDArray[Any]) -> Arr:
         """Values on the tensor grid (len z, len y, len x)."""
         nz, ny, nx = self.lattice.shape
         wz = _bspline_weights((np.asarray(z) - self.origin[0]) / self.step, nz)
@@ -126,7 +130,7 @@ class NoiseField:
         t = np.matmul(wy[None], t)  # (n, h, nx)
         return np.matmul(t, wx.T[None]).astype(F32, copy=False)
 
-    def points(self, z: NDArray[np.float64], y: NDArray[np.float64], x: NDArray[np.float64]) -> Arr:
+    def points(self, z: NDArray[Any], y: NDArray[Any], x: NDArray[Any]) -> Arr:
         """Values at scattered points (equal-length 1-D arrays)."""
         nz, ny, nx = self.lattice.shape
         out = np.zeros(np.asarray(z).shape, dtype=np.float32)
@@ -134,7 +138,7 @@ class NoiseField:
         cy = (np.asarray(y) - self.origin[1]) / self.step
         cx = (np.asarray(x) - self.origin[2]) / self.step
 
-        def parts(c: NDArray[np.float64], n: int) -> list[tuple[NDArray[np.int64], NDArray[np.float64]]]:
+        def parts(c: NDArray[Any], n: int) -> list[tuple[NDArray[np.int64], NDArray[Any]]]:
             i0 = np.floor(c).astype(np.int64)
             t = c - i0
             ws = ((1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6, t**3 / 6)

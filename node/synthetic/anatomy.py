@@ -16,15 +16,17 @@ import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
-from ._fields import NoiseField, ellipse_sdf, lerp_, smax, smin, smoothstep, soft
+from ._fields import NoiseField, Scalar, ellipse_sdf, lerp_, smax, smin, smoothstep, soft
 from .tubes import Grid, Tubes, TubeSet, min_sdf
 from .vessels import TreeStyle, airway_from_tree, grow_tree, tree_to_tubes
 
 F32 = np.float32
-Arr = NDArray[np.float32]
+Arr = NDArray[Any]
 BIG = F32(1e3)
 
 
@@ -137,9 +139,9 @@ class Anatomy:
     tex_a: NoiseField = field(repr=False)
     tex_b: NoiseField = field(repr=False)
     tex_c: NoiseField = field(repr=False)
-    hila: dict[str, NDArray[np.float64]] = field(default_factory=dict, repr=False)
-    airway_lumens: dict[str, list[tuple[NDArray[np.float64], NDArray[np.float64], float, float]]] = field(default_factory=dict, repr=False)
-    vessel_targets: dict[str, NDArray[np.float64]] = field(default_factory=dict, repr=False)
+    hila: dict[str, NDArray[Any]] = field(default_factory=dict, repr=False)
+    airway_lumens: dict[str, list[tuple[NDArray[Any], NDArray[Any], float, float]]] = field(default_factory=dict, repr=False)
+    vessel_targets: dict[str, NDArray[Any]] = field(default_factory=dict, repr=False)
     extra_tubes: list[Tubes] = field(default_factory=list, repr=False)
 
     # ------------------------------------------------------------------ profiles
@@ -221,8 +223,9 @@ class Anatomy:
         med = smin(med, np.abs(X - F32(self.x_t * 0.5)) - F32(self.band), 5.0)
         base = smax(cage, -med, 3.0)
         # apex: each lung narrows to a rounded tip at Z = L
-        z0 = F32(0.72 * self.L)
-        k = np.sqrt(np.clip(1.0 - ((Z - z0) / F32(self.L - 0.72 * self.L)) ** 2, 0.0, 1.0))
+        z0 = F32(0.66 * self.L)
+        t = np.clip((Z - z0) / F32(self.L - 0.66 * self.L), 0.0, 1.0)
+        k = (1.0 - t**1.8) ** 0.6  # bullet-shaped apex
         k = np.where(Z > z0, k, F32(1.0)).astype(F32)
         upper = bool(np.any(np.asarray(Z) > z0))
         out = []
@@ -232,8 +235,8 @@ class Anatomy:
             d_dome = (zd - Z) / np.maximum(g, F32(0.35))
             s = np.maximum(base, d_dome)
             if upper:
-                ap = ellipse_sdf(X - F32(sgn) * p.a_c * 0.48, Y - p.y_c - 0.15 * p.b_post,
-                                 p.a_c * 0.6 * k + 0.5, (p.b_ant + p.b_post) * 0.52 * k + 0.5)
+                ap = ellipse_sdf(X - F32(sgn) * p.a_c * 0.5, Y - p.y_c - 0.15 * p.b_post,
+                                 p.a_c * 0.58 * k + 0.5, (p.b_ant + p.b_post) * 0.52 * k + 0.5)
                 s = np.maximum(s, np.where(Z > z0, ap, -BIG))
             s = np.maximum(s, F32(sgn) * -X + F32(1.0))
             out.append(s.astype(F32))
@@ -252,7 +255,7 @@ class Anatomy:
         return np.where(k > 0.02, d, BIG).astype(F32)
 
     # ------------------------------------------------------------------ rendering
-    def render(self, g: Grid, width: float) -> dict[str, Arr]:
+    def render(self, g: Grid, width: float) -> dict[str, Any]:
         """Evaluate the smooth fields on a (coarse) chunk grid.
 
         Returns ``hu`` (everything but lung parenchyma), ``lung_r``/``lung_l`` fractions, their signed
@@ -296,6 +299,7 @@ class Anatomy:
         bb = np.where(Yb < p.y_c, p.bb_ant, p.bb_post)
         body = smax(ellipse_sdf(Xb, Yb - p.y_c, p.a_b, bb), Yb - p.y_back, 18.0)
         br = None
+        bax = 0.0
         if self.breasts is not None:
             bx, bdy, bz, bax, bay = self.breasts
             kb = np.sqrt(np.clip(1.0 - ((Z - F32(bz)) / F32(bax)) ** 2, 0.0, 1.0)).astype(F32)
@@ -309,7 +313,7 @@ class Anatomy:
         lerp_(hb, F32(hu_["fat"]), body_f)
         if br is not None:
             tex = self.tex_a.grid(g.z, Yb.ravel(), Xb.ravel())
-            gland = soft(br + F32(0.45 * self.breasts[3]), 6.0) * np.clip(0.55 + 0.6 * tex, 0.0, 1.0)
+            gland = soft(br + F32(0.45 * bax), 6.0) * np.clip(0.55 + 0.6 * tex, 0.0, 1.0)
             lerp_(hb, F32(hu_["gland"]), gland * body_f)
         lerp_(hb, F32(hu_["skin"]), soft(np.abs(body + 1.1) - 1.0, w))
         bm = np.where(Yb < p.y_c, p.bm_ant, p.bm_post)
@@ -319,9 +323,9 @@ class Anatomy:
         cage = ellipse_sdf(Xb, Yb - p.y_c, p.a_c, b)
         # intermuscular fat plane, axillary fat, scapulae
         lerp_(hb, F32(hu_["fat"]), soft(np.abs(cage - F32(self.wall_lat * 0.6 + 6.0)) - 0.9, w) * soft(musc + 3.0, w) * F32(0.7))
-        ax_w = smoothstep(0.5, 0.75, p.u) * (1.0 - smoothstep(1.1, 1.25, p.u))
+        ax_w = smoothstep(0.55, 0.75, p.u) * (1.0 - smoothstep(0.95, 1.1, p.u)) * F32(0.8)
         if float(ax_w.max()) > 0:
-            axd = ellipse_sdf(np.abs(Xb) - (p.a_c + F32(0.5 * self.wall_lat + 10.0)), Yb - p.y_c + 0.1 * p.b_ant, F32(12.0), p.b_ant * 0.45)
+            axd = ellipse_sdf(np.abs(Xb) - (p.a_c + F32(0.5 * self.wall_lat + 12.0)), Yb - p.y_c + 0.1 * p.b_ant, F32(7.0), p.b_ant * 0.3)
             lerp_(hb, F32(hu_["fat"]), soft(axd, 3.0) * ax_w * soft(musc + 2.0, w))
         sc_w = smoothstep(0.45, 0.55, p.u) * (1.0 - smoothstep(1.0, 1.12, p.u))
         if float(sc_w.max()) > 0:
@@ -384,13 +388,13 @@ class Anatomy:
                 "fiss": fiss, "zhf": zhf, "win": (lk if lk is not None else slice(0, 0), cy, cx)}
 
     @staticmethod
-    def _empty(shape: tuple[int, int, int]) -> dict[str, Arr]:
+    def _empty(shape: tuple[int, int, int]) -> dict[str, Any]:
         z = np.zeros(shape, F32)
         big = np.full(shape, BIG, F32)
         return {"hu": np.full(shape, F32(-1000.0)), "lung_r": z, "lung_l": z, "sdf_r": big, "sdf_l": big, "paren": z,
                 "fiss": big, "zhf": big, "win": (slice(0, 0), slice(0, 0), slice(0, 0))}
 
-    def _spine(self, hu: Arr, c: "_Ctx", p: Prof, w: float) -> None:
+    def _spine(self, hu: Arr, c: "_Ctx", p: Prof, w: Scalar) -> None:
         h = self.hu
         r = F32(self.r_vb)
         ylo = float(p.y_vb.min()) - self.r_vb - 3.0
@@ -416,7 +420,7 @@ class Anatomy:
         lerp_(hv, F32(h["cord"]), soft(can, w))
         hu[:, sy, sx] = hv
 
-    def _sternum(self, hu: Arr, c: "_Ctx", p: Prof, w: float) -> None:
+    def _sternum(self, hu: Arr, c: "_Ctx", p: Prof, w: Scalar) -> None:
         top = 0.93
         bottom = min(self.z_top_r, self.z_top_l) / self.L - 0.02
         sk = c.zwindow((bottom - 0.03) * self.L, (top + 0.03) * self.L)
@@ -441,7 +445,7 @@ class Anatomy:
         lerp_(hv, F32(self.hu["marrow"]), soft(st + 1.6, w))
         hu[sk, sy, sx] = hv
 
-    def _abdomen(self, hc: Arr, c: "_Ctx", cy: slice, cx: slice, p: Prof, cage: Arr, w: float) -> None:
+    def _abdomen(self, hc: Arr, c: "_Ctx", cy: slice, cx: slice, p: Prof, cage: Arr, w: Scalar) -> None:
         h = self.hu
         zmax = max(self.z_top_r, self.z_top_l) + 2.0
         sk = c.zwindow(-1e4, zmax)
@@ -483,7 +487,7 @@ class Anatomy:
             lerp_(hv, F32(h["kidney"]), soft(np.where(kk > 0.02, kid, BIG), w))
         hc[sk] = hv
 
-    def _heart(self, hc: Arr, heart_out: Arr, c: "_Ctx", cy: slice, cx: slice, p: Prof, w: float) -> bool:
+    def _heart(self, hc: Arr, heart_out: Arr, c: "_Ctx", cy: slice, cx: slice, p: Prof, w: Scalar) -> bool:
         h = self.hu
         hx, hy, hz, ha, hb, hc_, ang = self.heart
         sk = c.zwindow(hz - hc_, hz + hc_)
@@ -575,7 +579,7 @@ def sample_anatomy(rng: np.random.Generator, *, px: float, contrast: bool | None
     z_top_l = z_top_r - L * _u(rng, 0.01, 0.06)
     z_car = L * _u(rng, 0.58, 0.66)
     ha, hb, hc = 62.0 * s * _u(rng, 0.85, 1.2), 50.0 * s * _u(rng, 0.85, 1.15), 52.0 * s * _u(rng, 0.85, 1.15)
-    heart = (0.16 * A + _u(rng, -6, 8), -0.25 * Ba + _u(rng, -5, 5), z_top_l + 0.55 * hc - 8.0, ha, hb, hc, math.radians(_u(rng, 25, 45)))
+    heart = (0.16 * A + _u(rng, -6, 8), -0.33 * Ba + _u(rng, -5, 5), z_top_l + 0.55 * hc - 8.0, ha, hb, hc, math.radians(_u(rng, 25, 45)))
     female = rng.random() < 0.35
     breasts = None
     if female:
@@ -629,15 +633,16 @@ def sample_anatomy(rng: np.random.Generator, *, px: float, contrast: bool | None
         r_vb=r_vb, vert_period=_u(rng, 23.0, 28.0) * L / 245.0, vert_phase=_u(rng, 0, 30), r_can=_u(rng, 6.5, 8.5),
         kyphosis=_u(rng, 0.0, 12.0),
         z_top_r=z_top_r, z_top_l=z_top_l, heart=heart, epi_fat=_u(rng, 1.5, 6.0) * (0.7 + obese),
-        x_t=_u(rng, -4, 4), y_t=0.0, r_tr=r_tr, z_car=z_car, band=_u(rng, 2.5, 5.0),
+        x_t=_u(rng, -4, 4), y_t=0.0, r_tr=r_tr, z_car=z_car, band=_u(rng, 1.2, 3.0),
         fiss_post=z_car + _u(rng, -15, 15), fiss_ant=_u(rng, 0.05, 0.2) * L, z_hf=z_car - _u(rng, 5, 35),
         fissure_hu=_u(rng, 0.0, 180.0) if rng.random() < 0.7 else 0.0,
         sternum_w=_u(rng, 12, 18) * s, breasts=breasts, table=table,
         lung_mu=_u(rng, -890, -845), lung_grad=_u(rng, 30, 90),
         hu=hu, contrast=contrast,
         tubes=TubeSet().freeze(), med=TubeSet().freeze(),
-        tex_a=NoiseField.create(rng, 9.0, lo, hi), tex_b=NoiseField.create(rng, 6.0, lo, hi),
-        tex_c=NoiseField.create(rng, 3.5, lo, hi),
+        # texture lattices no finer than the pixels can show (keeps small series fast)
+        tex_a=NoiseField.create(rng, max(9.0, 2.5 * px), lo, hi), tex_b=NoiseField.create(rng, max(6.0, 2.0 * px), lo, hi),
+        tex_c=NoiseField.create(rng, max(3.5, 1.5 * px), lo, hi),
     )
     # trachea sits in front of the oesophagus, which sits in front of the spine
     p_car = anat.prof(np.array([z_car], dtype=F32))
@@ -646,7 +651,7 @@ def sample_anatomy(rng: np.random.Generator, *, px: float, contrast: bool | None
     return anat
 
 
-def _cage_point(anat: Anatomy, theta: float, z: float, off: float, right: bool) -> NDArray[np.float64]:
+def _cage_point(anat: Anatomy, theta: float, z: float, off: float, right: bool) -> NDArray[Any]:
     """Point on the cage outline at angle theta from the posterior midline, pushed ``off`` mm outward."""
     p = anat.prof(np.array([z], dtype=F32))
     a = float(p.a_c[0])
@@ -656,7 +661,7 @@ def _cage_point(anat: Anatomy, theta: float, z: float, off: float, right: bool) 
     return np.array([-x if right else x, y, z])
 
 
-def _lung_point_sdf(anat: Anatomy, pts: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def _lung_point_sdf(anat: Anatomy, pts: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
     X = pts[:, 0].astype(F32)
     Y = pts[:, 1].astype(F32)
     Z = pts[:, 2].astype(F32)
@@ -666,15 +671,24 @@ def _lung_point_sdf(anat: Anatomy, pts: NDArray[np.float64]) -> tuple[NDArray[np
     return r.astype(np.float64), l.astype(np.float64)
 
 
-def lung_point_sdf(anat: Anatomy, pts: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def lung_point_sdf(anat: Anatomy, pts: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
     """Signed distance of scattered (n, 3) points to the right and left lung."""
     return _lung_point_sdf(anat, pts)
 
 
+def cage_point_sdf(anat: Anatomy, pts: NDArray[Any]) -> NDArray[Any]:
+    """Signed distance of points to the inner chest wall (costal pleura), ignoring the mediastinum."""
+    X = pts[:, 0].astype(F32)
+    Y = pts[:, 1].astype(F32)
+    p = anat.prof(pts[:, 2].astype(F32))
+    b = np.where(Y < p.y_c, p.b_ant, p.b_post)
+    return ellipse_sdf(X, Y - p.y_c, p.a_c, b).astype(np.float64)
+
+
 def sample_in_lung(anat: Anatomy, rng: np.random.Generator, n: int, right: bool, depth: float = 0.0,
-                   max_depth: float | None = None) -> NDArray[np.float64]:
+                   max_depth: float | None = None) -> NDArray[Any]:
     """``n`` uniform random points inside one lung, at least ``depth`` mm from its surface."""
-    out: list[NDArray[np.float64]] = []
+    out: list[NDArray[Any]] = []
     got = 0
     x_lo, x_hi = (-anat.A - 5.0, 0.0) if right else (0.0, anat.A + 5.0)
     for _ in range(60):
@@ -693,7 +707,7 @@ def sample_in_lung(anat: Anatomy, rng: np.random.Generator, n: int, right: bool,
     return allp[:n]
 
 
-def _bezier(p0: NDArray[np.float64], p1: NDArray[np.float64], p2: NDArray[np.float64], n: int = 8) -> NDArray[np.float64]:
+def _bezier(p0: NDArray[Any], p1: NDArray[Any], p2: NDArray[Any], n: int = 8) -> NDArray[Any]:
     t = np.linspace(0.0, 1.0, n)[:, None]
     return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
 
@@ -710,11 +724,11 @@ def _build_tubes(anat: Anatomy, rng: np.random.Generator, px: float) -> None:
     y_vb = float(pc.y_vb[0])
     r_vb = anat.r_vb
 
-    def both(a: NDArray[np.float64] | list[float], b: NDArray[np.float64] | list[float], r: float, rb: float, m: Mat, margin: float) -> None:
+    def both(a: NDArray[Any] | list[float], b: NDArray[Any] | list[float], r: float, rb: float, m: Mat, margin: float) -> None:
         ts.add(np.asarray(a), np.asarray(b), r, rb, int(m))
         med.add(np.asarray(a), np.asarray(b), r + margin, rb + margin, 0)
 
-    def poly(pts: NDArray[np.float64], r: float, m: Mat, margin: float) -> None:
+    def poly(pts: NDArray[Any], r: float, m: Mat, margin: float) -> None:
         for i in range(len(pts) - 1):
             both(pts[i], pts[i + 1], r, r, m, margin)
 
@@ -722,7 +736,7 @@ def _build_tubes(anat: Anatomy, rng: np.random.Generator, px: float) -> None:
     xt, yt, rt = anat.x_t, anat.y_t, anat.r_tr
     top = np.array([xt, yt - 12.0, z_hi])
     car = np.array([xt, yt, anat.z_car])
-    both(top, car, rt + 1.8, rt + 1.8, Mat.TRACHEA_WALL, 3.0)
+    both(top, car, rt + 1.8, rt + 1.8, Mat.TRACHEA_WALL, 5.0)
     ts.add(top, car, rt, rt, int(Mat.TRACHEA_AIR))
     # --- oesophagus
     p_hi = anat.prof(np.array([z_hi], dtype=F32))
@@ -730,7 +744,7 @@ def _build_tubes(anat: Anatomy, rng: np.random.Generator, px: float) -> None:
                     [6.0, y_vb - r_vb - 7.0, anat.z_car],
                     [14.0, y_vb - r_vb - 10.0, anat.z_top_l + 10.0],
                     [0.35 * A, -0.05 * anat.Ba, anat.z_top_l - 40.0]])
-    poly(eso, 6.5 * s, Mat.SOFT, 2.5)
+    poly(eso, 6.5 * s, Mat.SOFT, 5.0)
     if rng.random() < 0.4:
         ts.add(eso[0], eso[1], 1.8, 1.8, int(Mat.TRACHEA_AIR))
     # --- aorta
@@ -744,19 +758,19 @@ def _build_tubes(anat: Anatomy, rng: np.random.Generator, px: float) -> None:
     arch = _bezier(a1, np.array([0.0, 0.5 * (y_asc + y_desc) - 10.0, z_arch + 1.5 * r_ao]), np.array([x_desc, y_desc, z_arch - r_ao]), 9)
     pts = np.vstack([root, a1 + [0, 0, -0.01], arch[1:], [[x_desc - 2.0, y_desc + 2.0, anat.z_top_l - 10.0]],
                      [[x_desc * 0.4, y_vb - r_vb - 0.7 * r_ao, z_lo]]])
-    poly(pts, r_ao, Mat.AORTA, 4.0)
+    poly(pts, r_ao, Mat.AORTA, 7.0)
     amid = arch[4]
     for dx, dy, r, lat in ((-0.4 * r_ao, -0.3 * r_ao, 6.0, -25.0), (0.05 * r_ao, 0.0, 4.2, 12.0), (0.4 * r_ao, 0.35 * r_ao, 5.0, 40.0)):
         b0 = amid + np.array([dx * 2.0, dy * 2.0, 0.0])
-        both(b0, b0 + np.array([lat * 0.4, -6.0, 35.0]), r * s, r * s, Mat.AORTA, 2.5)
-        both(b0 + np.array([lat * 0.4, -6.0, 35.0]), b0 + np.array([lat, -8.0, z_hi - z_arch]), r * s, r * s, Mat.AORTA, 2.5)
+        both(b0, b0 + np.array([lat * 0.4, -6.0, 35.0]), r * s, r * s, Mat.AORTA, 5.0)
+        both(b0 + np.array([lat * 0.4, -6.0, 35.0]), b0 + np.array([lat, -8.0, z_hi - z_arch]), r * s, r * s, Mat.AORTA, 5.0)
     # --- superior vena cava, brachiocephalic veins, azygos, inferior vena cava
     r_svc = _u(rng, 8.0, 11.0) * s
     x_svc = a1[0] - r_ao - r_svc - 3.0
     ra_pt = np.array([hx - 0.75 * ha, hy + 0.1 * hb, hz + 0.25 * hc])
     svc_top = np.array([x_svc, y_asc + 4.0, z_arch + 28.0])
-    both(ra_pt, np.array([x_svc, y_asc + 4.0, z_arch - 20.0]), r_svc, r_svc, Mat.SYS_VEIN, 3.0)
-    both(np.array([x_svc, y_asc + 4.0, z_arch - 20.0]), svc_top, r_svc, r_svc, Mat.SYS_VEIN, 3.0)
+    both(ra_pt, np.array([x_svc, y_asc + 4.0, z_arch - 20.0]), r_svc, r_svc, Mat.SYS_VEIN, 5.0)
+    both(np.array([x_svc, y_asc + 4.0, z_arch - 20.0]), svc_top, r_svc, r_svc, Mat.SYS_VEIN, 5.0)
     both(svc_top, svc_top + np.array([-20.0, 0.0, z_hi - svc_top[2]]), 7.0 * s, 7.0 * s, Mat.SYS_VEIN, 2.0)
     lbv = np.array([45.0 * s, y_asc - 18.0, z_arch + 34.0])
     both(svc_top, lbv, 6.0 * s, 6.0 * s, Mat.SYS_VEIN, 2.0)
@@ -784,7 +798,7 @@ def _build_tubes(anat: Anatomy, rng: np.random.Generator, px: float) -> None:
     r_pt = _u(rng, 11.0, 14.0) * s
     pt0 = np.array([hx - 0.05 * ha, hy - 0.75 * hb, hz + 0.5 * hc])
     bif = np.array([14.0, y_asc + 0.8 * r_ao, anat.z_car - 12.0])
-    both(pt0, bif, r_pt, r_pt, Mat.PULM_ART, 3.0)
+    both(pt0, bif, r_pt, r_pt, Mat.PULM_ART, 6.0)
     anat.med = med.freeze()
 
     # --- hila: where the main bronchi, pulmonary arteries and veins enter each lung

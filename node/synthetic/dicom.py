@@ -20,15 +20,15 @@ with the position is how a scanner lays the pixels out:
 
 * ``HFS`` (head first, supine): Image Orientation (Patient) ``[1,0,0, 0,1,0]``; columns run toward
   the patient's left, so the patient's right is on the image's left (the radiological view).
-* ``FFS`` (feet first, supine), ``ffs_convention="mirrored"`` (default): the pixels stay in the
-  gantry frame, which is mirrored left-right for a feet-first patient: Image Orientation (Patient)
-  ``[-1,0,0, 0,1,0]``, column 0 is the patient's left and Image Position (Patient) is the patient's
-  left-most column. This is the convention tabulated for feet-first supine CT in the radiotherapy
-  literature (e.g. pymedphys' coordinate notes) and exercises readers that assume identity
-  orientation.
-* ``FFS`` with ``ffs_convention="radiological"``: many diagnostic scanners re-orient feet-first
-  images to the radiological view and keep ``[1,0,0, 0,1,0]`` (the GE LightSpeed series of
-  LIDC-IDRI in ../shared/data do exactly this); only Patient Position differs from HFS.
+* ``FFS`` (feet first, supine), ``ffs_convention="radiological"`` (default): diagnostic scanners
+  reconstruct feet-first images in the radiological view too and keep ``[1,0,0, 0,1,0]``; only
+  Patient Position differs from HFS. Checked on the three GE LightSpeed FFS series of LIDC-IDRI in
+  ../shared/data (all ``[1,0,0,0,1,0]``, instance 1 at the head end).
+* ``FFS`` with ``ffs_convention="mirrored"``: the pixels stay in the gantry frame, which is
+  mirrored left-right for a feet-first patient: ``[-1,0,0, 0,1,0]``, column 0 is the patient's
+  left and Image Position (Patient) is the left-most column. This is the feet-first supine row of
+  the table used by radiotherapy tools (e.g. pymedphys, after McNoleg, arXiv:1406.0014) and is
+  legal DICOM; use it to test readers that wrongly assume an identity orientation.
 
 In every case positions are consistent with the orientation, so mapping any pixel through
 IPP/IOP lands on the same patient point, and the truth keeps meaning the patient's right/left.
@@ -101,7 +101,7 @@ class SeriesOptions:
     study_date: str = "20200101"
     study_time: str = "120000"
     orientation: Literal["HFS", "FFS"] = "HFS"
-    ffs_convention: Literal["mirrored", "radiological"] = "mirrored"
+    ffs_convention: Literal["radiological", "mirrored"] = "radiological"
     transfer_syntax: TransferSyntax = "explicit"
     signed: bool = False
     rescale_intercept: float = -1024.0
@@ -196,6 +196,7 @@ def write_series(outdir: Path, phantom: Phantom, options: SeriesOptions = Series
     # acquisition order: instance 1 at the head end by default (a cranio-caudal chest scan)
     order = list(range(n - 1, -1, -1)) if options.instance_order == "head_to_feet" else list(range(n))
     intercept = float(options.rescale_intercept)
+    dtype: type[np.integer[Any]]
     if options.signed:
         bits, dtype, lo, hi = 16, np.int16, -32768, 32767
     else:
@@ -226,7 +227,7 @@ def write_series(outdir: Path, phantom: Phantom, options: SeriesOptions = Series
             ds.PixelPaddingValue = padding
         stored = np.clip(pixel_layout(phantom.hu[k], iop).astype(np.int32) - int(round(intercept)), lo, hi).astype(dtype)
         path = outdir / f"IM{inst:05d}.dcm"
-        ts = ts_uid if options.transfer_syntax in ("explicit", "implicit", "jpeg-lossless") else None
+        ts: UID | None = ts_uid if options.transfer_syntax in ("explicit", "implicit", "jpeg-lossless") else None
         if ts is not None:
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if options.transfer_syntax == "jpeg-lossless" else ts
             ds.PixelData = stored.tobytes()
@@ -271,7 +272,7 @@ def _base_dataset(options: SeriesOptions, phantom: Phantom, study_uid: str, seri
     p = phantom.params
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 192"

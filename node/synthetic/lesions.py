@@ -17,16 +17,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
 from ._fields import NoiseField, lerp_, smoothstep, soft
-from .anatomy import Anatomy, Mat, lung_point_sdf, sample_in_lung
+from .anatomy import Anatomy, Mat, cage_point_sdf, lung_point_sdf, sample_in_lung
 from .tubes import Grid, Tubes, TubeSet
 from .vessels import TreeStyle, grow_tree, tree_to_tubes
 
 F32 = np.float32
-Arr = NDArray[np.float32]
+Arr = NDArray[Any]
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "covid": ("ggo", "mixed", "crazy_paving"),
@@ -45,9 +47,9 @@ LOBES = ("RUL", "RML", "RLL", "LUL", "LLL")
 class Blob:
     """A noisy ellipsoid of lesion: GGO where the field > 0, consolidation where it exceeds ``cons_t``."""
 
-    centre: NDArray[np.float64]
-    axes: NDArray[np.float64]
-    frame: NDArray[np.float64]  # rows are the unit axes
+    centre: NDArray[Any]
+    axes: NDArray[Any]
+    frame: NDArray[Any]  # rows are the unit axes
     amp: float
     ggo_hu: float
     cons_hu: float
@@ -56,6 +58,7 @@ class Blob:
     soft_mm: float
     side: str  # "r" or "l"
     lobe: str | None = None
+    reticulation: float = 0.0  # HU of faint septal lines inside the ground glass (crazy paving uses 230)
 
 
 @dataclass
@@ -99,7 +102,7 @@ class LesionModel:
         }
 
     # ------------------------------------------------------------------ rendering
-    def render(self, f: dict[str, Arr], g: Grid, width: float) -> tuple[Arr, Arr, Arr]:
+    def render(self, f: dict[str, Any], g: Grid, width: float) -> tuple[Arr, Arr, Arr]:
         """Return (parenchyma HU with lesions, GGO fraction, consolidation fraction) on the coarse grid.
 
         Fractions are relative to the voxel (already multiplied by the lung fraction), and the GGO
@@ -149,10 +152,11 @@ class LesionModel:
                 inside = inside * soft(self._lobe_sdf(f, sl, b.lobe), width)
             gf = soft(-fld * scale, b.soft_mm) * inside
             tex = self.tex.grid(zz, yy, xx)
-            level = F32(b.ggo_hu) + F32(45.0) * tex
-            if b.crazy:
+            # heterogeneous haze; crazy paving adds a polygonal network of thickened septa
+            level = F32(b.ggo_hu) + F32(65.0) * tex
+            if b.crazy or b.reticulation > 0:
                 lines = soft(np.abs(self.crazy.grid(zz, yy, xx)) - 0.1, 0.12) * F32(0.85)
-                level = level + lines * F32(230.0)
+                level = level + lines * F32(230.0 if b.crazy else b.reticulation)
             pv = paren[sl]
             lerp_(pv, level, gf)
             if b.cons_t is not None:
@@ -164,7 +168,7 @@ class LesionModel:
         return paren, ggo, cons
 
     @staticmethod
-    def _lobe_sdf(f: dict[str, Arr], sl: tuple[slice, slice, slice], lobe: str) -> Arr:
+    def _lobe_sdf(f: dict[str, Any], sl: tuple[slice, slice, slice], lobe: str) -> Arr:
         fiss = f["fiss"][sl]
         zhf = f["zhf"][sl]
         if lobe in ("RLL", "LLL"):
@@ -179,7 +183,7 @@ class LesionModel:
 
 # ---------------------------------------------------------------------------- sampling
 
-def lobe_of(anat: Anatomy, pts: NDArray[np.float64], right: bool) -> NDArray[np.str_]:
+def lobe_of(anat: Anatomy, pts: NDArray[Any], right: bool) -> NDArray[np.str_]:
     """Lobe name of points known to lie in the given lung."""
     p = anat.prof(pts[:, 2].astype(F32))
     fiss = anat.fissure(pts[:, 1].astype(F32), pts[:, 2].astype(F32), p)
@@ -190,7 +194,7 @@ def lobe_of(anat: Anatomy, pts: NDArray[np.float64], right: bool) -> NDArray[np.
     return np.where(lower, "LLL", "LUL")
 
 
-def _frame(anat: Anatomy, c: NDArray[np.float64], right: bool) -> NDArray[np.float64]:
+def _frame(anat: Anatomy, c: NDArray[Any], right: bool) -> NDArray[Any]:
     """Orthonormal frame whose first axis is the outward pleural normal near ``c``."""
     h = 2.0
     offs = np.array([[h, 0, 0], [-h, 0, 0], [0, h, 0], [0, -h, 0], [0, 0, h], [0, 0, -h]])
@@ -206,7 +210,7 @@ def _frame(anat: Anatomy, c: NDArray[np.float64], right: bool) -> NDArray[np.flo
     return np.vstack([n, t1, t2])
 
 
-def _weighted_pick(rng: np.random.Generator, pts: NDArray[np.float64], w: NDArray[np.float64], n: int) -> NDArray[np.float64]:
+def _weighted_pick(rng: np.random.Generator, pts: NDArray[Any], w: NDArray[Any], n: int) -> NDArray[Any]:
     if len(pts) == 0:
         return pts
     p = w / w.sum()
@@ -215,7 +219,7 @@ def _weighted_pick(rng: np.random.Generator, pts: NDArray[np.float64], w: NDArra
 
 
 def sample_lesions(rng: np.random.Generator, anat: Anatomy, kind: str, variant: str | None, severity: float | None,
-                   lo: tuple[float, float, float], hi: tuple[float, float, float]) -> LesionModel:
+                   lo: tuple[float, float, float], hi: tuple[float, float, float], px: float = 1.0) -> LesionModel:
     """Draw the lesion pattern of ``kind`` (and confounders) for this anatomy."""
     if kind not in VARIANTS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(VARIANTS)}")
@@ -259,7 +263,7 @@ def sample_lesions(rng: np.random.Generator, anat: Anatomy, kind: str, variant: 
         conf.append("atelectasis")
     return LesionModel(
         kind=kind, variant=variant, blobs=blobs, tubes=ts.freeze(), hu=hu, atelectasis=atel, confounders=conf,
-        tex=NoiseField.create(rng, 4.0, lo, hi), crazy=NoiseField.create(rng, 5.0, lo, hi),
+        tex=NoiseField.create(rng, max(4.0, 1.5 * px), lo, hi), crazy=NoiseField.create(rng, max(5.0, 1.5 * px), lo, hi),
         shape_noise=NoiseField.create(rng, 9.0, lo, hi),
     )
 
@@ -271,13 +275,15 @@ def _covid(rng: np.random.Generator, anat: Anatomy, variant: str, severity: floa
     sides = ["r", "l"] + [str(rng.choice(["r", "l"], p=[0.55, 0.45])) for _ in range(n - 2)]
     for side in sides:
         right = side == "r"
-        cand = sample_in_lung(anat, rng, 120, right, depth=4.0, max_depth=22.0)
+        cand = sample_in_lung(anat, rng, 200, right, depth=4.0, max_depth=22.0)
+        # peripheral means under the costal pleura (chest wall), not along the mediastinum
+        cand = cand[cage_point_sdf(anat, cand) > -24.0]
         if len(cand) == 0:
             continue
         # lower-lobe and posterior predominance
-        w = (1.25 - cand[:, 2] / anat.L) ** 2.2 * (0.35 + np.clip((cand[:, 1] + anat.Ba) / (anat.Ba + anat.Bp), 0, 1)) ** 1.5
+        w = (1.2 - cand[:, 2] / anat.L) ** 3.5 * (0.35 + np.clip((cand[:, 1] + anat.Ba) / (anat.Ba + anat.Bp), 0, 1)) ** 1.5
         c = _weighted_pick(rng, cand, w, 1)[0]
-        size = 1.0 + 1.6 * sev
+        size = (1.0 + 1.6 * sev) * (1.25 - 0.5 * float(np.clip(c[2] / anat.L, 0.0, 1.0)))
         axes = np.array([rng.uniform(9, 20), rng.uniform(16, 38) * size, rng.uniform(16, 42) * size])
         frame = _frame(anat, c, right)
         c = c + frame[0] * axes[0] * 0.35  # push toward the pleura: subpleural, truncated by it
@@ -286,7 +292,8 @@ def _covid(rng: np.random.Generator, anat: Anatomy, variant: str, severity: floa
             cons_t = float(rng.uniform(0.2, 0.45))
         blobs.append(Blob(c, axes, frame, amp=float(rng.uniform(0.25, 0.45)), ggo_hu=hu["les_ggo"] + float(rng.uniform(-60, 60)),
                           cons_hu=hu["les_cons"], cons_t=cons_t, crazy=variant == "crazy_paving" and rng.random() < 0.8,
-                          soft_mm=float(rng.uniform(2.5, 5.0)), side=side))
+                          soft_mm=float(rng.uniform(2.5, 5.0)), side=side,
+                          reticulation=float(rng.uniform(40.0, 110.0)) if rng.random() < 0.4 else 0.0))
     return blobs
 
 
@@ -322,7 +329,7 @@ def _lobar(rng: np.random.Generator, anat: Anatomy, variant: str, severity: floa
     return [blob]
 
 
-def _bronchograms(rng: np.random.Generator, anat: Anatomy, blob: Blob, pts: NDArray[np.float64], ts: TubeSet) -> None:
+def _bronchograms(rng: np.random.Generator, anat: Anatomy, blob: Blob, pts: NDArray[Any], ts: TubeSet) -> None:
     """Air-filled bronchi branching through a consolidation, entering from its hilar side."""
     rel = (pts - blob.centre) @ blob.frame.T / blob.axes
     inside = pts[(rel**2).sum(axis=1) < 0.6]

@@ -111,14 +111,15 @@ class Phantom:
     spec: PhantomSpec
     volumes_ml: dict[str, float]
     params: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
 
     @property
-    def z_positions_mm(self) -> NDArray[np.float64]:
+    def z_positions_mm(self) -> NDArray[Any]:
         """LPS z of each slice (array order, feet to head)."""
         return self.origin_mm[2] + np.arange(self.hu.shape[0]) * self.spacing_mm[0]
 
 
-def _noise_bank(rng: np.random.Generator, n: int, h: int, w: int, px: float, kernel: str) -> NDArray[np.float32]:
+def _noise_bank(rng: np.random.Generator, n: int, h: int, w: int, px: float, kernel: str) -> NDArray[Any]:
     """Unit-variance noise slices with a CT-like (ramp times apodisation) noise power spectrum."""
     fc = {"smooth": 0.28, "standard": 0.45, "sharp": 0.85}[kernel]  # cycles/mm
     white = rng.standard_normal((n, h, w), dtype=np.float32)
@@ -138,8 +139,8 @@ class _Plan:
     les: LesionModel
     tubes: Tubes
     values: dict[int, float]
-    z_out: NDArray[np.float64]  # anatomical Z of output slices
-    offsets: NDArray[np.float64]  # sub-slice offsets within a slab
+    z_out: NDArray[Any]  # anatomical Z of output slices
+    offsets: NDArray[Any]  # sub-slice offsets within a slab
     x0: float
     y0: float
     px: float
@@ -150,7 +151,7 @@ class _Plan:
     kernel: str
     sharpen: float
     noise_hu: float
-    bank: NDArray[np.float32]
+    bank: NDArray[Any]
     noise_pick: NDArray[np.int64]
     circle: NDArray[np.bool_] | None
 
@@ -200,7 +201,7 @@ def _resolve(spec: PhantomSpec) -> tuple[_Plan, dict[str, Any]]:
     width = max(px, psf)
     width_lr = max(width, 1.15 * px * factor)
     sharpen = float(rr.uniform(0.6, 1.3)) if kernel == "sharp" else 0.0
-    h_target = max(1.25, px)
+    h_target = max(1.25, min(px, 2.5))
     n_sub = int(np.clip(round(thick / h_target), 1, 4))
     offsets = ((np.arange(n_sub) + 0.5) / n_sub - 0.5) * thick
     # field of view centre: the body, slightly off-centre, table toward the bottom
@@ -215,7 +216,7 @@ def _resolve(spec: PhantomSpec) -> tuple[_Plan, dict[str, Any]]:
     t0 = time.perf_counter()
     anat = sample_anatomy(ra, px=px, contrast=spec.contrast,
                           lo=box_lo, hi=box_hi, scale=scale, lung_height=lung_h)
-    les = sample_lesions(rl, anat, spec.kind, spec.variant, spec.severity, box_lo, box_hi)
+    les = sample_lesions(rl, anat, spec.kind, spec.variant, spec.severity, box_lo, box_hi, px=px)
     log.debug("anatomy %d tubes, lesions %d tubes in %.2fs", len(anat.tubes), len(les.tubes), time.perf_counter() - t0)
     tubes = Tubes.concat([anat.tubes, les.tubes])
     values = _material_values(anat, les)
@@ -235,6 +236,7 @@ def _resolve(spec: PhantomSpec) -> tuple[_Plan, dict[str, Any]]:
         c = (m - 1) / 2.0
         circ = ((yy - c) ** 2 + (xx - c) ** 2) > (m / 2.0) ** 2
     z_shift = float(rr.uniform(-420.0, -180.0))
+    y_shift = 0.0
     plan = _Plan(spec, anat, les, tubes, values, z_out, offsets, x0, y0, px, n, factor, width, width_lr, kernel, sharpen,
                  noise, bank, pick, circ)
     params: dict[str, Any] = {
@@ -259,6 +261,14 @@ def _resolve(spec: PhantomSpec) -> tuple[_Plan, dict[str, Any]]:
         "z_shift_mm": z_shift,
         "lesions": les.describe(),
         "n_tubes": len(tubes),
+        # anatomical landmarks in LPS mm (for QA and tests)
+        "landmarks_lps_mm": {
+            "carina": [round(anat.x_t, 2), round(anat.y_t + y_shift, 2), round(anat.z_car + z_shift, 2)],
+            "lung_apex_z": round(anat.L + z_shift, 2),
+            "lung_base_z": round(z_shift, 2),
+            "right_dome_z": round(anat.z_top_r + z_shift, 2),
+            "left_dome_z": round(anat.z_top_l + z_shift, 2),
+        },
     }
     return plan, params
 
@@ -434,7 +444,6 @@ def make_phantom(spec: PhantomSpec) -> Phantom:
     }
     volumes = {k: round(float(v), 3) for k, v in volumes.items()}
     origin = (plan.x0, plan.y0 + 0.0, float(plan.z_out[0]) + float(params["z_shift_mm"]))
-    params["timing_s"] = {"plan": round(t1 - t0, 3), "render": round(t2 - t1, 3)}
     log.info("phantom %s/%s seed=%d %dx%dx%d rendered in %.2fs (plan %.2fs)", spec.kind, params["variant"], spec.seed,
              n, m, m, t2 - t0, t1 - t0)
-    return Phantom(hu, lungs, les, spacing, origin, spec, volumes, params)
+    return Phantom(hu, lungs, les, spacing, origin, spec, volumes, params, {"plan": t1 - t0, "render": t2 - t1})

@@ -9,7 +9,7 @@ small vessels cost a few vectorised passes rather than a Python loop over voxels
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from numpy.typing import NDArray
@@ -29,7 +29,7 @@ class TubeSet:
     r1: list[float] = field(default_factory=list)
     mat: list[int] = field(default_factory=list)
 
-    def add(self, a: NDArray[np.float64] | tuple[float, float, float], b: NDArray[np.float64] | tuple[float, float, float],
+    def add(self, a: NDArray[Any] | tuple[float, float, float], b: NDArray[Any] | tuple[float, float, float],
             ra: float, rb: float, material: int) -> None:
         """Append one segment from ``a`` (radius ``ra``) to ``b`` (radius ``rb``)."""
         self.p0.append((float(a[0]), float(a[1]), float(a[2])))
@@ -38,7 +38,7 @@ class TubeSet:
         self.r1.append(float(rb))
         self.mat.append(int(material))
 
-    def polyline(self, pts: NDArray[np.float64], radii: NDArray[np.float64] | float, material: int) -> None:
+    def polyline(self, pts: NDArray[Any], radii: NDArray[Any] | float, material: int) -> None:
         """Append consecutive segments through the (n, 3) points ``pts``."""
         r = np.broadcast_to(np.asarray(radii, dtype=np.float64), (len(pts),))
         for i in range(len(pts) - 1):
@@ -60,10 +60,10 @@ class TubeSet:
 class Tubes:
     """Array form of a :class:`TubeSet`."""
 
-    p0: NDArray[np.float64]
-    p1: NDArray[np.float64]
-    r0: NDArray[np.float64]
-    r1: NDArray[np.float64]
+    p0: NDArray[Any]
+    p1: NDArray[Any]
+    r0: NDArray[Any]
+    r1: NDArray[Any]
     mat: NDArray[np.int16]
 
     def __len__(self) -> int:
@@ -84,7 +84,7 @@ class Tubes:
             np.concatenate([p.mat for p in parts]).astype(np.int16),
         )
 
-    def point_sdf(self, pts: NDArray[np.float64]) -> NDArray[np.float64]:
+    def point_sdf(self, pts: NDArray[Any]) -> NDArray[Any]:
         """Signed distance of (n, 3) points to the union of all segments (brute force, for sampling)."""
         out = np.full(len(pts), np.inf)
         for a, b, ra, rb in zip(self.p0, self.p1, self.r0, self.r1):
@@ -99,7 +99,7 @@ class Tubes:
 class Grid:
     """A chunk of voxels: slice positions ``z`` (mm, sorted), first pixel centre and pixel size."""
 
-    z: NDArray[np.float64]
+    z: NDArray[Any]
     x0: float
     y0: float
     px: float
@@ -111,7 +111,7 @@ def _ladder(n: NDArray[np.int64]) -> NDArray[np.int64]:
     return _LADDER[np.searchsorted(_LADDER, n)]
 
 
-def _batches(tubes: Tubes, grid: Grid, margin: NDArray[np.float64]) -> Iterator[tuple[NDArray[np.int16], NDArray[np.int64], NDArray[np.float32], NDArray[np.float32]]]:
+def _batches(tubes: Tubes, grid: Grid, margin: NDArray[Any]) -> Iterator[tuple[NDArray[np.int16], NDArray[np.int64], NDArray[Any], NDArray[Any]]]:
     """Yield (material, flat voxel index, signed distance, radius) for voxels near each segment."""
     if len(tubes) == 0 or grid.z.size == 0:
         return
@@ -147,7 +147,7 @@ def _batches(tubes: Tubes, grid: Grid, margin: NDArray[np.float64]) -> Iterator[
 
 def _evaluate(tubes: Tubes, grid: Grid, sel: NDArray[np.int64], k0: NDArray[np.int64], j0: NDArray[np.int64],
               i0: NDArray[np.int64], sk: int, sj: int, si: int, nz: int
-              ) -> tuple[NDArray[np.int16], NDArray[np.int64], NDArray[np.float32], NDArray[np.float32]]:
+              ) -> tuple[NDArray[np.int16], NDArray[np.int64], NDArray[Any], NDArray[Any]]:
     kk = k0[:, None] + np.arange(sk)
     jj = j0[:, None] + np.arange(sj)
     ii = i0[:, None] + np.arange(si)
@@ -182,7 +182,7 @@ def _evaluate(tubes: Tubes, grid: Grid, sel: NDArray[np.int64], k0: NDArray[np.i
     return mats[valid], flat[valid], sdf[valid], rad[valid]
 
 
-def stamp(tubes: Tubes, grid: Grid, width: float, outputs: dict[int, NDArray[np.float32]]) -> dict[int, list[int]]:
+def stamp(tubes: Tubes, grid: Grid, width: float, outputs: dict[int, NDArray[Any]]) -> dict[int, list[int]]:
     """Max-composite the partial-volume fraction of every segment into ``outputs[material]``.
 
     ``outputs`` arrays are (len(grid.z), h, w) float32 (several materials may share one array);
@@ -218,7 +218,7 @@ def stamp(tubes: Tubes, grid: Grid, width: float, outputs: dict[int, NDArray[np.
     return boxes
 
 
-def min_sdf(tubes: Tubes, grid: Grid, margin: float, out: NDArray[np.float32]) -> None:
+def min_sdf(tubes: Tubes, grid: Grid, margin: float, out: NDArray[Any]) -> None:
     """Lower ``out`` (n, h, w) to the signed distance of the segment union where closer than ``margin``."""
     if len(tubes) == 0:
         return

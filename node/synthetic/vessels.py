@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -32,16 +34,16 @@ class TreeStyle:
 class Node:
     """A branch end point; the airway tree is derived from the arterial nodes."""
 
-    pos: NDArray[np.float64]
+    pos: NDArray[Any]
     radius: float  # radius of the branch that ends here, at its start
     parent: int  # -1 for the root
     r_end: float = 0.0  # radius at this end of the branch (tapering)
 
 
-def grow_tree(rng: np.random.Generator, root: NDArray[np.float64], targets: NDArray[np.float64], style: TreeStyle) -> list[Node]:
+def grow_tree(rng: np.random.Generator, root: NDArray[Any], targets: NDArray[Any], style: TreeStyle) -> list[Node]:
     """Grow a tree from ``root`` serving the (n, 3) ``targets``; returns the node list (root first)."""
     nodes: list[Node] = [Node(np.asarray(root, dtype=np.float64), style.r_max, -1)]
-    stack: list[tuple[int, NDArray[np.float64]]] = [(0, targets)]
+    stack: list[tuple[int, NDArray[Any]]] = [(0, targets)]
     while stack:
         parent, pts = stack.pop()
         start = nodes[parent].pos
@@ -66,14 +68,9 @@ def grow_tree(rng: np.random.Generator, root: NDArray[np.float64], targets: NDAr
         dirs -= dirs.mean(axis=0)
         _, _, vt = np.linalg.svd(dirs, full_matrices=False)
         proj = dirs @ vt[0]
-        q = rng.uniform(0.3, 0.7)
-        thr = np.quantile(proj, q)
-        a = pts[proj <= thr]
-        b = pts[proj > thr]
-        if len(a) == 0 or len(b) == 0:
-            order = np.argsort(proj)
-            half = m // 2
-            a, b = pts[order[:half]], pts[order[half:]]
+        cut = min(m - 1, max(1, int(round(rng.uniform(0.3, 0.7) * m))))
+        order = np.argpartition(proj, cut)
+        a, b = pts[order[:cut]], pts[order[cut:]]
         stack.append((me, a))
         stack.append((me, b))
     return nodes
@@ -105,7 +102,7 @@ def tree_to_tubes(nodes: list[Node], ts: TubeSet, material: int, rng: np.random.
             ts.add(pts[i], pts[i + 1], radii[i], radii[i + 1], material)
 
 
-def _add_split(ts: TubeSet, a: NDArray[np.float64], b: NDArray[np.float64], ra: float, rb: float, material: int, max_piece: float) -> None:
+def _add_split(ts: TubeSet, a: NDArray[Any], b: NDArray[Any], ra: float, rb: float, material: int, max_piece: float) -> None:
     length = float(np.linalg.norm(b - a))
     piece = max(max_piece, 4.0 * max(ra, rb))
     k = max(1, int(np.ceil(length / piece)))
@@ -114,14 +111,14 @@ def _add_split(ts: TubeSet, a: NDArray[np.float64], b: NDArray[np.float64], ra: 
         ts.add(a + t0 * (b - a), a + t1 * (b - a), ra + t0 * (rb - ra), ra + t1 * (rb - ra), material)
 
 
-def airway_from_tree(nodes: list[Node], bronchus_root: NDArray[np.float64], ref: NDArray[np.float64], ts: TubeSet,
-                     wall_mat: int, lumen_mat: int, r_min: float, ratio: float = 1.0) -> list[tuple[NDArray[np.float64], NDArray[np.float64], float, float]]:
+def airway_from_tree(nodes: list[Node], bronchus_root: NDArray[Any], ref: NDArray[Any], ts: TubeSet,
+                     wall_mat: int, lumen_mat: int, r_min: float, ratio: float = 1.0) -> list[tuple[NDArray[Any], NDArray[Any], float, float]]:
     """Bronchi running beside the arteries: each arterial node offset sideways by the two radii.
 
     Returns the lumen segments (start, end, r_start, r_end) so callers can place lesions along them.
     """
-    offs: dict[int, NDArray[np.float64]] = {0: np.asarray(bronchus_root, dtype=np.float64)}
-    lumens: list[tuple[NDArray[np.float64], NDArray[np.float64], float, float]] = []
+    offs: dict[int, NDArray[Any]] = {0: np.asarray(bronchus_root, dtype=np.float64)}
+    lumens: list[tuple[NDArray[Any], NDArray[Any], float, float]] = []
     for idx in range(1, len(nodes)):
         n = nodes[idx]
         if n.parent not in offs:

@@ -35,6 +35,11 @@ CLS_W = np.array([-6.0, 0.0, 6.0], dtype=np.float32)
 CLS_B = np.array([3.0, 0.0, -3.0], dtype=np.float32)
 
 LUNG_WINDOW = {"level": -450.0, "width": 1350.0}
+LESION_LABELS = [
+    {"index": 0, "name": "background"},
+    {"index": 1, "name": "ground_glass_opacity", "snomed": {"code": "1217294009", "meaning": "Ground glass opacity"}},
+    {"index": 2, "name": "consolidation", "snomed": {"code": "95436008", "meaning": "Lung consolidation"}},
+]
 
 Dims = tuple[int | None, ...]
 
@@ -269,6 +274,6 @@ def make_models_dir(root: Path) -> Path:
     """A models folder with the default names of InferenceSettings: lung_seg, lesion_seg, diagnosis."""
     root = Path(root)
     make_seg2d(root / "lung_seg")
-    make_seg2d(root / "lesion_seg", size=(None, None))
+    make_seg2d(root / "lesion_seg", size=(None, None), overrides={"output": {"labels": LESION_LABELS}})
     make_cls3d(root / "diagnosis")
     return root

@@ -1,0 +1,80 @@
+"""``lungnode process``: the analysis path offline, on a folder of DICOM files.
+
+The folder may hold one series or a whole study (any layout, non-DICOM files ignored). Series are
+grouped by SeriesInstanceUID, the selection rules pick the best one, and it is analysed exactly as
+a worker would; ``DIR/result.json`` says what happened, including why the other series were skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from node.config import Config
+from node.logs import kv
+from node.pipeline.runner import Analysis, analyse_series
+from node.pipeline.select import SeriesHeader, choose
+from node.pipeline.volume import QAFlag
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_REJECTED = 0, 1, 3
+
+
+def scan(root: Path) -> dict[str, tuple[SeriesHeader, list[Path]]]:
+    """Every DICOM image under ``root`` grouped by series, with a header summary per series."""
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError):
+            continue
+        if "SeriesInstanceUID" not in ds or "SOPClassUID" not in ds:
+            continue
+        groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+    out = {}
+    for uid, members in groups.items():
+        header = SeriesHeader.from_dataset(members[0][1], slice_count=len(members))
+        out[uid] = (header, [p for p, _ in members])
+    return out
+
+
+def process(input_path: Path, out_dir: Path, config: Config) -> int:
+    """Run the whole path on ``input_path`` and write ``out_dir/result.json``; returns the exit code."""
+    def progress(step: str) -> None:
+        print(f"  {step}...", file=sys.stderr, flush=True)
+
+    print(f"scanning {input_path}", file=sys.stderr)
+    series = scan(input_path)
+    if not series:
+        analysis = Analysis(status="rejected", series_instance_uid="", reason=f"no DICOM images found in {input_path}")
+        analysis.write(out_dir)
+        print(f"rejected: {analysis.reason}", file=sys.stderr)
+        return EXIT_REJECTED
+    best, verdicts = choose([h for h, _ in series.values()], config.selection)
+    for v in verdicts:
+        if not v.eligible:
+            print(f"skipped series {v.series_instance_uid}: {v.reason}", file=sys.stderr)
+    if best is None:
+        reasons = "; ".join(f"{v.series_instance_uid}: {v.reason}" for v in verdicts)
+        analysis = Analysis(status="rejected", series_instance_uid=verdicts[0].series_instance_uid,
+                            reason=f"no series qualifies for analysis ({reasons})")
+    else:
+        _, paths = series[best.series_instance_uid]
+        print(f"analysing series {best.series_instance_uid} ({len(paths)} images)", file=sys.stderr)
+        analysis = analyse_series(paths, config.inference, series_instance_uid=best.series_instance_uid,
+                                  progress=progress)
+    analysis.qa.extend(
+        QAFlag(f"skipped_{v.rule}", "flag", f"series {v.series_instance_uid} not analysed: {v.reason}")
+        for v in verdicts
+        if not v.eligible and best is not None
+    )
+    path = analysis.write(out_dir)
+    log.info(kv("process_done", status=analysis.status, result=path))
+    print(f"{analysis.status}{': ' + analysis.reason if analysis.reason else ''} -> {path}", file=sys.stderr)
+    return {"ok": EXIT_OK, "rejected": EXIT_REJECTED, "failed": EXIT_FAILED}[analysis.status]

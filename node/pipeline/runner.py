@@ -1,0 +1,173 @@
+"""The analysis path for one series, in one readable function: ``analyse_series``.
+
+    files ─► volume + geometry/HU checks ─► lung coverage ─► lung model ─► lesion model
+          ─► diagnosis model ─► measurements ─► Analysis (result.json)
+
+A refusal at any check ends the path with status ``rejected`` and the reason; an unexpected error
+with status ``failed``. Every step is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+
+from node import __version__
+from node.config import InferenceSettings
+from node.logs import kv
+from node.pipeline import postprocess as post
+from node.pipeline.coverage import check_coverage
+from node.pipeline.infer import Model, get_model
+from node.pipeline.preprocess import full_box, lung_box, place_labels, slices_input, volume_input, windowed_volume
+from node.pipeline.volume import QAFlag, SeriesRefused, Volume, load_volume
+
+log = logging.getLogger(__name__)
+
+Status = Literal["ok", "rejected", "failed"]
+Progress = Callable[[str], None]
+NOT_FOR_CLINICAL_USE = "Results of reference models that are not cleared for clinical use."
+
+
+@dataclass
+class Analysis:
+    status: Status
+    series_instance_uid: str
+    reason: str | None = None
+    qa: list[QAFlag] = field(default_factory=list)
+    models: list[dict[str, str]] = field(default_factory=list)
+    probabilities: dict[str, float] | None = None
+    measurements: post.Measurements | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+    volume: Volume | None = None
+    lungs: np.ndarray | None = None  # canonical (z, y, x) label map, 1 right / 2 left
+    lesions: np.ndarray | None = None  # canonical label map, 1 ground glass / 2 consolidation
+
+    def result_json(self) -> dict[str, Any]:
+        m = self.measurements.as_dict() if self.measurements else {}
+        return {
+            "status": self.status,
+            "reason": self.reason,
+            "series_instance_uid": self.series_instance_uid,
+            "qa": [{"code": f.code, "severity": f.severity, "reason": f.reason} for f in self.qa],
+            "models": self.models,
+            "probabilities": self.probabilities,
+            "lung_volume_ml": m.get("lung_volume_ml"),
+            "lesion_volume_ml": m.get("lesion_volume_ml"),
+            "involvement_percent": m.get("involvement_percent"),
+            "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+            "software": {"name": "lungnode", "version": __version__},
+            "disclaimer": NOT_FOR_CLINICAL_USE,
+        }
+
+    def write(self, out_dir: Path) -> Path:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "result.json"
+        path.write_text(json.dumps(self.result_json(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+class _Timer:
+    def __init__(self, timings: dict[str, float], progress: Progress | None) -> None:
+        self.timings = timings
+        self.progress = progress
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        if self.progress:
+            self.progress(name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = time.perf_counter() - t0
+
+
+def _label_map(probs: np.ndarray, model: Model, names: tuple[str, str]) -> np.ndarray:
+    """Argmax over classes, renamed so that ``names[0]`` is 1 and ``names[1]`` is 2 (others 0)."""
+    arg = np.argmax(probs, axis=1)
+    out = np.zeros(arg.shape, dtype=np.uint8)
+    for value, name in enumerate(names, start=1):
+        out[arg == model.manifest.output.label_index(name)] = value
+    return out
+
+
+def segment(volume: Volume, model: Model, names: tuple[str, str], box: tuple[slice, slice, slice]) -> np.ndarray:
+    """Run a 2D slice model over ``box`` and return its label map on the whole volume."""
+    x, placement = slices_input(volume.hu, model.manifest, box)
+    batch = int(model.manifest.preprocessing.get("batch_size", 16))
+    probs = model.run_batched(x, batch)
+    return place_labels(_label_map(probs, model, names), placement, volume.shape)
+
+
+def classify(volume: Volume, lungs: np.ndarray, lesions: np.ndarray, model: Model) -> dict[str, float]:
+    """Series-level probabilities from the 3D model on the lung box."""
+    box = lung_box(lungs > 0)
+    channels = []
+    for name in model.manifest.input.channels:
+        if name == "ct":
+            channels.append(windowed_volume(volume.hu, model.manifest))
+        elif name == "lesion_map":
+            channels.append((lesions > 0).astype(np.float32))
+        elif name == "lung_map":
+            channels.append((lungs > 0).astype(np.float32))
+        else:
+            raise SeriesRefused("model_input", f"diagnosis model asks for an unknown input channel {name!r}")
+    probs = model.run(volume_input(channels, model.manifest, box))[0]
+    return {name: round(float(probs[i]), 4) for i, name in enumerate(model.manifest.output.label_names)}
+
+
+def _model_info(model: Model) -> dict[str, str]:
+    m = model.manifest
+    return {"name": m.name, "version": m.version, "sha256": m.sha256}
+
+
+def analyse_series(
+    paths: list[Path], settings: InferenceSettings, *, series_instance_uid: str, progress: Progress | None = None
+) -> Analysis:
+    """The whole analysis of one series; never raises for a bad series, it says why instead."""
+    result = Analysis(status="ok", series_instance_uid=series_instance_uid)
+    timer = _Timer(result.timings_s, progress)
+    try:
+        with timer.step("models"):
+            lung_model = get_model(settings, "lung")
+            lesion_model = get_model(settings, "lesion")
+            diagnosis_model = get_model(settings, "diagnosis")
+        result.models = [_model_info(m) for m in (lung_model, lesion_model, diagnosis_model)]
+        with timer.step("volume"):
+            volume = load_volume(paths)
+        result.volume = volume
+        result.qa.extend(volume.qa)
+        with timer.step("coverage"):
+            _, flags = check_coverage(volume)
+        result.qa.extend(flags)
+        with timer.step("lung_seg"):
+            raw = segment(volume, lung_model, ("right_lung", "left_lung"), full_box(volume.shape))
+            pp = lung_model.manifest.postprocessing
+            lungs = post.clean_lungs(raw, keep=int(pp.get("keep_largest_components", 1)),
+                                     min_ml=float(pp.get("min_component_ml", 5.0)), voxel_ml=volume.voxel_ml)
+        result.lungs = lungs
+        with timer.step("lesion_seg"):
+            crop = bool(lesion_model.manifest.preprocessing.get("crop_to_lung_box", True))
+            box = lung_box(lungs > 0) if crop else full_box(volume.shape)
+            raw = segment(volume, lesion_model, ("ground_glass_opacity", "consolidation"), box)
+            lesions = post.clean_lesions(raw, lungs, min_ml=float(lesion_model.manifest.postprocessing.get("min_component_ml", 0.1)),
+                                         voxel_ml=volume.voxel_ml)
+        result.lesions = lesions
+        with timer.step("diagnosis"):
+            result.probabilities = classify(volume, lungs, lesions, diagnosis_model)
+        with timer.step("measure"):
+            result.measurements = post.measure(lungs, lesions, volume.voxel_ml)
+    except SeriesRefused as refused:
+        result.status = "rejected"
+        result.reason = refused.flag.reason
+        result.qa.append(refused.flag)
+        log.info(kv("series_rejected", series=series_instance_uid, code=refused.flag.code, reason=refused.flag.reason))
+    result.timings_s["total"] = sum(v for k, v in result.timings_s.items() if k != "total")
+    return result

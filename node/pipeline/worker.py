@@ -1,0 +1,127 @@
+"""Worker processes: claim a job from the ledger, analyse its series, record the outcome.
+
+Analysis is CPU/GPU heavy and partly pure Python, so it runs in separate processes that share
+nothing with the DICOM listener but the database. A worker keeps a heartbeat on its job; if the
+process dies, the lease runs out and any worker puts the job back in the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import traceback
+from pathlib import Path
+from types import FrameType
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Config
+from node.db.jobs import Claimed, JobQueue
+from node.db.models import Instance, JobState, Series
+from node.db.session import make_engine, make_sessionmaker
+from node.logs import kv, setup_logging
+from node.pipeline.infer import get_model
+from node.pipeline.runner import Analysis, analyse_series
+
+log = logging.getLogger(__name__)
+
+
+def results_dir(config: Config, job_id: int) -> Path:
+    return config.storage.spool_dir / "results" / f"job-{job_id}"
+
+
+def _series_files(sessions: sessionmaker[Session], job: Claimed) -> tuple[str, list[Path]]:
+    with sessions() as s:
+        series = s.get(Series, job.series_id)
+        assert series is not None
+        paths = s.scalars(
+            select(Instance.path).where(Instance.series_id == job.series_id, Instance.revision <= job.revision)
+        ).all()
+        return series.series_instance_uid, [Path(p) for p in paths]
+
+
+class Worker:
+    def __init__(self, config: Config, *, name: str | None = None) -> None:
+        self.config = config
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.engine = make_engine(config.storage.database_url)
+        self.sessions = make_sessionmaker(self.engine)
+        w = config.workers
+        self.queue = JobQueue(self.sessions, worker=self.name, lease_s=w.lease_s, max_attempts=w.max_attempts)
+        self.stop = threading.Event()
+
+    def preload(self) -> None:
+        """Load and check the three models now: a bad model stops the worker at start, not mid-job."""
+        for role in ("lung", "lesion", "diagnosis"):
+            get_model(self.config.inference, role)  # type: ignore[arg-type]
+
+    def run_one(self) -> bool:
+        """Claim and run one job; False when the queue was empty."""
+        self.queue.requeue_stalled()
+        job = self.queue.claim()
+        if job is None:
+            return False
+        beat_stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job.job_id, beat_stop), daemon=True)
+        beat.start()
+        try:
+            series_uid, paths = _series_files(self.sessions, job)
+            analysis = analyse_series(paths, self.config.inference, series_instance_uid=series_uid)
+            analysis.write(results_dir(self.config, job.job_id))
+            self._finish(job, analysis)
+        except Exception as exc:  # any failure of one job is recorded on it; the worker goes on
+            log.error(kv("job_error", job=job.job_id, error=f"{type(exc).__name__}: {exc}"))
+            log.debug(traceback.format_exc())
+            self.queue.finish(job.job_id, JobState.failed, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            beat_stop.set()
+            beat.join()
+        return True
+
+    def _finish(self, job: Claimed, analysis: Analysis) -> None:
+        state = {"ok": JobState.done, "rejected": JobState.rejected, "failed": JobState.failed}[analysis.status]
+        self.queue.finish(job.job_id, state, error=analysis.reason, timings=analysis.result_json()["timings_s"])
+
+    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
+        interval = max(1.0, self.config.workers.lease_s / 4)
+        while not stop.wait(interval):
+            if not self.queue.heartbeat(job_id):
+                return
+
+    def loop(self) -> None:
+        log.info(kv("worker_ready", worker=self.name))
+        while not self.stop.is_set():
+            if not self.run_one():
+                self.stop.wait(self.config.workers.poll_interval_s)
+        self.engine.dispose()
+        log.info(kv("worker_stopped", worker=self.name))
+
+
+def worker_process_main(config: Config) -> None:
+    """Entry point of a worker process (``lungnode worker`` or one started by ``serve``)."""
+    setup_logging(config.logging.level, config.logging.file, config.logging.include_phi)
+    worker = Worker(config)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    worker.preload()
+    worker.loop()
+
+
+def start_workers(config: Config, count: int) -> list[multiprocessing.process.BaseProcess]:
+    """Start ``count`` worker processes (spawned: no state shared with the listener's threads)."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    for i in range(count):
+        p = ctx.Process(target=worker_process_main, args=(config,), name=f"lungnode-worker-{i + 1}", daemon=False)
+        p.start()
+        procs.append(p)
+    return procs
