@@ -128,7 +128,7 @@ def models_problem(config: Config) -> str | None:
 
     try:
         for role in ("lung", "lesion", "diagnosis"):
-            get_model(config.inference, role)  # type: ignore[arg-type]
+            get_model(config.inference, role)
     except LungnodeError as exc:
         return str(exc)
     return None

@@ -32,7 +32,7 @@ def full_box(shape: tuple[int, int, int]) -> tuple[slice, slice, slice]:
 def lung_box(mask: np.ndarray, margin: tuple[int, int, int] = (2, 8, 8)) -> tuple[slice, slice, slice]:
     """Bounding box of a mask with a margin (voxels), clipped to the volume; whole volume if empty."""
     if not mask.any():
-        return full_box(mask.shape)  # type: ignore[arg-type]
+        return full_box(mask.shape)
     box = []
     for axis, m in enumerate(margin):
         other = tuple(a for a in range(3) if a != axis)

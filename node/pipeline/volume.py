@@ -127,7 +127,7 @@ def _planes_classic(ds: Dataset) -> list[_Plane]:
             position=_floats(ds.get("ImagePositionPatient"), 3, "Image Position (Patient)"),
             row_dir=_floats(ds.get("ImageOrientationPatient"), 6, "Image Orientation (Patient)")[:3],
             col_dir=_floats(ds.get("ImageOrientationPatient"), 6, "Image Orientation (Patient)")[3:],
-            pixel_spacing=tuple(_floats(ds.get("PixelSpacing"), 2, "Pixel Spacing")),  # type: ignore[arg-type]
+            pixel_spacing=tuple(_floats(ds.get("PixelSpacing"), 2, "Pixel Spacing")),
             rows=int(ds.Rows),
             cols=int(ds.Columns),
             slope=float(ds.get("RescaleSlope", 1) or 1),
@@ -165,7 +165,7 @@ def _planes_enhanced(ds: Dataset) -> list[_Plane]:
                 position=_floats(pos.get("ImagePositionPatient"), 3, "Image Position (Patient)"),
                 row_dir=iop[:3],
                 col_dir=iop[3:],
-                pixel_spacing=tuple(_floats(meas.get("PixelSpacing"), 2, "Pixel Spacing")),  # type: ignore[arg-type]
+                pixel_spacing=tuple(_floats(meas.get("PixelSpacing"), 2, "Pixel Spacing")),
                 rows=int(ds.Rows),
                 cols=int(ds.Columns),
                 slope=float(trans.get("RescaleSlope", 1)) if trans is not None else 1.0,

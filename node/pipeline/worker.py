@@ -58,7 +58,7 @@ class Worker:
     def preload(self) -> None:
         """Load and check the three models now: a bad model stops the worker at start, not mid-job."""
         for role in ("lung", "lesion", "diagnosis"):
-            get_model(self.config.inference, role)  # type: ignore[arg-type]
+            get_model(self.config.inference, role)
 
     def run_one(self) -> bool:
         """Claim and run one job; False when the queue was empty."""
@@ -119,7 +119,7 @@ def worker_process_main(config: Config) -> None:
 def start_workers(config: Config, count: int) -> list[multiprocessing.process.BaseProcess]:
     """Start ``count`` worker processes (spawned: no state shared with the listener's threads)."""
     ctx = multiprocessing.get_context("spawn")
-    procs = []
+    procs: list[multiprocessing.process.BaseProcess] = []
     for i in range(count):
         p = ctx.Process(target=worker_process_main, args=(config,), name=f"lungnode-worker-{i + 1}", daemon=False)
         p.start()
