@@ -1,0 +1,154 @@
+"""The ledger on a real PostgreSQL server: migrations, receiving, assembly and the job queue.
+
+A private cluster is created with Debian's initdb in a temporary folder and listens on 127.0.0.1
+only. Skipped, with the reason, where the PostgreSQL server binaries or psycopg are missing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.config import AssemblySettings
+from node.db.ingest import IngestLedger, Outcome
+from node.db.jobs import JobQueue
+from node.db.models import AssociationState, Job, JobState, Series, SeriesState
+from node.db.session import make_engine, make_sessionmaker, upgrade_schema
+from node.receive.assembler import Assembler
+from node.receive.inspect import CT_IMAGE_STORAGE, InstanceHeader
+
+PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[tuple[Path, int]]:
+    if not PG_BIN:
+        pytest.skip("PostgreSQL server binaries not installed (Debian package postgresql)")
+    pytest.importorskip("psycopg", reason="psycopg not installed (pip install -e '.[postgres]')")
+    bindir = Path(PG_BIN[-1])
+    # Not under pytest's tmp folder: its parents are private to root and the postgres user must reach it.
+    root = Path(tempfile.mkdtemp(prefix="lungnode-pg-"))
+    data = root / "data"
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL")
+        shutil.chown(root, "postgres")
+        os.chmod(root, 0o700)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    _run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "lungnode"])
+    port = _free_port()
+    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    _run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"])
+    try:
+        yield bindir, port
+    finally:
+        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server: tuple[Path, int], request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database for each test."""
+    bindir, port = pg_server
+    name = request.node.name.lower()[:60]
+    _run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "lungnode", name])
+    return f"postgresql+psycopg://lungnode@127.0.0.1:{port}/{name}"
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-1500:]}")
+
+
+def _header(series: str, sop: str, study: str = "1.2.3.1") -> InstanceHeader:
+    return InstanceHeader(
+        sop_class_uid=CT_IMAGE_STORAGE, sop_instance_uid=sop, study_instance_uid=study, series_instance_uid=series,
+        transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT", series_number=1, series_description="chest",
+        instance_number=1, patient_id="P", accession_number="A", study_date="20260101", manufacturer="x",
+        software_versions=None,
+    )
+
+
+def test_ledger_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    engine = make_engine(pg_url)
+    upgrade_schema(engine)
+    upgrade_schema(engine)  # idempotent
+    sessions = make_sessionmaker(engine)
+    ledger = IngestLedger(sessions)
+    assoc = ledger.open_association(calling_ae="SCU", called_ae="LUNGNODE", host="127.0.0.1", port=1)
+    for i in range(5):
+        rec = ledger.record_instance(_header("1.2.3.10", f"1.2.3.10.{i}"), path=tmp_path / f"{i}.dcm", size_bytes=1,
+                                     association_id=assoc, own_output=False)
+        assert rec.outcome == Outcome.stored and rec.revision == 1
+    dup = ledger.record_instance(_header("1.2.3.10", "1.2.3.10.0"), path=tmp_path / "0.dcm", size_bytes=1,
+                                 association_id=assoc, own_output=False)
+    assert dup.outcome == Outcome.duplicate
+    ledger.close_association(assoc, AssociationState.released)
+
+    assembler = Assembler(AssemblySettings(quiet_period_s=60, release_grace_s=0), sessions)
+    assert assembler.complete_due() == 1
+    assert assembler.complete_due() == 0
+    # A late instance opens revision 2 and, once complete, a second job.
+    late = ledger.record_instance(_header("1.2.3.10", "1.2.3.10.99"), path=tmp_path / "99.dcm", size_bytes=1,
+                                  association_id=None, own_output=False)
+    assert late.revision == 2 and late.new_revision
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=120)
+    assert assembler.complete_due(now=later) == 1
+    with sessions() as s:
+        series = s.query(Series).one()
+        assert series.state == SeriesState.complete and series.revision == 2 and series.instance_count == 6
+        assert sorted(j.revision for j in s.query(Job)) == [1, 2]
+    engine.dispose()
+
+
+def test_two_workers_never_claim_the_same_job(pg_url: str, tmp_path: Path) -> None:
+    engine = make_engine(pg_url)
+    upgrade_schema(engine)
+    sessions = make_sessionmaker(engine)
+    ledger = IngestLedger(sessions)
+    for n in range(20):
+        ledger.record_instance(_header(f"1.2.4.{n}", f"1.2.4.{n}.1", study="1.2.4"), path=tmp_path / f"{n}",
+                               size_bytes=1, association_id=None, own_output=False)
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=120)
+    Assembler(AssemblySettings(quiet_period_s=60), sessions).complete_due(now=later)
+    with sessions() as s:
+        queued = {j.id for j in s.query(Job).filter(Job.state == JobState.queued)}
+    assert len(queued) == 20
+
+    claims: dict[str, list[int]] = {"a": [], "b": []}
+
+    def work(name: str) -> None:
+        q = JobQueue(sessions, worker=name)
+        while (job := q.claim()) is not None:
+            claims[name].append(job.job_id)
+            time.sleep(0.005)
+            q.finish(job.job_id, JobState.done)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in claims]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    both = claims["a"] + claims["b"]
+    assert sorted(both) == sorted(queued), "every job claimed exactly once"
+    assert claims["a"] and claims["b"], "both workers got work (SKIP LOCKED lets them proceed in parallel)"
+    engine.dispose()
