@@ -90,7 +90,6 @@ class Prof:
 class Anatomy:
     """All sampled anatomy of one phantom; :meth:`render` evaluates it on a chunk of slices."""
 
-    rng_seed: int
     L: float  # lung height (apex Z)
     A: float  # cage half-width at the bases
     Ba: float  # cage anterior half-depth
@@ -142,7 +141,6 @@ class Anatomy:
     hila: dict[str, NDArray[Any]] = field(default_factory=dict, repr=False)
     airway_lumens: dict[str, list[tuple[NDArray[Any], NDArray[Any], float, float]]] = field(default_factory=dict, repr=False)
     vessel_targets: dict[str, NDArray[Any]] = field(default_factory=dict, repr=False)
-    extra_tubes: list[Tubes] = field(default_factory=list, repr=False)
 
     # ------------------------------------------------------------------ profiles
     def prof(self, Z: Arr) -> Prof:
@@ -625,7 +623,6 @@ def sample_anatomy(rng: np.random.Generator, *, px: float, contrast: bool | None
     hu["vein"] = hu["pulm_vein"] if contrast else _u(rng, 30, 55)
     table = (_u(rng, 0.0, 4.0), _u(rng, 0.0, 0.0012), _u(rng, 6, 22)) if rng.random() < 0.75 else None
     anat = Anatomy(
-        rng_seed=int(rng.integers(0, 2**31 - 1)),
         L=L, A=A, Ba=Ba, Bp=Bp,
         fat_lat=fat_lat, fat_ant=fat_ant, fat_post=fat_post,
         wall_lat=_u(rng, 8, 14) * s, wall_ant=_u(rng, 8, 15) * s, wall_post=_u(rng, 45, 58) * s,

@@ -110,7 +110,7 @@ class SeriesOptions:
     write_truth: bool = True
     truth_subdir: str = "truth"
     manufacturer: str = MANUFACTURER
-    threads: int = 2
+    threads: int = 2  # parallel dcmcjpeg processes for jpeg-lossless
 
     def __post_init__(self) -> None:
         if self.orientation not in ("HFS", "FFS"):
@@ -251,7 +251,9 @@ def write_series(outdir: Path, phantom: Phantom, options: SeriesOptions = Series
         return path
 
     jobs = list(enumerate(order, start=1))
-    if options.threads > 1 and options.transfer_syntax not in ("explicit", "implicit"):
+    # Only the dcmcjpeg subprocesses run in parallel: pylibjpeg-openjpeg 2.6.0 crashes (SIGSEGV) when two
+    # threads encode at once (measured here), and the other encoders hold the GIL anyway.
+    if options.threads > 1 and dcmcjpeg is not None:
         with ThreadPoolExecutor(max_workers=options.threads) as ex:
             files = list(ex.map(one, jobs))
     else:
