@@ -11,6 +11,8 @@ import logging
 import socket
 import tempfile
 import threading
+import time
+from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, cast
@@ -69,6 +71,18 @@ TRANSFER_SYNTAXES = [
 ]
 
 _ASSOC_ID = "_lungnode_assoc_id"
+_ASSOC_STATS = "_lungnode_assoc_stats"
+
+
+@dataclass
+class _AssocStats:
+    """Per-association throughput, logged when it closes (where the receive time went)."""
+
+    opened: float = field(default_factory=time.perf_counter)
+    stored: int = 0
+    refused: int = 0
+    handler_s: float = 0.0
+    bytes: int = 0
 
 
 def is_own_output(header: InstanceHeader) -> bool:
@@ -191,6 +205,7 @@ class StorageSCP:
             log.error(kv("association_not_recorded", calling_ae=calling, error=exc.__class__.__name__))
             return
         setattr(assoc, _ASSOC_ID, assoc_id)
+        setattr(assoc, _ASSOC_STATS, _AssocStats())
         log.info(kv("association_accepted", assoc=assoc_id, calling_ae=calling, host=assoc.requestor.address))
 
     def _close(self, event: evt.Event, state: AssociationState) -> None:
@@ -205,7 +220,15 @@ class StorageSCP:
             self.ledger.close_association(assoc_id, state)
         except SQLAlchemyError as exc:
             log.error(kv("association_close_not_recorded", assoc=assoc_id, error=exc.__class__.__name__))
-        log.info(kv(f"association_{state.value}", assoc=assoc_id))
+        stats: _AssocStats | None = getattr(event.assoc, _ASSOC_STATS, None)
+        if stats is not None and stats.stored + stats.refused:
+            wall = time.perf_counter() - stats.opened
+            n = stats.stored + stats.refused
+            log.info(kv(f"association_{state.value}", assoc=assoc_id, stored=stats.stored, refused=stats.refused,
+                        seconds=f"{wall:.2f}", per_s=f"{n / wall:.0f}", mb_per_s=f"{stats.bytes / 1e6 / wall:.0f}",
+                        handler_ms_each=f"{1000 * stats.handler_s / n:.2f}"))
+        else:
+            log.info(kv(f"association_{state.value}", assoc=assoc_id))
         self.on_association_closed()
 
     def _on_released(self, event: evt.Event) -> None:
@@ -223,6 +246,20 @@ class StorageSCP:
         return STATUS_SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
+        t0 = time.perf_counter()
+        size = Path(event.dataset_path).stat().st_size
+        status = self._handle_store(event)
+        stats: _AssocStats | None = getattr(event.assoc, _ASSOC_STATS, None)
+        if stats is not None:
+            stats.handler_s += time.perf_counter() - t0
+            if status == STATUS_SUCCESS:
+                stats.stored += 1
+                stats.bytes += size
+            else:
+                stats.refused += 1
+        return status
+
+    def _handle_store(self, event: evt.Event) -> int:
         req = cast(C_STORE, event.request)
         sop_uid = str(req.AffectedSOPInstanceUID)
         assoc_id = getattr(event.assoc, _ASSOC_ID, None)
