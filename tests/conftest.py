@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,9 +11,9 @@ import pytest
 
 from tests.helpers.dcmtk import have_dcmtk
 from tests.helpers.net import free_port
-from tests.helpers.node_proc import NodeProcess
+from tests.helpers.node_proc import REPO, NodeProcess
 
-SHARED_DATA = Path("/work/shared/data")
+SHARED_DATA = REPO.parent / "shared" / "data"  # ../shared/data next to the checkout
 LIDC_0001 = SHARED_DATA / "lidc-idri-0001-ct.tar.xz"
 
 NodeFactory = Callable[..., NodeProcess]
@@ -74,14 +73,3 @@ def lidc_0001(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with tarfile.open(LIDC_0001) as tar:
         tar.extractall(out, filter="data")
     return out
-
-
-@pytest.fixture(scope="session")
-def series_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A session folder for generated series that several tests can share read-only."""
-    return tmp_path_factory.mktemp("series")
-
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst

@@ -117,14 +117,23 @@ class NodeProcess:
                 continue
             raise AssertionError(f"node exited {proc.returncode} during start-up:\n{text}")
 
-    def kill(self, sig: int = signal.SIGKILL, timeout: float = 15.0) -> int:
-        """Send ``sig`` and wait for the process to end; returns its exit code."""
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` without waiting (see wait_exit)."""
         assert self.proc is not None, "node not started"
         self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        """Wait for the process to end; returns its exit code (raises subprocess.TimeoutExpired)."""
+        assert self.proc is not None, "node not started"
         rc = self.proc.wait(timeout=timeout)
         self.exit_codes.append(rc)
         self.proc = None
         return rc
+
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 15.0) -> int:
+        """Send ``sig`` and wait for the process to end; returns its exit code."""
+        self.send_signal(sig)
+        return self.wait_exit(timeout)
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM (the orderly stop); returns the exit code, 0 when the node stopped cleanly."""

@@ -1,6 +1,7 @@
-"""A tiny CT series generator for tests (pydicom + numpy), independent of node.synthetic.
+"""Test series: ``make_series`` wraps node.synthetic (the project's chest-CT phantom); the small
+pydicom generator below makes the hand-crafted datasets (other classes, broken files, late slices).
 
-It writes valid, minimal CT Image Storage files: a water cylinder with two air "lungs", stored
+The small generator writes valid, minimal CT Image Storage files: a water cylinder with two air "lungs", stored
 values = HU + 1024 (unsigned, RescaleIntercept -1024), so every codec handles them losslessly.
 Compressed transfer syntaxes come from pydicom's encoders, except JPEG lossless (process 14 SV1),
 which pydicom cannot encode: that one is made with dcmtk's dcmcjpeg.
@@ -9,8 +10,10 @@ which pydicom cannot encode: that one is made with dcmtk's dcmcjpeg.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -30,6 +33,9 @@ from pydicom.uid import (
 )
 
 from tests.helpers.dcmtk import run_dcmtk
+
+if TYPE_CHECKING:
+    from node.synthetic import Phantom
 
 TRANSFER_SYNTAXES: dict[str, UID] = {
     "explicit": ExplicitVRLittleEndian,
@@ -60,8 +66,8 @@ class SeriesInfo:
 
 def _file_meta(sop_class: str, sop_uid: str, ts: UID) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ts
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return meta
@@ -265,10 +271,28 @@ def truncate_file(src: Path, dst: Path, *, drop: int) -> None:
     dst.write_bytes(raw[: len(raw) - drop])
 
 
+@functools.lru_cache(maxsize=8)
+def _phantom(kind: str, slices: int, matrix: int, seed: int) -> Phantom:
+    from node.synthetic import PhantomSpec, make_phantom
+
+    return make_phantom(PhantomSpec(kind=kind, slices=slices, matrix=matrix, seed=seed))  # type: ignore[arg-type]
+
+
 def make_series(outdir: Path, *, slices: int = 40, matrix: int = 128, transfer_syntax: str = "explicit",
-                seed: int = 0) -> SeriesInfo:
-    """The synthetic chest-CT series the integration tests send (one switch point for the generator)."""
-    return write_ct_series(outdir, slices=slices, matrix=matrix, transfer_syntax=transfer_syntax, seed=seed)
+                seed: int = 0, kind: str = "covid", orientation: str = "HFS") -> SeriesInfo:
+    """A synthetic chest-CT series from node.synthetic (phantoms cached per process), fresh UIDs each call."""
+    from pydicom.filereader import read_file_meta_info
+
+    from node.synthetic import SeriesOptions, write_series
+
+    phantom = _phantom(kind, slices, matrix, seed)
+    written = write_series(outdir, phantom, SeriesOptions(transfer_syntax=transfer_syntax, orientation=orientation,  # type: ignore[arg-type]
+                                                          seed=None, write_truth=False))
+    files = list(written.files)
+    sops = [str(read_file_meta_info(f).MediaStorageSOPInstanceUID) for f in files]
+    assert set(sops) == set(written.sop_instance_uids)
+    return SeriesInfo(outdir, files, written.study_instance_uid, written.series_instance_uid, sops,
+                      UID(written.transfer_syntax_uid))
 
 
 def add_slice(series: SeriesInfo, outdir: Path, *, index: int, matrix: int) -> SeriesInfo:

@@ -4,6 +4,7 @@ the real SQLite ledger and spool on disk."""
 from __future__ import annotations
 
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from pydicom.uid import MRImageStorage, generate_uid
 from tests.conftest import NodeFactory
 from tests.helpers.dcmtk import echoscu, storescu
 from tests.helpers.node_proc import NodeProcess
-from tests.helpers.scu import SUCCESS, echo, send_files, store_status
+from tests.helpers.scu import SUCCESS, associate, echo, send_files, store_status
 from tests.helpers.series import (
     TRANSFER_SYNTAXES,
     SeriesInfo,
@@ -61,6 +62,14 @@ def test_echoscu(node: NodeProcess) -> None:
     node.wait_for_log(r"event=association_released")
     assert "calling_ae=ECHOSCU" in node.log
     assert node.query("SELECT calling_ae, state FROM associations")[0][:] == ("ECHOSCU", "released")
+
+
+def test_environment_overrides_the_config_file(node_factory: NodeFactory) -> None:
+    node = node_factory(env={"LUNGNODE_DICOM__AE_TITLE": "ENVNODE", "LUNGNODE_ASSEMBLY__QUIET_PERIOD_S": "7.5"})
+    assert f"event=node_ready ae_title=ENVNODE port={node.port}" in node.log
+    assert '"quiet_period_s": 7.5' in node.log  # the effective configuration is logged once at start
+    assert echoscu(node.port, called="ENVNODE").returncode == 0
+    assert echoscu(node.port, called="LUNGNODE").returncode != 0
 
 
 def test_wrong_called_ae_title_is_rejected(node: NodeProcess) -> None:
@@ -188,6 +197,65 @@ def test_resending_the_whole_series_changes_nothing(node: NodeProcess, tmp_path:
     assert len(re.findall(r"event=store_duplicate", node.log)) == 20
     row = node.series(series.series_uid)
     assert row is not None and (row["state"], row["revision"]) == ("complete", 1)
+
+
+def test_two_associations_sharing_one_series(node: NodeProcess, tmp_path: Path) -> None:
+    """A PACS sending one series over two parallel associations: one series, all instances, one job."""
+    series = make_series(tmp_path / "ct", slices=30, matrix=64)
+    results: dict[int, list[int | None]] = {}
+
+    def send(i: int) -> None:
+        results[i] = [s.status for s in send_files(node.port, series.files[i::2], calling=f"PACS{i}")]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {0: [SUCCESS] * 15, 1: [SUCCESS] * 15}
+    row = node.wait_complete(series.series_uid)
+    assert (row["revision"], row["instance_count"]) == (1, 30)
+    assert_stored(node, series)
+    assert len(node.jobs(series.series_uid)) == 1
+    assert node.count("series") == 1 and node.count("studies") == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: node/receive/scp.py StorageSCP._store: when two associations store the same SOP Instance UID "
+    "at once, one may link the file (created=True) while the OTHER inserts the row; the first then sees "
+    "Outcome.duplicate and, taking it for a purged series, unlinks the file: an acknowledged instance "
+    "keeps its row but loses its only file",
+)
+def test_same_series_resent_by_three_associations_at_once_keeps_every_file(node: NodeProcess, tmp_path: Path) -> None:
+    """Three associations send the same instances in lockstep (a re-push racing the first push)."""
+    series = make_series(tmp_path / "ct", slices=30, matrix=64)
+    barrier = threading.Barrier(3)
+    statuses: list[int | None] = []
+    lock = threading.Lock()
+
+    def send(i: int) -> None:
+        assoc = associate(node.port, series.files, calling=f"PACS{i}")
+        try:
+            for f in series.files:
+                barrier.wait(30)
+                rsp = assoc.send_c_store(f)
+                with lock:
+                    statuses.append(int(rsp.Status) if "Status" in rsp else None)
+        finally:
+            assoc.release()
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert statuses == [SUCCESS] * 90
+    node.wait_complete(series.series_uid)
+    missing = [r["sop_instance_uid"] for r in node.instances(series.series_uid) if not Path(r["path"]).is_file()]
+    assert missing == [], f"{len(missing)} acknowledged instances lost their file"
+    assert_stored(node, series)
+    assert len(node.jobs(series.series_uid)) == 1
 
 
 def test_late_instance_opens_revision_two_and_a_second_job(node: NodeProcess, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from node.db.models import AssociationState, Event, Instance, Job, JobState, Ser
 from node.db.session import make_engine, make_sessionmaker, upgrade_schema
 from node.receive.assembler import Assembler
 from node.receive.inspect import InstanceHeader
+from tests.helpers.wait import wait_until
 
 QUIET = 10.0
 GRACE = 2.0
@@ -295,22 +296,16 @@ def test_stale_due_list_does_not_complete_a_new_revision(ledger, sessions, monke
 
 
 def test_background_thread_completes_and_stops(ledger, sessions) -> None:
-    """The real loop: a poke after release makes the thread complete the series within the grace."""
-    asm = Assembler(AssemblySettings(quiet_period_s=30, release_grace_s=0.2, poll_interval_s=5), sessions)
+    """The real loop: a poke after the release wakes the thread long before its 5 s poll interval."""
+    asm = Assembler(AssemblySettings(quiet_period_s=30, release_grace_s=0, poll_interval_s=5), sessions)
     asm.start()
     try:
         a = open_assoc(ledger)
         s = Sender(ledger)
-        now = (dt.datetime.now(dt.timezone.utc) - T0).total_seconds()
-        s.send(now, assoc=a)
+        s.send((dt.datetime.now(dt.timezone.utc) - T0).total_seconds(), assoc=a)
         ledger.close_association(a, AssociationState.released)
-        import time
-
-        time.sleep(0.25)  # let the grace period pass, then wake the loop (its poll interval is 5 s)
         asm.poke()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not jobs_of(sessions, s.series_uid):
-            time.sleep(0.02)
+        wait_until(lambda: jobs_of(sessions, s.series_uid), timeout=3, what="the job")
         assert jobs_of(sessions, s.series_uid) == [(1, JobState.queued)]
     finally:
         asm.stop()

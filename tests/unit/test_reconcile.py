@@ -47,7 +47,7 @@ def spool(tmp_path: Path) -> Spool:
     return Spool(tmp_path / "spool", min_free_bytes=0)
 
 
-class Series_:
+class SpoolSeries:
     def __init__(self) -> None:
         self.study_uid, self.series_uid, self.n = generate_uid(), generate_uid(), 0
 
@@ -88,7 +88,7 @@ def test_partial_files_are_discarded_and_open_associations_aborted(spool, ledger
 
 
 def test_committed_file_without_row_is_adopted(spool, ledger, sessions) -> None:
-    ser = Series_()
+    ser = SpoolSeries()
     recorded = ser.record(spool, ledger)
     orphan = ser.write(spool)  # linked into place, then the crash came before its row
     report = reconcile(spool, ledger, sessions)
@@ -112,7 +112,7 @@ def test_unreadable_committed_file_is_not_adopted(spool, ledger, sessions) -> No
 
 
 def test_row_without_file_is_removed(spool, ledger, sessions) -> None:
-    ser = Series_()
+    ser = SpoolSeries()
     kept = ser.record(spool, ledger)
     ser.record(spool, ledger, with_file=False)
     reconcile(spool, ledger, sessions)
@@ -131,7 +131,7 @@ def test_row_without_file_is_removed(spool, ledger, sessions) -> None:
 @pytest.mark.parametrize("undo", ["reconcile", "forget_instance"])
 def test_unacknowledged_late_instance_does_not_leave_an_empty_revision(spool, ledger, sessions, undo) -> None:
     assembler = Assembler(AssemblySettings(quiet_period_s=5, release_grace_s=1), sessions)
-    ser = Series_()
+    ser = SpoolSeries()
     for _ in range(3):
         ser.record(spool, ledger)
     assert assembler.complete_due(now=LATER) == 1

@@ -1,0 +1,93 @@
+"""``lungnode process DIR --out OUT`` as a subprocess: selection across a study, refusal with a
+reason, and the real LIDC-IDRI-0001 CT through the whole path with the tiny test models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.helpers.faults import phantom, synth_series, write_scout
+from tests.helpers.node_proc import run_cli
+from tests.helpers.onnx_models import make_models_dir
+
+RESULT_KEYS = {"status", "reason", "series_instance_uid", "qa", "models", "probabilities", "lung_volume_ml",
+               "lesion_volume_ml", "involvement_percent", "timings_s"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_models_dir(tmp_path_factory.mktemp("models"))
+
+
+def run_process(folder: Path, out: Path, models: Path, timeout: float = 120) -> tuple[subprocess.CompletedProcess[str],
+                                                                                       dict[str, Any]]:
+    proc = run_cli("process", folder, "--out", out, timeout=timeout,
+                   env={"LUNGNODE_INFERENCE__MODELS_DIR": str(models), "LUNGNODE_INFERENCE__DEVICE": "cpu"})
+    path = out / "result.json"
+    assert path.is_file(), f"no result.json (exit {proc.returncode}):\n{proc.stderr}"
+    return proc, json.loads(path.read_text())
+
+
+def test_study_with_two_series_analyses_the_thin_lung_kernel_one(tmp_path: Path, models: Path) -> None:
+    study = tmp_path / "study"
+    study_uid = generate_uid()
+    thin = synth_series(study / "thin", phantom(slices=40, matrix=96, seed=5, slice_thickness_mm=1.25, kernel="sharp"),
+                        study_instance_uid=study_uid, series_number=3, series_description="Thorax 1.25 lung")
+    thick = synth_series(study / "thick", phantom(slices=40, matrix=96, seed=5, slice_thickness_mm=5.0, kernel="smooth"),
+                         study_instance_uid=study_uid, series_number=2, series_description="Thorax 5.0 soft tissue")
+    assert (study / "thin" / "truth" / "truth.json").is_file()  # non-DICOM files in the folder are ignored
+
+    proc, result = run_process(study, tmp_path / "out", models)
+    assert proc.returncode == 0, proc.stderr
+    assert RESULT_KEYS <= set(result)
+    assert result["status"] == "ok" and result["reason"] is None
+    assert result["series_instance_uid"] == thin.series_uid
+    skipped = [q for q in result["qa"] if q["code"].startswith("skipped_")]
+    assert len(skipped) == 1
+    assert skipped[0]["code"] == "skipped_not_best" and skipped[0]["severity"] == "flag"
+    assert thick.series_uid in skipped[0]["reason"] and thin.series_uid in skipped[0]["reason"]
+    assert f"skipped series {thick.series_uid}" in proc.stderr
+    assert f"analysing series {thin.series_uid} (40 images)" in proc.stderr
+    assert set(result["probabilities"]) == {"covid19", "other_pneumonia", "no_pneumonia"}
+    assert not [q for q in result["qa"] if q["severity"] == "refuse"]
+
+
+def test_scout_only_folder_is_rejected_with_the_reason(tmp_path: Path, models: Path) -> None:
+    folder = tmp_path / "scout"
+    write_scout(folder / "IM00001.dcm")
+    (folder / "notes.txt").write_text("not DICOM")
+    proc, result = run_process(folder, tmp_path / "out", models)
+    assert proc.returncode == 3, proc.stderr
+    assert result["status"] == "rejected"
+    assert "no series qualifies for analysis" in result["reason"]
+    assert "not axial: slices are 90 degrees off the axial plane" in result["reason"]
+    assert result["probabilities"] is None
+    assert "rejected: no series qualifies" in proc.stderr
+
+
+def test_empty_folder_is_rejected(tmp_path: Path, models: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("nothing here")
+    proc, result = run_process(tmp_path / "empty", tmp_path / "out", models)
+    assert proc.returncode == 3
+    assert result["status"] == "rejected" and "no DICOM images found" in result["reason"]
+
+
+def test_real_lidc_ct_goes_through_the_whole_path(lidc_0001: Path, tmp_path: Path, models: Path) -> None:
+    proc, result = run_process(lidc_0001, tmp_path / "out", models, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert RESULT_KEYS <= set(result)
+    assert result["status"] == "ok" and result["reason"] is None
+    assert result["series_instance_uid"].startswith("1.3.6.1.4.1.14519.5.2.1.6279.6001.")
+    assert "(133 images)" in proc.stderr
+    assert not [q for q in result["qa"] if q["severity"] == "refuse"]
+    assert "partial_lung_coverage" not in {q["code"] for q in result["qa"]}
+    assert set(result["probabilities"]) == {"covid19", "other_pneumonia", "no_pneumonia"}
+    for key in ("lung_volume_ml", "lesion_volume_ml", "involvement_percent"):
+        assert isinstance(result[key], dict) and "total" in result[key]
+    assert {"volume", "coverage", "lung_seg", "lesion_seg", "diagnosis", "measure", "total"} <= set(result["timings_s"])

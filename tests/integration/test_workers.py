@@ -1,0 +1,363 @@
+"""Analysis workers against a real SQLite ledger, real synthetic DICOM files and tiny real ONNX
+models: in-process ``Worker.run_one`` for the outcomes, and ``lungnode worker`` subprocesses for
+a worker killed mid-job and for two workers sharing one queue."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import AssemblySettings, Config, InferenceSettings, StorageSettings, WorkerSettings
+from node.db.ingest import IngestLedger
+from node.db.models import utcnow
+from node.db.session import make_engine, make_sessionmaker, upgrade_schema
+from node.pipeline.worker import Worker, results_dir
+from node.receive.assembler import Assembler
+from node.receive.inspect import inspect_instance
+from tests.helpers.faults import FifoTrap, Synth, phantom, rewrite, set_pixels, synth_series
+from tests.helpers.node_proc import NODE_CMD, REPO, clean_env
+from tests.helpers.onnx_models import make_models_dir
+from tests.helpers.wait import wait_until
+
+RESULT_KEYS = {"status", "reason", "series_instance_uid", "qa", "models", "probabilities", "lung_volume_ml",
+               "lesion_volume_ml", "involvement_percent", "timings_s"}
+CLASSES = {"covid19", "other_pneumonia", "no_pneumonia"}
+
+
+@dataclass
+class Ledger:
+    root: Path
+    engine: Engine
+    sessions: sessionmaker[Session]
+    config: Config
+    models_dir: Path
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "ledger.sqlite"
+
+    def add_series(self, s: Synth, files: list[Path] | None = None) -> None:
+        """Record every instance as the SCP would (header read from the real file)."""
+        ledger = IngestLedger(self.sessions)
+        for path in files if files is not None else s.files:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            header = inspect_instance(path, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
+                                      check_request=False)
+            ledger.record_instance(header, path=path, size_bytes=path.stat().st_size, association_id=None,
+                                   own_output=False)
+
+    def complete(self) -> dict[str, int]:
+        """Close every receiving series (quiet period over); returns SeriesInstanceUID -> job id."""
+        assembler = Assembler(AssemblySettings(quiet_period_s=1.0, release_grace_s=0.0), self.sessions)
+        assembler.complete_due(utcnow() + dt.timedelta(seconds=5))
+        return {r["series_instance_uid"]: r["id"] for r in self.query(
+            "SELECT jobs.id, series.series_instance_uid FROM jobs JOIN series ON series.id = jobs.series_id")}
+
+    def query(self, sql: str, *params: Any) -> list[sqlite3.Row]:
+        conn = sqlite3.connect(self.db_path, timeout=30)
+        try:
+            conn.row_factory = sqlite3.Row
+            return list(conn.execute(sql, params))
+        finally:
+            conn.close()
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return dict(self.query("SELECT * FROM jobs WHERE id = ?", job_id)[0])
+
+    def events(self, job_id: int) -> list[str]:
+        return [r["kind"] for r in self.query("SELECT kind FROM events WHERE job_id = ? ORDER BY id", job_id)]
+
+    def result(self, job_id: int) -> dict[str, Any]:
+        return json.loads((results_dir(self.config, job_id) / "result.json").read_text())
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment configuration for a ``lungnode worker`` subprocess on this ledger."""
+        w = self.config.workers
+        return clean_env({
+            "LUNGNODE_STORAGE__DATABASE_URL": self.config.storage.database_url,
+            "LUNGNODE_STORAGE__SPOOL_DIR": str(self.config.storage.spool_dir),
+            "LUNGNODE_INFERENCE__MODELS_DIR": str(self.models_dir),
+            "LUNGNODE_INFERENCE__DEVICE": "cpu",
+            "LUNGNODE_INFERENCE__THREADS": "1",
+            "LUNGNODE_WORKERS__LEASE_S": str(w.lease_s),
+            "LUNGNODE_WORKERS__POLL_INTERVAL_S": str(w.poll_interval_s),
+            "LUNGNODE_LOGGING__LEVEL": "INFO",
+            **extra,
+        })
+
+
+def make_ledger(root: Path, *, lease_s: float = 120.0) -> Ledger:
+    root.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{root / 'ledger.sqlite'}"
+    engine = make_engine(url)
+    upgrade_schema(engine)
+    models = make_models_dir(root / "models")
+    config = Config(
+        storage=StorageSettings(spool_dir=root / "spool", database_url=url, min_free_disk_mb=0),
+        inference=InferenceSettings(models_dir=models, device="cpu", threads=1),
+        workers=WorkerSettings(lease_s=lease_s, poll_interval_s=0.05, max_attempts=3),
+    )
+    return Ledger(root, engine, make_sessionmaker(engine), config, models)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    led = make_ledger(tmp_path / "node")
+    yield led
+    led.engine.dispose()
+
+
+def chest(root: Path, name: str, **spec: Any) -> Synth:
+    spec.setdefault("slices", 40)
+    spec.setdefault("matrix", 64)
+    spec.setdefault("seed", 1)
+    return synth_series(root / "incoming" / name, phantom(**spec))
+
+
+class WorkerProc:
+    """``lungnode worker`` as a subprocess, logging to a file."""
+
+    def __init__(self, led: Ledger, name: str) -> None:
+        self.log_path = led.root / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([*NODE_CMD, "worker"], env=led.env(), cwd=REPO, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        self.name = f"{socket.gethostname()}:{self.proc.pid}"
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        wait_until(lambda: "event=worker_ready" in self.log or self.proc.poll() is not None, timeout=timeout,
+                   what="event=worker_ready")
+        assert self.proc.poll() is None, f"worker exited {self.proc.returncode}:\n{self.log}"
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProc]]:
+    procs: list[WorkerProc] = []
+    yield procs
+    for w in procs:
+        w.kill()
+
+
+# -- in-process outcomes -----------------------------------------------------------------------
+def test_run_one_analyses_a_queued_series(ledger: Ledger, tmp_path: Path) -> None:
+    s = chest(tmp_path, "covid")
+    ledger.add_series(s)
+    [job_id] = ledger.complete().values()
+    assert ledger.job(job_id)["state"] == "queued"
+
+    worker = Worker(ledger.config, name="test-worker")
+    assert worker.run_one() is True
+    job = ledger.job(job_id)
+    assert job["state"] == "done", job
+    assert job["attempts"] == 1 and job["worker"] == "test-worker" and job["error"] is None
+    assert ledger.events(job_id) == ["series_complete", "job_started", "job_done"]
+    assert set(json.loads(job["timings"])) >= {"volume", "coverage", "lung_seg", "lesion_seg", "diagnosis", "total"}
+
+    result = ledger.result(job_id)
+    assert RESULT_KEYS <= set(result)
+    assert result["status"] == "ok" and result["reason"] is None
+    assert result["series_instance_uid"] == s.series_uid
+    assert set(result["probabilities"]) == CLASSES
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert [m["name"] for m in result["models"]] == ["lung_seg", "lesion_seg", "diagnosis"]
+    assert all(len(m["sha256"]) == 64 for m in result["models"])
+    assert set(result["lung_volume_ml"]) == {"right", "left", "total"}
+    assert set(result["lesion_volume_ml"]) == {"ggo", "consolidation", "total"}
+    assert set(result["involvement_percent"]) == {"right", "left", "total"}
+    assert result["lung_volume_ml"]["total"] > 0
+    assert {q["code"] for q in result["qa"]} <= {"slice_gap"}  # a clean chest: no refusal, no partial coverage
+    assert result["timings_s"]["total"] > 0
+
+    assert worker.run_one() is False  # the queue is empty now
+    worker.engine.dispose()
+
+
+def test_refused_series_ends_rejected_with_its_reason(ledger: Ledger, tmp_path: Path) -> None:
+    tall = phantom(slices=60, matrix=64, seed=3, margin_below_mm=300.0, margin_above_mm=10.0)
+    s = synth_series(tmp_path / "incoming" / "abdomen", tall)
+    lungs_from = int(np.nonzero(tall.lungs.reshape(60, -1).any(axis=1))[0][0])
+    abdomen = s.files_of_indices(range(0, lungs_from - 1))  # the series stops below the lungs
+    ledger.add_series(s, abdomen)
+    [job_id] = ledger.complete().values()
+
+    worker = Worker(ledger.config, name="w")
+    assert worker.run_one()
+    job = ledger.job(job_id)
+    assert job["state"] == "rejected"
+    assert "do not cover the lungs" in job["error"]
+    result = ledger.result(job_id)
+    assert result["status"] == "rejected" and result["reason"] == job["error"]
+    assert result["qa"][-1]["code"] == "no_lung_coverage" and result["qa"][-1]["severity"] == "refuse"
+    assert result["probabilities"] is None and result["lung_volume_ml"] is None
+    assert ledger.events(job_id)[-1] == "job_rejected"
+    worker.engine.dispose()
+
+
+def test_a_job_whose_files_vanished_fails_and_the_worker_goes_on(ledger: Ledger, tmp_path: Path) -> None:
+    gone, good = chest(tmp_path, "gone"), chest(tmp_path, "good", seed=2)
+    ledger.add_series(gone)
+    ledger.add_series(good)
+    jobs = ledger.complete()
+    for path in gone.files[:3]:
+        path.unlink()  # e.g. purged by hand while queued
+    worker = Worker(ledger.config, name="w")
+    assert worker.run_one() and worker.run_one()
+    failed, done = ledger.job(jobs[gone.series_uid]), ledger.job(jobs[good.series_uid])
+    assert failed["state"] == "failed" and "FileNotFoundError" in failed["error"]
+    assert ledger.events(failed["id"])[-1] == "job_failed"
+    assert done["state"] == "done"
+    worker.engine.dispose()
+
+
+def coronal_reformat(s: Synth, out: Path) -> list[Path]:
+    """The phantom resliced as a coronal series (CT Image Storage, IOP [1,0,0, 0,0,-1])."""
+    ph = s.phantom
+    template = pydicom.dcmread(s.files[0])
+    series_uid = generate_uid()
+    dz, dy, dx = ph.spacing_mm
+    x0, y0, z0 = ph.origin_mm
+    top = z0 + (ph.hu.shape[0] - 1) * dz
+    out.mkdir(parents=True)
+    paths = []
+    for j in range(ph.hu.shape[1]):
+        ds = pydicom.dcmread(s.files[0])
+        uid = generate_uid()
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesDescription = "COR 4mm"
+        ds.InstanceNumber = j + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+        ds.ImagePositionPatient = [x0, y0 + j * dy, top]
+        ds.PixelSpacing = [dz, dx]
+        ds.SliceThickness = f"{dy:.3f}"
+        stored = ph.hu[::-1, j, :].astype(np.int32) - int(float(template.RescaleIntercept))
+        set_pixels(ds, np.clip(stored, 0, 4095).astype(np.uint16))
+        path = out / f"COR{j + 1:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.xfail(
+    reason="BUG: worker.py/runner.py never apply the selection rules (node.pipeline.select): every CT "
+    "Image Storage series the assembler completes is analysed, so a coronal reformat is run through the "
+    "axial models and reported 'done' instead of 'rejected' with the orientation rule",
+    strict=True,
+)
+def test_worker_applies_the_selection_rules(ledger: Ledger, tmp_path: Path) -> None:
+    s = chest(tmp_path, "axial")
+    coronal = coronal_reformat(s, tmp_path / "incoming" / "coronal")
+    ledger.add_series(s, coronal)
+    [job_id] = ledger.complete().values()
+    worker = Worker(ledger.config, name="w")
+    assert worker.run_one()
+    worker.engine.dispose()
+    job = ledger.job(job_id)
+    assert job["state"] == "rejected", job
+    assert "not axial" in (job["error"] or "")
+
+
+# -- worker processes --------------------------------------------------------------------------
+def test_worker_killed_mid_job_is_requeued_and_finishes_once(tmp_path: Path, workers: list[WorkerProc]) -> None:
+    led = make_ledger(tmp_path / "node", lease_s=2.0)
+    s = chest(tmp_path, "slow")
+    led.add_series(s)
+    [job_id] = led.complete().values()
+    trap = FifoTrap(s.files[len(s.files) // 2])  # reading this file blocks the worker mid-job
+
+    first = WorkerProc(led, "first")
+    workers.append(first)
+    running = wait_until(lambda: (j := led.job(job_id))["state"] == "running" and j, timeout=30,
+                         what="the first worker to claim the job")
+    assert running["worker"] == first.name and running["attempts"] == 1
+    # it is stuck reading the series, keeping its lease alive with heartbeats
+    t0 = led.job(job_id)["heartbeat_at"]
+    wait_until(lambda: led.job(job_id)["heartbeat_at"] != t0, timeout=5, what="a heartbeat")
+    assert first.proc.poll() is None
+
+    os.kill(first.proc.pid, signal.SIGKILL)
+    assert first.proc.wait(timeout=10) == -signal.SIGKILL
+    trap.release()
+    assert led.job(job_id)["state"] == "running"  # nobody noticed yet
+
+    second = WorkerProc(led, "second")
+    workers.append(second)
+    final = wait_until(lambda: (j := led.job(job_id))["state"] not in ("queued", "running") and j, timeout=40,
+                       what="the job to be requeued and finished")
+    assert final["state"] == "done", (final, second.log)
+    assert final["attempts"] == 2 and final["worker"] == second.name
+    assert led.events(job_id) == ["series_complete", "job_started", "job_requeued", "job_started", "job_done"]
+    started = [r["message"] for r in led.query(
+        "SELECT message FROM events WHERE job_id = ? AND kind = 'job_started' ORDER BY id", job_id)]
+    assert started == [f"attempt 1 on {first.name}", f"attempt 2 on {second.name}"]
+    outputs = list((led.config.storage.spool_dir / "results").rglob("result.json"))
+    assert outputs == [results_dir(led.config, job_id) / "result.json"]
+    assert led.result(job_id)["status"] == "ok"
+    assert "job_stalled" in second.log
+    assert second.stop() == 0
+    led.engine.dispose()
+
+
+def test_two_workers_never_run_the_same_job(tmp_path: Path, workers: list[WorkerProc]) -> None:
+    led = make_ledger(tmp_path / "node")
+    series = []
+    for i in range(10):
+        s = chest(tmp_path, f"s{i}", matrix=48, seed=1 + i % 3)
+        led.add_series(s)
+        series.append(s)
+    a, b = WorkerProc(led, "a"), WorkerProc(led, "b")
+    workers.extend([a, b])
+    a.wait_ready()
+    b.wait_ready()
+    jobs = led.complete()  # all ten become queued at once, with both workers polling
+    assert len(jobs) == 10
+
+    def all_final() -> bool:
+        return all(r["state"] in ("done", "rejected", "failed") for r in led.query("SELECT state FROM jobs"))
+
+    wait_until(all_final, timeout=60, interval=0.1, what="all ten jobs finished")
+    rows = [dict(r) for r in led.query("SELECT * FROM jobs ORDER BY id")]
+    assert [r["state"] for r in rows] == ["done"] * 10, rows
+    assert all(r["attempts"] == 1 for r in rows)
+    started = led.query("SELECT job_id, count(*) AS n FROM events WHERE kind = 'job_started' GROUP BY job_id")
+    assert sorted(r["job_id"] for r in started) == sorted(jobs.values())
+    assert all(r["n"] == 1 for r in started)
+    assert not led.query("SELECT * FROM events WHERE kind = 'job_requeued'")
+    by_worker = {r["worker"] for r in rows}
+    assert by_worker == {a.name, b.name}, "both workers should have taken part"
+    for s in series:
+        assert led.result(jobs[s.series_uid])["series_instance_uid"] == s.series_uid
+    assert a.stop() == 0 and b.stop() == 0
+    assert "job_result_dropped" not in a.log + b.log
+    led.engine.dispose()

@@ -1,0 +1,219 @@
+"""Series selection (node.pipeline.select) with the default rules of the config: each rule skips
+with its name and a reason in words, and ``choose`` ranks the eligible series of a study."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from node.config import Config, PatternRule, SelectionSettings
+from node.pipeline.select import SeriesHeader, Verdict, check, choose
+from tests.helpers.faults import phantom, synth_series, write_enhanced_ct
+
+DEFAULTS = Config().selection
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    s = synth_series(tmp_path_factory.mktemp("select") / "s", phantom(slices=40, matrix=64, seed=2))
+    return s.files[0]
+
+
+@pytest.fixture
+def base(written: Path) -> Dataset:
+    """The header of a real synthetic chest CT slice (CT, ORIGINAL/PRIMARY/AXIAL, CHEST, axial)."""
+    return pydicom.dcmread(written, stop_before_pixels=True)
+
+
+def header(ds: Dataset, *, slices: int = 120, **changes: Any) -> SeriesHeader:
+    ds = copy.deepcopy(ds)
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    for keyword, value in changes.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return SeriesHeader.from_dataset(ds, slice_count=slices)
+
+
+def skipped(h: SeriesHeader, rules: SelectionSettings = DEFAULTS) -> Verdict:
+    v = check(h, rules)
+    assert not v.eligible, f"expected a skip, got {v}"
+    assert v.series_instance_uid == h.series_instance_uid
+    assert v.rule and v.reason and len(v.reason) > 10
+    return v
+
+
+def eligible(h: SeriesHeader, rules: SelectionSettings = DEFAULTS) -> None:
+    v = check(h, rules)
+    assert v.eligible and v.rule is None and v.reason is None, v
+
+
+def test_defaults_come_from_the_config() -> None:
+    assert DEFAULTS == SelectionSettings()
+    assert DEFAULTS.min_slices == 40 and DEFAULTS.slice_thickness_mm.max == 5.0
+
+
+def test_the_synthetic_chest_ct_is_eligible(base: Dataset) -> None:
+    h = header(base)
+    assert h.modality == "CT" and h.normal_z == pytest.approx(1.0) and h.body_part == "CHEST"
+    assert h.image_type == ("ORIGINAL", "PRIMARY", "AXIAL")
+    eligible(h)
+
+
+def test_modality(base: Dataset) -> None:
+    v = skipped(header(base, Modality="MR"))
+    assert v.rule == "modality" and "MR" in v.reason and "CT" in v.reason
+
+
+def test_image_type(base: Dataset) -> None:
+    v = skipped(header(base, ImageType=["DERIVED", "SECONDARY", "AXIAL"]))
+    assert v.rule == "image_type"
+    assert "DERIVED/SECONDARY/AXIAL" in v.reason and "ORIGINAL/PRIMARY" in v.reason
+    assert skipped(header(base, ImageType=None)).rule == "image_type"
+
+
+def test_orientation(base: Dataset) -> None:
+    v = skipped(header(base, ImageOrientationPatient=[1, 0, 0, 0, 0, -1]))  # coronal
+    assert v.rule == "orientation" and "90 degrees" in v.reason and "not axial" in v.reason
+    v = skipped(header(base, ImageOrientationPatient=[0, 1, 0, 0, 0, -1]))  # sagittal
+    assert v.rule == "orientation" and "90 degrees" in v.reason
+    v = skipped(header(base, ImageOrientationPatient=None))
+    assert v.rule == "orientation" and "unknown" in v.reason
+    import math
+
+    c, s = math.cos(math.radians(5)), math.sin(math.radians(5))
+    eligible(header(base, ImageOrientationPatient=[1, 0, 0, 0, c, s]))  # 5 degrees oblique: within 10
+    c, s = math.cos(math.radians(20)), math.sin(math.radians(20))
+    v = skipped(header(base, ImageOrientationPatient=[1, 0, 0, 0, c, s]))
+    assert v.rule == "orientation" and "20 degrees" in v.reason
+
+
+@pytest.mark.parametrize("thickness", ["0.3", "7", "10"])
+def test_thickness_out_of_range(base: Dataset, thickness: str) -> None:
+    v = skipped(header(base, SliceThickness=thickness))
+    assert v.rule == "slice_thickness"
+    assert f"slice thickness {float(thickness):g} mm outside 0.5-5 mm" == v.reason
+
+
+def test_thickness_limits_and_missing(base: Dataset) -> None:
+    eligible(header(base, SliceThickness="0.5"))
+    eligible(header(base, SliceThickness="5"))
+    v = skipped(header(base, SliceThickness=None))
+    assert v.rule == "slice_thickness" and "missing" in v.reason
+
+
+def test_too_few_slices(base: Dataset) -> None:
+    v = skipped(header(base, slices=39))
+    assert v.rule == "min_slices" and v.reason == "39 slices, at least 40 needed"
+    eligible(header(base, slices=40))
+
+
+@pytest.mark.parametrize(
+    "description", ["Scout", "Topogram 0.6 T20f", "COR MIP 10mm", "Dose Report", "Patient Protocol Dose Info",
+                    "Lung 1.0 MinIP", "SAG 3mm", "Coronal lung 2mm", "3D VRT"],
+)
+def test_description_excludes(base: Dataset, description: str) -> None:
+    v = skipped(header(base, SeriesDescription=description))
+    assert v.rule == "series_description"
+    assert description in v.reason and "exclude pattern" in v.reason
+
+
+@pytest.mark.parametrize("description", ["Corona protocol chest 1.0", "CORONA THORAX", "Thorax 1.0 B70f", "Lung"])
+def test_description_corona_and_plain_chest_are_not_excluded(base: Dataset, description: str) -> None:
+    eligible(header(base, SeriesDescription=description))
+
+
+@pytest.mark.xfail(
+    reason="BUG: config.py default series_description exclude matches the bare word 'dose', so every "
+    "low-dose chest CT (the usual COVID/screening protocol) is skipped as if it were a dose report",
+    strict=True,
+)
+def test_low_dose_chest_is_not_a_dose_report(base: Dataset) -> None:
+    eligible(header(base, SeriesDescription="Low Dose Chest 1.25mm"))
+
+
+@pytest.mark.parametrize("part", ["HEAD", "BRAIN", "ABDOMEN", "PELVIS"])
+def test_body_part_excludes(base: Dataset, part: str) -> None:
+    v = skipped(header(base, BodyPartExamined=part))
+    assert v.rule == "body_part" and part in v.reason
+
+
+@pytest.mark.parametrize("part", ["CHEST", "THORAX", "", "HEADNECK_CHEST"])
+def test_body_part_accepts(base: Dataset, part: str) -> None:
+    eligible(header(base, BodyPartExamined=part))
+
+
+def test_include_patterns(base: Dataset) -> None:
+    rules = SelectionSettings(series_description=PatternRule(include=[r"(?i)lung|thorax"]),
+                              convolution_kernel=PatternRule(include=[r"(?i)^b[67]"], exclude=[r"(?i)b70s"]))
+    v = skipped(header(base, SeriesDescription="Abdomen 5mm", ConvolutionKernel="B70f"), rules)
+    assert v.rule == "series_description" and "matches none of the include patterns" in v.reason
+    v = skipped(header(base, SeriesDescription="Thorax 1mm", ConvolutionKernel="B30f"), rules)
+    assert v.rule == "convolution_kernel" and "'B30f'" in v.reason
+    v = skipped(header(base, SeriesDescription="Thorax 1mm", ConvolutionKernel="B70s"), rules)
+    assert v.rule == "convolution_kernel" and "exclude pattern" in v.reason
+    eligible(header(base, SeriesDescription="Thorax 1mm", ConvolutionKernel=["B70f", "3"]), rules)
+
+
+def test_rules_report_the_first_failure_in_order(base: Dataset) -> None:
+    h = header(base, Modality="MR", SeriesDescription="Scout", SliceThickness="9", slices=2)
+    assert skipped(h).rule == "modality"
+    h = header(base, SeriesDescription="Scout", SliceThickness="9", slices=2)
+    assert skipped(h).rule == "slice_thickness"
+
+
+def test_choose_prefers_lung_kernel_then_thinner(base: Dataset) -> None:
+    soft_thick = header(base, SliceThickness="5", ConvolutionKernel="STANDARD", slices=60)
+    soft_thin = header(base, SliceThickness="1", ConvolutionKernel="STANDARD", slices=300)
+    lung = header(base, SliceThickness="2", ConvolutionKernel="LUNG", slices=150)
+    lung_thin = header(base, SliceThickness="1.25", ConvolutionKernel=["Br64", "3"], slices=240)
+    scout = header(base, SeriesDescription="Scout")
+    headers = [soft_thick, scout, lung, soft_thin, lung_thin]
+    best, verdicts = choose(headers, DEFAULTS)
+    assert best is lung_thin
+    assert [v.series_instance_uid for v in verdicts] == [h.series_instance_uid for h in headers]
+    by_uid = {v.series_instance_uid: v for v in verdicts}
+    assert by_uid[lung_thin.series_instance_uid].eligible
+    for loser in (soft_thick, lung, soft_thin):
+        v = by_uid[loser.series_instance_uid]
+        assert not v.eligible and v.rule == "not_best"
+        assert lung_thin.series_instance_uid in v.reason and "1.25 mm" in v.reason
+    assert by_uid[scout.series_instance_uid].rule == "series_description"
+
+    # without the sharp ones, a lung kernel still beats a thinner soft-tissue kernel
+    best, _ = choose([soft_thin, lung, soft_thick], DEFAULTS)
+    assert best is lung
+    # same kernel class and thickness: more slices wins
+    more = header(base, SliceThickness="2", ConvolutionKernel="LUNG", slices=200)
+    assert choose([lung, more], DEFAULTS)[0] is more
+
+
+def test_choose_without_candidates(base: Dataset) -> None:
+    scout = header(base, SeriesDescription="Scout")
+    thick = header(base, SliceThickness="8")
+    best, verdicts = choose([scout, thick], DEFAULTS)
+    assert best is None
+    assert [v.rule for v in verdicts] == ["series_description", "slice_thickness"]
+
+
+@pytest.mark.xfail(
+    reason="BUG: select.py SeriesHeader.from_dataset reads SliceThickness only at the top level; an "
+    "Enhanced CT object keeps it in the PixelMeasuresSequence of the functional groups, so every "
+    "Enhanced CT series is skipped with 'SliceThickness is missing'",
+    strict=True,
+)
+def test_enhanced_ct_header_is_eligible(written: Path, tmp_path: Path) -> None:
+    classic = sorted(written.parent.glob("*.dcm"))
+    [(path, _)] = write_enhanced_ct(classic, tmp_path / "enhanced.dcm")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    h = SeriesHeader.from_dataset(ds, slice_count=1)
+    assert h.slice_count == 40 and h.normal_z == pytest.approx(1.0)
+    assert h.slice_thickness_mm == pytest.approx(float(pydicom.dcmread(written).SliceThickness))
+    eligible(h)
