@@ -6,8 +6,8 @@ typo in a hospital's config must not be silently ignored.
 
 Environment overrides use ``LUNGNODE_<SECTION>__<KEY>`` (double underscore between levels),
 e.g. ``LUNGNODE_DICOM__PORT=11113`` or ``LUNGNODE_STORAGE__DATABASE_URL=postgresql+psycopg://...``.
-Values are parsed as YAML scalars/lists, so ``LUNGNODE_DICOM__ALLOWED_CALLERS='[{ae_title: PACS}]'``
-works too.
+Scalar values are taken as text and converted by the model (``11113``, ``true``); lists and
+mappings are written in YAML flow style: ``LUNGNODE_DICOM__ALLOWED_CALLERS='[{ae_title: PACS}]'``.
 """
 
 from __future__ import annotations
@@ -210,10 +210,15 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        try:
-            node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"environment variable {name}: not a valid value ({exc})") from exc
+        if raw == "":
+            node[path[-1]] = None
+        elif raw.lstrip()[:1] in ("[", "{"):  # lists and mappings are written in YAML flow style
+            try:
+                node[path[-1]] = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"environment variable {name}: not a valid YAML list or mapping ({exc})") from exc
+        else:  # scalars stay strings (an AE title "1234" or "NO"); the model converts numbers and booleans
+            node[path[-1]] = raw
     return tree
 
 

@@ -117,6 +117,10 @@ class IngestLedger:
             s.execute(update(Series).where(Series.id == row.series_id).values(instance_count=Series.instance_count - 1))
             s.delete(row)
 
+    def series_purged(self, series_id: int) -> bool:
+        with self.sessions() as s:
+            return s.scalar(select(Series.purged_at).where(Series.id == series_id)) is not None
+
     def known_paths(self) -> set[str]:
         with self.sessions() as s:
             return set(s.scalars(select(Instance.path)))

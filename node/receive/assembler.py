@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 import threading
 
-from sqlalchemy import and_, exists, or_, select
+from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import AssemblySettings
@@ -65,8 +65,9 @@ class Assembler:
             self._wake.wait(self.settings.poll_interval_s)
             self._wake.clear()
 
-    def due_series(self, now: dt.datetime | None = None) -> list[int]:
-        """Ids of series whose current revision is complete by the quiet-period or release rule."""
+    def due_series(self, now: dt.datetime | None = None) -> list[tuple[int, int, dt.datetime]]:
+        """(id, revision, last_received_at) of series whose current revision is complete by the
+        quiet-period or release rule, as seen now; ``_complete`` re-checks that nothing moved."""
         now = now or utcnow()
         quiet_before = now - dt.timedelta(seconds=self.settings.quiet_period_s)
         grace_before = now - dt.timedelta(seconds=self.settings.release_grace_s)
@@ -79,7 +80,7 @@ class Assembler:
                 or_(Association.id.is_(None), Association.state != AssociationState.released),
             )
         )
-        query = select(Series.id).where(
+        query = select(Series.id, Series.revision, Series.last_received_at).where(
             Series.state == SeriesState.receiving,
             or_(
                 Series.last_received_at <= quiet_before,
@@ -87,20 +88,30 @@ class Assembler:
             ),
         )
         with self.sessions() as s:
-            return list(s.scalars(query))
+            return [(row[0], row[1], row[2]) for row in s.execute(query)]
 
     def complete_due(self, now: dt.datetime | None = None) -> int:
         done = 0
-        for series_id in self.due_series(now):
-            if self._complete(series_id):
+        for series_id, revision, last in self.due_series(now):
+            if self._complete(series_id, revision, last):
                 done += 1
         return done
 
-    def _complete(self, series_id: int) -> bool:
+    def _complete(self, series_id: int, revision: int, last_received_at: dt.datetime) -> bool:
         with self.sessions.begin() as s:
             series = s.get(Series, series_id, with_for_update=True)
-            if series is None or series.state != SeriesState.receiving:
-                return False  # another process completed it, or a late instance reopened it
+            if (
+                series is None
+                or series.state != SeriesState.receiving
+                or series.revision != revision
+                or series.last_received_at != last_received_at
+            ):
+                return False  # completed elsewhere, or an instance arrived since it was found due
+            present = s.scalar(
+                select(func.count(Instance.id)).where(Instance.series_id == series.id, Instance.revision == series.revision)
+            )
+            if not present:
+                return self._close_empty_revision(s, series)
             series.state = SeriesState.complete
             series.completed_at = utcnow()
             job_id: int | None = None
@@ -116,3 +127,19 @@ class Assembler:
         log.info(kv("series_complete", series=series.series_instance_uid, revision=series.revision,
                     instances=series.instance_count, job=job_id, origin=series.origin.value))
         return True
+
+    @staticmethod
+    def _close_empty_revision(s: Session, series: Series) -> bool:
+        """A revision whose only instances were never acknowledged (rows removed): no job for it.
+
+        Revision 1 is closed as it is; a later one falls back to the previous, already analysed revision.
+        """
+        empty = series.revision
+        if series.revision > 1:
+            series.revision -= 1
+        series.state = SeriesState.complete
+        series.completed_at = utcnow()
+        s.add(Event(kind="series_revision_empty", level="warning", series_id=series.id,
+                    message=f"revision {empty} has no instances left (none was acknowledged): no job"))
+        log.warning(kv("series_revision_empty", series=series.series_instance_uid, revision=empty))
+        return False

@@ -8,6 +8,7 @@ carrying the DICOM status to answer.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,16 +83,33 @@ def _check_uid(ds: Dataset, keyword: str) -> str:
     return uid
 
 
-def _check_complete(ds: Dataset) -> None:
+_SEQ_DELIMITER = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")  # LE, BE
+
+
+def _truncated(reason: str) -> InstanceRejected:
+    return InstanceRejected(STATUS_INCOMPLETE, f"dataset truncated: {reason}")
+
+
+def _check_complete(ds: Dataset, path: Path) -> None:
+    """The file must end exactly where its last element ends, and images must carry their pixels."""
+    size = path.stat().st_size
     tags = sorted(ds.keys())
     if tags:
         raw = ds.get_item(tags[-1])
-        if isinstance(raw, RawDataElement) and raw.length != _UNDEFINED and raw.value is not None:
-            if len(raw.value) < raw.length:
-                raise InstanceRejected(
-                    STATUS_INCOMPLETE,
-                    f"dataset truncated: element {raw.tag} declares {raw.length} bytes, {len(raw.value)} present",
-                )
+        if isinstance(raw, RawDataElement) and raw.value_tell is not None:
+            if raw.length == _UNDEFINED:
+                with path.open("rb") as fh:
+                    fh.seek(max(0, size - 8))
+                    if fh.read(8) not in _SEQ_DELIMITER:
+                        raise _truncated(f"element {raw.tag} of undefined length has no closing delimiter")
+            else:
+                end = raw.value_tell + raw.length
+                if end > size:
+                    raise _truncated(f"element {raw.tag} declares {raw.length} bytes, {size - raw.value_tell} present")
+                if end < size:
+                    raise _truncated(f"{size - end} stray bytes after element {raw.tag} (an element header cut short)")
+    if str(ds.get("SOPClassUID", "")) in ANALYSABLE_SOP_CLASSES and "PixelData" not in ds:
+        raise _truncated("a CT image without pixel data")
     if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_encapsulated:
         rows, cols = _int(ds, "Rows") or 0, _int(ds, "Columns") or 0
         bits = _int(ds, "BitsAllocated") or 0
@@ -111,9 +129,14 @@ def inspect_instance(
     ``check_request=False`` skips the comparison with the request (a file found in the spool).
     """
     try:
-        ds = pydicom.dcmread(path)
-        ds.keys()  # force the element walk so garbled streams fail here
-        _check_complete(ds)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path)
+            ds.keys()  # force the element walk so garbled streams fail here
+        for w in caught:
+            if "before delimiter" in str(w.message) or "End of file" in str(w.message):
+                raise _truncated(str(w.message))
+        _check_complete(ds, path)
     except InstanceRejected:
         raise
     except Exception as exc:  # pydicom raises many types on garbled input; all mean "cannot understand"

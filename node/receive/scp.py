@@ -161,7 +161,14 @@ class StorageSCP:
         return port
 
     def stop(self) -> None:
+        """Stop listening; associations still open are aborted (their unanswered instances were
+        not acknowledged, so the sender keeps them and re-sends)."""
         if self._server is not None:
+            for assoc in list(self._server.active_associations):
+                log.warning(kv("association_aborted_at_stop", assoc=getattr(assoc, _ASSOC_ID, None)))
+                assoc.abort()
+            for assoc in list(self._server.active_associations):
+                assoc.join(timeout=10)
             self._server.shutdown()
             self._server = None
             self._io.shutdown(wait=True)
@@ -303,8 +310,10 @@ class StorageSCP:
                 self.ledger.forget_instance(sop_uid)
             raise
         if recorded.outcome == Outcome.duplicate:
-            if created:
-                # Known to the ledger while its file was gone (series purged by retention): keep it gone.
+            if created and self.ledger.series_purged(recorded.series_id):
+                # Known to the ledger, its series' files deleted by retention: keep them deleted. (Any
+                # other duplicate that created the file raced a concurrent store of the same instance,
+                # whose row now points at this very file.)
                 final.unlink(missing_ok=True)
             log.info(kv("store_duplicate", assoc=assoc_id, sop=sop_uid))
         else:

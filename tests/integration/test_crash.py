@@ -121,13 +121,6 @@ def test_kill_then_resend_gives_all_instances_and_one_job(
     assert_acked_survived(node, big_series, big_series.sop_uids)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: node/receive/scp.py StorageSCP.stop shuts the server and the I/O pool down but leaves open "
-    "associations running (pynetdicom's server.shutdown does not end them, and their threads keep the "
-    "process alive): every later C-STORE fails with 0xC211 (handler RuntimeError 'cannot schedule new "
-    "futures after shutdown'), its file stays in incoming/, and the process only exits when the peer leaves",
-)
 def test_sigterm_with_an_open_association(node_factory: NodeFactory, tmp_path: Path) -> None:
     """An orderly stop while a sender holds an association open (Orthanc keeps one open for 5 s, a
     PACS may keep one for a whole study): the node must end the association (the sender retries the

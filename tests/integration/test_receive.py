@@ -220,13 +220,6 @@ def test_two_associations_sharing_one_series(node: NodeProcess, tmp_path: Path) 
     assert node.count("series") == 1 and node.count("studies") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: node/receive/scp.py StorageSCP._store: when two associations store the same SOP Instance UID "
-    "at once, one may link the file (created=True) while the OTHER inserts the row; the first then sees "
-    "Outcome.duplicate and, taking it for a purged series, unlinks the file: an acknowledged instance "
-    "keeps its row but loses its only file",
-)
 def test_same_series_resent_by_three_associations_at_once_keeps_every_file(node: NodeProcess, tmp_path: Path) -> None:
     """Three associations send the same instances in lockstep (a re-push racing the first push)."""
     series = make_series(tmp_path / "ct", slices=30, matrix=64)

@@ -271,12 +271,6 @@ def test_two_assemblers_racing_make_one_job_per_series(ledger, sessions) -> None
     assert all(n == 1 for _, n in per_series)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: node/receive/assembler.py _complete only checks state == receiving, not that the revision "
-    "seen by due_series is still the current one and still due: a stale due list completes a freshly "
-    "opened revision 2 at once (job #2 after one late instance, no quiet period)",
-)
 def test_stale_due_list_does_not_complete_a_new_revision(ledger, sessions, monkeypatch) -> None:
     """Assembler A computes its due list; assembler B (another process) completes the series first;
     a late instance opens revision 2; then A acts on its stale list."""

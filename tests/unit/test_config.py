@@ -93,11 +93,6 @@ def test_environment_without_file(tmp_path: Path) -> None:
     assert cfg.storage.fsync is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: node/config.py _env_overrides parses every environment value as YAML, so an AE title "
-    "like 1234 becomes an int (and NO/ON/YES a bool) and is refused: 'Input should be a valid string'",
-)
 @pytest.mark.parametrize("value", ["1234", "NO"])
 def test_environment_string_values_stay_strings(value: str) -> None:
     cfg = load_config(None, environ={"LUNGNODE_DICOM__AE_TITLE": value})

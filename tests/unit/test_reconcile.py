@@ -122,12 +122,6 @@ def test_row_without_file_is_removed(spool, ledger, sessions) -> None:
         assert series is not None and series.instance_count == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: node/receive/reconcile.py _drop_rows_without_file (and IngestLedger.forget_instance) remove "
-    "the only row of a revision the row itself opened, but leave that revision open; the assembler "
-    "then completes an EMPTY revision 2 and queues job #2 for data that never arrived",
-)
 @pytest.mark.parametrize("undo", ["reconcile", "forget_instance"])
 def test_unacknowledged_late_instance_does_not_leave_an_empty_revision(spool, ledger, sessions, undo) -> None:
     assembler = Assembler(AssemblySettings(quiet_period_s=5, release_grace_s=1), sessions)
