@@ -18,9 +18,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from node.errors import ConfigError
+from node.yamlfile import read_yaml_mapping
 
 ENV_PREFIX = "LUNGNODE_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash, no controls
@@ -247,19 +255,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     source = "embedded defaults"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
-        data = loaded
+        data = read_yaml_mapping(path, ConfigError, "config file")
     env = _env_overrides(dict(os.environ if environ is None else environ))
     if env:
         data = _merge(data, env)

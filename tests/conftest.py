@@ -8,7 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
+from node.db.ingest import IngestLedger
+from node.db.session import make_engine, make_sessionmaker, upgrade_schema
 from tests.helpers.dcmtk import have_dcmtk
 from tests.helpers.net import free_port
 from tests.helpers.node_proc import REPO, NodeProcess
@@ -17,6 +21,25 @@ SHARED_DATA = REPO.parent / "shared" / "data"  # ../shared/data next to the chec
 LIDC_0001 = SHARED_DATA / "lidc-idri-0001-ct.tar.xz"
 
 NodeFactory = Callable[..., NodeProcess]
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    """A real SQLite ledger in tmp_path, migrated to the newest schema."""
+    eng = make_engine(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    upgrade_schema(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return make_sessionmaker(engine)
+
+
+@pytest.fixture
+def ledger(sessions: sessionmaker[Session]) -> IngestLedger:
+    return IngestLedger(sessions)
 
 
 @pytest.fixture

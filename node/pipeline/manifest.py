@@ -24,12 +24,19 @@ import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from node.errors import LungnodeError
+from node.yamlfile import read_yaml_mapping
 
 MANIFEST_FILE = "model.yaml"
 ONNX_FILE = "model.onnx"
@@ -288,17 +295,9 @@ def load_manifest(model_dir: Path, *, check_hash: bool = True) -> ModelManifest:
     path = model_dir / MANIFEST_FILE
     if not model_dir.is_dir():
         raise ManifestError(f"model folder {model_dir} does not exist: check inference.models_dir and the model name")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(f"{path} is missing: every model folder needs its manifest next to model.onnx") from None
-    except OSError as exc:
-        raise ManifestError(f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{path} is not valid YAML: {exc}") from exc
-    manifest = parse_manifest(data, path)
+    if not path.is_file():
+        raise ManifestError(f"{path} is missing: every model folder needs its manifest next to model.onnx")
+    manifest = parse_manifest(read_yaml_mapping(path, ManifestError, "model manifest"), path)
     if manifest.name != model_dir.name:
         raise ManifestError(
             f"invalid model manifest {path}:\n  name: is {manifest.name!r} but the folder is {model_dir.name!r}: "

@@ -21,30 +21,20 @@ from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     MRImageStorage,
     PYDICOM_IMPLEMENTATION_UID,
-    RLELossless,
     SecondaryCaptureImageStorage,
     UID,
     generate_uid,
 )
 
+from node.synthetic import TRANSFER_SYNTAXES
 from tests.helpers.dcmtk import run_dcmtk
 
 if TYPE_CHECKING:
     from node.synthetic import Phantom
-
-TRANSFER_SYNTAXES: dict[str, UID] = {
-    "explicit": ExplicitVRLittleEndian,
-    "implicit": ImplicitVRLittleEndian,
-    "rle": RLELossless,
-    "jpeg-ls": JPEGLSLossless,
-    "jpeg2000": JPEG2000Lossless,
-    "jpeg-lossless": JPEGLosslessSV1,
-}
 
 
 @dataclass

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage, generate_uid
-from sqlalchemy import Engine, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import AssemblySettings
 from node.db.ingest import IngestLedger, Outcome
 from node.db.models import AssociationState, Event, Instance, Job, JobState, Series, SeriesState
-from node.db.session import make_engine, make_sessionmaker, upgrade_schema
 from node.receive.assembler import Assembler
 from node.receive.inspect import InstanceHeader
 from tests.helpers.wait import wait_until
@@ -28,24 +26,6 @@ T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 
 def at(seconds: float) -> dt.datetime:
     return T0 + dt.timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = make_engine(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
-    upgrade_schema(eng)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return make_sessionmaker(engine)
-
-
-@pytest.fixture
-def ledger(sessions: sessionmaker[Session]) -> IngestLedger:
-    return IngestLedger(sessions)
 
 
 @pytest.fixture

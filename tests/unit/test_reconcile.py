@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import AssemblySettings
 from node.db.ingest import IngestLedger
 from node.db.models import Association, AssociationState, Instance, Job, Series, SeriesState
-from node.db.session import make_engine, make_sessionmaker, upgrade_schema
 from node.receive.assembler import Assembler
 from node.receive.inspect import inspect_instance
 from node.receive.reconcile import reconcile
@@ -22,24 +20,6 @@ from node.receive.spool import Spool
 from tests.helpers.series import make_ct_dataset
 
 LATER = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = make_engine(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
-    upgrade_schema(eng)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return make_sessionmaker(engine)
-
-
-@pytest.fixture
-def ledger(sessions: sessionmaker[Session]) -> IngestLedger:
-    return IngestLedger(sessions)
 
 
 @pytest.fixture

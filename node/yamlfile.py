@@ -1,0 +1,27 @@
+"""Reading the YAML files IT and model authors write (config, model manifests, SR templates)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from node.errors import LungnodeError
+
+
+def read_yaml_mapping(path: Path, error: type[LungnodeError], what: str) -> dict[str, Any]:
+    """The file's top-level mapping; ``error`` names the file and says what is wrong with it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from exc
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {path} is not valid YAML: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise error(f"{what} {path}: the top level must be a mapping")
+    return loaded
