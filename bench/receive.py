@@ -6,9 +6,12 @@ storescu over one association on loopback to
   - dcmtk storescp (writes files, no fsync): the reference,
   - lungnode serve with durability on (fsync, ledger commit before each acknowledgement),
   - lungnode serve with pynetdicom's stock receive loop (dicom.fast_receive: false), for scale,
-alternating the targets each round so machine noise hits all of them alike. Every lungnode run
-starts a fresh node (empty spool and database) so no instance is a duplicate. Prints slices per
-second (median over rounds) and the ratio to storescp, which is the figure to compare.
+alternating the targets each round so machine noise hits all of them alike. Every run starts a
+fresh receiver (for lungnode: empty spool and database, so no instance is a duplicate) and first
+receives an untimed warm-up series of as many 256x256 slices, so the timed series meets a node in
+its steady state (imports done, SQLite's write-ahead log at its working size), as a node that has
+been running for a while is. Prints slices per second (median over rounds) and the ratio to
+storescp, which is the figure to compare.
 
     .venv/bin/python bench/receive.py [--rounds 5] [--slices 300] [--matrix 512] [--json FILE]
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import shutil
 import socket
@@ -48,11 +52,11 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
-def make_series(out: Path, slices: int, matrix: int) -> Path:
+def make_series(out: Path, slices: int, matrix: int, seed: int = 7) -> Path:
     from node.synthetic import PhantomSpec, SeriesOptions, make_phantom, write_series
 
-    phantom = make_phantom(PhantomSpec(kind="covid", slices=slices, matrix=matrix, seed=7))
-    write_series(out, phantom, SeriesOptions(transfer_syntax="explicit"))
+    phantom = make_phantom(PhantomSpec(kind="covid", slices=slices, matrix=matrix, seed=seed))
+    write_series(out, phantom, SeriesOptions(transfer_syntax="explicit", seed=seed, write_truth=False))
     return out
 
 
@@ -68,7 +72,7 @@ def send(port: int, ae: str, series: Path) -> float:
     return elapsed
 
 
-def run_storescp(series: Path, work: Path) -> float:
+def run_storescp(series: Path, warmup: Path, work: Path) -> float:
     out = work / "storescp"
     out.mkdir()
     port = free_port()
@@ -76,6 +80,7 @@ def run_storescp(series: Path, work: Path) -> float:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
+        send(port, "ANY-SCP", warmup)
         return send(port, "ANY-SCP", series)
     finally:
         proc.terminate()
@@ -83,7 +88,16 @@ def run_storescp(series: Path, work: Path) -> float:
         shutil.rmtree(out)
 
 
-def run_node(series: Path, work: Path, *, fast: bool) -> float:
+HANDLER_MS: dict[str, list[float]] = {}
+
+
+def _handler_ms(log_text: str) -> float | None:
+    """Time our C-STORE handler took per instance in the last association (from its release line)."""
+    found = re.findall(r"event=association_released .*handler_ms_each=([0-9.]+)", log_text)
+    return float(found[-1]) if found else None
+
+
+def run_node(series: Path, warmup: Path, work: Path, *, fast: bool) -> float:
     home = work / "node"
     home.mkdir()
     port = free_port()
@@ -95,19 +109,34 @@ def run_node(series: Path, work: Path, *, fast: bool) -> float:
         LUNGNODE_STORAGE__SPOOL_DIR=str(home / "spool"),
         LUNGNODE_STORAGE__DATABASE_URL=f"sqlite:///{home / 'ledger.db'}",
         LUNGNODE_STORAGE__MIN_FREE_DISK_MB="0",
-        LUNGNODE_LOGGING__LEVEL="WARNING",
+        LUNGNODE_LOGGING__LEVEL="INFO",
+        LUNGNODE_WORKERS__COUNT="0",
     )
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = home / "node.log"
+    with log.open("w") as log_fh:
+        proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve"], env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=log_fh)
     try:
         wait_port(port)
-        return send(port, "LUNGNODE", series)
+        send(port, "LUNGNODE", warmup)
+        elapsed = send(port, "LUNGNODE", series)
+        wait_log(log, "event=association_released", count=2)
+        handler = _handler_ms(log.read_text())
+        if handler is not None:
+            HANDLER_MS.setdefault("fast" if fast else "stock", []).append(handler)
+        return elapsed
     finally:
         proc.terminate()
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
         if proc.returncode != 0:
-            raise RuntimeError(f"lungnode exited {proc.returncode}: {err[-2000:]}")
+            raise RuntimeError(f"lungnode exited {proc.returncode}: {log.read_text()[-2000:]}")
         shutil.rmtree(home)
+
+
+def wait_log(log: Path, needle: str, *, count: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and log.read_text().count(needle) < count:
+        time.sleep(0.05)
 
 
 def main() -> int:
@@ -135,10 +164,12 @@ def main() -> int:
         else:
             print(f"generating a {args.slices}-slice {args.matrix}x{args.matrix} series...", file=sys.stderr)
             series = make_series(work / "series", args.slices, args.matrix)
+        print("generating the warm-up series...", file=sys.stderr)
+        warmup = make_series(work / "warmup", len(list(series.glob("IM*.dcm"))), 256, seed=8)
         mb = sum(p.stat().st_size for p in series.glob("IM*.dcm")) / 1e6
         for r in range(args.rounds):
             for name, fast in targets.items():
-                t = run_storescp(series, work) if fast is None else run_node(series, work, fast=fast)
+                t = run_storescp(series, warmup, work) if fast is None else run_node(series, warmup, work, fast=fast)
                 times[name].append(t)
                 print(f"round {r + 1}/{args.rounds} {name:28} {t:6.2f} s  {args.slices / t:7.0f} slices/s",
                       file=sys.stderr)
@@ -150,6 +181,11 @@ def main() -> int:
         "targets": {
             name: {
                 "median_s": round(statistics.median(ts), 3),
+                "handler_ms_per_instance": (
+                    round(statistics.median(HANDLER_MS[key]), 2)
+                    if (key := {"lungnode": "fast", "lungnode-stock-pynetdicom": "stock"}.get(name)) in HANDLER_MS
+                    else None
+                ),
                 "slices_per_s": round(args.slices / statistics.median(ts), 1),
                 "ratio_to_storescp": round(ref / statistics.median(ts), 3),
                 "runs_s": [round(t, 3) for t in ts],
@@ -158,9 +194,11 @@ def main() -> int:
         },
     }
     print(f"\n{args.slices} slices of {args.matrix}x{args.matrix} ({mb:.0f} MB), one association, median of {args.rounds}:")
-    print(f"{'target':30} {'seconds':>8} {'slices/s':>9} {'ratio to storescp':>18}")
+    print(f"{'target':30} {'seconds':>8} {'slices/s':>9} {'ratio to storescp':>18} {'our handler ms/slice':>21}")
     for name, row in result["targets"].items():
-        print(f"{name:30} {row['median_s']:8.2f} {row['slices_per_s']:9.0f} {row['ratio_to_storescp']:17.2f}x")
+        handler = row["handler_ms_per_instance"]
+        print(f"{name:30} {row['median_s']:8.2f} {row['slices_per_s']:9.0f} {row['ratio_to_storescp']:17.2f}x"
+              f" {handler if handler is not None else '-':>21}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

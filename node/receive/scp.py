@@ -132,6 +132,9 @@ class StorageSCP:
         # must be in the spool's incoming/ folder so committing is a link on one file system: the
         # tuned path creates them there; stock pynetdicom uses tempfile, so point that there.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom's "standard" event handlers format a log entry for every PDU and DIMSE message
+        # even when nothing is logged; keep them for DEBUG only.
+        _config.LOG_HANDLER_LEVEL = "standard" if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG) else "none"
         if not (self.settings.fast_receive and tuning.install(self.spool.incoming)):
             tempfile.tempdir = str(self.spool.incoming)
         handlers: list[Any] = [

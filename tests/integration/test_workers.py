@@ -11,7 +11,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from node.db.session import make_engine, make_sessionmaker, upgrade_schema
 from node.pipeline.worker import Worker, results_dir
 from node.receive.assembler import Assembler
 from node.receive.inspect import inspect_instance
-from tests.helpers.faults import FifoTrap, Synth, phantom, rewrite, set_pixels, synth_series
+from tests.helpers.faults import FifoTrap, Synth, phantom, set_pixels, synth_series
 from tests.helpers.node_proc import NODE_CMD, REPO, clean_env
 from tests.helpers.onnx_models import make_models_dir
 from tests.helpers.wait import wait_until
@@ -117,10 +117,23 @@ def make_ledger(root: Path, *, lease_s: float = 120.0) -> Ledger:
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    led = make_ledger(tmp_path / "node")
-    yield led
-    led.engine.dispose()
+def ledgers(tmp_path: Path) -> Iterator[Callable[..., Ledger]]:
+    """``ledgers(lease_s=...)``: a fresh ledger under tmp_path/node (engines disposed at teardown)."""
+    made: list[Ledger] = []
+
+    def make(**kwargs: Any) -> Ledger:
+        made.append(make_ledger(tmp_path / "node", **kwargs))
+        return made[-1]
+
+    yield make
+    for led in made:
+        led.engine.dispose()
+
+
+@pytest.fixture
+def ledger(ledgers: Callable[..., Ledger]) -> Ledger:
+    """A ledger with the default (long) lease; shadows the conftest IngestLedger fixture on purpose."""
+    return ledgers()
 
 
 def chest(root: Path, name: str, **spec: Any) -> Synth:
@@ -206,7 +219,7 @@ def test_refused_series_ends_rejected_with_its_reason(ledger: Ledger, tmp_path: 
     tall = phantom(slices=60, matrix=64, seed=3, margin_below_mm=300.0, margin_above_mm=10.0)
     s = synth_series(tmp_path / "incoming" / "abdomen", tall)
     lungs_from = int(np.nonzero(tall.lungs.reshape(60, -1).any(axis=1))[0][0])
-    abdomen = s.files_of_indices(range(0, lungs_from - 1))  # the series stops below the lungs
+    abdomen = s.files_of_indices(range(lungs_from - 1))  # the series stops below the lungs
     ledger.add_series(s, abdomen)
     [job_id] = ledger.complete().values()
 
@@ -289,8 +302,9 @@ def test_worker_applies_the_selection_rules(ledger: Ledger, tmp_path: Path) -> N
 
 
 # -- worker processes --------------------------------------------------------------------------
-def test_worker_killed_mid_job_is_requeued_and_finishes_once(tmp_path: Path, workers: list[WorkerProc]) -> None:
-    led = make_ledger(tmp_path / "node", lease_s=2.0)
+def test_worker_killed_mid_job_is_requeued_and_finishes_once(tmp_path: Path, ledgers: Callable[..., Ledger],
+                                                             workers: list[WorkerProc]) -> None:
+    led = ledgers(lease_s=2.0)
     s = chest(tmp_path, "slow")
     led.add_series(s)
     [job_id] = led.complete().values()
@@ -326,11 +340,11 @@ def test_worker_killed_mid_job_is_requeued_and_finishes_once(tmp_path: Path, wor
     assert led.result(job_id)["status"] == "ok"
     assert "job_stalled" in second.log
     assert second.stop() == 0
-    led.engine.dispose()
 
 
-def test_two_workers_never_run_the_same_job(tmp_path: Path, workers: list[WorkerProc]) -> None:
-    led = make_ledger(tmp_path / "node")
+def test_two_workers_never_run_the_same_job(tmp_path: Path, ledgers: Callable[..., Ledger],
+                                            workers: list[WorkerProc]) -> None:
+    led = ledgers()
     series = []
     for i in range(10):
         s = chest(tmp_path, f"s{i}", matrix=48, seed=1 + i % 3)
@@ -360,4 +374,3 @@ def test_two_workers_never_run_the_same_job(tmp_path: Path, workers: list[Worker
         assert led.result(jobs[s.series_uid])["series_instance_uid"] == s.series_uid
     assert a.stop() == 0 and b.stop() == 0
     assert "job_result_dropped" not in a.log + b.log
-    led.engine.dispose()

@@ -80,7 +80,7 @@ def test_series_cut_through_the_lungs_is_flagged(chest: Synth) -> None:
     assert [f.code for f in flags] == ["partial_lung_coverage"] and flags[0].severity == "flag"
     assert "bases" in flags[0].reason
 
-    cov, flags = check_coverage(load_volume(chest.files_of_indices(range(0, middle))))  # lower half
+    cov, flags = check_coverage(load_volume(chest.files_of_indices(range(middle))))  # lower half
     assert cov.cut_at_top and not cov.cut_at_bottom
     assert [f.code for f in flags] == ["partial_lung_coverage"] and "apices" in flags[0].reason
 

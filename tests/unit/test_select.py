@@ -4,6 +4,7 @@ with its name and a reason in words, and ``choose`` ranks the eligible series of
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,6 @@ def test_orientation(base: Dataset) -> None:
     assert v.rule == "orientation" and "90 degrees" in v.reason
     v = skipped(header(base, ImageOrientationPatient=None))
     assert v.rule == "orientation" and "unknown" in v.reason
-    import math
-
     c, s = math.cos(math.radians(5)), math.sin(math.radians(5))
     eligible(header(base, ImageOrientationPatient=[1, 0, 0, 0, c, s]))  # 5 degrees oblique: within 10
     c, s = math.cos(math.radians(20)), math.sin(math.radians(20))
