@@ -134,7 +134,7 @@ class SelectionSettings(Strict):
     min_slices: int = Field(default=40, ge=2)
     series_description: PatternRule = Field(
         default_factory=lambda: PatternRule(
-            exclude=[r"(?i)scout|topogram|localizer|surview|dose|mip|minip|\bcor(onal)?\b|\bsag(ittal)?\b|\b3d\b|report"]
+            exclude=[r"(?i)scout|topogram|localizer|surview|dose\s*(report|info|summary)|mip|minip|\bcor(onal)?\b|\bsag(ittal)?\b|\b3d\b|report"]
         )
     )
     body_part: PatternRule = Field(

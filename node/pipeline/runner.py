@@ -169,5 +169,9 @@ def analyse_series(
         result.reason = refused.flag.reason
         result.qa.append(refused.flag)
         log.info(kv("series_rejected", series=series_instance_uid, code=refused.flag.code, reason=refused.flag.reason))
+    except Exception as exc:  # a failure of this series must still give a result that says what happened
+        result.status = "failed"
+        result.reason = f"analysis failed: {type(exc).__name__}: {exc}"
+        log.exception(kv("series_failed", series=series_instance_uid, error=type(exc).__name__))
     result.timings_s["total"] = sum(v for k, v in result.timings_s.items() if k != "total")
     return result

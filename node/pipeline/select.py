@@ -57,6 +57,15 @@ class SeriesHeader:
             )
             normal_z = abs(nz) / norm if norm else None
         thickness = ds.get("SliceThickness")
+        if thickness in (None, "") and "SharedFunctionalGroupsSequence" in ds:
+            groups = [ds.SharedFunctionalGroupsSequence[0]]
+            if ds.get("PerFrameFunctionalGroupsSequence"):
+                groups.append(ds.PerFrameFunctionalGroupsSequence[0])
+            for group in groups:
+                measures = group.get("PixelMeasuresSequence")
+                if measures and measures[0].get("SliceThickness") not in (None, ""):
+                    thickness = measures[0].SliceThickness
+                    break
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         return cls(
             series_instance_uid=str(ds.SeriesInstanceUID),

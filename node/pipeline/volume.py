@@ -251,7 +251,9 @@ def _frame_pixels(ds: Dataset, cache: dict[int, np.ndarray], frame_number: int |
     if key not in cache:
         cache[key] = ds.pixel_array
     arr = cache[key]
-    return arr if frame_number is None else arr[frame_number - 1]
+    if frame_number is None or arr.ndim == 2:  # pydicom gives a 2D array for a single-frame object
+        return arr
+    return arr[frame_number - 1]
 
 
 def _to_hu(raw: np.ndarray, plane: _Plane) -> np.ndarray:
@@ -299,7 +301,15 @@ def load_volume(paths: Sequence[Path]) -> Volume:
         if id(plane.ds) not in datasets:
             datasets[id(plane.ds)] = pydicom.dcmread(plane.ds.filename) if plane.ds.filename else plane.ds
         full = datasets[id(plane.ds)]
-        img = _to_hu(_frame_pixels(full, cache, plane.frame_number), plane)
+        try:
+            pixels = _frame_pixels(full, cache, plane.frame_number)
+        except Exception as exc:  # pydicom/decoder errors vary by codec; all mean the pixels are unusable
+            raise SeriesRefused(
+                "unreadable_pixels",
+                f"the pixel data of image {plane.ds.get('SOPInstanceUID', '?')} cannot be decoded "
+                f"({type(exc).__name__}: {exc})",
+            ) from exc
+        img = _to_hu(pixels, plane)
         if flip_rows:
             img = img[::-1, :]
         if flip_cols:

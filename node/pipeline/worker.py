@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
+import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,15 +25,25 @@ from node.config import Config
 from node.db.jobs import Claimed, JobQueue
 from node.db.models import Instance, JobState, Series
 from node.db.session import make_engine, make_sessionmaker
+from node.errors import LungnodeError
 from node.logs import kv, setup_logging
 from node.pipeline.infer import get_model
 from node.pipeline.runner import Analysis, analyse_series
+from node.pipeline.select import SeriesHeader, check
+from node.pipeline.volume import QAFlag
 
 log = logging.getLogger(__name__)
 
 
 def results_dir(config: Config, job_id: int) -> Path:
     return config.storage.spool_dir / "results" / f"job-{job_id}"
+
+
+def _series_header(paths: list[Path]) -> SeriesHeader:
+    """Selection facts of the series, from its first image (slice count from the file count)."""
+    if not paths:
+        raise LungnodeError("the series has no instances left in the spool")
+    return SeriesHeader.from_dataset(pydicom.dcmread(paths[0], stop_before_pixels=True), slice_count=len(paths))
 
 
 def _series_files(sessions: sessionmaker[Session], job: Claimed) -> tuple[str, list[Path]]:
@@ -71,8 +82,12 @@ class Worker:
         beat.start()
         try:
             series_uid, paths = _series_files(self.sessions, job)
-            analysis = analyse_series(paths, self.config.inference, series_instance_uid=series_uid)
-            analysis.write(results_dir(self.config, job.job_id))
+            verdict = check(_series_header(paths), self.config.selection)
+            if not verdict.eligible:
+                analysis = Analysis(status="rejected", series_instance_uid=series_uid, reason=verdict.reason,
+                                    qa=[QAFlag(f"selection_{verdict.rule}", "refuse", verdict.reason or "")])
+            else:
+                analysis = analyse_series(paths, self.config.inference, series_instance_uid=series_uid)
             self._finish(job, analysis)
         except Exception as exc:  # any failure of one job is recorded on it; the worker goes on
             log.error(kv("job_error", job=job.job_id, error=f"{type(exc).__name__}: {exc}"))
@@ -84,11 +99,18 @@ class Worker:
         return True
 
     def _finish(self, job: Claimed, analysis: Analysis) -> None:
+        """Record the outcome, then publish result.json, only if the job is still ours."""
         state = {"ok": JobState.done, "rejected": JobState.rejected, "failed": JobState.failed}[analysis.status]
-        self.queue.finish(job.job_id, state, error=analysis.reason, timings=analysis.result_json()["timings_s"])
+        out = results_dir(self.config, job.job_id)
+        staged = analysis.write(out.with_name(f"{out.name}.attempt-{job.attempt}"))
+        if self.queue.finish(job.job_id, state, error=analysis.reason, timings=analysis.result_json()["timings_s"]):
+            out.mkdir(parents=True, exist_ok=True)
+            staged.replace(out / staged.name)
+        staged.unlink(missing_ok=True)
+        staged.parent.rmdir()
 
     def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
-        interval = max(1.0, self.config.workers.lease_s / 4)
+        interval = max(0.05, self.config.workers.lease_s / 4)
         while not stop.wait(interval):
             if not self.queue.heartbeat(job_id):
                 return

@@ -78,12 +78,6 @@ def test_empty_folder_is_rejected(tmp_path: Path, models: Path) -> None:
     assert result["status"] == "rejected" and "no DICOM images found" in result["reason"]
 
 
-@pytest.mark.xfail(
-    reason="BUG: runner.py analyse_series catches only SeriesRefused, although its docstring promises "
-    "status 'failed' for an unexpected error and 'never raises for a bad series': one image with "
-    "truncated pixel data makes `lungnode process` die with a traceback and no result.json",
-    strict=True,
-)
 def test_damaged_image_gives_a_failed_result_not_a_traceback(tmp_path: Path, models: Path) -> None:
     s = synth_series(tmp_path / "damaged", phantom(slices=40, matrix=64, seed=1))
     victim = s.files[10]

@@ -242,11 +242,6 @@ def test_enhanced_ct_multiframe_gives_the_classic_volume(series: Synth, tmp_path
         np.testing.assert_array_equal(back[n], truth[uid])
 
 
-@pytest.mark.xfail(
-    reason="BUG: volume.py _frame_pixels indexes arr[frame_number - 1] although pydicom returns a 2D "
-    "pixel_array for a single-frame object: each slice becomes its first pixel row broadcast, silently",
-    strict=True,
-)
 def test_single_frame_enhanced_ct_objects(series: Synth, tmp_path: Path) -> None:
     classic = load_volume(series.files)
     written = write_enhanced_ct(series.files, tmp_path / "enhanced" / "ct.dcm", frames_per_file=1)
