@@ -217,9 +217,9 @@ class IngestLedger:
         if study is None:
             study = Study(
                 study_instance_uid=h.study_instance_uid,
-                patient_id=h.patient_id,
-                accession_number=(h.accession_number or "")[:16] or None,
-                study_date=h.study_date,
+                patient_id=_cut(h.patient_id, 64),
+                accession_number=_cut(h.accession_number, 64),
+                study_date=_cut(h.study_date, 16),
             )
             s.add(study)
             s.flush()
@@ -231,9 +231,9 @@ class IngestLedger:
             series = Series(
                 study_id=study.id,
                 series_instance_uid=h.series_instance_uid,
-                modality=h.modality,
+                modality=_cut(h.modality, 16),
                 series_number=h.series_number,
-                series_description=(h.series_description or "")[:64] or None,
+                series_description=_cut(h.series_description, 64),
                 origin=origin,
                 state=SeriesState.receiving,
                 revision=1,
@@ -273,6 +273,11 @@ class IngestLedger:
         if new_revision:
             log.info(kv("series_revision_opened", series=h.series_instance_uid, revision=series.revision))
         return Recorded(Outcome.stored, series.id, series.revision, new_revision)
+
+
+def _cut(value: str | None, length: int) -> str | None:
+    """A header value fitted to its column (the file in the spool keeps the original)."""
+    return value[:length] if value else None
 
 
 def _origin_note(origin: SeriesOrigin, h: InstanceHeader) -> str | None:

@@ -75,8 +75,10 @@ class Study(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     patient_id: Mapped[str | None] = mapped_column(String(64))
-    accession_number: Mapped[str | None] = mapped_column(String(16))
-    study_date: Mapped[str | None] = mapped_column(String(8))
+    # Header values are stored cut to these lengths: non-conformant senders exceed the VR limits
+    # (e.g. "2020.01.01" dates), and PostgreSQL would refuse the row.
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     series: Mapped[list[Series]] = relationship(back_populates="study")
 

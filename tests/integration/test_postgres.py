@@ -83,7 +83,9 @@ def _header(series: str, sop: str, study: str = "1.2.3.1") -> InstanceHeader:
     return InstanceHeader(
         sop_class_uid=CT_IMAGE_STORAGE, sop_instance_uid=sop, study_instance_uid=study, series_instance_uid=series,
         transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT", series_number=1, series_description="chest",
-        instance_number=1, patient_id="P", accession_number="A", study_date="20260101", manufacturer="x",
+        # Non-conformant lengths from old senders (a 10-character date, a 20-character accession) must
+        # not make PostgreSQL refuse the row.
+        instance_number=1, patient_id="P", accession_number="A" * 20, study_date="2026.01.01", manufacturer="x",
         software_versions=None,
     )
 

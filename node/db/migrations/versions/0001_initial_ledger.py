@@ -40,8 +40,8 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('study_instance_uid', sa.String(length=64), nullable=False),
     sa.Column('patient_id', sa.String(length=64), nullable=True),
-    sa.Column('accession_number', sa.String(length=16), nullable=True),
-    sa.Column('study_date', sa.String(length=8), nullable=True),
+    sa.Column('accession_number', sa.String(length=64), nullable=True),
+    sa.Column('study_date', sa.String(length=16), nullable=True),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('study_instance_uid')
