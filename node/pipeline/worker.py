@@ -23,13 +23,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Config
 from node.db.jobs import Claimed, JobQueue
-from node.db.models import Instance, JobState, Series
+from node.db.models import Instance, JobState, Series, SeriesOrigin, SeriesState
 from node.db.session import make_engine, make_sessionmaker
 from node.errors import LungnodeError
 from node.logs import kv, setup_logging
 from node.pipeline.infer import get_model
 from node.pipeline.runner import Analysis, analyse_series
-from node.pipeline.select import SeriesHeader, check
+from node.pipeline.select import SeriesHeader, Verdict, check, choose
 from node.pipeline.volume import QAFlag
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,25 @@ def _series_header(paths: list[Path]) -> SeriesHeader:
     if not paths:
         raise LungnodeError("the series has no instances left in the spool")
     return SeriesHeader.from_dataset(pydicom.dcmread(paths[0], stop_before_pixels=True), slice_count=len(paths))
+
+
+def _sibling_series_files(sessions: sessionmaker[Session], series_id: int) -> list[list[Path]]:
+    """Files of the other complete modality series of the same study, one list per series."""
+    with sessions() as s:
+        series = s.get(Series, series_id)
+        assert series is not None
+        siblings = s.scalars(
+            select(Series.id).where(
+                Series.study_id == series.study_id,
+                Series.id != series_id,
+                Series.state == SeriesState.complete,
+                Series.origin == SeriesOrigin.modality,
+                Series.purged_at.is_(None),
+            )
+        ).all()
+        return [
+            [Path(p) for p in s.scalars(select(Instance.path).where(Instance.series_id == sid))] for sid in siblings
+        ]
 
 
 def _series_files(sessions: sessionmaker[Session], job: Claimed) -> tuple[str, list[Path]]:
@@ -82,7 +101,7 @@ class Worker:
         beat.start()
         try:
             series_uid, paths = _series_files(self.sessions, job)
-            verdict = check(_series_header(paths), self.config.selection)
+            verdict = self._select(job, _series_header(paths))
             if not verdict.eligible:
                 analysis = Analysis(status="rejected", series_instance_uid=series_uid, reason=verdict.reason,
                                     qa=[QAFlag(f"selection_{verdict.rule}", "refuse", verdict.reason or "")])
@@ -97,6 +116,15 @@ class Worker:
             beat_stop.set()
             beat.join()
         return True
+
+    def _select(self, job: Claimed, header: SeriesHeader) -> Verdict:
+        """This series' verdict among the complete CT series of its study (the best one is analysed)."""
+        verdict = check(header, self.config.selection)
+        if not verdict.eligible:
+            return verdict
+        others = [_series_header(p) for p in _sibling_series_files(self.sessions, job.series_id) if p]
+        _, verdicts = choose([header, *others], self.config.selection)
+        return verdicts[0]
 
     def _finish(self, job: Claimed, analysis: Analysis) -> None:
         """Record the outcome, then publish result.json, only if the job is still ours."""

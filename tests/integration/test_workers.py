@@ -307,6 +307,27 @@ def test_worker_applies_the_selection_rules(ledger: Ledger, tmp_path: Path) -> N
     assert "not axial" in (job["error"] or "")
 
 
+def test_only_the_best_series_of_a_study_is_analysed(ledger: Ledger, tmp_path: Path) -> None:
+    study_uid = generate_uid()
+    thin = synth_series(tmp_path / "incoming" / "thin",
+                        phantom(slices=40, matrix=64, seed=5, slice_thickness_mm=1.25, kernel="sharp"),
+                        study_instance_uid=study_uid, series_number=3)
+    thick = synth_series(tmp_path / "incoming" / "thick",
+                         phantom(slices=40, matrix=64, seed=5, slice_thickness_mm=5.0, kernel="smooth"),
+                         study_instance_uid=study_uid, series_number=2)
+    ledger.add_series(thin)
+    ledger.add_series(thick)
+    jobs = ledger.complete()
+    worker = Worker(ledger.config, name="w")
+    assert worker.run_one() and worker.run_one()
+    worker.engine.dispose()
+    thick_job, thin_job = ledger.job(jobs[thick.series_uid]), ledger.job(jobs[thin.series_uid])
+    assert thin_job["state"] == "done", thin_job
+    assert thick_job["state"] == "rejected", thick_job
+    assert thin.series_uid in thick_job["error"] and "preferred" in thick_job["error"]
+    assert ledger.result(jobs[thick.series_uid])["qa"][-1]["code"] == "selection_not_best"
+
+
 # -- worker processes --------------------------------------------------------------------------
 def test_worker_killed_mid_job_is_requeued_and_finishes_once(tmp_path: Path, ledgers: Callable[..., Ledger],
                                                              workers: list[WorkerProc]) -> None:
