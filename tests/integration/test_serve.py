@@ -1,0 +1,49 @@
+"""``lungnode serve`` as a whole: a series sent with dcmtk is received, assembled, claimed by a
+worker process the node started, analysed with (tiny, real) ONNX models, and its result recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import NodeFactory
+from tests.helpers.dcmtk import storescu
+from tests.helpers.onnx_models import make_models_dir
+from tests.helpers.series import make_series
+from tests.helpers.wait import wait_until
+
+
+def test_serve_runs_workers_that_analyse_a_received_series(node_factory: NodeFactory, tmp_path: Path) -> None:
+    models = make_models_dir(tmp_path / "models")
+    node = node_factory(settings={
+        "inference": {"models_dir": str(models), "device": "cpu", "threads": 1},
+        "workers": {"count": 1, "poll_interval_s": 0.2},
+        "selection": {"min_slices": 10},
+    })
+    node.wait_for_log(r"event=workers_started count=1", timeout=30)
+    series = make_series(tmp_path / "ct", slices=40, matrix=96)
+    assert storescu(node.port, series.folder).returncode == 0
+
+    def finished() -> dict[str, object] | None:
+        jobs = node.jobs(series.series_uid)
+        return jobs[0] if jobs and jobs[0]["state"] in ("done", "rejected", "failed") else None
+
+    job = wait_until(finished, timeout=90, what="the job to finish")
+    assert job["state"] == "done", job
+    assert job["attempts"] == 1
+    result = json.loads((node.spool_dir / "results" / f"job-{job['id']}" / "result.json").read_text())
+    assert result["status"] == "ok"
+    assert result["series_instance_uid"] == series.series_uid
+    assert set(result["probabilities"]) == {"covid19", "other_pneumonia", "no_pneumonia"}
+    assert [m["name"] for m in result["models"]] == ["lung_seg", "lesion_seg", "diagnosis"]
+    assert json.loads(job["timings"])["total"] > 0
+
+
+def test_serve_without_models_keeps_receiving_and_says_why(node_factory: NodeFactory, tmp_path: Path) -> None:
+    node = node_factory(settings={"inference": {"models_dir": str(tmp_path / "no-models")}, "workers": {"count": 1}})
+    match = node.wait_for_log(r"event=analysis_disabled reason=\"([^\"]+)\"", timeout=30)
+    assert "does not exist" in match.group(1)
+    series = make_series(tmp_path / "ct", slices=4, matrix=32)
+    assert storescu(node.port, series.folder).returncode == 0
+    node.wait_complete(series.series_uid)
+    assert [j["state"] for j in node.jobs(series.series_uid)] == ["queued"]
