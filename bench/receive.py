@@ -118,8 +118,11 @@ def run_node(series: Path, warmup: Path, work: Path, *, fast: bool) -> float:
                                 stdout=subprocess.DEVNULL, stderr=log_fh)
     try:
         wait_port(port)
-        send(port, "LUNGNODE", warmup)
-        elapsed = send(port, "LUNGNODE", series)
+        try:
+            send(port, "LUNGNODE", warmup)
+            elapsed = send(port, "LUNGNODE", series)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\nlungnode log (tail):\n{log.read_text()[-3000:]}") from exc
         wait_log(log, "event=association_released", count=2)
         handler = _handler_ms(log.read_text())
         if handler is not None:

@@ -4,7 +4,8 @@ Order of the receive path is: file fsynced and renamed into the spool, row commi
 So after a crash:
 - files in ``incoming/`` were never acknowledged: deleted;
 - a committed file without a row was not acknowledged either, but it is a valid instance, so it is
-  adopted (a sender that retries then gets a duplicate, which is harmless);
+  adopted (a sender that retries then gets a duplicate, which is harmless); one that does not parse
+  (cut short by a power loss) is moved to ``quarantine/``;
 - a row whose file is missing was never acknowledged either (the row and the file are made durable
   in parallel, and the answer waits for both): the row is removed, with an event saying so;
 - associations left open were cut: marked aborted, so their series wait for the quiet period and the
@@ -51,7 +52,10 @@ def reconcile(spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session
         try:
             header = inspect_instance(path, sop_class_uid="", sop_instance_uid=path.stem, check_request=False)
         except InstanceRejected as rej:
-            log.error(kv("reconcile_unreadable", path=path, reason=rej.reason))
+            # Never acknowledged (it has no row), and not a valid instance (e.g. cut by a power loss):
+            # set aside for inspection rather than deleted.
+            moved = spool.quarantine(path)
+            log.error(kv("reconcile_unreadable", path=path, moved_to=moved, reason=rej.reason))
             unreadable += 1
             continue
         ledger.record_instance(

@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, cast
 
@@ -274,10 +274,13 @@ class StorageSCP:
         sop_uid = str(req.AffectedSOPInstanceUID)
         assoc_id = getattr(event.assoc, _ASSOC_ID, None)
         received = Path(event.dataset_path)
+        data_synced: Future[None] | None = None
         try:
             self.spool.check_space()
+            # The content fsync needs nothing from the checks: start it now, it overlaps them.
+            data_synced = self._io.submit(self.spool.sync_data, received)
             header = inspect_instance(received, sop_class_uid=str(req.AffectedSOPClassUID), sop_instance_uid=sop_uid)
-            return self._store(header, received, assoc_id)
+            return self._store(header, received, assoc_id, data_synced)
         except InstanceRejected as rej:
             log.warning(kv("store_refused", assoc=assoc_id, sop=sop_uid, status=f"0x{rej.status:04X}", reason=rej.reason))
             return rej.status
@@ -286,19 +289,24 @@ class StorageSCP:
             log.error(kv("store_not_recorded", assoc=assoc_id, sop=sop_uid, error=exc.__class__.__name__,
                          reason="database unavailable"))
             return STATUS_OUT_OF_RESOURCES
+        finally:
+            if data_synced is not None:
+                wait([data_synced])  # never leave work on a file pynetdicom deletes after we answer
 
-    def _store(self, header: InstanceHeader, received: Path, assoc_id: int | None) -> int:
+    def _store(self, header: InstanceHeader, received: Path, assoc_id: int | None, data_synced: Future[None]) -> int:
         """Make the file durable and record its row at the same time, then answer.
 
-        The two fsync-bound steps run in parallel (the file in the I/O pool, the row here) so the
-        disk can commit them together; success is answered only after both are durable. If the row
+        The fsync-bound steps overlap the rest: the content fsync (started before the checks) and
+        then the link and its directory fsync run in the I/O pool while the row is written here;
+        success is answered only after all are durable. If the row
         committed but the file did not, the row is removed again (and reconciliation removes rows
         left without a file by a crash in between: none of them was acknowledged).
         """
         sop_uid = header.sop_instance_uid
         final = self.spool.path_for(header.series_instance_uid, sop_uid)
         size = received.stat().st_size
-        file_done = self._io.submit(self.spool.commit, received, header.series_instance_uid, sop_uid)
+        data_synced.result()  # before the link: the commit removes the name the content fsync opens
+        file_done = self._io.submit(self.spool.commit, received, header.series_instance_uid, sop_uid, sync_data=False)
         try:
             recorded = self.ledger.record_instance(
                 header, path=final, size_bytes=size, association_id=assoc_id, own_output=is_own_output(header)

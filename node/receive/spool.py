@@ -4,6 +4,8 @@ Layout under ``storage.spool_dir``::
 
     incoming/                       files being received (pynetdicom writes here); never acknowledged
     instances/<SeriesUID>/<SOPUID>.dcm   committed instances
+    quarantine/                     files found unreadable at start-up (never acknowledged)
+    results/job-N/                  analysis results
 
 An instance is committed by fsync of the file, an atomic link into ``instances/`` (then the
 temporary name is removed) and fsync of the directory; only then is its row inserted and the
@@ -53,23 +55,34 @@ class Spool:
                 f"spool disk nearly full: {free // 2**20} MiB free, at least {self.min_free_bytes // 2**20} MiB required",
             )
 
-    def commit(self, received: Path, series_uid: str, sop_uid: str) -> Path | None:
+    def sync_data(self, received: Path) -> None:
+        """fsync the file's content (the SCP starts this while it still checks the dataset)."""
+        if not self.fsync:
+            return
+        try:
+            fd = os.open(received, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _write_error(exc) from exc
+
+    def commit(self, received: Path, series_uid: str, sop_uid: str, *, sync_data: bool = True) -> Path | None:
         """Make a received file durable at its final place and return that place.
 
         Returns None when an instance with this SOP Instance UID is already in the spool: the
         first copy is kept (a re-send is idempotent). ``link`` + ``unlink`` instead of ``rename``
         makes that check atomic even for two associations sending the same instance at once.
+        ``sync_data=False`` when the caller runs ``sync_data`` itself and waits for it before
+        acknowledging (the order of the two fsyncs does not matter; both precede the answer).
         """
         final = self.path_for(series_uid, sop_uid)
+        if sync_data:
+            self.sync_data(received)
         try:
             new_dir = not final.parent.exists()
             final.parent.mkdir(parents=True, exist_ok=True)
-            if self.fsync:
-                fd = os.open(received, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
             try:
                 os.link(received, final)
             except FileExistsError:
@@ -80,9 +93,7 @@ class Spool:
                 if new_dir:
                     _fsync_dir(self.instances)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise InstanceRejected(STATUS_OUT_OF_RESOURCES, f"spool disk full while writing: {exc.strerror}") from exc
-            raise InstanceRejected(STATUS_OUT_OF_RESOURCES, f"cannot write to spool: {exc.strerror}") from exc
+            raise _write_error(exc) from exc
         return final
 
     def discard_incoming(self) -> int:
@@ -96,6 +107,13 @@ class Spool:
             log.info(kv("spool_discard_incoming", files=count))
         return count
 
+    def quarantine(self, path: Path) -> Path:
+        """Move a file that cannot be an instance out of ``instances/`` (kept for inspection)."""
+        target = self.root / "quarantine" / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        return target
+
     def committed_files(self) -> list[Path]:
         return [p for p in self.instances.glob("*/*.dcm") if p.is_file()]
 
@@ -107,6 +125,12 @@ class Spool:
         count = sum(1 for _ in folder.glob("*.dcm"))
         shutil.rmtree(folder)
         return count
+
+
+def _write_error(exc: OSError) -> InstanceRejected:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InstanceRejected(STATUS_OUT_OF_RESOURCES, f"spool disk full while writing: {exc.strerror}")
+    return InstanceRejected(STATUS_OUT_OF_RESOURCES, f"cannot write to spool: {exc.strerror}")
 
 
 def _fsync_dir(path: Path) -> None:

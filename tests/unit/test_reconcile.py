@@ -89,6 +89,8 @@ def test_unreadable_committed_file_is_not_adopted(spool, ledger, sessions) -> No
     report = reconcile(spool, ledger, sessions)
     assert (report.adopted, report.unreadable) == (0, 1)
     assert count(sessions, Instance) == 0
+    assert not bad.exists(), "moved out of instances/"
+    assert (spool.root / "quarantine" / "1.2.3" / "1.2.3.4.dcm").read_bytes().endswith(b"garbage")
 
 
 def test_row_without_file_is_removed(spool, ledger, sessions) -> None:
