@@ -37,6 +37,16 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def query_sqlite(db_path: Path, sql: str, *params: Any) -> list[sqlite3.Row]:
+    """Rows of a SELECT on a SQLite ledger, read directly (safe while a node writes: WAL)."""
+    conn = sqlite3.connect(db_path, timeout=30)
+    try:
+        conn.row_factory = sqlite3.Row
+        return list(conn.execute(sql, params))
+    finally:
+        conn.close()
+
+
 def run_cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``lungnode ARGS`` in a subprocess (``python -m node.cli``), without LUNGNODE_* from outside."""
     return subprocess.run([*NODE_CMD, *map(str, args)], env=clean_env(env), capture_output=True, text=True,
@@ -158,12 +168,7 @@ class NodeProcess:
 
     def query(self, sql: str, *params: Any) -> list[sqlite3.Row]:
         """Run a read-only SELECT on the ledger (safe while the node writes: WAL)."""
-        conn = sqlite3.connect(self.db_path, timeout=30)
-        try:
-            conn.row_factory = sqlite3.Row
-            return list(conn.execute(sql, params))
-        finally:
-            conn.close()
+        return query_sqlite(self.db_path, sql, *params)
 
     def series(self, series_uid: str) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM series WHERE series_instance_uid = ?", series_uid)

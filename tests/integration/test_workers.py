@@ -38,7 +38,7 @@ from node.pipeline.worker import Worker, results_dir
 from node.receive.assembler import Assembler
 from node.receive.inspect import inspect_instance
 from tests.helpers.faults import FifoTrap, Synth, phantom, set_pixels, synth_series
-from tests.helpers.node_proc import NODE_CMD, REPO, clean_env
+from tests.helpers.node_proc import NODE_CMD, REPO, clean_env, query_sqlite
 from tests.helpers.onnx_models import make_models_dir
 from tests.helpers.wait import wait_until
 
@@ -77,12 +77,7 @@ class Ledger:
             "SELECT jobs.id, series.series_instance_uid FROM jobs JOIN series ON series.id = jobs.series_id")}
 
     def query(self, sql: str, *params: Any) -> list[sqlite3.Row]:
-        conn = sqlite3.connect(self.db_path, timeout=30)
-        try:
-            conn.row_factory = sqlite3.Row
-            return list(conn.execute(sql, params))
-        finally:
-            conn.close()
+        return query_sqlite(self.db_path, sql, *params)
 
     def job(self, job_id: int) -> dict[str, Any]:
         return dict(self.query("SELECT * FROM jobs WHERE id = ?", job_id)[0])
