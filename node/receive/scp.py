@@ -294,13 +294,12 @@ class StorageSCP:
                 wait([data_synced])  # never leave work on a file pynetdicom deletes after we answer
 
     def _store(self, header: InstanceHeader, received: Path, assoc_id: int | None, data_synced: Future[None]) -> int:
-        """Make the file durable and record its row at the same time, then answer.
+        """Make the file durable and record its row, then answer.
 
-        The fsync-bound steps overlap the rest: the content fsync (started before the checks) and
-        then the link and its directory fsync run in the I/O pool while the row is written here;
-        success is answered only after all are durable. If the row
-        committed but the file did not, the row is removed again (and reconciliation removes rows
-        left without a file by a crash in between: none of them was acknowledged).
+        The fsync-bound steps overlap the rest: the content fsync (started before the checks), then
+        the link and its directory fsync run in the I/O pool while the row is written here; success
+        is answered only after all are durable. If the row committed but the file did not, the row is
+        removed again (reconciliation removes rows a crash left without a file: none was acknowledged).
         """
         sop_uid = header.sop_instance_uid
         final = self.spool.path_for(header.series_instance_uid, sop_uid)
