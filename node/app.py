@@ -15,13 +15,13 @@ import signal
 import threading
 from types import FrameType
 
-from node import __version__
 from sqlalchemy.exc import SQLAlchemyError
 
+from node import __version__
 from node.config import Config
-from node.errors import LungnodeError
 from node.db.ingest import IngestLedger
 from node.db.session import make_engine, make_sessionmaker, upgrade_schema
+from node.errors import LungnodeError
 from node.logs import kv
 from node.pipeline.worker import start_workers
 from node.receive.assembler import Assembler

@@ -21,7 +21,12 @@ import numpy as np
 from node.config import InferenceSettings
 from node.errors import LungnodeError
 from node.pipeline.infer import Model, Which, check_role, load_model
-from node.pipeline.manifest import MANIFEST_FILE, ONNX_FILE, ModelManifest, load_manifest
+from node.pipeline.manifest import (
+    MANIFEST_FILE,
+    ONNX_FILE,
+    ModelManifest,
+    load_manifest,
+)
 
 #: Same rule as InferenceSettings.device (kept in sync by a unit test).
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"

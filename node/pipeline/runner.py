@@ -25,7 +25,14 @@ from node.logs import kv
 from node.pipeline import postprocess as post
 from node.pipeline.coverage import check_coverage
 from node.pipeline.infer import Model, get_model
-from node.pipeline.preprocess import full_box, lung_box, place_labels, slices_input, volume_input, windowed_volume
+from node.pipeline.preprocess import (
+    full_box,
+    lung_box,
+    place_labels,
+    slices_input,
+    volume_input,
+    windowed_volume,
+)
 from node.pipeline.volume import QAFlag, SeriesRefused, Volume, load_volume
 
 log = logging.getLogger(__name__)

@@ -12,17 +12,17 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, cast
 
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -46,8 +46,13 @@ from node.db.ingest import IngestLedger, Outcome
 from node.db.models import AssociationState
 from node.errors import InstanceRejected, LungnodeError
 from node.logs import kv
-from node.receive.inspect import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, InstanceHeader, inspect_instance
 from node.receive import tuning
+from node.receive.inspect import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    InstanceHeader,
+    inspect_instance,
+)
 from node.receive.spool import Spool
 
 log = logging.getLogger(__name__)

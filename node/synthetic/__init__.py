@@ -7,7 +7,13 @@ rendering model and :mod:`.dicom` for the series layout and patient-orientation 
 >>> write_series(Path("out"), ph, SeriesOptions(orientation="FFS"))  # doctest: +SKIP
 """
 
-from .dicom import TRANSFER_SYNTAXES, SeriesOptions, TransferSyntax, WrittenSeries, write_series
+from .dicom import (
+    TRANSFER_SYNTAXES,
+    SeriesOptions,
+    TransferSyntax,
+    WrittenSeries,
+    write_series,
+)
 from .lesions import VARIANTS
 from .phantom import KERNELS, KINDS, Kernel, Kind, Phantom, PhantomSpec, make_phantom
 

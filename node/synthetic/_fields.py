@@ -8,7 +8,6 @@ many slices without Python loops. Distances are in millimetres; negative inside 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 import numpy as np

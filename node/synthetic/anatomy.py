@@ -15,13 +15,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import IntEnum
-
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from ._fields import NoiseField, Scalar, ellipse_sdf, lerp_, smax, smin, smoothstep, soft
+from ._fields import (
+    NoiseField,
+    Scalar,
+    ellipse_sdf,
+    lerp_,
+    smax,
+    smin,
+    smoothstep,
+    soft,
+)
 from .tubes import Grid, Tubes, TubeSet, min_sdf
 from .vessels import TreeStyle, airway_from_tree, grow_tree, tree_to_tubes
 

@@ -16,7 +16,6 @@ tubes (spheres) rendered at full resolution.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from typing import Any
 
 import numpy as np

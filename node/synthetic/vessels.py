@@ -10,7 +10,6 @@ lung without any explicit anatomy atlas.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 import numpy as np

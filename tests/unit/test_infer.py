@@ -217,6 +217,7 @@ def test_corrupt_onnx_is_a_clear_error(tmp_path: Path) -> None:
     folder = make_seg2d(tmp_path / "lung_seg", overrides={"sha256": "0" * 64})
     (folder / "model.onnx").write_bytes(b"not a model")
     import hashlib
+
     import yaml
 
     data = yaml.safe_load((folder / "model.yaml").read_text())
