@@ -331,6 +331,6 @@ class StorageSCP:
                 # whose row now points at this very file.)
                 final.unlink(missing_ok=True)
             log.info(kv("store_duplicate", assoc=assoc_id, sop=sop_uid))
-        else:
+        elif log.isEnabledFor(logging.DEBUG):  # the hot path: format only when it is written
             log.debug(kv("store_ok", assoc=assoc_id, sop=sop_uid, series=header.series_instance_uid))
         return STATUS_SUCCESS
