@@ -10,26 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from node.synthetic.preview import window, write_png
+from node.synthetic.preview import outline, window, write_png
 
 RIGHT_RGB = (255, 0, 0)
 LEFT_RGB = (0, 90, 255)
-
-
-def _outline(mask: np.ndarray) -> np.ndarray:
-    inner = mask.copy()
-    inner[1:, :] &= mask[:-1, :]
-    inner[:-1, :] &= mask[1:, :]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    return mask & ~inner
 
 
 def slice_rgb(hu2d: np.ndarray, lab2d: np.ndarray, level: float = -600.0, width: float = 1500.0) -> np.ndarray:
     g = window(hu2d, level, width)
     rgb = np.repeat(g[:, :, None], 3, axis=2)
     for lab, col in ((1, RIGHT_RGB), (2, LEFT_RGB)):
-        rgb[_outline(lab2d == lab)] = col
+        rgb[outline(lab2d == lab)] = col
     return rgb
 
 

@@ -36,7 +36,8 @@ def write_png(path: Path, img: NDArray[np.uint8]) -> None:
     Path(path).write_bytes(png)
 
 
-def _outline(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+def outline(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """The boundary pixels of a 2D mask (4-neighbourhood)."""
     inner = mask.copy()
     inner[1:, :] &= mask[:-1, :]
     inner[:-1, :] &= mask[1:, :]
@@ -51,9 +52,9 @@ def slice_rgb(ph: Phantom, z: int, level: float = LUNG_WINDOW[0], width: float =
     rgb = np.repeat(g[:, :, None], 3, axis=2)
     if labels:
         for lab, col in ((1, (0, 200, 0)), (2, (0, 120, 255))):
-            rgb[_outline(ph.lungs[z] == lab)] = col
+            rgb[outline(ph.lungs[z] == lab)] = col
         for lab, col in ((1, (255, 230, 0)), (2, (255, 40, 40))):
-            rgb[_outline(ph.lesions[z] == lab)] = col
+            rgb[outline(ph.lesions[z] == lab)] = col
     return rgb
 
 
