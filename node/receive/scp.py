@@ -263,7 +263,7 @@ class StorageSCP:
     def _on_store(self, event: evt.Event) -> int:
         t0 = time.perf_counter()
         size = Path(event.dataset_path).stat().st_size
-        status = self._handle_store(event)
+        status = self._handle_store(event, size)
         stats: _AssocStats | None = getattr(event.assoc, _ASSOC_STATS, None)
         if stats is not None:
             stats.handler_s += time.perf_counter() - t0
@@ -274,7 +274,7 @@ class StorageSCP:
                 stats.refused += 1
         return status
 
-    def _handle_store(self, event: evt.Event) -> int:
+    def _handle_store(self, event: evt.Event, size: int) -> int:
         req = cast(C_STORE, event.request)
         sop_uid = str(req.AffectedSOPInstanceUID)
         assoc_id = getattr(event.assoc, _ASSOC_ID, None)
@@ -285,7 +285,7 @@ class StorageSCP:
             # The content fsync needs nothing from the checks: start it now, it overlaps them.
             data_synced = self._io.submit(self.spool.sync_data, received)
             header = inspect_instance(received, sop_class_uid=str(req.AffectedSOPClassUID), sop_instance_uid=sop_uid)
-            return self._store(header, received, assoc_id, data_synced)
+            return self._store(header, received, size, assoc_id, data_synced)
         except InstanceRejected as rej:
             log.warning(kv("store_refused", assoc=assoc_id, sop=sop_uid, status=f"0x{rej.status:04X}", reason=rej.reason))
             return rej.status
@@ -298,7 +298,9 @@ class StorageSCP:
             if data_synced is not None:
                 wait([data_synced])  # never leave work on a file pynetdicom deletes after we answer
 
-    def _store(self, header: InstanceHeader, received: Path, assoc_id: int | None, data_synced: Future[None]) -> int:
+    def _store(
+        self, header: InstanceHeader, received: Path, size: int, assoc_id: int | None, data_synced: Future[None]
+    ) -> int:
         """Make the file durable and record its row, then answer.
 
         The fsync-bound steps overlap the rest: the content fsync (started before the checks), then
@@ -308,7 +310,6 @@ class StorageSCP:
         """
         sop_uid = header.sop_instance_uid
         final = self.spool.path_for(header.series_instance_uid, sop_uid)
-        size = received.stat().st_size
         data_synced.result()  # before the link: the commit removes the name the content fsync opens
         file_done = self._io.submit(self.spool.commit, received, header.series_instance_uid, sop_uid, sync_data=False)
         try:
