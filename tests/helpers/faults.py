@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from node.synthetic import Phantom, PhantomSpec, SeriesOptions, make_phantom, write_series
+from tests.helpers.series import file_meta
 
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
@@ -242,13 +243,8 @@ def write_enhanced_ct(classic: list[Path], out: Path, *, order_seed: int = 0, fr
     written = []
     for g, members in enumerate(groups):
         sop_uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ENHANCED_CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds = Dataset()
-        ds.file_meta = meta
+        ds.file_meta = file_meta(ENHANCED_CT_IMAGE_STORAGE, sop_uid, ExplicitVRLittleEndian)
         for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
                         "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "Manufacturer",
                         "FrameOfReferenceUID", "PositionReferenceIndicator", "BodyPartExamined", "PatientPosition"):
@@ -313,13 +309,8 @@ def write_enhanced_ct(classic: list[Path], out: Path, *, order_seed: int = 0, fr
 def write_scout(path: Path, *, study_uid: str | None = None, matrix: int = 64) -> Path:
     """A CT localizer (topogram): one coronal projection image, as scanners send it with a study."""
     sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = file_meta(CTImageStorage, sop_uid, ExplicitVRLittleEndian)
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = study_uid or generate_uid()

@@ -54,7 +54,8 @@ class SeriesInfo:
         return len(self.files)
 
 
-def _file_meta(sop_class: str, sop_uid: str, ts: UID) -> FileMetaDataset:
+def file_meta(sop_class: str, sop_uid: str, ts: UID) -> FileMetaDataset:
+    """File meta information for a test dataset written by pydicom."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = UID(sop_uid)
@@ -108,7 +109,7 @@ def make_ct_dataset(
     """One axial CT slice (explicit VR little endian, uncompressed)."""
     sop_uid = sop_uid or generate_uid()
     ds = Dataset()
-    ds.file_meta = _file_meta(CTImageStorage, sop_uid, ExplicitVRLittleEndian)
+    ds.file_meta = file_meta(CTImageStorage, sop_uid, ExplicitVRLittleEndian)
     _common(ds, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, sop_class=CTImageStorage,
             modality="CT", manufacturer=manufacturer, series_number=3, instance_number=index + 1)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
@@ -174,7 +175,7 @@ def write_secondary_capture(path: Path, *, manufacturer: str = "lungnode", study
     """A small 8-bit Secondary Capture image, e.g. a key image as this node would write it."""
     sop_uid, series_uid, study_uid = generate_uid(), generate_uid(), study_uid or generate_uid()
     ds = Dataset()
-    ds.file_meta = _file_meta(SecondaryCaptureImageStorage, sop_uid, ExplicitVRLittleEndian)
+    ds.file_meta = file_meta(SecondaryCaptureImageStorage, sop_uid, ExplicitVRLittleEndian)
     _common(ds, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, sop_class=SecondaryCaptureImageStorage,
             modality="OT", manufacturer=manufacturer, series_number=901, instance_number=1)
     ds.ConversionType = "WSD"
@@ -195,7 +196,7 @@ def write_mr_image(path: Path, *, matrix: int = 32) -> SeriesInfo:
     """A small MR image from another vendor: a storage class the node keeps but never analyses."""
     sop_uid, series_uid, study_uid = generate_uid(), generate_uid(), generate_uid()
     ds = Dataset()
-    ds.file_meta = _file_meta(MRImageStorage, sop_uid, ExplicitVRLittleEndian)
+    ds.file_meta = file_meta(MRImageStorage, sop_uid, ExplicitVRLittleEndian)
     _common(ds, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, sop_class=MRImageStorage,
             modality="MR", manufacturer="OTHERVENDOR", series_number=5, instance_number=1)
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
