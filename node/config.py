@@ -147,6 +147,23 @@ class SelectionSettings(Strict):
     )
 
 
+class SliceRuleSettings(Strict):
+    """The per-series decision from per-slice lesion evidence, reported beside the 3D model's probabilities.
+
+    Slices are taken from the lung apex (head) to the base (tail) over the slices that hold lung;
+    the first ``head_skip`` and last ``tail_skip`` fractions are ignored (apical partial volume and
+    the diaphragm domes give false lesion evidence). A slice is abnormal when its lesion area is at
+    least ``min_lesion_percent`` of its lung area and ``min_lesion_mm2``; the series is called
+    pneumonia when the abnormal share of the considered slices reaches ``min_share``.
+    """
+
+    head_skip: float = Field(default=0.10, ge=0, lt=0.5, description="fraction of lung slices ignored at the apex")
+    tail_skip: float = Field(default=0.14, ge=0, lt=0.5, description="fraction of lung slices ignored at the base")
+    min_share: float = Field(default=0.20, gt=0, le=1, description="abnormal share of the considered slices for a positive call")
+    min_lesion_percent: float = Field(default=1.0, ge=0, le=100, description="lesion area as % of the slice's lung area")
+    min_lesion_mm2: float = Field(default=20.0, ge=0, description="lesion area (mm2) a slice needs to count as abnormal")
+
+
 class InferenceSettings(Strict):
     """Where models come from and what runs them."""
 
@@ -160,6 +177,7 @@ class InferenceSettings(Strict):
     lung_model: str = "lung_seg"
     lesion_model: str = "lesion_seg"
     diagnosis_model: str = "diagnosis"
+    slice_rule: SliceRuleSettings = Field(default_factory=SliceRuleSettings)
 
 
 class WorkerSettings(Strict):

@@ -1,7 +1,7 @@
 """The analysis path for one series, in one readable function: ``analyse_series``.
 
     files ─► volume + geometry/HU checks ─► lung coverage ─► lung model ─► lesion model
-          ─► diagnosis model ─► measurements ─► Analysis (result.json)
+          ─► diagnosis model ─► measurements + slice rule ─► Analysis (result.json)
 
 A refusal at any check ends the path with status ``rejected`` and the reason; an unexpected error
 with status ``failed``. Every step is timed.
@@ -33,6 +33,7 @@ from node.pipeline.preprocess import (
     volume_input,
     windowed_volume,
 )
+from node.pipeline.slice_rule import SliceRuleResult, apply_slice_rule
 from node.pipeline.volume import QAFlag, SeriesRefused, Volume, load_volume
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Analysis:
     models: list[dict[str, str]] = field(default_factory=list)
     probabilities: dict[str, float] | None = None
     measurements: post.Measurements | None = None
+    slice_rule: SliceRuleResult | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     volume: Volume | None = None
     lungs: np.ndarray | None = None  # canonical (z, y, x) label map, 1 right / 2 left
@@ -65,6 +67,7 @@ class Analysis:
             "qa": [{"code": f.code, "severity": f.severity, "reason": f.reason} for f in self.qa],
             "models": self.models,
             "probabilities": self.probabilities,
+            "slice_rule": self.slice_rule.as_dict() if self.slice_rule else None,
             "lung_volume_ml": m.get("lung_volume_ml"),
             "lesion_volume_ml": m.get("lesion_volume_ml"),
             "involvement_percent": m.get("involvement_percent"),
@@ -171,6 +174,8 @@ def analyse_series(
             result.probabilities = classify(volume, lungs, lesions, diagnosis_model)
         with timer.step("measure"):
             result.measurements = post.measure(lungs, lesions, volume.voxel_ml)
+            _, dy, dx = volume.spacing_mm
+            result.slice_rule = apply_slice_rule(lungs, lesions, pixel_mm2=dy * dx, rule=settings.slice_rule)
     except SeriesRefused as refused:
         result.status = "rejected"
         result.reason = refused.flag.reason

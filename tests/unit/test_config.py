@@ -244,3 +244,9 @@ def test_deploy_example_config_validates() -> None:
     assert cfg.dicom.port >= 1
     proc = run_cli("check-config", EXAMPLE)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(not EXAMPLE.is_file(), reason=f"{EXAMPLE} does not exist yet")
+def test_deploy_example_config_equals_the_embedded_defaults() -> None:
+    """The file IT edits documents the defaults; a default changed in code must be changed there too."""
+    assert load_config(EXAMPLE, environ={}).model_dump() == load_config(None, environ={}).model_dump()
