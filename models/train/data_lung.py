@@ -74,8 +74,14 @@ def to_samples(hu: np.ndarray, lungs: np.ndarray, size: int, name: str, *, level
 
 
 def phantom_volume(seed: int, workdir: Path, *, slices: int = 48, matrix: int | None = None,
+                   orientation: str | None = None, ffs_convention: str | None = None,
                    ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One random phantom, written as DICOM and read back: (canonical hu, canonical lungs, params)."""
+    """One random phantom, written as DICOM and read back: (canonical hu, canonical lungs, params).
+
+    ``orientation``/``ffs_convention`` force the patient position (evaluation of left/right on
+    head-first and feet-first series); the random draws are made either way, so the rest of the
+    phantom is the same for a given seed.
+    """
     from node.synthetic.dicom import SeriesOptions, write_series
     from node.synthetic.lesions import VARIANTS
     from node.synthetic.phantom import KERNELS, KINDS, THICKNESSES, PhantomSpec, make_phantom
@@ -93,8 +99,10 @@ def phantom_volume(seed: int, workdir: Path, *, slices: int = 48, matrix: int | 
         seed=seed,
     )
     ph = make_phantom(spec)
-    options = SeriesOptions(orientation=str(rng.choice(["HFS", "FFS"])),  # type: ignore[arg-type]
-                            ffs_convention=str(rng.choice(["radiological", "mirrored"])),  # type: ignore[arg-type]
+    drawn_orientation = str(rng.choice(["HFS", "FFS"]))
+    drawn_convention = str(rng.choice(["radiological", "mirrored"]))
+    options = SeriesOptions(orientation=orientation or drawn_orientation,  # type: ignore[arg-type]
+                            ffs_convention=ffs_convention or drawn_convention,  # type: ignore[arg-type]
                             instance_order=str(rng.choice(["head_to_feet", "feet_to_head"])),  # type: ignore[arg-type]
                             seed=seed, threads=1)
     out = Path(workdir) / f"phantom-{seed}"

@@ -116,6 +116,23 @@ def segment(volume: Volume, model: Model, names: tuple[str, str], box: tuple[sli
     return place_labels(_label_map(probs, model, names), placement, volume.shape)
 
 
+def segment_lungs(volume: Volume, model: Model) -> np.ndarray:
+    """Lung label map (1 right, 2 left) on the whole volume, cleaned as the manifest asks."""
+    raw = segment(volume, model, ("right_lung", "left_lung"), full_box(volume.shape))
+    pp = model.manifest.postprocessing
+    return post.clean_lungs(raw, keep=int(pp.get("keep_largest_components", 1)),
+                            min_ml=float(pp.get("min_component_ml", 5.0)), voxel_ml=volume.voxel_ml)
+
+
+def segment_lesions(volume: Volume, lungs: np.ndarray, model: Model) -> np.ndarray:
+    """Lesion label map (1 ground glass, 2 consolidation) inside the lungs, on the lung box by default."""
+    crop = bool(model.manifest.preprocessing.get("crop_to_lung_box", True))
+    box = lung_box(lungs > 0) if crop else full_box(volume.shape)
+    raw = segment(volume, model, ("ground_glass_opacity", "consolidation"), box)
+    min_ml = float(model.manifest.postprocessing.get("min_component_ml", 0.1))
+    return post.clean_lesions(raw, lungs, min_ml=min_ml, voxel_ml=volume.voxel_ml)
+
+
 def classify(volume: Volume, lungs: np.ndarray, lesions: np.ndarray, model: Model) -> dict[str, float]:
     """Series-level probabilities from the 3D model on the lung box."""
     box = lung_box(lungs > 0)
@@ -158,17 +175,10 @@ def analyse_series(
             _, flags = check_coverage(volume)
         result.qa.extend(flags)
         with timer.step("lung_seg"):
-            raw = segment(volume, lung_model, ("right_lung", "left_lung"), full_box(volume.shape))
-            pp = lung_model.manifest.postprocessing
-            lungs = post.clean_lungs(raw, keep=int(pp.get("keep_largest_components", 1)),
-                                     min_ml=float(pp.get("min_component_ml", 5.0)), voxel_ml=volume.voxel_ml)
+            lungs = segment_lungs(volume, lung_model)
         result.lungs = lungs
         with timer.step("lesion_seg"):
-            crop = bool(lesion_model.manifest.preprocessing.get("crop_to_lung_box", True))
-            box = lung_box(lungs > 0) if crop else full_box(volume.shape)
-            raw = segment(volume, lesion_model, ("ground_glass_opacity", "consolidation"), box)
-            lesions = post.clean_lesions(raw, lungs, min_ml=float(lesion_model.manifest.postprocessing.get("min_component_ml", 0.1)),
-                                         voxel_ml=volume.voxel_ml)
+            lesions = segment_lesions(volume, lungs, lesion_model)
         result.lesions = lesions
         with timer.step("diagnosis"):
             result.probabilities = classify(volume, lungs, lesions, diagnosis_model)
