@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Set up lungnode on a Debian machine from the repository root.
-#   bash deploy/install.sh          Debian packages the node needs, then .venv with lungnode
-#   bash deploy/install.sh --test   also the peers the tests use (dcmtk, dicom3tools, Orthanc) and dev tools
+#   bash deploy/install.sh             Debian packages the node and `lungnode demo` need, then .venv with lungnode
+#   bash deploy/install.sh --node-only the node alone (no Orthanc for the demo): servers and container images
+#   bash deploy/install.sh --test      also the peers the tests use (dcmtk, dicom3tools, PostgreSQL) and dev tools
 # Idempotent: running it again only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 mode=${1:-run}
-case "$mode" in run|--run) mode=run ;; --test) mode=test ;; *) echo "usage: bash deploy/install.sh [--test]" >&2; exit 2 ;; esac
+case "$mode" in
+  run|--run) mode=run ;; --node-only) mode=node ;; --test) mode=test ;;
+  *) echo "usage: bash deploy/install.sh [--node-only|--test]" >&2; exit 2 ;;
+esac
 
 debs=(python3 python3-venv python3-pip)
-[ "$mode" = test ] && debs+=(dcmtk dicom3tools orthanc postgresql)
+[ "$mode" != node ] && debs+=(orthanc)  # the local PACS of `lungnode demo`
+[ "$mode" = test ] && debs+=(dcmtk dicom3tools postgresql)
 
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -20,7 +25,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The Debian Orthanc service is not used: tests and the demo start Orthanc with their own config.
-  if [ "$mode" = test ] && command -v systemctl >/dev/null 2>&1; then $sudo systemctl disable --now orthanc >/dev/null 2>&1 || true; fi
+  if [ "$mode" != node ] && command -v systemctl >/dev/null 2>&1; then $sudo systemctl disable --now orthanc >/dev/null 2>&1 || true; fi
 fi
 
 python=${PYTHON:-python3}

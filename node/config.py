@@ -4,7 +4,8 @@ The model is strict on purpose: an unknown key or a bad value stops start-up wit
 that names the key (``dicom.port: Input should be less than or equal to 65535``), because a
 typo in a hospital's config must not be silently ignored.
 
-Environment overrides use ``LUNGNODE_<SECTION>__<KEY>`` (double underscore between levels),
+Environment overrides use ``LUNGNODE_<SECTION>__<KEY>`` (double underscore between levels; a whole
+section as ``LUNGNODE_<SECTION>``, e.g. ``LUNGNODE_DESTINATIONS='[{name: pacs, ...}]'``),
 e.g. ``LUNGNODE_DICOM__PORT=11113`` or ``LUNGNODE_STORAGE__DATABASE_URL=postgresql+psycopg://...``.
 Scalar values are taken as text and converted by the model (``11113``, ``true``); lists and
 mappings are written in YAML flow style: ``LUNGNODE_DICOM__ALLOWED_CALLERS='[{ae_title: PACS}]'``.
@@ -187,6 +188,9 @@ class WorkerSettings(Strict):
     poll_interval_s: float = Field(default=1.0, gt=0)
 
 
+OutputKind = Literal["seg", "sr", "key_image"]
+
+
 class Destination(Strict):
     """A DICOM node results are sent to (used by the sender)."""
 
@@ -194,6 +198,35 @@ class Destination(Strict):
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
+    objects: list[OutputKind] = Field(
+        default_factory=lambda: ["seg", "sr", "key_image"],
+        description="which result objects this destination receives (e.g. [key_image] for viewers without SEG support)",
+    )
+    storage_commitment: bool = Field(
+        default=False, description="ask for storage commitment; a sent object counts as delivered once confirmed"
+    )
+    calling_ae_title: AETitle | None = Field(
+        default=None, description="AE title we call from; default dicom.ae_title"
+    )
+
+
+class SendingSettings(Strict):
+    """How results are sent to the destinations: retries with exponential backoff, then failed."""
+
+    retry_base_s: float = Field(default=10.0, gt=0, description="delay before the first retry")
+    retry_factor: float = Field(default=2.0, ge=1, description="each further retry waits this many times longer")
+    retry_max_delay_s: float = Field(default=900.0, gt=0, description="longest wait between two attempts")
+    max_attempts: int = Field(default=8, ge=1, description="attempts before an object is marked failed")
+    batch_size: int = Field(default=100, ge=1, le=1000, description="objects sent in one association at most")
+    poll_interval_s: float = Field(default=1.0, gt=0, description="how often the sender looks for due objects")
+    connect_timeout_s: float = Field(default=15.0, gt=0, description="association negotiation and DIMSE timeout")
+    commitment_port: int = Field(
+        default=11113, ge=0, le=65535,
+        description="port (on dicom.bind_address) where storage commitment reports are received; 0: any free port",
+    )
+    commitment_timeout_s: float = Field(
+        default=600.0, gt=0, description="a commitment report not received this long after the request: retry"
+    )
 
 
 class RetentionSettings(Strict):
@@ -209,6 +242,37 @@ class LoggingSettings(Strict):
     include_phi: bool = Field(default=False, description="never enable outside a test system")
 
 
+#: A DICOM LO value (Series Description): 1 to 64 characters, no backslash or control characters.
+DicomLO = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\\\x00-\x1f]+$")]
+
+
+class OutputsSettings(Strict):
+    """The DICOM objects written for each analysis (DICOM SEG, TID 1500 SR, key images)."""
+
+    seg: bool = Field(default=True, description="write the DICOM Segmentation")
+    sr: bool = Field(default=True, description="write the TID 1500 Measurement Report")
+    key_images: bool = Field(default=True, description="write Secondary Capture key images")
+    seg_encoding: Literal["binary", "fractional_jpeg_ls"] = Field(
+        default="binary",
+        description="binary: BINARY, empty frames omitted; fractional_jpeg_ls: FRACTIONAL, JPEG-LS lossless (smaller)",
+    )
+    seg_series_number: int = Field(default=9701, ge=1, le=2**31 - 1)
+    seg_series_description: DicomLO = "Lungs and lesions (lungnode, not for clinical use)"
+    sr_series_number: int = Field(default=9702, ge=1, le=2**31 - 1)
+    sr_series_description: DicomLO = "Lung CT measurements (lungnode, not for clinical use)"
+    key_image_series_number: int = Field(default=9703, ge=1, le=2**31 - 1)
+    key_image_series_description: DicomLO = "Key images (lungnode, not for clinical use)"
+    key_image_count: int = Field(default=3, ge=1, le=12, description="most involved slices shown as key images")
+    sr_template: str = Field(
+        default="lung_ct_pneumonia", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="name of the SR template (sr_templates/<name>.yaml, or one in sr_templates_dir)",
+    )
+    sr_templates_dir: Path | None = Field(
+        default=None, description="folder with your own SR templates; null: the templates shipped with the node"
+    )
+    device_serial_number: str = Field(default="1", min_length=1, max_length=64, description="DICOM Device Serial Number")
+
+
 class Config(Strict):
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
@@ -217,8 +281,10 @@ class Config(Strict):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     destinations: list[Destination] = Field(default_factory=list)
+    sending: SendingSettings = Field(default_factory=SendingSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    outputs: OutputsSettings = Field(default_factory=OutputsSettings)
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration for the start-up log, with secrets in URLs masked."""
@@ -230,9 +296,11 @@ class Config(Strict):
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
+        if not name.startswith(ENV_PREFIX):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if len(path) == 1 and path[0] not in Config.model_fields:  # e.g. LUNGNODE_DESTINATIONS; others are not ours
+            continue
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})

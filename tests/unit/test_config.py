@@ -250,3 +250,12 @@ def test_deploy_example_config_validates() -> None:
 def test_deploy_example_config_equals_the_embedded_defaults() -> None:
     """The file IT edits documents the defaults; a default changed in code must be changed there too."""
     assert load_config(EXAMPLE, environ={}).model_dump() == load_config(None, environ={}).model_dump()
+
+
+def test_environment_sets_a_whole_top_level_section_and_ignores_foreign_variables() -> None:
+    env = {"LUNGNODE_DESTINATIONS": "[{name: pacs, ae_title: PACS, host: 127.0.0.1, port: 4242}]",
+           "LUNGNODE_HOME": "/somewhere"}  # not a section of ours: ignored, not an error
+    cfg = load_config(None, environ=env)
+    assert [(d.name, d.ae_title, d.port) for d in cfg.destinations] == [("pacs", "PACS", 4242)]
+    with pytest.raises(ConfigError, match="destinations"):
+        load_config(None, environ={"LUNGNODE_DESTINATIONS": "[{name: pacs}]"})
