@@ -1,0 +1,277 @@
+"""Train the diagnosis model and write a node model folder: ``DIR/model.onnx`` + ``DIR/model.yaml``.
+
+    python -m models.train.data_diagnosis --train 300 --held-out 60      # build /tmp/diag_cache first
+    python -m models.train.train_diagnosis --out DIR [--epochs N --seed S --train 270 --val 30]
+
+Input: [N, 2, 64, 256, 256] (ct windowed -450/1350, lesion_map) on the lung box, as the node's
+``runner.classify`` builds it. Output: softmax over (covid19, other_pneumonia, no_pneumonia).
+
+Network (``DiagNet``): a non-overlapping strided stem (2x8x8 patches -> 32x32x32, 16 channels)
+keeps the CPU cost of training and inference low, three plain conv stages with stride 2, then
+global average *and* max pooling (a small focal lesion must not be averaged away) and one linear
+layer. About 0.18 M parameters, under 1 MB of ONNX (CARD.md has the measured CPU time).
+
+Data: phantom seeds 0..train-1 for training, train..train+val-1 for per-epoch validation (the
+held-out seeds 500000+ are only read by ``eval_diagnosis``), plus LIDC-IDRI-0001 copies as
+no_pneumonia when cached. The lesion_map channel is the truth degraded by
+``data_diagnosis.degrade_lesions`` anew every epoch. Seeds fix initialisation, degradation,
+augmentation and batch order; torch runs with deterministic algorithms. Export: ONNX opset 17,
+dynamic batch, softmax in the graph; onnxruntime must match torch to 1e-4, else the run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn import functional as F
+
+from models.train.data_diagnosis import (
+    CACHE,
+    CHANNELS,
+    CLASSES,
+    SIZE,
+    WINDOW,
+    Case,
+    degrade_lesions,
+    load_cases,
+    train_names,
+)
+from node.pipeline.manifest import file_sha256
+
+VERSION = "0.1.0"
+INPUT_NAME, OUTPUT_NAME = "x", "probs"
+SNOMED = {
+    "covid19": {"code": "840539006", "meaning": "COVID-19", "scheme": "SCT"},
+    "other_pneumonia": {"code": "233604007", "meaning": "Pneumonia", "scheme": "SCT"},
+    "no_pneumonia": {"code": "827032003", "meaning": "Normal lung", "scheme": "SCT"},
+}
+Log = Callable[[str], None]
+
+
+def _stage(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True),
+        nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True),
+    )
+
+
+class DiagNet(nn.Module):
+    """[N, C, 64, 256, 256] -> [N, 3] softmax (logits with ``softmax=False``)."""
+
+    def __init__(self, channels: int = 2, base: int = 16, classes: int = 3, softmax: bool = True) -> None:
+        super().__init__()
+        # 2x8x8 patches: 64x256x256 -> 32x32x32 in one cheap step (most of the CPU cost of the net)
+        self.stem = nn.Sequential(nn.Conv3d(channels, base, (2, 8, 8), stride=(2, 8, 8), bias=False),
+                                  nn.BatchNorm3d(base), nn.ReLU(inplace=True))
+        c = (base, base * 3 // 2, base * 2, base * 3)
+        self.stages = nn.Sequential(_stage(c[0], c[1]), _stage(c[1], c[2]), _stage(c[2], c[3]))
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(2 * c[3], classes)
+        self.softmax = softmax
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.stages(self.stem(x))
+        pooled = torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)
+        return self.head(self.drop(pooled))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.logits(x)
+        return torch.softmax(z, dim=1) if self.softmax else z
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def case_input(case: Case, rng: np.random.Generator | None) -> np.ndarray:
+    """[2, D, H, W] float32 for one case: degraded lesion map (rng) or the exact truth (rng None)."""
+    ct = case.ct.astype(np.float32) / 255.0
+    les = degrade_lesions(case.les, case.lung, rng) if rng is not None else (case.les >= 128).astype(np.float32)
+    return np.stack([ct, les])
+
+
+def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Left-right mirror (label-invariant), CT gain/offset and noise; the lesion map is left binary."""
+    if rng.random() < 0.5:
+        x = x[..., ::-1]
+    ct = x[0] * rng.uniform(0.93, 1.07) + rng.uniform(-0.04, 0.04)
+    ct = ct + rng.normal(0.0, rng.uniform(0.0, 0.03), size=ct.shape).astype(np.float32)
+    return np.stack([np.clip(ct, 0.0, 1.0), x[1]]).astype(np.float32)
+
+
+def predict(model: DiagNet, xs: list[np.ndarray], batch: int = 4) -> np.ndarray:
+    """Softmax probabilities [N, 3] in eval mode."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(xs), batch):
+            out.append(model(torch.from_numpy(np.stack(xs[i:i + batch]))).numpy())
+    return np.concatenate(out)
+
+
+def _epoch(model: DiagNet, opt: torch.optim.Optimizer, sched: Any, cases: list[Case], rng: np.random.Generator,
+           batch: int, smoothing: float) -> float:
+    model.train()
+    order = rng.permutation(len(cases))
+    total = 0.0
+    for i in range(0, len(order), batch):
+        chunk = [cases[k] for k in order[i:i + batch]]
+        xb = torch.from_numpy(np.stack([augment(case_input(c, rng), rng) for c in chunk]))
+        yb = torch.tensor([c.label for c in chunk], dtype=torch.int64)
+        loss = F.cross_entropy(model.logits(xb), yb, label_smoothing=smoothing)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item() * len(chunk)
+    return total / len(cases)
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((probs.argmax(1) == labels).mean())
+
+
+def export_onnx(model: DiagNet, path: Path) -> None:
+    """ONNX opset 17, dynamic batch, softmax inside the graph."""
+    model = model.eval()
+    dummy = torch.zeros(1, len(CHANNELS), *SIZE)
+    with torch.no_grad():
+        torch.onnx.export(model, (dummy,), str(path), opset_version=17, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+                          dynamo=False)
+
+
+def parity(model: DiagNet, onnx_path: Path, xs: list[np.ndarray], tol: float = 1e-4) -> float:
+    """max |onnxruntime - torch| over ``xs``; raises when above ``tol``."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = np.concatenate([sess.run(None, {INPUT_NAME: x[None]})[0] for x in xs])
+    err = float(np.abs(got - predict(model, xs)).max())
+    if not err <= tol:
+        raise RuntimeError(f"ONNX export parity failed: max |onnxruntime - torch| = {err:.2e} > {tol:g}")
+    return err
+
+
+def manifest(sha: str, training: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The model.yaml content (validated by node.pipeline.manifest when the node loads it)."""
+    return {
+        "name": "diagnosis",
+        "version": VERSION,
+        "sha256": sha,
+        "task": "classification",
+        "description": "Small 3D CNN on the lung box of a chest CT (windowed CT + lesion map): probabilities of "
+                       "COVID-19 pneumonia, other pneumonia and no pneumonia. Trained on synthetic phantoms only "
+                       "for the pneumonia classes.",
+        "intended_use": "Reference classifier for the lungnode pipeline: research, demonstration and integration "
+                        "testing only. See CARD.md for its limits.",
+        "not_for_clinical_use": True,
+        "algorithm": {"name": "lungnode-diagnosis-cnn3d", "version": VERSION, "family": "Artificial Intelligence"},
+        "input": {"name": INPUT_NAME, "layout": "NCDHW", "size": list(SIZE),
+                  "window": {"level": WINDOW[0], "width": WINDOW[1]}, "channels": list(CHANNELS)},
+        "output": {"name": OUTPUT_NAME, "activation": "softmax", "labels": [
+            {"index": i, "name": name, "snomed": SNOMED[name]} for i, name in enumerate(CLASSES)]},
+        "preprocessing": {"crop_to_lung_box": True},
+        "metrics": metrics,
+        "training": training,
+    }
+
+
+def _data(cache: Path, n_train: int, n_val: int, lidc_copies: int) -> tuple[list[Case], list[Case]]:
+    names = train_names(n_train + n_val)
+    cases = load_cases(cache, names[:n_train])
+    lidc = [f"lidc0001_{k}" for k in range(lidc_copies) if (cache / f"lidc0001_{k}.npz").is_file()]
+    cases += load_cases(cache, lidc)
+    return cases, load_cases(cache, names[n_train:])
+
+
+def train(out: Path, *, cache: Path = CACHE, epochs: int = 12, seed: int = 0, n_train: int = 270, n_val: int = 30,
+          lidc_copies: int = 8, batch: int = 6, lr: float = 3e-3, base: int = 16, smoothing: float = 0.05,
+          log: Log = print) -> dict[str, Any]:
+    """Train, export, check parity and write the model folder; returns history, parity, model, val inputs."""
+    seed_everything(seed)
+    t0 = time.perf_counter()
+    cases, val = _data(cache, n_train, n_val, lidc_copies)
+    n_lidc = sum(c.name.startswith("lidc") for c in cases)
+    log(f"data: {len(cases)} training cases ({n_lidc} LIDC-IDRI-0001 copies), {len(val)} validation phantoms")
+    val_rng = np.random.default_rng(7_000 + seed)
+    val_x = [case_input(c, val_rng) for c in val]  # degraded once, fixed across epochs
+    val_y = np.array([c.label for c in val])
+    model = DiagNet(len(CHANNELS), base)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-3)
+    steps = max(1, epochs * ((len(cases) + batch - 1) // batch))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+    rng = np.random.default_rng(seed)
+    history = []
+    for epoch in range(1, epochs + 1):
+        loss = _epoch(model, opt, sched, cases, rng, batch, smoothing)
+        acc = accuracy(predict(model, val_x), val_y)
+        history.append({"epoch": epoch, "loss": round(loss, 4), "val_accuracy": round(acc, 4)})
+        log(f"epoch {epoch}/{epochs}: loss {loss:.4f}, val accuracy {acc:.3f}, {time.perf_counter() - t0:.0f} s")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "model.onnx"
+    export_onnx(model, onnx_path)
+    err = parity(model, onnx_path, val_x[:3])
+    log(f"export parity: max |onnxruntime - torch| = {err:.2e}")
+    training = {
+        "data": {"phantom_seeds": [0, n_train - 1], "lidc_idri_0001_copies": n_lidc, "cases": len(cases),
+                 "lidc_lungs": "models.train.lung_labels.label_lungs", "cache": "models.train.data_diagnosis"},
+        "validation": {"phantom_seeds": [n_train, n_train + n_val - 1], "accuracy_last_epoch": history[-1]["val_accuracy"]},
+        "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "base_channels": base, "label_smoothing": smoothing,
+        "parameters": n_params(model),
+        "lesion_map": "truth lesion mask degraded per epoch: threshold, erosion/dilation, missed small lesions, "
+                      "false-positive specks",
+        "augmentation": "left-right mirror, CT gain/offset, Gaussian noise",
+        "torch": str(torch.__version__), "seconds": round(time.perf_counter() - t0, 1),
+    }
+    metrics = {"onnx_parity_max_abs": float(f"{err:.3g}")}
+    write_manifest(out, training, metrics)
+    torch.save(model.state_dict(), out / "weights.pt")
+    return {"history": history, "parity": err, "model": model, "val_x": val_x, "val_y": val_y}
+
+
+def write_manifest(out: Path, training: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """(Re)write model.yaml for the model.onnx in ``out`` (hash taken from the file)."""
+    text = yaml.safe_dump(manifest(file_sha256(out / "model.onnx"), training, metrics), sort_keys=False)
+    (out / "model.yaml").write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cache", type=Path, default=CACHE)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", type=int, default=270, help="training phantoms (seeds 0..N-1)")
+    ap.add_argument("--val", type=int, default=30, help="validation phantoms (the next seeds)")
+    ap.add_argument("--lidc-copies", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--base", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    train(a.out, cache=a.cache, epochs=a.epochs, seed=a.seed, n_train=a.train, n_val=a.val,
+          lidc_copies=a.lidc_copies, batch=a.batch, lr=a.lr, base=a.base, log=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
