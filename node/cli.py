@@ -91,6 +91,14 @@ def cmd_process(args: argparse.Namespace) -> int:
     return process(args.input, args.out, cfg)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo
+
+    run_demo(args.dir, slices=args.slices, matrix=args.matrix, seed=args.seed, keep_running=not args.exit,
+             timeout_s=args.timeout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lungnode",
@@ -145,6 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole loop on this machine: a local Orthanc as PACS sends a synthetic COVID-19 CT to the node "
+        "and gets SEG, SR and key image back",
+        description="Starts a private Orthanc (Debian package orthanc) and a node on free local ports, uploads a "
+        "synthetic COVID-19 chest CT to Orthanc, has Orthanc send it to the node and waits for the results to come "
+        "back into Orthanc; prints Orthanc's web viewer URL and the result instances. Ctrl-C stops both.",
+    )
+    p.add_argument("--dir", type=Path, help="folder for Orthanc, the node's spool, config and logs (default: a new "
+                   "temporary folder)")
+    p.add_argument("--slices", type=int, default=120, help="slices of the synthetic CT (default 120)")
+    p.add_argument("--matrix", type=int, default=512, help="image size in pixels (default 512)")
+    p.add_argument("--seed", type=int, default=1, help="phantom seed (default 1)")
+    p.add_argument("--exit", action="store_true", help="stop both servers as soon as the results are in")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the results (default 600)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
