@@ -189,6 +189,7 @@ class WorkerSettings(Strict):
 
 
 OutputKind = Literal["seg", "sr", "key_image"]
+_ALL_KINDS: tuple[OutputKind, ...] = ("seg", "sr", "key_image")
 
 
 class Destination(Strict):
@@ -199,7 +200,7 @@ class Destination(Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     objects: list[OutputKind] = Field(
-        default_factory=lambda: ["seg", "sr", "key_image"],
+        default_factory=lambda: list(_ALL_KINDS),
         description="which result objects this destination receives (e.g. [key_image] for viewers without SEG support)",
     )
     storage_commitment: bool = Field(

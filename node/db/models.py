@@ -178,3 +178,42 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None]
     __table_args__ = (Index("ix_events_at", "at"),)
+
+
+class SendState(str, enum.Enum):
+    pending = "pending"  # waiting for its (next) attempt at next_attempt_at
+    sending = "sending"  # claimed by the sender; back to pending at start if the node stopped meanwhile
+    sent = "sent"  # C-STORE answered success or warning (last_status); final unless storage commitment is asked
+    committed = "committed"  # the destination confirmed storage commitment: delivered
+    failed = "failed"  # gave up after sending.max_attempts or a permanent refusal; `lungnode retry` requeues
+
+
+class OutboxItem(Base):
+    """One result object to deliver to one destination (the sender's queue and its record)."""
+
+    __tablename__ = "outbox"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(String(1024))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[SendState] = mapped_column(_enum(SendState, "send_state"))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_status: Mapped[int | None] = mapped_column(Integer)  # DIMSE status of the last C-STORE, e.g. 0xB000
+    last_error: Mapped[str | None] = mapped_column(Text)
+    commitment_uid: Mapped[str | None] = mapped_column(String(64))  # Transaction UID of the pending N-ACTION
+    commitment_requested_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[dt.datetime | None]
+    committed_at: Mapped[dt.datetime | None]
+    __table_args__ = (
+        UniqueConstraint("destination", "sop_instance_uid", name="uq_outbox_destination_sop"),
+        Index("ix_outbox_state_due", "state", "next_attempt_at"),
+        Index("ix_outbox_job", "job_id"),
+        Index("ix_outbox_commitment", "commitment_uid"),
+    )

@@ -1,0 +1,365 @@
+"""The outbox: every result object to deliver is a row per destination in the ledger's ``outbox`` table.
+
+Rows are written once per (destination, SOP Instance UID), so enqueueing the same results twice
+changes nothing. The sender claims due rows (``pending`` and ``next_attempt_at`` passed), marks them
+``sending``, and records the outcome of each: ``sent`` (success or warning status), ``committed``
+(storage commitment confirmed), or back to ``pending`` with an exponentially growing delay until
+``sending.max_attempts`` is reached, then ``failed`` with the reason. Because the queue is the
+database, pending sends survive a restart; rows a stopped node left in ``sending`` go back to
+``pending`` at the next start.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Destination, OutputKind, SendingSettings
+from node.db.models import Event, OutboxItem, SendState, utcnow
+from node.errors import LungnodeError
+from node.logs import kv
+
+log = logging.getLogger(__name__)
+
+OUTPUTS_FILE = "outputs.json"
+
+
+class OutputObject(BaseModel):
+    """One entry of ``outputs.json`` (written by the outputs step next to the files it lists)."""
+
+    model_config = ConfigDict(extra="ignore")
+    kind: OutputKind
+    file: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+
+
+class OutputsManifest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    objects: list[OutputObject]
+
+
+def read_outputs(results_dir: Path) -> list[OutputObject]:
+    """The objects listed in ``results_dir/outputs.json``; LungnodeError naming the problem otherwise."""
+    path = results_dir / OUTPUTS_FILE
+    try:
+        manifest = OutputsManifest.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise LungnodeError(f"cannot read {path}: {exc.strerror}") from exc
+    except ValidationError as exc:
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise LungnodeError(f"{path} is not a valid outputs list: {where}") from exc
+    for obj in manifest.objects:
+        file = Path(obj.file)
+        if file.is_absolute() or ".." in file.parts:
+            raise LungnodeError(f"{path}: file {obj.file!r} must be a name relative to the results folder")
+        if not (results_dir / file).is_file():
+            raise LungnodeError(f"{path}: listed file {obj.file} does not exist in {results_dir}")
+    return manifest.objects
+
+
+def _insert_ignoring_duplicates(s: Session, rows: list[dict[str, Any]]) -> int:
+    """INSERT .. ON CONFLICT DO NOTHING (SQLite and PostgreSQL); the number of new rows."""
+    if not rows:
+        return 0
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        stmt: Any = pg_insert(OutboxItem).on_conflict_do_nothing(constraint="uq_outbox_destination_sop")
+    elif dialect == "sqlite":
+        stmt = sqlite_insert(OutboxItem).on_conflict_do_nothing(index_elements=["destination", "sop_instance_uid"])
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported ledgers
+        raise LungnodeError(f"outbox: unsupported database {dialect}")
+    inserted = 0
+    for row in rows:  # one statement per row: rowcount tells new from already queued on both databases
+        result = s.execute(stmt.values(**row))
+        inserted += int(getattr(result, "rowcount", 0) or 0)
+    return inserted
+
+
+def enqueue_results(
+    sessions: sessionmaker[Session] | Session,
+    *,
+    job_id: int,
+    results_dir: Path,
+    destinations: Sequence[Destination],
+) -> int:
+    """Queue every object of ``results_dir/outputs.json`` for each destination whose ``objects``
+    profile includes its kind; returns the number of new rows (0 when all were queued before).
+
+    With a sessionmaker the rows are committed here; with a Session they join its transaction (the
+    caller commits, e.g. together with the job's outcome).
+    """
+    objects = read_outputs(results_dir)
+    now = utcnow()
+    rows = [
+        {
+            "job_id": job_id, "destination": dest.name, "kind": obj.kind,
+            "path": str((results_dir / obj.file).resolve()), "sop_instance_uid": obj.sop_instance_uid,
+            "sop_class_uid": obj.sop_class_uid, "transfer_syntax_uid": obj.transfer_syntax_uid,
+            "state": SendState.pending, "attempts": 0, "next_attempt_at": now, "created_at": now, "updated_at": now,
+        }
+        for dest in destinations
+        for obj in objects
+        if obj.kind in dest.objects
+    ]
+    if isinstance(sessions, Session):
+        added = _insert_ignoring_duplicates(sessions, rows)
+    else:
+        with sessions.begin() as s:
+            added = _insert_ignoring_duplicates(s, rows)
+    log.info(kv("send_enqueued", job=job_id, objects=len(objects), destinations=len(destinations), new=added,
+                already_queued=len(rows) - added))
+    return added
+
+
+# -- retry policy ---------------------------------------------------------------------------------
+def backoff_delay(attempts: int, settings: SendingSettings) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt: base * factor^(attempts-1), capped."""
+    if attempts < 1:
+        return 0.0
+    try:
+        delay = settings.retry_base_s * settings.retry_factor ** (attempts - 1)
+    except OverflowError:
+        delay = settings.retry_max_delay_s
+    return float(min(delay, settings.retry_max_delay_s))
+
+
+# -- what the sender does with rows ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Claimed:
+    """A row the sender now owns (state ``sending``)."""
+
+    id: int
+    job_id: int
+    destination: str
+    kind: str
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    attempt: int
+
+
+class Outbox:
+    """Queue operations on the ``outbox`` table, one short transaction each."""
+
+    def __init__(self, sessions: sessionmaker[Session], settings: SendingSettings) -> None:
+        self.sessions = sessions
+        self.settings = settings
+
+    def reset_interrupted(self) -> int:
+        """Rows left in ``sending`` by a node that stopped mid-send go back to ``pending`` (due now).
+
+        The peer may have stored some of them already; re-sending the same SOP Instance UID is
+        harmless (a PACS keeps one copy), losing them is not.
+        """
+        with self.sessions.begin() as s:
+            result = s.execute(
+                update(OutboxItem).where(OutboxItem.state == SendState.sending)
+                .values(state=SendState.pending, next_attempt_at=utcnow(), updated_at=utcnow())
+            )
+            count = int(getattr(result, "rowcount", 0) or 0)
+        if count:
+            log.warning(kv("send_interrupted_requeued", count=count, reason="the node stopped while sending them"))
+        return count
+
+    def claim(self, destination: str, *, limit: int, now: dt.datetime | None = None) -> list[Claimed]:
+        """Take up to ``limit`` due rows of one destination (oldest first) and mark them ``sending``."""
+        now = now or utcnow()
+        with self.sessions.begin() as s:
+            items = s.scalars(
+                select(OutboxItem)
+                .where(OutboxItem.destination == destination, OutboxItem.state == SendState.pending,
+                       OutboxItem.next_attempt_at <= now)
+                .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            claimed = []
+            for item in items:
+                item.state = SendState.sending
+                item.attempts += 1
+                item.updated_at = now
+                claimed.append(Claimed(item.id, item.job_id, item.destination, item.kind, Path(item.path),
+                                       item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax_uid,
+                                       item.attempts))
+        return claimed
+
+    def release(self, item_ids: Sequence[int]) -> None:
+        """Claimed rows that were not attempted (the sender is stopping): pending again, attempt not counted."""
+        with self.sessions.begin() as s:
+            s.execute(update(OutboxItem)
+                      .where(OutboxItem.id.in_(item_ids), OutboxItem.state == SendState.sending)
+                      .values(state=SendState.pending, attempts=OutboxItem.attempts - 1, updated_at=utcnow()))
+
+    def mark_sent(self, item_id: int, *, status: int, note: str | None = None) -> None:
+        """C-STORE answered success (0x0000) or a warning (0xB000, 0xB006, 0xB007): delivered."""
+        now = utcnow()
+        with self.sessions.begin() as s:
+            s.execute(update(OutboxItem).where(OutboxItem.id == item_id).values(
+                state=SendState.sent, last_status=status, last_error=note, sent_at=now, updated_at=now))
+
+    def mark_retry(self, item_id: int, *, error: str, status: int | None = None, permanent: bool = False) -> SendState:
+        """A failed attempt: back to ``pending`` after the backoff delay, or ``failed`` when attempts
+        are used up (or ``permanent``). Returns the new state."""
+        now = utcnow()
+        with self.sessions.begin() as s:
+            item = s.get(OutboxItem, item_id)
+            assert item is not None
+            item.last_error = error
+            item.last_status = status
+            item.updated_at = now
+            item.commitment_uid = None
+            item.commitment_requested_at = None
+            if permanent or item.attempts >= self.settings.max_attempts:
+                item.state = SendState.failed
+                s.add(Event(kind="send_failed", level="error", job_id=item.job_id,
+                            message=f"{item.kind} to {item.destination} failed after {item.attempts} attempts: {error}",
+                            data={"destination": item.destination, "sop_instance_uid": item.sop_instance_uid,
+                                  "status": status}))
+            else:
+                item.state = SendState.pending
+                item.next_attempt_at = now + dt.timedelta(seconds=backoff_delay(item.attempts, self.settings))
+            return item.state
+
+    def mark_commitment_requested(self, item_ids: Sequence[int], transaction_uid: str) -> None:
+        now = utcnow()
+        with self.sessions.begin() as s:
+            s.execute(update(OutboxItem).where(OutboxItem.id.in_(item_ids)).values(
+                commitment_uid=transaction_uid, commitment_requested_at=now, updated_at=now))
+
+    def commitment_due(self, destination: str, *, limit: int) -> list[Claimed]:
+        """Sent rows of a commitment destination whose commitment was not requested yet."""
+        with self.sessions() as s:
+            items = s.scalars(
+                select(OutboxItem)
+                .where(OutboxItem.destination == destination, OutboxItem.state == SendState.sent,
+                       OutboxItem.commitment_uid.is_(None))
+                .order_by(OutboxItem.id).limit(limit)
+            ).all()
+            return [Claimed(i.id, i.job_id, i.destination, i.kind, Path(i.path), i.sop_instance_uid,
+                            i.sop_class_uid, i.transfer_syntax_uid, i.attempts) for i in items]
+
+    def record_commitment(self, transaction_uid: str, *, committed: Sequence[str],
+                          failed: dict[str, int]) -> tuple[int, int]:
+        """Apply a storage commitment report: ``committed`` SOP Instance UIDs are delivered; ``failed``
+        (UID -> Failure Reason) are sent again (or failed after max attempts). Returns the counts."""
+        now = utcnow()
+        ok = bad = 0
+        with self.sessions.begin() as s:
+            items = s.scalars(select(OutboxItem).where(OutboxItem.commitment_uid == transaction_uid,
+                                                       OutboxItem.state == SendState.sent)).all()
+            for item in items:
+                if item.sop_instance_uid in committed:
+                    item.state = SendState.committed
+                    item.committed_at = now
+                    item.updated_at = now
+                    ok += 1
+                elif item.sop_instance_uid in failed:
+                    bad += 1
+                    reason = failed[item.sop_instance_uid]
+                    error = f"storage commitment refused by the destination (Failure Reason 0x{reason:04X})"
+                    item.last_error = error
+                    item.commitment_uid = None
+                    item.commitment_requested_at = None
+                    item.updated_at = now
+                    if item.attempts >= self.settings.max_attempts:
+                        item.state = SendState.failed
+                        s.add(Event(kind="send_failed", level="error", job_id=item.job_id, message=error,
+                                    data={"destination": item.destination, "sop_instance_uid": item.sop_instance_uid}))
+                    else:
+                        item.state = SendState.pending
+                        item.next_attempt_at = now + dt.timedelta(seconds=backoff_delay(item.attempts, self.settings))
+        return ok, bad
+
+    def expire_commitments(self, *, now: dt.datetime | None = None) -> int:
+        """Commitment requests without a report after ``commitment_timeout_s``: send the objects again."""
+        now = now or utcnow()
+        cutoff = now - dt.timedelta(seconds=self.settings.commitment_timeout_s)
+        with self.sessions.begin() as s:
+            items = s.scalars(select(OutboxItem).where(OutboxItem.state == SendState.sent,
+                                                       OutboxItem.commitment_requested_at < cutoff)).all()
+            for item in items:
+                item.last_error = f"no storage commitment report within {self.settings.commitment_timeout_s:g} s"
+                item.commitment_uid = None
+                item.commitment_requested_at = None
+                item.updated_at = now
+                if item.attempts >= self.settings.max_attempts:
+                    item.state = SendState.failed
+                else:
+                    item.state = SendState.pending
+                    item.next_attempt_at = now
+        if items:
+            log.warning(kv("commitment_timeout", count=len(items), action="sending again"))
+        return len(items)
+
+    def next_due_at(self) -> dt.datetime | None:
+        with self.sessions() as s:
+            return s.scalar(select(func.min(OutboxItem.next_attempt_at)).where(OutboxItem.state == SendState.pending))
+
+
+def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None) -> list[tuple[str, int]]:
+    """Put ``failed`` rows (all, or one job's) back in the queue with a fresh set of attempts; returns
+    (destination, count) pairs for the operator's message."""
+    now = utcnow()
+    with sessions.begin() as s:
+        query = select(OutboxItem).where(OutboxItem.state == SendState.failed)
+        if job_id is not None:
+            query = query.where(OutboxItem.job_id == job_id)
+        items = s.scalars(query.with_for_update()).all()
+        counts: dict[str, int] = {}
+        for item in items:
+            item.state = SendState.pending
+            item.attempts = 0
+            item.next_attempt_at = now
+            item.updated_at = now
+            counts[item.destination] = counts.get(item.destination, 0) + 1
+        if items:
+            s.add(Event(kind="send_requeued", job_id=job_id, message=f"{len(items)} failed sends requeued by an operator",
+                        data=counts))
+    for dest, n in sorted(counts.items()):
+        log.info(kv("send_requeued", destination=dest, count=n, job=job_id))
+    return sorted(counts.items())
+
+
+def outbox_summary(s: Session) -> dict[str, Any]:
+    """Counts per destination and state, with the last error of each destination's failed or retrying rows."""
+    per_dest: dict[str, dict[str, Any]] = {}
+    for dest, state, n in s.execute(
+        select(OutboxItem.destination, OutboxItem.state, func.count()).group_by(OutboxItem.destination, OutboxItem.state)
+    ).all():
+        entry = per_dest.setdefault(dest, {"counts": {st.value: 0 for st in SendState}, "last_error": None,
+                                           "last_error_at": None})
+        entry["counts"][state.value] = n
+    for dest, entry in per_dest.items():
+        row = s.execute(
+            select(OutboxItem.last_error, OutboxItem.updated_at)
+            .where(OutboxItem.destination == dest, OutboxItem.last_error.is_not(None),
+                   OutboxItem.state.in_([SendState.pending, SendState.failed, SendState.sending]))
+            .order_by(OutboxItem.updated_at.desc()).limit(1)
+        ).first()
+        if row is not None:
+            entry["last_error"] = row.last_error
+            entry["last_error_at"] = row.updated_at.isoformat(timespec="seconds")
+    return per_dest
+
+
+def dump_outputs(results_dir: Path, objects: Sequence[dict[str, str]]) -> Path:
+    """Write ``results_dir/outputs.json`` in the agreed format (for tools and tests)."""
+    path = results_dir / OUTPUTS_FILE
+    path.write_text(json.dumps({"objects": list(objects)}, indent=2), encoding="utf-8")
+    return path

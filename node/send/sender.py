@@ -1,0 +1,221 @@
+"""The sender: a thread of ``lungnode serve`` that delivers the outbox to the destinations.
+
+Each pass takes, per destination, the due rows (at most ``sending.batch_size``), sends them in one
+association and records every instance's status. Sending is network-bound, so a thread beside the
+DICOM listener is enough; the queue itself is the database, so nothing is lost when the node stops.
+
+Storage commitment: the destination answers an N-ACTION with an N-EVENT-REPORT in a new association
+to our calling AE title (PS3.4 J.3). Those reports are received by a small listener of the sender on
+``sending.commitment_port``; the PACS must know our calling AE title with that port.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Config, Destination
+from node.db.models import SendState
+from node.errors import LungnodeError
+from node.logs import kv
+from node.send.outbox import Claimed, Outbox
+from node.send.scu import UNCOMPRESSED, StoreOutcome, store_batch
+
+log = logging.getLogger(__name__)
+
+
+class CommitmentListener:
+    """Receives storage commitment reports (N-EVENT-REPORT) and records them in the outbox."""
+
+    def __init__(self, outbox: Outbox, *, bind_address: str, port: int, ae_title: str) -> None:
+        self.outbox = outbox
+        self.address = (bind_address, port)
+        self.ae_title = ae_title
+        self._server: ThreadedAssociationServer | None = None
+        self.port: int | None = None
+
+    def start(self) -> int:
+        ae = AE(ae_title=self.ae_title)
+        ae.require_called_aet = False  # reports are addressed to whichever calling AE title a destination used
+        # The PACS is the Storage Commitment SCP but the association requestor here: accept its SCP role.
+        ae.add_supported_context(StorageCommitmentPushModel, UNCOMPRESSED, scu_role=True, scp_role=True)
+        try:
+            server = ae.start_server(self.address, block=False,
+                                     evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
+        except OSError as exc:
+            raise LungnodeError(
+                f"cannot listen for storage commitment reports on {self.address[0]}:{self.address[1]}: "
+                f"{exc.strerror}. Change sending.commitment_port."
+            ) from exc
+        assert server is not None
+        self._server = server
+        self.port = int(server.server_address[1])
+        log.info(kv("commitment_listening", port=self.port))
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _on_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        """Event Type 1: all committed; 2: some failed (Failed SOP Sequence with Failure Reason)."""
+        info: Dataset = event.event_information
+        uid = str(info.get("TransactionUID", ""))
+        committed = [str(r.ReferencedSOPInstanceUID) for r in info.get("ReferencedSOPSequence", [])]
+        failed = {str(r.ReferencedSOPInstanceUID): int(r.get("FailureReason", 0x0110))
+                  for r in info.get("FailedSOPSequence", [])}
+        try:
+            ok, bad = self.outbox.record_commitment(uid, committed=committed, failed=failed)
+        except SQLAlchemyError as exc:
+            log.error(kv("commitment_not_recorded", transaction=uid, error=exc.__class__.__name__))
+            return 0x0110, None  # processing failure: the PACS keeps the report and retries
+        calling = str(event.assoc.requestor.ae_title).strip()
+        if ok + bad == 0:
+            log.warning(kv("commitment_report_unknown", transaction=uid, calling_ae=calling,
+                           reason="no sent object waits for this transaction (already recorded, or expired)"))
+        else:
+            level = logging.WARNING if bad else logging.INFO
+            log.log(level, kv("commitment_report", transaction=uid, calling_ae=calling, committed=ok, failed=bad))
+        return 0x0000, None
+
+
+class Sender:
+    """Delivers the outbox in a background thread; ``start()`` and ``stop()`` from the composition root."""
+
+    def __init__(self, config: Config, sessions: sessionmaker[Session]) -> None:
+        self.config = config
+        self.settings = config.sending
+        self.outbox = Outbox(sessions, config.sending)
+        self.destinations = {d.name: d for d in config.destinations}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.listener: CommitmentListener | None = None
+
+    @property
+    def commitment_port(self) -> int | None:
+        return self.listener.port if self.listener is not None else None
+
+    def start(self) -> None:
+        """Requeue rows a stopped node left in 'sending', start the commitment listener when a
+        destination asks for commitment, and start the send loop."""
+        self.outbox.reset_interrupted()
+        if any(d.storage_commitment for d in self.destinations.values()):
+            self.listener = CommitmentListener(self.outbox, bind_address=self.config.dicom.bind_address,
+                                               port=self.settings.commitment_port, ae_title=self.config.dicom.ae_title)
+            self.listener.start()
+        self._thread = threading.Thread(target=self._loop, name="sender", daemon=True)
+        self._thread.start()
+        log.info(kv("sender_started", destinations=",".join(self.destinations) or "none",
+                    commitment_port=self.commitment_port))
+
+    def wake(self) -> None:
+        """Look for due objects now (e.g. right after results were queued)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the object being sent, release the association, and stop; objects not reached stay
+        pending with their attempt not counted."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning(kv("sender_stop_timeout", seconds=timeout,
+                               effect="objects being sent are requeued at the next start"))
+            self._thread = None
+        if self.listener is not None:
+            self.listener.stop()
+            self.listener = None
+        log.info(kv("sender_stopped"))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # the sender must keep running; the error is logged in full
+                log.exception(kv("sender_error"))
+                busy = 0
+            if not busy:
+                self._wake.wait(self.settings.poll_interval_s)
+                self._wake.clear()
+
+    def run_once(self) -> int:
+        """One pass over every destination; the number of objects attempted."""
+        self.outbox.expire_commitments()
+        total = 0
+        for dest in self.destinations.values():
+            if self._stop.is_set():
+                break
+            total += self._send_destination(dest)
+        return total
+
+    def _send_destination(self, dest: Destination) -> int:
+        items = self.outbox.claim(dest.name, limit=self.settings.batch_size)
+        pending_commit = (self.outbox.commitment_due(dest.name, limit=self.settings.batch_size)
+                          if dest.storage_commitment else [])
+        if not items and not pending_commit:
+            return 0
+        calling = dest.calling_ae_title or self.config.dicom.ae_title
+        done: set[int] = set()
+        started = time.perf_counter()
+        stats = {"sent": 0, "retry": 0, "failed": 0}
+
+        def on_outcome(outcome: StoreOutcome) -> None:
+            done.add(outcome.item.id)
+            self._record(dest, outcome, stats)
+
+        try:
+            error = store_batch(dest, items, calling_ae=calling, settings=self.settings, on_outcome=on_outcome,
+                                should_stop=self._stop.is_set, commitment_items=pending_commit,
+                                on_commitment=self._on_commitment)
+        except Exception as exc:  # anything unexpected: the claimed rows must not stay in 'sending'
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception(kv("send_batch_error", destination=dest.name))
+        left = [item for item in items if item.id not in done]
+        if error is not None:
+            log.warning(kv("send_association_failed", destination=dest.name, objects=len(left), reason=error))
+            for item in left:
+                state = self.outbox.mark_retry(item.id, error=error)
+                stats["failed" if state == SendState.failed else "retry"] += 1
+        elif left:  # stopped between objects: not an attempt
+            self.outbox.release([item.id for item in left])
+        if items:
+            log.info(kv("send_batch", destination=dest.name, calling_ae=calling, objects=len(items), sent=stats["sent"],
+                        retry=stats["retry"], failed=stats["failed"], seconds=f"{time.perf_counter() - started:.2f}"))
+        return len(items)
+
+    def _record(self, dest: Destination, outcome: StoreOutcome, stats: dict[str, int]) -> None:
+        item = outcome.item
+        if outcome.delivered:
+            assert outcome.status is not None
+            self.outbox.mark_sent(item.id, status=outcome.status, note=outcome.error)
+            stats["sent"] += 1
+            log.debug(kv("send_ok", destination=dest.name, sop=item.sop_instance_uid, status=f"0x{outcome.status:04X}"))
+            return
+        state = self.outbox.mark_retry(item.id, error=outcome.error or "unknown error", status=outcome.status,
+                                       permanent=outcome.permanent)
+        stats["failed" if state == SendState.failed else "retry"] += 1
+        log.warning(kv("send_failed" if state == SendState.failed else "send_retry", destination=dest.name,
+                       job=item.job_id, kind=item.kind, sop=item.sop_instance_uid, attempt=item.attempt,
+                       status=None if outcome.status is None else f"0x{outcome.status:04X}", reason=outcome.error))
+
+    def _on_commitment(self, items: Sequence[Claimed], transaction_uid: str | None, error: str | None) -> None:
+        if transaction_uid is not None:
+            self.outbox.mark_commitment_requested([i.id for i in items], transaction_uid)
+            log.info(kv("commitment_requested", destination=items[0].destination, transaction=transaction_uid,
+                        objects=len(items)))
+            return
+        log.warning(kv("commitment_request_failed", destination=items[0].destination, objects=len(items), reason=error))
+        for item in items:
+            self.outbox.mark_retry(item.id, error=error or "storage commitment request failed")

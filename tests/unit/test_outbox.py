@@ -1,0 +1,154 @@
+"""The outbox on a real SQLite ledger: backoff, enqueue (profiles, idempotency, bad outputs.json),
+claim / retry / fail, interrupted sends and operator requeue."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Destination, SendingSettings
+from node.db.models import Event, OutboxItem, SendState, utcnow
+from node.errors import LungnodeError
+from node.send.outbox import Outbox, backoff_delay, enqueue_results, outbox_summary, requeue_failed
+from tests.helpers.outbox import make_job, write_results
+
+PACS = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)
+VIEWER = Destination(name="viewer", ae_title="VIEWER", host="127.0.0.1", port=105, objects=["key_image"])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("results")
+    write_results(folder)
+    return folder
+
+
+def rows(sessions: sessionmaker[Session]) -> list[OutboxItem]:
+    with sessions() as s:
+        return list(s.scalars(select(OutboxItem).order_by(OutboxItem.id)))
+
+
+def test_backoff_grows_exponentially_and_is_capped() -> None:
+    st = SendingSettings(retry_base_s=10, retry_factor=3, retry_max_delay_s=200)
+    assert [backoff_delay(n, st) for n in range(0, 6)] == [0.0, 10.0, 30.0, 90.0, 200.0, 200.0]
+    assert backoff_delay(10_000, st) == 200.0  # no overflow on absurd attempt counts
+
+
+def test_enqueue_follows_profiles_and_is_idempotent(sessions: sessionmaker[Session], results: Path) -> None:
+    job = make_job(sessions)
+    assert enqueue_results(sessions, job_id=job, results_dir=results, destinations=[PACS, VIEWER]) == 4
+    got = rows(sessions)
+    assert sorted((r.destination, r.kind) for r in got) == [
+        ("pacs", "key_image"), ("pacs", "seg"), ("pacs", "sr"), ("viewer", "key_image")]
+    assert all(r.state == SendState.pending and r.attempts == 0 and Path(r.path).is_file() for r in got)
+    # Enqueued again (a worker re-running the outputs step, or both calls racing): nothing new.
+    assert enqueue_results(sessions, job_id=job, results_dir=results, destinations=[PACS, VIEWER]) == 0
+    with sessions.begin() as s:  # the Session form joins the caller's transaction
+        assert enqueue_results(s, job_id=job, results_dir=results, destinations=[PACS]) == 0
+    assert len(rows(sessions)) == 4
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"),
+    ("{not json", "not a valid outputs list"),
+    (json.dumps({"objects": [{"kind": "video", "file": "x"}]}), "objects.0.kind"),
+    (json.dumps({"objects": [{"kind": "sr", "file": "../etc/passwd", "sop_class_uid": "1", "sop_instance_uid": "2",
+                              "series_instance_uid": "3", "study_instance_uid": "4", "transfer_syntax_uid": "5"}]}),
+     "relative to the results folder"),
+    (json.dumps({"objects": [{"kind": "sr", "file": "missing.dcm", "sop_class_uid": "1", "sop_instance_uid": "2",
+                              "series_instance_uid": "3", "study_instance_uid": "4", "transfer_syntax_uid": "5"}]}),
+     "does not exist"),
+])
+def test_enqueue_refuses_a_bad_outputs_list(sessions: sessionmaker[Session], tmp_path: Path, content: str | None,
+                                            message: str) -> None:
+    if content is not None:
+        (tmp_path / "outputs.json").write_text(content)
+    with pytest.raises(LungnodeError, match=message):
+        enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path, destinations=[PACS])
+    assert rows(sessions) == []
+
+
+def test_retry_with_backoff_then_failed_then_requeued(sessions: sessionmaker[Session], results: Path) -> None:
+    settings = SendingSettings(retry_base_s=60, retry_factor=2, max_attempts=3)
+    outbox = Outbox(sessions, settings)
+    job = make_job(sessions)
+    enqueue_results(sessions, job_id=job, results_dir=results, destinations=[VIEWER])
+    now = utcnow()
+    states = []
+    for attempt in range(1, 4):
+        (item,) = outbox.claim("viewer", limit=10, now=now)
+        assert item.attempt == attempt
+        assert outbox.claim("viewer", limit=10, now=now) == []  # claimed rows are not handed out twice
+        failed_at = utcnow()
+        states.append(outbox.mark_retry(item.id, error="peer down", status=None))
+        (row,) = rows(sessions)
+        if row.state == SendState.pending:
+            delay = (row.next_attempt_at - failed_at).total_seconds()
+            assert 60 * 2 ** (attempt - 1) <= delay < 60 * 2 ** (attempt - 1) + 5
+            assert outbox.claim("viewer", limit=10, now=now) == []  # not due yet
+            now = row.next_attempt_at + dt.timedelta(seconds=1)
+    assert states == [SendState.pending, SendState.pending, SendState.failed]
+    (row,) = rows(sessions)
+    assert row.last_error == "peer down" and row.attempts == 3
+    with sessions() as s:
+        assert s.scalar(select(Event.message).where(Event.kind == "send_failed")).endswith("peer down")
+    with sessions() as s:
+        summary = outbox_summary(s)
+    assert summary["viewer"]["counts"]["failed"] == 1 and summary["viewer"]["last_error"] == "peer down"
+
+    assert requeue_failed(sessions, job_id=job + 1000) == []  # another job: nothing
+    assert requeue_failed(sessions, job_id=job) == [("viewer", 1)]
+    (row,) = rows(sessions)
+    assert row.state == SendState.pending and row.attempts == 0
+    assert len(outbox.claim("viewer", limit=10)) == 1
+
+
+def test_sent_warning_and_permanent_failure(sessions: sessionmaker[Session], results: Path) -> None:
+    outbox = Outbox(sessions, SendingSettings(max_attempts=5))
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=results, destinations=[PACS])
+    a, b, c = outbox.claim("pacs", limit=10)
+    outbox.mark_sent(a.id, status=0x0000)
+    outbox.mark_sent(b.id, status=0xB000, note="stored with warning 0xB000")
+    assert outbox.mark_retry(c.id, error="result file missing", permanent=True) == SendState.failed
+    got = {r.id: r for r in rows(sessions)}
+    assert got[a.id].state == SendState.sent and got[a.id].last_status == 0 and got[a.id].sent_at is not None
+    assert got[b.id].state == SendState.sent and got[b.id].last_status == 0xB000
+    assert got[c.id].state == SendState.failed and got[c.id].attempts == 1
+
+
+def test_interrupted_sends_go_back_to_pending(sessions: sessionmaker[Session], results: Path) -> None:
+    outbox = Outbox(sessions, SendingSettings())
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=results, destinations=[PACS])
+    claimed = outbox.claim("pacs", limit=2)
+    assert len(claimed) == 2
+    outbox.release([claimed[1].id])  # not attempted (stopping): attempt not counted
+    assert outbox.reset_interrupted() == 1  # the node stopped with claimed[0] in flight
+    got = {r.id: r for r in rows(sessions)}
+    assert all(r.state == SendState.pending for r in got.values())
+    assert got[claimed[0].id].attempts == 1 and got[claimed[1].id].attempts == 0
+    assert len(outbox.claim("pacs", limit=10)) == 3
+
+
+def test_commitment_report_and_timeout(sessions: sessionmaker[Session], results: Path) -> None:
+    outbox = Outbox(sessions, SendingSettings(max_attempts=2, commitment_timeout_s=30))
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=results, destinations=[PACS])
+    a, b, c = outbox.claim("pacs", limit=10)
+    for item in (a, b, c):
+        outbox.mark_sent(item.id, status=0)
+    assert {i.id for i in outbox.commitment_due("pacs", limit=10)} == {a.id, b.id, c.id}
+    outbox.mark_commitment_requested([a.id, b.id], "1.2.3.4")
+    assert [i.id for i in outbox.commitment_due("pacs", limit=10)] == [c.id]
+    assert outbox.record_commitment("1.2.3.4", committed=[a.sop_instance_uid], failed={b.sop_instance_uid: 0x0112}) == (1, 1)
+    assert outbox.record_commitment("9.9.9", committed=[a.sop_instance_uid], failed={}) == (0, 0)  # unknown transaction
+    outbox.mark_commitment_requested([c.id], "1.2.3.5")
+    assert outbox.expire_commitments(now=utcnow() + dt.timedelta(seconds=10)) == 0
+    assert outbox.expire_commitments(now=utcnow() + dt.timedelta(seconds=60)) == 1
+    got = {r.id: r for r in rows(sessions)}
+    assert got[a.id].state == SendState.committed and got[a.id].committed_at is not None
+    assert got[b.id].state == SendState.pending and "0x0112" in (got[b.id].last_error or "")
+    assert got[c.id].state == SendState.pending and "no storage commitment report" in (got[c.id].last_error or "")
