@@ -3,6 +3,7 @@
     config ─► spool + ledger (database, migrated) ─► reconcile after any crash
            ─► SCP (receive)  ─► assembler (series complete ─► job)  ─► retention
            ─► worker processes (job ─► node.pipeline.runner.analyse_series ─► result)
+           ─► sender thread (outbox ─► C-STORE to each destination, retries, storage commitment)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from node.receive.reconcile import reconcile
 from node.receive.retention import purge_expired
 from node.receive.scp import StorageSCP
 from node.receive.spool import Spool
+from node.send.sender import Sender
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +141,12 @@ def serve(config: Config) -> int:
     log.info(kv("node_starting", version=__version__))
     log.info("event=effective_config config=%s", json.dumps(config.redacted(), sort_keys=True))
     node = Node(config)
+    sender = Sender(config, node.sessions)
     try:
         node.start()
+        sender.start()
     except BaseException:
+        sender.stop()
         node.stop()
         raise
     stop = threading.Event()
@@ -158,5 +163,6 @@ def serve(config: Config) -> int:
     while not stop.wait(2.0):
         workers.watch()
     workers.stop()
+    sender.stop()
     node.stop()
     return 0

@@ -61,6 +61,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    from node.db.session import make_engine, make_sessionmaker, upgrade_schema
+    from node.send.outbox import requeue_failed
+
+    if (args.job is None) == (not args.failed):
+        print("lungnode retry: give either a JOB id or --failed", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config)
+    setup_logging("WARNING")
+    engine = make_engine(cfg.storage.database_url)
+    upgrade_schema(engine)
+    requeued = requeue_failed(make_sessionmaker(engine), job_id=args.job)
+    engine.dispose()
+    scope = f"job {args.job}" if args.job is not None else "all jobs"
+    if not requeued:
+        print(f"no failed sends for {scope}: nothing requeued")
+        return 0
+    for dest, n in requeued:
+        print(f"requeued {n} failed send(s) to {dest} ({scope}); a running node sends them within "
+              f"sending.poll_interval_s")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from node.synthetic.cli import synth_main
 
@@ -138,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=20, help="how many recent series to list (default 20)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("retry", help="requeue failed result sends: lungnode retry JOB | lungnode retry --failed")
+    _config_arg(p)
+    p.add_argument("job", type=int, nargs="?", help="requeue the failed sends of this job id")
+    p.add_argument("--failed", action="store_true", help="requeue every failed send")
+    p.set_defaults(func=cmd_retry)
 
     p = sub.add_parser(
         "synth",

@@ -8,6 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Association, AssociationState, Job, Series, Study
+from node.send.outbox import outbox_summary
 
 
 def _iso(value: Any) -> str | None:
@@ -61,6 +62,7 @@ def summary(s: Session, *, limit: int = 20) -> dict[str, Any]:
             "open_associations": open_assocs,
         },
         "series": series,
+        "outbox": outbox_summary(s),
     }
 
 
@@ -83,4 +85,17 @@ def render_text(data: dict[str, Any]) -> str:
             lines.append(f"{'':20} note: {ser['note']}")
     if not data["series"]:
         lines.append("(nothing received yet)")
+    lines += ["", render_outbox(data.get("outbox", {}))]
+    return "\n".join(lines)
+
+
+def render_outbox(outbox: dict[str, Any]) -> str:
+    """Results to send, per destination: counts by state and the last error of what is not delivered."""
+    if not outbox:
+        return "outbox: nothing queued for sending"
+    lines = [f"{'destination':20} {'pending':>7} {'sending':>7} {'sent':>6} {'committed':>9} {'failed':>6}  last error"]
+    for dest, entry in sorted(outbox.items()):
+        c = entry["counts"]
+        error = f"{entry['last_error_at']} {entry['last_error']}" if entry["last_error"] else "-"
+        lines.append(f"{dest:20} {c['pending']:>7} {c['sending']:>7} {c['sent']:>6} {c['committed']:>9} {c['failed']:>6}  {error}")
     return "\n".join(lines)
