@@ -1,0 +1,182 @@
+"""Key images: a few axial slices with the lesion overlay burnt in, for viewers without SEG support.
+
+Secondary Capture (RGB, 8 bits), one instance per slice: the most involved slices of the series
+(lesion area, kept apart so they show different levels), in the lung window, radiological view
+(patient's right on the image's left). Ground glass and consolidation are filled in their SEG
+colours, the lungs outlined; a band below the image holds the legend with the volumes and the
+not-for-clinical-use statement. Burned In Annotation is YES: these images carry text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian
+
+from node import MANUFACTURER, __version__
+from node.outputs.codes import STRUCTURES
+from node.outputs.seg import MODEL_NAME
+from node.outputs.uids import OutputUIDs
+from node.pipeline.runner import NOT_FOR_CLINICAL_USE
+from node.pipeline.volume import Volume
+
+LUNG_WINDOW = (-600.0, 1500.0)  # level, width
+ALPHA = 0.45
+
+
+def pick_slices(lungs: np.ndarray, lesions: np.ndarray, count: int) -> list[int]:
+    """Canonical z of the most involved slices (lesion area), at least ~5 % of the series apart.
+
+    Without lesions, the slices with the largest lung area; without lungs, none.
+    """
+    area = (lesions > 0).sum(axis=(1, 2)).astype(np.float64)
+    if not area.any():
+        area = (lungs > 0).sum(axis=(1, 2)).astype(np.float64)
+    if not area.any():
+        return []
+    gap = max(1, int(round(0.05 * len(area))))
+    chosen: list[int] = []
+    for z in np.argsort(-area, kind="stable"):
+        if area[z] <= 0 or len(chosen) >= count:
+            break
+        if all(abs(int(z) - c) >= gap for c in chosen):
+            chosen.append(int(z))
+    return sorted(chosen)
+
+
+def _window(hu: np.ndarray) -> np.ndarray:
+    level, width = LUNG_WINDOW
+    scaled = (hu.astype(np.float32) - (level - width / 2)) * (255.0 / width)
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+@lru_cache(maxsize=4)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def render(hu: np.ndarray, lungs: np.ndarray, lesions: np.ndarray, *, legend: Sequence[tuple[tuple[int, int, int], str]],
+           title: str) -> np.ndarray:
+    """One canonical slice as RGB with the overlay, a title line and the legend band below."""
+    gray = _window(hu)
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    for s in STRUCTURES:
+        tint = np.array(s.rgb, dtype=np.float32)
+        if s.label_map == "lesions":
+            m = lesions == s.value
+            rgb[m] = (1 - ALPHA) * rgb[m] + ALPHA * tint
+        else:
+            rgb[_outline(lungs == s.value)] = tint
+    rows, cols = gray.shape
+    size = max(9, min(16, cols // 40))
+    font = _font(size)
+    line_h = size + 4
+    # Lay the legend out first (entries and the statement wrapped to the width), then size the band.
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    entries: list[list[tuple[tuple[int, int, int], str]]] = [[]]
+    x = 4
+    for colour, text in legend:
+        width = size + 8 + int(measure.textlength(text, font=font))
+        if entries[-1] and x + width > cols - 4:
+            entries.append([])
+            x = 4
+        entries[-1].append((colour, text))
+        x += width
+    words = f"NOT FOR CLINICAL USE. {NOT_FOR_CLINICAL_USE}".split()
+    statement = [words[0]]
+    for word in words[1:]:
+        if measure.textlength(f"{statement[-1]} {word}", font=font) > cols - 8:
+            statement.append(word)
+        else:
+            statement[-1] += f" {word}"
+    band = (len(entries) + len(statement)) * line_h + 8
+    canvas = Image.new("RGB", (cols, rows + band), (0, 0, 0))
+    canvas.paste(Image.fromarray(rgb.astype(np.uint8), "RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), title, fill=(255, 255, 255), font=font)
+    draw.text((4, rows // 2), "R", fill=(255, 255, 255), font=font)
+    draw.text((cols - size, rows // 2), "L", fill=(255, 255, 255), font=font)
+    y = rows + 4
+    for line in entries:
+        x = 4
+        for colour, text in line:
+            draw.rectangle((x, y + 2, x + size - 2, y + size), fill=colour)
+            draw.text((x + size + 2, y), text, fill=(255, 255, 255), font=font)
+            x += size + 8 + int(draw.textlength(text, font=font))
+        y += line_h
+    for text in statement:
+        draw.text((4, y), text, fill=(255, 200, 0), font=font)
+        y += line_h
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def legend_entries(result: Mapping[str, object]) -> list[tuple[tuple[int, int, int], str]]:
+    """Legend text per structure, with its volume from result.json when there is one."""
+    volumes = {
+        "right_lung": ("lung_volume_ml", "right"), "left_lung": ("lung_volume_ml", "left"),
+        "ground_glass_opacity": ("lesion_volume_ml", "ggo"), "consolidation": ("lesion_volume_ml", "consolidation"),
+    }
+    out = []
+    for s in STRUCTURES:
+        group, key = volumes[s.key]
+        values = result.get(group)
+        ml = values.get(key) if isinstance(values, dict) else None
+        out.append((s.rgb, f"{s.label} {ml:.0f} mL" if isinstance(ml, (int, float)) else s.label))
+    return out
+
+
+def build_key_images(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, result: Mapping[str, object],
+                     reference: Dataset, uids: OutputUIDs, series_number: int, series_description: str,
+                     count: int) -> list[hd.sc.SCImage]:
+    """Secondary Capture images of the most involved slices (none when there are no lungs)."""
+    legend = legend_entries(result)
+    images = []
+    slices = pick_slices(lungs, lesions, count)
+    for number, z in enumerate(slices, start=1):
+        title = f"lungnode {__version__}  slice {z + 1}/{volume.shape[0]}"
+        pixels = render(volume.hu[z], lungs[z], lesions[z], legend=legend, title=title)
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=reference,
+            pixel_array=pixels,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=uids.key_image_series,
+            series_number=series_number,
+            sop_instance_uid=uids.key_image_instance(number),
+            instance_number=number,
+            manufacturer=MANUFACTURER,
+            patient_orientation=("L", "P"),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
+        sc.SeriesDescription = series_description
+        sc.ManufacturerModelName = MODEL_NAME
+        sc.SoftwareVersions = __version__
+        sc.BurnedInAnnotation = "YES"
+        # A chest is not a paired body part: with it named, General Series needs no Laterality.
+        sc.BodyPartExamined = str(reference.get("BodyPartExamined") or "CHEST")
+        sc.ImageComments = f"Most involved slice {number} of {len(slices)}; not for clinical use"
+        frame = volume.frames[z]
+        source = Dataset()
+        source.ReferencedSOPClassUID = frame.sop_class_uid
+        source.ReferencedSOPInstanceUID = frame.sop_instance_uid
+        if frame.frame_number is not None:
+            source.ReferencedFrameNumber = frame.frame_number
+        sc.SourceImageSequence = DicomSequence([source])
+        images.append(sc)
+    return images

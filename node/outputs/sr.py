@@ -1,0 +1,179 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) built from an SR template and result.json.
+
+The template (:mod:`node.outputs.sr_template`) decides which values go in; this module only turns
+them into highdicom content. Segment groups reference their DICOM SEG segment and share its
+Tracking UID; every group names the model that produced it (TID 4019 Algorithm Identification,
+with the model file's SHA-256 as parameter). An "Analysis information" group always closes the
+report: status, reason for a refusal, QA flags, models used and the not-for-clinical-use statement,
+so a rejected series still gets a short SR that says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from node import MANUFACTURER, __version__
+from node.outputs.codes import STRUCTURES, segment_number
+from node.outputs.seg import MODEL_NAME, SegmentSpec
+from node.outputs.sr_template import GroupSpec, SRTemplate, lookup
+from node.outputs.uids import OutputUIDs, uuid_uid
+from node.pipeline.runner import NOT_FOR_CLINICAL_USE
+
+Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+
+
+def _algorithm(model: Mapping[str, str] | None) -> hd.sr.AlgorithmIdentification | None:
+    if not model:
+        return None
+    return hd.sr.AlgorithmIdentification(name=model["name"], version=model["version"],
+                                         parameters=[f"sha256={model['sha256']}"] if model.get("sha256") else None)
+
+
+def _measurements(spec: GroupSpec, result: dict[str, Any]) -> list[hd.sr.Measurement]:
+    out = []
+    for m in spec.measurements:
+        value = lookup(result, m.value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append(hd.sr.Measurement(name=m.concept.to_code(), value=float(value) * m.scale,
+                                         unit=m.unit.to_code()))
+    return out
+
+
+def _evaluations(spec: GroupSpec, result: dict[str, Any]) -> list[hd.sr.QualitativeEvaluation]:
+    out = []
+    for e in spec.evaluations:
+        value = lookup(result, e.value)
+        if isinstance(value, str) and value in e.codes:
+            out.append(hd.sr.QualitativeEvaluation(name=e.concept.to_code(), value=e.codes[value].to_code()))
+    return out
+
+
+def _group(spec: GroupSpec, *, result: dict[str, Any], seg: Dataset | None, source_series_uid: str,
+           specs: Mapping[str, SegmentSpec], models: Mapping[str, Mapping[str, str]], uids: OutputUIDs
+           ) -> Group | None:
+    measurements = _measurements(spec, result)
+    evaluations = _evaluations(spec, result)
+    if not measurements and not evaluations:
+        return None  # the analysis did not produce these values (refused, or a step not computed)
+    sites = [hd.sr.FindingSite(spec.finding_site.to_code())] if spec.finding_site else None
+    algorithm = _algorithm(models.get(spec.model))
+    if spec.segment is not None:
+        tracking = hd.sr.TrackingIdentifier(uid=uids.tracking_uid(spec.segment), identifier=spec.tracking_id)
+        finding = spec.finding.to_code() if spec.finding else specs[spec.segment].type
+        if seg is not None:
+            reference = hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=segment_number(spec.segment),
+                source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
+            )
+            return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking, referenced_segment=reference, finding_type=finding,
+                algorithm_id=algorithm, finding_sites=sites, measurements=measurements or None,
+                qualitative_evaluations=evaluations or None,
+            )
+    else:
+        tracking = hd.sr.TrackingIdentifier(uid=uids.group_uid(spec.id), identifier=spec.tracking_id)
+        assert spec.finding is not None  # the template validator requires it
+        finding = spec.finding.to_code()
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking, finding_type=finding, algorithm_id=algorithm, finding_sites=sites,
+        measurements=measurements or None, qualitative_evaluations=evaluations or None,
+    )
+
+
+def _text(name: Any, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+
+def _information(template: SRTemplate, result: dict[str, Any], uids: OutputUIDs) -> Group:
+    st = template.statements
+    refused = result.get("status") != "ok"
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.group_uid("information"),
+                                                     identifier=template.information_group),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=st.refused_concept.to_code(),
+                                                             value=st.refused_value.to_code())] if refused else None,
+    )
+    items = [_text(st.status.to_code(), f"Analysis {result.get('status')}")]
+    if result.get("reason"):
+        items.append(_text(st.reason.to_code(), str(result["reason"])))
+    for flag in result.get("qa") or []:
+        items.append(_text(st.qa_flag.to_code(), f"{flag['code']} ({flag['severity']}): {flag['reason']}"))
+    for model in result.get("models") or []:
+        items.append(_text(st.model.to_code(), f"{model['name']} {model['version']} sha256 {model['sha256']}"))
+    items.append(_text(st.disclaimer.to_code(), str(result.get("disclaimer") or NOT_FOR_CLINICAL_USE)))
+    group[0].ContentSequence.extend(items)
+    return group
+
+
+def device_observer(serial_number: str) -> hd.sr.ObserverContext:
+    """This node as the SR's observer (a device; no person has reviewed the results)."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=uuid_uid(f"device/{serial_number}"),
+            name=MODEL_NAME, manufacturer_name=MANUFACTURER, model_name=MODEL_NAME, serial_number=serial_number,
+        ),
+    )
+
+
+def predecessor_reference(*, study_uid: str, series_uid: str, sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+    """The header fields of a previous SR that the Predecessor Documents Sequence needs."""
+    ds = Dataset()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    return ds
+
+
+def build_sr(*, result: dict[str, Any], template: SRTemplate, evidence: Sequence[Dataset], seg: Dataset | None,
+             specs: Sequence[SegmentSpec], models: Mapping[str, Mapping[str, str]], uids: OutputUIDs,
+             series_number: int, series_description: str, predecessor: Dataset | None = None,
+             device_serial_number: str = "1") -> hd.sr.Comprehensive3DSR:
+    """The Measurement Report of one analysis (``result`` is Analysis.result_json()).
+
+    ``evidence``: the source image headers (patient and study modules are copied from the first);
+    ``models``: name/version/sha256 by model role (lung, lesion, diagnosis).
+    """
+    if not evidence:
+        raise ValueError("an SR needs at least one source image header (patient and study come from it)")
+    by_key = {s.structure.key: s for s in specs}
+    if set(by_key) != {s.key for s in STRUCTURES}:
+        raise ValueError(f"segment specs must cover {[s.key for s in STRUCTURES]}")
+    source_series_uid = str(result.get("series_instance_uid") or evidence[0].SeriesInstanceUID)
+    groups: list[Group] = []
+    for spec in template.groups:
+        group = _group(spec, result=result, seg=seg, source_series_uid=source_series_uid, specs=by_key,
+                       models=models, uids=uids)
+        if group is not None:
+            groups.append(group)
+    groups.append(_information(template, result, uids))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(device_serial_number)),
+        procedure_reported=template.procedure_reported.to_code(),
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*evidence, *([seg] if seg is not None else [])],
+        content=report,
+        series_instance_uid=uids.sr_series,
+        series_number=series_number,
+        sop_instance_uid=uids.sr_instance,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,  # automatic results nobody has verified
+        is_verified=False,
+        previous_versions=[predecessor] if predecessor is not None else None,
+    )
+    sr.SeriesDescription = series_description
+    sr.ManufacturerModelName = MODEL_NAME
+    sr.SoftwareVersions = __version__
+    sr.DeviceSerialNumber = device_serial_number
+    return sr

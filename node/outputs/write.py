@@ -1,0 +1,205 @@
+"""``write_outputs``: the DICOM objects of one analysis, written beside result.json.
+
+    Analysis + source files ─► SEG (seg.dcm) ─► SR (sr.dcm) ─► key images (key_image_N.dcm) ─► outputs.json
+
+``outputs.json`` is what the sender reads; its shape is a fixed interface::
+
+    {"objects": [{"kind": "seg"|"sr"|"key_image", "file": "<name relative to the dir>",
+                  "sop_class_uid": ..., "sop_instance_uid": ..., "series_instance_uid": ...,
+                  "study_instance_uid": ..., "transfer_syntax_uid": ...}]}
+
+Objects belong to the source study (same Study Instance UID, patient module copied) and carry
+deterministic UIDs (:mod:`node.outputs.uids`). A failure to build one object is logged and the
+others are still written: a missing SEG must not cost the radiologist the SR that says why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydicom.dataset import Dataset
+
+from node.config import OutputsSettings
+from node.logs import kv
+from node.outputs.codes import STRUCTURES, ModelRole
+from node.outputs.keyimage import build_key_images
+from node.outputs.seg import AlgorithmInfo, OutputError, SegmentSpec, build_seg, read_source_headers
+from node.outputs.sr import build_sr, predecessor_reference
+from node.outputs.sr_template import SRTemplate, load_template
+from node.outputs.uids import OutputUIDs
+from node.pipeline.manifest import ALGORITHM_FAMILIES, ModelManifest
+from node.pipeline.runner import Analysis
+
+log = logging.getLogger(__name__)
+# highdicom logs every module it copies at INFO (dozens of lines per object): keep its warnings only.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+OUTPUTS_FILE = "outputs.json"
+Kind = Literal["seg", "sr", "key_image"]
+ROLES: tuple[ModelRole, ...] = ("lung", "lesion", "diagnosis")
+
+
+@dataclass(frozen=True)
+class WrittenObject:
+    """One entry of outputs.json."""
+
+    kind: Kind
+    file: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+
+
+def models_by_role(analysis: Analysis, manifests: Mapping[str, ModelManifest] | None) -> dict[str, dict[str, str]]:
+    """name/version/sha256 of each model role: from the manifests, else from result.json's list
+    (the runner records the models in role order: lung, lesion, diagnosis)."""
+    if manifests:
+        return {role: {"name": m.name, "version": m.version, "sha256": m.sha256} for role, m in manifests.items()}
+    if len(analysis.models) == len(ROLES):
+        return {role: dict(m) for role, m in zip(ROLES, analysis.models)}
+    return {}
+
+
+def segment_specs(manifests: Mapping[str, ModelManifest] | None, models: Mapping[str, Mapping[str, str]]
+                  ) -> list[SegmentSpec]:
+    """Each segment's type code and algorithm from its model's manifest (built-in codes otherwise)."""
+    specs = []
+    for s in STRUCTURES:
+        manifest = (manifests or {}).get(s.role)
+        if manifest is not None:
+            labels = {label.name: label for label in manifest.output.labels}
+            label = labels.get(s.key)
+            type_code = label.snomed.to_code() if label is not None and label.snomed is not None else s.type
+            algorithm = AlgorithmInfo(manifest.algorithm.name, manifest.algorithm.version,
+                                      manifest.algorithm.family_code())
+        else:
+            model = models.get(s.role, {})
+            type_code = s.type
+            algorithm = AlgorithmInfo(model.get("name", "unknown"), model.get("version", "unknown"),
+                                      ALGORITHM_FAMILIES["Artificial Intelligence"])
+        specs.append(SegmentSpec(s, type_code, algorithm))
+    return specs
+
+
+def _save(ds: Dataset, out_dir: Path, name: str, kind: Kind) -> WrittenObject:
+    path = out_dir / name
+    tmp = path.with_name(f".{name}.tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+    return WrittenObject(kind=kind, file=name, sop_class_uid=str(ds.SOPClassUID),
+                         sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
+                         study_instance_uid=str(ds.StudyInstanceUID),
+                         transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID))
+
+
+def write_manifest(out_dir: Path, objects: Sequence[WrittenObject]) -> Path:
+    """Write outputs.json (atomically: the sender may be polling the folder)."""
+    path = out_dir / OUTPUTS_FILE
+    tmp = path.with_name(f".{OUTPUTS_FILE}.tmp")
+    tmp.write_text(json.dumps({"objects": [asdict(o) for o in objects]}, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(out_dir: Path) -> list[WrittenObject]:
+    """The objects listed in ``out_dir/outputs.json`` (empty when there is none)."""
+    path = out_dir / OUTPUTS_FILE
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return [WrittenObject(**o) for o in data.get("objects", [])]
+
+
+def predecessor_from(out_dir: Path) -> Dataset | None:
+    """The SR listed in an earlier outputs.json, as a Predecessor Documents reference."""
+    for obj in read_manifest(out_dir):
+        if obj.kind == "sr":
+            return predecessor_reference(study_uid=obj.study_instance_uid, series_uid=obj.series_instance_uid,
+                                         sop_class_uid=obj.sop_class_uid, sop_instance_uid=obj.sop_instance_uid)
+    return None
+
+
+def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[Path], settings: OutputsSettings,
+                  revision: int = 1, manifests: Mapping[str, ModelManifest] | None = None,
+                  predecessor: Dataset | None = None, template: SRTemplate | None = None) -> list[WrittenObject]:
+    """Build and write the SEG, SR and key images of ``analysis`` into ``out_dir`` and list them in outputs.json.
+
+    ``source_paths``: the files of the analysed series (headers are read for references and the
+    patient/study modules); ``manifests``: the models by role (lung, lesion, diagnosis), for codes
+    and algorithm identification; ``predecessor``: the previous revision's SR, referenced by this one.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    headers = {uid: ds for uid, ds in read_source_headers(source_paths).items()
+               if str(ds.get("SeriesInstanceUID", "")) == analysis.series_instance_uid}
+    objects: list[WrittenObject] = []
+    if not headers:
+        log.warning(kv("outputs_skipped", series=analysis.series_instance_uid or None,
+                       reason="no source image of the series: outputs need its patient and study"))
+        write_manifest(out_dir, objects)
+        return objects
+    result = analysis.result_json()
+    uids = OutputUIDs.for_analysis(source_series_uid=analysis.series_instance_uid, revision=revision,
+                                   models=analysis.models)
+    models = models_by_role(analysis, manifests)
+    specs = segment_specs(manifests, models)
+    volume = analysis.volume
+    masks_ready = (analysis.status == "ok" and volume is not None and analysis.lungs is not None
+                   and analysis.lesions is not None)
+    seg_ds: Dataset | None = None
+    if settings.seg and masks_ready:
+        assert volume is not None and analysis.lungs is not None and analysis.lesions is not None
+        t0 = time.perf_counter()
+        try:
+            seg_ds = build_seg(volume=volume, lungs=analysis.lungs, lesions=analysis.lesions, headers=headers,
+                               specs=specs, uids=uids, series_number=settings.seg_series_number,
+                               series_description=settings.seg_series_description, encoding=settings.seg_encoding,
+                               device_serial_number=settings.device_serial_number)
+            objects.append(_save(seg_ds, out_dir, "seg.dcm", "seg"))
+        except OutputError as exc:
+            log.warning(kv("seg_skipped", series=analysis.series_instance_uid, reason=str(exc)))
+        timings["seg"] = time.perf_counter() - t0
+    if settings.sr:
+        t0 = time.perf_counter()
+        template = template or load_template(settings.sr_template, settings.sr_templates_dir)
+        in_volume = dict.fromkeys(f.sop_instance_uid for f in volume.frames) if volume is not None else {}
+        evidence = [headers[u] for u in in_volume if u in headers] or list(headers.values())
+        sr = build_sr(result=result, template=template, evidence=evidence, seg=seg_ds, specs=specs, models=models,
+                      uids=uids, series_number=settings.sr_series_number,
+                      series_description=settings.sr_series_description, predecessor=predecessor,
+                      device_serial_number=settings.device_serial_number)
+        objects.append(_save(sr, out_dir, "sr.dcm", "sr"))
+        timings["sr"] = time.perf_counter() - t0
+    if settings.key_images and masks_ready:
+        assert volume is not None and analysis.lungs is not None and analysis.lesions is not None
+        t0 = time.perf_counter()
+        reference = headers.get(volume.frames[0].sop_instance_uid, next(iter(headers.values())))
+        for n, sc in enumerate(build_key_images(volume=volume, lungs=analysis.lungs, lesions=analysis.lesions,
+                                                result=result, reference=reference, uids=uids,
+                                                series_number=settings.key_image_series_number,
+                                                series_description=settings.key_image_series_description,
+                                                count=settings.key_image_count), start=1):
+            objects.append(_save(sc, out_dir, f"key_image_{n}.dcm", "key_image"))
+        timings["key_images"] = time.perf_counter() - t0
+    write_manifest(out_dir, objects)
+    log.info(kv("outputs_written", series=analysis.series_instance_uid, revision=revision,
+                objects=",".join(o.kind for o in objects) or "none",
+                **{f"{k}_s": f"{v:.2f}" for k, v in timings.items()}))
+    return objects
+
+
+def describe(objects: Sequence[WrittenObject]) -> dict[str, Any]:
+    """Counts per kind, for a log line or the CLI."""
+    counts: dict[str, int] = {}
+    for o in objects:
+        counts[o.kind] = counts.get(o.kind, 0) + 1
+    return counts
