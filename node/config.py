@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from node.errors import ConfigError
@@ -272,6 +273,18 @@ class OutputsSettings(Strict):
         default=None, description="folder with your own SR templates; null: the templates shipped with the node"
     )
     device_serial_number: str = Field(default="1", min_length=1, max_length=64, description="DICOM Device Serial Number")
+
+    @model_validator(mode="after")
+    def _template_loads(self) -> OutputsSettings:
+        # A bad SR template must stop start-up (and check-config), naming the file and the field.
+        if self.sr:
+            from node.outputs.sr_template import TemplateError, load_template
+
+            try:
+                load_template(self.sr_template, self.sr_templates_dir)
+            except TemplateError as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
 
 class Config(Strict):
