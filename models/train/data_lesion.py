@@ -1,0 +1,242 @@
+"""2D training samples for the lesion model (``models/lesion_seg``): lung-box slices with lesion labels.
+
+A sample is one axial slice of the lung bounding box, windowed with the model's HU window to [0, 1]
+and resized to the model input size as ``node.pipeline.preprocess.slices_input`` does, with a label
+map (nearest neighbour): 0 background, 1 ground-glass opacity, 2 consolidation.
+
+Sources:
+
+* synthetic phantoms (``node.synthetic``): every seed draws kind (covid / pneumonia / normal), the
+  variant, kernel, noise, slice thickness (1-5 mm), matrix (field of view) and anatomy; the box is
+  the 3D lung box of the true lung mask with the node's margins (``lung_box``);
+* MedSeg COVID-19 training slices (``/work/shared/data/medseg-covid-2d-train``): JPEG in a lung
+  window without HU. ``GrayMap`` maps gray levels back to HU from two landmarks measured on the
+  training images only (median over images of the histogram mode of lung parenchyma outside the
+  lesion masks, and of the soft-tissue mode), taken as -860 HU and +30 HU. The slices are published
+  already cropped to about the thorax, so the whole image is the box: a threshold lung mask (HU <
+  -400) spanned the whole image on most slices and, where consolidation replaced aerated lung, cut
+  about 10 % of the lesion pixels off. The medseg test split and LIDC-IDRI-0002/0003 are refused here.
+
+Orientation: the node feeds canonical slices (anterior up, patient right on the left), the MedSeg
+slices come rotated; ``dihedral`` augmentation (flips and 90-degree turns, no label change: lesion
+classes do not depend on the side) makes the model indifferent to both. Scanner augmentation:
+``augment`` from the lung pipeline (scale, rotation, gain/offset, noise; its right/left label swap is
+off) plus blur or unsharp masking (reconstruction kernels) and correlated noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+
+from models.train.data_lung import LUNG_WINDOW, SliceSet, augment, concat, to_samples
+from node.pipeline.infer import window
+from node.pipeline.preprocess import lung_box, resize
+
+SHARED = Path("/work/shared/data")
+MEDSEG_TRAIN = SHARED / "medseg-covid-2d-train"
+MEDSEG_TEST = SHARED / "medseg-covid-2d-test" / "MultiClassInfection-Test"
+FORBIDDEN = ("lidc-idri-0002", "lidc-idri-0003", "medseg-covid-2d-test")
+CACHE = Path("/tmp/lesion_cache")
+LUNG_HU, TISSUE_HU = -860.0, 30.0  # landmark HU: aerated lung parenchyma, soft tissue (muscle/blood)
+KIND_P = {"covid": 0.45, "pneumonia": 0.35, "normal": 0.20}
+
+
+@dataclass(frozen=True)
+class GrayMap:
+    """Linear JPEG gray -> HU map through two landmarks (gray of lung parenchyma, gray of soft tissue)."""
+
+    lung_gray: float
+    tissue_gray: float
+
+    @property
+    def hu_per_gray(self) -> float:
+        return (TISSUE_HU - LUNG_HU) / (self.tissue_gray - self.lung_gray)
+
+    def to_hu(self, gray: np.ndarray) -> np.ndarray:
+        return (LUNG_HU + (gray.astype(np.float32) - self.lung_gray) * self.hu_per_gray).astype(np.float32)
+
+    def window_hu(self) -> tuple[float, float]:
+        """The HU range that gray 0..255 covers (the JPEG's own window)."""
+        return float(self.to_hu(np.array([0.0]))[0]), float(self.to_hu(np.array([255.0]))[0])
+
+
+@dataclass(frozen=True)
+class MedsegItem:
+    """One MedSeg slice: name, gray image (uint8) and labels (0/1 GGO/2 consolidation)."""
+
+    name: str
+    gray: np.ndarray
+    labels: np.ndarray
+
+
+def _refuse_test(path: Path) -> None:
+    if any(f in str(path).lower() for f in FORBIDDEN):
+        raise ValueError(f"{path} is validation/test data: never train or tune on it")
+
+
+def read_medseg(folder: Path, *, gt: str = "GT") -> list[MedsegItem]:
+    """All ``Imgs/*.jpg`` with their ``{gt}/*.png`` labels, sorted by number."""
+    imgs = sorted(Path(folder, "Imgs").glob("*.jpg"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
+    items = []
+    for img in imgs:
+        gray = np.asarray(Image.open(img).convert("L"), dtype=np.uint8)
+        labels = np.asarray(Image.open(Path(folder, gt, img.stem + ".png")), dtype=np.uint8)
+        if labels.shape != gray.shape:
+            raise ValueError(f"{img}: image {gray.shape} and labels {labels.shape} differ")
+        items.append(MedsegItem(img.stem, gray, labels))
+    return items
+
+
+def read_medseg_train(folder: Path = MEDSEG_TRAIN) -> list[MedsegItem]:
+    """The 50 MedSeg training slices (refuses the test split)."""
+    _refuse_test(folder)
+    return read_medseg(folder)
+
+
+def _smooth_hist(values: np.ndarray) -> np.ndarray:
+    k = np.exp(-np.arange(-6, 7) ** 2 / 8.0)
+    return np.convolve(np.bincount(values, minlength=256).astype(float), k / k.sum(), "same")
+
+
+def calibrate(items: list[MedsegItem]) -> GrayMap:
+    """Landmark grays from training images: parenchyma mode (non-lesion, gray < 130), tissue mode (140..250)."""
+    lung, tissue = [], []
+    for it in items:
+        normal = it.gray[(it.labels == 0) & (it.gray < 130)]
+        lung.append(float(np.argmax(_smooth_hist(normal)[:130])))
+        tissue.append(140.0 + float(np.argmax(_smooth_hist(it.gray.ravel())[140:250])))
+    return GrayMap(float(np.median(lung)), float(np.median(tissue)))
+
+
+def medseg_input(gray: np.ndarray, gmap: GrayMap, size: int) -> np.ndarray:
+    """Windowed model input [size, size] of one whole MedSeg image (gray -> HU -> window -> resize)."""
+    hu = gmap.to_hu(gray)
+    return window(resize(hu[None], (1, size, size), linear=True), *LUNG_WINDOW)[0].astype(np.float32)
+
+
+def medseg_samples(items: list[MedsegItem], gmap: GrayMap, size: int) -> SliceSet:
+    """Model-size samples of MedSeg slices (labels nearest)."""
+    xs, ys = [], []
+    for it in items:
+        xs.append(medseg_input(it.gray, gmap, size))
+        ys.append(resize(it.labels[None], (1, size, size), linear=False)[0].astype(np.uint8))
+    return SliceSet(np.stack(xs), np.stack(ys), [f"medseg:{it.name}" for it in items])
+
+
+def phantom_spec_args(seed: int) -> dict:
+    """Random phantom parameters of a seed: kind, matrix, slices, thickness 1-5 mm, noise."""
+    from node.synthetic.phantom import THICKNESSES
+
+    rng = np.random.default_rng(20_000 + seed)
+    kind = str(rng.choice(list(KIND_P), p=list(KIND_P.values())))
+    return {"kind": kind, "slices": int(rng.integers(20, 33)), "matrix": int(rng.choice([192, 256, 320])),
+            "slice_thickness_mm": float(rng.choice(THICKNESSES)), "noise_hu": float(rng.uniform(4.0, 60.0)),
+            "seed": seed}
+
+
+def phantom_volume(seed: int, kind: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """One random phantom in canonical layout: (hu, lungs, lesions, spec args)."""
+    from node.synthetic.phantom import PhantomSpec, make_phantom
+
+    args = phantom_spec_args(seed)
+    if kind is not None:
+        args["kind"] = kind
+    ph = make_phantom(PhantomSpec(**args))
+    args["voxel_ml"] = float(np.prod(ph.spacing_mm)) / 1000.0
+    return ph.hu, ph.lungs, ph.lesions, args
+
+
+def phantom_lung_slices(seed: int, size: int, kind: str | None = None) -> SliceSet:
+    """The slices of a phantom's 3D lung box that contain lung, at model size (cached on disk)."""
+    key = hashlib.sha1(json.dumps([seed, size, kind, phantom_spec_args(seed)]).encode()).hexdigest()[:12]
+    path = CACHE / f"phantom-{seed}-{size}-{key}.npz"
+    if path.is_file():
+        z = np.load(path)
+        return SliceSet(z["x"].astype(np.float32), z["y"], [f"phantom{seed}:{k}" for k in z["k"]])
+    hu, lungs, lesions, _ = phantom_volume(seed, kind)
+    box = lung_box(lungs > 0)
+    keep = np.flatnonzero(lungs[box].any(axis=(1, 2)))
+    s = to_samples(hu[box][keep], lesions[box][keep], size, f"phantom{seed}")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, x=s.x.astype(np.float16), y=s.y, k=keep + box[0].start)
+    return SliceSet(s.x, s.y, [f"phantom{seed}:{int(k)}" for k in keep + box[0].start])
+
+
+def phantom_samples(seeds: list[int], size: int, log=None) -> SliceSet:
+    """Samples from the phantoms of ``seeds``."""
+    sets = []
+    for i, seed in enumerate(seeds):
+        sets.append(phantom_lung_slices(seed, size))
+        if log and (i + 1) % 10 == 0:
+            log(f"  phantoms {i + 1}/{len(seeds)}")
+    return concat(sets)
+
+
+def dihedral(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random flip / 90-degree turn of image and labels together (orientation-free lesion classes)."""
+    k = int(rng.integers(4))
+    x, y = np.rot90(x, k), np.rot90(y, k)
+    if rng.random() < 0.5:
+        x, y = x[:, ::-1], y[:, ::-1]
+    return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+def random_crop(x: np.ndarray, y: np.ndarray, size: int, rng: np.random.Generator, p_lesion: float = 0.6
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size`` square crop, centred near a lesion pixel with probability ``p_lesion`` (training cost /4).
+
+    The network is fully convolutional: trained on crops, it runs on the whole lung box at inference.
+    """
+    h, w = y.shape
+    if size >= min(h, w):
+        return x, y
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    if rng.random() < p_lesion and y.any():
+        ys, xs = np.nonzero(y)
+        i = int(rng.integers(ys.size))
+        cy, cx = int(ys[i]), int(xs[i])
+    y0 = int(np.clip(cy - size // 2 + rng.integers(-size // 4, size // 4 + 1), 0, h - size))
+    x0 = int(np.clip(cx - size // 2 + rng.integers(-size // 4, size // 4 + 1), 0, w - size))
+    return x[y0:y0 + size, x0:x0 + size], y[y0:y0 + size, x0:x0 + size]
+
+
+def _kernel(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Reconstruction-kernel look: Gaussian blur (smooth) or unsharp masking (sharp), or unchanged."""
+    r = rng.random()
+    if r < 0.4:
+        return x
+    img = sitk.GetImageFromArray(x.astype(np.float32))
+    blurred = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, float(rng.uniform(0.5, 1.5))))
+    if r < 0.7:
+        return blurred
+    return x + float(rng.uniform(0.3, 1.0)) * (x - blurred)
+
+
+def _correlated_noise(shape: tuple[int, ...], rng: np.random.Generator, sigma: float) -> np.ndarray:
+    img = sitk.GetImageFromArray(rng.standard_normal(shape).astype(np.float32))
+    n = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, float(rng.uniform(0.6, 1.5))))
+    return n * (sigma / max(float(n.std()), 1e-6))
+
+
+def augment_lesion(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, crop: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented copy: crop, orientation, geometry, kernel, intensity and (correlated) noise."""
+    if crop:
+        x, y = random_crop(x, y, crop, rng)
+    x, y = dihedral(x, y, rng)
+    x = _kernel(x, rng)
+    if rng.random() < 0.3:
+        x = x + _correlated_noise(x.shape, rng, float(rng.uniform(0.005, 0.03)))
+    return augment(np.clip(x, 0.0, 1.0), y, rng, p_flip=0.0, max_scale=0.15, max_rot_deg=15.0, noise=0.02)
+
+
+__all__ = ["CACHE", "GrayMap", "MEDSEG_TEST", "MEDSEG_TRAIN", "MedsegItem", "augment_lesion", "calibrate",
+           "dihedral", "medseg_input", "medseg_samples", "phantom_lung_slices", "phantom_samples",
+           "phantom_spec_args", "phantom_volume", "random_crop", "read_medseg", "read_medseg_train"]

@@ -1,0 +1,286 @@
+"""Train the lesion model and write a node model folder: ``DIR/model.onnx`` + ``DIR/model.yaml``.
+
+    python -m models.train.train_lesion --out DIR [--epochs N --seed S --phantoms K --size 192 --base 8]
+    python -m models.train.train_lesion --out DIR --cv 5     # 5-fold cross-validation on MedSeg train only
+
+Data (``models.train.data_lesion``): ``--phantoms`` random phantoms (seeds 0..K-1; kinds covid /
+pneumonia / normal and their variants) and the 50 MedSeg training slices, each repeated
+``--medseg-reps`` times per epoch; an epoch also draws ``--phantom-slices`` phantom slices, half of
+them with lesions. Validation every epoch: Dice on held-out phantoms (seeds 200000+) on the model
+grid, and in cross-validation on the held-out MedSeg fold at the image's own resolution. The MedSeg
+test split is never read here. Seeds fix data, initialisation, augmentation and batch order.
+
+Export: ONNX opset 17, dynamic batch, softmax in the graph; onnxruntime and torch must agree to
+1e-4, else the run fails. ``models.train.eval_lesion`` measures the shipped metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.nn import functional as F
+
+from models.train.data_lesion import (
+    LUNG_HU,
+    MEDSEG_TRAIN,
+    TISSUE_HU,
+    GrayMap,
+    MedsegItem,
+    augment_lesion,
+    calibrate,
+    medseg_samples,
+    phantom_lung_slices,
+    phantom_samples,
+    read_medseg_train,
+)
+from models.train.data_lung import LUNG_WINDOW, SliceSet
+from models.train.eval_lesion import DiceSum, medseg_metrics, val_seeds
+from models.train.train_lung import predict, seed_everything
+from models.train.unet2d import UNet2D, export_onnx, n_params
+from node.pipeline.manifest import file_sha256
+
+VERSION = "0.1.0"
+SNOMED = {
+    "ground_glass_opacity": {"code": "1217294009", "meaning": "Ground glass opacity", "scheme": "SCT"},
+    "consolidation": {"code": "95436008", "meaning": "Lung consolidation", "scheme": "SCT"},
+}
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus soft Dice of GGO, consolidation and infection (their union), over the batch."""
+    ce = F.cross_entropy(logits, y)
+    prob = torch.softmax(logits, 1)
+    onehot = F.one_hot(y, 3).permute(0, 3, 1, 2).float()
+    p = torch.stack([prob[:, 1], prob[:, 2], prob[:, 1] + prob[:, 2]], 1)
+    t = torch.stack([onehot[:, 1], onehot[:, 2], onehot[:, 1] + onehot[:, 2]], 1)
+    inter = (p * t).sum((0, 2, 3))
+    denom = (p + t).sum((0, 2, 3))
+    return ce + (1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean())
+
+
+def epoch_indices(phantom: SliceSet, n_med: int, reps: int, n_ph: int, rng: np.random.Generator
+                  ) -> list[tuple[str, int]]:
+    """One epoch: every MedSeg slice ``reps`` times, ``n_ph`` phantom slices (half with lesions), shuffled."""
+    items = [("m", i) for i in range(n_med) for _ in range(reps)]
+    if n_ph and len(phantom):
+        has = np.flatnonzero(phantom.y.reshape(len(phantom), -1).max(1) > 0)
+        pick = rng.choice(len(phantom), n_ph - n_ph // 2)
+        if has.size:
+            pick = np.concatenate([pick, rng.choice(has, n_ph // 2)])
+        items += [("p", int(i)) for i in pick]
+    return [items[i] for i in rng.permutation(len(items))]
+
+
+def grid_dice(model: UNet2D, val: SliceSet) -> dict[str, float]:
+    """Pooled Dice on the model grid (fast per-epoch validation)."""
+    d = DiceSum()
+    d.add(predict(model, val.x).argmax(1), val.y)
+    return d.dice()
+
+
+def torch_runner(model: UNet2D):
+    """A ``Runner`` over the torch model (eval mode)."""
+    return lambda x: predict(model, x[:, 0])
+
+
+def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: int, base: int, batch: int,
+        lr: float, reps: int, n_ph: int, crop: int = 0, log=print, fold_eval=None) -> tuple[UNet2D, list[dict[str, Any]]]:
+    """Train a fresh U-Net; per epoch log loss, held-out phantom Dice and the fold metric if given."""
+    seed_everything(seed)
+    model = UNet2D(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    per_epoch = len(med) * reps + n_ph
+    steps = max(1, epochs * ((per_epoch + batch - 1) // batch))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    rng = np.random.default_rng(seed)
+    history: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = epoch_indices(phantom, len(med), reps, n_ph, rng)
+        total, n = 0.0, 0
+        for i in range(0, len(order), batch):
+            pairs = [augment_lesion((med if s == "m" else phantom).x[k], (med if s == "m" else phantom).y[k], rng,
+                                    crop) for s, k in order[i:i + batch]]
+            xb = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None])
+            yb = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
+            loss = loss_fn(model.logits(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(pairs)
+            n += len(pairs)
+        row: dict[str, Any] = {"epoch": epoch, "loss": round(total / n, 4)}
+        row.update({f"val_phantom_{k}": round(v, 4) for k, v in grid_dice(model, val).items()})
+        if fold_eval is not None and (epoch == epochs or epoch % 4 == 0):
+            row["fold_infection_dice_mean"] = round(fold_eval(model)["infection_dice_mean"], 4)
+        history.append(row)
+        log(f"epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch")
+            + f", {time.perf_counter() - t0:.0f} s")
+    return model, history
+
+
+def folds(n: int, k: int, seed: int) -> list[np.ndarray]:
+    """``k`` disjoint index sets covering 0..n-1 (fixed permutation)."""
+    return np.array_split(np.random.default_rng(1234 + seed).permutation(n), k)
+
+
+def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, val: SliceSet, k: int,
+                   cfg: dict[str, Any], log=print) -> dict[str, Any]:
+    """k-fold CV on the MedSeg training slices: train on k-1 folds (+ phantoms), score the held-out fold."""
+    size = cfg["size"]
+    rows = []
+    for f, held in enumerate(folds(len(items), k, cfg["seed"])):
+        train_items = [it for i, it in enumerate(items) if i not in set(held.tolist())]
+        test_items = [items[i] for i in held]
+        log(f"fold {f + 1}/{k}: train {len(train_items)} MedSeg slices, held out {[it.name for it in test_items]}")
+        med = medseg_samples(train_items, gmap, size)
+        model, _ = fit(phantom, med, val, log=log, epochs=cfg["epochs"], seed=cfg["seed"], base=cfg["base"],
+                       batch=cfg["batch"], lr=cfg["lr"], reps=cfg["reps"], n_ph=cfg["n_ph"], crop=cfg["crop"],
+                       fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
+        res = medseg_metrics(torch_runner(model), test_items, gmap, size)
+        rows.append({"fold": f + 1, **{k2: round(v, 4) for k2, v in res.items()}})
+        log(f"fold {f + 1}: {rows[-1]}")
+    mean = {key: round(float(np.mean([r[key] for r in rows])), 4) for key in rows[0] if key not in ("fold", "images")}
+    log(f"{k}-fold CV mean: {mean}")
+    return {"folds": rows, "mean": mean}
+
+
+def manifest(size: int, sha: str, training: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """model.yaml content (validated by node.pipeline.manifest when the node loads it)."""
+    labels: list[dict[str, Any]] = [{"index": 0, "name": "background"}]
+    labels += [{"index": i, "name": name, "snomed": code} for i, (name, code) in enumerate(SNOMED.items(), start=1)]
+    return {
+        "name": "lesion_seg",
+        "version": VERSION,
+        "sha256": sha,
+        "task": "segmentation",
+        "description": "Small 2D U-Net: ground-glass opacity and consolidation on each axial slice of the lung box "
+                       "of a chest CT, at reduced in-plane size.",
+        "intended_use": "Lesion masks inside the lungs for measuring pneumonia involvement in the lungnode reference "
+                        "pipeline; research and demonstration only.",
+        "not_for_clinical_use": True,
+        "algorithm": {"name": "lungnode-lesion-seg-unet2d", "version": VERSION, "family": "Artificial Intelligence"},
+        "input": {"name": "ct", "layout": "NCHW", "size": [size, size],
+                  "window": {"level": LUNG_WINDOW[0], "width": LUNG_WINDOW[1]}, "channels": ["ct"]},
+        "output": {"name": "probs", "activation": "softmax", "labels": labels},
+        "preprocessing": {"crop_to_lung_box": True, "batch_size": 16},
+        "postprocessing": {"min_component_ml": 0.1},
+        "metrics": metrics,
+        "training": training,
+    }
+
+
+def parity(model: UNet2D, onnx_path: Path, x: np.ndarray, tol: float = 1e-4) -> float:
+    """Max |onnxruntime - torch| on ``x`` [N, H, W]; raises above ``tol``."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"ct": x[:, None].astype(np.float32)})[0]
+    err = float(np.abs(got - predict(model, x)).max())
+    if not err <= tol:
+        raise RuntimeError(f"ONNX export parity failed: max |onnxruntime - torch| = {err:.2e} > {tol:g}")
+    return err
+
+
+def load_data(cfg: dict[str, Any], log=print) -> tuple[list[MedsegItem], GrayMap | None, SliceSet, SliceSet]:
+    """MedSeg training slices and their gray map (None without the data), training phantoms, held-out phantoms."""
+    have = MEDSEG_TRAIN.is_dir()
+    if (cfg["medseg"] or cfg["cv"]) and not have:
+        raise FileNotFoundError(f"{MEDSEG_TRAIN} is missing: train with --no-medseg (phantoms only)")
+    items = read_medseg_train() if cfg["medseg"] or cfg["cv"] else []
+    gmap = calibrate(read_medseg_train()) if have else None
+    seeds = list(range(cfg["seed"] * 1000, cfg["seed"] * 1000 + cfg["phantoms"]))
+    phantom = phantom_samples(seeds, cfg["size"], log=log)
+    val_sets = [phantom_lung_slices(s, cfg["size"], kind) for s, kind in val_seeds(cfg["val_phantoms"])]
+    val = SliceSet(np.concatenate([v.x for v in val_sets]), np.concatenate([v.y for v in val_sets]),
+                   [s for v in val_sets for s in v.source])
+    return items, gmap, phantom, val
+
+
+def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val_phantoms: int = 6, size: int = 192,
+          base: int = 8, batch: int = 16, lr: float = 3e-3, reps: int = 6, n_ph: int = 240, crop: int = 96,
+          medseg: bool = True, cv: int = 0, log=print) -> dict[str, Any]:
+    """Cross-validate (``cv`` > 0) or train, export and describe the model in ``out``."""
+    cfg = dict(epochs=epochs, seed=seed, phantoms=phantoms, val_phantoms=val_phantoms, size=size, base=base,
+               batch=batch, lr=lr, reps=reps, n_ph=n_ph, crop=crop, medseg=medseg, cv=cv)
+    t0 = time.perf_counter()
+    items, gmap, phantom, val = load_data(cfg, log)
+    log(f"data: {len(phantom)} phantom slices ({phantoms} phantoms), {len(items)} MedSeg slices, "
+        f"{len(val)} held-out phantom slices, gray map {gmap}, {time.perf_counter() - t0:.0f} s")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cv:
+        assert gmap is not None
+        res = cross_validate(items, gmap, phantom, val, cv, cfg, log)
+        (out / "cv.json").write_text(json.dumps({"config": cfg, **res}, indent=2), encoding="utf-8")
+        return res
+    med = medseg_samples(items, gmap, size) if items and gmap else SliceSet(np.zeros((0, size, size), np.float32),
+                                                                     np.zeros((0, size, size), np.uint8), [])
+    model, history = fit(phantom, med, val, epochs=epochs, seed=seed, base=base, batch=batch, lr=lr, reps=reps,
+                         n_ph=n_ph, crop=crop, log=log)
+    onnx_path = out / "model.onnx"
+    export_onnx(model, onnx_path, size)
+    err = parity(model, onnx_path, val.x[:16])
+    log(f"export parity: max |onnxruntime - torch| = {err:.2e}")
+    training = {
+        "data": {"phantoms": phantoms, "phantom_seeds": [seed * 1000, seed * 1000 + phantoms - 1],
+                 "phantom_slices": len(phantom), "medseg_train_slices": len(items),
+                 "medseg_source": "MedSeg COVID-19 CT segmentation (as redistributed by Inf-Net, Fan et al. 2020)"},
+        "medseg_gray_map": None if gmap is None else {
+            "lung_gray": gmap.lung_gray, "tissue_gray": gmap.tissue_gray, "lung_hu": LUNG_HU, "tissue_hu": TISSUE_HU,
+            "jpeg_window_hu": [round(v, 1) for v in gmap.window_hu()]},
+        "validation": {"phantoms": val_phantoms, "phantom_seeds": [val_seeds(val_phantoms)[0][0],
+                                                                  val_seeds(val_phantoms)[-1][0]]},
+        "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "medseg_reps_per_epoch": reps,
+        "phantom_slices_per_epoch": n_ph, "train_crop": crop, "base_channels": base, "parameters": n_params(model),
+        "loss": "cross-entropy + soft Dice (GGO, consolidation, infection)",
+        "augmentation": "random crops (lesion-centred 60%), flips and 90-degree turns, scale +-15%, rotation +-15 deg, blur / unsharp masking, "
+                        "gain/offset, white and correlated noise",
+        "torch": str(torch.__version__), "seconds": round(time.perf_counter() - t0, 1), "history": history,
+    }
+    metrics = {"val_phantom_grid_dice": {k.removeprefix("val_phantom_"): v for k, v in history[-1].items()
+                                         if k.startswith("val_phantom_")},
+               "onnx_parity_max_abs": float(f"{err:.3g}")}
+    (out / "model.yaml").write_text(yaml.safe_dump(manifest(size, file_sha256(onnx_path), training, metrics),
+                                                   sort_keys=False), encoding="utf-8")
+    torch.save(model.state_dict(), out / "weights.pt")
+    return {"history": history, "parity": err, "model": model, "val": val}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--phantoms", type=int, default=80)
+    ap.add_argument("--val-phantoms", type=int, default=6)
+    ap.add_argument("--size", type=int, default=192)
+    ap.add_argument("--base", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--medseg-reps", type=int, default=6, help="times each MedSeg slice is seen per epoch")
+    ap.add_argument("--phantom-slices", type=int, default=240, help="phantom slices per epoch")
+    ap.add_argument("--crop", type=int, default=96, help="training crop (0: whole lung box)")
+    ap.add_argument("--no-medseg", action="store_true")
+    ap.add_argument("--cv", type=int, default=0, help="k-fold cross-validation on MedSeg train instead of training")
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    train(a.out, epochs=a.epochs, seed=a.seed, phantoms=a.phantoms, val_phantoms=a.val_phantoms, size=a.size,
+          base=a.base, batch=a.batch, lr=a.lr, reps=a.medseg_reps, n_ph=a.phantom_slices, crop=a.crop, medseg=not a.no_medseg,
+          cv=a.cv, log=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
