@@ -274,6 +274,9 @@ class Outbox:
                     reason = failed[item.sop_instance_uid]
                     error = f"storage commitment refused by the destination (Failure Reason 0x{reason:04X})"
                     item.last_error = error
+                    s.add(Event(kind="commitment_failed", level="warning", job_id=item.job_id, message=error,
+                                data={"destination": item.destination, "sop_instance_uid": item.sop_instance_uid,
+                                      "transaction_uid": transaction_uid}))
                     item.commitment_uid = None
                     item.commitment_requested_at = None
                     item.updated_at = now

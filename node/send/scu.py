@@ -77,8 +77,10 @@ def propose_contexts(items: Sequence[Claimed], *, commitment: bool) -> list[Pres
     return contexts
 
 
-def _association_error(assoc: Association, dest: Destination) -> str:
+def _association_error(assoc: Association, dest: Destination, *, connected: bool) -> str:
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+    if not connected:
+        return f"no association with {where}: cannot connect (peer down, wrong host or port, or a firewall)"
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
         result = getattr(prim, "result_str", "?")
@@ -88,7 +90,7 @@ def _association_error(assoc: Association, dest: Destination) -> str:
                 f"and that it accepts our calling AE title")
     if assoc.is_aborted:
         return f"association aborted by {where} during negotiation; check the destination's AE configuration"
-    return f"no association with {where}: the peer did not answer (down, wrong host or port, or a firewall)"
+    return f"no association with {where}: connected, but the peer did not answer the association request in time"
 
 
 def _load(item: Claimed) -> Dataset:
@@ -133,10 +135,11 @@ def store_batch(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.connect_timeout_s
     commitment = dest.storage_commitment and on_commitment is not None
     contexts = propose_contexts([*items, *commitment_items], commitment=commitment)
+    opened: list[bool] = []
     assoc = ae.associate(dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_CONN_OPEN, lambda _e: opened.append(True))])
     if not assoc.is_established:
-        return _association_error(assoc, dest)
+        return _association_error(assoc, dest, connected=bool(opened))
     delivered: list[Claimed] = []
     try:
         for item in items:
@@ -171,7 +174,7 @@ def _store_one(assoc: Association, item: Claimed) -> StoreOutcome:
         return StoreOutcome(item, None, False, f"cannot read {item.path}: {type(exc).__name__}: {exc}", permanent=True)
     if decompress:
         try:
-            ds.decompress()
+            ds.decompress(generate_instance_uid=False)  # the same instance, only re-encoded
         except Exception as exc:  # no decoder for this compression: say which one is needed
             return StoreOutcome(item, None, False,
                                 f"the destination refused {item.transfer_syntax_uid} and the object could not be "

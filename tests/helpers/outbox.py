@@ -88,7 +88,7 @@ def _key_image(path: Path, study_uid: str, *, jpegls: bool) -> ResultObject:
         import pydicom
 
         ds = pydicom.dcmread(path)
-        ds.compress(JPEGLSLossless, encoding_plugin="pyjpegls")
+        ds.compress(JPEGLSLossless, encoding_plugin="pyjpegls", generate_instance_uid=False)
         ds.save_as(path, enforce_file_format=True)
         ts = JPEGLSLossless
     return ResultObject("key_image", path, info.sop_class_uid, info.sop_uids[0], str(ts))

@@ -1,0 +1,266 @@
+"""Sending results through real sockets on 127.0.0.1 to real peers (dcmtk storescp, Orthanc, a
+pynetdicom SCP whose answers the test chooses) from a real SQLite ledger: statuses recorded,
+transfer syntax fallback, retries with backoff, refusal then operator retry, storage commitment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import ImplicitVRLittleEndian, JPEGLSLossless
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Config, Destination
+from node.db.models import Event, OutboxItem, SendState
+from node.send.outbox import enqueue_results
+from node.send.sender import Sender
+from tests.helpers.dcmtk import dcmtk_path, have_dcmtk
+from tests.helpers.net import free_port
+from tests.helpers.orthanc import Modality, OrthancFactory, OrthancServer, orthanc, orthanc_factory  # noqa: F401
+from tests.helpers.outbox import make_job, write_results
+from tests.helpers.wait import wait_until
+
+FAST_RETRY = {"retry_base_s": 0.2, "retry_factor": 2.0, "retry_max_delay_s": 1.0, "poll_interval_s": 0.1,
+              "connect_timeout_s": 5}
+
+
+def make_config(dest: Destination, **sending: Any) -> Config:
+    return Config.model_validate({"dicom": {"ae_title": "LUNGNODE", "bind_address": "127.0.0.1"},
+                                  "destinations": [dest.model_dump()], "sending": {**FAST_RETRY, **sending}})
+
+
+def outbox_rows(sessions: sessionmaker[Session]) -> list[OutboxItem]:
+    with sessions() as s:
+        return list(s.scalars(select(OutboxItem).order_by(OutboxItem.id)))
+
+
+def wait_states(sessions: sessionmaker[Session], state: SendState, *, count: int, timeout: float = 30) -> list[OutboxItem]:
+    def check() -> list[OutboxItem] | None:
+        rows = outbox_rows(sessions)
+        return rows if len(rows) == count and all(r.state == state for r in rows) else None
+    return wait_until(check, timeout=timeout, interval=0.1,
+                      what=f"{count} outbox rows {state.value} (now: {[(r.state.value, r.last_error) for r in outbox_rows(sessions)]})")
+
+
+@pytest.fixture
+def sender_factory(sessions: sessionmaker[Session]) -> Iterator[Any]:
+    senders: list[Sender] = []
+
+    def make(config: Config) -> Sender:
+        sender = Sender(config, sessions)
+        sender.start()
+        senders.append(sender)
+        return sender
+
+    yield make
+    for sender in senders:
+        sender.stop()
+
+
+class RecordingSCP:
+    """A pynetdicom C-STORE SCP that answers ``self.status`` and counts what it received per SOP Instance UID."""
+
+    def __init__(self, port: int, *, status: int = 0x0000, ae_title: str = "PEER") -> None:
+        self.port = port
+        self.status = status
+        self.ae_title = ae_title
+        self.received: Counter[str] = Counter()
+        self.stored: Counter[str] = Counter()
+        self._server: ThreadedAssociationServer | None = None
+        self._lock = threading.Lock()
+
+    def _on_store(self, event: evt.Event) -> int:
+        ds = event.dataset
+        with self._lock:
+            self.received[str(ds.SOPInstanceUID)] += 1
+            if self.status == 0x0000 or self.status & 0xF000 == 0xB000:  # success or warning: stored
+                self.stored[str(ds.SOPInstanceUID)] += 1
+        return self.status
+
+    def start(self) -> RecordingSCP:
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts  # uncompressed transfer syntaxes only
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+@pytest.fixture
+def scp_factory() -> Iterator[Any]:
+    scps: list[RecordingSCP] = []
+
+    def make(port: int, **kw: Any) -> RecordingSCP:
+        scp = RecordingSCP(port, **kw)
+        scps.append(scp)
+        return scp
+
+    yield make
+    for scp in scps:
+        scp.stop()
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """dcmtk's storescp accepting Implicit VR Little Endian only: a peer that takes no compression."""
+    if not have_dcmtk("storescp"):
+        pytest.skip("dcmtk's storescp (/usr/bin/storescp) is not installed")
+    port, out = free_port(), tmp_path / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen([str(dcmtk_path("storescp")), "-aet", "STORESCP", "+xi", "-od", str(out), str(port)],
+                            env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _listening(port), timeout=10, what="storescp listening")
+        yield port, out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# -- tests ----------------------------------------------------------------------------------------
+def test_jpeg_ls_to_a_peer_without_compression_is_sent_decompressed(
+    sessions: sessionmaker[Session], sender_factory: Any, storescp: tuple[int, Path], tmp_path: Path,
+) -> None:
+    port, out = storescp
+    objects = write_results(tmp_path / "results", jpegls=True)
+    dest = Destination(name="store", ae_title="STORESCP", host="127.0.0.1", port=port)
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
+    sender_factory(make_config(dest))
+    rows = wait_states(sessions, SendState.sent, count=3)
+    assert all(r.last_status == 0 and r.attempts == 1 for r in rows)
+    key = next(r for r in rows if r.kind == "key_image")
+    assert key.transfer_syntax_uid == JPEGLSLossless and key.last_error == "sent decompressed"
+    received = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in out.iterdir())}
+    assert set(received) == {o.sop_instance_uid for o in objects}
+    original = pydicom.dcmread(next(o.path for o in objects if o.kind == "key_image"))
+    arrived = received[original.SOPInstanceUID]
+    assert arrived.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert (arrived.pixel_array == original.pixel_array).all(), "lossless: the decoded pixels arrive unchanged"
+
+
+def test_orthanc_receives_every_object_in_its_own_transfer_syntax(
+    sessions: sessionmaker[Session], sender_factory: Any, orthanc: OrthancServer, tmp_path: Path,  # noqa: F811
+) -> None:
+    objects = write_results(tmp_path / "results", jpegls=True)
+    dest = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port,
+                       objects=["seg", "key_image"])  # profile: this PACS gets no SR
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
+    sender_factory(make_config(dest))
+    rows = wait_states(sessions, SendState.sent, count=2)
+    assert {r.kind for r in rows} == {"seg", "key_image"}
+    for obj in objects:
+        found = orthanc.find_instance(obj.sop_instance_uid)
+        if obj.kind == "sr":
+            assert found is None
+            continue
+        assert found is not None, obj
+        assert orthanc.metadata(found, "TransferSyntax") == obj.transfer_syntax_uid
+        assert orthanc.metadata(found, "RemoteAET") == "LUNGNODE"
+
+
+def test_peer_down_then_up_is_retried_and_delivered_exactly_once(
+    sessions: sessionmaker[Session], sender_factory: Any, scp_factory: Any, tmp_path: Path,
+) -> None:
+    port = free_port()
+    objects = write_results(tmp_path / "results")
+    dest = Destination(name="peer", ae_title="PEER", host="127.0.0.1", port=port)
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
+    sender_factory(make_config(dest, max_attempts=30))
+
+    def retried() -> bool:
+        rows = outbox_rows(sessions)
+        return all(r.state == SendState.pending and r.attempts >= 2 for r in rows)
+    wait_until(retried, timeout=20, what="two failed attempts while the peer is down")
+    row = outbox_rows(sessions)[0]
+    assert row.last_error is not None and "no association with PEER@127.0.0.1" in row.last_error
+    assert row.next_attempt_at > row.updated_at  # backoff: the next attempt is in the future
+    scp = scp_factory(port).start()
+    rows = wait_states(sessions, SendState.sent, count=3)
+    assert scp.received == Counter({o.sop_instance_uid: 1 for o in objects})
+    assert all(r.last_error is None and r.last_status == 0 for r in rows)
+
+
+def test_refused_objects_fail_with_the_reason_and_retry_failed_delivers(
+    sessions: sessionmaker[Session], sender_factory: Any, scp_factory: Any, tmp_path: Path,
+) -> None:
+    from tests.helpers.node_proc import run_cli
+
+    port = free_port()
+    objects = write_results(tmp_path / "results")
+    dest = Destination(name="peer", ae_title="PEER", host="127.0.0.1", port=port)
+    job = make_job(sessions)
+    enqueue_results(sessions, job_id=job, results_dir=tmp_path / "results", destinations=[dest])
+    scp = scp_factory(port, status=0xA700).start()
+    sender_factory(make_config(dest, max_attempts=3))
+    rows = wait_states(sessions, SendState.failed, count=3)
+    assert all(r.attempts == 3 and r.last_status == 0xA700 for r in rows)
+    assert all("C-STORE refused with status 0xA700 (Failure)" in (r.last_error or "") for r in rows)
+    assert scp.received == Counter({o.sop_instance_uid: 3 for o in objects})
+    with sessions() as s:
+        assert s.scalar(select(Event).where(Event.kind == "send_failed").limit(1)) is not None
+
+    # The operator fixes the peer and requeues through the command line on the same database.
+    scp.status = 0xB000  # a warning: counts as sent, recorded
+    db_url = str(sessions.kw["bind"].url)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{database_url: '{db_url}'}}\n")
+    proc = run_cli("retry", "--failed", "--config", config)
+    assert proc.returncode == 0, proc.stderr
+    assert "requeued 3 failed send(s) to peer" in proc.stdout
+    rows = wait_states(sessions, SendState.sent, count=3)
+    assert all(r.last_status == 0xB000 and "warning 0xB000" in (r.last_error or "") for r in rows)
+    assert scp.stored == Counter({o.sop_instance_uid: 1 for o in objects})
+    again = run_cli("retry", str(job), "--config", config)
+    assert again.returncode == 0 and "nothing requeued" in again.stdout
+    status = run_cli("status", "--config", config)
+    assert status.returncode == 0 and "peer" in status.stdout
+
+
+def test_storage_commitment_with_orthanc(
+    sessions: sessionmaker[Session], sender_factory: Any, orthanc_factory: OrthancFactory, tmp_path: Path,  # noqa: F811
+) -> None:
+    commit_port = free_port()
+    pacs = orthanc_factory(modalities={"lungnode": Modality("LUNGNODE_SC", commit_port)})
+    objects = write_results(tmp_path / "results")
+    dest = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=pacs.dicom_port,
+                       storage_commitment=True, calling_ae_title="LUNGNODE_SC")
+    job = make_job(sessions)
+    enqueue_results(sessions, job_id=job, results_dir=tmp_path / "results", destinations=[dest])
+    # One object the PACS never received: pretend it was sent, so its commitment is refused.
+    missing = next(o for o in objects if o.kind == "sr")
+    with sessions.begin() as s:
+        s.execute(update(OutboxItem).where(OutboxItem.sop_instance_uid == missing.sop_instance_uid)
+                  .values(state=SendState.sent, attempts=1, last_status=0))
+    sender = sender_factory(make_config(dest, commitment_port=commit_port, max_attempts=5))
+    assert sender.commitment_port == commit_port
+    rows = wait_states(sessions, SendState.committed, count=3, timeout=40)
+    assert all(r.committed_at is not None and r.commitment_uid for r in rows)
+    assert pacs.sop_instance_uids() == {o.sop_instance_uid for o in objects}
+    refused = next(r for r in rows if r.sop_instance_uid == missing.sop_instance_uid)
+    assert refused.attempts == 2, "refused commitment: sent again, then committed"
+    with sessions() as s:
+        failed = s.scalars(select(Event).where(Event.kind == "commitment_failed")).all()
+    assert [e.data["sop_instance_uid"] for e in failed if e.data] == [missing.sop_instance_uid]
+    assert "Failure Reason 0x0112" in failed[0].message  # no such object instance
