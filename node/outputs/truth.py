@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from node.config import SliceRuleSettings
 from node.pipeline import postprocess as post
 from node.pipeline.runner import Analysis
+from node.pipeline.slice_rule import apply_slice_rule
 from node.pipeline.volume import Volume, load_volume
 
 #: Placeholder model identities for analyses made without models.
@@ -40,6 +42,8 @@ def analysis_from_masks(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarra
         volume=volume,
         lungs=lungs.astype(np.uint8),
         lesions=lesions.astype(np.uint8),
+        slice_rule=apply_slice_rule(lungs, lesions, pixel_mm2=volume.spacing_mm[1] * volume.spacing_mm[2],
+                                    rule=SliceRuleSettings()),
     )
 
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydicom.dataset import Dataset
 
-from node.config import OutputsSettings
+from node.config import InferenceSettings, OutputsSettings
 from node.logs import kv
 from node.outputs.codes import STRUCTURES, ModelRole
 from node.outputs.keyimage import build_key_images
@@ -34,7 +34,8 @@ from node.outputs.seg import AlgorithmInfo, OutputError, SegmentSpec, build_seg,
 from node.outputs.sr import build_sr, predecessor_reference
 from node.outputs.sr_template import SRTemplate, load_template
 from node.outputs.uids import OutputUIDs
-from node.pipeline.manifest import ALGORITHM_FAMILIES, ModelManifest
+from node.pipeline.infer import model_name
+from node.pipeline.manifest import ALGORITHM_FAMILIES, ManifestError, ModelManifest, load_manifest
 from node.pipeline.runner import Analysis
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,31 @@ class WrittenObject:
 
 
 def models_by_role(analysis: Analysis, manifests: Mapping[str, ModelManifest] | None) -> dict[str, dict[str, str]]:
-    """name/version/sha256 of each model role: from the manifests, else from result.json's list
-    (the runner records the models in role order: lung, lesion, diagnosis)."""
-    if manifests:
-        return {role: {"name": m.name, "version": m.version, "sha256": m.sha256} for role, m in manifests.items()}
+    """name/version/sha256 of each model role: from the manifests where given, else from result.json's
+    list (the runner records the models in role order: lung, lesion, diagnosis)."""
+    out: dict[str, dict[str, str]] = {}
     if len(analysis.models) == len(ROLES):
-        return {role: dict(m) for role, m in zip(ROLES, analysis.models)}
-    return {}
+        out = {role: dict(m) for role, m in zip(ROLES, analysis.models)}
+    for role, m in (manifests or {}).items():
+        out[role] = {"name": m.name, "version": m.version, "sha256": m.sha256}
+    return out
+
+
+def manifests_for(settings: InferenceSettings, analysis: Analysis) -> dict[str, ModelManifest]:
+    """The manifests of the models this analysis used (read again, cheaply: no model is loaded).
+
+    A manifest whose sha256 is not among the analysis' models (the folder changed since) is left out.
+    """
+    used = {m.get("sha256") for m in analysis.models}
+    out: dict[str, ModelManifest] = {}
+    for role in ROLES:
+        try:
+            manifest = load_manifest(settings.models_dir / model_name(settings, role), check_hash=False)
+        except ManifestError:
+            continue
+        if manifest.sha256 in used:
+            out[role] = manifest
+    return out
 
 
 def segment_specs(manifests: Mapping[str, ModelManifest] | None, models: Mapping[str, Mapping[str, str]]
@@ -166,29 +185,41 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
                                device_serial_number=settings.device_serial_number)
             objects.append(_save(seg_ds, out_dir, "seg.dcm", "seg"))
         except OutputError as exc:
+            seg_ds = None
             log.warning(kv("seg_skipped", series=analysis.series_instance_uid, reason=str(exc)))
+        except Exception as exc:  # a bug in one object must not cost the others (the SR says what was found)
+            seg_ds = None
+            log.exception(kv("output_failed", kind="seg", series=analysis.series_instance_uid,
+                             error=f"{type(exc).__name__}: {exc}"))
         timings["seg"] = time.perf_counter() - t0
     if settings.sr:
         t0 = time.perf_counter()
         template = template or load_template(settings.sr_template, settings.sr_templates_dir)
         in_volume = dict.fromkeys(f.sop_instance_uid for f in volume.frames) if volume is not None else {}
         evidence = [headers[u] for u in in_volume if u in headers] or list(headers.values())
-        sr = build_sr(result=result, template=template, evidence=evidence, seg=seg_ds, specs=specs, models=models,
-                      uids=uids, series_number=settings.sr_series_number,
-                      series_description=settings.sr_series_description, predecessor=predecessor,
-                      device_serial_number=settings.device_serial_number)
-        objects.append(_save(sr, out_dir, "sr.dcm", "sr"))
+        try:
+            sr = build_sr(result=result, template=template, evidence=evidence, seg=seg_ds, specs=specs,
+                          models=models, uids=uids, series_number=settings.sr_series_number,
+                          series_description=settings.sr_series_description, predecessor=predecessor,
+                          device_serial_number=settings.device_serial_number)
+            objects.append(_save(sr, out_dir, "sr.dcm", "sr"))
+        except Exception as exc:  # see the SEG above
+            log.exception(kv("output_failed", kind="sr", series=analysis.series_instance_uid,
+                             error=f"{type(exc).__name__}: {exc}"))
         timings["sr"] = time.perf_counter() - t0
     if settings.key_images and masks_ready:
         assert volume is not None and analysis.lungs is not None and analysis.lesions is not None
         t0 = time.perf_counter()
         reference = headers.get(volume.frames[0].sop_instance_uid, next(iter(headers.values())))
-        for n, sc in enumerate(build_key_images(volume=volume, lungs=analysis.lungs, lesions=analysis.lesions,
-                                                result=result, reference=reference, uids=uids,
-                                                series_number=settings.key_image_series_number,
-                                                series_description=settings.key_image_series_description,
-                                                count=settings.key_image_count), start=1):
-            objects.append(_save(sc, out_dir, f"key_image_{n}.dcm", "key_image"))
+        try:
+            images = build_key_images(volume=volume, lungs=analysis.lungs, lesions=analysis.lesions, result=result,
+                                      reference=reference, uids=uids, series_number=settings.key_image_series_number,
+                                      series_description=settings.key_image_series_description,
+                                      count=settings.key_image_count)
+            objects.extend(_save(sc, out_dir, f"key_image_{n}.dcm", "key_image") for n, sc in enumerate(images, 1))
+        except Exception as exc:  # see the SEG above
+            log.exception(kv("output_failed", kind="key_image", series=analysis.series_instance_uid,
+                             error=f"{type(exc).__name__}: {exc}"))
         timings["key_images"] = time.perf_counter() - t0
     write_manifest(out_dir, objects)
     log.info(kv("outputs_written", series=analysis.series_instance_uid, revision=revision,

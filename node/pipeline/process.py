@@ -2,7 +2,8 @@
 
 The folder may hold one series or a whole study (any layout, non-DICOM files ignored). Series are
 grouped by SeriesInstanceUID, the selection rules pick the best one, and it is analysed exactly as
-a worker would; ``DIR/result.json`` says what happened, including why the other series were skipped.
+a worker would; ``DIR/result.json`` says what happened, including why the other series were skipped,
+and the DICOM outputs (SEG, SR, key images) are written beside it, listed in ``DIR/outputs.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydicom.errors import InvalidDicomError
 
 from node.config import Config
 from node.logs import kv
+from node.outputs.write import manifests_for, write_outputs
 from node.pipeline.runner import Analysis, analyse_series
 from node.pipeline.select import SeriesHeader, choose
 from node.pipeline.volume import QAFlag
@@ -75,6 +77,11 @@ def process(input_path: Path, out_dir: Path, config: Config) -> int:
         if not v.eligible and best is not None
     )
     path = analysis.write(out_dir)
-    log.info(kv("process_done", status=analysis.status, result=path))
+    _, source_paths = series.get(analysis.series_instance_uid, (None, []))
+    objects = write_outputs(analysis, out_dir=out_dir, source_paths=source_paths, settings=config.outputs,
+                            manifests=manifests_for(config.inference, analysis))
+    for obj in objects:
+        print(f"  wrote {obj.kind} {out_dir / obj.file}", file=sys.stderr)
+    log.info(kv("process_done", status=analysis.status, result=path, objects=len(objects)))
     print(f"{analysis.status}{': ' + analysis.reason if analysis.reason else ''} -> {path}", file=sys.stderr)
     return {"ok": EXIT_OK, "rejected": EXIT_REJECTED, "failed": EXIT_FAILED}[analysis.status]

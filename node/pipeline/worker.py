@@ -27,6 +27,8 @@ from node.db.models import Instance, JobState, Series, SeriesOrigin, SeriesState
 from node.db.session import make_engine, make_sessionmaker
 from node.errors import LungnodeError
 from node.logs import kv, setup_logging
+from node.outputs.history import previous_sr
+from node.outputs.write import OUTPUTS_FILE, manifests_for, write_outputs
 from node.pipeline.infer import get_model
 from node.pipeline.runner import Analysis, analyse_series
 from node.pipeline.select import SeriesHeader, Verdict, check, choose
@@ -127,14 +129,25 @@ class Worker:
         return verdicts[0]
 
     def _finish(self, job: Claimed, analysis: Analysis) -> None:
-        """Record the outcome, then publish result.json, only if the job is still ours."""
+        """Write result.json and the DICOM outputs into a staging folder, record the outcome, then
+        publish them, only if the job is still ours: objects first, outputs.json and result.json last."""
         state = {"ok": JobState.done, "rejected": JobState.rejected, "failed": JobState.failed}[analysis.status]
         out = results_dir(self.config, job.job_id)
         staged = analysis.write(out.with_name(f"{out.name}.attempt-{job.attempt}"))
+        _, paths = _series_files(self.sessions, job)
+        predecessor = previous_sr(self.sessions, series_id=job.series_id, revision=job.revision,
+                                  results_dir=lambda job_id: results_dir(self.config, job_id))
+        write_outputs(analysis, out_dir=staged.parent, source_paths=paths, settings=self.config.outputs,
+                      revision=job.revision, manifests=manifests_for(self.config.inference, analysis),
+                      predecessor=predecessor)
+        last = [OUTPUTS_FILE, staged.name]  # the sender and status readers look for these two
+        names = sorted(f.name for f in staged.parent.iterdir() if f.name not in last) + last
         if self.queue.finish(job.job_id, state, error=analysis.reason, timings=analysis.result_json()["timings_s"]):
             out.mkdir(parents=True, exist_ok=True)
-            staged.replace(out / staged.name)
-        staged.unlink(missing_ok=True)
+            for name in names:
+                (staged.parent / name).replace(out / name)
+        for f in staged.parent.iterdir():
+            f.unlink()
         staged.parent.rmdir()
 
     def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
