@@ -84,9 +84,9 @@ def _insert_ignoring_duplicates(s: Session, rows: list[dict[str, Any]]) -> int:
     else:  # pragma: no cover - only SQLite and PostgreSQL are supported ledgers
         raise LungnodeError(f"outbox: unsupported database {dialect}")
     inserted = 0
-    for row in rows:  # one statement per row: rowcount tells new from already queued on both databases
-        result = s.execute(stmt.values(**row))
-        inserted += int(getattr(result, "rowcount", 0) or 0)
+    for row in rows:  # RETURNING tells a new row from one already queued (rowcount is -1 with psycopg)
+        if s.execute(stmt.values(**row).returning(OutboxItem.id)).first() is not None:
+            inserted += 1
     return inserted
 
 

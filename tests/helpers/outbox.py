@@ -4,6 +4,8 @@ format, and a job row for them to belong to."""
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,9 @@ from pydicom.uid import (
     JPEGLSLossless,
     generate_uid,
 )
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Job, JobState, Series, SeriesOrigin, SeriesState, Study
@@ -117,3 +122,36 @@ def write_results(results_dir: Path, *, kinds: tuple[str, ...] = ("seg", "sr", "
         for o in objects
     ])
     return objects
+
+
+class RecordingSCP:
+    """A pynetdicom C-STORE SCP that answers ``self.status`` and counts what it received per SOP Instance UID."""
+
+    def __init__(self, port: int, *, status: int = 0x0000, ae_title: str = "PEER") -> None:
+        self.port = port
+        self.status = status
+        self.ae_title = ae_title
+        self.received: Counter[str] = Counter()
+        self.stored: Counter[str] = Counter()
+        self._server: ThreadedAssociationServer | None = None
+        self._lock = threading.Lock()
+
+    def _on_store(self, event: evt.Event) -> int:
+        ds = event.dataset
+        with self._lock:
+            self.received[str(ds.SOPInstanceUID)] += 1
+            if self.status == 0x0000 or self.status & 0xF000 == 0xB000:  # success or warning: stored
+                self.stored[str(ds.SOPInstanceUID)] += 1
+        return self.status
+
+    def start(self) -> RecordingSCP:
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts  # uncompressed transfer syntaxes only
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

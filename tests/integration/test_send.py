@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +14,6 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.uid import ImplicitVRLittleEndian, JPEGLSLossless
-from pynetdicom import AE, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,7 +24,7 @@ from node.send.sender import Sender
 from tests.helpers.dcmtk import dcmtk_path, have_dcmtk
 from tests.helpers.net import free_port
 from tests.helpers.orthanc import Modality, OrthancFactory, OrthancServer, orthanc, orthanc_factory  # noqa: F401
-from tests.helpers.outbox import make_job, write_results
+from tests.helpers.outbox import RecordingSCP, make_job, write_results
 from tests.helpers.wait import wait_until
 
 FAST_RETRY = {"retry_base_s": 0.2, "retry_factor": 2.0, "retry_max_delay_s": 1.0, "poll_interval_s": 0.1,
@@ -66,39 +62,6 @@ def sender_factory(sessions: sessionmaker[Session]) -> Iterator[Any]:
     yield make
     for sender in senders:
         sender.stop()
-
-
-class RecordingSCP:
-    """A pynetdicom C-STORE SCP that answers ``self.status`` and counts what it received per SOP Instance UID."""
-
-    def __init__(self, port: int, *, status: int = 0x0000, ae_title: str = "PEER") -> None:
-        self.port = port
-        self.status = status
-        self.ae_title = ae_title
-        self.received: Counter[str] = Counter()
-        self.stored: Counter[str] = Counter()
-        self._server: ThreadedAssociationServer | None = None
-        self._lock = threading.Lock()
-
-    def _on_store(self, event: evt.Event) -> int:
-        ds = event.dataset
-        with self._lock:
-            self.received[str(ds.SOPInstanceUID)] += 1
-            if self.status == 0x0000 or self.status & 0xF000 == 0xB000:  # success or warning: stored
-                self.stored[str(ds.SOPInstanceUID)] += 1
-        return self.status
-
-    def start(self) -> RecordingSCP:
-        ae = AE(ae_title=self.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts  # uncompressed transfer syntaxes only
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
 
 
 @pytest.fixture
