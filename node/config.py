@@ -300,6 +300,14 @@ class Config(Strict):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     outputs: OutputsSettings = Field(default_factory=OutputsSettings)
 
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destination_names(cls, dests: list[Destination]) -> list[Destination]:
+        names = [d.name for d in dests]
+        if len(set(names)) != len(names):  # the outbox keys every send on the destination's name
+            raise ValueError(f"destination names must be unique: {', '.join(sorted(names))}")
+        return dests
+
     def redacted(self) -> dict[str, Any]:
         """The effective configuration for the start-up log, with secrets in URLs masked."""
         data = self.model_dump(mode="json")

@@ -310,9 +310,16 @@ class Outbox:
             log.warning(kv("commitment_timeout", count=len(items), action="sending again"))
         return len(items)
 
-    def next_due_at(self) -> dt.datetime | None:
+    def orphaned(self, known: Sequence[str]) -> dict[str, int]:
+        """Undelivered rows of destinations no longer in the configuration (they wait until it has them again)."""
         with self.sessions() as s:
-            return s.scalar(select(func.min(OutboxItem.next_attempt_at)).where(OutboxItem.state == SendState.pending))
+            rows = s.execute(
+                select(OutboxItem.destination, func.count())
+                .where(OutboxItem.state.in_([SendState.pending, SendState.sending]),
+                       OutboxItem.destination.not_in(list(known)))
+                .group_by(OutboxItem.destination)
+            ).all()
+        return {str(dest): int(n) for dest, n in rows}
 
 
 def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None) -> list[tuple[str, int]]:

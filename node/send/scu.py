@@ -125,8 +125,9 @@ def store_batch(
     on_commitment: Callable[[Sequence[Claimed], str | None, str | None], None] | None = None,
 ) -> str | None:
     """Send ``items`` to ``dest`` in one association, calling ``on_outcome`` for each object as it is
-    answered; afterwards request storage commitment for the delivered ones plus ``commitment_items``
-    (``on_commitment(items, transaction_uid, error)``).
+    answered; afterwards request storage commitment for the delivered ones plus ``commitment_items``:
+    ``on_commitment(items, transaction_uid, None)`` just before the N-ACTION (the report may arrive
+    before its response), ``on_commitment(items, None, error)`` when the request failed.
 
     Returns None, or why no association could be made (then no object was sent and the caller
     schedules the retries). Objects not attempted because ``should_stop`` turned true get no outcome.
@@ -151,8 +152,11 @@ def store_batch(
             on_outcome(outcome)
         to_commit = [*delivered, *commitment_items]
         if commitment and on_commitment is not None and to_commit and assoc.is_established:
-            uid, error = _request_commitment(assoc, to_commit)
-            on_commitment(to_commit, uid, error)
+            uid = str(generate_uid())
+            on_commitment(to_commit, uid, None)
+            error = _request_commitment(assoc, to_commit, uid)
+            if error is not None:
+                on_commitment(to_commit, None, error)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -201,10 +205,10 @@ def _store_one(assoc: Association, item: Claimed) -> StoreOutcome:
                         f"C-STORE refused with status {_status_text(status)} ({category})" + (f": {comment}" if comment else ""))
 
 
-def _request_commitment(assoc: Association, items: Sequence[Claimed]) -> tuple[str | None, str | None]:
-    """N-ACTION Request Storage Commitment; (transaction UID, None) or (None, why it failed)."""
+def _request_commitment(assoc: Association, items: Sequence[Claimed], transaction_uid: str) -> str | None:
+    """N-ACTION Request Storage Commitment; None, or why it failed."""
     ds = Dataset()
-    ds.TransactionUID = generate_uid()
+    ds.TransactionUID = transaction_uid
     refs = []
     for item in items:
         ref = Dataset()
@@ -215,10 +219,10 @@ def _request_commitment(assoc: Association, items: Sequence[Claimed]) -> tuple[s
     try:
         status, _reply = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE)
     except (RuntimeError, OSError, ValueError) as exc:
-        return None, f"storage commitment request not sent: {type(exc).__name__}: {exc}"
+        return f"storage commitment request not sent: {type(exc).__name__}: {exc}"
     if "Status" not in status:
-        return None, "no answer to the storage commitment request"
+        return "no answer to the storage commitment request"
     code = int(status.Status)
     if code_to_category(code) not in ("Success", "Warning"):
-        return None, f"storage commitment request refused with status {_status_text(code)}"
-    return str(ds.TransactionUID), None
+        return f"storage commitment request refused with status {_status_text(code)}"
+    return None

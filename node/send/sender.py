@@ -110,6 +110,9 @@ class Sender:
         """Requeue rows a stopped node left in 'sending', start the commitment listener when a
         destination asks for commitment, and start the send loop."""
         self.outbox.reset_interrupted()
+        for name, count in self.outbox.orphaned(list(self.destinations)).items():
+            log.warning(kv("send_destination_unknown", destination=name, pending=count,
+                           fix="add the destination back to `destinations`, or they are never sent"))
         if any(d.storage_commitment for d in self.destinations.values()):
             self.listener = CommitmentListener(self.outbox, bind_address=self.config.dicom.bind_address,
                                                port=self.settings.commitment_port, ae_title=self.config.dicom.ae_title)
@@ -211,7 +214,7 @@ class Sender:
                        status=None if outcome.status is None else f"0x{outcome.status:04X}", reason=outcome.error))
 
     def _on_commitment(self, items: Sequence[Claimed], transaction_uid: str | None, error: str | None) -> None:
-        if transaction_uid is not None:
+        if transaction_uid is not None:  # recorded before the request: the report may come before its response
             self.outbox.mark_commitment_requested([i.id for i in items], transaction_uid)
             log.info(kv("commitment_requested", destination=items[0].destination, transaction=transaction_uid,
                         objects=len(items)))

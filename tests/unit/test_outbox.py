@@ -152,3 +152,19 @@ def test_commitment_report_and_timeout(sessions: sessionmaker[Session], results:
     assert got[a.id].state == SendState.committed and got[a.id].committed_at is not None
     assert got[b.id].state == SendState.pending and "0x0112" in (got[b.id].last_error or "")
     assert got[c.id].state == SendState.pending and "no storage commitment report" in (got[c.id].last_error or "")
+
+
+def test_rows_of_unconfigured_destinations_are_reported(sessions: sessionmaker[Session], results: Path) -> None:
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=results, destinations=[PACS, VIEWER])
+    outbox = Outbox(sessions, SendingSettings())
+    assert outbox.orphaned(["pacs", "viewer"]) == {}
+    assert outbox.orphaned(["pacs"]) == {"viewer": 1}
+
+
+def test_destination_names_must_be_unique() -> None:
+    from pydantic import ValidationError
+
+    from node.config import Config
+
+    with pytest.raises(ValidationError, match="destination names must be unique"):
+        Config(destinations=[PACS, PACS.model_copy(update={"ae_title": "OTHER"})])
