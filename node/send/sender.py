@@ -117,6 +117,11 @@ class Sender:
             self.listener = CommitmentListener(self.outbox, bind_address=self.config.dicom.bind_address,
                                                port=self.settings.commitment_port, ae_title=self.config.dicom.ae_title)
             self.listener.start()
+            for d in self.destinations.values():
+                if d.storage_commitment:  # the one set-up step the PACS side needs; say it where IT looks
+                    log.info(kv("commitment_setup", destination=d.name,
+                                report_to=f"{d.calling_ae_title or self.config.dicom.ae_title}@port {self.listener.port}",
+                                hint="the destination must know this AE title with this port"))
         self._thread = threading.Thread(target=self._loop, name="sender", daemon=True)
         self._thread.start()
         log.info(kv("sender_started", destinations=",".join(self.destinations) or "none",

@@ -10,7 +10,8 @@ Usage::
         pacs.get_file(orthanc_id)                        # the stored Part 10 bytes
 
 or the pytest fixture ``orthanc`` (module scope, AE title ORTHANC, no modalities; use
-``orthanc_factory`` for your own modalities). Every server gets free 127.0.0.1 ports (``dicom_port``,
+``orthanc_factory`` for your own modalities): import them into the test module,
+``from tests.helpers.orthanc import orthanc, orthanc_factory  # noqa: F401``. Every server gets free 127.0.0.1 ports (``dicom_port``,
 ``http_port``), its own config JSON, storage and log under its folder, and ``TCP_NODELAY=1`` in its
 environment (Debian's build leaves Nagle's algorithm on: ~44 ms per C-STORE otherwise). ``stop()``
 ends it with SIGTERM and waits. Skips (not fails) when Orthanc is not installed.
