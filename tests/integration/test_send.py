@@ -227,3 +227,16 @@ def test_storage_commitment_with_orthanc(
         failed = s.scalars(select(Event).where(Event.kind == "commitment_failed")).all()
     assert [e.data["sop_instance_uid"] for e in failed if e.data] == [missing.sop_instance_uid]
     assert "Failure Reason 0x0112" in failed[0].message  # no such object instance
+
+
+def test_orthanc_helper_stores_serves_and_pushes(orthanc_factory: OrthancFactory, scp_factory: Any,  # noqa: F811
+                                                 tmp_path: Path) -> None:
+    """The Orthanc helper other tests rely on: upload, find, file download and a push to a modality."""
+    peer = scp_factory(free_port()).start()
+    pacs = orthanc_factory(modalities={"peer": Modality("PEER", peer.port)})
+    (obj,) = write_results(tmp_path / "results", kinds=("key_image",))
+    stored = pacs.upload(obj.path)
+    assert pacs.instances() == [stored["ID"]] and pacs.find_instance(obj.sop_instance_uid) == stored["ID"]
+    assert pacs.get_file(stored["ID"]) == obj.path.read_bytes()
+    pacs.push("peer", [stored["ParentStudy"]])
+    assert peer.received == Counter({obj.sop_instance_uid: 1})
