@@ -1,0 +1,307 @@
+"""TID 1500 Measurement Report: content from the SR template, values equal result.json, segment groups
+reference the SEG, a refused series gets a short SR saying why, revisions name their predecessor,
+templates are validated strictly, and the worker publishes every object with outputs.json."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import pydicom
+import pytest
+import yaml
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from sqlalchemy.orm import Session, sessionmaker
+
+from node import MANUFACTURER
+from node.config import Config, OutputsSettings, load_config
+from node.db.models import Instance, Job, JobState, Series, SeriesOrigin, SeriesState, Study
+from node.errors import ConfigError
+from node.outputs.history import previous_sr
+from node.outputs.sr_template import TEMPLATES_DIR, TemplateError, load_template, lookup
+from node.outputs.truth import analysis_from_series
+from node.outputs.write import predecessor_from, read_manifest, write_outputs
+from node.pipeline.runner import NOT_FOR_CLINICAL_USE, Analysis
+from node.pipeline.volume import QAFlag
+from node.pipeline.worker import Worker, results_dir
+from tests.helpers.faults import Synth, phantom, synth_series
+
+TEMPLATE = load_template("lung_ct_pneumonia")
+SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Synth:
+    return synth_series(tmp_path_factory.mktemp("sr") / "series", phantom("covid", slices=40, matrix=96, seed=2,
+                                                                             variant="mixed"))
+
+
+@pytest.fixture(scope="module")
+def analysis(synth: Synth) -> Analysis:
+    files = list(synth.files)
+    random.Random(1).shuffle(files)
+    return analysis_from_series(files, lungs=synth.phantom.lungs, lesions=synth.phantom.lesions,
+                                series_instance_uid=synth.series_uid)
+
+
+# -- reading an SR back with pydicom -------------------------------------------------------------
+def concept(item: Dataset) -> tuple[str, str]:
+    c = item.ConceptNameCodeSequence[0]
+    return str(c.CodeValue), str(c.CodingSchemeDesignator)
+
+
+def groups_by_tracking_id(sr: Dataset) -> dict[str, list[Dataset]]:
+    """Measurement group content items, by Tracking Identifier, walking the tree with pydicom only."""
+    (measurements,) = [i for i in sr.ContentSequence if concept(i) == ("126010", "DCM")]
+    out = {}
+    for group in measurements.ContentSequence:
+        assert concept(group) == ("125007", "DCM")
+        (tid,) = [i.TextValue for i in group.ContentSequence if concept(i) == ("112039", "DCM")]
+        out[str(tid)] = list(group.ContentSequence)
+    return out
+
+
+def nums(items: list[Dataset]) -> dict[tuple[str, str], tuple[float, str]]:
+    out = {}
+    for i in items:
+        if i.ValueType == "NUM":
+            mv = i.MeasuredValueSequence[0]
+            assert concept(i) not in out, "two measurements with one concept in a group"
+            out[concept(i)] = (float(mv.NumericValue), str(mv.MeasurementUnitsCodeSequence[0].CodeValue))
+    return out
+
+
+def texts(items: list[Dataset], code: tuple[str, str]) -> list[str]:
+    return [str(i.TextValue) for i in items if i.ValueType == "TEXT" and concept(i) == code]
+
+
+def code_of(ref: Any) -> tuple[str, str]:
+    c = ref.to_code()
+    return str(c.value), str(c.scheme_designator)
+
+
+# -- content -------------------------------------------------------------------------------------
+def test_sr_values_equal_result_json(analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
+    objects = write_outputs(analysis, out_dir=tmp_path, source_paths=synth.files,
+                            settings=OutputsSettings(key_images=False, sr_series_number=77, sr_series_description="m"))
+    assert [o.kind for o in objects] == ["seg", "sr"]
+    result = analysis.result_json()
+    assert result.get("slice_rule"), "the runner's slice rule is part of result.json"
+    sr = pydicom.dcmread(tmp_path / "sr.dcm")
+    assert sr.SOPClassUID == SR_SOP_CLASS
+    src = pydicom.dcmread(synth.files[0], stop_before_pixels=True)
+    assert (sr.StudyInstanceUID, sr.PatientID, str(sr.PatientName)) == (src.StudyInstanceUID, src.PatientID,
+                                                                         str(src.PatientName))
+    assert (sr.Manufacturer, sr.SeriesNumber, sr.SeriesDescription) == (MANUFACTURER, 77, "m")
+    assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+    assert "PredecessorDocumentsSequence" not in sr
+
+    groups = groups_by_tracking_id(sr)
+    compared = 0
+    by_role = dict(zip(("lung", "lesion", "diagnosis"), result["models"]))
+    for spec in TEMPLATE.groups:
+        items = groups[spec.tracking_id]
+        # TID 4019 Algorithm Identification: the model that produced the group, with its file's hash
+        assert texts(items, ("111001", "DCM")) == [by_role[spec.model]["name"]]
+        assert texts(items, ("111003", "DCM")) == [by_role[spec.model]["version"]]
+        assert texts(items, ("111002", "DCM")) == [f"sha256={by_role[spec.model]['sha256']}"]
+        got = nums(items)
+        assert len(got) == len(spec.measurements)
+        for m in spec.measurements:
+            value, unit = got[code_of(m.concept)]
+            assert value == pytest.approx(lookup(result, m.value) * m.scale, rel=1e-9), m.value
+            assert unit == m.unit.to_code().value
+            compared += 1
+        for e in spec.evaluations:
+            (item,) = [i for i in items if i.ValueType == "CODE" and concept(i) == code_of(e.concept)]
+            expected = e.codes[lookup(result, e.value)].to_code()
+            assert item.ConceptCodeSequence[0].CodeValue == expected.value
+    assert compared == sum(len(g.measurements) for g in TEMPLATE.groups) == 13  # every value the template names
+
+    # the decision is the slice rule's, with its code
+    decision = result["slice_rule"]["decision"]
+    (item,) = [i for i in groups["Slice evidence rule"] if i.ValueType == "CODE" and concept(i) == ("233604007", "SCT")]
+    present = codes.SCT.Present if decision == "pneumonia" else codes.SCT.Absent
+    assert item.ConceptCodeSequence[0].CodeValue == present.value
+
+    info = groups[TEMPLATE.information_group]
+    st = TEMPLATE.statements
+    assert texts(info, code_of(st.disclaimer)) == [NOT_FOR_CLINICAL_USE]
+    assert texts(info, code_of(st.status)) == ["Analysis ok"]
+    models = texts(info, code_of(st.model))
+    assert models == [f"{m['name']} {m['version']} sha256 {m['sha256']}" for m in result["models"]]
+    assert texts(info, code_of(st.qa_flag)) == [f"{f['code']} ({f['severity']}): {f['reason']}" for f in result["qa"]]
+
+    # highdicom reads the same report
+    hsr = hd.sr.srread(tmp_path / "sr.dcm")
+    report = hsr.content
+    seg = pydicom.dcmread(tmp_path / "seg.dcm", stop_before_pixels=True)
+    volumetric = report.get_volumetric_roi_measurement_groups()
+    assert len(volumetric) == 4
+    seg_tracking = {int(s.SegmentNumber): str(s.TrackingUID) for s in seg.SegmentSequence}
+    for group in volumetric:
+        ref = group.referenced_segment
+        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert group.tracking_uid == seg_tracking[ref.referenced_segment_numbers[0]]
+        (volume,) = group.get_measurements(name=codes.SCT.Volume)
+        key = {"Right lung": "lung_volume_ml.right", "Left lung": "lung_volume_ml.left",
+               "Ground glass opacity": "lesion_volume_ml.ggo", "Consolidation": "lesion_volume_ml.consolidation"}
+        assert volume.value == pytest.approx(lookup(result, key[group.tracking_identifier]))
+        assert volume.unit.value == "mL"
+    image_groups = report.get_image_measurement_groups()
+    uids = [g.tracking_uid for g in [*volumetric, *image_groups]]
+    assert len(set(uids)) == len(uids) == len(TEMPLATE.groups) + 1
+    # evidence: the SEG and the source images
+    evidence = {str(r.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    evidence |= {str(r.ReferencedSOPInstanceUID) for s in sr.get("PertinentOtherEvidenceSequence", [])
+                 for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    assert seg.SOPInstanceUID in evidence
+    assert {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in synth.files} <= evidence
+
+
+def test_without_slice_rule_the_group_is_left_out(analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
+    plain = Analysis(**{**analysis.__dict__, "slice_rule": None})
+    assert plain.result_json().get("slice_rule") is None
+    write_outputs(plain, out_dir=tmp_path, source_paths=synth.files, settings=OutputsSettings(key_images=False))
+    groups = groups_by_tracking_id(pydicom.dcmread(tmp_path / "sr.dcm"))
+    assert "Slice evidence rule" not in groups and "Right lung" in groups
+
+
+def test_rejected_series_gets_a_short_sr_saying_why(synth: Synth, tmp_path: Path) -> None:
+    reason = "gantry tilt of about 12.0 degrees (sheared slices) is not supported"
+    rejected = Analysis(status="rejected", series_instance_uid=synth.series_uid, reason=reason,
+                        qa=[QAFlag("gantry_tilt", "refuse", reason)])
+    objects = write_outputs(rejected, out_dir=tmp_path, source_paths=synth.files, settings=OutputsSettings())
+    assert [o.kind for o in objects] == ["sr"]
+    assert json.loads((tmp_path / "outputs.json").read_text())["objects"][0]["kind"] == "sr"
+    sr = pydicom.dcmread(tmp_path / "sr.dcm")
+    assert sr.StudyInstanceUID == synth.study_uid
+    groups = groups_by_tracking_id(sr)
+    assert list(groups) == [TEMPLATE.information_group]
+    info = groups[TEMPLATE.information_group]
+    st = TEMPLATE.statements
+    assert texts(info, code_of(st.reason)) == [reason]
+    assert texts(info, code_of(st.status)) == ["Analysis rejected"]
+    assert texts(info, code_of(st.disclaimer)) == [NOT_FOR_CLINICAL_USE]
+    (evaluation,) = [i for i in info if i.ValueType == "CODE" and concept(i) == code_of(st.refused_concept)]
+    assert concept(evaluation) == code_of(st.refused_concept)
+    assert evaluation.ConceptCodeSequence[0].CodeValue == st.refused_value.to_code().value
+    hd.sr.srread(tmp_path / "sr.dcm")  # highdicom reads it
+
+
+def test_no_source_images_no_objects(tmp_path: Path) -> None:
+    empty = Analysis(status="rejected", series_instance_uid="", reason="no DICOM images found")
+    assert write_outputs(empty, out_dir=tmp_path, source_paths=[], settings=OutputsSettings()) == []
+    assert json.loads((tmp_path / "outputs.json").read_text()) == {"objects": []}
+
+
+def test_new_revision_names_the_previous_sr(analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
+    settings = OutputsSettings(key_images=False, seg=False)
+    first = {o.kind: o for o in write_outputs(analysis, out_dir=tmp_path / "r1", source_paths=synth.files,
+                                              settings=settings)}
+    previous = predecessor_from(tmp_path / "r1")
+    assert previous is not None
+    second = {o.kind: o for o in write_outputs(analysis, out_dir=tmp_path / "r2", source_paths=synth.files,
+                                               settings=settings, revision=2, predecessor=previous)}
+    assert second["sr"].sop_instance_uid != first["sr"].sop_instance_uid
+    sr2 = pydicom.dcmread(tmp_path / "r2" / "sr.dcm")
+    (study,) = sr2.PredecessorDocumentsSequence
+    ref = study.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert study.StudyInstanceUID == synth.study_uid
+    assert study.ReferencedSeriesSequence[0].SeriesInstanceUID == first["sr"].series_instance_uid
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (SR_SOP_CLASS, first["sr"].sop_instance_uid)
+
+
+# -- templates -------------------------------------------------------------------------------------
+def shipped() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((TEMPLATES_DIR / "lung_ct_pneumonia.yaml").read_text())
+    return data
+
+
+@pytest.mark.parametrize(("edit", "field", "words"), [
+    (lambda d: d["groups"][0].update(colour="red"), "groups[0].colour", "unknown key"),
+    (lambda d: d["groups"][4]["measurements"][0].update(value="lung_volume_ml.middle"),
+     "groups[4].measurements[0].value", "unknown value"),
+    (lambda d: d["groups"][4]["measurements"][0].update(concept={"keyword": "SCT.Volumen"}),
+     "groups[4].measurements[0].concept", "not in pydicom's code dictionaries"),
+    (lambda d: d["groups"][4]["measurements"][0].update(unit={"code": "ml", "scheme": "SCT", "meaning": "ml"}),
+     "groups[4].measurements[0].unit", "UCUM"),
+    (lambda d: d["groups"][3]["evaluations"][0]["codes"].pop("no_pneumonia"), "groups[3].evaluations[0]",
+     "missing ['no_pneumonia']"),
+    (lambda d: d["groups"][4].update(segment="liver"), "groups[4].segment", "unknown segment"),
+    (lambda d: d["groups"][1].update(id="covid19_probability"), "groups", "unique"),
+    (lambda d: d["statements"].pop("disclaimer"), "statements.disclaimer", "Field required"),
+])
+def test_a_bad_template_names_the_field(tmp_path: Path, edit: Any, field: str, words: str) -> None:
+    data = shipped()
+    edit(data)
+    (tmp_path / "lung_ct_pneumonia.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(TemplateError) as info:
+        load_template("lung_ct_pneumonia", tmp_path)
+    line = next(line for line in str(info.value).splitlines() if line.strip().startswith(field + ":"))
+    assert words in line
+    # ... and stops start-up (config validation) with the same words
+    with pytest.raises(ConfigError, match="outputs") as cfg:
+        load_config(None, environ={"LUNGNODE_OUTPUTS__SR_TEMPLATES_DIR": str(tmp_path)})
+    assert field in str(cfg.value)
+
+
+def test_shipped_template_loads_and_a_missing_one_is_named(tmp_path: Path) -> None:
+    assert load_template("lung_ct_pneumonia").name == "lung_ct_pneumonia"
+    with pytest.raises(TemplateError, match="does not exist: set outputs.sr_template to one of"):
+        load_template("nope", tmp_path)
+
+
+# -- the worker publishes the objects of each revision ---------------------------------------------
+def add_job(sessions: sessionmaker[Session], *, series_id: int, revision: int) -> None:
+    with sessions() as s, s.begin():
+        s.add(Job(series_id=series_id, revision=revision, state=JobState.queued))
+
+
+def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
+        analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
+    config = Config.model_validate({"storage": {"spool_dir": str(tmp_path / "spool"),
+                                                "database_url": f"sqlite:///{tmp_path / 'ledger.sqlite'}"},
+                                    "outputs": {"key_image_count": 2}})
+    from node.db.session import upgrade_schema
+
+    worker = Worker(config, name="test")
+    upgrade_schema(worker.engine)
+    with worker.sessions() as s, s.begin():
+        study = Study(study_instance_uid=synth.study_uid)
+        series = Series(study=study, series_instance_uid=synth.series_uid, origin=SeriesOrigin.modality,
+                        state=SeriesState.complete, revision=2)
+        s.add_all([study, series])
+        s.flush()
+        for i, f in enumerate(synth.files):
+            s.add(Instance(series_id=series.id, sop_instance_uid=f"1.2.3.{i}", sop_class_uid="1.2", revision=1,
+                           transfer_syntax_uid="1.2", path=str(f), size_bytes=f.stat().st_size))
+        series_id = series.id
+    add_job(worker.sessions, series_id=series_id, revision=1)
+    add_job(worker.sessions, series_id=series_id, revision=2)
+    published = []
+    for _ in range(2):
+        job = worker.queue.claim()
+        assert job is not None
+        worker._finish(job, analysis)
+        published.append(results_dir(config, job.job_id))
+    first, second = published
+    for out in published:
+        names = sorted(p.name for p in out.iterdir())
+        assert names == ["key_image_1.dcm", "key_image_2.dcm", "outputs.json", "result.json", "seg.dcm", "sr.dcm"]
+        assert [o.file for o in read_manifest(out)] == ["seg.dcm", "sr.dcm", "key_image_1.dcm", "key_image_2.dcm"]
+    assert not list(first.parent.glob("*.attempt-*"))  # staging folders are gone
+    sr1 = {o.kind: o for o in read_manifest(first)}["sr"]
+    sr2 = pydicom.dcmread(second / "sr.dcm")
+    assert sr2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == sr1.sop_instance_uid
+    assert previous_sr(worker.sessions, series_id=series_id, revision=1,
+                       results_dir=lambda j: results_dir(config, j)) is None
+    with worker.sessions() as s:
+        assert [j.state for j in s.query(Job).order_by(Job.revision)] == [JobState.done, JobState.done]
+    worker.engine.dispose()
