@@ -1,4 +1,4 @@
-"""A private Orthanc (Debian's /usr/sbin/Orthanc) as a real PACS for tests.
+"""A private Orthanc (Debian's /usr/sbin/Orthanc, started by node.orthanc) as a real PACS for tests.
 
 Usage::
 
@@ -19,185 +19,25 @@ ends it with SIGTERM and waits. Skips (not fails) when Orthanc is not installed.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers.net import free_port
+from node.orthanc import ORTHANC_BIN, Modality, have_orthanc
+from node.orthanc import OrthancServer as _OrthancServer
 
-ORTHANC_BIN = Path("/usr/sbin/Orthanc")
-
-
-def have_orthanc() -> bool:
-    return os.access(ORTHANC_BIN, os.X_OK)
+__all__ = ["Modality", "OrthancFactory", "OrthancServer", "have_orthanc", "orthanc", "orthanc_factory"]
 
 
-@dataclass(frozen=True)
-class Modality:
-    """A DICOM peer Orthanc knows (``DicomModalities``): it pushes to it and accepts its requests.
+class OrthancServer(_OrthancServer):
+    """node.orthanc.OrthancServer that skips the test, instead of failing, when Orthanc is not installed."""
 
-    ``storage_commitment`` allows N-ACTION / N-EVENT-REPORT with it (Orthanc sends the commitment
-    report in a new association to this AE title, host and port).
-    """
-
-    ae_title: str
-    port: int
-    host: str = "127.0.0.1"
-    storage_commitment: bool = True
-
-    def entry(self) -> dict[str, Any]:
-        return {"AET": self.ae_title, "Host": self.host, "Port": self.port,
-                "AllowStorageCommitment": self.storage_commitment}
-
-
-class OrthancServer:
-    """One Orthanc process with its own folder, ports and configuration."""
-
-    def __init__(self, workdir: Path, *, ae_title: str = "ORTHANC", modalities: dict[str, Modality] | None = None,
-                 extra_config: dict[str, Any] | None = None) -> None:
-        """``extra_config`` is merged over the generated configuration (any Orthanc option, e.g.
-        ``{"AcceptedTransferSyntaxes": ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]}``)."""
-        self.workdir = workdir
-        self.ae_title = ae_title
-        self.modalities = dict(modalities or {})
-        self.extra_config = dict(extra_config or {})
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        self.config_path = workdir / "orthanc.json"
-        self.log_path = workdir / "orthanc.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def config(self) -> dict[str, Any]:
-        storage = self.workdir / "db"
-        cfg: dict[str, Any] = {
-            "Name": "TESTPACS", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
-            "DicomAet": self.ae_title, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomAssociationCloseDelay": 0,
-            "DicomCheckCalledAet": True, "DicomScuTimeout": 10, "StorageCompression": False, "SyncStorageArea": False,
-            "Plugins": [], "HttpThreadsCount": 4, "ConcurrentJobs": 2,
-            "DicomModalities": {name: m.entry() for name, m in self.modalities.items()},
-        }
-        cfg.update(self.extra_config)
-        return cfg
-
-    # -- lifecycle ------------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> OrthancServer:
-        """Write the config, start Orthanc and wait until its REST API answers."""
         if not have_orthanc():
             pytest.skip(f"Orthanc is not installed ({ORTHANC_BIN}; Debian package orthanc)")
-        assert self.proc is None, "already started"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
-        env = dict(os.environ, TCP_NODELAY="1")
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen([str(ORTHANC_BIN), str(self.config_path)], stdin=subprocess.DEVNULL,
-                                         stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"Orthanc exited {self.proc.returncode} at start:\n{self.log[-3000:]}")
-            try:
-                self.get("/system")
-                return self
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise AssertionError(f"Orthanc's REST API did not answer in {timeout:g} s:\n{self.log[-3000:]}")
-                time.sleep(0.1)
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM and wait (SIGKILL after ``timeout``); the exit code, None when not running."""
-        if self.proc is None:
-            return None
-        proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        return proc.returncode
-
-    def restart(self) -> None:
-        """Stop and start again with the same ports, config and storage (e.g. after changing modalities)."""
-        self.stop()
-        self.start()
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> OrthancServer:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
-
-    # -- REST -------------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
-                 timeout: float = 60.0) -> bytes:
-        req = urllib.request.Request(self.url + path, data=body, method=method)
-        if body is not None:
-            req.add_header("Content-Type", content_type)
-        with urllib.request.urlopen(req, timeout=timeout) as rsp:
-            return bytes(rsp.read())
-
-    def get(self, path: str) -> Any:
-        """GET ``path`` (e.g. ``/instances``) and parse the JSON answer."""
-        return json.loads(self._request("GET", path))
-
-    def post(self, path: str, payload: Any) -> Any:
-        """POST a JSON payload and parse the JSON answer."""
-        return json.loads(self._request("POST", path, json.dumps(payload).encode()) or b"null")
-
-    def instances(self) -> list[str]:
-        """Orthanc ids of all stored instances."""
-        return list(self.get("/instances"))
-
-    def sop_instance_uids(self) -> set[str]:
-        """SOP Instance UIDs of all stored instances."""
-        return {self.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in self.instances()}
-
-    def find_instance(self, sop_instance_uid: str) -> str | None:
-        """The Orthanc id of the instance with this SOP Instance UID, or None."""
-        found = self.post("/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": sop_instance_uid}})
-        return found[0] if found else None
-
-    def get_file(self, orthanc_id: str) -> bytes:
-        """The stored DICOM file (Part 10 bytes) of an instance."""
-        return self._request("GET", f"/instances/{orthanc_id}/file")
-
-    def metadata(self, orthanc_id: str, name: str) -> str:
-        """An instance's metadata item, e.g. ``TransferSyntax`` or ``RemoteAET``."""
-        return self._request("GET", f"/instances/{orthanc_id}/metadata/{name}").decode()
-
-    def upload(self, path: Path) -> dict[str, Any]:
-        """Store a DICOM file through REST (``POST /instances``); Orthanc's answer (ID, ParentStudy...)."""
-        return dict(json.loads(self._request("POST", "/instances", path.read_bytes(), "application/dicom")))
-
-    def push(self, modality: str, resources: list[str], *, timeout: float = 120.0) -> Any:
-        """C-STORE Orthanc resources (ids of studies, series or instances) to a configured modality and wait."""
-        body = json.dumps({"Resources": resources, "Synchronous": True}).encode()
-        return json.loads(self._request("POST", f"/modalities/{modality}/store", body, timeout=timeout) or b"null")
+        super().start(timeout)
+        return self
 
 
 OrthancFactory = Callable[..., OrthancServer]
