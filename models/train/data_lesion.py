@@ -130,37 +130,42 @@ def medseg_samples(items: list[MedsegItem], gmap: GrayMap, size: int) -> SliceSe
     return SliceSet(np.stack(xs), np.stack(ys), [f"medseg:{it.name}" for it in items])
 
 
-def phantom_spec_args(seed: int) -> dict:
-    """Random phantom parameters of a seed: kind, matrix, slices, thickness 1-5 mm, noise."""
+def phantom_spec_args(seed: int, kind: str | None = None, *, slices: int | None = None,
+                      matrix: int | None = None) -> dict:
+    """Random phantom parameters of a seed: kind, matrix, slices, thickness 1-5 mm, noise (overrides win)."""
     from node.synthetic.phantom import THICKNESSES
 
     rng = np.random.default_rng(20_000 + seed)
-    kind = str(rng.choice(list(KIND_P), p=list(KIND_P.values())))
-    return {"kind": kind, "slices": int(rng.integers(20, 33)), "matrix": int(rng.choice([192, 256, 320])),
+    drawn = str(rng.choice(list(KIND_P), p=list(KIND_P.values())))
+    args = {"kind": drawn, "slices": int(rng.integers(20, 33)), "matrix": int(rng.choice([192, 256, 320])),
             "slice_thickness_mm": float(rng.choice(THICKNESSES)), "noise_hu": float(rng.uniform(4.0, 60.0)),
             "seed": seed}
+    overrides = {"kind": kind, "slices": slices, "matrix": matrix}
+    return {**args, **{k: v for k, v in overrides.items() if v is not None}}
 
 
-def phantom_volume(seed: int, kind: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """One random phantom in canonical layout: (hu, lungs, lesions, spec args)."""
+def phantom_volume(seed: int, kind: str | None = None, *, slices: int | None = None, matrix: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """One random phantom in canonical layout: (hu, lungs, lesions, spec args + voxel_ml)."""
     from node.synthetic.phantom import PhantomSpec, make_phantom
 
-    args = phantom_spec_args(seed)
-    if kind is not None:
-        args["kind"] = kind
+    args = phantom_spec_args(seed, kind, slices=slices, matrix=matrix)
     ph = make_phantom(PhantomSpec(**args))
     args["voxel_ml"] = float(np.prod(ph.spacing_mm)) / 1000.0
     return ph.hu, ph.lungs, ph.lesions, args
 
 
-def phantom_lung_slices(seed: int, size: int, kind: str | None = None) -> SliceSet:
+def phantom_lung_slices(seed: int, size: int, kind: str | None = None, *, slices: int | None = None,
+                        matrix: int | None = None) -> SliceSet:
     """The slices of a phantom's 3D lung box that contain lung, at model size (cached on disk)."""
-    key = hashlib.sha1(json.dumps([seed, size, kind, phantom_spec_args(seed)]).encode()).hexdigest()[:12]
+    spec = phantom_spec_args(seed, kind, slices=slices, matrix=matrix)
+    key = hashlib.sha1(json.dumps([seed, size, kind, phantom_spec_args(seed)] + ([spec] if slices or matrix else [])
+                                  ).encode()).hexdigest()[:12]
     path = CACHE / f"phantom-{seed}-{size}-{key}.npz"
     if path.is_file():
         z = np.load(path)
         return SliceSet(z["x"].astype(np.float32), z["y"], [f"phantom{seed}:{k}" for k in z["k"]])
-    hu, lungs, lesions, _ = phantom_volume(seed, kind)
+    hu, lungs, lesions, _ = phantom_volume(seed, kind, slices=slices, matrix=matrix)
     box = lung_box(lungs > 0)
     keep = np.flatnonzero(lungs[box].any(axis=(1, 2)))
     s = to_samples(hu[box][keep], lesions[box][keep], size, f"phantom{seed}")
@@ -169,11 +174,11 @@ def phantom_lung_slices(seed: int, size: int, kind: str | None = None) -> SliceS
     return SliceSet(s.x, s.y, [f"phantom{seed}:{int(k)}" for k in keep + box[0].start])
 
 
-def phantom_samples(seeds: list[int], size: int, log=None) -> SliceSet:
-    """Samples from the phantoms of ``seeds``."""
+def phantom_samples(seeds: list[int], size: int, log=None, **spec: int | None) -> SliceSet:
+    """Samples from the phantoms of ``seeds`` (``spec``: slices / matrix overrides for small tests)."""
     sets = []
     for i, seed in enumerate(seeds):
-        sets.append(phantom_lung_slices(seed, size))
+        sets.append(phantom_lung_slices(seed, size, **spec))
         if log and (i + 1) % 10 == 0:
             log(f"  phantoms {i + 1}/{len(seeds)}")
     return concat(sets)

@@ -91,10 +91,12 @@ def torch_runner(model: UNet2D):
 
 
 def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: int, base: int, batch: int,
-        lr: float, reps: int, n_ph: int, crop: int = 0, log=print, fold_eval=None) -> tuple[UNet2D, list[dict[str, Any]]]:
-    """Train a fresh U-Net; per epoch log loss, held-out phantom Dice and the fold metric if given."""
+        lr: float, reps: int, n_ph: int, crop: int = 0, init: Path | None = None, log=print, fold_eval=None) -> tuple[UNet2D, list[dict[str, Any]]]:
+    """Train a U-Net (fresh, or from the ``init`` weights); per epoch log loss, held-out phantom Dice, fold metric."""
     seed_everything(seed)
     model = UNet2D(base)
+    if init is not None:
+        model.load_state_dict(torch.load(init, map_location="cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     per_epoch = len(med) * reps + n_ph
     steps = max(1, epochs * ((per_epoch + batch - 1) // batch))
@@ -145,7 +147,7 @@ def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, va
         med = medseg_samples(train_items, gmap, size)
         model, _ = fit(phantom, med, val, log=log, epochs=cfg["epochs"], seed=cfg["seed"], base=cfg["base"],
                        batch=cfg["batch"], lr=cfg["lr"], reps=cfg["reps"], n_ph=cfg["n_ph"], crop=cfg["crop"],
-                       fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
+                       init=cfg["init"], fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
         res = medseg_metrics(torch_runner(model), test_items, gmap, size)
         rows.append({"fold": f + 1, **{k2: round(v, 4) for k2, v in res.items()}})
         log(f"fold {f + 1}: {rows[-1]}")
@@ -199,8 +201,9 @@ def load_data(cfg: dict[str, Any], log=print) -> tuple[list[MedsegItem], GrayMap
     items = read_medseg_train() if cfg["medseg"] or cfg["cv"] else []
     gmap = calibrate(read_medseg_train()) if have else None
     seeds = list(range(cfg["seed"] * 1000, cfg["seed"] * 1000 + cfg["phantoms"]))
-    phantom = phantom_samples(seeds, cfg["size"], log=log)
-    val_sets = [phantom_lung_slices(s, cfg["size"], kind) for s, kind in val_seeds(cfg["val_phantoms"])]
+    small = {"slices": cfg["slices"], "matrix": cfg["matrix"]}
+    phantom = phantom_samples(seeds, cfg["size"], log=log, **small)
+    val_sets = [phantom_lung_slices(s, cfg["size"], kind, **small) for s, kind in val_seeds(cfg["val_phantoms"])]
     val = SliceSet(np.concatenate([v.x for v in val_sets]), np.concatenate([v.y for v in val_sets]),
                    [s for v in val_sets for s in v.source])
     return items, gmap, phantom, val
@@ -208,10 +211,15 @@ def load_data(cfg: dict[str, Any], log=print) -> tuple[list[MedsegItem], GrayMap
 
 def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val_phantoms: int = 6, size: int = 192,
           base: int = 8, batch: int = 16, lr: float = 3e-3, reps: int = 6, n_ph: int = 240, crop: int = 96,
-          medseg: bool = True, cv: int = 0, log=print) -> dict[str, Any]:
-    """Cross-validate (``cv`` > 0) or train, export and describe the model in ``out``."""
+          medseg: bool = True, cv: int = 0, slices: int | None = None, matrix: int | None = None,
+          init: Path | None = None, log=print) -> dict[str, Any]:
+    """Cross-validate (``cv`` > 0) or train, export and describe the model in ``out``.
+
+    ``slices`` / ``matrix`` fix the phantoms' size (small, fast test runs); by default each seed draws them.
+    """
     cfg = dict(epochs=epochs, seed=seed, phantoms=phantoms, val_phantoms=val_phantoms, size=size, base=base,
-               batch=batch, lr=lr, reps=reps, n_ph=n_ph, crop=crop, medseg=medseg, cv=cv)
+               batch=batch, lr=lr, reps=reps, n_ph=n_ph, crop=crop, medseg=medseg, cv=cv, slices=slices,
+               matrix=matrix, init=None if init is None else str(init))
     t0 = time.perf_counter()
     items, gmap, phantom, val = load_data(cfg, log)
     log(f"data: {len(phantom)} phantom slices ({phantoms} phantoms), {len(items)} MedSeg slices, "
@@ -226,7 +234,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
     med = medseg_samples(items, gmap, size) if items and gmap else SliceSet(np.zeros((0, size, size), np.float32),
                                                                      np.zeros((0, size, size), np.uint8), [])
     model, history = fit(phantom, med, val, epochs=epochs, seed=seed, base=base, batch=batch, lr=lr, reps=reps,
-                         n_ph=n_ph, crop=crop, log=log)
+                         n_ph=n_ph, crop=crop, init=init, log=log)
     onnx_path = out / "model.onnx"
     export_onnx(model, onnx_path, size)
     err = parity(model, onnx_path, val.x[:16])
@@ -240,6 +248,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
             "jpeg_window_hu": [round(v, 1) for v in gmap.window_hu()]},
         "validation": {"phantoms": val_phantoms, "phantom_seeds": [val_seeds(val_phantoms)[0][0],
                                                                   val_seeds(val_phantoms)[-1][0]]},
+        "init": None if init is None else "phantom pre-training (train_lesion --no-medseg), then this run",
         "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "medseg_reps_per_epoch": reps,
         "phantom_slices_per_epoch": n_ph, "train_crop": crop, "base_channels": base, "parameters": n_params(model),
         "loss": "cross-entropy + soft Dice (GGO, consolidation, infection)",
@@ -272,13 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop", type=int, default=96, help="training crop (0: whole lung box)")
     ap.add_argument("--no-medseg", action="store_true")
     ap.add_argument("--cv", type=int, default=0, help="k-fold cross-validation on MedSeg train instead of training")
+    ap.add_argument("--init", type=Path, default=None, help="start from these weights (phantom pre-training)")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     train(a.out, epochs=a.epochs, seed=a.seed, phantoms=a.phantoms, val_phantoms=a.val_phantoms, size=a.size,
           base=a.base, batch=a.batch, lr=a.lr, reps=a.medseg_reps, n_ph=a.phantom_slices, crop=a.crop, medseg=not a.no_medseg,
-          cv=a.cv, log=lambda s: print(s, flush=True))
+          cv=a.cv, init=a.init, log=lambda s: print(s, flush=True))
     return 0
 
 
