@@ -134,7 +134,8 @@ def _source_layout(volume: Volume, headers: Mapping[str, Dataset]) -> tuple[list
 
 def source_stack(volume: Volume, mask: np.ndarray, order: np.ndarray) -> np.ndarray:
     """A canonical (z, y, x) mask in the source pixel layout, stacked in the order of ``order``."""
-    out = mask[order]
+    identity = len(order) == mask.shape[0] and bool(np.all(order == np.arange(len(order))))
+    out = mask if identity else mask[order]  # a view, not a copy, for classic series
     if volume.flip_rows:
         out = out[:, ::-1, :]
     if volume.flip_cols:
