@@ -1,0 +1,74 @@
+"""``lungnode process DIR --out OUT`` writes SEG, SR and key images beside result.json and lists them in
+outputs.json (the sender's interface), with the tiny test models; a refused series gets its SR only;
+the same input gives the same UIDs on a second run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from node import MANUFACTURER
+from node.outputs.write import OUTPUTS_FILE
+from tests.helpers.faults import phantom, synth_series, write_scout
+from tests.helpers.node_proc import run_cli
+from tests.helpers.onnx_models import make_models_dir
+
+KEYS = {"kind", "file", "sop_class_uid", "sop_instance_uid", "series_instance_uid", "study_instance_uid",
+        "transfer_syntax_uid"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_models_dir(tmp_path_factory.mktemp("models"))
+
+
+def sr_text(path: Path) -> str:
+    """Every TEXT content item value of an SR, one per line."""
+    return "\n".join(str(e.value) for e in pydicom.dcmread(path).iterall() if e.keyword == "TextValue")
+
+
+def process(folder: Path, out: Path, models: Path) -> tuple[int, dict[str, Any], list[dict[str, str]]]:
+    proc = run_cli("process", folder, "--out", out, timeout=180,
+                   env={"LUNGNODE_INFERENCE__MODELS_DIR": str(models), "LUNGNODE_INFERENCE__DEVICE": "cpu"})
+    result = json.loads((out / "result.json").read_text())
+    listing = json.loads((out / OUTPUTS_FILE).read_text())
+    assert list(listing) == ["objects"]
+    for obj in listing["objects"]:
+        assert set(obj) == KEYS
+        assert (out / obj["file"]).is_file()
+    return proc.returncode, result, listing["objects"]
+
+
+def test_process_writes_the_objects_and_outputs_json(tmp_path: Path, models: Path) -> None:
+    series = synth_series(tmp_path / "in", phantom(slices=40, matrix=96, seed=2, variant="mixed"))
+    rc, result, objects = process(series.folder, tmp_path / "out", models)
+    assert rc == 0 and result["status"] == "ok"
+    assert [o["kind"] for o in objects] == ["seg", "sr", "key_image", "key_image", "key_image"]
+    for obj in objects:
+        ds = pydicom.dcmread(tmp_path / "out" / obj["file"], stop_before_pixels=True)
+        assert ds.StudyInstanceUID == obj["study_instance_uid"] == series.study_uid
+        assert ds.SOPInstanceUID == obj["sop_instance_uid"] and ds.SeriesInstanceUID == obj["series_instance_uid"]
+        assert ds.SOPClassUID == obj["sop_class_uid"]
+        assert ds.file_meta.TransferSyntaxUID == obj["transfer_syntax_uid"]
+        assert ds.Manufacturer == MANUFACTURER
+    seg = pydicom.dcmread(tmp_path / "out" / "seg.dcm", stop_before_pixels=True)
+    # segment algorithm identification comes from the test models' manifests
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == "lungnode-test-seg2d"
+    text = sr_text(tmp_path / "out" / "sr.dcm")
+    assert all(f"sha256 {m['sha256']}" in text for m in result["models"])
+
+    rc2, _, again = process(series.folder, tmp_path / "again", models)
+    assert rc2 == 0
+    assert [o["sop_instance_uid"] for o in again] == [o["sop_instance_uid"] for o in objects]
+
+
+def test_refused_folder_gets_its_sr_only(tmp_path: Path, models: Path) -> None:
+    write_scout(tmp_path / "scout" / "IM00001.dcm")
+    rc, result, objects = process(tmp_path / "scout", tmp_path / "out", models)
+    assert rc == 3 and result["status"] == "rejected"
+    assert [o["kind"] for o in objects] == ["sr"]
+    assert "not axial" in sr_text(tmp_path / "out" / "sr.dcm")
