@@ -14,18 +14,20 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
 from PIL import Image
 
+from models.train.lung_labels import label_lungs
 from node.config import OutputsSettings
 from node.outputs.codes import STRUCTURES
 from node.outputs.truth import analysis_from_series
 from node.outputs.write import WrittenObject, write_outputs
 from node.pipeline.runner import Analysis
-from node.pipeline.volume import QAFlag
+from node.pipeline.volume import QAFlag, load_volume
 from tests.helpers.faults import phantom, synth_series
 from tests.helpers.orthanc import OrthancServer, orthanc, orthanc_factory  # noqa: F401
 from tests.helpers.scu import send_files
@@ -195,3 +197,35 @@ def test_orthanc_accepts_the_jpeg_ls_fractional_seg(outputs: Outputs,
     [sent] = send_files(pacs.dicom_port, [outputs.path(outputs.fractional, "fractional")], called=pacs.ae_title)
     assert sent.status == 0x0000
     assert pacs.find_instance(outputs.fractional.sop_instance_uid) is not None
+
+
+# -- a real CT -----------------------------------------------------------------------------------
+def test_real_ct_outputs_validate_and_line_up(lidc_0001: Path, tmp_path: Path) -> None:
+    """LIDC-IDRI-0001 (GE, feet first): lungs from the documented classical labelling, a planted lesion."""
+    files = sorted(lidc_0001.rglob("*.dcm"))
+    volume = load_volume(files)
+    lungs = label_lungs(volume.hu, volume.spacing_mm).astype(np.uint8)
+    lesions = np.zeros_like(lungs)
+    zc, yc, xc = (int(v.mean()) for v in np.nonzero(lungs == 1))
+    z, y, x = np.ogrid[: lungs.shape[0], : lungs.shape[1], : lungs.shape[2]]
+    ball = ((z - zc) * volume.spacing_mm[0]) ** 2 + ((y - yc) * volume.spacing_mm[1]) ** 2 + \
+        ((x - xc) * volume.spacing_mm[2]) ** 2
+    lesions[(ball < 30.0**2) & (lungs > 0)] = 1
+    lesions[(ball < 12.0**2) & (lungs > 0)] = 2
+    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    analysis = analysis_from_series(files, lungs=lungs, lesions=lesions, series_instance_uid=series_uid)
+    objects = write_outputs(analysis, out_dir=tmp_path, source_paths=files, settings=OutputsSettings())
+    assert sorted({o.kind for o in objects}) == ["key_image", "seg", "sr"]
+    if DCIODVFY.is_file():
+        for obj in objects:
+            proc = subprocess.run([str(DCIODVFY), str(tmp_path / obj.file)], capture_output=True, text=True, timeout=120)
+            errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+            assert not errors, (obj.file, errors)
+    hseg = hd.seg.segread(tmp_path / "seg.dcm")
+    per_source = {f.sop_instance_uid: plane for f, plane in volume.to_source(lungs)}
+    uids = list(per_source)
+    arr = hseg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1, 2],
+                                             assert_missing_frames_are_empty=True)
+    for i, uid in enumerate(uids):
+        np.testing.assert_array_equal(arr[i, :, :, 0].astype(bool), per_source[uid] == 1)
+        np.testing.assert_array_equal(arr[i, :, :, 1].astype(bool), per_source[uid] == 2)
