@@ -265,6 +265,11 @@ class OutputsSettings(Strict):
     key_image_series_number: int = Field(default=9703, ge=1, le=2**31 - 1)
     key_image_series_description: DicomLO = "Key images (lungnode, not for clinical use)"
     key_image_count: int = Field(default=3, ge=1, le=12, description="most involved slices shown as key images")
+    sr_for_skipped_series: bool = Field(
+        default=False,
+        description="also write an SR for series the selection rules skip (scouts, other reconstructions); "
+        "series refused by the QA checks always get one",
+    )
     sr_template: str = Field(
         default="lung_ct_pneumonia", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
         description="name of the SR template (sr_templates/<name>.yaml, or one in sr_templates_dir)",

@@ -161,6 +161,12 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
     headers = {uid: ds for uid, ds in read_source_headers(source_paths).items()
                if str(ds.get("SeriesInstanceUID", "")) == analysis.series_instance_uid}
     objects: list[WrittenObject] = []
+    skipped = analysis.status == "rejected" and any(f.code.startswith("selection_") for f in analysis.qa)
+    if skipped and not settings.sr_for_skipped_series:
+        log.info(kv("outputs_skipped", series=analysis.series_instance_uid,
+                    reason="series skipped by the selection rules (outputs.sr_for_skipped_series is false)"))
+        write_manifest(out_dir, objects)
+        return objects
     if not headers:
         log.warning(kv("outputs_skipped", series=analysis.series_instance_uid or None,
                        reason="no source image of the series: outputs need its patient and study"))

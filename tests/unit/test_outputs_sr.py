@@ -305,3 +305,15 @@ def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
     with worker.sessions() as s:
         assert [j.state for j in s.query(Job).order_by(Job.revision)] == [JobState.done, JobState.done]
     worker.engine.dispose()
+
+
+def test_series_skipped_by_selection_get_an_sr_only_when_asked(synth: Synth, tmp_path: Path) -> None:
+    reason = "another series of the study is preferred (1.25 mm, kernel 'LUNG'): 1.2.3"
+    skipped = Analysis(status="rejected", series_instance_uid=synth.series_uid, reason=reason,
+                       qa=[QAFlag("selection_not_best", "refuse", reason)])
+    assert write_outputs(skipped, out_dir=tmp_path / "a", source_paths=synth.files, settings=OutputsSettings()) == []
+    assert json.loads((tmp_path / "a" / "outputs.json").read_text()) == {"objects": []}
+    [sr] = write_outputs(skipped, out_dir=tmp_path / "b", source_paths=synth.files,
+                         settings=OutputsSettings(sr_for_skipped_series=True))
+    info = groups_by_tracking_id(pydicom.dcmread(tmp_path / "b" / sr.file))[TEMPLATE.information_group]
+    assert texts(info, code_of(TEMPLATE.statements.reason)) == [reason]
