@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydicom.dataset import Dataset
 
@@ -233,10 +233,3 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
                 **{f"{k}_s": f"{v:.2f}" for k, v in timings.items()}))
     return objects
 
-
-def describe(objects: Sequence[WrittenObject]) -> dict[str, Any]:
-    """Counts per kind, for a log line or the CLI."""
-    counts: dict[str, int] = {}
-    for o in objects:
-        counts[o.kind] = counts.get(o.kind, 0) + 1
-    return counts
