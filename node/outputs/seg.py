@@ -158,16 +158,12 @@ class _Segmentation(hd.seg.Segmentation):
                 and pixel_array.shape[-1] == len(segment_numbers) > 1
                 and segmentation_type != hd.seg.SegmentationTypeValues.LABELMAP):
             return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
-        total = pixel_array[..., 0].copy()
-        for i in range(1, pixel_array.shape[-1]):
-            total += pixel_array[..., i]  # at most 4 segments: no uint8 overflow
-        if int(total.max(initial=0)) > 1 or any(int(pixel_array[..., i].max(initial=0)) > 1
-                                                for i in range(pixel_array.shape[-1])):
-            overlap = hd.seg.SegmentsOverlapValues.YES
-        else:
-            overlap = hd.seg.SegmentsOverlapValues.NO
         if int(pixel_array.max(initial=0)) > 1:
             raise ValueError("a binary segment stack must hold only 0 and 1")
+        total = pixel_array[..., 0].copy()
+        for i in range(1, pixel_array.shape[-1]):
+            total += pixel_array[..., i]  # values are 0/1 and segments few: no uint8 overflow
+        overlap = hd.seg.SegmentsOverlapValues.YES if int(total.max(initial=0)) > 1 else hd.seg.SegmentsOverlapValues.NO
         return pixel_array, overlap
 
 
