@@ -261,3 +261,26 @@ def test_missing_source_headers_are_an_error_that_says_what_to_do(hfs_case: Case
         build_seg(volume=hfs_case.analysis.volume, lungs=hfs_case.analysis.lungs,  # type: ignore[arg-type]
                   lesions=hfs_case.analysis.lesions, headers={}, specs=segment_specs(None, {}),  # type: ignore[arg-type]
                   uids=None, series_number=1, series_description="x")  # type: ignore[arg-type]
+
+
+def test_no_lesions_no_overlap_and_no_lungs_still_a_valid_seg(hfs_case: Case, tmp_path: Path) -> None:
+    a = hfs_case.analysis
+    assert a.lungs is not None and a.lesions is not None
+    clear = Analysis(**{**a.__dict__, "lesions": np.zeros_like(a.lesions)})
+    write_outputs(clear, out_dir=tmp_path / "clear", source_paths=hfs_case.files,
+                  settings=OutputsSettings(sr=False, key_images=False))
+    seg = pydicom.dcmread(tmp_path / "clear" / "seg.dcm")
+    assert seg.SegmentsOverlap == "NO"
+    numbers = {int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+               for fg in seg.PerFrameFunctionalGroupsSequence}
+    assert numbers == {1, 2} and len(seg.SegmentSequence) == 4  # empty segments described, without frames
+
+    empty = Analysis(**{**a.__dict__, "lesions": np.zeros_like(a.lesions), "lungs": np.zeros_like(a.lungs)})
+    objects = write_outputs(empty, out_dir=tmp_path / "empty", source_paths=hfs_case.files, settings=OutputsSettings())
+    assert [o.kind for o in objects] == ["seg", "sr"]  # no slice to show as a key image
+    hseg = hd.seg.segread(tmp_path / "empty" / "seg.dcm")
+    vol = a.volume
+    assert vol is not None
+    arr = hseg.get_pixels_by_source_instance(source_sop_instance_uids=[f.sop_instance_uid for f in vol.frames],
+                                             segment_numbers=[1, 2, 3, 4], assert_missing_frames_are_empty=True)
+    assert not arr.any()
