@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -73,8 +73,13 @@ class JobQueue:
             )
             return bool(getattr(result, "rowcount", 0))
 
-    def finish(self, job_id: int, state: JobState, *, error: str | None = None, timings: dict[str, Any] | None = None) -> bool:
-        """Record the outcome; False (and nothing written) if another worker owns the job now."""
+    def finish(self, job_id: int, state: JobState, *, error: str | None = None, timings: dict[str, Any] | None = None,
+               also: Callable[[Session], object] | None = None) -> bool:
+        """Record the outcome; False (and nothing written) if another worker owns the job now.
+
+        ``also`` runs in the same transaction once the job is known to be ours (e.g. queueing the
+        results for sending), so the outcome and what follows from it are committed together or not at all.
+        """
         if state not in (JobState.done, JobState.rejected, JobState.failed):
             raise ValueError(f"not a final state: {state}")
         with self.sessions.begin() as s:
@@ -89,6 +94,8 @@ class JobQueue:
                 return False
             job = s.get(Job, job_id)
             assert job is not None
+            if also is not None:
+                also(s)
             s.add(Event(kind=f"job_{state.value}", level="error" if state == JobState.failed else "info",
                         job_id=job_id, series_id=job.series_id, message=error or state.value, data=timings))
         log.info(kv(f"job_{state.value}", job=job_id, worker=self.worker, reason=error))

@@ -9,14 +9,17 @@ T = TypeVar("T")
 
 
 def wait_until(
-    predicate: Callable[[], T | None], *, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"
+    predicate: Callable[[], T | None], *, timeout: float = 10.0, interval: float = 0.05, what: str = "condition",
+    log: Callable[[], str] | None = None,
 ) -> T:
-    """Call ``predicate`` until it returns something truthy and return that; fail after ``timeout`` s."""
+    """Call ``predicate`` until it returns something truthy and return that; fail after ``timeout`` s
+    (with the text of ``log()``, e.g. the tail of a server's log, in the message)."""
     deadline = time.monotonic() + timeout
     last = predicate()
     while not last:
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last value: {last!r})")
+            tail = f"\n{log()}" if log else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last value: {last!r}){tail}")
         time.sleep(interval)
         last = predicate()
     return cast(T, last)
