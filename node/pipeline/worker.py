@@ -33,6 +33,7 @@ from node.pipeline.infer import get_model
 from node.pipeline.runner import Analysis, analyse_series
 from node.pipeline.select import SeriesHeader, Verdict, check, choose
 from node.pipeline.volume import QAFlag
+from node.send.outbox import enqueue_results
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,15 @@ class Worker:
         return verdicts[0]
 
     def _finish(self, job: Claimed, analysis: Analysis) -> None:
-        """Write result.json and the DICOM outputs into a staging folder, record the outcome, then
-        publish them, only if the job is still ours: objects first, outputs.json and result.json last."""
+        """Write result.json and the DICOM outputs, publish them, then record the outcome and queue the
+        objects for sending in one transaction, only if the job is still ours.
+
+        Publishing comes first so that a job recorded as done always has its files: a crash before the
+        outcome is recorded leaves the job to be run again, and the outputs are deterministic (same
+        series, revision and models give the same objects and UIDs), so a second run, or a stale
+        worker that lost the job, writes the same objects again. Objects are moved first, outputs.json
+        and result.json last (the sender and status readers look for those two).
+        """
         state = {"ok": JobState.done, "rejected": JobState.rejected, "failed": JobState.failed}[analysis.status]
         out = results_dir(self.config, job.job_id)
         staged = analysis.write(out.with_name(f"{out.name}.attempt-{job.attempt}"))
@@ -140,15 +148,19 @@ class Worker:
         write_outputs(analysis, out_dir=staged.parent, source_paths=paths, settings=self.config.outputs,
                       revision=job.revision, manifests=manifests_for(self.config.inference, analysis),
                       predecessor=predecessor)
-        last = [OUTPUTS_FILE, staged.name]  # the sender and status readers look for these two
+        last = [OUTPUTS_FILE, staged.name]
         names = sorted(f.name for f in staged.parent.iterdir() if f.name not in last) + last
-        if self.queue.finish(job.job_id, state, error=analysis.reason, timings=analysis.result_json()["timings_s"]):
-            out.mkdir(parents=True, exist_ok=True)
-            for name in names:
-                (staged.parent / name).replace(out / name)
-        for f in staged.parent.iterdir():
-            f.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (staged.parent / name).replace(out / name)
         staged.parent.rmdir()
+
+        def queue_for_sending(session: Session) -> None:
+            if self.config.destinations and (out / OUTPUTS_FILE).is_file():
+                enqueue_results(session, job_id=job.job_id, results_dir=out, destinations=self.config.destinations)
+
+        self.queue.finish(job.job_id, state, error=analysis.reason, timings=analysis.result_json()["timings_s"],
+                          also=queue_for_sending)
 
     def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
         interval = max(0.05, self.config.workers.lease_s / 4)
