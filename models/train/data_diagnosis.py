@@ -43,6 +43,7 @@ from node.pipeline.preprocess import lung_box, resize
 WINDOW = (-450.0, 1350.0)  # level, width
 SIZE = (64, 256, 256)  # D, H, W
 CHANNELS = ("ct", "lesion_map")
+POOL = (2, 4, 4)  # the model's first, fixed step: 2x4x4 average pooling -> 32 x 64 x 64
 CLASSES = ("covid19", "other_pneumonia", "no_pneumonia")
 KIND_CLASS = {"covid": 0, "pneumonia": 1, "normal": 2}
 CACHE = Path("/tmp/diag_cache")
@@ -61,6 +62,7 @@ class Case:
     lung: np.ndarray
     label: int
     meta: dict[str, Any]
+    ct_pooled: np.ndarray | None = None  # filled by training: pooled CT in [0, 1], computed once
 
 
 def model_input(hu: np.ndarray, lungs: np.ndarray, lesion_map: np.ndarray, *, size: tuple[int, int, int] = SIZE,
@@ -189,54 +191,81 @@ def build_cache(cache: Path, seeds: list[int], *, lidc_copies: int = 0, log: Any
 
 # ---------------------------------------------------------------- lesion-map degradation (training only)
 
-def _ball(r: int) -> tuple[int, int, int]:
-    return (r, r, max(0, r // 3))  # SimpleITK radius order x, y, z; grid voxels are ~4x longer in z
-
-
-def _morph(mask: np.ndarray, r: int) -> np.ndarray:
-    """Dilate (r > 0) or erode (r < 0) a binary grid mask in-plane (and a little in z)."""
-    if r == 0:
-        return mask
-    img = sitk.GetImageFromArray(mask.astype(np.uint8))
-    f = sitk.BinaryDilate if r > 0 else sitk.BinaryErode
-    return sitk.GetArrayFromImage(f(img, _ball(abs(r)))).astype(bool)
-
-
 def _drop_small(mask: np.ndarray, rng: np.random.Generator, max_voxels: int, p: float) -> np.ndarray:
     """Miss each component smaller than ``max_voxels`` with probability ``p`` (a model misses small lesions)."""
     cc = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
     sizes = np.bincount(cc.ravel())
     drop = [k for k in range(1, sizes.size) if sizes[k] < max_voxels and rng.random() < p]
-    return mask & ~np.isin(cc, drop) if drop else mask
+    if not drop:
+        return mask
+    keep = np.ones(sizes.size, dtype=bool)
+    keep[drop] = False
+    return mask & keep[cc]
 
 
 def _specks(shape: tuple[int, ...], lung: np.ndarray, rng: np.random.Generator, n: int,
             rmax: float) -> np.ndarray:
     """``n`` small ellipsoidal false positives centred inside the lungs."""
     out = np.zeros(shape, dtype=bool)
-    pts = np.argwhere(lung > 0)
-    if n == 0 or pts.size == 0:
-        return out
-    for z, y, x in pts[rng.integers(0, len(pts), n)]:
+    flat = rng.integers(0, lung.size, 64 * n)  # rejection sampling: cheaper than listing every lung voxel
+    flat = flat[lung.ravel()[flat] > 0][:n]
+    for z, y, x in zip(*np.unravel_index(flat, shape)):
         r = rng.uniform(1.0, rmax)
-        rz = max(1, int(round(r / 3)))
+        rz = int(round(r / 2))  # pooled voxels are about twice as long in z as in-plane
         ri = int(np.ceil(r))
-        zs, ys, xs = slice(max(0, z - rz), z + rz + 1), slice(max(0, y - ri), y + ri + 1), slice(max(0, x - ri), x + ri + 1)
+        zs, ys, xs = (slice(max(0, c - e), min(n, c + e + 1)) for c, e, n in zip((z, y, x), (rz, ri, ri), shape))
         zz, yy, xx = np.ogrid[zs, ys, xs]
         out[zs, ys, xs] |= ((yy - y) ** 2 + (xx - x) ** 2) / r**2 + ((zz - z) / max(rz, 0.5)) ** 2 <= 1.0
     return out & (lung > 0)
 
 
+def pool(x: np.ndarray, factor: tuple[int, int, int] = POOL) -> np.ndarray:
+    """Block mean of a [D, H, W] array over ``factor``: the model's fixed AvgPool3d, done in numpy.
+
+    Summed one axis at a time in integers for uint8/bool input (5x faster than one 6-axis mean).
+    """
+    d, h, w = x.shape
+    a, b, c = factor
+    acc = np.uint16 if x.dtype in (np.bool_, np.uint8) else np.float32
+    s = x.reshape(d // a, a, h, w).sum(1, dtype=acc)
+    s = s.reshape(d // a, h // b, b, w).sum(2, dtype=acc)
+    s = s.reshape(d // a, h // b, w // c, c).sum(3, dtype=acc)
+    return s.astype(np.float32) / np.float32(a * b * c)
+
+
+def unpool(x: np.ndarray, factor: tuple[int, int, int] = POOL) -> np.ndarray:
+    """Repeat each voxel over its 2x4x4 block: ``pool(unpool(x)) == x``, to feed a pooled map to the ONNX model."""
+    for axis, f in enumerate(factor):
+        x = np.repeat(x, f, axis=axis)
+    return x
+
+
+def _grey(x: np.ndarray, r: int) -> np.ndarray:
+    """Grey dilation (r > 0) or erosion (r < 0) of a pooled fraction map, one voxel in-plane."""
+    if r == 0:
+        return x
+    pad = np.pad(x, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    shifts = [pad[:, 1 + dy:1 + dy + x.shape[1], 1 + dx:1 + dx + x.shape[2]] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    return np.max(shifts, axis=0) if r > 0 else np.min(shifts, axis=0)
+
+
 def degrade_lesions(les: np.ndarray, lung: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Truth lesion fraction (uint8) -> a binary map like a lesion model's: eroded/dilated, misses, specks."""
-    mask = les >= rng.uniform(0.3, 0.7) * 255
-    mask = _morph(mask, int(rng.choice([-2, -1, 0, 0, 1, 2])))
-    if mask.any():
-        mask = _drop_small(mask, rng, max_voxels=int(rng.integers(20, 200)), p=float(rng.uniform(0.2, 0.8)))
-    mask |= _specks(les.shape, lung, rng, int(rng.poisson(4)), rmax=3.0)
+    """Truth lesion fraction (uint8, model grid) -> the pooled lesion_map a lesion model's mask would give.
+
+    Threshold at a random level and pool to 32x64x64, sometimes grow or shrink by one pooled voxel
+    (a model's masks are too big or too small), miss small components, add false-positive specks
+    inside the lungs. Returns float32 [D/2, H/4, W/4] in [0, 1], on the grid the network sees after its pooling.
+    """
+    frac = pool(les >= rng.uniform(0.3, 0.7) * 255)
+    frac = _grey(frac, int(rng.choice([-1, 0, 0, 0, 1])))
+    if frac.any() and rng.random() < 0.6:
+        frac = frac * _drop_small(frac > 0, rng, max_voxels=int(rng.integers(2, 25)), p=float(rng.uniform(0.2, 0.8)))
+    lung_p = pool(lung) > 0.5
+    specks = _specks(frac.shape, lung_p, rng, int(rng.poisson(3)), rmax=1.5)
     if rng.random() < 0.2:  # an occasional larger false positive (vessel cluster, atelectasis, nodule)
-        mask |= _specks(les.shape, lung, rng, int(rng.integers(1, 3)), rmax=7.0)
-    return mask.astype(np.float32)
+        specks |= _specks(frac.shape, lung_p, rng, int(rng.integers(1, 3)), rmax=3.0)
+    frac = np.maximum(frac, specks * np.float32(rng.uniform(0.3, 1.0)))
+    return frac.astype(np.float32)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 import yaml
 
-from models.train.data_diagnosis import CLASSES, Case, degrade_lesions, held_out_names, load_cases
+from models.train.data_diagnosis import CLASSES, Case, degrade_lesions, held_out_names, load_cases, unpool
 from node.pipeline import postprocess as post
 from node.pipeline.infer import Model, load_model
 from node.pipeline.preprocess import full_box, lung_box
@@ -76,7 +76,7 @@ def summary(probs: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
 
 def _lesion_channel(case: Case, mode: str, rng: np.random.Generator) -> np.ndarray:
     if mode == "degraded":
-        return degrade_lesions(case.les, case.lung, rng)
+        return unpool(degrade_lesions(case.les, case.lung, rng))  # pooled by the model back to this map
     if mode == "truth":
         return (case.les >= 128).astype(np.float32)
     return np.zeros(case.les.shape, dtype=np.float32)

@@ -6,10 +6,12 @@
 Input: [N, 2, 64, 256, 256] (ct windowed -450/1350, lesion_map) on the lung box, as the node's
 ``runner.classify`` builds it. Output: softmax over (covid19, other_pneumonia, no_pneumonia).
 
-Network (``DiagNet``): a non-overlapping strided stem (2x8x8 patches -> 32x32x32, 16 channels)
-keeps the CPU cost of training and inference low, three plain conv stages with stride 2, then
-global average *and* max pooling (a small focal lesion must not be averaged away) and one linear
-layer. About 0.18 M parameters, under 1 MB of ONNX (CARD.md has the measured CPU time).
+Network (``DiagNet``): a fixed 2x4x4 average pooling in the graph (64x256x256 -> 32x64x64, voxels
+of about 5 mm in-plane: lesion patterns are tens of mm), a 3x3x3 conv stem with stride 2, three plain conv stages
+with stride 2, then global average *and* max pooling (a small focal lesion must not be averaged
+away) and one linear layer. Training feeds the pooled inputs straight to the learned part (pooling
+in numpy once is the same operation), which makes CPU training about 10x cheaper. Small: under
+1 MB of ONNX (CARD.md has the parameter count and the measured CPU time).
 
 Data: phantom seeds 0..train-1 for training, train..train+val-1 for per-epoch validation (the
 held-out seeds 500000+ are only read by ``eval_diagnosis``), plus LIDC-IDRI-0001 copies as
@@ -37,17 +39,21 @@ from models.train.data_diagnosis import (
     CACHE,
     CHANNELS,
     CLASSES,
+    POOL,
     SIZE,
     WINDOW,
     Case,
     degrade_lesions,
     load_cases,
+    pool,
     train_names,
+    unpool,
 )
 from node.pipeline.manifest import file_sha256
 
 VERSION = "0.1.0"
 INPUT_NAME, OUTPUT_NAME = "x", "probs"
+BN_EPS = 1e-5  # torch BatchNorm default, used by DiagNet
 SNOMED = {
     "covid19": {"code": "840539006", "meaning": "COVID-19", "scheme": "SCT"},
     "other_pneumonia": {"code": "233604007", "meaning": "Pneumonia", "scheme": "SCT"},
@@ -64,23 +70,30 @@ def _stage(cin: int, cout: int) -> nn.Sequential:
 
 
 class DiagNet(nn.Module):
-    """[N, C, 64, 256, 256] -> [N, 3] softmax (logits with ``softmax=False``)."""
+    """[N, C, 64, 256, 256] -> [N, 3] softmax (logits with ``softmax=False``).
 
-    def __init__(self, channels: int = 2, base: int = 16, classes: int = 3, softmax: bool = True) -> None:
+    A fixed 2x4x4 average pooling comes first (in the graph, so the node feeds the full grid); the
+    learned part (``pooled_logits``) sees 32x64x64 and can be trained on pooled inputs directly.
+    """
+
+    def __init__(self, channels: int = 2, base: int = 8, classes: int = 3, softmax: bool = True) -> None:
         super().__init__()
-        # 2x8x8 patches: 64x256x256 -> 32x32x32 in one cheap step (most of the CPU cost of the net)
-        self.stem = nn.Sequential(nn.Conv3d(channels, base, (2, 8, 8), stride=(2, 8, 8), bias=False),
-                                  nn.BatchNorm3d(base), nn.ReLU(inplace=True))
+        self.pool = nn.AvgPool3d(POOL)
         c = (base, base * 3 // 2, base * 2, base * 3)
+        self.stem = nn.Sequential(nn.Conv3d(channels, c[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm3d(c[0]),
+                                  nn.ReLU(inplace=True))
         self.stages = nn.Sequential(_stage(c[0], c[1]), _stage(c[1], c[2]), _stage(c[2], c[3]))
         self.drop = nn.Dropout(0.2)
         self.head = nn.Linear(2 * c[3], classes)
         self.softmax = softmax
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.stages(self.stem(x))
+    def pooled_logits(self, xp: torch.Tensor) -> torch.Tensor:
+        f = self.stages(self.stem(xp))
         pooled = torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)
         return self.head(self.drop(pooled))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pooled_logits(self.pool(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.logits(x)
@@ -98,30 +111,42 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def case_input(case: Case, rng: np.random.Generator | None) -> np.ndarray:
-    """[2, D, H, W] float32 for one case: degraded lesion map (rng) or the exact truth (rng None)."""
-    ct = case.ct.astype(np.float32) / 255.0
-    les = degrade_lesions(case.les, case.lung, rng) if rng is not None else (case.les >= 128).astype(np.float32)
-    return np.stack([ct, les])
+def case_input(case: Case, rng: np.random.Generator) -> np.ndarray:
+    """[2, 32, 64, 64] float32 after the model's pooling: pooled CT and a freshly degraded lesion map."""
+    ct = case.ct_pooled if case.ct_pooled is not None else pool(case.ct) / 255.0
+    return np.stack([ct, degrade_lesions(case.les, case.lung, rng)])
+
+
+def full_input(case: Case, pooled: np.ndarray) -> np.ndarray:
+    """The [2, 64, 256, 256] model input whose pooling is ``pooled``'s lesion map (CT at full resolution)."""
+    return np.stack([case.ct.astype(np.float32) / 255.0, unpool(pooled[1])])
 
 
 def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Left-right mirror (label-invariant), CT gain/offset and noise; the lesion map is left binary."""
+    """Left-right mirror (label-invariant), CT gain/offset and noise; the lesion map is left as it is."""
     if rng.random() < 0.5:
         x = x[..., ::-1]
-    ct = x[0] * rng.uniform(0.93, 1.07) + rng.uniform(-0.04, 0.04)
-    ct = ct + rng.normal(0.0, rng.uniform(0.0, 0.03), size=ct.shape).astype(np.float32)
+    ct = x[0] * np.float32(rng.uniform(0.93, 1.07)) + np.float32(rng.uniform(-0.04, 0.04))
+    if rng.random() < 0.5:
+        ct = ct + np.float32(rng.uniform(0.0, 0.01)) * rng.standard_normal(ct.shape, dtype=np.float32)
     return np.stack([np.clip(ct, 0.0, 1.0), x[1]]).astype(np.float32)
 
 
-def predict(model: DiagNet, xs: list[np.ndarray], batch: int = 4) -> np.ndarray:
-    """Softmax probabilities [N, 3] in eval mode."""
+def predict_pooled(model: DiagNet, xs: list[np.ndarray], batch: int = 16) -> np.ndarray:
+    """Softmax probabilities [N, 3] in eval mode from pooled inputs."""
     model.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(xs), batch):
-            out.append(model(torch.from_numpy(np.stack(xs[i:i + batch]))).numpy())
+            out.append(torch.softmax(model.pooled_logits(torch.from_numpy(np.stack(xs[i:i + batch]))), 1).numpy())
     return np.concatenate(out)
+
+
+def predict(model: DiagNet, xs: list[np.ndarray]) -> np.ndarray:
+    """Softmax probabilities [N, 3] in eval mode from full-size inputs (the ONNX model's input)."""
+    model.eval()
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(x[None])).numpy() for x in xs])
 
 
 def _epoch(model: DiagNet, opt: torch.optim.Optimizer, sched: Any, cases: list[Case], rng: np.random.Generator,
@@ -133,7 +158,7 @@ def _epoch(model: DiagNet, opt: torch.optim.Optimizer, sched: Any, cases: list[C
         chunk = [cases[k] for k in order[i:i + batch]]
         xb = torch.from_numpy(np.stack([augment(case_input(c, rng), rng) for c in chunk]))
         yb = torch.tensor([c.label for c in chunk], dtype=torch.int64)
-        loss = F.cross_entropy(model.logits(xb), yb, label_smoothing=smoothing)
+        loss = F.cross_entropy(model.pooled_logits(xb), yb, label_smoothing=smoothing)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -166,6 +191,45 @@ def parity(model: DiagNet, onnx_path: Path, xs: list[np.ndarray], tol: float = 1
     if not err <= tol:
         raise RuntimeError(f"ONNX export parity failed: max |onnxruntime - torch| = {err:.2e} > {tol:g}")
     return err
+
+
+def torch_from_onnx(path: Path) -> DiagNet:
+    """The DiagNet holding the weights of an exported model.onnx, so the shipped file can be checked
+    against torch without shipping weights.pt (export folds each BatchNorm into its conv's bias; here
+    the BatchNorm becomes the identity that adds that bias)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+
+    def tensor(name: str) -> torch.Tensor:
+        while name in alias:
+            name = alias[name]
+        return torch.from_numpy(init[name].copy())
+
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    w0 = tensor(convs[0].input[1])
+    model = DiagNet(channels=int(w0.shape[1]), base=int(w0.shape[0])).eval()
+    mods = [m for m in model.modules() if isinstance(m, (nn.Conv3d, nn.BatchNorm3d))]
+    pairs = list(zip(mods[0::2], mods[1::2]))
+    if len(pairs) != len(convs):
+        raise ValueError(f"{path}: {len(convs)} Conv nodes, DiagNet has {len(pairs)} conv layers")
+    with torch.no_grad():
+        for (conv, bn), node in zip(pairs, convs):
+            conv.weight.copy_(tensor(node.input[1]))
+            bias = tensor(node.input[2])
+            n = int(bias.shape[0])
+            bn.load_state_dict({"weight": torch.ones(n), "bias": bias, "running_mean": torch.zeros(n),
+                                "running_var": torch.full((n,), 1.0 - BN_EPS),
+                                "num_batches_tracked": torch.tensor(0)})
+        gemm = next(n for n in graph.node if n.op_type == "Gemm")
+        w = tensor(gemm.input[1])
+        trans_b = any(a.name == "transB" and a.i == 1 for a in gemm.attribute)
+        model.head.weight.copy_(w if trans_b else w.T)
+        model.head.bias.copy_(tensor(gemm.input[2]))
+    return model
 
 
 def manifest(sha: str, training: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +265,7 @@ def _data(cache: Path, n_train: int, n_val: int, lidc_copies: int) -> tuple[list
 
 
 def train(out: Path, *, cache: Path = CACHE, epochs: int = 12, seed: int = 0, n_train: int = 270, n_val: int = 30,
-          lidc_copies: int = 8, batch: int = 6, lr: float = 3e-3, base: int = 16, smoothing: float = 0.05,
+          lidc_copies: int = 8, batch: int = 8, lr: float = 3e-3, base: int = 8, smoothing: float = 0.05,
           log: Log = print) -> dict[str, Any]:
     """Train, export, check parity and write the model folder; returns history, parity, model, val inputs."""
     seed_everything(seed)
@@ -210,6 +274,8 @@ def train(out: Path, *, cache: Path = CACHE, epochs: int = 12, seed: int = 0, n_
     n_lidc = sum(c.name.startswith("lidc") for c in cases)
     log(f"data: {len(cases)} training cases ({n_lidc} LIDC-IDRI-0001 copies), {len(val)} validation phantoms")
     val_rng = np.random.default_rng(7_000 + seed)
+    for c in cases + val:
+        c.ct_pooled = pool(c.ct) / 255.0
     val_x = [case_input(c, val_rng) for c in val]  # degraded once, fixed across epochs
     val_y = np.array([c.label for c in val])
     model = DiagNet(len(CHANNELS), base)
@@ -220,14 +286,14 @@ def train(out: Path, *, cache: Path = CACHE, epochs: int = 12, seed: int = 0, n_
     history = []
     for epoch in range(1, epochs + 1):
         loss = _epoch(model, opt, sched, cases, rng, batch, smoothing)
-        acc = accuracy(predict(model, val_x), val_y)
+        acc = accuracy(predict_pooled(model, val_x), val_y)
         history.append({"epoch": epoch, "loss": round(loss, 4), "val_accuracy": round(acc, 4)})
         log(f"epoch {epoch}/{epochs}: loss {loss:.4f}, val accuracy {acc:.3f}, {time.perf_counter() - t0:.0f} s")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / "model.onnx"
     export_onnx(model, onnx_path)
-    err = parity(model, onnx_path, val_x[:3])
+    err = parity(model, onnx_path, [full_input(c, x) for c, x in zip(val[:3], val_x[:3])])
     log(f"export parity: max |onnxruntime - torch| = {err:.2e}")
     training = {
         "data": {"phantom_seeds": [0, n_train - 1], "lidc_idri_0001_copies": n_lidc, "cases": len(cases),
@@ -261,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=270, help="training phantoms (seeds 0..N-1)")
     ap.add_argument("--val", type=int, default=30, help="validation phantoms (the next seeds)")
     ap.add_argument("--lidc-copies", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--base", type=int, default=16)
+    ap.add_argument("--base", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)
     if a.threads:
