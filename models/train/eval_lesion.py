@@ -18,6 +18,8 @@ cover):
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -123,15 +125,19 @@ def phantom_metrics(run: Runner, manifest: Any, n: int, log=print) -> dict[str, 
             "series": n, "seeds": [VAL_SEED0, VAL_SEED0 + n - 1]}
 
 
-def cpu_seconds(model: Any, n: int = 300) -> float:
-    """Wall time of ``n`` random lung-box slices at the model size through ``model.run_batched``."""
+def cpu_seconds(model: Any, n: int = 300) -> tuple[float, float]:
+    """Wall time and process CPU time of ``n`` lung-box slices at the model size through ``run_batched``.
+
+    On a shared machine the wall time depends on the other jobs; CPU time / threads is what the
+    model costs on otherwise idle cores.
+    """
     size = model.manifest.input.size
     x = np.random.default_rng(0).random((n, 1, size[0], size[1]), dtype=np.float32)
     batch = int(model.manifest.preprocessing.get("batch_size", 16))
     model.run_batched(x[:batch], batch)  # warm-up
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     model.run_batched(x, batch)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _r(d: dict[str, Any]) -> dict[str, Any]:
@@ -159,9 +165,12 @@ def evaluate(model_dir: Path, *, phantoms: int = 6, threads: int = 2, log=print)
         gmap = GrayMap(float(cal["lung_gray"]), float(cal["tissue_gray"]))
         out["medseg_test"] = _r(medseg_metrics(run, read_medseg(MEDSEG_TEST), gmap, size))
         log(f"MedSeg test split: {out['medseg_test']}")
-    secs = cpu_seconds(model)
-    out["cpu_onnxruntime_s_per_300_slices"] = {"threads": threads, "size": size, "seconds": round(secs, 2)}
-    log(f"onnxruntime CPU, {threads} threads, 300 slices {size}x{size}: {secs:.2f} s")
+    wall, cpu = cpu_seconds(model)
+    load = os.getloadavg()[0]
+    out["cpu_onnxruntime_300_slices"] = {"threads": threads, "size": size, "wall_s": round(wall, 2),
+                                         "cpu_s": round(cpu, 2), "load_average_1min": round(load, 1)}
+    log(f"onnxruntime CPU, {threads} threads, 300 slices {size}x{size}: wall {wall:.2f} s, process CPU {cpu:.2f} s "
+        f"(load average {load:.1f} on {os.cpu_count()} cores)")
     return out
 
 
@@ -179,8 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phantoms", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--update-manifest", action="store_true")
+    ap.add_argument("--cv", type=Path, default=None, help="cv.json of train_lesion --cv to store beside the metrics")
     a = ap.parse_args(argv)
     results = evaluate(a.model, phantoms=a.phantoms, threads=a.threads, log=lambda s: print(s, flush=True))
+    if a.cv is not None:
+        cv = json.loads(a.cv.read_text(encoding="utf-8"))
+        results["medseg_train_cv"] = {"folds": len(cv["folds"]), **cv["mean"],
+                                      "per_fold_infection_dice_mean": [f["infection_dice_mean"] for f in cv["folds"]]}
+        print(f"MedSeg train {len(cv['folds'])}-fold CV: {results['medseg_train_cv']}")
     if a.update_manifest:
         update_manifest(a.model, results)
     return 0

@@ -193,6 +193,17 @@ def parity(model: UNet2D, onnx_path: Path, x: np.ndarray, tol: float = 1e-4) -> 
     return err
 
 
+def pretraining_summary(init: Path | str | None) -> dict[str, Any] | None:
+    """What the ``init`` weights were trained on: the training section of their model.yaml, without history."""
+    if init is None:
+        return None
+    path = Path(init).parent / "model.yaml"
+    if not path.is_file():
+        return {"weights": Path(init).name}
+    done = yaml.safe_load(path.read_text(encoding="utf-8"))["training"]
+    return {k: v for k, v in done.items() if k not in ("history", "medseg_gray_map")}
+
+
 def load_data(cfg: dict[str, Any], log=print) -> tuple[list[MedsegItem], GrayMap | None, SliceSet, SliceSet]:
     """MedSeg training slices and their gray map (None without the data), training phantoms, held-out phantoms."""
     have = MEDSEG_TRAIN.is_dir()
@@ -248,7 +259,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
             "jpeg_window_hu": [round(v, 1) for v in gmap.window_hu()]},
         "validation": {"phantoms": val_phantoms, "phantom_seeds": [val_seeds(val_phantoms)[0][0],
                                                                   val_seeds(val_phantoms)[-1][0]]},
-        "init": None if init is None else "phantom pre-training (train_lesion --no-medseg), then this run",
+        "pretraining": pretraining_summary(init),
         "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "medseg_reps_per_epoch": reps,
         "phantom_slices_per_epoch": n_ph, "train_crop": crop, "base_channels": base, "parameters": n_params(model),
         "loss": "cross-entropy + soft Dice (GGO, consolidation, infection)",
