@@ -25,6 +25,7 @@ from node.outputs.seg import MODEL_NAME
 from node.outputs.uids import OutputUIDs
 from node.pipeline.runner import NOT_FOR_CLINICAL_USE
 from node.pipeline.volume import Volume
+from node.synthetic.preview import outline
 
 LUNG_WINDOW = (-600.0, 1500.0)  # level, width
 ALPHA = 0.45
@@ -56,15 +57,6 @@ def _window(hu: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    inner = mask.copy()
-    inner[1:, :] &= mask[:-1, :]
-    inner[:-1, :] &= mask[1:, :]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    return mask & ~inner
-
-
 @lru_cache(maxsize=4)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
@@ -81,7 +73,7 @@ def render(hu: np.ndarray, lungs: np.ndarray, lesions: np.ndarray, *, legend: Se
             m = lesions == s.value
             rgb[m] = (1 - ALPHA) * rgb[m] + ALPHA * tint
         else:
-            rgb[_outline(lungs == s.value)] = tint
+            rgb[outline(lungs == s.value)] = tint
     rows, cols = gray.shape
     size = max(9, min(16, cols // 40))
     font = _font(size)
