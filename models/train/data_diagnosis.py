@@ -20,7 +20,8 @@ Sources:
   arrays are already in the node's canonical orientation (z feet -> head, y anterior -> posterior,
   x patient right -> left), which ``load_volume`` produces for any patient position;
 * LIDC-IDRI-0001 as no_pneumonia, lungs by ``models.train.lung_labels.label_lungs``, several copies
-  with different lung-box margins. LIDC-IDRI-0002/0003 are validation only and never read here.
+  with different lung-box margins; its lesion map is the lesion model's output when one is given
+  (``--lesion-model``): real false positives on a real CT. LIDC-IDRI-0002/0003 are validation only and never read here.
 """
 
 from __future__ import annotations
@@ -127,8 +128,29 @@ def read_dicom_archive(archive: Path) -> tuple[np.ndarray, tuple[float, float, f
     return vol.hu, vol.spacing_mm
 
 
-def lidc_0001_cases(copies: int, archive: Path = LIDC_0001) -> list[Case]:
-    """LIDC-IDRI-0001 (no pneumonia) with classical lung labels, ``copies`` lung-box margins; [] if absent."""
+def lesion_model_mask(hu: np.ndarray, lungs: np.ndarray, spacing: tuple[float, float, float],
+                      model_dir: Path) -> np.ndarray:
+    """The lesion mask the node's lesion model gives for this CT (its false positives, on a CT without pneumonia)."""
+    from types import SimpleNamespace
+
+    from node.pipeline import postprocess as post
+    from node.pipeline.infer import load_model
+    from node.pipeline.runner import segment
+
+    model = load_model(model_dir, device="cpu", threads=2)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    vol = SimpleNamespace(hu=hu, shape=hu.shape, voxel_ml=voxel_ml)
+    raw = segment(vol, model, ("ground_glass_opacity", "consolidation"), lung_box(lungs > 0))  # type: ignore[arg-type]
+    min_ml = float(model.manifest.postprocessing.get("min_component_ml", 0.1))
+    return post.clean_lesions(raw, lungs, min_ml=min_ml, voxel_ml=voxel_ml)
+
+
+def lidc_0001_cases(copies: int, archive: Path = LIDC_0001, lesion_model: Path | None = None) -> list[Case]:
+    """LIDC-IDRI-0001 (no pneumonia) with classical lung labels, ``copies`` lung-box margins; [] if absent.
+
+    Its "truth" lesion map is empty, or, with ``lesion_model``, that model's output: real false
+    positives on a real CT, which the classifier must learn to call no_pneumonia.
+    """
     if any(f in str(archive).lower() for f in FORBIDDEN):
         raise ValueError(f"{archive} is validation data: never train on it")
     if not Path(archive).is_file():
@@ -137,10 +159,20 @@ def lidc_0001_cases(copies: int, archive: Path = LIDC_0001) -> list[Case]:
 
     hu, spacing = read_dicom_archive(archive)
     lungs = label_lungs(hu, spacing)
-    empty = np.zeros_like(lungs)
+    les = np.zeros_like(lungs) if lesion_model is None else lesion_model_mask(hu, lungs, spacing, lesion_model)
+    meta = {"source": "LIDC-IDRI-0001", "lungs": "label_lungs",
+            "lesions": "empty" if lesion_model is None else f"{lesion_model.name} {file_sha256_short(lesion_model)}",
+            "lesion_ml": round(float((les > 0).sum()) * float(np.prod(spacing)) / 1000.0, 1)}
     rng = np.random.default_rng(40_000)
-    return [_grid_case(f"lidc0001_{k}", hu, lungs, empty, KIND_CLASS["normal"], _margin(rng),
-                       {"source": "LIDC-IDRI-0001", "lungs": "label_lungs"}) for k in range(copies)]
+    return [_grid_case(f"lidc0001_{k}", hu, lungs, les, KIND_CLASS["normal"], _margin(rng), meta)
+            for k in range(copies)]
+
+
+def file_sha256_short(model_dir: Path) -> str:
+    """First 12 hex digits of a model folder's model.onnx hash, to record which model made a map."""
+    from node.pipeline.manifest import file_sha256
+
+    return file_sha256(model_dir / "model.onnx")[:12]
 
 
 def save_case(case: Case, cache: Path) -> Path:
@@ -173,12 +205,13 @@ def held_out_names(n: int) -> list[str]:
     return [f"phantom{s}" for s in range(HELD_OUT_SEED0, HELD_OUT_SEED0 + n)]
 
 
-def build_cache(cache: Path, seeds: list[int], *, lidc_copies: int = 0, log: Any = print) -> None:
+def build_cache(cache: Path, seeds: list[int], *, lidc_copies: int = 0, lesion_model: Path | None = None,
+                log: Any = print) -> None:
     """Render every missing case into ``cache`` (restartable: existing files are kept)."""
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if lidc_copies and not all((cache / f"lidc0001_{k}.npz").is_file() for k in range(lidc_copies)):
-        for case in lidc_0001_cases(lidc_copies):
+        for case in lidc_0001_cases(lidc_copies, lesion_model=lesion_model):
             save_case(case, cache)
         log(f"LIDC-IDRI-0001: {lidc_copies} copies, {time.perf_counter() - t0:.0f} s")
     for i, seed in enumerate(seeds):
@@ -274,11 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=240, help="training phantoms (seeds 0..N-1)")
     ap.add_argument("--held-out", type=int, default=60, help="held-out phantoms (seeds 500000+)")
     ap.add_argument("--lidc-copies", type=int, default=8)
+    ap.add_argument("--lesion-model", type=Path, default=None,
+                    help="model folder whose output is LIDC-IDRI-0001's lesion map (e.g. models/lesion_seg)")
     a = ap.parse_args(argv)
     held = list(range(HELD_OUT_SEED0, HELD_OUT_SEED0 + a.held_out))
     log = lambda s: print(s, flush=True)  # noqa: E731
     build_cache(a.cache, held, log=log)
-    build_cache(a.cache, list(range(a.train)), lidc_copies=a.lidc_copies, log=log)
+    build_cache(a.cache, list(range(a.train)), lidc_copies=a.lidc_copies, lesion_model=a.lesion_model, log=log)
     return 0
 
 

@@ -13,6 +13,9 @@ Prints, from the ONNX model only (no torch):
   (else empty); which one was used is printed;
 * the three BTBDB tuberculosis CTs (neither class): probabilities with their coarse lesion masks as
   the lesion map, and with the lesion model's masks when it loads;
+* with ``--chain N`` (needs ``models/lesion_seg``): the first N held-out phantoms re-rendered and run
+  through the node's chain (lung model, lesion model, ``classify``): the lesion map is then a real
+  lesion model's output;
 * CPU seconds per series on ``--threads`` threads: the whole ``classify`` step and the model alone.
 
 ``--write-metrics`` writes these numbers into the ``metrics`` section of model.yaml (the sha256 of
@@ -96,6 +99,26 @@ def held_out(model: Model, cases: list[Case], mode: str) -> tuple[dict[str, Any]
     return summary(np.stack(probs), truth), rows
 
 
+def held_out_node_chain(model: Model, seeds: list[int], lung_model: Model | None,
+                        lesion_model: Model) -> dict[str, Any]:
+    """Held-out phantoms re-rendered and run through the node's chain: lung model, lesion model, classify."""
+    from models.train.data_diagnosis import KIND_CLASS, phantom_spec_for
+    from node.synthetic.phantom import PhantomSpec, make_phantom
+
+    probs, truth = [], []
+    for seed in seeds:
+        fields = phantom_spec_for(seed)
+        ph = make_phantom(PhantomSpec(**fields))
+        vol: Any = SimpleNamespace(hu=ph.hu, shape=ph.hu.shape, spacing_mm=ph.spacing_mm,
+                              voxel_ml=float(np.prod(ph.spacing_mm)) / 1000.0)
+        lungs = lungs_for(vol, lung_model)[0] if lung_model is not None else ph.lungs
+        lesions, _ = lesions_for(vol, lungs, lesion_model)
+        p = classify(vol, lungs, lesions, model)
+        probs.append([p[c] for c in CLASSES])
+        truth.append(KIND_CLASS[fields["kind"]])
+    return summary(np.array(probs), np.array(truth))
+
+
 # ------------------------------------------------------------------ real CT
 
 def _try_model(name: str) -> Model | None:
@@ -106,13 +129,19 @@ def _try_model(name: str) -> Model | None:
         return None
 
 
+def _tag(model: Model) -> str:
+    """Which model made a mask: folder, version and short hash (sibling models change over time)."""
+    m = model.manifest
+    return f"models/{m.name} {m.version} sha256 {m.sha256[:12]}"
+
+
 def lungs_for(vol: Any, lung_model: Model | None) -> tuple[np.ndarray, str]:
     """Lung mask as the node computes it (lung model + cleaning), or the classical labeller without it."""
     if lung_model is not None:
         raw = segment(vol, lung_model, ("right_lung", "left_lung"), full_box(vol.shape))
         pp = lung_model.manifest.postprocessing
         return post.clean_lungs(raw, keep=int(pp.get("keep_largest_components", 1)),
-                                min_ml=float(pp.get("min_component_ml", 5.0)), voxel_ml=vol.voxel_ml), "models/lung_seg"
+                                min_ml=float(pp.get("min_component_ml", 5.0)), voxel_ml=vol.voxel_ml), _tag(lung_model)
     from models.train.lung_labels import label_lungs
 
     return label_lungs(vol.hu, vol.spacing_mm), "lung_labels.label_lungs"
@@ -124,7 +153,7 @@ def lesions_for(vol: Any, lungs: np.ndarray, lesion_model: Model | None) -> tupl
         return np.zeros(vol.shape, dtype=np.uint8), "empty (no lesion model)"
     raw = segment(vol, lesion_model, ("ground_glass_opacity", "consolidation"), lung_box(lungs > 0))
     mm = float(lesion_model.manifest.postprocessing.get("min_component_ml", 0.1))
-    return post.clean_lesions(raw, lungs, min_ml=mm, voxel_ml=vol.voxel_ml), "models/lesion_seg"
+    return post.clean_lesions(raw, lungs, min_ml=mm, voxel_ml=vol.voxel_ml), _tag(lesion_model)
 
 
 def _timed_classify(vol: Any, lungs: np.ndarray, lesions: np.ndarray, model: Model) -> tuple[dict[str, float], float]:
@@ -209,7 +238,7 @@ def model_wall_seconds(model: Model, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
-def evaluate(model_dir: Path, n_held_out: int, threads: int, cache: Path) -> dict[str, Any]:
+def evaluate(model_dir: Path, n_held_out: int, threads: int, cache: Path, chain: int = 0) -> dict[str, Any]:
     model = load_model(model_dir, device="cpu", threads=threads)
     cases = load_cases(cache, held_out_names(n_held_out))
     res: dict[str, Any] = {"held_out_phantoms": {}}
@@ -219,6 +248,10 @@ def evaluate(model_dir: Path, n_held_out: int, threads: int, cache: Path) -> dic
         if mode == "degraded":
             res["held_out_errors"] = [r for r in rows if r["true"] != r["pred"]]
     lung_model, lesion_model = _try_model("lung_seg"), _try_model("lesion_seg")
+    if chain and lesion_model is not None:
+        seeds = [int(n.removeprefix("phantom")) for n in held_out_names(chain)]
+        res["held_out_phantoms"]["node_chain_lung_and_lesion_models"] = held_out_node_chain(
+            model, seeds, lung_model, lesion_model)
     res["real_ct_no_pneumonia"] = real_ct(model, lung_model, lesion_model)
     res["tb_confounders"] = tb_cases(model, lung_model, lesion_model)
     res["cpu"] = {"threads": threads, "model_run_cpu_s": round(model_cpu_seconds(model), 3),
@@ -237,6 +270,7 @@ def write_metrics(model_dir: Path, res: dict[str, Any]) -> None:
                                **held},
         "held_out_synthetic_truth_lesion_map": res["held_out_phantoms"]["lesion_map_truth"],
         "held_out_synthetic_empty_lesion_map": res["held_out_phantoms"]["lesion_map_empty"],
+        "held_out_synthetic_node_chain": res["held_out_phantoms"].get("node_chain_lung_and_lesion_models"),
         "real_ct_no_pneumonia": {k: {"call": v["call"], "probabilities": v["probabilities"], "lungs": v["lungs"],
                                      "lesions": v["lesions"]} for k, v in res["real_ct_no_pneumonia"].items()},
         "tb_confounders": res["tb_confounders"],
@@ -253,9 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--held-out", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=CACHE)
+    ap.add_argument("--chain", type=int, default=0,
+                    help="also re-render this many held-out phantoms and run lung + lesion models + classify")
     ap.add_argument("--write-metrics", action="store_true")
     a = ap.parse_args(argv)
-    res = evaluate(a.model, a.held_out, a.threads, a.cache)
+    res = evaluate(a.model, a.held_out, a.threads, a.cache, a.chain)
     print(json.dumps(res, indent=1))
     if a.write_metrics:
         write_metrics(a.model, res)

@@ -272,6 +272,7 @@ def train(out: Path, *, cache: Path = CACHE, epochs: int = 12, seed: int = 0, n_
     t0 = time.perf_counter()
     cases, val = _data(cache, n_train, n_val, lidc_copies)
     n_lidc = sum(c.name.startswith("lidc") for c in cases)
+    lidc_meta = next((c.meta for c in cases if c.name.startswith("lidc")), {})
     log(f"data: {len(cases)} training cases ({n_lidc} LIDC-IDRI-0001 copies), {len(val)} validation phantoms")
     val_rng = np.random.default_rng(7_000 + seed)
     for c in cases + val:
@@ -297,7 +298,8 @@ def train(out: Path, *, cache: Path = CACHE, epochs: int = 12, seed: int = 0, n_
     log(f"export parity: max |onnxruntime - torch| = {err:.2e}")
     training = {
         "data": {"phantom_seeds": [0, n_train - 1], "lidc_idri_0001_copies": n_lidc, "cases": len(cases),
-                 "lidc_lungs": "models.train.lung_labels.label_lungs", "cache": "models.train.data_diagnosis"},
+                 "lidc_lungs": "models.train.lung_labels.label_lungs", "cache": "models.train.data_diagnosis",
+                 "lidc_lesion_map": lidc_meta.get("lesions", "empty"), "lidc_lesion_ml": lidc_meta.get("lesion_ml", 0.0)},
         "validation": {"phantom_seeds": [n_train, n_train + n_val - 1], "accuracy_last_epoch": history[-1]["val_accuracy"]},
         "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "base_channels": base, "label_smoothing": smoothing,
         "parameters": n_params(model),
