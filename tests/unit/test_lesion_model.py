@@ -63,7 +63,7 @@ def test_clear_lungs_get_few_false_lesions(model: Model) -> None:
     hu, lungs, lesions, args = phantom_volume(TEST_SEED0 + 2, "normal", slices=16, matrix=192)
     assert not lesions.any()
     pred = phantom_series_labels(_run(model), hu, lungs, model.manifest, args["voxel_ml"])
-    # measured 3.0 % of the lung volume on this series (known limit, see CARD.md); a broken model labels far more
+    # measured 3.3 % of the lung volume on this series (known limit, see CARD.md); a broken model labels far more
     assert (pred > 0).sum() <= 0.05 * (lungs > 0).sum()
 
 
