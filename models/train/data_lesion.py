@@ -174,11 +174,12 @@ def phantom_lung_slices(seed: int, size: int, kind: str | None = None, *, slices
     return SliceSet(s.x, s.y, [f"phantom{seed}:{int(k)}" for k in keep + box[0].start])
 
 
-def phantom_samples(seeds: list[int], size: int, log=None, **spec: int | None) -> SliceSet:
-    """Samples from the phantoms of ``seeds`` (``spec``: slices / matrix overrides for small tests)."""
+def phantom_samples(seeds: list[int], size: int, log=None, *, slices: int | None = None,
+                    matrix: int | None = None) -> SliceSet:
+    """Samples from the phantoms of ``seeds`` (``slices`` / ``matrix``: overrides for small tests)."""
     sets = []
     for i, seed in enumerate(seeds):
-        sets.append(phantom_lung_slices(seed, size, **spec))
+        sets.append(phantom_lung_slices(seed, size, slices=slices, matrix=matrix))
         if log and (i + 1) % 10 == 0:
             log(f"  phantoms {i + 1}/{len(seeds)}")
     return concat(sets)

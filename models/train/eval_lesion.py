@@ -110,7 +110,7 @@ def phantom_series_labels(run: Runner, hu: np.ndarray, lungs: np.ndarray, manife
     return clean_lesions(raw, lungs, min_ml=min_ml, voxel_ml=voxel_ml)
 
 
-def phantom_metrics(run: Runner, manifest: Any, n: int, log=print) -> dict[str, float]:
+def phantom_metrics(run: Runner, manifest: Any, n: int, log=print) -> dict[str, Any]:
     """Pooled Dice over ``n`` held-out phantoms (regenerated from their seeds)."""
     pooled = DiceSum()
     for seed, kind in val_seeds(n):
