@@ -30,7 +30,7 @@ from models.train.data_lung import LUNG_WINDOW, SliceSet, augment, concat, lidc_
 from models.train.unet2d import UNet2D, export_onnx, n_params
 from node.pipeline.manifest import file_sha256
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 VAL_SEED0 = 100_000
 
 
@@ -160,7 +160,7 @@ def train(out: Path, *, epochs: int = 10, seed: int = 0, phantoms: int = 16, val
     training = {
         "data": {"phantoms": phantoms, "phantom_seeds": [train_seeds[0], train_seeds[-1]], "slices_per_phantom": slices,
                  "lidc_idri_0001": lidc_set is not None, "lidc_labels": "models.train.lung_labels.label_lungs",
-                 "slices": len(data)},
+                 "slices": len(data), "every_nth_slice": every},
         "validation": {"phantoms": val_phantoms, "phantom_seeds": [val_seeds[0], val_seeds[-1]]},
         "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "base_channels": base, "parameters": n_params(model),
         "augmentation": "flip left-right with label swap, scale +-12%, rotation +-10 deg, gain/offset, noise",
