@@ -12,6 +12,15 @@ A case is cached on the model grid (``/tmp/diag_cache`` by default, one ``.npz``
   ``degrade_lesions`` to look like a lesion model's output (the node feeds the lesion model's mask);
 * ``lung``: the lung mask on the grid (used to place false-positive specks inside the lungs).
 
+Chain maps (``--chain``, a second folder, ``/tmp/diag_chain`` by default): the lesion map the node's
+own chain gives for the same case, on the same grid: ``models/lesion_seg`` run as the node runs it
+(``runner.segment_lesions``) with lungs from ``runner.segment_lungs`` (``models/lung_seg``) or, for
+phantoms with ``--chain-phantom-lungs truth``, the phantom's truth lungs (the lesion model is then run
+on the truth lung box and cleaned inside the truth lungs). A phantom's chain file holds only ``les``
+(the node's binary lesion mask resized linearly, fraction x 255) and is attached to the cached case
+as ``Case.les_chain``; LIDC-IDRI-0001 chain copies are whole cases (lungs and lung box from the lung
+model, as in the node; empty truth, the lesion model's false positives as ``les_chain``).
+
 Sources:
 
 * synthetic phantoms (``node.synthetic``), class by kind (covid -> covid19, pneumonia ->
@@ -48,6 +57,7 @@ POOL = (2, 4, 4)  # the model's first, fixed step: 2x4x4 average pooling -> 32 x
 CLASSES = ("covid19", "other_pneumonia", "no_pneumonia")
 KIND_CLASS = {"covid": 0, "pneumonia": 1, "normal": 2}
 CACHE = Path("/tmp/diag_cache")
+CHAIN = Path("/tmp/diag_chain")
 LIDC_0001 = Path("/work/shared/data/lidc-idri-0001-ct.tar.xz")
 FORBIDDEN = ("lidc-idri-0002", "lidc-idri-0003")
 HELD_OUT_SEED0 = 500_000  # held-out phantom seeds start here; training seeds are 0..N-1
@@ -64,6 +74,7 @@ class Case:
     label: int
     meta: dict[str, Any]
     ct_pooled: np.ndarray | None = None  # filled by training: pooled CT in [0, 1], computed once
+    les_chain: np.ndarray | None = None  # the node chain's lesion map on the same grid (uint8 fraction x 255)
 
 
 def model_input(hu: np.ndarray, lungs: np.ndarray, lesion_map: np.ndarray, *, size: tuple[int, int, int] = SIZE,
@@ -222,6 +233,126 @@ def build_cache(cache: Path, seeds: list[int], *, lidc_copies: int = 0, lesion_m
             log(f"cached phantom {seed} ({i + 1}/{len(seeds)}), {time.perf_counter() - t0:.0f} s")
 
 
+# ---------------------------------------------------------------- lesion maps from the node's own chain
+
+def _chain_volume(hu: np.ndarray, spacing: tuple[float, float, float]) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(hu=hu, shape=hu.shape, spacing_mm=spacing, voxel_ml=float(np.prod(spacing)) / 1000.0)
+
+
+def load_chain_models(lesion_model: Path, lung_model: Path | None) -> tuple[Any, Any]:
+    """(lesion model, lung model or None) loaded as the node loads them (hash checked), 2 threads."""
+    from node.pipeline.infer import load_model
+
+    les = load_model(lesion_model, device="cpu", threads=2)
+    return les, (load_model(lung_model, device="cpu", threads=2) if lung_model is not None else None)
+
+
+def phantom_chain_map(seed: int, lesion_model: Any, lung_model: Any | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The node chain's lesion map of phantom ``seed`` on the grid of its cached case (uint8 fraction x 255).
+
+    Lungs from the lung model (``segment_lungs``) when one is given, else the phantom's truth lungs;
+    lesions from ``segment_lesions``. The grid is the cached case's (truth lung box, same margin), so the
+    map lines up with the cached CT channel.
+    """
+    from node.pipeline.runner import segment_lesions, segment_lungs
+    from node.synthetic.phantom import PhantomSpec, make_phantom
+
+    ph = make_phantom(PhantomSpec(**phantom_spec_for(seed)))
+    vol = _chain_volume(ph.hu, ph.spacing_mm)
+    lungs = segment_lungs(vol, lung_model) if lung_model is not None else ph.lungs
+    lesions = segment_lesions(vol, lungs, lesion_model)
+    box = lung_box(ph.lungs > 0, _margin(np.random.default_rng(30_000 + seed)))
+    les = resize((lesions[box] > 0).astype(np.float32), SIZE, linear=True)
+    meta = {"lungs": "model" if lung_model is not None else "truth",
+            "chain_lesion_ml": round(float((lesions > 0).sum()) * vol.voxel_ml, 1),
+            "truth_lesion_ml": round(float((ph.lesions > 0).sum()) * vol.voxel_ml, 1)}
+    return np.round(np.clip(les, 0.0, 1.0) * 255.0).astype(np.uint8), meta
+
+
+def lidc_0001_chain_cases(copies: int, lesion_model: Any, lung_model: Any, archive: Path = LIDC_0001) -> list[Case]:
+    """LIDC-IDRI-0001 (no pneumonia) through the node's chain: lungs and lung box from the lung model,
+    ``les_chain`` = the lesion model's mask (its false positives), empty truth; ``copies`` box margins."""
+    if any(f in str(archive).lower() for f in FORBIDDEN):
+        raise ValueError(f"{archive} is validation data: never train on it")
+    if not Path(archive).is_file():
+        return []
+    from node.pipeline.runner import segment_lesions, segment_lungs
+
+    hu, spacing = read_dicom_archive(archive)
+    vol = _chain_volume(hu, spacing)
+    lungs = segment_lungs(vol, lung_model)
+    lesions = segment_lesions(vol, lungs, lesion_model)
+    tag = lambda m: f"models/{m.manifest.name} {m.manifest.version} sha256 {m.manifest.sha256[:12]}"  # noqa: E731
+    meta = {"source": "LIDC-IDRI-0001", "lungs": tag(lung_model),
+            "lesions": f"truth empty; chain map {tag(lesion_model)}",
+            "chain_lesion_ml": round(float((lesions > 0).sum()) * vol.voxel_ml, 1)}
+    rng = np.random.default_rng(40_000)
+    out = []
+    for k in range(copies):
+        margin = _margin(rng)
+        case = _grid_case(f"lidc0001_{k}", hu, lungs, lesions, KIND_CLASS["normal"], margin, meta)
+        case.les_chain, case.les = case.les, np.zeros_like(case.les)
+        out.append(case)
+    return out
+
+
+def save_chain_case(case: Case, chain: Path) -> Path:
+    """A whole chain case (LIDC): ``les`` is the empty truth, ``les_chain`` the lesion model's map."""
+    if case.les_chain is None:
+        raise ValueError(f"{case.name} has no chain lesion map")
+    path = chain / f"{case.name}.npz"
+    tmp = chain / f".{case.name}.tmp.npz"
+    np.savez(tmp, ct=case.ct, les=case.les, les_chain=case.les_chain, lung=case.lung, label=np.int64(case.label),
+             meta=np.array(json.dumps(case.meta)))
+    tmp.rename(path)
+    return path
+
+
+def attach_chain(cases: list[Case], chain: Path) -> list[Case]:
+    """Cases with the chain's lesion map where ``chain`` has one (whole LIDC chain cases replace theirs)."""
+    out = []
+    for case in cases:
+        path = chain / f"{case.name}.npz"
+        if not path.is_file():
+            out.append(case)
+            continue
+        with np.load(path) as z:
+            if "ct" in z:
+                case = Case(case.name, z["ct"], z["les"], z["lung"], int(z["label"]), json.loads(str(z["meta"])))
+            else:
+                case.meta = {**case.meta, "chain": json.loads(str(z["meta"]))}
+            case.les_chain = z["les_chain"] if "les_chain" in z else z["les"]
+        out.append(case)
+    return out
+
+
+def build_chain(chain: Path, seeds: list[int], *, lesion_model: Path, lung_model: Path | None,
+                phantom_lungs: str = "truth", lidc_copies: int = 0, log: Any = print) -> None:
+    """Chain lesion maps for every phantom seed (and LIDC-IDRI-0001 copies) missing in ``chain`` (restartable)."""
+    chain.mkdir(parents=True, exist_ok=True)
+    les_model, lung = load_chain_models(lesion_model, lung_model)
+    t0 = time.perf_counter()
+    if lidc_copies and not all((chain / f"lidc0001_{k}.npz").is_file() for k in range(lidc_copies)):
+        if lung is None:
+            raise ValueError("LIDC-IDRI-0001 chain cases need the lung model (--chain-lung-model)")
+        for case in lidc_0001_chain_cases(lidc_copies, les_model, lung):
+            save_chain_case(case, chain)
+        log(f"LIDC-IDRI-0001 chain: {lidc_copies} copies, {time.perf_counter() - t0:.0f} s")
+    for i, seed in enumerate(seeds):
+        path = chain / f"phantom{seed}.npz"
+        if path.is_file():
+            continue
+        les, meta = phantom_chain_map(seed, les_model, lung if phantom_lungs == "model" else None)
+        meta["lesion_model"] = f"{lesion_model.name} {file_sha256_short(lesion_model)}"
+        tmp = chain / f".phantom{seed}.tmp.npz"
+        np.savez(tmp, les=les, meta=np.array(json.dumps(meta)))
+        tmp.rename(path)
+        if i % 10 == 0:
+            log(f"chain phantom {seed} ({i + 1}/{len(seeds)}), {time.perf_counter() - t0:.0f} s")
+
+
 # ---------------------------------------------------------------- lesion-map degradation (training only)
 
 def _drop_small(mask: np.ndarray, rng: np.random.Generator, max_voxels: int, p: float) -> np.ndarray:
@@ -309,9 +440,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lidc-copies", type=int, default=8)
     ap.add_argument("--lesion-model", type=Path, default=None,
                     help="model folder whose output is LIDC-IDRI-0001's lesion map (e.g. models/lesion_seg)")
+    ap.add_argument("--chain", action="store_true",
+                    help="instead: the node chain's lesion maps for the training phantoms and LIDC-IDRI-0001")
+    ap.add_argument("--chain-dir", type=Path, default=CHAIN)
+    ap.add_argument("--chain-lesion-model", type=Path, default=Path("models/lesion_seg"))
+    ap.add_argument("--chain-lung-model", type=Path, default=Path("models/lung_seg"))
+    ap.add_argument("--chain-phantom-lungs", choices=("truth", "model"), default="truth",
+                    help="lungs for the phantoms' lesion model run: truth (faster) or the lung model")
+    ap.add_argument("--chain-first", type=int, default=0, help="first training seed of the chain maps")
     a = ap.parse_args(argv)
-    held = list(range(HELD_OUT_SEED0, HELD_OUT_SEED0 + a.held_out))
     log = lambda s: print(s, flush=True)  # noqa: E731
+    if a.chain:
+        build_chain(a.chain_dir, list(range(a.chain_first, a.train)), lesion_model=a.chain_lesion_model,
+                    lung_model=a.chain_lung_model, phantom_lungs=a.chain_phantom_lungs, lidc_copies=a.lidc_copies,
+                    log=log)
+        return 0
+    held = list(range(HELD_OUT_SEED0, HELD_OUT_SEED0 + a.held_out))
     build_cache(a.cache, held, log=log)
     build_cache(a.cache, list(range(a.train)), lidc_copies=a.lidc_copies, lesion_model=a.lesion_model, log=log)
     return 0

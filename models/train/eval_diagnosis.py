@@ -70,8 +70,9 @@ def confusion(truth: np.ndarray, pred: np.ndarray, k: int = 3) -> list[list[int]
 
 def summary(probs: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     pred = probs.argmax(1)
-    return {"n": int(truth.size), "accuracy": round(float((pred == truth).mean()), 4),
-            "auc_ovr": {c: round(auc(probs[:, i], truth == i), 4) for i, c in enumerate(CLASSES)},
+    aucs = {c: round(auc(probs[:, i], truth == i), 4) for i, c in enumerate(CLASSES)}
+    return {"n": int(truth.size), "accuracy": round(float((pred == truth).mean()), 4), "auc_ovr": aucs,
+            "auc_ovr_mean": round(float(np.mean(list(aucs.values()))), 4),
             "confusion_rows_true_cols_pred": confusion(truth, pred)}
 
 
@@ -116,7 +117,8 @@ def held_out_node_chain(model: Model, seeds: list[int], lung_model: Model | None
         p = classify(vol, lungs, lesions, model)
         probs.append([p[c] for c in CLASSES])
         truth.append(KIND_CLASS[fields["kind"]])
-    return summary(np.array(probs), np.array(truth))
+    return {"seeds": [seeds[0], seeds[-1]], "lungs": _tag(lung_model) if lung_model is not None else "truth",
+            "lesions": _tag(lesion_model), **summary(np.array(probs), np.array(truth))}
 
 
 # ------------------------------------------------------------------ real CT

@@ -2,6 +2,8 @@
 
     python -m models.train.data_diagnosis --train 300 --held-out 60      # build /tmp/diag_cache first
     python -m models.train.train_diagnosis --out DIR [--epochs N --seed S --train 270 --val 30]
+    python -m models.train.data_diagnosis --chain --train 240   # optional: the node chain's lesion maps
+    python -m models.train.train_diagnosis --out DIR --chain --p-chain 0.75 --p-blank 0.2 --version 0.2.0 ...
 
 Input: [N, 2, 64, 256, 256] (ct windowed -450/1350, lesion_map) on the lung box, as the node's
 ``runner.classify`` builds it. Output: softmax over (covid19, other_pneumonia, no_pneumonia).
@@ -15,8 +17,11 @@ in numpy once is the same operation), which makes CPU training about 10x cheaper
 
 Data: phantom seeds 0..train-1 for training, train..train+val-1 for per-epoch validation (the
 held-out seeds 500000+ are only read by ``eval_diagnosis``), plus LIDC-IDRI-0001 copies as
-no_pneumonia when cached. The lesion_map channel is the truth degraded by
-``data_diagnosis.degrade_lesions`` anew every epoch. Seeds fix initialisation, degradation,
+no_pneumonia when cached. The lesion_map channel is drawn anew every epoch (``lesion_map``): blank
+with ``p_blank`` (so that the CT channel has to carry the decision), else the node chain's own
+lesion map (``data_diagnosis.attach_chain``: ``models/lesion_seg`` as the node runs it, with its real
+false positives) with ``p_chain`` where the case has one, else the truth degraded by
+``data_diagnosis.degrade_lesions``. Seeds fix initialisation, degradation,
 augmentation and batch order; torch runs with deterministic algorithms. Export: ONNX opset 17,
 dynamic batch, softmax in the graph; onnxruntime must match torch to 1e-4, else the run fails.
 """
@@ -37,12 +42,15 @@ from torch.nn import functional as F
 
 from models.train.data_diagnosis import (
     CACHE,
+    CHAIN,
     CHANNELS,
     CLASSES,
     POOL,
     SIZE,
     WINDOW,
     Case,
+    _specks,
+    attach_chain,
     degrade_lesions,
     load_cases,
     pool,
@@ -51,7 +59,7 @@ from models.train.data_diagnosis import (
 )
 from node.pipeline.manifest import file_sha256
 
-VERSION = "0.1.0"
+VERSION = "0.1.0"  # the shipped version; a candidate is built with --version
 INPUT_NAME, OUTPUT_NAME = "x", "probs"
 BN_EPS = 1e-5  # torch BatchNorm default, used by DiagNet
 SNOMED = {
@@ -111,10 +119,27 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def case_input(case: Case, rng: np.random.Generator) -> np.ndarray:
-    """[2, 32, 64, 64] float32 after the model's pooling: pooled CT and a freshly degraded lesion map."""
+def lesion_map(case: Case, rng: np.random.Generator, p_chain: float = 0.0, p_blank: float = 0.0) -> np.ndarray:
+    """Pooled lesion map [32, 64, 64] for one training draw.
+
+    Blank with ``p_blank``; else the chain's map (what the node feeds, sometimes with a few extra
+    false-positive specks) with ``p_chain`` when the case has one; else the degraded truth.
+    """
+    if rng.random() < p_blank:
+        return np.zeros([s // f for s, f in zip(SIZE, POOL)], dtype=np.float32)
+    if case.les_chain is not None and rng.random() < p_chain:
+        frac = pool(case.les_chain) / np.float32(255.0)
+        if rng.random() < 0.25:
+            specks = _specks(frac.shape, pool(case.lung) > 0.5, rng, int(rng.poisson(2)), rmax=2.0)
+            frac = np.maximum(frac, specks * np.float32(rng.uniform(0.3, 1.0)))
+        return frac.astype(np.float32)
+    return degrade_lesions(case.les, case.lung, rng)
+
+
+def case_input(case: Case, rng: np.random.Generator, p_chain: float = 0.0, p_blank: float = 0.0) -> np.ndarray:
+    """[2, 32, 64, 64] float32 after the model's pooling: pooled CT and a lesion map drawn by ``lesion_map``."""
     ct = case.ct_pooled if case.ct_pooled is not None else pool(case.ct) / 255.0
-    return np.stack([ct, degrade_lesions(case.les, case.lung, rng)])
+    return np.stack([ct, lesion_map(case, rng, p_chain, p_blank)])
 
 
 def full_input(case: Case, pooled: np.ndarray) -> np.ndarray:
@@ -150,13 +175,13 @@ def predict(model: DiagNet, xs: list[np.ndarray]) -> np.ndarray:
 
 
 def _epoch(model: DiagNet, opt: torch.optim.Optimizer, sched: Any, cases: list[Case], rng: np.random.Generator,
-           batch: int, smoothing: float) -> float:
+           batch: int, smoothing: float, p_chain: float = 0.0, p_blank: float = 0.0) -> float:
     model.train()
     order = rng.permutation(len(cases))
     total = 0.0
     for i in range(0, len(order), batch):
         chunk = [cases[k] for k in order[i:i + batch]]
-        xb = torch.from_numpy(np.stack([augment(case_input(c, rng), rng) for c in chunk]))
+        xb = torch.from_numpy(np.stack([augment(case_input(c, rng, p_chain, p_blank), rng) for c in chunk]))
         yb = torch.tensor([c.label for c in chunk], dtype=torch.int64)
         loss = F.cross_entropy(model.pooled_logits(xb), yb, label_smoothing=smoothing)
         opt.zero_grad()
@@ -232,11 +257,11 @@ def torch_from_onnx(path: Path) -> DiagNet:
     return model
 
 
-def manifest(sha: str, training: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+def manifest(sha: str, training: dict[str, Any], metrics: dict[str, Any], version: str = VERSION) -> dict[str, Any]:
     """The model.yaml content (validated by node.pipeline.manifest when the node loads it)."""
     return {
         "name": "diagnosis",
-        "version": VERSION,
+        "version": version,
         "sha256": sha,
         "task": "classification",
         "description": "Small 3D CNN on the lung box of a chest CT (windowed CT + lesion map): probabilities of "
@@ -245,7 +270,7 @@ def manifest(sha: str, training: dict[str, Any], metrics: dict[str, Any]) -> dic
         "intended_use": "Reference classifier for the lungnode pipeline: research, demonstration and integration "
                         "testing only. See CARD.md for its limits.",
         "not_for_clinical_use": True,
-        "algorithm": {"name": "lungnode-diagnosis-cnn3d", "version": VERSION, "family": "Artificial Intelligence"},
+        "algorithm": {"name": "lungnode-diagnosis-cnn3d", "version": version, "family": "Artificial Intelligence"},
         "input": {"name": INPUT_NAME, "layout": "NCDHW", "size": list(SIZE),
                   "window": {"level": WINDOW[0], "width": WINDOW[1]}, "channels": list(CHANNELS)},
         "output": {"name": OUTPUT_NAME, "activation": "softmax", "labels": [
@@ -256,28 +281,36 @@ def manifest(sha: str, training: dict[str, Any], metrics: dict[str, Any]) -> dic
     }
 
 
-def _data(cache: Path, n_train: int, n_val: int, lidc_copies: int) -> tuple[list[Case], list[Case]]:
+def _data(cache: Path, n_train: int, n_val: int, lidc_copies: int,
+          chain: Path | None = None) -> tuple[list[Case], list[Case]]:
     names = train_names(n_train + n_val)
     cases = load_cases(cache, names[:n_train])
     lidc = [f"lidc0001_{k}" for k in range(lidc_copies) if (cache / f"lidc0001_{k}.npz").is_file()]
     cases += load_cases(cache, lidc)
-    return cases, load_cases(cache, names[n_train:])
+    val = load_cases(cache, names[n_train:])
+    if chain is not None:
+        cases, val = attach_chain(cases, chain), attach_chain(val, chain)
+    return cases, val
 
 
 def train(out: Path, *, cache: Path = CACHE, epochs: int = 12, seed: int = 0, n_train: int = 270, n_val: int = 30,
           lidc_copies: int = 8, batch: int = 8, lr: float = 3e-3, base: int = 8, smoothing: float = 0.05,
+          chain: Path | None = None, p_chain: float = 0.0, p_blank: float = 0.0, version: str = VERSION,
           log: Log = print) -> dict[str, Any]:
     """Train, export, check parity and write the model folder; returns history, parity, model, val inputs."""
     seed_everything(seed)
     t0 = time.perf_counter()
-    cases, val = _data(cache, n_train, n_val, lidc_copies)
+    cases, val = _data(cache, n_train, n_val, lidc_copies, chain)
     n_lidc = sum(c.name.startswith("lidc") for c in cases)
+    n_chain = sum(c.les_chain is not None for c in cases)
+    n_val_chain = sum(c.les_chain is not None for c in val)
     lidc_meta = next((c.meta for c in cases if c.name.startswith("lidc")), {})
-    log(f"data: {len(cases)} training cases ({n_lidc} LIDC-IDRI-0001 copies), {len(val)} validation phantoms")
+    log(f"data: {len(cases)} training cases ({n_lidc} LIDC-IDRI-0001 copies, {n_chain} with a chain lesion map), "
+        f"{len(val)} validation phantoms ({n_val_chain} with a chain lesion map)")
     val_rng = np.random.default_rng(7_000 + seed)
     for c in cases + val:
         c.ct_pooled = pool(c.ct) / 255.0
-    val_x = [case_input(c, val_rng) for c in val]  # degraded once, fixed across epochs
+    val_x = [case_input(c, val_rng, p_chain=1.0) for c in val]  # chain map where present, fixed across epochs
     val_y = np.array([c.label for c in val])
     model = DiagNet(len(CHANNELS), base)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-3)
@@ -286,7 +319,7 @@ def train(out: Path, *, cache: Path = CACHE, epochs: int = 12, seed: int = 0, n_
     rng = np.random.default_rng(seed)
     history = []
     for epoch in range(1, epochs + 1):
-        loss = _epoch(model, opt, sched, cases, rng, batch, smoothing)
+        loss = _epoch(model, opt, sched, cases, rng, batch, smoothing, p_chain, p_blank)
         acc = accuracy(predict_pooled(model, val_x), val_y)
         history.append({"epoch": epoch, "loss": round(loss, 4), "val_accuracy": round(acc, 4)})
         log(f"epoch {epoch}/{epochs}: loss {loss:.4f}, val accuracy {acc:.3f}, {time.perf_counter() - t0:.0f} s")
@@ -298,25 +331,31 @@ def train(out: Path, *, cache: Path = CACHE, epochs: int = 12, seed: int = 0, n_
     log(f"export parity: max |onnxruntime - torch| = {err:.2e}")
     training = {
         "data": {"phantom_seeds": [0, n_train - 1], "lidc_idri_0001_copies": n_lidc, "cases": len(cases),
-                 "lidc_lungs": "models.train.lung_labels.label_lungs", "cache": "models.train.data_diagnosis",
-                 "lidc_lesion_map": lidc_meta.get("lesions", "empty"), "lidc_lesion_ml": lidc_meta.get("lesion_ml", 0.0)},
-        "validation": {"phantom_seeds": [n_train, n_train + n_val - 1], "accuracy_last_epoch": history[-1]["val_accuracy"]},
+                 "lidc_lungs": lidc_meta.get("lungs", "models.train.lung_labels.label_lungs"),
+                 "cache": "models.train.data_diagnosis",
+                 "lidc_lesion_map": lidc_meta.get("lesions", "empty"),
+                 "lidc_lesion_ml": lidc_meta.get("chain_lesion_ml", lidc_meta.get("lesion_ml", 0.0)),
+                 "cases_with_chain_lesion_map": n_chain},
+        "validation": {"phantom_seeds": [n_train, n_train + n_val - 1], "cases_with_chain_lesion_map": n_val_chain,
+                       "accuracy_last_epoch": history[-1]["val_accuracy"]},
         "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "base_channels": base, "label_smoothing": smoothing,
         "parameters": n_params(model),
-        "lesion_map": "truth lesion mask degraded per epoch: threshold, erosion/dilation, missed small lesions, "
-                      "false-positive specks",
+        "lesion_map": (f"drawn per case and epoch: blank with p {p_blank}; else the node chain's lesion map "
+                       f"(models/lesion_seg via runner.segment_lesions; {n_chain} cases have one) with p {p_chain}, "
+                       "sometimes with extra false-positive specks; else the truth lesion mask degraded (threshold, "
+                       "erosion/dilation, missed small lesions, false-positive specks)"),
         "augmentation": "left-right mirror, CT gain/offset, Gaussian noise",
         "torch": str(torch.__version__), "seconds": round(time.perf_counter() - t0, 1),
     }
     metrics = {"onnx_parity_max_abs": float(f"{err:.3g}")}
-    write_manifest(out, training, metrics)
+    write_manifest(out, training, metrics, version)
     torch.save(model.state_dict(), out / "weights.pt")
     return {"history": history, "parity": err, "model": model, "val_x": val_x, "val_y": val_y}
 
 
-def write_manifest(out: Path, training: dict[str, Any], metrics: dict[str, Any]) -> None:
+def write_manifest(out: Path, training: dict[str, Any], metrics: dict[str, Any], version: str = VERSION) -> None:
     """(Re)write model.yaml for the model.onnx in ``out`` (hash taken from the file)."""
-    text = yaml.safe_dump(manifest(file_sha256(out / "model.onnx"), training, metrics), sort_keys=False)
+    text = yaml.safe_dump(manifest(file_sha256(out / "model.onnx"), training, metrics, version), sort_keys=False)
     (out / "model.yaml").write_text(text, encoding="utf-8")
 
 
@@ -333,11 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--base", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--chain", type=Path, default=None, nargs="?", const=CHAIN,
+                    help="folder of chain lesion maps (data_diagnosis --chain); default none")
+    ap.add_argument("--p-chain", type=float, default=0.75, help="chain lesion map share where a case has one")
+    ap.add_argument("--p-blank", type=float, default=0.0, help="share of blank lesion maps (e.g. 0.2)")
+    ap.add_argument("--version", default=VERSION, help="version written into model.yaml")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     train(a.out, cache=a.cache, epochs=a.epochs, seed=a.seed, n_train=a.train, n_val=a.val,
-          lidc_copies=a.lidc_copies, batch=a.batch, lr=a.lr, base=a.base, log=lambda s: print(s, flush=True))
+          lidc_copies=a.lidc_copies, batch=a.batch, lr=a.lr, base=a.base, chain=a.chain,
+          p_chain=a.p_chain if a.chain else 0.0, p_blank=a.p_blank, version=a.version, log=lambda s: print(s, flush=True))
     return 0
 
 
