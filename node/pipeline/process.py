@@ -78,8 +78,12 @@ def process(input_path: Path, out_dir: Path, config: Config) -> int:
     )
     path = analysis.write(out_dir)
     _, source_paths = series.get(analysis.series_instance_uid, (None, []))
-    objects = write_outputs(analysis, out_dir=out_dir, source_paths=source_paths, settings=config.outputs,
-                            manifests=manifests_for(config.inference, analysis))
+    if analysis.series_instance_uid:
+        objects = write_outputs(analysis, out_dir=out_dir, source_paths=source_paths, settings=config.outputs,
+                                manifests=manifests_for(config.inference, analysis))
+    else:  # output UIDs derive from the source series: without its UID no object can belong to it
+        objects = []
+        print("no DICOM objects written: the images have no Series Instance UID", file=sys.stderr)
     for obj in objects:
         print(f"  wrote {obj.kind} {out_dir / obj.file}", file=sys.stderr)
     log.info(kv("process_done", status=analysis.status, result=path, objects=len(objects)))
