@@ -177,8 +177,21 @@ class Worker:
         log.info(kv("worker_stopped", worker=self.name))
 
 
-def worker_process_main(config: Config) -> None:
-    """Entry point of a worker process (``lungnode worker`` or one started by ``serve``)."""
+def _stop_when_orphaned(worker: Worker, parent_pid: int, interval_s: float = 1.0) -> None:
+    """Stop the worker (after its current job) once the ``serve`` process that started it is gone.
+
+    A node killed with SIGKILL cannot stop its workers; without this they would run on beside the
+    workers of the restarted node, holding memory and models until someone notices.
+    """
+    while not worker.stop.wait(interval_s):
+        if os.getppid() != parent_pid:
+            log.warning(kv("worker_orphaned", worker=worker.name, parent=parent_pid,
+                           effect="stopping after the current job"))
+            worker.stop.set()
+
+
+def worker_process_main(config: Config, parent_pid: int | None = None) -> None:
+    """Entry point of a worker process (``lungnode worker``, or one started by ``serve`` with its pid)."""
     setup_logging(config.logging.level, config.logging.file, config.logging.include_phi)
     worker = Worker(config)
 
@@ -187,6 +200,8 @@ def worker_process_main(config: Config) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if parent_pid is not None:
+        threading.Thread(target=_stop_when_orphaned, args=(worker, parent_pid), name="orphan-watch", daemon=True).start()
     worker.preload()
     worker.loop()
 
@@ -196,7 +211,7 @@ def start_workers(config: Config, count: int) -> list[multiprocessing.process.Ba
     ctx = multiprocessing.get_context("spawn")
     procs: list[multiprocessing.process.BaseProcess] = []
     for i in range(count):
-        p = ctx.Process(target=worker_process_main, args=(config,), name=f"lungnode-worker-{i + 1}", daemon=False)
+        p = ctx.Process(target=worker_process_main, args=(config, os.getpid()), name=f"lungnode-worker-{i + 1}", daemon=False)
         p.start()
         procs.append(p)
     return procs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import tarfile
 import time
@@ -24,6 +25,7 @@ from pydicom.uid import generate_uid
 
 from node.synthetic import PhantomSpec, SeriesOptions, make_phantom, write_series
 from tests.conftest import LIDC_0001, NodeFactory
+from tests.helpers.dcmtk import storescu
 from tests.helpers.net import free_port
 from tests.helpers.node_proc import NodeProcess, query_sqlite
 from tests.helpers.orthanc import Modality, OrthancServer, have_orthanc
@@ -76,6 +78,20 @@ def received(pacs: OrthancServer) -> dict[str, int]:
     for uid in re.findall(r"Lua says: stored-instance (\S+)", pacs.log):
         counts[uid] = counts.get(uid, 0) + 1
     return counts
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has stopped
+
+
+def send_as_pacs(node: NodeProcess, files: list[Path]) -> None:
+    """The series sent to the node under the PACS's AE title, while that PACS itself is down."""
+    proc = storescu(node.port, *files, calling=PACS_AE, called=NODE_AE)
+    assert proc.returncode == 0, proc.stderr
 
 
 def outputs_of(node: NodeProcess, series_uid: str) -> tuple[dict[str, Any], list[dict[str, str]]]:
@@ -175,8 +191,8 @@ def test_pacs_down_while_results_are_ready_then_up(loop: tuple[OrthancServer, No
     pacs, node = loop
     files = synthetic_study(tmp_path / "ct", seed=4)
     series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
-    pacs.push("lungnode", [upload(pacs, files)])
-    pacs.stop()
+    pacs.stop()  # down before the results exist (a stopping Orthanc still takes C-STOREs for a while)
+    send_as_pacs(node, files)
     wait_until(lambda: query_sqlite(node.db_path, "SELECT COUNT(*) AS n FROM outbox WHERE attempts >= 2")[0]["n"] >= 3,
                timeout=240, what="failed send attempts while the PACS is down", log=lambda: node.log[-4000:])
     pacs.start()
@@ -188,12 +204,16 @@ def test_node_killed_between_inference_and_send(loop: tuple[OrthancServer, NodeP
     pacs, node = loop
     files = synthetic_study(tmp_path / "ct", seed=5)
     series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
-    pacs.push("lungnode", [upload(pacs, files)])
     pacs.stop()  # the results cannot leave: the node is killed with them analysed but unsent
+    send_as_pacs(node, files)
     wait_until(lambda: query_sqlite(node.db_path, "SELECT COUNT(*) AS n FROM outbox")[0]["n"] >= 3,
                timeout=240, what="results queued for sending", log=lambda: node.log[-4000:])
     assert not query_sqlite(node.db_path, "SELECT 1 FROM outbox WHERE state IN ('sent', 'committed')")
+    workers = [int(pid) for pid in re.findall(r"event=worker_ready worker=\S+:(\d+)", node.log)]
+    assert workers
     node.kill()
+    # The killed node's worker processes notice and stop: no stray workers beside the restarted node's.
+    wait_until(lambda: not any(pid_alive(pid) for pid in workers), timeout=30, what="orphaned workers to stop")
     pacs.start()
     node.start()
     objects = wait_results_at(pacs, node, series_uid)
