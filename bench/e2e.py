@@ -51,7 +51,7 @@ def make_series(out: Path, slices: int, matrix: int, seed: int = 5) -> list[Path
     return sorted(write_series(out, ph, SeriesOptions(seed=seed, write_truth=False, manufacturer="SYNTHETIC")).files)
 
 
-def relabel(files: list[Path], out: Path) -> tuple[Path, str]:
+def relabel(files: list[Path], out: Path) -> tuple[Path, str, str]:
     """A copy of the series with new study/series/instance UIDs (a new study for every round)."""
     out.mkdir(parents=True)
     study, series = generate_uid(), generate_uid()
@@ -60,7 +60,7 @@ def relabel(files: list[Path], out: Path) -> tuple[Path, str]:
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.save_as(out / f"IM{i:05d}.dcm", enforce_file_format=True)
-    return out, series
+    return out, study, series
 
 
 def storescu(folder: Path, port: int, called: str) -> float:
@@ -71,28 +71,33 @@ def storescu(folder: Path, port: int, called: str) -> float:
     return time.perf_counter() - t0
 
 
-def wait_results(pacs: OrthancServer, series_uid: str, timeout: float) -> float:
-    """Block until SEG, SR and key image referring to the series are in Orthanc; monotonic time then."""
+def wait_results(pacs: OrthancServer, study_uid: str, timeout: float) -> float:
+    """Block until the SEG, SR and key image series are in the study at Orthanc; monotonic time then."""
     deadline = time.monotonic() + timeout
-    kinds = set(RESULT_MODALITIES)
+    wanted = set(RESULT_MODALITIES)
     while time.monotonic() < deadline:
-        found = pacs.post("/tools/find", {"Level": "Series", "Query": {"Manufacturer": "lungnode"}, "Expand": True})
-        study = pacs.post("/tools/find", {"Level": "Series", "Query": {"SeriesInstanceUID": series_uid},
-                                          "Expand": True})
-        if study:
-            parent = study[0]["ParentStudy"]
-            mods = {s["MainDicomTags"].get("Modality") for s in found if s["ParentStudy"] == parent}
-            if kinds <= mods:
-                return time.monotonic()
+        found = pacs.post("/tools/find", {"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True})
+        have = {s["MainDicomTags"].get("Modality") for s in found}
+        if wanted <= have:
+            return time.monotonic()
         time.sleep(0.05)
-    raise SystemExit(f"results for series {series_uid} not in Orthanc after {timeout:g} s")
+    raise SystemExit(f"results for study {study_uid} not in Orthanc after {timeout:g} s")
 
 
 def job_timings(db: Path, series_uid: str) -> dict[str, Any]:
+    """The job's recorded steps, plus the send: the last object sent after the job finished."""
     with sqlite3.connect(db) as con:
-        row = con.execute("SELECT j.timings FROM jobs j JOIN series s ON s.id = j.series_id "
+        row = con.execute("SELECT j.id, j.timings, j.finished_at FROM jobs j JOIN series s ON s.id = j.series_id "
                           "WHERE s.series_instance_uid = ? ORDER BY j.id DESC LIMIT 1", (series_uid,)).fetchone()
-    return json.loads(row[0]) if row and row[0] else {}
+        if not row:
+            return {}
+        steps = json.loads(row[1]) if row[1] else {}
+        sent = con.execute("SELECT MAX(sent_at) FROM outbox WHERE job_id = ?", (row[0],)).fetchone()[0]
+    if sent and row[2]:
+        from datetime import datetime
+
+        steps["send"] = round((datetime.fromisoformat(sent) - datetime.fromisoformat(row[2])).total_seconds(), 3)
+    return steps
 
 
 def main() -> int:
@@ -121,12 +126,16 @@ def main() -> int:
             _wait_port(node_port, node, work / "lungnode.log")
             time.sleep(5.0)  # workers load their models
             for r in range(args.rounds):
-                ref_dir, _ = relabel(files, work / f"ref-{r}")
+                ref_dir, _, _ = relabel(files, work / f"ref-{r}")
                 ref_s = storescu(ref_dir, pacs.dicom_port, PACS_AE)
-                node_dir, series_uid = relabel(files, work / f"node-{r}")
+                node_dir, study_uid, series_uid = relabel(files, work / f"node-{r}")
                 storescu(node_dir, node_port, NODE_AE)
                 acked = time.monotonic()
-                done = wait_results(pacs, series_uid, args.timeout)
+                try:
+                    done = wait_results(pacs, study_uid, args.timeout)
+                except SystemExit:
+                    print((work / "lungnode.log").read_text()[-6000:], file=sys.stderr)
+                    raise
                 e2e = done - acked
                 rows.append({"e2e_s": round(e2e, 2), "orthanc_receive_s": round(ref_s, 2),
                              "ratio": round(e2e / ref_s, 2), "steps_s": job_timings(work / "lungnode.db", series_uid)})

@@ -228,6 +228,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
                              error=f"{type(exc).__name__}: {exc}"))
         timings["key_images"] = time.perf_counter() - t0
     write_manifest(out_dir, objects)
+    analysis.timings_s.update({f"output_{k}": v for k, v in timings.items()})  # recorded with the job
     log.info(kv("outputs_written", series=analysis.series_instance_uid, revision=revision,
                 objects=",".join(o.kind for o in objects) or "none",
                 **{f"{k}_s": f"{v:.2f}" for k, v in timings.items()}))

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Config
 from node.db.jobs import Claimed, JobQueue
-from node.db.models import Instance, JobState, Series, SeriesOrigin, SeriesState
+from node.db.models import Instance, Job, JobState, Series, SeriesOrigin, SeriesState
 from node.db.session import make_engine, make_sessionmaker
 from node.errors import LungnodeError
 from node.logs import kv, setup_logging
@@ -159,8 +159,19 @@ class Worker:
             if self.config.destinations and (out / OUTPUTS_FILE).is_file():
                 enqueue_results(session, job_id=job.job_id, results_dir=out, destinations=self.config.destinations)
 
-        self.queue.finish(job.job_id, state, error=analysis.reason, timings=analysis.result_json()["timings_s"],
-                          also=queue_for_sending)
+        timings = {**self._waits(job), **analysis.result_json()["timings_s"]}
+        self.queue.finish(job.job_id, state, error=analysis.reason, timings=timings, also=queue_for_sending)
+
+    def _waits(self, job: Claimed) -> dict[str, float]:
+        """Seconds from the last image to the series being complete, and from the job's creation to its start."""
+        with self.sessions() as s:
+            series, row = s.get(Series, job.series_id), s.get(Job, job.job_id)
+            out = {}
+            if series is not None and series.completed_at is not None:
+                out["series_complete"] = (series.completed_at - series.last_received_at).total_seconds()
+            if row is not None and row.started_at is not None:
+                out["queue_wait"] = (row.started_at - row.created_at).total_seconds()
+            return {k: round(v, 3) for k, v in out.items()}
 
     def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
         interval = max(0.05, self.config.workers.lease_s / 4)
