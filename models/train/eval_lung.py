@@ -30,7 +30,7 @@ import numpy as np
 from pydicom import Dataset
 
 from models.train.data_lung import phantom_volume
-from models.train.train_lung import dice_per_label
+from models.train.metrics import dice_per_label
 from node.pipeline.infer import Model, load_model
 from node.pipeline.runner import segment_lungs
 from node.pipeline.volume import Volume, load_volume

@@ -27,6 +27,7 @@ import yaml
 from torch.nn import functional as F
 
 from models.train.data_lung import LUNG_WINDOW, SliceSet, augment, concat, lidc_0001_samples, phantom_samples
+from models.train.metrics import dice_per_label
 from models.train.unet2d import UNet2D, export_onnx, n_params
 from node.pipeline.manifest import file_sha256
 
@@ -39,15 +40,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: tuple[int, ...] = (1, 2)) -> dict[int, float]:
-    out = {}
-    for lab in labels:
-        p, t = pred == lab, truth == lab
-        denom = p.sum() + t.sum()
-        out[lab] = 1.0 if denom == 0 else float(2.0 * (p & t).sum() / denom)
-    return out
 
 
 def predict(model: UNet2D, x: np.ndarray, batch: int = 32) -> np.ndarray:
