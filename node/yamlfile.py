@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +26,11 @@ def read_yaml_mapping(path: Path, error: type[LungnodeError], what: str) -> dict
     if not isinstance(loaded, dict):
         raise error(f"{what} {path}: the top level must be a mapping")
     return loaded
+
+
+def error_location(parts: Sequence[int | str]) -> str:
+    """A validation error's place in the file as its author reads it: ``output.labels[2].snomed``."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"

@@ -22,7 +22,7 @@ from pydicom.sr.coding import Code
 
 from node.errors import LungnodeError
 from node.outputs.codes import STRUCTURES
-from node.yamlfile import read_yaml_mapping
+from node.yamlfile import error_location, read_yaml_mapping
 
 #: The templates shipped with the node.
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "sr_templates"
@@ -185,13 +185,6 @@ class SRTemplate(_Strict):
         return v
 
 
-def _loc(parts: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top level)"
-
-
 def parse_template(data: Any, source: Path) -> SRTemplate:
     """Validate template content read from ``source``."""
     if not isinstance(data, dict):
@@ -202,7 +195,7 @@ def parse_template(data: Any, source: Path) -> SRTemplate:
         lines = [f"invalid SR template {source}:"]
         for err in exc.errors():
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {_loc(tuple(err['loc']))}: {msg}")
+            lines.append(f"  {error_location(err['loc'])}: {msg}")
         raise TemplateError("\n".join(lines)) from exc
 
 

@@ -36,7 +36,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from node.errors import LungnodeError
-from node.yamlfile import read_yaml_mapping
+from node.yamlfile import error_location, read_yaml_mapping
 
 MANIFEST_FILE = "model.yaml"
 ONNX_FILE = "model.onnx"
@@ -253,13 +253,6 @@ class ModelManifest(_Strict):
         return self.input.rank if self.task == "segmentation" else 2
 
 
-def _loc(parts: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top level)"
-
-
 def _format_error(exc: ValidationError, path: Path) -> str:
     lines = [f"invalid model manifest {path}:"]
     for err in exc.errors():
@@ -269,7 +262,7 @@ def _format_error(exc: ValidationError, path: Path) -> str:
             msg = f"{err['msg']} (got {err['input']!r}: quote it in YAML)"
         else:
             msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {_loc(tuple(err['loc']))}: {msg}")
+        lines.append(f"  {error_location(err['loc'])}: {msg}")
     return "\n".join(lines)
 
 
