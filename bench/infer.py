@@ -32,11 +32,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from node.config import InferenceSettings  # noqa: E402
+from node.pipeline import infer  # noqa: E402
 from node.pipeline.infer import CUDA, choose_providers, clear_model_cache  # noqa: E402
 from node.pipeline.runner import analyse_series  # noqa: E402
 from node.pipeline.volume import load_volume  # noqa: E402
 
 STEPS = ("models", "volume", "coverage", "lung_seg", "lesion_seg", "diagnosis", "measure")
+NETWORK = {"lung_seg": "lung_seg", "lesion_seg": "lesion_seg", "diagnosis": "diagnosis"}  # step -> model name
+
+#: Seconds spent inside Model.run per model name (onnxruntime itself, host<->GPU copies included),
+#: so that each step can be split into network and pre/post-processing.
+_network_s: dict[str, float] = {}
+_plain_run = infer.Model.run
+
+
+def _timed_run(self: infer.Model, x: Any) -> Any:
+    t0 = time.perf_counter()
+    try:
+        return _plain_run(self, x)
+    finally:
+        _network_s[self.name] = _network_s.get(self.name, 0.0) + time.perf_counter() - t0
+
+
+infer.Model.run = _timed_run  # type: ignore[method-assign]
 
 
 def make_series(out: Path, slices: int, matrix: int, seed: int = 11) -> list[Path]:
@@ -52,11 +70,15 @@ def one_round(files: list[Path], settings: InferenceSettings) -> dict[str, float
     t0 = time.perf_counter()
     load_volume(files)
     read_s = time.perf_counter() - t0
+    _network_s.clear()
     result = analyse_series(files, settings, series_instance_uid="bench")
     if result.status != "ok":
         raise SystemExit(f"analysis did not succeed: {result.status}: {result.reason}")
     out = {"reference_read": read_s, **{k: result.timings_s.get(k, 0.0) for k in STEPS}}
     out["analysis"] = result.timings_s["total"]
+    for step, name in NETWORK.items():
+        out[f"{step}_network"] = _network_s.get(name, 0.0)
+    out["networks"] = sum(out[f"{step}_network"] for step in NETWORK)
     return out
 
 
@@ -107,9 +129,11 @@ def main() -> int:
         med = res["median_s"]
         print(f"\n{res['device']} ({res['threads']} threads), median of {args.rounds} rounds, seconds:")
         for k in ("volume", "coverage", "lung_seg", "lesion_seg", "diagnosis", "measure"):
-            print(f"  {k:<11} {med[k]:7.3f}")
+            net = f"   (network {med[k + '_network']:.3f})" if k in NETWORK else ""
+            print(f"  {k:<11} {med[k]:7.3f}{net}")
         print(f"  {'total':<11} {res['analysis_without_model_load_s']:7.3f}   (first run with model load: "
               f"{res['warmup_s']:.2f} s)")
+        print(f"  {'networks':<11} {med['networks']:7.3f}   (the three models' onnxruntime runs, copies included)")
         print(f"  reference: series read {med['reference_read']:.3f} s; ratio analysis / read = "
               f"{res['ratio_to_series_read']}")
     if args.json:

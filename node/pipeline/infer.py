@@ -16,7 +16,9 @@ Provider choice (``inference.device``):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import logging
 import os
 import sys
@@ -78,6 +80,21 @@ def _cuda_library_problem() -> str | None:
     lib = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
     if not lib.is_file():
         return None
+    problem = _load_problem(lib)
+    if problem and hasattr(ort, "preload_dlls"):
+        # CUDA and cuDNN pip wheels (onnxruntime-gpu[cuda,cudnn], or a CUDA build of torch) are not on the
+        # loader path; onnxruntime can load them from site-packages. Its own messages go to stdout: hidden.
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                ort.preload_dlls(directory="")
+            except Exception:  # noqa: BLE001 - a failed preload leaves the original problem to report
+                return problem
+        problem = _load_problem(lib)
+    return problem
+
+
+def _load_problem(lib: Path) -> str | None:
+    """The loader's message when ``lib`` needs a shared object it cannot find, else None."""
     try:
         ctypes.CDLL(str(lib), mode=os.RTLD_LAZY | os.RTLD_LOCAL)
     except OSError as exc:
