@@ -16,41 +16,62 @@ RIGHT, LEFT = 1, 2  # lung label map values
 GGO, CONSOLIDATION = 1, 2  # lesion label map values
 
 
-def keep_largest(mask: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` largest 3D connected components of a boolean mask."""
-    if n <= 0 or not mask.any():
+def largest_components(mask: np.ndarray, n: int, min_voxels: int = 1) -> np.ndarray:
+    """The ``n`` largest face-connected components of a boolean mask that have ``min_voxels`` or more.
+
+    ``n <= 0`` keeps every component of at least ``min_voxels``. One labelling pass serves both rules.
+    """
+    if not mask.any() or (n <= 0 and min_voxels <= 1):
         return mask
-    labels = sitk.GetArrayFromImage(
-        sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))), sortByObjectSize=True)
-    )
-    return (labels >= 1) & (labels <= n)
+    relabel = sitk.RelabelComponentImageFilter()
+    relabel.SetSortByObjectSize(True)
+    labels = relabel.Execute(sitk.ConnectedComponent(sitk.GetImageFromArray(np.asarray(mask, dtype=bool).view(np.uint8))))
+    sizes = relabel.GetSizeOfObjectsInPixels()  # largest first
+    kept = sum(1 for size in (sizes[:n] if n > 0 else sizes) if size >= min_voxels)
+    if kept == len(sizes):
+        return mask
+    array = sitk.GetArrayViewFromImage(labels)
+    return (array >= 1) & (array <= kept)
+
+
+def keep_largest(mask: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` largest 3D connected components of a boolean mask (``n <= 0``: all)."""
+    return largest_components(mask, n)
 
 
 def drop_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     """Remove connected components smaller than ``min_voxels``."""
-    if min_voxels <= 1 or not mask.any():
-        return mask
-    comps = sitk.RelabelComponent(
-        sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))), minimumObjectSize=int(min_voxels)
-    )
-    return sitk.GetArrayFromImage(comps) > 0
+    return largest_components(mask, 0, min_voxels)
 
 
 def clean_lungs(labels: np.ndarray, *, keep: int, min_ml: float, voxel_ml: float) -> np.ndarray:
     """Per lung: its largest component(s), without specks."""
     out = np.zeros_like(labels, dtype=np.uint8)
+    min_voxels = int(np.ceil(min_ml / voxel_ml))
     for value in (RIGHT, LEFT):
-        side = keep_largest(labels == value, keep)
-        side = drop_small(side, int(np.ceil(min_ml / voxel_ml)))
-        out[side] = value
+        out[largest_components(labels == value, keep, min_voxels)] = value
     return out
 
 
 def clean_lesions(labels: np.ndarray, lungs: np.ndarray, *, min_ml: float, voxel_ml: float) -> np.ndarray:
-    """Lesions inside the lungs only, without specks."""
-    inside = labels * (lungs > 0)
-    keep = drop_small(inside > 0, int(np.ceil(min_ml / voxel_ml)))
-    return (inside * keep).astype(np.uint8)
+    """Lesions inside the lungs only, without specks (worked on the lesions' bounding box)."""
+    inside = np.where(lungs > 0, labels, 0).astype(np.uint8)
+    present = inside > 0
+    if not present.any():
+        return inside
+    box = _bounding_box(present)
+    keep = largest_components(np.ascontiguousarray(present[box]), 0, int(np.ceil(min_ml / voxel_ml)))
+    inside[box] *= keep
+    return inside
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        present = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
 
 
 @dataclass(frozen=True)
@@ -68,15 +89,16 @@ class Measurements:
 
 
 def measure(lungs: np.ndarray, lesions: np.ndarray, voxel_ml: float) -> Measurements:
+    """Volumes (ml) and involvement (percent of each lung's volume) from the label maps."""
     right = lungs == RIGHT
     left = lungs == LEFT
     lesion = lesions > 0
-    r_ml = float(right.sum()) * voxel_ml
-    l_ml = float(left.sum()) * voxel_ml
-    ggo_ml = float((lesions == GGO).sum()) * voxel_ml
-    cons_ml = float((lesions == CONSOLIDATION).sum()) * voxel_ml
-    r_les = float((lesion & right).sum()) * voxel_ml
-    l_les = float((lesion & left).sum()) * voxel_ml
+    r_ml = np.count_nonzero(right) * voxel_ml
+    l_ml = np.count_nonzero(left) * voxel_ml
+    ggo_ml = np.count_nonzero(lesions == GGO) * voxel_ml
+    cons_ml = np.count_nonzero(lesions == CONSOLIDATION) * voxel_ml
+    r_les = np.count_nonzero(lesion & right) * voxel_ml
+    l_les = np.count_nonzero(lesion & left) * voxel_ml
 
     def pct(part: float, whole: float) -> float:
         return round(100.0 * part / whole, 2) if whole > 0 else 0.0

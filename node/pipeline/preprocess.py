@@ -42,19 +42,42 @@ def lung_box(mask: np.ndarray, margin: tuple[int, int, int] = (2, 8, 8)) -> tupl
 
 
 def resize(array: np.ndarray, size: tuple[int, ...], *, linear: bool) -> np.ndarray:
-    """Resize a 3D float/int array to ``size`` (z, y, x) with SimpleITK (linear or nearest)."""
+    """Resize a 3D float/int array to ``size`` (z, y, x), voxel centres aligned (linear or nearest).
+
+    Linear goes through SimpleITK (multi-threaded); nearest is plain index arithmetic on the same
+    grid, six times faster for the label maps put back into a 512x512 volume (a source position
+    exactly halfway between two voxels may round the other way than SimpleITK's).
+    """
     if tuple(array.shape) == tuple(size):
         return array
+    if not linear:
+        return _resize_nearest(array, size)
     img = sitk.GetImageFromArray(array)
     out_size = [int(size[2]), int(size[1]), int(size[0])]
     in_size = img.GetSize()
     spacing = [in_size[i] / out_size[i] for i in range(3)]
-    origin = [(spacing[i] - 1.0) / 2.0 for i in range(3)]  # align voxel centres
-    ref = sitk.Image(out_size, img.GetPixelID())
-    ref.SetSpacing(spacing)
-    ref.SetOrigin(origin)
-    interp = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
-    return sitk.GetArrayFromImage(sitk.Resample(img, ref, sitk.Transform(), interp, 0.0))
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize(out_size)
+    resampler.SetOutputSpacing(spacing)
+    resampler.SetOutputOrigin([(spacing[i] - 1.0) / 2.0 for i in range(3)])  # align voxel centres
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetDefaultPixelValue(0.0)
+    return sitk.GetArrayFromImage(resampler.Execute(img))
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output position on a centre-aligned grid (input voxel = 1 unit)."""
+    step = n_in / n_out
+    pos = (step - 1.0) / 2.0 + np.arange(n_out) * step
+    return np.clip(np.floor(pos + 0.5), 0, n_in - 1).astype(np.intp)
+
+
+def _resize_nearest(array: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    out = array
+    for axis in range(3):
+        if out.shape[axis] != size[axis]:
+            out = np.take(out, _nearest_index(out.shape[axis], int(size[axis])), axis=axis)
+    return np.ascontiguousarray(out)
 
 
 def _windowed(hu: np.ndarray, manifest: ModelManifest) -> np.ndarray:
