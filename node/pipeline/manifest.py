@@ -14,8 +14,9 @@ the node never applies it again:
 * ``none``: the tensor is final as it is (scores or logits that the model's post-processing reads).
 
 ``preprocessing`` and ``postprocessing`` are model-specific settings (numbers, strings, booleans),
-e.g. ``crop_to_lung_box: true``, ``keep_largest_components: 2``, ``min_component_ml: 5``,
-``threshold: 0.5``; the pipeline step that uses a model documents the keys it reads.
+e.g. ``crop_to_lung_box: true``, ``batch_size: 16`` (slices per run on the CPU), ``cuda_batch_size: 64``
+(on the GPU), ``keep_largest_components: 2``, ``min_component_ml: 5``, ``threshold: 0.5``; the pipeline
+step that uses a model documents the keys it reads.
 """
 
 from __future__ import annotations

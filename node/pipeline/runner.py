@@ -24,7 +24,7 @@ from node.config import InferenceSettings
 from node.logs import kv
 from node.pipeline import postprocess as post
 from node.pipeline.coverage import check_coverage
-from node.pipeline.infer import Model, get_model
+from node.pipeline.infer import CUDA, Model, get_model
 from node.pipeline.preprocess import (
     Placement,
     full_box,
@@ -120,12 +120,21 @@ def _label_map(probs: np.ndarray, model: Model, names: tuple[str, str]) -> np.nd
     return out
 
 
+def slice_batch(model: Model) -> int:
+    """Slices per run of a 2D model: ``preprocessing.batch_size`` (16) on the CPU, where it bounds memory;
+    ``preprocessing.cuda_batch_size`` (64) on the GPU, where each run has a fixed launch cost."""
+    pre = model.manifest.preprocessing
+    if model.provider == CUDA:
+        return int(pre.get("cuda_batch_size", 64))
+    return int(pre.get("batch_size", 16))
+
+
 def segment_on_grid(
     volume: Volume, model: Model, names: tuple[str, str], box: tuple[slice, slice, slice]
 ) -> tuple[np.ndarray, Placement]:
     """Run a 2D slice model over ``box``: its label map on the model's grid and where that grid sits."""
     x, placement = slices_input(volume.hu, model.manifest, box)
-    batch = int(model.manifest.preprocessing.get("batch_size", 16))
+    batch = slice_batch(model)
     probs = model.run_batched(x, batch)
     return _label_map(probs, model, names), placement
 

@@ -318,6 +318,21 @@ def test_io_binding_path_gives_same_result(models_dir: Path) -> None:
         model.use_io_binding = False
 
 
+def test_slice_batch_is_larger_on_the_gpu(models_dir: Path) -> None:
+    from node.pipeline.runner import slice_batch
+
+    model = load_model(models_dir / "lung_seg", device="cpu")
+    assert slice_batch(model) == int(model.manifest.preprocessing.get("batch_size", 16))
+    model.provider = CUDA  # what a CUDA session reports; only the batch choice is looked at
+    try:
+        assert slice_batch(model) == 64
+        model.manifest.preprocessing["cuda_batch_size"] = 8
+        assert slice_batch(model) == 8
+    finally:
+        model.provider = CPU
+        model.manifest.preprocessing.pop("cuda_batch_size", None)
+
+
 @needs_gpu
 def test_cuda_model_matches_cpu(models_dir: Path) -> None:
     gpu = load_model(models_dir / "lung_seg", device="cuda:0")
