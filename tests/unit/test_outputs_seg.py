@@ -284,3 +284,24 @@ def test_no_lesions_no_overlap_and_no_lungs_still_a_valid_seg(hfs_case: Case, tm
     arr = hseg.get_pixels_by_source_instance(source_sop_instance_uids=[f.sop_instance_uid for f in vol.frames],
                                              segment_numbers=[1, 2, 3, 4], assert_missing_frames_are_empty=True)
     assert not arr.any()
+
+
+def test_built_seg_answers_pixel_queries_like_the_file(hfs_case: Case, tmp_path: Path) -> None:
+    """The frame index highdicom skips while building is made on first use: queries on the object work."""
+    from node.outputs.seg import build_seg, read_source_headers
+    from node.outputs.uids import OutputUIDs
+
+    analysis = hfs_case.analysis
+    vol = analysis.volume
+    assert vol is not None and analysis.lungs is not None and analysis.lesions is not None
+    uids = OutputUIDs.for_analysis(source_series_uid=analysis.series_instance_uid, revision=1, models=[])
+    seg = build_seg(volume=vol, lungs=analysis.lungs, lesions=analysis.lesions,
+                    headers=read_source_headers(hfs_case.files), specs=segment_specs(None, {}), uids=uids,
+                    series_number=1, series_description="x")
+    sources = [f.sop_instance_uid for f in vol.frames]
+    arr = seg.get_pixels_by_source_instance(source_sop_instance_uids=sources, segment_numbers=[1, 2, 3, 4],
+                                            assert_missing_frames_are_empty=True)
+    maps = {"lungs": analysis.lungs, "lesions": analysis.lesions}
+    for j, s in enumerate(STRUCTURES):
+        np.testing.assert_array_equal(arr[..., j] > 0, maps[s.label_map] == s.value)
+    assert seg.get_segment_numbers(segmented_property_type=STRUCTURES[3].type) == [4]
