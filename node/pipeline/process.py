@@ -18,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 from node.config import Config
 from node.logs import kv
 from node.outputs.write import manifests_for, write_outputs
+from node.pipeline.infer import InferenceDeviceError, choose_providers
 from node.pipeline.runner import Analysis, analyse_series
 from node.pipeline.select import SeriesHeader, choose
 from node.pipeline.volume import QAFlag
@@ -69,6 +70,11 @@ def process(input_path: Path, out_dir: Path, config: Config) -> int:
     else:
         _, paths = series[best.series_instance_uid]
         print(f"analysing series {best.series_instance_uid} ({len(paths)} images)", file=sys.stderr)
+        try:
+            _, device_reason = choose_providers(config.inference.device)
+        except InferenceDeviceError as exc:
+            device_reason = str(exc)
+        print(f"  inference: {device_reason}", file=sys.stderr)
         analysis = analyse_series(paths, config.inference, series_instance_uid=best.series_instance_uid,
                                   progress=progress)
     analysis.qa.extend(
