@@ -281,6 +281,8 @@ class Model:
         self.output_name = self.manifest.output.name
         #: IO binding on CUDA (input copied once, output bound to host memory); plain run on CPU.
         self.use_io_binding = self.provider == CUDA
+        #: Pad every batch of a 2D model to the full batch size on CUDA (see ``run_batched``).
+        self.pad_batches = self.provider == CUDA
         self.load_s = time.perf_counter() - started
         log.info(
             kv(
@@ -333,7 +335,13 @@ class Model:
         return np.asarray(out, dtype=np.float32)
 
     def run_batched(self, slices: np.ndarray, batch_size: int) -> np.ndarray:
-        """Run a 2D model over many slices ``batch_size`` at a time (bounded memory, same result as one batch)."""
+        """Run a 2D model over many slices ``batch_size`` at a time (bounded memory, same result as one batch).
+
+        On CUDA every run gets exactly ``batch_size`` slices, the last batch padded with zeros: cuDNN
+        picks its convolution algorithms per input shape, and a series whose last batch is shorter
+        would have them searched again on every series (measured on an H200: 0.35 s instead of
+        0.07 s for 300 slices of 192 x 192 in batches of 64).
+        """
         if self.manifest.input.layout != "NCHW":
             raise ValueError(f"{self.name} is a {self.manifest.input.layout} model: batch volumes with run()")
         if batch_size < 1:
@@ -342,13 +350,19 @@ class Model:
         n = slices.shape[0]
         if n == 0:
             raise ValueError(f"{self.name}: no slices to run")
-        first = self.run(slices[:batch_size])
-        if n <= batch_size:
-            return first
-        out = np.empty((n, *first.shape[1:]), dtype=np.float32)
-        out[: first.shape[0]] = first
-        for start in range(batch_size, n, batch_size):
-            out[start : start + batch_size] = self.run(slices[start : start + batch_size])
+        out: np.ndarray | None = None
+        for start in range(0, n, batch_size):
+            batch = slices[start : start + batch_size]
+            count = batch.shape[0]
+            if self.pad_batches and count < batch_size:
+                batch = np.concatenate([batch, np.zeros((batch_size - count, *batch.shape[1:]), dtype=batch.dtype)])
+            probs = self.run(batch)[:count]
+            if out is None:
+                if n <= batch_size:
+                    return probs
+                out = np.empty((n, *probs.shape[1:]), dtype=np.float32)
+            out[start : start + count] = probs
+        assert out is not None
         return out
 
 

@@ -333,6 +333,22 @@ def test_slice_batch_is_larger_on_the_gpu(models_dir: Path) -> None:
         model.manifest.preprocessing.pop("cuda_batch_size", None)
 
 
+def test_padded_batches_give_the_same_result(models_dir: Path) -> None:
+    """The CUDA path pads the last batch to full size; the slices' results must not change."""
+    model = load_model(models_dir / "lung_seg", device="cpu")
+    x = rng_slices(7, seed=5)
+    plain = model.run_batched(x, 3)
+    model.pad_batches = True
+    try:
+        padded = model.run_batched(x, 3)
+        single = model.run_batched(x[:2], 3)  # fewer slices than one batch
+    finally:
+        model.pad_batches = False
+    assert padded.shape == plain.shape == (7, *plain.shape[1:]) and single.shape[0] == 2
+    np.testing.assert_allclose(padded, plain, atol=1e-6)
+    np.testing.assert_allclose(single, plain[:2], atol=1e-6)
+
+
 @needs_gpu
 def test_cuda_model_matches_cpu(models_dir: Path) -> None:
     gpu = load_model(models_dir / "lung_seg", device="cuda:0")
