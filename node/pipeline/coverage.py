@@ -35,15 +35,7 @@ def estimate_lungs(volume: Volume, step: int = 4) -> np.ndarray:
     """Rough lung mask at (z, y/step, x/step)."""
     small = volume.hu[:, ::step, ::step]
     air = small < AIR_THRESHOLD_HU
-    # Air connected to the image border in each slice is outside the body.
-    img = sitk.GetImageFromArray(air.astype(np.uint8))
-    outside = np.zeros_like(air)
-    for z in range(air.shape[0]):
-        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(img[:, :, z]))
-        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-        border = border[border > 0]
-        outside[z] = np.isin(labels, border)
-    inside = air & ~outside
+    inside = air & ~_outside_body(air)
     comps = sitk.RelabelComponent(
         sitk.ConnectedComponent(sitk.GetImageFromArray(inside.astype(np.uint8))), sortByObjectSize=True
     )
@@ -55,6 +47,22 @@ def estimate_lungs(volume: Volume, step: int = 4) -> np.ndarray:
         if region.sum() * voxel_ml >= MIN_LUNG_ML / 4:
             keep |= region
     return keep
+
+
+def _outside_body(air: np.ndarray) -> np.ndarray:
+    """Air connected to the image border within its own slice: the air around the patient.
+
+    One labelling of the whole stack with an empty slice between neighbours (so no component crosses
+    from one slice to the next) instead of one call per slice: the same components, without the
+    per-call cost that grows with SimpleITK's thread count.
+    """
+    z, h, w = air.shape
+    spaced = np.zeros((2 * z - 1, h, w), dtype=np.uint8)
+    spaced[::2] = air
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(spaced)))[::2]
+    border = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
+                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    return np.isin(labels, border[border > 0])
 
 
 def check_coverage(volume: Volume) -> tuple[Coverage, list[QAFlag]]:
