@@ -144,16 +144,12 @@ def lesion_model_mask(hu: np.ndarray, lungs: np.ndarray, spacing: tuple[float, f
     """The lesion mask the node's lesion model gives for this CT (its false positives, on a CT without pneumonia)."""
     from types import SimpleNamespace
 
-    from node.pipeline import postprocess as post
     from node.pipeline.infer import load_model
-    from node.pipeline.runner import segment
+    from node.pipeline.runner import segment_lesions
 
     model = load_model(model_dir, device="cpu", threads=2)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    vol = SimpleNamespace(hu=hu, shape=hu.shape, voxel_ml=voxel_ml)
-    raw = segment(vol, model, ("ground_glass_opacity", "consolidation"), lung_box(lungs > 0))  # type: ignore[arg-type]
-    min_ml = float(model.manifest.postprocessing.get("min_component_ml", 0.1))
-    return post.clean_lesions(raw, lungs, min_ml=min_ml, voxel_ml=voxel_ml)
+    vol = SimpleNamespace(hu=hu, shape=hu.shape, voxel_ml=float(np.prod(spacing)) / 1000.0)
+    return segment_lesions(vol, lungs, model)  # type: ignore[arg-type]
 
 
 def lidc_0001_cases(copies: int, archive: Path = LIDC_0001, lesion_model: Path | None = None) -> list[Case]:

@@ -38,10 +38,8 @@ import SimpleITK as sitk
 import yaml
 
 from models.train.data_diagnosis import CLASSES, Case, degrade_lesions, held_out_names, load_cases, unpool
-from node.pipeline import postprocess as post
 from node.pipeline.infer import Model, load_model
-from node.pipeline.preprocess import full_box, lung_box
-from node.pipeline.runner import classify, segment
+from node.pipeline.runner import classify, segment_lesions, segment_lungs
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 DATA = Path("/work/shared/data")
@@ -140,10 +138,7 @@ def _tag(model: Model) -> str:
 def lungs_for(vol: Any, lung_model: Model | None) -> tuple[np.ndarray, str]:
     """Lung mask as the node computes it (lung model + cleaning), or the classical labeller without it."""
     if lung_model is not None:
-        raw = segment(vol, lung_model, ("right_lung", "left_lung"), full_box(vol.shape))
-        pp = lung_model.manifest.postprocessing
-        return post.clean_lungs(raw, keep=int(pp.get("keep_largest_components", 1)),
-                                min_ml=float(pp.get("min_component_ml", 5.0)), voxel_ml=vol.voxel_ml), _tag(lung_model)
+        return segment_lungs(vol, lung_model), _tag(lung_model)
     from models.train.lung_labels import label_lungs
 
     return label_lungs(vol.hu, vol.spacing_mm), "lung_labels.label_lungs"
@@ -153,9 +148,7 @@ def lesions_for(vol: Any, lungs: np.ndarray, lesion_model: Model | None) -> tupl
     """Lesion mask as the node computes it, or an empty one without the lesion model."""
     if lesion_model is None:
         return np.zeros(vol.shape, dtype=np.uint8), "empty (no lesion model)"
-    raw = segment(vol, lesion_model, ("ground_glass_opacity", "consolidation"), lung_box(lungs > 0))
-    mm = float(lesion_model.manifest.postprocessing.get("min_component_ml", 0.1))
-    return post.clean_lesions(raw, lungs, min_ml=mm, voxel_ml=vol.voxel_ml), _tag(lesion_model)
+    return segment_lesions(vol, lungs, lesion_model), _tag(lesion_model)
 
 
 def _timed_classify(vol: Any, lungs: np.ndarray, lesions: np.ndarray, model: Model) -> tuple[dict[str, float], float]:
