@@ -142,14 +142,11 @@ def read_dicom_archive(archive: Path) -> tuple[np.ndarray, tuple[float, float, f
 def lesion_model_mask(hu: np.ndarray, lungs: np.ndarray, spacing: tuple[float, float, float],
                       model_dir: Path) -> np.ndarray:
     """The lesion mask the node's lesion model gives for this CT (its false positives, on a CT without pneumonia)."""
-    from types import SimpleNamespace
-
     from node.pipeline.infer import load_model
     from node.pipeline.runner import segment_lesions
 
     model = load_model(model_dir, device="cpu", threads=2)
-    vol = SimpleNamespace(hu=hu, shape=hu.shape, voxel_ml=float(np.prod(spacing)) / 1000.0)
-    return segment_lesions(vol, lungs, model)  # type: ignore[arg-type]
+    return segment_lesions(_chain_volume(hu, spacing), lungs, model)
 
 
 def lidc_0001_cases(copies: int, archive: Path = LIDC_0001, lesion_model: Path | None = None) -> list[Case]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from node.pipeline.preprocess import lung_box
+
 RIGHT, LEFT = 1, 2  # lung label map values
 GGO, CONSOLIDATION = 1, 2  # lesion label map values
 
@@ -59,19 +61,10 @@ def clean_lesions(labels: np.ndarray, lungs: np.ndarray, *, min_ml: float, voxel
     present = inside > 0
     if not present.any():
         return inside
-    box = _bounding_box(present)
+    box = lung_box(present, margin=(0, 0, 0))
     keep = largest_components(np.ascontiguousarray(present[box]), 0, int(np.ceil(min_ml / voxel_ml)))
     inside[box] *= keep
     return inside
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        present = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(int(present[0]), int(present[-1]) + 1))
-    return tuple(box)
 
 
 @dataclass(frozen=True)
