@@ -37,7 +37,8 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Straight to the driver: this runs for every transaction, the receive path's included.
+        conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:

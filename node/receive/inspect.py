@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from node.errors import InstanceRejected
+from node.receive.walk import walk_file
 
 # Storage service statuses (PS3.4 B.2.3). The C000 range is "cannot understand".
 STATUS_SUCCESS = 0x0000
@@ -126,38 +127,11 @@ def inspect_instance(
 ) -> InstanceHeader:
     """Parse the received file and check it against the C-STORE request; raise InstanceRejected.
 
+    A clean little-endian file is read by the lean walk (``walk``); any other, and any file the
+    walk has a doubt about, by pydicom, which names the reason for a refusal.
     ``check_request=False`` skips the comparison with the request (a file found in the spool).
     """
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(path)
-            ds.keys()  # force the element walk so garbled streams fail here
-        for w in caught:
-            if "before delimiter" in str(w.message) or "End of file" in str(w.message):
-                raise _truncated(str(w.message))
-        _check_complete(ds, path)
-    except InstanceRejected:
-        raise
-    except Exception as exc:  # pydicom raises many types on garbled input; all mean "cannot understand"
-        raise InstanceRejected(STATUS_CANNOT_PARSE, f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
-
-    header = InstanceHeader(
-        sop_class_uid=_check_uid(ds, "SOPClassUID"),
-        sop_instance_uid=_check_uid(ds, "SOPInstanceUID"),
-        study_instance_uid=_check_uid(ds, "StudyInstanceUID"),
-        series_instance_uid=_check_uid(ds, "SeriesInstanceUID"),
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-        modality=_str(ds, "Modality"),
-        series_number=_int(ds, "SeriesNumber"),
-        series_description=_str(ds, "SeriesDescription"),
-        instance_number=_int(ds, "InstanceNumber"),
-        patient_id=_str(ds, "PatientID"),
-        accession_number=_str(ds, "AccessionNumber"),
-        study_date=_str(ds, "StudyDate"),
-        manufacturer=_str(ds, "Manufacturer"),
-        software_versions=_str(ds, "SoftwareVersions"),
-    )
+    header = _walked_header(path) or _pydicom_header(path)
     if not check_request:
         return header
     if header.sop_instance_uid != sop_instance_uid:
@@ -169,3 +143,95 @@ def inspect_instance(
             STATUS_SOP_CLASS_MISMATCH, "SOPClassUID in the dataset differs from AffectedSOPClassUID of the request"
         )
     return header
+
+
+def _walked_header(path: Path) -> InstanceHeader | None:
+    """The header from the lean walk, when the walk and every check pydicom's path makes pass."""
+    walked = walk_file(path)
+    if walked is None:
+        return None
+    v = walked.values
+    uids = [v.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
+    if not all(isinstance(u, str) and UID(u.strip()).is_valid for u in uids):
+        return None
+    sop_class = str(uids[0]).strip()
+    encapsulated = walked.encapsulated
+    if walked.pixel_data_length is None:
+        if sop_class in ANALYSABLE_SOP_CLASSES:
+            return None
+    elif encapsulated != (walked.pixel_data_length == -1):
+        return None
+    elif not encapsulated:
+        frames = _int_text(v.get("NumberOfFrames")) or 1
+        expected = (_as_int(v.get("Rows")) * _as_int(v.get("Columns")) * (_as_int(v.get("SamplesPerPixel")) or 1)
+                    * frames * _as_int(v.get("BitsAllocated")) // 8)
+        if walked.pixel_data_length < expected:
+            return None
+    text = {k: val for k, val in v.items() if isinstance(val, str)}
+    return InstanceHeader(
+        sop_class_uid=sop_class,
+        sop_instance_uid=str(uids[1]).strip(),
+        study_instance_uid=str(uids[2]).strip(),
+        series_instance_uid=str(uids[3]).strip(),
+        transfer_syntax_uid=walked.transfer_syntax_uid,
+        modality=text.get("Modality"),
+        series_number=_int_text(text.get("SeriesNumber")),
+        series_description=text.get("SeriesDescription"),
+        instance_number=_int_text(text.get("InstanceNumber")),
+        patient_id=text.get("PatientID"),
+        accession_number=text.get("AccessionNumber"),
+        study_date=text.get("StudyDate"),
+        manufacturer=text.get("Manufacturer"),
+        software_versions=text.get("SoftwareVersions"),
+    )
+
+
+def _as_int(value: str | int | None) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _int_text(value: str | int | None) -> int | None:
+    """An IS value as pydicom's IS reads it: an integer, or a float with no fraction."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return int(number) if number.is_integer() else None
+
+
+def _pydicom_header(path: Path) -> InstanceHeader:
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path)
+            ds.keys()  # force the element walk so garbled streams fail here
+        for w in caught:
+            if "before delimiter" in str(w.message) or "End of file" in str(w.message):
+                raise _truncated(str(w.message))
+        _check_complete(ds, path)
+        # Values are converted only when read, so a garbled one (an unknown VR) fails here.
+        return InstanceHeader(
+            sop_class_uid=_check_uid(ds, "SOPClassUID"),
+            sop_instance_uid=_check_uid(ds, "SOPInstanceUID"),
+            study_instance_uid=_check_uid(ds, "StudyInstanceUID"),
+            series_instance_uid=_check_uid(ds, "SeriesInstanceUID"),
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            modality=_str(ds, "Modality"),
+            series_number=_int(ds, "SeriesNumber"),
+            series_description=_str(ds, "SeriesDescription"),
+            instance_number=_int(ds, "InstanceNumber"),
+            patient_id=_str(ds, "PatientID"),
+            accession_number=_str(ds, "AccessionNumber"),
+            study_date=_str(ds, "StudyDate"),
+            manufacturer=_str(ds, "Manufacturer"),
+            software_versions=_str(ds, "SoftwareVersions"),
+        )
+    except InstanceRejected:
+        raise
+    except Exception as exc:  # pydicom raises many types on garbled input; all mean "cannot understand"
+        raise InstanceRejected(STATUS_CANNOT_PARSE, f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc

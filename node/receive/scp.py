@@ -253,6 +253,7 @@ class StorageSCP:
         self._close(event, AssociationState.aborted)
 
     def _on_conn_close(self, event: evt.Event) -> None:
+        tuning.untune_association(event.assoc)
         # The connection dropped without release or abort (peer vanished): treat as aborted.
         self._close(event, AssociationState.aborted)
 

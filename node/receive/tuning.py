@@ -10,9 +10,11 @@ causes dominate, both in its I/O loop rather than in our handler:
    folder (~0.3 ms to create, and on another file system than the spool). We create a plain file
    in the spool's ``incoming/`` folder instead, so committing it is a link on the same file system.
 3. Both reactor threads poll: the association thread sleeps 1 ms between looks at the DIMSE queue,
-   the DUL thread sleeps 1 ms whenever a loop found nothing. Every C-STORE waits on both. We shorten
-   the sleeps to ``poll_s`` (100 us); the idle cost is a few percent of one core per open
-   association, gone when it closes.
+   the DUL thread sleeps 1 ms whenever a loop found nothing. Every C-STORE waits on both, and each
+   wake-up costs system calls and a turn at the GIL. We make the sleeps waits that end early: the
+   association thread waits on its DIMSE queue's condition, the DUL thread in ``select`` on its
+   socket and on a wake-up socket that our side pokes when it queues a PDU. At most 1 ms still
+   passes between checks of timers and release, as before, and an idle association costs nothing.
 
 The replacements are installed only on the exact pynetdicom version they were written against;
 on any other version nothing is patched and a warning says so (correct, only slower).
@@ -23,6 +25,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
+import socket
+import threading
 import time
 import types
 from pathlib import Path
@@ -31,6 +36,8 @@ from typing import Any, BinaryIO
 import pynetdicom
 import pynetdicom.association
 import pynetdicom.dimse_messages
+import pynetdicom.dul
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
 
 from node.logs import kv
@@ -39,7 +46,9 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_VERSION = "3.0.4"
 _ORIGINAL_POLL_S = 0.001
-_state: dict[str, Any] = {"installed": False, "poll_s": _ORIGINAL_POLL_S, "incoming": None}
+_state: dict[str, Any] = {"installed": False, "incoming": None}
+_ORIGINAL: dict[str, Any] = {}
+_WAKE = "_lungnode_wake"
 _counter = itertools.count()
 
 
@@ -75,18 +84,54 @@ def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
     return buf
 
 
-def _make_time_module() -> types.SimpleNamespace:
-    """A stand-in for the ``time`` module inside pynetdicom.association with a shorter poll sleep."""
+def _time_module_with(sleep: Any) -> types.SimpleNamespace:
+    """A stand-in for the ``time`` module inside a pynetdicom module, with our ``sleep``."""
     shim = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
-
-    def sleep(seconds: float) -> None:
-        time.sleep(_state["poll_s"] if seconds == _ORIGINAL_POLL_S else seconds)
-
     shim.sleep = sleep
     return shim
 
 
-def install(incoming: Path, poll_s: float = 0.0001) -> bool:
+def _association_sleep(seconds: float) -> None:
+    """The association thread's 1 ms poll, ended early when a DIMSE message lands in its queue."""
+    thread = threading.current_thread()
+    if seconds == _ORIGINAL_POLL_S and isinstance(thread, pynetdicom.association.Association):
+        messages = thread.dimse.msg_queue
+        with messages.not_empty:
+            if not messages.queue:  # (qsize() would take the lock we hold)
+                messages.not_empty.wait(seconds)
+        return
+    time.sleep(seconds)
+
+
+def _dul_sleep(seconds: float) -> None:
+    """The DUL thread's idle sleep, ended early when the peer sends data or our side queues a PDU."""
+    thread = threading.current_thread()
+    pair = getattr(thread, _WAKE, None)
+    wake: socket.socket | None = pair[0] if pair else None
+    sock = getattr(getattr(thread, "socket", None), "socket", None)
+    if wake is None or sock is None:
+        time.sleep(seconds)
+        return
+    try:
+        ready, _, _ = select.select([sock, wake], [], [], seconds)
+        if wake in ready:
+            wake.recv(4096)
+    except (OSError, ValueError):  # closed meanwhile: the reactor notices on its next look
+        time.sleep(seconds)
+
+
+def _send_pdu(self: DULServiceProvider, primitive: Any) -> None:
+    """``send_pdu`` that wakes the DUL thread to send at once."""
+    _ORIGINAL["send_pdu"](self, primitive)
+    wake = getattr(self, _WAKE, None)
+    if wake is not None:
+        try:
+            wake[1].send(b"x")
+        except OSError:  # closed with the connection, or a wake-up already pending
+            pass
+
+
+def install(incoming: Path) -> bool:
     """Install the faster receive path (once per process); returns whether it is active.
 
     ``incoming`` is the folder for datasets being received; a later call only moves it.
@@ -98,16 +143,30 @@ def install(incoming: Path, poll_s: float = 0.0001) -> bool:
         log.warning(kv("pynetdicom_tuning_skipped", version=pynetdicom.__version__, supported=SUPPORTED_VERSION,
                        effect="receiving works but is slower"))
         return False
-    _state["poll_s"] = poll_s
     AssociationSocket.recv = _recv_exact  # type: ignore[method-assign]
-    setattr(pynetdicom.association, "time", _make_time_module())
+    setattr(pynetdicom.association, "time", _time_module_with(_association_sleep))
+    setattr(pynetdicom.dul, "time", _time_module_with(_dul_sleep))
+    _ORIGINAL["send_pdu"] = DULServiceProvider.send_pdu
+    DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
     setattr(pynetdicom.dimse_messages, "NamedTemporaryFile", _IncomingFile)
     _state["installed"] = True
-    log.info(kv("pynetdicom_tuning_installed", version=SUPPORTED_VERSION, poll_us=int(poll_s * 1e6)))
+    log.info(kv("pynetdicom_tuning_installed", version=SUPPORTED_VERSION))
     return True
 
 
 def tune_association(assoc: pynetdicom.association.Association) -> None:
-    """Per association (EVT_CONN_OPEN): shorten the DUL thread's idle sleep."""
+    """Per association (EVT_CONN_OPEN): give its DUL thread a wake-up socket pair."""
     if _state["installed"]:
-        assoc.dul._run_loop_delay = _state["poll_s"]
+        pair = socket.socketpair()
+        for end in pair:
+            end.setblocking(False)
+        setattr(assoc.dul, _WAKE, pair)
+
+
+def untune_association(assoc: pynetdicom.association.Association) -> None:
+    """Per association (EVT_CONN_CLOSE, in its DUL thread): close the wake-up socket pair."""
+    pair = getattr(assoc.dul, _WAKE, None)
+    if pair is not None:
+        setattr(assoc.dul, _WAKE, None)
+        for end in pair:
+            end.close()

@@ -20,6 +20,7 @@ from node.receive.inspect import (
     STATUS_MISSING_UID,
     STATUS_SOP_CLASS_MISMATCH,
     STATUS_UID_MISMATCH,
+    _walked_header,
     inspect_instance,
 )
 from tests.helpers.series import make_ct_dataset, rewrite_body, truncate_file, write_ct_series
@@ -49,6 +50,8 @@ def inspect(path: Path, *, sop_class: str | None = None, sop_uid: str | None = N
 def rejected(path: Path, **kw: object) -> InstanceRejected:
     with pytest.raises(InstanceRejected) as exc:
         inspect(path, **kw)  # type: ignore[arg-type]
+    if exc.value.status not in (STATUS_UID_MISMATCH, STATUS_SOP_CLASS_MISMATCH):
+        assert _walked_header(path) is None, "the lean walk must leave a refused file to pydicom"
     return exc.value
 
 
