@@ -27,16 +27,19 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 import types
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
+import pydicom.config
 import pynetdicom
 import pynetdicom.association
 import pynetdicom.dimse_messages
 import pynetdicom.dul
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
 
@@ -65,6 +68,55 @@ class _IncomingFile:
 
     def close(self) -> None:
         self.file.close()
+
+
+class _FileMeta(NamedTuple):
+    """The File Meta values pynetdicom writes ahead of each received dataset."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    implementation_uid: str
+    implementation_version: str
+
+
+def _create_file_meta(
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    implementation_uid: str = PYNETDICOM_IMPLEMENTATION_UID,
+    implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION,
+) -> _FileMeta:
+    return _FileMeta(sop_class_uid, sop_instance_uid, transfer_syntax, implementation_uid, implementation_version)
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element with a 2-byte length (the File Meta's short VRs)."""
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def encode_file_meta(meta: _FileMeta) -> bytes:
+    """The File Meta group exactly as pydicom's ``write_file_meta_info`` writes it for these values."""
+    version = meta.implementation_version.encode("ascii")
+    body = b"".join((
+        b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01",  # (0002,0001) version 00 01
+        _element(0x00020002, b"UI", _ui(meta.sop_class_uid)),
+        _element(0x00020003, b"UI", _ui(meta.sop_instance_uid)),
+        _element(0x00020010, b"UI", _ui(meta.transfer_syntax)),
+        _element(0x00020012, b"UI", _ui(meta.implementation_uid)),
+        _element(0x00020013, b"SH", version + b" " if len(version) % 2 else version),
+    ))
+    return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+def _write_file_meta_info(fp: BinaryIO, meta: _FileMeta) -> None:
+    fp.write(encode_file_meta(meta))
 
 
 def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -149,6 +201,12 @@ def install(incoming: Path) -> bool:
     _ORIGINAL["send_pdu"] = DULServiceProvider.send_pdu
     DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
     setattr(pynetdicom.dimse_messages, "NamedTemporaryFile", _IncomingFile)
+    setattr(pynetdicom.dimse_messages, "create_file_meta", _create_file_meta)
+    setattr(pynetdicom.dimse_messages, "write_file_meta_info", _write_file_meta_info)
+    # pydicom checks every UID object it builds against a regular expression, and pynetdicom builds
+    # a dozen per C-STORE. The values that matter are checked where they enter (``inspect``); the
+    # check on read only warned. (Values the node writes are still checked: writing mode stays.)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     _state["installed"] = True
     log.info(kv("pynetdicom_tuning_installed", version=SUPPORTED_VERSION))
     return True
