@@ -283,8 +283,9 @@ class StorageSCP:
         data_synced: Future[None] | None = None
         try:
             self.spool.check_space()
-            # The content fsync needs nothing from the checks: start it now, it overlaps them.
-            data_synced = self._io.submit(self.spool.sync_data, received)
+            # The content fsync needs nothing from the checks and works through a descriptor: start
+            # it now, it overlaps the checks and the commit.
+            data_synced = self._io.submit(self.spool.sync_data, self.spool.open_received(received))
             header = inspect_instance(received, sop_class_uid=str(req.AffectedSOPClassUID), sop_instance_uid=sop_uid)
             return self._store(header, received, size, assoc_id, data_synced)
         except InstanceRejected as rej:
@@ -304,25 +305,29 @@ class StorageSCP:
     ) -> int:
         """Make the file durable and record its row, then answer.
 
-        The fsync-bound steps overlap the rest: the content fsync (started before the checks), then
-        the link and its directory fsync run in the I/O pool while the row is written here; success
-        is answered only after all are durable. If the row committed but the file did not, the row is
-        removed again (reconciliation removes rows a crash left without a file: none was acknowledged).
+        The fsync-bound steps overlap the rest and each other: the content fsync (started before
+        the checks), the link and its directory's fsync, and the row written here. Success is
+        answered only after all are done. A failure undoes what succeeded: the row is removed and a
+        linked file whose content fsync failed is deleted (reconciliation removes rows a crash left
+        without a file, and quarantines files it cannot read: none was acknowledged).
         """
         sop_uid = header.sop_instance_uid
         final = self.spool.path_for(header.series_instance_uid, sop_uid)
-        data_synced.result()  # before the link: the commit removes the name the content fsync opens
         file_done = self._io.submit(self.spool.commit, received, header.series_instance_uid, sop_uid, sync_data=False)
         try:
             recorded = self.ledger.record_instance(
                 header, path=final, size_bytes=size, association_id=assoc_id, own_output=is_own_output(header)
             )
         except BaseException:
-            file_done.result()
+            wait([file_done])
             raise
+        created = False
         try:
             created = file_done.result() is not None
+            data_synced.result()
         except InstanceRejected:
+            if created:
+                final.unlink(missing_ok=True)
             if recorded.outcome == Outcome.stored:
                 self.ledger.forget_instance(sop_uid)
             raise

@@ -55,18 +55,26 @@ class Spool:
                 f"spool disk nearly full: {free // 2**20} MiB free, at least {self.min_free_bytes // 2**20} MiB required",
             )
 
-    def sync_data(self, received: Path) -> None:
-        """fsync the file's content (the SCP starts this while it still checks the dataset)."""
-        if not self.fsync:
-            return
+    def open_received(self, received: Path) -> int:
+        """A read descriptor on a received file, for ``sync_data``."""
         try:
-            fd = os.open(received, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            return os.open(received, os.O_RDONLY)
         except OSError as exc:
             raise _write_error(exc) from exc
+
+    def sync_data(self, fd: int) -> None:
+        """fsync a received file's content through ``fd``, then close it.
+
+        Through a descriptor opened beforehand, so ``commit`` may give the file its final name
+        meanwhile: the SCP runs the two at once, and acknowledges only when both are done.
+        """
+        try:
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            raise _write_error(exc) from exc
+        finally:
+            os.close(fd)
 
     def commit(self, received: Path, series_uid: str, sop_uid: str, *, sync_data: bool = True) -> Path | None:
         """Make a received file durable at its final place and return that place.
@@ -79,7 +87,7 @@ class Spool:
         """
         final = self.path_for(series_uid, sop_uid)
         if sync_data:
-            self.sync_data(received)
+            self.sync_data(self.open_received(received))
         try:
             new_dir = not final.parent.exists()
             final.parent.mkdir(parents=True, exist_ok=True)
