@@ -76,17 +76,15 @@ class IngestLedger:
 
     # -- associations -------------------------------------------------------------------------
     def open_association(self, *, calling_ae: str, called_ae: str, host: str, port: int) -> int:
-        with self.sessions.begin() as s:
-            row = Association(
-                calling_ae=calling_ae,
-                called_ae=called_ae,
-                peer_host=host,
-                peer_port=port,
-                state=AssociationState.open,
-            )
-            s.add(row)
-            s.flush()
-            return row.id
+        # Core, not the ORM: this runs once per association, inside its negotiation.
+        with self.sessions.kw["bind"].begin() as conn:
+            row_id = conn.execute(
+                insert(Association)
+                .values(calling_ae=calling_ae, called_ae=called_ae, peer_host=host, peer_port=port,
+                        state=AssociationState.open)
+                .returning(Association.id)
+            ).scalar_one()
+            return int(row_id)
 
     def close_association(self, assoc_id: int, state: AssociationState) -> None:
         with self.sessions.begin() as s:
