@@ -20,6 +20,9 @@ by its I/O loop and by Python work per message rather than by our handler:
    objects; and pydicom checks every UID object it builds against a regular expression. Contexts
    are copied as what they are (immutable values and one list), and UIDs are no longer checked on
    read in the receiving process (``inspect`` checks the ones that matter).
+5. The plain C-STORE-RSP that answers each instance is built as a pydicom Dataset and encoded
+   (~0.4 ms); we encode its ~150 bytes directly (byte-identical, tested) when nothing watches
+   sent messages.
 
 The replacements are installed only on the exact pynetdicom version they were written against;
 on any other version nothing is patched and a warning says so (correct, only slower).
@@ -42,11 +45,15 @@ from typing import Any, BinaryIO, NamedTuple
 
 import pydicom.config
 import pynetdicom
+import pynetdicom._config
 import pynetdicom.association
 import pynetdicom.dimse_messages
 import pynetdicom.dul
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
 
@@ -124,6 +131,51 @@ def encode_file_meta(meta: _FileMeta) -> bytes:
 
 def _write_file_meta_info(fp: BinaryIO, meta: _FileMeta) -> None:
     fp.write(encode_file_meta(meta))
+
+
+def _implicit(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def encode_store_response(rsp: C_STORE) -> bytes:
+    """The Command Set of a plain C-STORE-RSP (Implicit VR Little Endian), as pynetdicom encodes it."""
+    body = b"".join((
+        _implicit(0x00000002, _ui(str(rsp.AffectedSOPClassUID))),
+        _implicit(0x00000100, struct.pack("<H", 0x8001)),
+        _implicit(0x00000120, struct.pack("<H", rsp.MessageIDBeingRespondedTo)),
+        _implicit(0x00000800, struct.pack("<H", 0x0101)),  # no data set
+        _implicit(0x00000900, struct.pack("<H", rsp.Status)),
+        _implicit(0x00001000, _ui(str(rsp.AffectedSOPInstanceUID))),
+    ))
+    return _implicit(0x00000000, struct.pack("<L", len(body))) + body
+
+
+def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+    """``send_msg`` with a short cut for the plain C-STORE-RSP the SCP answers every instance with.
+
+    pynetdicom builds a pydicom Dataset for these ~150 bytes and encodes it (~0.4 ms per instance);
+    anything else, and any response carrying an error comment or offending element, goes the
+    original way, as do all when a handler or pynetdicom's debug log watches sent messages.
+    """
+    plain = (
+        type(primitive) is C_STORE
+        and primitive.MessageIDBeingRespondedTo is not None
+        and primitive.Status is not None
+        and primitive.AffectedSOPClassUID
+        and primitive.AffectedSOPInstanceUID
+        and primitive.ErrorComment is None
+        and primitive.OffendingElement is None
+        and pynetdicom._config.LOG_HANDLER_LEVEL != "standard"
+        and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+    )
+    command = encode_store_response(primitive) if plain else b""
+    limit = self.maximum_pdu_size
+    if not plain or (limit and len(command) > limit - 6):
+        _ORIGINAL["send_msg"](self, primitive, context_id)
+        return
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # command, last fragment
+    self.dul.send_pdu(pdata)
 
 
 def _copy_context(self: PresentationContext, memo: dict[int, Any]) -> PresentationContext:
@@ -220,6 +272,8 @@ def install(incoming: Path) -> bool:
     setattr(pynetdicom.dimse_messages, "create_file_meta", _create_file_meta)
     setattr(pynetdicom.dimse_messages, "write_file_meta_info", _write_file_meta_info)
     setattr(PresentationContext, "__deepcopy__", _copy_context)
+    _ORIGINAL["send_msg"] = DIMSEServiceProvider.send_msg
+    DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
     # pydicom checks every UID object it builds against a regular expression, and pynetdicom builds
     # a dozen per C-STORE. The values that matter are checked where they enter (``inspect``); the
     # check on read only warned. (Values the node writes are still checked: writing mode stays.)
