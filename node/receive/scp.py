@@ -35,6 +35,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association as PnAssociation
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -77,6 +78,7 @@ TRANSFER_SYNTAXES = [
 
 _ASSOC_ID = "_lungnode_assoc_id"
 _ASSOC_STATS = "_lungnode_assoc_stats"
+_RELEASE_REQUESTED = "_lungnode_release_requested"
 
 
 @dataclass
@@ -146,6 +148,7 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
@@ -246,6 +249,11 @@ class StorageSCP:
             log.info(kv(f"association_{state.value}", assoc=assoc_id))
         self.on_association_closed()
 
+    def _on_acse_recv(self, event: evt.Event) -> None:
+        primitive = getattr(event, "primitive", None)  # set by pynetdicom for EVT_ACSE_RECV
+        if isinstance(primitive, A_RELEASE) and primitive.result is None:
+            setattr(event.assoc, _RELEASE_REQUESTED, True)
+
     def _on_released(self, event: evt.Event) -> None:
         self._close(event, AssociationState.released)
 
@@ -254,8 +262,11 @@ class StorageSCP:
 
     def _on_conn_close(self, event: evt.Event) -> None:
         tuning.untune_association(event.assoc)
-        # The connection dropped without release or abort (peer vanished): treat as aborted.
-        self._close(event, AssociationState.aborted)
+        # After a release request the peer closes the connection as soon as it has our answer, which
+        # may be before EVT_RELEASED reaches us: that is a release. Any other drop without release
+        # or abort (the peer vanished) counts as aborted.
+        released = getattr(event.assoc, _RELEASE_REQUESTED, False)
+        self._close(event, AssociationState.released if released else AssociationState.aborted)
 
     # -- DIMSE ----------------------------------------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:
