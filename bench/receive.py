@@ -15,9 +15,10 @@ storescp: the median over rounds of storescp's time divided by the target's in t
 the figure to compare (pairing the runs of a round cancels most of the drift of a noisy machine).
 
 Both receivers write under ``--workdir`` (default var/bench, where the node's default spool is).
-Not /tmp: on the reference VMs creating a file under /tmp costs ~0.8 ms against ~0.02 ms elsewhere
-on the same disk, which slows storescp (one file per slice is most of its work) far more than the
-node and so flatters the ratio.
+Not /tmp: where thousands of files were deleted in the last minutes (a test run's temporary
+folders), ext4 creates files slowly while it steps over recently freed inodes (measured here 0.3 to
+0.8 ms per file in /tmp against 0.02 to 0.08 ms in var/). That slows storescp, whose work is mostly
+one file per slice, far more than the node, and so flatters the ratio.
 
     .venv/bin/python bench/receive.py [--rounds 5] [--slices 300] [--matrix 512] [--json FILE]
 """
