@@ -130,6 +130,11 @@ def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: i
     return model, history
 
 
+def flip_averaged(run):
+    """A runner that averages the probabilities of each slice and its left-right mirror image."""
+    return lambda x: 0.5 * (run(x) + run(np.ascontiguousarray(x[..., ::-1]))[..., ::-1])
+
+
 def folds(n: int, k: int, seed: int) -> list[np.ndarray]:
     """``k`` disjoint index sets covering 0..n-1 (fixed permutation)."""
     return np.array_split(np.random.default_rng(1234 + seed).permutation(n), k)
@@ -149,7 +154,9 @@ def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, va
                        batch=cfg["batch"], lr=cfg["lr"], reps=cfg["reps"], n_ph=cfg["n_ph"], crop=cfg["crop"],
                        init=cfg["init"], fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
         res = medseg_metrics(torch_runner(model), test_items, gmap, size)
-        rows.append({"fold": f + 1, **{k2: round(v, 4) for k2, v in res.items()}})
+        flipped = medseg_metrics(flip_averaged(torch_runner(model)), test_items, gmap, size)
+        rows.append({"fold": f + 1, **{k2: round(v, 4) for k2, v in res.items()},
+                     **{f"flip_averaged_{k2}": round(v, 4) for k2, v in flipped.items() if k2 != "images"}})
         log(f"fold {f + 1}: {rows[-1]}")
     mean = {key: round(float(np.mean([r[key] for r in rows])), 4) for key in rows[0] if key not in ("fold", "images")}
     log(f"{k}-fold CV mean: {mean}")
