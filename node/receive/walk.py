@@ -15,6 +15,7 @@ before, only a clean one is judged faster.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,11 @@ class _Unsure(Exception):
     """The walk met something it leaves to pydicom."""
 
 
+#: What makes the walk give up (``struct.error``: an element header beyond the bytes read).
+_DOUBTS = (_Unsure, struct.error, UnicodeDecodeError, ValueError)
+_HEAD_BYTES = 64 * 1024
+
+
 @dataclass(frozen=True)
 class Walked:
     """The file's transfer syntax, the wanted values (text or int), and its Pixel Data length."""
@@ -77,14 +83,28 @@ class Walked:
 
 
 def walk_file(path: Path) -> Walked | None:
-    """Walk ``path``; None when pydicom must judge it."""
+    """Walk ``path``; None when pydicom must judge it.
+
+    The first 64 KiB usually hold every element up to native Pixel Data, which then only has to
+    end where the file does: its bytes are not read (an Enhanced CT object can be hundreds of MB).
+    Anything else running past that head (a value, a sequence) is walked again over the whole file.
+    """
     try:
-        return _walk_bytes(path.read_bytes())
-    except (_Unsure, struct.error, UnicodeDecodeError, ValueError):
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            buf = fh.read(_HEAD_BYTES)
+            if len(buf) < size:
+                try:
+                    return _walk_bytes(buf, size)
+                except _DOUBTS:
+                    buf += fh.read()
+            return _walk_bytes(buf, size)
+    except (*_DOUBTS, OSError):
         return None
 
 
-def _walk_bytes(buf: bytes) -> Walked:
+def _walk_bytes(buf: bytes, size: int) -> Walked:
+    """Walk a file of ``size`` bytes whose first ``len(buf)`` bytes are ``buf``."""
     if len(buf) < 144 or buf[128:132] != b"DICM":
         raise _Unsure
     meta: dict[int, bytes] = {}
@@ -93,7 +113,7 @@ def _walk_bytes(buf: bytes) -> Walked:
     if not syntax.is_transfer_syntax or syntax.is_deflated or not syntax.is_little_endian:
         raise _Unsure
     raw: dict[int, bytes] = {}
-    pixels = _walk_dataset(buf, body, len(buf), explicit=not syntax.is_implicit_VR, raw=raw)
+    pixels = _walk_dataset(buf, body, size, explicit=not syntax.is_implicit_VR, raw=raw)
     charset = _SIMPLE_CHARSETS.get(_text(raw.pop(_CHARACTER_SET, b""), "ascii"))
     if charset is None:
         raise _Unsure
@@ -151,6 +171,8 @@ def _walk_dataset(buf: bytes, pos: int, end: int, *, explicit: bool, raw: dict[i
         pos = start + length
         if pos > end:
             raise _Unsure
+        if pos > len(buf) and not (raw is not None and tag == _PIXEL_DATA):
+            raise _Unsure  # a value beyond what was read: only Pixel Data may be skipped unread
         if raw is not None:
             if tag in WANTED:
                 raw[tag] = buf[start:pos]

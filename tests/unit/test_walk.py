@@ -143,3 +143,21 @@ def test_damaged_files_never_pass_the_walk_alone(tmp_path: Path) -> None:
             accepted += 1
             assert walked == slow(damaged)
     assert accepted > 0  # some damage (a changed pixel value) leaves a valid file
+
+
+@pytest.mark.parametrize("layout", ["header-over-64k", "element-after-pixels", "small-file"])
+def test_files_the_first_64k_do_not_settle(tmp_path: Path, layout: str) -> None:
+    """Pixel Data is skipped unread only when it ends the file; anything else is walked in full."""
+    ds = make_ct_dataset(study_uid=generate_uid(), series_uid=generate_uid(), matrix=256 if layout != "small-file" else 8)
+    if layout == "header-over-64k":
+        block = ds.private_block(0x0029, "LUNGNODE TEST", create=True)
+        block.add_new(0x10, "OB", bytes(100_000))
+    elif layout == "element-after-pixels":
+        ds.add_new(0xFFFCFFFC, "OB", bytes(16))  # Data Set Trailing Padding
+    path = save(ds, tmp_path / f"{layout}.dcm")
+    walked = _walked_header(path)
+    assert walked is not None
+    assert walked == _pydicom_header(path)
+    truncated = tmp_path / "cut.dcm"
+    truncated.write_bytes(path.read_bytes()[:-3])
+    assert _walked_header(truncated) is None
