@@ -151,10 +151,11 @@ def _walked_header(path: Path) -> InstanceHeader | None:
     if walked is None:
         return None
     v = walked.values
-    uids = [v.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
-    if not all(isinstance(u, str) and UID(u.strip()).is_valid for u in uids):
+    found = [v.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
+    uids = [u.strip() for u in found if isinstance(u, str)]  # (pydicom's UID strips both ends)
+    if len(uids) < 4 or not all(UID(u).is_valid for u in uids):
         return None
-    sop_class = str(uids[0]).strip()
+    sop_class, sop_instance, study, series = uids
     encapsulated = walked.encapsulated
     if walked.pixel_data_length is None:
         if sop_class in ANALYSABLE_SOP_CLASSES:
@@ -170,9 +171,9 @@ def _walked_header(path: Path) -> InstanceHeader | None:
     text = {k: val for k, val in v.items() if isinstance(val, str)}
     return InstanceHeader(
         sop_class_uid=sop_class,
-        sop_instance_uid=str(uids[1]).strip(),
-        study_instance_uid=str(uids[2]).strip(),
-        series_instance_uid=str(uids[3]).strip(),
+        sop_instance_uid=sop_instance,
+        study_instance_uid=study,
+        series_instance_uid=series,
         transfer_syntax_uid=walked.transfer_syntax_uid,
         modality=text.get("Modality"),
         series_number=_int_text(text.get("SeriesNumber")),

@@ -168,7 +168,12 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
         and pynetdicom._config.LOG_HANDLER_LEVEL != "standard"
         and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
     )
-    command = encode_store_response(primitive) if plain else b""
+    command = b""
+    if plain:
+        try:
+            command = encode_store_response(primitive)
+        except (UnicodeEncodeError, struct.error):  # a value out of the usual range: the original way
+            plain = False
     limit = self.maximum_pdu_size
     if not plain or (limit and len(command) > limit - 6):
         _ORIGINAL["send_msg"](self, primitive, context_id)
@@ -219,6 +224,10 @@ def _association_sleep(seconds: float) -> None:
         with messages.not_empty:
             if not messages.queue:  # (qsize() would take the lock we hold)
                 messages.not_empty.wait(seconds)
+            if messages.queue:
+                # put() wakes one waiter; should it have been us while another thread (a user's
+                # blocking get) waits for this message too, pass the wake-up on.
+                messages.not_empty.notify()
         return
     time.sleep(seconds)
 
