@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -74,10 +74,15 @@ class IngestLedger:
         self._series_ids: dict[str, int] = {}
         self._cache_lock = threading.Lock()
 
+    @property
+    def _engine(self) -> Engine:
+        """The sessions' engine, for the Core statements of the hot paths."""
+        return self.sessions.kw["bind"]
+
     # -- associations -------------------------------------------------------------------------
     def open_association(self, *, calling_ae: str, called_ae: str, host: str, port: int) -> int:
         # Core, not the ORM: this runs once per association, inside its negotiation.
-        with self.sessions.kw["bind"].begin() as conn:
+        with self._engine.begin() as conn:
             row_id = conn.execute(
                 insert(Association)
                 .values(calling_ae=calling_ae, called_ae=called_ae, peer_host=host, peer_port=port,
@@ -175,8 +180,7 @@ class IngestLedger:
         Returns None when the series is complete (a late instance): the caller takes the full path.
         Core statements built once at import keep SQLAlchemy's per-call cost off the hot path.
         """
-        engine = self.sessions.kw["bind"]
-        with engine.begin() as conn:
+        with self._engine.begin() as conn:
             revision = conn.execute(_TOUCH_OPEN_SERIES, {"sid": series_id, "now": now}).scalar()
             if revision is None:
                 return None

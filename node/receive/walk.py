@@ -164,9 +164,8 @@ def _walk_dataset(buf: bytes, pos: int, end: int, *, explicit: bool, raw: dict[i
             if tag == _PIXEL_DATA and raw is not None:
                 pos = _skip_fragments(buf, start, end)
                 pixels = -1
-            else:  # a sequence (UN of undefined length holds Implicit VR, PS3.5 6.2.2)
-                vr = buf[pos + 4 : pos + 6] if explicit else b"SQ"
-                pos = _skip_sequence(buf, start, end, explicit=explicit and vr != b"UN")
+            else:
+                pos = _skip_undefined_sequence(buf, pos, start, end, explicit)
             continue
         pos = start + length
         if pos > end:
@@ -174,9 +173,7 @@ def _walk_dataset(buf: bytes, pos: int, end: int, *, explicit: bool, raw: dict[i
         if pos > len(buf) and not (raw is not None and tag == _PIXEL_DATA):
             raise _Unsure  # a value beyond what was read: only Pixel Data may be skipped unread
         if raw is not None:
-            if tag in WANTED:
-                raw[tag] = buf[start:pos]
-            elif tag == _CHARACTER_SET:
+            if tag in WANTED or tag == _CHARACTER_SET:
                 raw[tag] = buf[start:pos]
             elif tag == _PIXEL_DATA:
                 pixels = length
@@ -201,6 +198,15 @@ def _element_header(buf: bytes, pos: int, end: int, explicit: bool) -> tuple[int
             raise _Unsure
         return tag, struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
     return tag, struct.unpack_from("<L", buf, pos + 4)[0], pos + 8
+
+
+def _skip_undefined_sequence(buf: bytes, pos: int, start: int, end: int, explicit: bool) -> int:
+    """Skip the element at ``pos``, a sequence of undefined length whose items begin at ``start``.
+
+    A UN element of undefined length holds its items in Implicit VR (PS3.5 6.2.2).
+    """
+    vr = buf[pos + 4 : pos + 6] if explicit else b"SQ"
+    return _skip_sequence(buf, start, end, explicit=explicit and vr != b"UN")
 
 
 def _skip_sequence(buf: bytes, pos: int, end: int, *, explicit: bool) -> int:
@@ -230,8 +236,7 @@ def _skip_item(buf: bytes, pos: int, end: int, *, explicit: bool) -> int:
             raise _Unsure
         previous = tag
         if length == _UNDEFINED:
-            vr = buf[pos + 4 : pos + 6] if explicit else b"SQ"
-            pos = _skip_sequence(buf, start, end, explicit=explicit and vr != b"UN")
+            pos = _skip_undefined_sequence(buf, pos, start, end, explicit)
         else:
             pos = start + length
             if pos > end:
