@@ -2,13 +2,16 @@
 
     python -m models.train.train_lesion --out DIR [--epochs N --seed S --phantoms K --size 192 --base 8]
     python -m models.train.train_lesion --out DIR --cv 5     # 5-fold cross-validation on MedSeg train only
+    python -m models.train.train_lesion --out DIR --cv 5 --fold 3 --device cuda   # one fold, on a GPU
 
 Data (``models.train.data_lesion``): ``--phantoms`` random phantoms (seeds 0..K-1; kinds covid /
 pneumonia / normal and their variants) and the 50 MedSeg training slices, each repeated
 ``--medseg-reps`` times per epoch; an epoch also draws ``--phantom-slices`` phantom slices, half of
 them with lesions. Validation every epoch: Dice on held-out phantoms (seeds 200000+) on the model
 grid, and in cross-validation on the held-out MedSeg fold at the image's own resolution. The MedSeg
-test split is never read here. Seeds fix data, initialisation, augmentation and batch order.
+test split is never read here. Seeds fix data, initialisation, augmentation and batch order; on the
+CPU a run repeats bit for bit, on CUDA (``--device cuda``) a few kernels (bilinear upsampling's
+backward pass) are not deterministic, so a rerun agrees to training noise, not bit for bit.
 
 Export: ONNX opset 17, dynamic batch, softmax in the graph; onnxruntime and torch must agree to
 1e-4, else the run fails. ``models.train.eval_lesion`` measures the shipped metrics.
@@ -18,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import yaml
 from torch.nn import functional as F
@@ -91,12 +96,17 @@ def torch_runner(model: UNet2D):
 
 
 def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: int, base: int, batch: int,
-        lr: float, reps: int, n_ph: int, crop: int = 0, init: Path | None = None, log=print, fold_eval=None) -> tuple[UNet2D, list[dict[str, Any]]]:
-    """Train a U-Net (fresh, or from the ``init`` weights); per epoch log loss, held-out phantom Dice, fold metric."""
+        lr: float, reps: int, n_ph: int, crop: int = 0, depth: int = 3, init: Path | None = None,
+        device: str = "cpu", log=print, fold_eval=None) -> tuple[UNet2D, list[dict[str, Any]]]:
+    """Train a U-Net (fresh, or from the ``init`` weights); per epoch log loss, held-out phantom Dice, fold metric.
+
+    Augmentation runs on the CPU; only the network's steps go to ``device``. The model comes back on the CPU.
+    """
     seed_everything(seed)
-    model = UNet2D(base)
+    model = UNet2D(base, depth=depth)
     if init is not None:
         model.load_state_dict(torch.load(init, map_location="cpu"))
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     per_epoch = len(med) * reps + n_ph
     steps = max(1, epochs * ((per_epoch + batch - 1) // batch))
@@ -111,8 +121,8 @@ def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: i
         for i in range(0, len(order), batch):
             pairs = [augment_lesion((med if s == "m" else phantom).x[k], (med if s == "m" else phantom).y[k], rng,
                                     crop) for s, k in order[i:i + batch]]
-            xb = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None])
-            yb = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
+            xb = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None]).to(device)
+            yb = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)).to(device)
             loss = loss_fn(model.logits(xb), yb)
             opt.zero_grad()
             loss.backward()
@@ -127,7 +137,7 @@ def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: i
         history.append(row)
         log(f"epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch")
             + f", {time.perf_counter() - t0:.0f} s")
-    return model, history
+    return model.cpu(), history
 
 
 def flip_averaged(run):
@@ -142,17 +152,22 @@ def folds(n: int, k: int, seed: int) -> list[np.ndarray]:
 
 def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, val: SliceSet, k: int,
                    cfg: dict[str, Any], log=print) -> dict[str, Any]:
-    """k-fold CV on the MedSeg training slices: train on k-1 folds (+ phantoms), score the held-out fold."""
+    """k-fold CV on the MedSeg training slices: train on k-1 folds (+ phantoms), score the held-out fold.
+
+    ``cfg["fold"]`` > 0 runs that fold alone (parallel runs; ``sweep_lesion`` averages the folds' files).
+    """
     size = cfg["size"]
     rows = []
     for f, held in enumerate(folds(len(items), k, cfg["seed"])):
+        if cfg["fold"] and f + 1 != cfg["fold"]:
+            continue
         train_items = [it for i, it in enumerate(items) if i not in set(held.tolist())]
         test_items = [items[i] for i in held]
         log(f"fold {f + 1}/{k}: train {len(train_items)} MedSeg slices, held out {[it.name for it in test_items]}")
         med = medseg_samples(train_items, gmap, size)
         model, _ = fit(phantom, med, val, log=log, epochs=cfg["epochs"], seed=cfg["seed"], base=cfg["base"],
                        batch=cfg["batch"], lr=cfg["lr"], reps=cfg["reps"], n_ph=cfg["n_ph"], crop=cfg["crop"],
-                       init=cfg["init"], fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
+                       depth=cfg["depth"], init=cfg["init"], device=cfg["device"], fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
         res = medseg_metrics(torch_runner(model), test_items, gmap, size)
         flipped = medseg_metrics(flip_averaged(torch_runner(model)), test_items, gmap, size)
         rows.append({"fold": f + 1, **{k2: round(v, 4) for k2, v in res.items()},
@@ -229,15 +244,15 @@ def load_data(cfg: dict[str, Any], log=print) -> tuple[list[MedsegItem], GrayMap
 
 def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val_phantoms: int = 6, size: int = 192,
           base: int = 8, batch: int = 16, lr: float = 3e-3, reps: int = 6, n_ph: int = 240, crop: int = 96,
-          medseg: bool = True, cv: int = 0, slices: int | None = None, matrix: int | None = None,
-          init: Path | None = None, log=print) -> dict[str, Any]:
+          medseg: bool = True, cv: int = 0, fold: int = 0, depth: int = 3, slices: int | None = None,
+          matrix: int | None = None, init: Path | None = None, device: str = "cpu", log=print) -> dict[str, Any]:
     """Cross-validate (``cv`` > 0) or train, export and describe the model in ``out``.
 
     ``slices`` / ``matrix`` fix the phantoms' size (small, fast test runs); by default each seed draws them.
     """
     cfg = dict(epochs=epochs, seed=seed, phantoms=phantoms, val_phantoms=val_phantoms, size=size, base=base,
-               batch=batch, lr=lr, reps=reps, n_ph=n_ph, crop=crop, medseg=medseg, cv=cv, slices=slices,
-               matrix=matrix, init=None if init is None else str(init))
+               batch=batch, lr=lr, reps=reps, n_ph=n_ph, crop=crop, medseg=medseg, cv=cv, fold=fold, depth=depth,
+               slices=slices, matrix=matrix, init=None if init is None else str(init), device=device)
     t0 = time.perf_counter()
     items, gmap, phantom, val = load_data(cfg, log)
     log(f"data: {len(phantom)} phantom slices ({phantoms} phantoms), {len(items)} MedSeg slices, "
@@ -247,12 +262,12 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
     if cv:
         assert gmap is not None
         res = cross_validate(items, gmap, phantom, val, cv, cfg, log)
-        (out / "cv.json").write_text(json.dumps({"config": cfg, **res}, indent=2), encoding="utf-8")
+        (out / (f"cv-fold{fold}.json" if fold else "cv.json")).write_text(json.dumps({"config": cfg, **res}, indent=2), encoding="utf-8")
         return res
     med = medseg_samples(items, gmap, size) if items and gmap else SliceSet(np.zeros((0, size, size), np.float32),
                                                                      np.zeros((0, size, size), np.uint8), [])
     model, history = fit(phantom, med, val, epochs=epochs, seed=seed, base=base, batch=batch, lr=lr, reps=reps,
-                         n_ph=n_ph, crop=crop, init=init, log=log)
+                         n_ph=n_ph, crop=crop, depth=depth, init=init, device=device, log=log)
     onnx_path = out / "model.onnx"
     export_onnx(model, onnx_path, size)
     err = parity(model, onnx_path, val.x[:16])
@@ -268,7 +283,8 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
                                                                   val_seeds(val_phantoms)[-1][0]]},
         "pretraining": pretraining_summary(init),
         "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "medseg_reps_per_epoch": reps,
-        "phantom_slices_per_epoch": n_ph, "train_crop": crop, "base_channels": base, "parameters": n_params(model),
+        "phantom_slices_per_epoch": n_ph, "train_crop": crop, "base_channels": base, "depth": depth,
+        "parameters": n_params(model), "device": device,
         "loss": "cross-entropy + soft Dice (GGO, consolidation, infection)",
         "augmentation": "random crops (lesion-centred 60%), flips and 90-degree turns, scale +-15%, rotation +-15 deg, blur / unsharp masking, "
                         "gain/offset, white and correlated noise",
@@ -300,13 +316,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-medseg", action="store_true")
     ap.add_argument("--cv", type=int, default=0, help="k-fold cross-validation on MedSeg train instead of training")
     ap.add_argument("--init", type=Path, default=None, help="start from these weights (phantom pre-training)")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--fold", type=int, default=0, help="with --cv: run only this fold (1..k)")
+    ap.add_argument("--depth", type=int, default=3, choices=(3, 4), help="U-Net resolution levels")
+    ap.add_argument("--device", default="cpu", help="torch device for the network steps (cpu, cuda)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch and SimpleITK (0: their default)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(a.threads)
+    if a.device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS under seed_everything
     train(a.out, epochs=a.epochs, seed=a.seed, phantoms=a.phantoms, val_phantoms=a.val_phantoms, size=a.size,
           base=a.base, batch=a.batch, lr=a.lr, reps=a.medseg_reps, n_ph=a.phantom_slices, crop=a.crop, medseg=not a.no_medseg,
-          cv=a.cv, init=a.init, log=lambda s: print(s, flush=True))
+          cv=a.cv, fold=a.fold, depth=a.depth, init=a.init, device=a.device, log=lambda s: print(s, flush=True))
     return 0
 
 

@@ -43,11 +43,13 @@ def seed_everything(seed: int) -> None:
 
 
 def predict(model: UNet2D, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Softmax of ``x`` [N, H, W] in eval mode, on the model's device, as float32 numpy."""
     model.eval()
+    dev = next(model.parameters()).device
     outs = []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            outs.append(model(torch.from_numpy(x[i:i + batch, None])).numpy())
+            outs.append(model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch, None])).to(dev)).cpu().numpy())
     return np.concatenate(outs)
 
 

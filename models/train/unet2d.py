@@ -1,9 +1,12 @@
 """A tiny 2D U-Net for the lung model: [N, 1, H, W] windowed CT -> [N, 3, H, W] softmax (in the graph).
 
-Three resolution levels plus a bottleneck, ``base`` channels at full resolution (doubling per level),
-two 3x3 conv + BatchNorm + ReLU per block, max-pool down, bilinear upsampling + concatenation up.
-With ``base=12`` it has about 0.3 M parameters. BatchNorm folds into the convs at ONNX export, so the
-exported graph is Conv/Relu/MaxPool/Resize/Concat/Softmax only. H and W must be multiples of 8.
+``depth`` resolution levels (3 or 4) plus a bottleneck, ``base`` channels at full resolution
+(doubling per level, at most 4x base), two 3x3 conv + BatchNorm + ReLU per block, max-pool down,
+bilinear upsampling + concatenation up. A fourth level widens the receptive field (context around a
+lesion) for few extra operations, since it runs at 1/16 of the input size. With ``base=12``,
+``depth=3`` it has about 0.17 M parameters. BatchNorm folds into the convs at ONNX export, so the
+exported graph is Conv/Relu/MaxPool/Resize/Concat/Softmax only. H and W must be multiples of
+2**depth.
 """
 
 from __future__ import annotations
@@ -21,13 +24,17 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class UNet2D(nn.Module):
-    def __init__(self, base: int = 12, classes: int = 3, softmax: bool = True) -> None:
+    def __init__(self, base: int = 12, classes: int = 3, softmax: bool = True, depth: int = 3) -> None:
         super().__init__()
-        c1, c2, c3, c4 = base, base * 2, base * 4, base * 4
-        self.enc1, self.enc2, self.enc3 = _block(1, c1), _block(c1, c2), _block(c2, c3)
-        self.mid = _block(c3, c4)
-        self.dec3, self.dec2, self.dec1 = _block(c4 + c3, c3), _block(c3 + c2, c2), _block(c2 + c1, c1)
-        self.head = nn.Conv2d(c1, classes, 1)
+        if depth not in (3, 4):
+            raise ValueError(f"depth must be 3 or 4, not {depth}")
+        ch = [base * min(2 ** i, 4) for i in range(depth)]  # per level; the bottleneck keeps the last width
+        self.depth = depth
+        for i, c in enumerate(ch, start=1):  # enc1.. / dec1..: the names of the 3-level checkpoints
+            setattr(self, f"enc{i}", _block(1 if i == 1 else ch[i - 2], c))
+            setattr(self, f"dec{i}", _block((ch[i] if i < depth else ch[-1]) + c, c))
+        self.mid = _block(ch[-1], ch[-1])
+        self.head = nn.Conv2d(ch[0], classes, 1)
         self.softmax = softmax
 
     @staticmethod
@@ -35,14 +42,15 @@ class UNet2D(nn.Module):
         return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        e1 = self.enc1(x)
-        e2 = self.enc2(F.max_pool2d(e1, 2))
-        e3 = self.enc3(F.max_pool2d(e2, 2))
-        m = self.mid(F.max_pool2d(e3, 2))
-        d3 = self.dec3(torch.cat([self._up(m, e3), e3], 1))
-        d2 = self.dec2(torch.cat([self._up(d3, e2), e2], 1))
-        d1 = self.dec1(torch.cat([self._up(d2, e1), e1], 1))
-        return self.head(d1)
+        skips = []
+        for i in range(1, self.depth + 1):
+            x = getattr(self, f"enc{i}")(x if i == 1 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = self.mid(F.max_pool2d(x, 2))
+        for i in range(self.depth, 0, -1):
+            skip = skips[i - 1]
+            x = getattr(self, f"dec{i}")(torch.cat([self._up(x, skip), skip], 1))
+        return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.logits(x)

@@ -1,0 +1,142 @@
+"""Cross-validate several lesion-model recipes side by side on one machine (a GPU host, typically).
+
+    python -m models.train.sweep_lesion --plan models/train/plans/lesion-sweep.json --out DIR \\
+        [--jobs 14 --device cuda --only E,F]
+
+A plan names recipes; each has ``stage1`` (one or more phantom pre-training runs, chained through
+``--init``) and ``stage2`` (the fine-tuning arguments). For every recipe the sweep runs stage 1, then
+in parallel the ``k`` cross-validation folds of stage 2 (``train_lesion --cv k --fold i``) and the
+final stage-2 model on all 50 MedSeg training slices. Each run is one ``train_lesion`` process with
+one CPU thread (augmentation is CPU work; the network steps go to ``--device``), so ``--jobs`` runs
+share the machine. The phantom cache is filled first, in parallel.
+
+Writes ``DIR/<recipe>/{s1-0,s1-1,..,cv,final}/`` with each run's log (``run.log``, ``cv/fold<i>.log``) and outputs, and
+``DIR/summary.json``: per recipe the fold means of the CV metrics, the plan's selection rule and the
+recipe it picks. The MedSeg test split is never read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.train.data_lesion import phantom_lung_slices
+from models.train.eval_lesion import val_seeds
+
+KEY = "infection_dice_mean"
+
+
+def _one_phantom(job: tuple[int, int, str | None]) -> int:
+    seed, size, kind = job
+    return len(phantom_lung_slices(seed, size, kind))
+
+
+def fill_cache(phantoms: int, val_phantoms: int, size: int, jobs: int, log=print) -> None:
+    """Generate (or find cached) the training phantoms 0..phantoms-1 and the validation phantoms."""
+    work = [(s, size, None) for s in range(phantoms)] + [(s, size, k) for s, k in val_seeds(val_phantoms)]
+    t0 = time.perf_counter()
+    with Pool(jobs) as pool:
+        n = sum(pool.map(_one_phantom, work, chunksize=1))
+    log(f"phantom cache: {len(work)} phantoms, {n} slices, {time.perf_counter() - t0:.0f} s")
+
+
+class Runner:
+    """Runs ``train_lesion`` processes, at most ``jobs`` at a time, each logging to its own file."""
+
+    def __init__(self, jobs: int, device: str, log=print) -> None:
+        self.slots = threading.Semaphore(jobs)
+        self.device, self.log, self.t0 = device, log, time.perf_counter()
+        self.failed: list[str] = []
+
+    def run(self, out: Path, args: list[str], name: str = "run") -> bool:
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "models.train.train_lesion", "--out", str(out), "--device", self.device,
+               "--threads", "1", *args]
+        with self.slots:
+            self.log(f"[{time.perf_counter() - self.t0:5.0f} s] start {out}/{name}: {' '.join(args)}")
+            with open(out / f"{name}.log", "w", encoding="utf-8") as fh:
+                rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+            self.log(f"[{time.perf_counter() - self.t0:5.0f} s] {'done' if rc == 0 else f'FAILED rc={rc}'} {out}/{name}")
+        if rc:
+            self.failed.append(f"{out}/{name}")
+        return rc == 0
+
+
+def run_recipe(runner: Runner, pool: ThreadPoolExecutor, out: Path, recipe: dict[str, Any], k: int) -> None:
+    """Stage 1 (chained), then the k CV folds and the final model in parallel."""
+    init: Path | None = None
+    for i, args in enumerate(recipe["stage1"]):
+        run_dir = out / f"s1-{i}"
+        if not runner.run(run_dir, [*args, *(["--init", str(init)] if init else [])]):
+            return
+        init = run_dir / "weights.pt"
+    s2 = [*recipe["stage2"], "--init", str(init)]
+    futures = [pool.submit(runner.run, out / "cv", [*s2, "--cv", str(k), "--fold", str(f)], f"fold{f}")
+               for f in range(1, k + 1)]
+    futures.append(pool.submit(runner.run, out / "final", s2))
+    for fut in futures:
+        fut.result()
+
+
+def cv_summary(folder: Path, k: int) -> dict[str, Any] | None:
+    """Mean over the folds' files (``cv-fold*.json``) of each metric; None unless all k folds finished."""
+    rows = []
+    for f in range(1, k + 1):
+        path = folder / f"cv-fold{f}.json"
+        if not path.is_file():
+            return None
+        rows += json.loads(path.read_text(encoding="utf-8"))["folds"]
+    mean = {key: round(float(np.mean([r[key] for r in rows])), 4) for key in rows[0] if key not in ("fold", "images")}
+    return {"folds": [r[KEY] for r in rows], "mean": mean}
+
+
+def select(summary: dict[str, Any], rule: dict[str, Any]) -> str | None:
+    """The plan's rule: the best CV mean among the candidates, if it beats the baseline by ``margin``."""
+    base = summary.get(rule["baseline"])
+    scored = {name: s["mean"][KEY] for name, s in summary.items() if s and name != rule["baseline"]}
+    if not base or not scored:
+        return None
+    best = max(scored, key=scored.__getitem__)
+    return best if scored[best] >= base["mean"][KEY] + rule["margin"] else rule["baseline"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--plan", type=Path, required=True, help="JSON: recipes, k, the selection rule")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--jobs", type=int, default=2, help="training processes at a time")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
+    a = ap.parse_args(argv)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    plan = json.loads(a.plan.read_text(encoding="utf-8"))
+    names = [n for n in plan["recipes"] if not a.only or n in a.only.split(",")]
+    k = int(plan["cv"])
+    fill_cache(plan["phantoms"], plan["val_phantoms"], plan["size"], a.jobs, log)
+    runner = Runner(a.jobs, a.device, log)
+    with ThreadPoolExecutor(len(names) * (k + 2)) as pool:
+        recipes = [pool.submit(run_recipe, runner, pool, a.out / n, plan["recipes"][n], k) for n in names]
+        for fut in recipes:
+            fut.result()
+    summary = {n: cv_summary(a.out / n / "cv", k) for n in names}
+    result = {"plan": str(a.plan), "rule": plan["rule"], "summary": summary, "failed": runner.failed,
+              "selected": select(summary, plan["rule"]), "seconds": round(time.perf_counter() - runner.t0, 1)}
+    (a.out / "summary.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    for n, s in summary.items():
+        log(f"{n}: " + ("incomplete" if s is None else f"CV {KEY} {s['mean'][KEY]} (folds {s['folds']})"))
+    log(f"selected by the plan's rule: {result['selected']}")
+    return 1 if runner.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
