@@ -224,6 +224,25 @@ def evaluate(model_dir: Path, *, phantoms: int = 6, test_phantoms: int = 30, thr
     return out
 
 
+def read_cv(path: Path) -> dict[str, Any] | None:
+    """Cross-validation results: a ``cv.json``, or a folder of per-fold ``cv-fold<i>.json`` files (runs with
+    ``--fold``), as ``{"folds": rows, "mean": fold means}``; None if the folder's fold files are not all there."""
+    path = Path(path)
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    files = sorted(path.glob("cv-fold*.json"))
+    if not files:
+        return None
+    first = json.loads(files[0].read_text(encoding="utf-8"))
+    k = int(first["config"]["cv"])
+    if len(files) != k:
+        return None
+    rows = [row for f in files for row in json.loads(f.read_text(encoding="utf-8"))["folds"]]
+    rows.sort(key=lambda r: r["fold"])
+    mean = {key: round(float(np.mean([r[key] for r in rows])), 4) for key in rows[0] if key not in ("fold", "images")}
+    return {"folds": rows, "mean": mean}
+
+
 def update_manifest(model_dir: Path, results: dict[str, Any]) -> None:
     """Write the measured metrics into model.yaml (keeps what training wrote, e.g. the CV figure)."""
     path = Path(model_dir) / "model.yaml"
@@ -239,11 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-phantoms", type=int, default=30, help="synthetic test series (seeds 230000+)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--update-manifest", action="store_true")
-    ap.add_argument("--cv", type=Path, default=None, help="cv.json of train_lesion --cv to store beside the metrics")
+    ap.add_argument("--cv", type=Path, default=None,
+                    help="train_lesion --cv results to store beside the metrics: cv.json, or the folder of --fold runs")
     a = ap.parse_args(argv)
     results = evaluate(a.model, phantoms=a.phantoms, test_phantoms=a.test_phantoms, threads=a.threads, log=lambda s: print(s, flush=True))
     if a.cv is not None:
-        cv = json.loads(a.cv.read_text(encoding="utf-8"))
+        cv = read_cv(a.cv)
+        if cv is None:
+            raise SystemExit(f"{a.cv}: not a cv.json, nor a folder with every fold's cv-fold<i>.json")
         results["medseg_train_cv"] = {"folds": len(cv["folds"]), **cv["mean"],
                                       "per_fold_infection_dice_mean": [f["infection_dice_mean"] for f in cv["folds"]]}
         print(f"MedSeg train {len(cv['folds'])}-fold CV: {results['medseg_train_cv']}")

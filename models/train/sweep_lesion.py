@@ -28,10 +28,8 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from models.train.data_lesion import phantom_lung_slices
-from models.train.eval_lesion import val_seeds
+from models.train.eval_lesion import read_cv, val_seeds
 
 KEY = "infection_dice_mean"
 
@@ -88,16 +86,10 @@ def run_recipe(runner: Runner, pool: ThreadPoolExecutor, out: Path, recipe: dict
         fut.result()
 
 
-def cv_summary(folder: Path, k: int) -> dict[str, Any] | None:
-    """Mean over the folds' files (``cv-fold*.json``) of each metric; None unless all k folds finished."""
-    rows = []
-    for f in range(1, k + 1):
-        path = folder / f"cv-fold{f}.json"
-        if not path.is_file():
-            return None
-        rows += json.loads(path.read_text(encoding="utf-8"))["folds"]
-    mean = {key: round(float(np.mean([r[key] for r in rows])), 4) for key in rows[0] if key not in ("fold", "images")}
-    return {"folds": [r[KEY] for r in rows], "mean": mean}
+def cv_summary(folder: Path) -> dict[str, Any] | None:
+    """Per-fold infection Dice and the fold means of every metric; None unless all folds finished."""
+    cv = read_cv(folder)
+    return None if cv is None else {"folds": [r[KEY] for r in cv["folds"]], "mean": cv["mean"]}
 
 
 def select(summary: dict[str, Any], rule: dict[str, Any]) -> str | None:
@@ -128,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         recipes = [pool.submit(run_recipe, runner, pool, a.out / n, plan["recipes"][n], k) for n in names]
         for fut in recipes:
             fut.result()
-    summary = {n: cv_summary(a.out / n / "cv", k) for n in names}
+    summary = {n: cv_summary(a.out / n / "cv") for n in names}
     result = {"plan": str(a.plan), "rule": plan["rule"], "summary": summary, "failed": runner.failed,
               "selected": select(summary, plan["rule"]), "seconds": round(time.perf_counter() - runner.t0, 1)}
     (a.out / "summary.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -51,7 +51,7 @@ from models.train.train_lung import predict, seed_everything
 from models.train.unet2d import UNet2D, export_onnx, n_params
 from node.pipeline.manifest import file_sha256
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 SNOMED = {
     "ground_glass_opacity": {"code": "1217294009", "meaning": "Ground glass opacity", "scheme": "SCT"},
     "consolidation": {"code": "95436008", "meaning": "Lung consolidation", "scheme": "SCT"},

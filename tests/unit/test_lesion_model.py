@@ -12,6 +12,7 @@ The full evaluation is ``python -m models.train.eval_lesion``; these are its sma
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +97,9 @@ def test_dihedral_moves_image_and_labels_together() -> None:
     assert len(shapes) > 4  # turns and flips really happen
 
 
-def test_tiny_training_exports_an_onnx_model_that_agrees_with_torch(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("depth", [3, 4])
+def test_tiny_training_exports_an_onnx_model_that_agrees_with_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   depth: int) -> None:
     pytest.importorskip("torch", reason="torch is not installed (training-only dependency; CI does not install it)")
     import models.train.data_lesion as data_lesion
     from models.train.train_lesion import parity, train
@@ -106,12 +108,41 @@ def test_tiny_training_exports_an_onnx_model_that_agrees_with_torch(tmp_path: Pa
     monkeypatch.setattr(data_lesion, "CACHE", tmp_path / "cache")
     out = tmp_path / "lesion_seg"
     res = train(out, epochs=1, phantoms=1, val_phantoms=1, size=64, base=4, batch=4, reps=0, n_ph=8, crop=32,
-                medseg=False, slices=8, matrix=96, log=lambda s: None)
+                medseg=False, slices=8, matrix=96, depth=depth, log=lambda s: None)
     manifest = load_manifest(out)  # schema and sha256
     check_role(manifest, "lesion")
     assert manifest.input.size == [64, 64] and manifest.training and manifest.training["epochs"] == 1
+    assert manifest.training["depth"] == depth and manifest.training["device"] == "cpu"
     x = np.random.default_rng(2).random((5, 64, 64), dtype=np.float32)
     assert parity(res["model"], out / "model.onnx", x) <= 1e-4
     loaded = load_model(out, device="cpu", threads=1)
     probs = loaded.run(x[:, None])
     assert probs.shape == (5, 3, 64, 64)
+
+
+def _fold_file(folder: Path, fold: int, k: int, dice: float) -> None:
+    row = {"fold": fold, "infection_dice_mean": dice, "images": 10}
+    (folder / f"cv-fold{fold}.json").write_text(json.dumps({"config": {"cv": k}, "folds": [row], "mean": row}))
+
+
+def test_cross_validation_folds_run_apart_are_averaged_only_when_all_are_there(tmp_path: Path) -> None:
+    from models.train.eval_lesion import read_cv
+
+    for fold, dice in ((1, 0.6), (3, 0.8)):
+        _fold_file(tmp_path, fold, 3, dice)
+    assert read_cv(tmp_path) is None  # fold 2 missing: no mean over two folds passed off as a 3-fold figure
+    _fold_file(tmp_path, 2, 3, 0.7)
+    cv = read_cv(tmp_path)
+    assert cv is not None and [r["fold"] for r in cv["folds"]] == [1, 2, 3]
+    assert cv["mean"] == {"infection_dice_mean": 0.7}
+
+
+def test_sweep_rule_ships_a_candidate_only_past_the_baseline_margin() -> None:
+    from models.train.sweep_lesion import select
+
+    rule = {"baseline": "E", "margin": 0.01}
+    def s(v: float) -> dict:
+        return {"mean": {"infection_dice_mean": v}}
+    assert select({"E": s(0.70), "A": s(0.705), "B": s(0.709)}, rule) == "E"
+    assert select({"E": s(0.70), "A": s(0.705), "B": s(0.712), "C": None}, rule) == "B"
+    assert select({"E": None, "A": s(0.9)}, rule) is None  # no baseline from the same sweep: no decision
