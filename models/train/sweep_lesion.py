@@ -10,7 +10,8 @@ final stage-2 model on all 50 MedSeg training slices. Each run is one ``train_le
 one CPU thread (augmentation is CPU work; the network steps go to ``--device``), so ``--jobs`` runs
 share the machine. The phantom cache is filled first, in parallel.
 
-Writes ``DIR/<recipe>/{s1-0,s1-1,..,cv,final}/`` with each run's log (``run.log``, ``cv/fold<i>.log``) and outputs, and
+Writes ``DIR/stage1-<hash>/s1-<i>/`` (identical stage-1 chains run once and are shared),
+``DIR/<recipe>/{cv,final}/`` with each run's log (``run.log``, ``cv/fold<i>.log``) and outputs, and
 ``DIR/summary.json``: per recipe the fold means of the CV metrics, the plan's selection rule and the
 recipe it picks. The MedSeg test split is never read here.
 
@@ -18,16 +19,19 @@ Measured on one NVIDIA H200 host (16 cores) with ``--jobs 14`` and the 2026-11 p
 phantom cache (68 s), recipe E's stage 1 took 87 s and its folds 78 s each; L's 40-epoch stage 1
 124 s and its 32-epoch folds 153 s; D4's 167 s and 210 s. After 470 s W16D4's folds were still
 running and W20's and W16D4L's had not started (W16D4's folds alone, six processes, took 136 s):
-the whole plan needs roughly 12-15 minutes there, more than one device call gives, so run it in
-parts (``--only``).
+the whole plan needs roughly 12-15 minutes there. Where a session's time is shorter, give
+``--deadline`` (what finished is summarised and packed) and run again into the same DIR: finished
+stage-1 chains, folds and final models are kept, not rerun.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,41 +60,99 @@ def fill_cache(phantoms: int, val_phantoms: int, size: int, jobs: int, log=print
 
 
 class Runner:
-    """Runs ``train_lesion`` processes, at most ``jobs`` at a time, each logging to its own file."""
+    """Runs ``train_lesion`` processes, at most ``jobs`` at a time, each logging to its own file.
 
-    def __init__(self, jobs: int, device: str, log=print) -> None:
+    After ``deadline`` (seconds from the start; None: no limit) no run starts and running ones are
+    stopped, so a time-limited session still gets the summary of what finished.
+    """
+
+    def __init__(self, jobs: int, device: str, deadline: float | None = None, log=print) -> None:
         self.slots = threading.Semaphore(jobs)
         self.device, self.log, self.t0 = device, log, time.perf_counter()
+        self.deadline = deadline
         self.failed: list[str] = []
+        self.stopped: list[str] = []
+
+    def _left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - (time.perf_counter() - self.t0)
 
     def run(self, out: Path, args: list[str], name: str = "run") -> bool:
         out.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "models.train.train_lesion", "--out", str(out), "--device", self.device,
                "--threads", "1", *args]
         with self.slots:
+            left = self._left()
+            if left is not None and left <= 0:
+                self.log(f"[{time.perf_counter() - self.t0:5.0f} s] not started (deadline) {out}/{name}")
+                self.stopped.append(f"{out}/{name}")
+                return False
             self.log(f"[{time.perf_counter() - self.t0:5.0f} s] start {out}/{name}: {' '.join(args)}")
             with open(out / f"{name}.log", "w", encoding="utf-8") as fh:
-                rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+                try:
+                    rc = proc.wait(timeout=left)
+                except subprocess.TimeoutExpired:
+                    proc.terminate()
+                    proc.wait()
+                    self.log(f"[{time.perf_counter() - self.t0:5.0f} s] stopped (deadline) {out}/{name}")
+                    self.stopped.append(f"{out}/{name}")
+                    return False
             self.log(f"[{time.perf_counter() - self.t0:5.0f} s] {'done' if rc == 0 else f'FAILED rc={rc}'} {out}/{name}")
         if rc:
             self.failed.append(f"{out}/{name}")
         return rc == 0
 
 
-def run_recipe(runner: Runner, pool: ThreadPoolExecutor, out: Path, recipe: dict[str, Any], k: int) -> None:
-    """Stage 1 (chained), then the k CV folds and the final model in parallel."""
-    init: Path | None = None
-    for i, args in enumerate(recipe["stage1"]):
-        run_dir = out / f"s1-{i}"
-        if not runner.run(run_dir, [*args, *(["--init", str(init)] if init else [])]):
-            return
-        init = run_dir / "weights.pt"
+class Stage1:
+    """Stage-1 chains shared between recipes: identical chains run once, in ``DIR/stage1-<hash>/``.
+
+    A chain whose weights are already there (an earlier, interrupted sweep into the same DIR) is reused.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.locks: dict[str, threading.Lock] = {}
+        self.guard = threading.Lock()
+
+    def weights(self, runner: Runner, chain: list[list[str]]) -> Path | None:
+        key = hashlib.sha1(json.dumps(chain).encode()).hexdigest()[:10]
+        with self.guard:
+            lock = self.locks.setdefault(key, threading.Lock())
+        with lock:
+            init: Path | None = None
+            for i, args in enumerate(chain):
+                run_dir = self.root / f"stage1-{key}" / f"s1-{i}"
+                if not (run_dir / "weights.pt").is_file() and not runner.run(
+                        run_dir, [*args, *(["--init", str(init)] if init else [])]):
+                    return None
+                init = run_dir / "weights.pt"
+            return init
+
+
+def run_recipe(runner: Runner, pool: ThreadPoolExecutor, stage1: Stage1, out: Path, recipe: dict[str, Any],
+               k: int) -> None:
+    """Stage 1 (chained, shared), then the k CV folds and the final model in parallel; finished parts are kept."""
+    init = stage1.weights(runner, recipe["stage1"])
+    if init is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stage1.txt").write_text(f"{init}\n", encoding="utf-8")
     s2 = [*recipe["stage2"], "--init", str(init)]
     futures = [pool.submit(runner.run, out / "cv", [*s2, "--cv", str(k), "--fold", str(f)], f"fold{f}")
-               for f in range(1, k + 1)]
-    futures.append(pool.submit(runner.run, out / "final", s2))
+               for f in range(1, k + 1) if not (out / "cv" / f"cv-fold{f}.json").is_file()]
+    if not (out / "final" / "weights.pt").is_file():  # written last
+        futures.append(pool.submit(runner.run, out / "final", s2))
     for fut in futures:
         fut.result()
+
+
+def pack(out: Path, dest: Path) -> None:
+    """The sweep's small outputs in one tar.gz: summaries, CV files, logs, manifests, final models."""
+    keep = [p for p in sorted(out.rglob("*")) if p.is_file() and (
+        p.suffix in (".json", ".log", ".yaml", ".txt") or p.parent.name == "final")]
+    with tarfile.open(dest, "w:gz") as tar:
+        for p in keep:
+            tar.add(p, arcname=str(p.relative_to(out.parent)))
 
 
 def cv_summary(folder: Path) -> dict[str, Any] | None:
@@ -116,24 +178,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="training processes at a time")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds after which no run starts and running ones stop (the summary is still written)")
+    ap.add_argument("--pack", type=Path, default=None, help="also write the small outputs to this tar.gz")
     a = ap.parse_args(argv)
     log = lambda s: print(s, flush=True)  # noqa: E731
     plan = json.loads(a.plan.read_text(encoding="utf-8"))
     names = [n for n in plan["recipes"] if not a.only or n in a.only.split(",")]
     k = int(plan["cv"])
     fill_cache(plan["phantoms"], plan["val_phantoms"], plan["size"], a.jobs, log)
-    runner = Runner(a.jobs, a.device, log)
+    runner = Runner(a.jobs, a.device, a.deadline, log)
+    stage1 = Stage1(a.out)
     with ThreadPoolExecutor(len(names) * (k + 2)) as pool:
-        recipes = [pool.submit(run_recipe, runner, pool, a.out / n, plan["recipes"][n], k) for n in names]
+        recipes = [pool.submit(run_recipe, runner, pool, stage1, a.out / n, plan["recipes"][n], k) for n in names]
         for fut in recipes:
             fut.result()
     summary = {n: cv_summary(a.out / n / "cv") for n in names}
     result = {"plan": str(a.plan), "rule": plan["rule"], "summary": summary, "failed": runner.failed,
+              "stopped_or_not_started": runner.stopped,
               "selected": select(summary, plan["rule"]), "seconds": round(time.perf_counter() - runner.t0, 1)}
     (a.out / "summary.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     for n, s in summary.items():
         log(f"{n}: " + ("incomplete" if s is None else f"CV {KEY} {s['mean'][KEY]} (folds {s['folds']})"))
     log(f"selected by the plan's rule: {result['selected']}")
+    if a.pack:
+        pack(a.out, a.pack)
+        log(f"packed: {a.pack} ({a.pack.stat().st_size / 2**20:.1f} MiB)")
     return 1 if runner.failed else 0
 
 

@@ -146,3 +146,42 @@ def test_sweep_rule_ships_a_candidate_only_past_the_baseline_margin() -> None:
     assert select({"E": s(0.70), "A": s(0.705), "B": s(0.709)}, rule) == "E"
     assert select({"E": s(0.70), "A": s(0.705), "B": s(0.712), "C": None}, rule) == "B"
     assert select({"E": None, "A": s(0.9)}, rule) is None  # no baseline from the same sweep: no decision
+
+
+class _FakeTraining:
+    """Stands in for the train_lesion processes: records each run and writes the files a finished run leaves."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, str]] = []
+
+    def run(self, out: Path, args: list[str], name: str = "run") -> bool:
+        out.mkdir(parents=True, exist_ok=True)
+        self.runs.append((out.name if name == "run" else f"{out.name}/{name}", " ".join(args)))
+        if "--fold" in args:
+            _fold_file(out, int(args[args.index("--fold") + 1]), 2, 0.5)
+        else:
+            (out / "weights.pt").write_bytes(b"w")
+        return True
+
+
+def test_sweep_runs_a_shared_stage_one_once_and_keeps_finished_runs(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from models.train.sweep_lesion import Stage1, run_recipe
+
+    s1 = [["--no-medseg", "--epochs", "2"]]
+    recipes = {"A": {"stage1": s1, "stage2": ["--epochs", "1"]}, "B": {"stage1": s1, "stage2": ["--epochs", "3"]}}
+    fake = _FakeTraining()
+    stage1 = Stage1(tmp_path)
+    with ThreadPoolExecutor(8) as pool:
+        for name, recipe in recipes.items():
+            run_recipe(fake, pool, stage1, tmp_path / name, recipe, 2)  # type: ignore[arg-type]
+    assert [r for r in fake.runs if r[0] == "s1-0"] == [("s1-0", "--no-medseg --epochs 2")]
+    assert len(fake.runs) == 1 + 2 * 3  # one stage 1; per recipe 2 folds + the final model
+    assert all(f"--init {tmp_path}/stage1-" in args for where, args in fake.runs if where != "s1-0")
+    fake.runs.clear()
+    (tmp_path / "B" / "cv" / "cv-fold2.json").unlink()  # as if stopped by the deadline
+    with ThreadPoolExecutor(8) as pool:
+        for name, recipe in recipes.items():
+            run_recipe(fake, pool, Stage1(tmp_path), tmp_path / name, recipe, 2)  # type: ignore[arg-type]
+    assert [where for where, _ in fake.runs] == ["cv/fold2"]
