@@ -33,15 +33,34 @@ class OrthancError(LungnodeError):
     """Orthanc is missing, did not start, or refused a request."""
 
 
+class _PortTaken(OrthancError):
+    """Orthanc could not bind a port: someone took it after it was picked."""
+
+
 def have_orthanc() -> bool:
     return os.access(ORTHANC_BIN, os.X_OK)
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now.
+
+    All ``n`` sockets stay bound until every port is chosen: picked one at a time, the kernel may hand
+    the same port out twice (as it once did for an Orthanc's DICOM and HTTP ports).
+    """
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            socks.append(socket.socket())
+            socks[-1].bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 @dataclass(frozen=True)
@@ -75,11 +94,17 @@ class OrthancServer:
         self.name = name
         self.modalities = dict(modalities or {})
         self.extra_config = dict(extra_config or {})
-        self.dicom_port = dicom_port or free_port()
-        self.http_port = http_port or free_port()
+        self._fixed_ports = (dicom_port, http_port)
+        self.dicom_port, self.http_port = self._pick_ports()
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _pick_ports(self) -> tuple[int, int]:
+        """The ports given, and distinct free ones for those not given."""
+        dicom, http = self._fixed_ports
+        picked = iter(free_ports(2))
+        return dicom or next(picked), http or next(picked)
 
     @property
     def url(self) -> str:
@@ -100,7 +125,21 @@ class OrthancServer:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> OrthancServer:
-        """Write the config, start Orthanc and wait until its REST API answers."""
+        """Write the config, start Orthanc and wait until its REST API answers.
+
+        If a port it picked itself was taken between picking and binding (another process on the
+        machine), it picks new ones and tries again, up to three times; ports given are never changed.
+        """
+        for attempt in range(3):
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                if all(self._fixed_ports) or attempt == 2:
+                    raise
+                self.dicom_port, self.http_port = self._pick_ports()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> OrthancServer:
         if not have_orthanc():
             raise OrthancError(f"Orthanc is not installed ({ORTHANC_BIN}): run `bash deploy/install.sh`, "
                                "which installs Debian's orthanc package")
@@ -108,6 +147,7 @@ class OrthancServer:
             raise OrthancError("this Orthanc is already started")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         env = dict(os.environ, TCP_NODELAY="1")
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen([str(ORTHANC_BIN), str(self.config_path)], stdin=subprocess.DEVNULL,
@@ -117,7 +157,9 @@ class OrthancServer:
             if self.proc.poll() is not None:
                 code = self.proc.returncode
                 self.proc = None
-                raise OrthancError(f"Orthanc exited {code} at start (log: {self.log_path}):\n{self.log[-3000:]}")
+                new_log = self.log_path.read_bytes()[log_start:].decode("utf-8", "replace")
+                error = _PortTaken if "already in use" in new_log else OrthancError
+                raise error(f"Orthanc exited {code} at start (log: {self.log_path}):\n{new_log[-3000:]}")
             try:
                 self.get("/system")
                 return self

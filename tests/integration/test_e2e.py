@@ -117,14 +117,21 @@ def wait_results_at(pacs: OrthancServer, node: NodeProcess, series_uid: str, tim
 
 
 def assert_exactly_once(pacs: OrthancServer, node: NodeProcess, objects: list[dict[str, str]]) -> None:
-    counts = received(pacs)
     assert {o["kind"] for o in objects} == KINDS
+    uids = {o["sop_instance_uid"] for o in objects}
+
+    def all_sent() -> list[dict[str, Any]] | None:
+        rows = query_sqlite(node.db_path, "SELECT sop_instance_uid, state FROM outbox")
+        mine = [r for r in rows if r["sop_instance_uid"] in uids]
+        return mine if mine and {r["state"] for r in mine} == {"sent"} else None
+
+    # Orthanc stores an object before the node has read its C-STORE response and recorded it: wait for the record.
+    mine = wait_until(all_sent, timeout=30, what="the outbox rows of the results recorded as sent",
+                      log=lambda: node.log[-4000:])
+    assert sorted(r["sop_instance_uid"] for r in mine) == sorted(uids)
+    counts = received(pacs)
     for obj in objects:
         assert counts.get(obj["sop_instance_uid"]) == 1, (obj, counts.get(obj["sop_instance_uid"]))
-    rows = query_sqlite(node.db_path, "SELECT sop_instance_uid, state FROM outbox")
-    mine = [r for r in rows if r["sop_instance_uid"] in {o["sop_instance_uid"] for o in objects}]
-    assert sorted(r["sop_instance_uid"] for r in mine) == sorted(o["sop_instance_uid"] for o in objects)
-    assert {r["state"] for r in mine} == {"sent"}
 
 
 @pytest.fixture

@@ -240,3 +240,23 @@ def test_orthanc_helper_stores_serves_and_pushes(orthanc_factory: OrthancFactory
     assert pacs.get_file(stored["ID"]) == obj.path.read_bytes()
     pacs.push("peer", [stored["ParentStudy"]])
     assert peer.received == Counter({obj.sop_instance_uid: 1})
+
+
+def test_orthanc_helper_picks_new_ports_when_its_own_are_taken(tmp_path: Path) -> None:
+    """Picked ports can be taken before Orthanc binds them; once the kernel even handed out one port for both
+    the DICOM and the HTTP server. The helper then picks again and starts; ports given by the caller stay."""
+    pacs = OrthancServer(tmp_path / "pacs")
+    assert pacs.dicom_port != pacs.http_port  # picked together, never the same
+    pacs.http_port = pacs.dicom_port  # what the kernel once did
+    try:
+        pacs.start()
+        assert pacs.get("/system")["DicomAet"] == "ORTHANC"
+        assert pacs.http_port != pacs.dicom_port
+        assert "already in use" in pacs.log  # the first try really met the taken port
+    finally:
+        pacs.stop()
+    port = free_port()
+    fixed = OrthancServer(tmp_path / "fixed", dicom_port=port, http_port=port)
+    with pytest.raises(Exception, match="already in use"):
+        fixed.start()
+    assert (fixed.dicom_port, fixed.http_port) == (port, port)
