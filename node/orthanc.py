@@ -130,14 +130,12 @@ class OrthancServer:
         If a port it picked itself was taken between picking and binding (another process on the
         machine), it picks new ones and tries again, up to three times; ports given are never changed.
         """
-        for attempt in range(3):
+        for _ in range(0 if all(self._fixed_ports) else 2):
             try:
                 return self._start_once(timeout)
             except _PortTaken:
-                if all(self._fixed_ports) or attempt == 2:
-                    raise
                 self.dicom_port, self.http_port = self._pick_ports()
-        raise AssertionError("unreachable")
+        return self._start_once(timeout)
 
     def _start_once(self, timeout: float) -> OrthancServer:
         if not have_orthanc():

@@ -1,12 +1,7 @@
-"""Loopback ports."""
+"""Loopback ports: the node's own helper (``node.orthanc``), which ``lungnode demo`` uses too."""
 
 from __future__ import annotations
 
-import socket
+from node.orthanc import free_port, free_ports
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port", "free_ports"]
