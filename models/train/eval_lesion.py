@@ -239,8 +239,12 @@ def read_cv(path: Path) -> dict[str, Any] | None:
         return None
     rows = [row for f in files for row in json.loads(f.read_text(encoding="utf-8"))["folds"]]
     rows.sort(key=lambda r: r["fold"])
-    mean = {key: round(float(np.mean([r[key] for r in rows])), 4) for key in rows[0] if key not in ("fold", "images")}
-    return {"folds": rows, "mean": mean}
+    return {"folds": rows, "mean": fold_means(rows)}
+
+
+def fold_means(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The mean over cross-validation folds of each metric in the fold rows."""
+    return {key: round(float(np.mean([r[key] for r in rows])), 4) for key in rows[0] if key not in ("fold", "images")}
 
 
 def update_manifest(model_dir: Path, results: dict[str, Any]) -> None:

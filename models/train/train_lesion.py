@@ -46,7 +46,7 @@ from models.train.data_lesion import (
     read_medseg_train,
 )
 from models.train.data_lung import LUNG_WINDOW, SliceSet
-from models.train.eval_lesion import DiceSum, medseg_metrics, val_seeds
+from models.train.eval_lesion import DiceSum, fold_means, medseg_metrics, val_seeds
 from models.train.train_lung import predict, seed_everything
 from models.train.unet2d import UNet2D, export_onnx, n_params
 from node.pipeline.manifest import file_sha256
@@ -173,7 +173,7 @@ def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, va
         rows.append({"fold": f + 1, **{k2: round(v, 4) for k2, v in res.items()},
                      **{f"flip_averaged_{k2}": round(v, 4) for k2, v in flipped.items() if k2 != "images"}})
         log(f"fold {f + 1}: {rows[-1]}")
-    mean = {key: round(float(np.mean([r[key] for r in rows])), 4) for key in rows[0] if key not in ("fold", "images")}
+    mean = fold_means(rows)
     log(f"{k}-fold CV mean: {mean}")
     return {"folds": rows, "mean": mean}
 
@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="torch device for the network steps (cpu, cuda)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch and SimpleITK (0: their default)")
     a = ap.parse_args(argv)
+    if a.fold and not 1 <= a.fold <= a.cv:
+        ap.error(f"--fold {a.fold} needs --cv K with 1 <= fold <= K (got --cv {a.cv})")
     if a.threads:
         torch.set_num_threads(a.threads)
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(a.threads)
