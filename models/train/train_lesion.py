@@ -151,10 +151,12 @@ def folds(n: int, k: int, seed: int) -> list[np.ndarray]:
 
 
 def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, val: SliceSet, k: int,
-                   cfg: dict[str, Any], log=print) -> dict[str, Any]:
+                   cfg: dict[str, Any], log=print, keep: Path | None = None) -> dict[str, Any]:
     """k-fold CV on the MedSeg training slices: train on k-1 folds (+ phantoms), score the held-out fold.
 
     ``cfg["fold"]`` > 0 runs that fold alone (parallel runs; ``sweep_lesion`` averages the folds' files).
+    ``keep``: write each fold's network there as ``fold<i>.onnx`` (with the names of the slices it did not
+    see in ``fold<i>.json``), so post-processing can be tuned on out-of-fold predictions.
     """
     size = cfg["size"]
     rows = []
@@ -168,6 +170,10 @@ def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, va
         model, _ = fit(phantom, med, val, log=log, epochs=cfg["epochs"], seed=cfg["seed"], base=cfg["base"],
                        batch=cfg["batch"], lr=cfg["lr"], reps=cfg["reps"], n_ph=cfg["n_ph"], crop=cfg["crop"],
                        depth=cfg["depth"], init=cfg["init"], device=cfg["device"], fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
+        if keep is not None:
+            export_onnx(model, keep / f"fold{f + 1}.onnx", size)
+            (keep / f"fold{f + 1}.json").write_text(json.dumps({"held_out": [it.name for it in test_items]}),
+                                                    encoding="utf-8")
         res = medseg_metrics(torch_runner(model), test_items, gmap, size)
         flipped = medseg_metrics(flip_averaged(torch_runner(model)), test_items, gmap, size)
         rows.append({"fold": f + 1, **{k2: round(v, 4) for k2, v in res.items()},
@@ -245,10 +251,12 @@ def load_data(cfg: dict[str, Any], log=print) -> tuple[list[MedsegItem], GrayMap
 def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val_phantoms: int = 6, size: int = 192,
           base: int = 8, batch: int = 16, lr: float = 3e-3, reps: int = 6, n_ph: int = 240, crop: int = 96,
           medseg: bool = True, cv: int = 0, fold: int = 0, depth: int = 3, slices: int | None = None,
-          matrix: int | None = None, init: Path | None = None, device: str = "cpu", log=print) -> dict[str, Any]:
+          matrix: int | None = None, init: Path | None = None, device: str = "cpu", keep_folds: bool = False,
+          log=print) -> dict[str, Any]:
     """Cross-validate (``cv`` > 0) or train, export and describe the model in ``out``.
 
     ``slices`` / ``matrix`` fix the phantoms' size (small, fast test runs); by default each seed draws them.
+    ``keep_folds``: in cross-validation, also write each fold's network to ``out`` (``fold<i>.onnx``).
     """
     cfg = dict(epochs=epochs, seed=seed, phantoms=phantoms, val_phantoms=val_phantoms, size=size, base=base,
                batch=batch, lr=lr, reps=reps, n_ph=n_ph, crop=crop, medseg=medseg, cv=cv, fold=fold, depth=depth,
@@ -261,7 +269,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
     out.mkdir(parents=True, exist_ok=True)
     if cv:
         assert gmap is not None
-        res = cross_validate(items, gmap, phantom, val, cv, cfg, log)
+        res = cross_validate(items, gmap, phantom, val, cv, cfg, log, keep=out if keep_folds else None)
         (out / (f"cv-fold{fold}.json" if fold else "cv.json")).write_text(json.dumps({"config": cfg, **res}, indent=2), encoding="utf-8")
         return res
     med = medseg_samples(items, gmap, size) if items and gmap else SliceSet(np.zeros((0, size, size), np.float32),
@@ -320,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=3, choices=(3, 4), help="U-Net resolution levels")
     ap.add_argument("--device", default="cpu", help="torch device for the network steps (cpu, cuda)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch and SimpleITK (0: their default)")
+    ap.add_argument("--keep-fold-models", action="store_true",
+                    help="with --cv: write each fold's network to --out as fold<i>.onnx (out-of-fold tuning)")
     a = ap.parse_args(argv)
     if a.fold and not 1 <= a.fold <= a.cv:
         ap.error(f"--fold {a.fold} needs --cv K with 1 <= fold <= K (got --cv {a.cv})")
@@ -330,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS under seed_everything
     train(a.out, epochs=a.epochs, seed=a.seed, phantoms=a.phantoms, val_phantoms=a.val_phantoms, size=a.size,
           base=a.base, batch=a.batch, lr=a.lr, reps=a.medseg_reps, n_ph=a.phantom_slices, crop=a.crop, medseg=not a.no_medseg,
-          cv=a.cv, fold=a.fold, depth=a.depth, init=a.init, device=a.device, log=lambda s: print(s, flush=True))
+          cv=a.cv, fold=a.fold, depth=a.depth, init=a.init, device=a.device, keep_folds=a.keep_fold_models,
+          log=lambda s: print(s, flush=True))
     return 0
 
 
