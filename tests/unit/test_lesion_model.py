@@ -185,3 +185,12 @@ def test_sweep_runs_a_shared_stage_one_once_and_keeps_finished_runs(tmp_path: Pa
         for name, recipe in recipes.items():
             run_recipe(fake, pool, Stage1(tmp_path), tmp_path / name, recipe, 2)  # type: ignore[arg-type]
     assert [where for where, _ in fake.runs] == ["cv/fold2"]
+
+
+def test_sweep_caches_as_many_phantoms_as_its_largest_recipe_trains_on() -> None:
+    from models.train.sweep_lesion import phantoms_needed
+
+    plan = {"phantoms": 80, "recipes": {"A": {"stage1": [["--epochs", "2"]], "stage2": ["--epochs", "1"]}}}
+    assert phantoms_needed(plan) == 80
+    plan["recipes"]["N"] = {"stage1": [["--phantoms", "200", "--epochs", "2"]], "stage2": ["--phantoms", "120"]}
+    assert phantoms_needed(plan) == 200
