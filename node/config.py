@@ -130,7 +130,14 @@ class SelectionSettings(Strict):
     """Which series of a study are analysed (header rules), and which one wins."""
 
     modalities: list[str] = Field(default_factory=lambda: ["CT"])
-    image_type_required: list[str] = Field(default_factory=lambda: ["ORIGINAL", "PRIMARY"])
+    image_type_required: list[str] = Field(
+        default_factory=lambda: ["ORIGINAL"],
+        description="values ImageType must hold (ORIGINAL: no reformats, projections or other derived images)",
+    )
+    image_type_excluded: list[str] = Field(
+        default_factory=lambda: ["LOCALIZER"],
+        description="values ImageType must not hold (scout views)",
+    )
     axial_tolerance_deg: float = Field(default=10.0, ge=0, le=45)
     slice_thickness_mm: Range = Field(default_factory=lambda: Range(min=0.5, max=5.0))
     min_slices: int = Field(default=40, ge=2)

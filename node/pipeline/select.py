@@ -105,6 +105,9 @@ def check(header: SeriesHeader, rules: SelectionSettings) -> Verdict:
     missing = [t for t in rules.image_type_required if t not in header.image_type]
     if missing:
         return skip("image_type", f"ImageType {'/'.join(header.image_type) or '(none)'} lacks {'/'.join(missing)}")
+    present = [t for t in rules.image_type_excluded if t in header.image_type]
+    if present:
+        return skip("image_type", f"ImageType {'/'.join(header.image_type)} holds {'/'.join(present)}")
     if header.normal_z is None:
         return skip("orientation", "image orientation unknown")
     tilt = math.degrees(math.acos(min(1.0, header.normal_z)))
@@ -133,10 +136,12 @@ def check(header: SeriesHeader, rules: SelectionSettings) -> Verdict:
     return Verdict(uid, True, None, None)
 
 
-def rank_key(header: SeriesHeader, rules: SelectionSettings) -> tuple[int, float, int]:
-    """Sort key, best first: lung kernel, then thinnest slices, then most slices."""
+def rank_key(header: SeriesHeader, rules: SelectionSettings) -> tuple[int, float, int, int]:
+    """Sort key, best first: lung kernel, then thinnest slices, then most slices, then PRIMARY before
+    SECONDARY (a reconstruction made at the scan before one made later from its raw data)."""
     lung = 0 if rules.prefer_kernel and _match_any(rules.prefer_kernel, header.convolution_kernel) else 1
-    return (lung, header.slice_thickness_mm or math.inf, -header.slice_count)
+    primary = 0 if "PRIMARY" in header.image_type else 1
+    return (lung, header.slice_thickness_mm or math.inf, -header.slice_count, primary)
 
 
 def choose(headers: Sequence[SeriesHeader], rules: SelectionSettings) -> tuple[SeriesHeader | None, list[Verdict]]:

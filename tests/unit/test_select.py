@@ -74,10 +74,26 @@ def test_modality(base: Dataset) -> None:
 
 
 def test_image_type(base: Dataset) -> None:
-    v = skipped(header(base, ImageType=["DERIVED", "SECONDARY", "AXIAL"]))
+    v = skipped(header(base, ImageType=["DERIVED", "SECONDARY", "MPR"]))
     assert v.rule == "image_type"
-    assert "DERIVED/SECONDARY/AXIAL" in v.reason and "ORIGINAL/PRIMARY" in v.reason
+    assert "DERIVED/SECONDARY/MPR" in v.reason and "lacks ORIGINAL" in v.reason
     assert skipped(header(base, ImageType=None)).rule == "image_type"
+    v = skipped(header(base, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]))
+    assert v.rule == "image_type" and "holds LOCALIZER" in v.reason
+
+
+def test_a_reconstruction_made_after_the_scan_is_eligible(base: Dataset) -> None:
+    # LIDC-IDRI-0002 and retrospective reconstructions from raw data carry ORIGINAL/SECONDARY/AXIAL
+    eligible(header(base, ImageType=["ORIGINAL", "SECONDARY", "AXIAL"]))
+
+
+def test_primary_wins_a_tie_with_secondary(base: Dataset) -> None:
+    later = header(base, ImageType=["ORIGINAL", "SECONDARY", "AXIAL"], SeriesInstanceUID="1.2.3.1")
+    first = header(base, SeriesInstanceUID="1.2.3.2")
+    for order in ([later, first], [first, later]):
+        best, verdicts = choose(order, DEFAULTS)
+        assert best is first
+        assert {v.series_instance_uid: v.rule for v in verdicts}["1.2.3.1"] == "not_best"
 
 
 def test_orientation(base: Dataset) -> None:
