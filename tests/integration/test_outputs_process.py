@@ -71,4 +71,4 @@ def test_refused_folder_gets_its_sr_only(tmp_path: Path, models: Path) -> None:
     rc, result, objects = process(tmp_path / "scout", tmp_path / "out", models)
     assert rc == 3 and result["status"] == "rejected"
     assert [o["kind"] for o in objects] == ["sr"]
-    assert "not axial" in sr_text(tmp_path / "out" / "sr.dcm")
+    assert "holds LOCALIZER" in sr_text(tmp_path / "out" / "sr.dcm")

@@ -65,7 +65,7 @@ def test_scout_only_folder_is_rejected_with_the_reason(tmp_path: Path, models: P
     assert proc.returncode == 3, proc.stderr
     assert result["status"] == "rejected"
     assert "no series qualifies for analysis" in result["reason"]
-    assert "not axial: slices are 90 degrees off the axial plane" in result["reason"]
+    assert "ImageType ORIGINAL/PRIMARY/LOCALIZER holds LOCALIZER" in result["reason"]
     assert result["probabilities"] is None
     assert "rejected: no series qualifies" in proc.stderr
 
