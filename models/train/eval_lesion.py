@@ -84,11 +84,17 @@ def labels_from_probs(probs: np.ndarray, placement: Placement, shape: tuple[int,
     return place_labels(np.argmax(probs, axis=1).astype(np.uint8), placement, shape)
 
 
+def medseg_probs(run: Runner, item: MedsegItem, gmap: GrayMap, size: int
+                 ) -> tuple[np.ndarray, Placement, tuple[int, int, int]]:
+    """Probabilities of one MedSeg image on the model grid, where that grid sits, and the image's shape."""
+    shape = (1, *item.gray.shape)
+    return run(medseg_input(item.gray, gmap, size)[None, None]), Placement(full_box(shape), (1, size, size)), shape
+
+
 def medseg_predict(run: Runner, item: MedsegItem, gmap: GrayMap, size: int) -> np.ndarray:
     """Label map of one MedSeg image at its own resolution."""
-    x = medseg_input(item.gray, gmap, size)[None, None]
-    shape = (1, *item.gray.shape)
-    return labels_from_probs(run(x), Placement(full_box(shape), (1, size, size)), shape)[0]
+    probs, placement, shape = medseg_probs(run, item, gmap, size)
+    return labels_from_probs(probs, placement, shape)[0]
 
 
 def medseg_metrics(run: Runner, items: list[MedsegItem], gmap: GrayMap, size: int) -> dict[str, float]:
@@ -110,14 +116,24 @@ def _mean(rows: list[dict[str, float]], key: str) -> float:
     return float(np.mean([r[key] for r in rows]))
 
 
+def phantom_series_probs(run: Runner, hu: np.ndarray, lungs: np.ndarray, manifest: Any
+                         ) -> tuple[np.ndarray, Placement]:
+    """The model's probabilities on the lung box of a phantom's true lung mask, and where they sit."""
+    x, placement = slices_input(hu, manifest, lung_box(lungs > 0))
+    return run(x), placement
+
+
+def clean_series_lesions(raw: np.ndarray, lungs: np.ndarray, manifest: Any, voxel_ml: float) -> np.ndarray:
+    """The node's cleaning: lesions inside the lungs, without specks under the manifest's minimum."""
+    min_ml = float(manifest.postprocessing.get("min_component_ml", 0.1))
+    return clean_lesions(raw, lungs, min_ml=min_ml, voxel_ml=voxel_ml)
+
+
 def phantom_series_labels(run: Runner, hu: np.ndarray, lungs: np.ndarray, manifest: Any,
                           voxel_ml: float) -> np.ndarray:
     """The node's lesion step on a phantom with its true lung mask: box, model, placement, cleaning."""
-    box = lung_box(lungs > 0)
-    x, placement = slices_input(hu, manifest, box)
-    raw = labels_from_probs(run(x), placement, hu.shape)
-    min_ml = float(manifest.postprocessing.get("min_component_ml", 0.1))
-    return clean_lesions(raw, lungs, min_ml=min_ml, voxel_ml=voxel_ml)
+    probs, placement = phantom_series_probs(run, hu, lungs, manifest)
+    return clean_series_lesions(labels_from_probs(probs, placement, hu.shape), lungs, manifest, voxel_ml)
 
 
 def phantom_metrics(run: Runner, manifest: Any, n: int, log=print) -> dict[str, Any]:

@@ -26,10 +26,16 @@ from typing import Any
 import numpy as np
 import yaml
 
-from models.train.data_lesion import GrayMap, MedsegItem, medseg_input, phantom_volume, read_medseg_train
-from models.train.eval_lesion import DiceSum, dice, val_seeds
-from node.pipeline.postprocess import clean_lesions
-from node.pipeline.preprocess import Placement, full_box, lung_box, place_labels, resize, slices_input
+from models.train.data_lesion import GrayMap, MedsegItem, phantom_volume, read_medseg_train
+from models.train.eval_lesion import (
+    DiceSum,
+    clean_series_lesions,
+    dice,
+    medseg_probs,
+    phantom_series_probs,
+    val_seeds,
+)
+from node.pipeline.preprocess import Placement, place_labels, resize
 
 Variant = tuple[float | None, str]  # (threshold, placement)
 
@@ -92,9 +98,7 @@ def medseg_oof(folds: Path, variants: list[Variant], gmap: GrayMap, size: int, l
         run = _session(meta.with_suffix(".onnx"))
         held: list[MedsegItem] = [items[n] for n in json.loads(meta.read_text(encoding="utf-8"))["held_out"]]
         for it in held:
-            probs = run(medseg_input(it.gray, gmap, size)[None, None])
-            shape = (1, *it.gray.shape)
-            where = Placement(full_box(shape), (1, size, size))
+            probs, where, shape = medseg_probs(run, it, gmap, size)
             for v in variants:
                 per[name(v)].append(dice(place(probs, v[0], where, shape, v[1])[0], it.labels)["infection"])
         seen += [it.name for it in held]
@@ -109,15 +113,13 @@ def synthetic_val(model_dir: Path, variants: list[Variant], n: int, log=print) -
     from node.pipeline.infer import load_model
 
     model = load_model(model_dir, device="cpu", threads=2)
-    min_ml = float(model.manifest.postprocessing.get("min_component_ml", 0.1))
     sums = {name(v): DiceSum() for v in variants}
     for i, (seed, kind) in enumerate(val_seeds(n)):
         hu, lungs, lesions, args = phantom_volume(seed, kind)
-        x, placement = slices_input(hu, model.manifest, lung_box(lungs > 0))
-        probs = model.run_batched(x, 16)
+        probs, placement = phantom_series_probs(lambda x: model.run_batched(x, 16), hu, lungs, model.manifest)
         for v in variants:
-            pred = clean_lesions(place(probs, v[0], placement, hu.shape, v[1]), lungs, min_ml=min_ml,
-                                 voxel_ml=args["voxel_ml"])
+            pred = clean_series_lesions(place(probs, v[0], placement, hu.shape, v[1]), lungs, model.manifest,
+                                        args["voxel_ml"])
             sums[name(v)].add(pred, lesions)
         if (i + 1) % 10 == 0:
             log(f"  validation phantoms {i + 1}/{n}")
