@@ -31,7 +31,15 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from models.train.data_lesion import MEDSEG_TEST, GrayMap, MedsegItem, medseg_input, phantom_volume, read_medseg
+from models.train.data_lesion import (
+    MEDSEG_TEST,
+    GrayMap,
+    MedsegItem,
+    medseg_input,
+    phantom_volume,
+    read_medseg,
+    read_medseg_train,
+)
 from node.pipeline.postprocess import clean_lesions
 from node.pipeline.preprocess import Placement, full_box, lung_box, place_labels, slices_input
 
@@ -84,11 +92,39 @@ def labels_from_probs(probs: np.ndarray, placement: Placement, shape: tuple[int,
     return place_labels(np.argmax(probs, axis=1).astype(np.uint8), placement, shape)
 
 
+def medseg_placement(item: MedsegItem, size: int) -> tuple[Placement, tuple[int, int, int]]:
+    """Where the model grid sits on a MedSeg image (the whole image is the box), and the image's shape."""
+    shape = (1, *item.gray.shape)
+    return Placement(full_box(shape), (1, size, size)), shape
+
+
 def medseg_probs(run: Runner, item: MedsegItem, gmap: GrayMap, size: int
                  ) -> tuple[np.ndarray, Placement, tuple[int, int, int]]:
     """Probabilities of one MedSeg image on the model grid, where that grid sits, and the image's shape."""
-    shape = (1, *item.gray.shape)
-    return run(medseg_input(item.gray, gmap, size)[None, None]), Placement(full_box(shape), (1, size, size)), shape
+    return run(medseg_input(item.gray, gmap, size)[None, None]), *medseg_placement(item, size)
+
+
+def onnx_runner(path: Path, threads: int = 2) -> Runner:
+    """A ``Runner`` over one ONNX file on the CPU provider (fold networks, which have no model.yaml)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def oof_probs(folds: Path, gmap: GrayMap, size: int) -> dict[str, np.ndarray]:
+    """Each MedSeg training slice's probabilities from the fold network of ``folds`` that did not see it."""
+    items = {it.name: it for it in read_medseg_train()}
+    probs: dict[str, np.ndarray] = {}
+    for meta in sorted(Path(folds).glob("fold*.json")):
+        run = onnx_runner(meta.with_suffix(".onnx"))
+        for n in json.loads(meta.read_text(encoding="utf-8"))["held_out"]:
+            probs[n] = medseg_probs(run, items[n], gmap, size)[0]
+    if sorted(probs) != sorted(items):
+        raise SystemExit(f"the folds in {folds} do not hold out each of the {len(items)} training slices once")
+    return probs
 
 
 def medseg_predict(run: Runner, item: MedsegItem, gmap: GrayMap, size: int) -> np.ndarray:

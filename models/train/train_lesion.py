@@ -184,21 +184,25 @@ def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, va
     return {"folds": rows, "mean": mean}
 
 
-def manifest(size: int, sha: str, training: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+DESCRIPTION = ("Small 2D U-Net: ground-glass opacity and consolidation on each axial slice of the lung box of a chest "
+               "CT, at reduced in-plane size.")
+
+
+def manifest(size: int, sha: str, training: dict[str, Any], metrics: dict[str, Any], *, version: str = VERSION,
+             description: str = DESCRIPTION) -> dict[str, Any]:
     """model.yaml content (validated by node.pipeline.manifest when the node loads it)."""
     labels: list[dict[str, Any]] = [{"index": 0, "name": "background"}]
     labels += [{"index": i, "name": name, "snomed": code} for i, (name, code) in enumerate(SNOMED.items(), start=1)]
     return {
         "name": "lesion_seg",
-        "version": VERSION,
+        "version": version,
         "sha256": sha,
         "task": "segmentation",
-        "description": "Small 2D U-Net: ground-glass opacity and consolidation on each axial slice of the lung box "
-                       "of a chest CT, at reduced in-plane size.",
+        "description": description,
         "intended_use": "Lesion masks inside the lungs for measuring pneumonia involvement in the lungnode reference "
                         "pipeline; research and demonstration only.",
         "not_for_clinical_use": True,
-        "algorithm": {"name": "lungnode-lesion-seg-unet2d", "version": VERSION, "family": "Artificial Intelligence"},
+        "algorithm": {"name": "lungnode-lesion-seg-unet2d", "version": version, "family": "Artificial Intelligence"},
         "input": {"name": "ct", "layout": "NCHW", "size": [size, size],
                   "window": {"level": LUNG_WINDOW[0], "width": LUNG_WINDOW[1]}, "channels": ["ct"]},
         "output": {"name": "probs", "activation": "softmax", "labels": labels},

@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 import yaml
 
-from models.train.data_lesion import GrayMap, MedsegItem, phantom_volume, read_medseg_train
+from models.train.data_lesion import GrayMap, phantom_volume, read_medseg_train
 from models.train.eval_lesion import (
     DiceSum,
     clean_series_lesions,
     dice,
-    medseg_probs,
+    medseg_placement,
+    oof_probs,
     phantom_series_probs,
     val_seeds,
 )
@@ -80,31 +81,15 @@ def name(v: Variant) -> str:
     return f"{'argmax' if v[0] is None else f'p>{v[0]}'}/{v[1]}"
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(None, {sess.get_inputs()[0].name: x})[0]
-
-
 def medseg_oof(folds: Path, variants: list[Variant], gmap: GrayMap, size: int, log=print) -> dict[str, list[float]]:
     """Per-image infection Dice of every variant, each image predicted by the fold model that did not see it."""
-    items = {it.name: it for it in read_medseg_train()}
+    probs = oof_probs(folds, gmap, size)
+    log(f"  {folds}: out-of-fold probabilities of {len(probs)} slices")
     per: dict[str, list[float]] = {name(v): [] for v in variants}
-    seen: list[str] = []
-    for meta in sorted(folds.glob("fold*.json")):
-        run = _session(meta.with_suffix(".onnx"))
-        held: list[MedsegItem] = [items[n] for n in json.loads(meta.read_text(encoding="utf-8"))["held_out"]]
-        for it in held:
-            probs, where, shape = medseg_probs(run, it, gmap, size)
-            for v in variants:
-                per[name(v)].append(dice(place(probs, v[0], where, shape, v[1])[0], it.labels)["infection"])
-        seen += [it.name for it in held]
-        log(f"  {meta.stem}: {len(held)} held-out slices")
-    if sorted(seen) != sorted(items):
-        raise SystemExit(f"the folds in {folds} do not hold out each of the {len(items)} training slices once")
+    for it in read_medseg_train():
+        where, shape = medseg_placement(it, size)
+        for v in variants:
+            per[name(v)].append(dice(place(probs[it.name], v[0], where, shape, v[1])[0], it.labels)["infection"])
     return per
 
 
