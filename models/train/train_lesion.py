@@ -43,6 +43,7 @@ from models.train.data_lesion import (
     medseg_samples,
     phantom_lung_slices,
     phantom_samples,
+    phantom_spec_args,
     read_medseg_train,
 )
 from models.train.data_lung import LUNG_WINDOW, SliceSet
@@ -70,17 +71,39 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ce + (1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean())
 
 
-def epoch_indices(phantom: SliceSet, n_med: int, reps: int, n_ph: int, rng: np.random.Generator
-                  ) -> list[tuple[str, int]]:
-    """One epoch: every MedSeg slice ``reps`` times, ``n_ph`` phantom slices (half with lesions), shuffled."""
+def epoch_indices(phantom: SliceSet, n_med: int, reps: int, n_ph: int, rng: np.random.Generator,
+                  normal: np.ndarray | None = None, normal_share: float = 0.0) -> list[tuple[str, int]]:
+    """One epoch: every MedSeg slice ``reps`` times, ``n_ph`` phantom slices (half with lesions), shuffled.
+
+    ``normal_share`` of the phantom slices come from ``normal`` (indices of slices of lesion-free series,
+    whose confounders such as dependent atelectasis must stay unlabelled); the rest as before, half with
+    lesions. At 0 the draws are those of earlier versions, so old recipes repeat bit for bit.
+    """
     items = [("m", i) for i in range(n_med) for _ in range(reps)]
     if n_ph and len(phantom):
+        n_norm = int(round(n_ph * normal_share)) if normal is not None and normal.size else 0
+        rest = n_ph - n_norm
         has = np.flatnonzero(phantom.y.reshape(len(phantom), -1).max(1) > 0)
-        pick = rng.choice(len(phantom), n_ph - n_ph // 2)
+        pick = rng.choice(len(phantom), rest - rest // 2)
         if has.size:
-            pick = np.concatenate([pick, rng.choice(has, n_ph // 2)])
+            pick = np.concatenate([pick, rng.choice(has, rest // 2)])
+        if n_norm and normal is not None:
+            pick = np.concatenate([pick, rng.choice(normal, n_norm)])
         items += [("p", int(i)) for i in pick]
     return [items[i] for i in rng.permutation(len(items))]
+
+
+def normal_slices(phantom: SliceSet) -> np.ndarray:
+    """Indices of the phantom slices that belong to series of kind normal (sources ``phantom<seed>:<z>``)."""
+    kinds: dict[int, str] = {}
+    out = []
+    for i, src in enumerate(phantom.source):
+        seed = int(src.split(":")[0].removeprefix("phantom"))
+        if seed not in kinds:
+            kinds[seed] = str(phantom_spec_args(seed)["kind"])
+        if kinds[seed] == "normal":
+            out.append(i)
+    return np.array(out, dtype=np.int64)
 
 
 def grid_dice(model: UNet2D, val: SliceSet) -> dict[str, float]:
@@ -97,7 +120,8 @@ def torch_runner(model: UNet2D):
 
 def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: int, base: int, batch: int,
         lr: float, reps: int, n_ph: int, crop: int = 0, depth: int = 3, init: Path | None = None,
-        device: str = "cpu", log=print, fold_eval=None) -> tuple[UNet2D, list[dict[str, Any]]]:
+        device: str = "cpu", normal_share: float = 0.0, log=print, fold_eval=None
+        ) -> tuple[UNet2D, list[dict[str, Any]]]:
     """Train a U-Net (fresh, or from the ``init`` weights); per epoch log loss, held-out phantom Dice, fold metric.
 
     Augmentation runs on the CPU; only the network's steps go to ``device``. The model comes back on the CPU.
@@ -113,10 +137,11 @@ def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: i
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     rng = np.random.default_rng(seed)
     history: list[dict[str, Any]] = []
+    normal = normal_slices(phantom) if normal_share else None
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
-        order = epoch_indices(phantom, len(med), reps, n_ph, rng)
+        order = epoch_indices(phantom, len(med), reps, n_ph, rng, normal, normal_share)
         total, n = 0.0, 0
         for i in range(0, len(order), batch):
             pairs = [augment_lesion((med if s == "m" else phantom).x[k], (med if s == "m" else phantom).y[k], rng,
@@ -169,7 +194,8 @@ def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, va
         med = medseg_samples(train_items, gmap, size)
         model, _ = fit(phantom, med, val, log=log, epochs=cfg["epochs"], seed=cfg["seed"], base=cfg["base"],
                        batch=cfg["batch"], lr=cfg["lr"], reps=cfg["reps"], n_ph=cfg["n_ph"], crop=cfg["crop"],
-                       depth=cfg["depth"], init=cfg["init"], device=cfg["device"], fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
+                       depth=cfg["depth"], init=cfg["init"], device=cfg["device"], normal_share=cfg["normal_share"],
+                       fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
         if keep is not None:
             export_onnx(model, keep / f"fold{f + 1}.onnx", size)
             (keep / f"fold{f + 1}.json").write_text(json.dumps({"held_out": [it.name for it in test_items]}),
@@ -256,7 +282,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
           base: int = 8, batch: int = 16, lr: float = 3e-3, reps: int = 6, n_ph: int = 240, crop: int = 96,
           medseg: bool = True, cv: int = 0, fold: int = 0, depth: int = 3, slices: int | None = None,
           matrix: int | None = None, init: Path | None = None, device: str = "cpu", keep_folds: bool = False,
-          log=print) -> dict[str, Any]:
+          normal_share: float = 0.0, log=print) -> dict[str, Any]:
     """Cross-validate (``cv`` > 0) or train, export and describe the model in ``out``.
 
     ``slices`` / ``matrix`` fix the phantoms' size (small, fast test runs); by default each seed draws them.
@@ -264,7 +290,8 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
     """
     cfg = dict(epochs=epochs, seed=seed, phantoms=phantoms, val_phantoms=val_phantoms, size=size, base=base,
                batch=batch, lr=lr, reps=reps, n_ph=n_ph, crop=crop, medseg=medseg, cv=cv, fold=fold, depth=depth,
-               slices=slices, matrix=matrix, init=None if init is None else str(init), device=device)
+               slices=slices, matrix=matrix, init=None if init is None else str(init), device=device,
+               normal_share=normal_share)
     t0 = time.perf_counter()
     items, gmap, phantom, val = load_data(cfg, log)
     log(f"data: {len(phantom)} phantom slices ({phantoms} phantoms), {len(items)} MedSeg slices, "
@@ -279,7 +306,8 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
     med = medseg_samples(items, gmap, size) if items and gmap else SliceSet(np.zeros((0, size, size), np.float32),
                                                                      np.zeros((0, size, size), np.uint8), [])
     model, history = fit(phantom, med, val, epochs=epochs, seed=seed, base=base, batch=batch, lr=lr, reps=reps,
-                         n_ph=n_ph, crop=crop, depth=depth, init=init, device=device, log=log)
+                         n_ph=n_ph, crop=crop, depth=depth, init=init, device=device, normal_share=normal_share,
+                         log=log)
     onnx_path = out / "model.onnx"
     export_onnx(model, onnx_path, size)
     err = parity(model, onnx_path, val.x[:16])
@@ -295,7 +323,8 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
                                                                   val_seeds(val_phantoms)[-1][0]]},
         "pretraining": pretraining_summary(init),
         "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "medseg_reps_per_epoch": reps,
-        "phantom_slices_per_epoch": n_ph, "train_crop": crop, "base_channels": base, "depth": depth,
+        "phantom_slices_per_epoch": n_ph, **({"normal_series_share": normal_share} if normal_share else {}),
+        "train_crop": crop, "base_channels": base, "depth": depth,
         "parameters": n_params(model), "device": device,
         "loss": "cross-entropy + soft Dice (GGO, consolidation, infection)",
         "augmentation": "random crops (lesion-centred 60%), flips and 90-degree turns, scale +-15%, rotation +-15 deg, blur / unsharp masking, "
@@ -332,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=3, choices=(3, 4), help="U-Net resolution levels")
     ap.add_argument("--device", default="cpu", help="torch device for the network steps (cpu, cuda)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch and SimpleITK (0: their default)")
+    ap.add_argument("--normal-share", type=float, default=0.0,
+                    help="share of each epoch's phantom slices drawn from lesion-free (normal) series (0: none set apart)")
     ap.add_argument("--keep-fold-models", action="store_true",
                     help="with --cv: write each fold's network to --out as fold<i>.onnx (out-of-fold tuning)")
     a = ap.parse_args(argv)
@@ -345,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     train(a.out, epochs=a.epochs, seed=a.seed, phantoms=a.phantoms, val_phantoms=a.val_phantoms, size=a.size,
           base=a.base, batch=a.batch, lr=a.lr, reps=a.medseg_reps, n_ph=a.phantom_slices, crop=a.crop, medseg=not a.no_medseg,
           cv=a.cv, fold=a.fold, depth=a.depth, init=a.init, device=a.device, keep_folds=a.keep_fold_models,
+          normal_share=a.normal_share,
           log=lambda s: print(s, flush=True))
     return 0
 

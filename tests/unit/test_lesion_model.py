@@ -194,3 +194,19 @@ def test_sweep_caches_as_many_phantoms_as_its_largest_recipe_trains_on() -> None
     assert phantoms_needed(plan) == 80
     plan["recipes"]["N"] = {"stage1": [["--phantoms", "200", "--epochs", "2"]], "stage2": ["--phantoms", "120"]}
     assert phantoms_needed(plan) == 200
+
+
+def test_epoch_draws_a_share_of_phantom_slices_from_normal_series() -> None:
+    from models.train.data_lung import SliceSet
+    from models.train.train_lesion import epoch_indices
+
+    y = np.zeros((40, 4, 4), dtype=np.uint8)
+    y[:20, 0, 0] = 1  # slices 0-19 hold lesions
+    phantom = SliceSet(np.zeros((40, 4, 4), np.float32), y, [f"phantom{i}:0" for i in range(40)])
+    normal = np.arange(30, 40)
+    plain = epoch_indices(phantom, 5, 2, 100, np.random.default_rng(0))
+    same = epoch_indices(phantom, 5, 2, 100, np.random.default_rng(0), normal, 0.0)
+    assert plain == same  # share 0: the draws of earlier versions, so old recipes repeat
+    picks = [k for s, k in epoch_indices(phantom, 5, 2, 100, np.random.default_rng(0), normal, 0.5) if s == "p"]
+    assert len(picks) == 100 and sum(k >= 30 for k in picks) >= 50
+    assert sum(k < 20 for k in picks) >= 25  # the rest: still half with lesions
