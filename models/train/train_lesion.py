@@ -40,10 +40,11 @@ from models.train.data_lesion import (
     MedsegItem,
     augment_lesion,
     calibrate,
+    epoch_indices,
     medseg_samples,
+    normal_slices,
     phantom_lung_slices,
     phantom_samples,
-    phantom_spec_args,
     read_medseg_train,
 )
 from models.train.data_lung import LUNG_WINDOW, SliceSet
@@ -69,41 +70,6 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     inter = (p * t).sum((0, 2, 3))
     denom = (p + t).sum((0, 2, 3))
     return ce + (1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean())
-
-
-def epoch_indices(phantom: SliceSet, n_med: int, reps: int, n_ph: int, rng: np.random.Generator,
-                  normal: np.ndarray | None = None, normal_share: float = 0.0) -> list[tuple[str, int]]:
-    """One epoch: every MedSeg slice ``reps`` times, ``n_ph`` phantom slices (half with lesions), shuffled.
-
-    ``normal_share`` of the phantom slices come from ``normal`` (indices of slices of lesion-free series,
-    whose confounders such as dependent atelectasis must stay unlabelled); the rest as before, half with
-    lesions. At 0 the draws are those of earlier versions, so old recipes repeat bit for bit.
-    """
-    items = [("m", i) for i in range(n_med) for _ in range(reps)]
-    if n_ph and len(phantom):
-        n_norm = int(round(n_ph * normal_share)) if normal is not None and normal.size else 0
-        rest = n_ph - n_norm
-        has = np.flatnonzero(phantom.y.reshape(len(phantom), -1).max(1) > 0)
-        pick = rng.choice(len(phantom), rest - rest // 2)
-        if has.size:
-            pick = np.concatenate([pick, rng.choice(has, rest // 2)])
-        if n_norm and normal is not None:
-            pick = np.concatenate([pick, rng.choice(normal, n_norm)])
-        items += [("p", int(i)) for i in pick]
-    return [items[i] for i in rng.permutation(len(items))]
-
-
-def normal_slices(phantom: SliceSet) -> np.ndarray:
-    """Indices of the phantom slices that belong to series of kind normal (sources ``phantom<seed>:<z>``)."""
-    kinds: dict[int, str] = {}
-    out = []
-    for i, src in enumerate(phantom.source):
-        seed = int(src.split(":")[0].removeprefix("phantom"))
-        if seed not in kinds:
-            kinds[seed] = str(phantom_spec_args(seed)["kind"])
-        if kinds[seed] == "normal":
-            out.append(i)
-    return np.array(out, dtype=np.int64)
 
 
 def grid_dice(model: UNet2D, val: SliceSet) -> dict[str, float]:

@@ -197,8 +197,8 @@ def test_sweep_caches_as_many_phantoms_as_its_largest_recipe_trains_on() -> None
 
 
 def test_epoch_draws_a_share_of_phantom_slices_from_normal_series() -> None:
+    from models.train.data_lesion import epoch_indices
     from models.train.data_lung import SliceSet
-    from models.train.train_lesion import epoch_indices
 
     y = np.zeros((40, 4, 4), dtype=np.uint8)
     y[:20, 0, 0] = 1  # slices 0-19 hold lesions
