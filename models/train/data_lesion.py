@@ -279,5 +279,5 @@ def augment_lesion(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, crop:
 
 
 __all__ = ["CACHE", "GrayMap", "MEDSEG_TEST", "MEDSEG_TRAIN", "MedsegItem", "augment_lesion", "calibrate",
-           "dihedral", "epoch_indices", "medseg_input", "medseg_samples", "normal_slices", "phantom_lung_slices", "phantom_samples",
-           "phantom_spec_args", "phantom_volume", "random_crop", "read_medseg", "read_medseg_train"]
+           "dihedral", "epoch_indices", "medseg_input", "medseg_samples", "normal_slices", "phantom_lung_slices",
+           "phantom_samples", "phantom_spec_args", "phantom_volume", "random_crop", "read_medseg", "read_medseg_train"]

@@ -1,7 +1,7 @@
 """Average lesion networks: score the mean of their probabilities by a plan, and build it as one ONNX graph.
 
     python -m models.train.ensemble_lesion score --cv DIR0 DIR1 --members M0 M1 [--phantoms 30] [--out R.json]
-    python -m models.train.ensemble_lesion build --members M0 M1 --out models/lesion_seg
+    python -m models.train.ensemble_lesion build --members M0 M1 --version 0.4.0 --out DIR/lesion_seg
 
 Networks trained alike from different seeds make different mistakes; the mean of their softmax
 outputs is usually better than either (the fold ensembles of nnU-Net). ``score`` measures that with
@@ -42,8 +42,6 @@ from models.train.eval_lesion import (
     phantom_series_probs,
     val_seeds,
 )
-
-VERSION = "0.4.0"
 
 
 def gray_map(model_dir: Path) -> tuple[GrayMap, int]:
@@ -91,8 +89,8 @@ def synthetic_val(members: list[Path], n: int, log=print) -> dict[str, DiceSum]:
     return sums
 
 
-def build(members: list[Path], out: Path, log=print) -> dict[str, Any]:
-    """One ONNX graph averaging the members' softmax, with its model.yaml (members' training inside)."""
+def build(members: list[Path], out: Path, version: str, log=print) -> dict[str, Any]:
+    """One ONNX graph averaging the members' softmax, with its model.yaml (``version``; members' training inside)."""
     import torch
     from torch import nn
 
@@ -137,7 +135,7 @@ def build(members: list[Path], out: Path, log=print) -> dict[str, Any]:
         "parameters": n_params(ens),
     }
     data = manifest(size, file_sha256(onnx_path), training, {"onnx_parity_max_abs": float(f"{err:.3g}")},
-                    version=VERSION, description=(
+                    version=version, description=(
                         f"{len(nets)} small 2D U-Nets, their probabilities averaged: ground-glass opacity and "
                         "consolidation on each axial slice of the lung box of a chest CT, at reduced in-plane size."))
     (out / "model.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
@@ -155,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="one ONNX graph averaging the members, with its model.yaml")
     b.add_argument("--members", type=Path, nargs="+", required=True, help="final model folders with weights.pt")
     b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--version", required=True, help="the model version to write into model.yaml (e.g. 0.4.0)")
     a = ap.parse_args(argv)
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
     if a.cmd == "build":
-        build(a.members, a.out, log)
+        build(a.members, a.out, a.version, log)
         log(f"wrote {a.out}/model.onnx and model.yaml; measure it with python -m models.train.eval_lesion --model {a.out}")
         return 0
     t0 = time.perf_counter()

@@ -26,10 +26,11 @@ def test_built_ensemble_is_the_mean_of_its_members(tmp_path: Path, monkeypatch: 
               crop=32, medseg=False, slices=8, matrix=96, depth=3, log=lambda s: None)
         members.append(out)
     ens_dir = tmp_path / "ens" / "lesion_seg"
-    build(members, ens_dir, log=lambda s: None)
+    build(members, ens_dir, "9.9.9", log=lambda s: None)
 
     model = load_model(ens_dir, device="cpu", threads=1)  # schema and sha256, as the node checks them
     check_role(model.manifest, "lesion")
+    assert model.manifest.version == "9.9.9"
     training = model.manifest.training or {}
     assert [m["seed"] for m in training["ensemble"]["members"]] == [0, 1]
     x = np.random.default_rng(3).random((4, 1, 64, 64), dtype=np.float32)
