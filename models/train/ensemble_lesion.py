@@ -35,6 +35,7 @@ from models.train.eval_lesion import (
     DiceSum,
     clean_series_lesions,
     dice,
+    gray_map,
     labels_from_probs,
     medseg_placement,
     onnx_runner,
@@ -42,13 +43,6 @@ from models.train.eval_lesion import (
     phantom_series_probs,
     val_seeds,
 )
-
-
-def gray_map(model_dir: Path) -> tuple[GrayMap, int]:
-    """The MedSeg gray map and model size stored in a lesion model's model.yaml."""
-    m = yaml.safe_load((Path(model_dir) / "model.yaml").read_text(encoding="utf-8"))
-    cal = m["training"]["medseg_gray_map"]
-    return GrayMap(float(cal["lung_gray"]), float(cal["tissue_gray"])), int(m["input"]["size"][0])
 
 
 def medseg_oof(cv_dirs: list[Path], gmap: GrayMap, size: int, log=print) -> dict[str, list[float]]:

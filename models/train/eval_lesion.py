@@ -92,6 +92,13 @@ def labels_from_probs(probs: np.ndarray, placement: Placement, shape: tuple[int,
     return place_labels(np.argmax(probs, axis=1).astype(np.uint8), placement, shape)
 
 
+def gray_map(model_dir: Path) -> tuple[GrayMap, int]:
+    """The MedSeg gray map and model size stored in a lesion model's model.yaml."""
+    m = yaml.safe_load((Path(model_dir) / "model.yaml").read_text(encoding="utf-8"))
+    cal = m["training"]["medseg_gray_map"]
+    return GrayMap(float(cal["lung_gray"]), float(cal["tissue_gray"])), int(m["input"]["size"][0])
+
+
 def medseg_placement(item: MedsegItem, size: int) -> tuple[Placement, tuple[int, int, int]]:
     """Where the model grid sits on a MedSeg image (the whole image is the box), and the image's shape."""
     shape = (1, *item.gray.shape)

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from models.train.data_lesion import GrayMap, phantom_volume, read_medseg_train
 from models.train.eval_lesion import (
     DiceSum,
     clean_series_lesions,
     dice,
+    gray_map,
     medseg_placement,
     oof_probs,
     phantom_series_probs,
@@ -133,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     plan = json.loads(a.plan.read_text(encoding="utf-8"))
     variants = plan_variants(plan)
-    m = yaml.safe_load((a.model / "model.yaml").read_text(encoding="utf-8"))
-    cal = m["training"]["medseg_gray_map"]
-    gmap, size = GrayMap(float(cal["lung_gray"]), float(cal["tissue_gray"])), int(m["input"]["size"][0])
+    gmap, size = gray_map(a.model)
     t0 = time.perf_counter()
     print(f"MedSeg out-of-fold: {len(variants)} variants", flush=True)
     oof = medseg_oof(a.folds, variants, gmap, size, log=lambda s: print(s, flush=True))
