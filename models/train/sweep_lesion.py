@@ -59,13 +59,15 @@ def fill_cache(phantoms: int, val_phantoms: int, size: int, jobs: int, log=print
     log(f"phantom cache: {len(work)} phantoms, {n} slices, {time.perf_counter() - t0:.0f} s")
 
 
-def phantoms_needed(plan: dict[str, Any]) -> int:
-    """Training phantoms to cache first: the plan's count, or more where a recipe asks ``--phantoms N``.
+def phantoms_needed(plan: dict[str, Any], names: list[str] | None = None) -> int:
+    """Training phantoms to cache first: the plan's count, or more where a recipe of ``names`` asks ``--phantoms N``.
 
     Filling them before any run starts means no two training processes ever write one cache file.
     """
     counts = [int(plan["phantoms"])]
-    for recipe in plan["recipes"].values():
+    for name, recipe in plan["recipes"].items():
+        if names is not None and name not in names:
+            continue
         for args in [*recipe["stage1"], recipe["stage2"]]:
             counts += [int(args[i + 1]) for i, a in enumerate(args[:-1]) if a == "--phantoms"]
     return max(counts)
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = json.loads(a.plan.read_text(encoding="utf-8"))
     names = [n for n in plan["recipes"] if not a.only or n in a.only.split(",")]
     k = int(plan["cv"])
-    fill_cache(phantoms_needed(plan), plan["val_phantoms"], plan["size"], a.jobs, log)
+    fill_cache(phantoms_needed(plan, names), plan["val_phantoms"], plan["size"], a.jobs, log)
     runner = Runner(a.jobs, a.device, a.deadline, log)
     stage1 = Stage1(a.out)
     with ThreadPoolExecutor(len(names) * (k + 2)) as pool:

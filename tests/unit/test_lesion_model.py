@@ -194,6 +194,7 @@ def test_sweep_caches_as_many_phantoms_as_its_largest_recipe_trains_on() -> None
     assert phantoms_needed(plan) == 80
     plan["recipes"]["N"] = {"stage1": [["--phantoms", "200", "--epochs", "2"]], "stage2": ["--phantoms", "120"]}
     assert phantoms_needed(plan) == 200
+    assert phantoms_needed(plan, ["A"]) == 80  # --only A: the 200 phantoms of N are not generated
 
 
 def test_epoch_draws_a_share_of_phantom_slices_from_normal_series() -> None:
