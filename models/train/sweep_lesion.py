@@ -19,9 +19,12 @@ Measured on one NVIDIA H200 host (16 cores) with ``--jobs 14`` and the 2026-11 p
 phantom cache (68 s), recipe E's stage 1 took 87 s and its folds 78 s each; L's 40-epoch stage 1
 124 s and its 32-epoch folds 153 s; D4's 167 s and 210 s. After 470 s W16D4's folds were still
 running and W20's and W16D4L's had not started (W16D4's folds alone, six processes, took 136 s):
-the whole plan needs roughly 12-15 minutes there. Where a session's time is shorter, give
-``--deadline`` (what finished is summarised and packed) and run again into the same DIR: finished
-stage-1 chains, folds and final models are kept, not rerun.
+the whole plan needs roughly 12-15 minutes there. On one NVIDIA H100 (16 cores) with ``--jobs 18``,
+all 18 stage-2 runs of plan b's W16D4, W16D4R and W16D4L at once: 32-epoch folds 355 s, W16D4R's
+(twice the MedSeg slices per epoch) 478 s, W16D4L's 64-epoch folds 57 epochs in 490 s. Where a
+session's time is shorter, give ``--deadline`` (counted from the start, phantom cache included;
+what finished is summarised and packed) and run again into the same DIR: finished stage-1 chains,
+folds and final models are kept, not rerun.
 """
 
 from __future__ import annotations
@@ -76,13 +79,16 @@ def phantoms_needed(plan: dict[str, Any], names: list[str] | None = None) -> int
 class Runner:
     """Runs ``train_lesion`` processes, at most ``jobs`` at a time, each logging to its own file.
 
-    After ``deadline`` (seconds from the start; None: no limit) no run starts and running ones are
-    stopped, so a time-limited session still gets the summary of what finished.
+    After ``deadline`` (seconds from ``t0``, the sweep's start, phantom cache included; None: no limit)
+    no run starts and running ones are stopped, so a time-limited session still gets the summary of
+    what finished.
     """
 
-    def __init__(self, jobs: int, device: str, deadline: float | None = None, log=print) -> None:
+    def __init__(self, jobs: int, device: str, deadline: float | None = None, log=print,
+                 t0: float | None = None) -> None:
         self.slots = threading.Semaphore(jobs)
-        self.device, self.log, self.t0 = device, log, time.perf_counter()
+        self.device, self.log = device, log
+        self.t0 = time.perf_counter() if t0 is None else t0
         self.deadline = deadline
         self.failed: list[str] = []
         self.stopped: list[str] = []
@@ -193,15 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
     ap.add_argument("--deadline", type=float, default=None,
-                    help="seconds after which no run starts and running ones stop (the summary is still written)")
+                    help="seconds from the start (phantom cache included) after which no run starts and running "
+                         "ones stop; the summary is still written and packed. Leave a device call's limit a minute more")
     ap.add_argument("--pack", type=Path, default=None, help="also write the small outputs to this tar.gz")
     a = ap.parse_args(argv)
     log = lambda s: print(s, flush=True)  # noqa: E731
     plan = json.loads(a.plan.read_text(encoding="utf-8"))
     names = [n for n in plan["recipes"] if not a.only or n in a.only.split(",")]
     k = int(plan["cv"])
+    t0 = time.perf_counter()
     fill_cache(phantoms_needed(plan, names), plan["val_phantoms"], plan["size"], a.jobs, log)
-    runner = Runner(a.jobs, a.device, a.deadline, log)
+    runner = Runner(a.jobs, a.device, a.deadline, log, t0)
     stage1 = Stage1(a.out)
     with ThreadPoolExecutor(len(names) * (k + 2)) as pool:
         recipes = [pool.submit(run_recipe, runner, pool, stage1, a.out / n, plan["recipes"][n], k) for n in names]

@@ -187,6 +187,18 @@ def test_sweep_runs_a_shared_stage_one_once_and_keeps_finished_runs(tmp_path: Pa
     assert [where for where, _ in fake.runs] == ["cv/fold2"]
 
 
+def test_sweep_deadline_counts_from_the_sweep_start(tmp_path: Path) -> None:
+    """A deadline already spent before the first run (by the phantom cache) starts no run at all."""
+    import time
+
+    from models.train.sweep_lesion import Runner
+
+    runner = Runner(2, "cpu", deadline=5.0, log=lambda s: None, t0=time.perf_counter() - 6.0)
+    assert runner.run(tmp_path / "r", ["--epochs", "1"], "fold1") is False
+    assert runner.stopped == [f"{tmp_path / 'r'}/fold1"] and runner.failed == []
+    assert not (tmp_path / "r" / "fold1.log").exists()
+
+
 def test_sweep_caches_as_many_phantoms_as_its_largest_recipe_trains_on() -> None:
     from models.train.sweep_lesion import phantoms_needed
 
