@@ -223,3 +223,19 @@ def test_epoch_draws_a_share_of_phantom_slices_from_normal_series() -> None:
     picks = [k for s, k in epoch_indices(phantom, 5, 2, 100, np.random.default_rng(0), normal, 0.5) if s == "p"]
     assert len(picks) == 100 and sum(k >= 30 for k in picks) >= 50
     assert sum(k < 20 for k in picks) >= 25  # the rest: still half with lesions
+
+
+def test_per_image_dice_weighs_a_missed_small_lesion_as_much_as_a_found_large_one() -> None:
+    torch = pytest.importorskip("torch", reason="torch is not installed (training-only dependency; CI does not install it)")
+    from models.train.train_lesion import loss_fn
+
+    y = torch.zeros((2, 32, 32), dtype=torch.int64)
+    y[0, 4:28, 4:28] = 1  # large ground glass, found
+    y[1, 10:12, 10:12] = 1  # small ground glass, missed
+    logits = torch.full((2, 3, 32, 32), -20.0)
+    logits[:, 0] = 20.0
+    logits[0, 1, 4:28, 4:28], logits[0, 0, 4:28, 4:28] = 20.0, -20.0
+    pooled, per_image = loss_fn(logits, y).item(), loss_fn(logits, y, per_image=True).item()
+    assert per_image > pooled + 0.2  # the miss costs half the Dice term per image, almost nothing pooled
+    one = (logits[:1], y[:1])
+    assert loss_fn(*one).item() == pytest.approx(loss_fn(*one, per_image=True).item())
