@@ -60,21 +60,28 @@ SNOMED = {
 }
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+DICE_MODES = ("batch", "image", "lesion-image")
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, dice: str = "batch") -> torch.Tensor:
     """Cross-entropy plus soft Dice of GGO, consolidation and infection (their union).
 
-    The Dice is pooled over the batch, or (``per_image``) taken per sample and averaged, which weighs small
-    lesions as much as large ones, as the mean-over-images test metric does.
+    ``dice``: "batch" pools the Dice over the batch. "image" takes it per sample and averages, which weighs
+    small lesions as much as large ones, as the mean-over-images test metric does. "lesion-image" averages only
+    the samples whose truth has the class: on a lesion-free crop the Dice is 0 or 1 by its smoothing alone, so
+    there cross-entropy alone answers for false lesions.
     """
     ce = F.cross_entropy(logits, y)
     prob = torch.softmax(logits, 1)
     onehot = F.one_hot(y, 3).permute(0, 3, 1, 2).float()
     p = torch.stack([prob[:, 1], prob[:, 2], prob[:, 1] + prob[:, 2]], 1)
     t = torch.stack([onehot[:, 1], onehot[:, 2], onehot[:, 1] + onehot[:, 2]], 1)
-    dims = (2, 3) if per_image else (0, 2, 3)
-    inter = (p * t).sum(dims)
-    denom = (p + t).sum(dims)
-    return ce + (1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean())
+    dims = (0, 2, 3) if dice == "batch" else (2, 3)
+    score = (2 * (p * t).sum(dims) + 1.0) / ((p + t).sum(dims) + 1.0)
+    if dice == "lesion-image":
+        present = t.sum((2, 3)) > 0
+        return ce + (1.0 - score[present].mean()) if present.any() else ce
+    return ce + (1.0 - score.mean())
 
 
 def grid_dice(model: UNet2D, val: SliceSet) -> dict[str, float]:
@@ -91,7 +98,7 @@ def torch_runner(model: UNet2D):
 
 def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: int, base: int, batch: int,
         lr: float, reps: int, n_ph: int, crop: int = 0, depth: int = 3, init: Path | None = None,
-        device: str = "cpu", normal_share: float = 0.0, dice_per_image: bool = False, log=print, fold_eval=None
+        device: str = "cpu", normal_share: float = 0.0, dice: str = "batch", log=print, fold_eval=None
         ) -> tuple[UNet2D, list[dict[str, Any]]]:
     """Train a U-Net (fresh, or from the ``init`` weights); per epoch log loss, held-out phantom Dice, fold metric.
 
@@ -119,7 +126,7 @@ def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: i
                                     crop) for s, k in order[i:i + batch]]
             xb = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None]).to(device)
             yb = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)).to(device)
-            loss = loss_fn(model.logits(xb), yb, dice_per_image)
+            loss = loss_fn(model.logits(xb), yb, dice)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -166,7 +173,7 @@ def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, va
         model, _ = fit(phantom, med, val, log=log, epochs=cfg["epochs"], seed=cfg["seed"], base=cfg["base"],
                        batch=cfg["batch"], lr=cfg["lr"], reps=cfg["reps"], n_ph=cfg["n_ph"], crop=cfg["crop"],
                        depth=cfg["depth"], init=cfg["init"], device=cfg["device"], normal_share=cfg["normal_share"],
-                       dice_per_image=cfg.get("dice_per_image", False), fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
+                       dice=cfg.get("dice", "batch"), fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
         if keep is not None:
             export_onnx(model, keep / f"fold{f + 1}.onnx", size)
             (keep / f"fold{f + 1}.json").write_text(json.dumps({"held_out": [it.name for it in test_items]}),
@@ -253,7 +260,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
           base: int = 8, batch: int = 16, lr: float = 3e-3, reps: int = 6, n_ph: int = 240, crop: int = 96,
           medseg: bool = True, cv: int = 0, fold: int = 0, depth: int = 3, slices: int | None = None,
           matrix: int | None = None, init: Path | None = None, device: str = "cpu", keep_folds: bool = False,
-          normal_share: float = 0.0, dice_per_image: bool = False, log=print) -> dict[str, Any]:
+          normal_share: float = 0.0, dice: str = "batch", log=print) -> dict[str, Any]:
     """Cross-validate (``cv`` > 0) or train, export and describe the model in ``out``.
 
     ``slices`` / ``matrix`` fix the phantoms' size (small, fast test runs); by default each seed draws them.
@@ -262,7 +269,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
     cfg = dict(epochs=epochs, seed=seed, phantoms=phantoms, val_phantoms=val_phantoms, size=size, base=base,
                batch=batch, lr=lr, reps=reps, n_ph=n_ph, crop=crop, medseg=medseg, cv=cv, fold=fold, depth=depth,
                slices=slices, matrix=matrix, init=None if init is None else str(init), device=device,
-               normal_share=normal_share, dice_per_image=dice_per_image)
+               normal_share=normal_share, dice=dice)
     t0 = time.perf_counter()
     items, gmap, phantom, val = load_data(cfg, log)
     log(f"data: {len(phantom)} phantom slices ({phantoms} phantoms), {len(items)} MedSeg slices, "
@@ -278,7 +285,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
                                                                      np.zeros((0, size, size), np.uint8), [])
     model, history = fit(phantom, med, val, epochs=epochs, seed=seed, base=base, batch=batch, lr=lr, reps=reps,
                          n_ph=n_ph, crop=crop, depth=depth, init=init, device=device, normal_share=normal_share,
-                         dice_per_image=dice_per_image, log=log)
+                         dice=dice, log=log)
     onnx_path = out / "model.onnx"
     export_onnx(model, onnx_path, size)
     err = parity(model, onnx_path, val.x[:16])
@@ -298,7 +305,8 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
         "train_crop": crop, "base_channels": base, "depth": depth,
         "parameters": n_params(model), "device": device,
         "loss": "cross-entropy + soft Dice (GGO, consolidation, infection)"
-                + (", Dice per image" if dice_per_image else ", Dice over the batch"),
+                + {"batch": ", Dice over the batch", "image": ", Dice per image",
+                   "lesion-image": ", Dice per image with the class"}[dice],
         "augmentation": "random crops (lesion-centred 60%), flips and 90-degree turns, scale +-15%, rotation +-15 deg, blur / unsharp masking, "
                         "gain/offset, white and correlated noise",
         "torch": str(torch.__version__), "seconds": round(time.perf_counter() - t0, 1), "history": history,
@@ -335,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch and SimpleITK (0: their default)")
     ap.add_argument("--normal-share", type=float, default=0.0,
                     help="share of each epoch's phantom slices drawn from lesion-free (normal) series (0: none set apart)")
-    ap.add_argument("--dice-per-image", action="store_true",
-                    help="soft Dice per training sample, averaged (default: pooled over the batch)")
+    ap.add_argument("--dice", choices=DICE_MODES, default="batch",
+                    help="soft Dice pooled over the batch, per training sample, or per sample that has the class")
     ap.add_argument("--keep-fold-models", action="store_true",
                     help="with --cv: write each fold's network to --out as fold<i>.onnx (out-of-fold tuning)")
     a = ap.parse_args(argv)
@@ -350,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     train(a.out, epochs=a.epochs, seed=a.seed, phantoms=a.phantoms, val_phantoms=a.val_phantoms, size=a.size,
           base=a.base, batch=a.batch, lr=a.lr, reps=a.medseg_reps, n_ph=a.phantom_slices, crop=a.crop, medseg=not a.no_medseg,
           cv=a.cv, fold=a.fold, depth=a.depth, init=a.init, device=a.device, keep_folds=a.keep_fold_models,
-          normal_share=a.normal_share, dice_per_image=a.dice_per_image,
+          normal_share=a.normal_share, dice=a.dice,
           log=lambda s: print(s, flush=True))
     return 0
 

@@ -235,7 +235,25 @@ def test_per_image_dice_weighs_a_missed_small_lesion_as_much_as_a_found_large_on
     logits = torch.full((2, 3, 32, 32), -20.0)
     logits[:, 0] = 20.0
     logits[0, 1, 4:28, 4:28], logits[0, 0, 4:28, 4:28] = 20.0, -20.0
-    pooled, per_image = loss_fn(logits, y).item(), loss_fn(logits, y, per_image=True).item()
+    pooled, per_image = loss_fn(logits, y).item(), loss_fn(logits, y, "image").item()
     assert per_image > pooled + 0.2  # the miss costs half the Dice term per image, almost nothing pooled
     one = (logits[:1], y[:1])
-    assert loss_fn(*one).item() == pytest.approx(loss_fn(*one, per_image=True).item())
+    assert loss_fn(*one).item() == pytest.approx(loss_fn(*one, "image").item())
+
+
+def test_lesion_image_dice_leaves_lesion_free_crops_to_cross_entropy() -> None:
+    torch = pytest.importorskip("torch", reason="torch is not installed (training-only dependency; CI does not install it)")
+    import torch.nn.functional as F
+
+    from models.train.train_lesion import loss_fn
+
+    y = torch.zeros((2, 32, 32), dtype=torch.int64)
+    y[0, 4:28, 4:28] = 1  # ground glass, found
+    logits = torch.full((2, 3, 32, 32), -20.0)
+    logits[:, 0] = 20.0
+    logits[0, 1, 4:28, 4:28], logits[0, 0, 4:28, 4:28] = 20.0, -20.0
+    logits[1, 1, 2:10, 2:10], logits[1, 0, 2:10, 2:10] = 20.0, -20.0  # a false lesion on a lesion-free crop
+    ce = F.cross_entropy(logits, y).item()
+    assert loss_fn(logits, y, "lesion-image").item() == pytest.approx(ce, abs=0.01)  # only the found lesion's Dice
+    assert loss_fn(logits, y, "image").item() > ce + 0.2  # per image, the false crop's Dice is near 0
+    assert loss_fn(logits[1:], y[1:], "lesion-image").item() == pytest.approx(F.cross_entropy(logits[1:], y[1:]).item())
