@@ -71,6 +71,8 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, dice: str = "batch") -> torch
     the samples whose truth has the class: on a lesion-free crop the Dice is 0 or 1 by its smoothing alone, so
     there cross-entropy alone answers for false lesions.
     """
+    if dice not in DICE_MODES:
+        raise ValueError(f"unknown Dice mode {dice!r}: use one of {', '.join(DICE_MODES)}")
     ce = F.cross_entropy(logits, y)
     prob = torch.softmax(logits, 1)
     onehot = F.one_hot(y, 3).permute(0, 3, 1, 2).float()
@@ -173,7 +175,7 @@ def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, va
         model, _ = fit(phantom, med, val, log=log, epochs=cfg["epochs"], seed=cfg["seed"], base=cfg["base"],
                        batch=cfg["batch"], lr=cfg["lr"], reps=cfg["reps"], n_ph=cfg["n_ph"], crop=cfg["crop"],
                        depth=cfg["depth"], init=cfg["init"], device=cfg["device"], normal_share=cfg["normal_share"],
-                       dice=cfg.get("dice", "batch"), fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
+                       dice=cfg["dice"], fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
         if keep is not None:
             export_onnx(model, keep / f"fold{f + 1}.onnx", size)
             (keep / f"fold{f + 1}.json").write_text(json.dumps({"held_out": [it.name for it in test_items]}),

@@ -257,3 +257,5 @@ def test_lesion_image_dice_leaves_lesion_free_crops_to_cross_entropy() -> None:
     assert loss_fn(logits, y, "lesion-image").item() == pytest.approx(ce, abs=0.01)  # only the found lesion's Dice
     assert loss_fn(logits, y, "image").item() > ce + 0.2  # per image, the false crop's Dice is near 0
     assert loss_fn(logits[1:], y[1:], "lesion-image").item() == pytest.approx(F.cross_entropy(logits[1:], y[1:]).item())
+    with pytest.raises(ValueError, match="unknown Dice mode"):
+        loss_fn(logits, y, "per-image")
