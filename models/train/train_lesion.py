@@ -60,7 +60,8 @@ SNOMED = {
 }
 
 
-DICE_MODES = ("batch", "image", "lesion-image")
+# --dice modes, with the words the manifest uses for each
+DICE_MODES = {"batch": "Dice over the batch", "image": "Dice per image", "lesion-image": "Dice per image with the class"}
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, dice: str = "batch") -> torch.Tensor:
@@ -306,9 +307,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
         "phantom_slices_per_epoch": n_ph, **({"normal_series_share": normal_share} if normal_share else {}),
         "train_crop": crop, "base_channels": base, "depth": depth,
         "parameters": n_params(model), "device": device,
-        "loss": "cross-entropy + soft Dice (GGO, consolidation, infection)"
-                + {"batch": ", Dice over the batch", "image": ", Dice per image",
-                   "lesion-image": ", Dice per image with the class"}[dice],
+        "loss": f"cross-entropy + soft Dice (GGO, consolidation, infection), {DICE_MODES[dice]}",
         "augmentation": "random crops (lesion-centred 60%), flips and 90-degree turns, scale +-15%, rotation +-15 deg, blur / unsharp masking, "
                         "gain/offset, white and correlated noise",
         "torch": str(torch.__version__), "seconds": round(time.perf_counter() - t0, 1), "history": history,
@@ -345,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch and SimpleITK (0: their default)")
     ap.add_argument("--normal-share", type=float, default=0.0,
                     help="share of each epoch's phantom slices drawn from lesion-free (normal) series (0: none set apart)")
-    ap.add_argument("--dice", choices=DICE_MODES, default="batch",
+    ap.add_argument("--dice", choices=list(DICE_MODES), default="batch",
                     help="soft Dice pooled over the batch, per training sample, or per sample that has the class")
     ap.add_argument("--keep-fold-models", action="store_true",
                     help="with --cv: write each fold's network to --out as fold<i>.onnx (out-of-fold tuning)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -225,6 +226,13 @@ def test_epoch_draws_a_share_of_phantom_slices_from_normal_series() -> None:
     assert sum(k < 20 for k in picks) >= 25  # the rest: still half with lesions
 
 
+def _background_but_a_found_large_lesion(torch: Any) -> Any:  # torch is imported only where it is installed
+    """Logits for two 32 x 32 samples: background everywhere, except ground glass at [4:28, 4:28] in sample 0."""
+    logits = torch.full((2, 3, 32, 32), -20.0)
+    logits[:, 0] = 20.0
+    logits[0, 1, 4:28, 4:28], logits[0, 0, 4:28, 4:28] = 20.0, -20.0
+    return logits
+
 def test_per_image_dice_weighs_a_missed_small_lesion_as_much_as_a_found_large_one() -> None:
     torch = pytest.importorskip("torch", reason="torch is not installed (training-only dependency; CI does not install it)")
     from models.train.train_lesion import loss_fn
@@ -232,9 +240,7 @@ def test_per_image_dice_weighs_a_missed_small_lesion_as_much_as_a_found_large_on
     y = torch.zeros((2, 32, 32), dtype=torch.int64)
     y[0, 4:28, 4:28] = 1  # large ground glass, found
     y[1, 10:12, 10:12] = 1  # small ground glass, missed
-    logits = torch.full((2, 3, 32, 32), -20.0)
-    logits[:, 0] = 20.0
-    logits[0, 1, 4:28, 4:28], logits[0, 0, 4:28, 4:28] = 20.0, -20.0
+    logits = _background_but_a_found_large_lesion(torch)
     pooled, per_image = loss_fn(logits, y).item(), loss_fn(logits, y, "image").item()
     assert per_image > pooled + 0.2  # the miss costs half the Dice term per image, almost nothing pooled
     one = (logits[:1], y[:1])
@@ -249,9 +255,7 @@ def test_lesion_image_dice_leaves_lesion_free_crops_to_cross_entropy() -> None:
 
     y = torch.zeros((2, 32, 32), dtype=torch.int64)
     y[0, 4:28, 4:28] = 1  # ground glass, found
-    logits = torch.full((2, 3, 32, 32), -20.0)
-    logits[:, 0] = 20.0
-    logits[0, 1, 4:28, 4:28], logits[0, 0, 4:28, 4:28] = 20.0, -20.0
+    logits = _background_but_a_found_large_lesion(torch)
     logits[1, 1, 2:10, 2:10], logits[1, 0, 2:10, 2:10] = 20.0, -20.0  # a false lesion on a lesion-free crop
     ce = F.cross_entropy(logits, y).item()
     assert loss_fn(logits, y, "lesion-image").item() == pytest.approx(ce, abs=0.01)  # only the found lesion's Dice
