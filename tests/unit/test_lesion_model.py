@@ -233,6 +233,7 @@ def _background_but_a_found_large_lesion(torch: Any) -> Any:  # torch is importe
     logits[0, 1, 4:28, 4:28], logits[0, 0, 4:28, 4:28] = 20.0, -20.0
     return logits
 
+
 def test_per_image_dice_weighs_a_missed_small_lesion_as_much_as_a_found_large_one() -> None:
     torch = pytest.importorskip("torch", reason="torch is not installed (training-only dependency; CI does not install it)")
     from models.train.train_lesion import loss_fn
