@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,7 +171,9 @@ def phantom_lung_slices(seed: int, size: int, kind: str | None = None, *, slices
     keep = np.flatnonzero(lungs[box].any(axis=(1, 2)))
     s = to_samples(hu[box][keep], lesions[box][keep], size, f"phantom{seed}")
     CACHE.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, x=s.x.astype(np.float16), y=s.y, k=keep + box[0].start)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # written whole, then renamed: never read half-written
+    np.savez_compressed(tmp, x=s.x.astype(np.float16), y=s.y, k=keep + box[0].start)
+    os.replace(tmp, path)
     return SliceSet(s.x, s.y, [f"phantom{seed}:{int(k)}" for k in keep + box[0].start])
 
 

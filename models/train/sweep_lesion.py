@@ -53,27 +53,33 @@ def _one_phantom(job: tuple[int, int, str | None]) -> int:
     return len(phantom_lung_slices(seed, size, kind))
 
 
-def fill_cache(phantoms: int, val_phantoms: int, size: int, jobs: int, log=print) -> None:
-    """Generate (or find cached) the training phantoms 0..phantoms-1 and the validation phantoms."""
-    work = [(s, size, None) for s in range(phantoms)] + [(s, size, k) for s, k in val_seeds(val_phantoms)]
+def fill_cache(seeds: list[int], val_phantoms: int, size: int, jobs: int, log=print) -> None:
+    """Generate (or find cached) the training phantoms ``seeds`` and the validation phantoms."""
+    work = [(s, size, None) for s in seeds] + [(s, size, k) for s, k in val_seeds(val_phantoms)]
     t0 = time.perf_counter()
     with Pool(jobs) as pool:
         n = sum(pool.map(_one_phantom, work, chunksize=1))
     log(f"phantom cache: {len(work)} phantoms, {n} slices, {time.perf_counter() - t0:.0f} s")
 
 
-def phantoms_needed(plan: dict[str, Any], names: list[str] | None = None) -> int:
-    """Training phantoms to cache first: the plan's count, or more where a recipe of ``names`` asks ``--phantoms N``.
+def _arg(args: list[str], name: str, default: int) -> int:
+    return next((int(args[i + 1]) for i, a in enumerate(args[:-1]) if a == name), default)
 
-    Filling them before any run starts means no two training processes ever write one cache file.
+
+def phantom_seeds_needed(plan: dict[str, Any], names: list[str] | None = None) -> list[int]:
+    """The training phantoms the runs of ``names`` will read: ``--phantoms N`` of them from ``--seed S``'s range.
+
+    ``train_lesion --seed S`` trains on phantoms S*1000 .. S*1000+N-1 (N: ``--phantoms``, else the plan's
+    count). Filling them before any run starts means no two training processes ever write one cache file.
     """
-    counts = [int(plan["phantoms"])]
+    seeds: set[int] = set()
     for name, recipe in plan["recipes"].items():
         if names is not None and name not in names:
             continue
         for args in [*recipe["stage1"], recipe["stage2"]]:
-            counts += [int(args[i + 1]) for i, a in enumerate(args[:-1]) if a == "--phantoms"]
-    return max(counts)
+            first = 1000 * _arg(args, "--seed", 0)
+            seeds.update(range(first, first + _arg(args, "--phantoms", int(plan["phantoms"]))))
+    return sorted(seeds)
 
 
 class Runner:
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in plan["recipes"] if not a.only or n in a.only.split(",")]
     k = int(plan["cv"])
     t0 = time.perf_counter()
-    fill_cache(phantoms_needed(plan, names), plan["val_phantoms"], plan["size"], a.jobs, log)
+    fill_cache(phantom_seeds_needed(plan, names), plan["val_phantoms"], plan["size"], a.jobs, log)
     runner = Runner(a.jobs, a.device, a.deadline, log, t0)
     stage1 = Stage1(a.out)
     with ThreadPoolExecutor(len(names) * (k + 2)) as pool:

@@ -121,6 +121,17 @@ def test_tiny_training_exports_an_onnx_model_that_agrees_with_torch(tmp_path: Pa
     assert probs.shape == (5, 3, 64, 64)
 
 
+def test_phantom_cache_file_is_renamed_into_place_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.train.data_lesion as data_lesion
+
+    monkeypatch.setattr(data_lesion, "CACHE", tmp_path)
+    first = data_lesion.phantom_lung_slices(3, 32, slices=8, matrix=96)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 1 and files[0].startswith("phantom-3-32-") and ".tmp" not in files[0]
+    again = data_lesion.phantom_lung_slices(3, 32, slices=8, matrix=96)  # read back from the cache
+    assert np.array_equal(again.y, first.y) and np.allclose(again.x, first.x, atol=1e-2)
+
+
 def _fold_file(folder: Path, fold: int, k: int, dice: float) -> None:
     row = {"fold": fold, "infection_dice_mean": dice, "images": 10}
     (folder / f"cv-fold{fold}.json").write_text(json.dumps({"config": {"cv": k}, "folds": [row], "mean": row}))
@@ -200,14 +211,17 @@ def test_sweep_deadline_counts_from_the_sweep_start(tmp_path: Path) -> None:
     assert not (tmp_path / "r" / "fold1.log").exists()
 
 
-def test_sweep_caches_as_many_phantoms_as_its_largest_recipe_trains_on() -> None:
-    from models.train.sweep_lesion import phantoms_needed
+def test_sweep_caches_the_phantoms_each_recipe_trains_on() -> None:
+    from models.train.sweep_lesion import phantom_seeds_needed
 
     plan = {"phantoms": 80, "recipes": {"A": {"stage1": [["--epochs", "2"]], "stage2": ["--epochs", "1"]}}}
-    assert phantoms_needed(plan) == 80
+    assert phantom_seeds_needed(plan) == list(range(80))
     plan["recipes"]["N"] = {"stage1": [["--phantoms", "200", "--epochs", "2"]], "stage2": ["--phantoms", "120"]}
-    assert phantoms_needed(plan) == 200
-    assert phantoms_needed(plan, ["A"]) == 80  # --only A: the 200 phantoms of N are not generated
+    assert phantom_seeds_needed(plan) == list(range(200))
+    assert phantom_seeds_needed(plan, ["A"]) == list(range(80))  # --only A: the 200 phantoms of N are not generated
+    # --seed 1 trains on phantoms 1000..: those are cached too, not only 0..N-1
+    plan["recipes"]["S1"] = {"stage1": [["--epochs", "2"]], "stage2": ["--seed", "1", "--phantoms", "20"]}
+    assert phantom_seeds_needed(plan, ["S1"]) == list(range(80)) + list(range(1000, 1020))
 
 
 def test_epoch_draws_a_share_of_phantom_slices_from_normal_series() -> None:
