@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from models.train.cache_files import save_npz_whole
 from node.pipeline.infer import window
 from node.pipeline.preprocess import lung_box, resize
 
@@ -180,12 +181,8 @@ def file_sha256_short(model_dir: Path) -> str:
 
 
 def save_case(case: Case, cache: Path) -> Path:
-    path = cache / f"{case.name}.npz"
-    tmp = cache / f".{case.name}.tmp.npz"
-    np.savez(tmp, ct=case.ct, les=case.les, lung=case.lung, label=np.int64(case.label),
-             meta=np.array(json.dumps(case.meta)))
-    tmp.rename(path)
-    return path
+    return save_npz_whole(cache / f"{case.name}.npz", ct=case.ct, les=case.les, lung=case.lung,
+                          label=np.int64(case.label), meta=np.array(json.dumps(case.meta)))
 
 
 def load_case(path: Path) -> Case:
@@ -295,12 +292,8 @@ def save_chain_case(case: Case, chain: Path) -> Path:
     """A whole chain case (LIDC): ``les`` is the empty truth, ``les_chain`` the lesion model's map."""
     if case.les_chain is None:
         raise ValueError(f"{case.name} has no chain lesion map")
-    path = chain / f"{case.name}.npz"
-    tmp = chain / f".{case.name}.tmp.npz"
-    np.savez(tmp, ct=case.ct, les=case.les, les_chain=case.les_chain, lung=case.lung, label=np.int64(case.label),
-             meta=np.array(json.dumps(case.meta)))
-    tmp.rename(path)
-    return path
+    return save_npz_whole(chain / f"{case.name}.npz", ct=case.ct, les=case.les, les_chain=case.les_chain,
+                          lung=case.lung, label=np.int64(case.label), meta=np.array(json.dumps(case.meta)))
 
 
 def attach_chain(cases: list[Case], chain: Path) -> list[Case]:
@@ -339,9 +332,7 @@ def build_chain(chain: Path, seeds: list[int], *, lesion_model: Path, lung_model
             continue
         les, meta = phantom_chain_map(seed, les_model, lung if phantom_lungs == "model" else None)
         meta["lesion_model"] = f"{lesion_model.name} {file_sha256_short(lesion_model)}"
-        tmp = chain / f".phantom{seed}.tmp.npz"
-        np.savez(tmp, les=les, meta=np.array(json.dumps(meta)))
-        tmp.rename(path)
+        save_npz_whole(path, les=les, meta=np.array(json.dumps(meta)))
         if i % 10 == 0:
             log(f"chain phantom {seed} ({i + 1}/{len(seeds)}), {time.perf_counter() - t0:.0f} s")
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
+from models.train.cache_files import save_npz_whole
 from models.train.data_lung import LUNG_WINDOW, SliceSet, augment, concat, to_samples
 from node.pipeline.infer import window
 from node.pipeline.preprocess import lung_box, resize
@@ -171,10 +171,13 @@ def phantom_lung_slices(seed: int, size: int, kind: str | None = None, *, slices
     keep = np.flatnonzero(lungs[box].any(axis=(1, 2)))
     s = to_samples(hu[box][keep], lesions[box][keep], size, f"phantom{seed}")
     CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # written whole, then renamed: never read half-written
-    np.savez_compressed(tmp, x=s.x.astype(np.float16), y=s.y, k=keep + box[0].start)
-    os.replace(tmp, path)
+    save_npz_whole(path, compressed=True, x=s.x.astype(np.float16), y=s.y, k=keep + box[0].start)
     return SliceSet(s.x, s.y, [f"phantom{seed}:{int(k)}" for k in keep + box[0].start])
+
+
+def training_phantom_seeds(seed: int, phantoms: int) -> range:
+    """The phantoms ``train_lesion --seed S --phantoms N`` trains on: S*1000 .. S*1000+N-1 (one range per seed)."""
+    return range(seed * 1000, seed * 1000 + phantoms)
 
 
 def phantom_samples(seeds: list[int], size: int, log=None, *, slices: int | None = None,
@@ -283,4 +286,5 @@ def augment_lesion(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, crop:
 
 __all__ = ["CACHE", "GrayMap", "MEDSEG_TEST", "MEDSEG_TRAIN", "MedsegItem", "augment_lesion", "calibrate",
            "dihedral", "epoch_indices", "medseg_input", "medseg_samples", "normal_slices", "phantom_lung_slices",
-           "phantom_samples", "phantom_spec_args", "phantom_volume", "random_crop", "read_medseg", "read_medseg_train"]
+           "phantom_samples", "phantom_spec_args", "phantom_volume", "random_crop", "read_medseg", "read_medseg_train",
+           "training_phantom_seeds"]

@@ -42,7 +42,7 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
 
-from models.train.data_lesion import phantom_lung_slices
+from models.train.data_lesion import phantom_lung_slices, training_phantom_seeds
 from models.train.eval_lesion import read_cv, val_seeds
 
 KEY = "infection_dice_mean"
@@ -69,16 +69,14 @@ def _arg(args: list[str], name: str, default: int) -> int:
 def phantom_seeds_needed(plan: dict[str, Any], names: list[str] | None = None) -> list[int]:
     """The training phantoms the runs of ``names`` will read: ``--phantoms N`` of them from ``--seed S``'s range.
 
-    ``train_lesion --seed S`` trains on phantoms S*1000 .. S*1000+N-1 (N: ``--phantoms``, else the plan's
-    count). Filling them before any run starts means no two training processes ever write one cache file.
+    N is ``--phantoms``, else the plan's count; ``training_phantom_seeds`` says which ones a seed takes. Filling them before any run starts means no two training processes ever write one cache file.
     """
     seeds: set[int] = set()
     for name, recipe in plan["recipes"].items():
         if names is not None and name not in names:
             continue
         for args in [*recipe["stage1"], recipe["stage2"]]:
-            first = 1000 * _arg(args, "--seed", 0)
-            seeds.update(range(first, first + _arg(args, "--phantoms", int(plan["phantoms"]))))
+            seeds.update(training_phantom_seeds(_arg(args, "--seed", 0), _arg(args, "--phantoms", int(plan["phantoms"]))))
     return sorted(seeds)
 
 

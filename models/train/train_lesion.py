@@ -46,6 +46,7 @@ from models.train.data_lesion import (
     phantom_lung_slices,
     phantom_samples,
     read_medseg_train,
+    training_phantom_seeds,
 )
 from models.train.data_lung import LUNG_WINDOW, SliceSet
 from models.train.eval_lesion import DiceSum, fold_means, medseg_metrics, val_seeds
@@ -250,7 +251,7 @@ def load_data(cfg: dict[str, Any], log=print) -> tuple[list[MedsegItem], GrayMap
         raise FileNotFoundError(f"{MEDSEG_TRAIN} is missing: train with --no-medseg (phantoms only)")
     items = read_medseg_train() if cfg["medseg"] or cfg["cv"] else []
     gmap = calibrate(read_medseg_train()) if have else None
-    seeds = list(range(cfg["seed"] * 1000, cfg["seed"] * 1000 + cfg["phantoms"]))
+    seeds = list(training_phantom_seeds(cfg["seed"], cfg["phantoms"]))
     small = {"slices": cfg["slices"], "matrix": cfg["matrix"]}
     phantom = phantom_samples(seeds, cfg["size"], log=log, **small)
     val_sets = [phantom_lung_slices(s, cfg["size"], kind, **small) for s, kind in val_seeds(cfg["val_phantoms"])]
@@ -293,8 +294,9 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
     export_onnx(model, onnx_path, size)
     err = parity(model, onnx_path, val.x[:16])
     log(f"export parity: max |onnxruntime - torch| = {err:.2e}")
+    drawn = training_phantom_seeds(seed, phantoms)
     training = {
-        "data": {"phantoms": phantoms, "phantom_seeds": [seed * 1000, seed * 1000 + phantoms - 1],
+        "data": {"phantoms": phantoms, "phantom_seeds": [drawn[0], drawn[-1]],
                  "phantom_slices": len(phantom), "medseg_train_slices": len(items),
                  "medseg_source": "MedSeg COVID-19 CT segmentation (as redistributed by Inf-Net, Fan et al. 2020)"},
         "medseg_gray_map": None if gmap is None else {
