@@ -1,6 +1,7 @@
 """Average lesion networks: score the mean of their probabilities by a plan, and build it as one ONNX graph.
 
     python -m models.train.ensemble_lesion score --cv DIR0 DIR1 --members M0 M1 [--phantoms 30] [--out R.json]
+    python -m models.train.ensemble_lesion score --members M0 [--phantoms 30]   # the phantoms only, no folds
     python -m models.train.ensemble_lesion build --members M0 M1 --version 0.4.0 --out DIR/lesion_seg
 
 Networks trained alike from different seeds make different mistakes; the mean of their softmax
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("score", help="out-of-fold MedSeg and validation-phantom Dice, each seed and their mean")
-    s.add_argument("--cv", type=Path, nargs="+", required=True, help="one folder of fold<i>.onnx/.json per seed")
+    s.add_argument("--cv", type=Path, nargs="+", default=[],
+                   help="one folder of fold<i>.onnx/.json per seed (left out: the validation phantoms only)")
     s.add_argument("--members", type=Path, nargs="+", required=True, help="the seeds' final model folders")
     s.add_argument("--phantoms", type=int, default=30, help="validation phantoms (seeds 200000+)")
     s.add_argument("--out", type=Path, default=None, help="write the scores here (JSON)")
@@ -159,14 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     gmap, size = gray_map(a.members[0])
-    log(f"MedSeg out-of-fold: {len(a.cv)} seeds")
-    oof = medseg_oof(a.cv, gmap, size, log)
+    oof: dict[str, list[float]] = {}
+    if a.cv:
+        log(f"MedSeg out-of-fold: {len(a.cv)} seeds")
+        oof = medseg_oof(a.cv, gmap, size, log)
     log(f"synthetic validation: {a.phantoms} phantoms, {len(a.members)} networks")
     syn = synthetic_val(a.members, a.phantoms, log)
-    scores = {k: {"medseg_oof": round(float(np.mean(oof[k])), 4), "synthetic_val": round(syn[k].dice()["infection"], 4)}
-              for k in oof}
+    scores = {k: {"synthetic_val": round(s.dice()["infection"], 4)}
+              | ({"medseg_oof": round(float(np.mean(oof[k])), 4)} if k in oof else {}) for k, s in syn.items()}
     for k, v in scores.items():
-        log(f"{k:9s} MedSeg out-of-fold {v['medseg_oof']:.4f}  validation phantoms {v['synthetic_val']:.4f}")
+        medseg = f"MedSeg out-of-fold {v['medseg_oof']:.4f}  " if "medseg_oof" in v else ""
+        log(f"{k:9s} {medseg}validation phantoms {v['synthetic_val']:.4f}")
     log(f"({time.perf_counter() - t0:.0f} s)")
     if a.out:
         a.out.write_text(json.dumps({"scores": scores, "medseg_oof_per_image": oof, "phantoms": a.phantoms,

@@ -37,3 +37,24 @@ def test_built_ensemble_is_the_mean_of_its_members(tmp_path: Path, monkeypatch: 
     outs = [onnx_runner(m / "model.onnx", threads=1)(x) for m in members]
     assert np.abs(outs[0] - outs[1]).max() > 1e-3  # the members differ, so the mean is a real test
     np.testing.assert_allclose(model.run(x), (outs[0] + outs[1]) / 2.0, atol=1e-5)
+
+
+def test_score_without_folds_gives_the_phantom_figure_alone(tmp_path: Path) -> None:
+    """``score --members M`` (no ``--cv``) scores the validation phantoms only, as the node's lesion step does."""
+    import json
+
+    from models.train.data_lesion import phantom_volume
+    from models.train.ensemble_lesion import main
+    from models.train.eval_lesion import dice, phantom_series_labels, val_seeds
+
+    member = Path(__file__).resolve().parents[2] / "models" / "lesion_seg"
+    out = tmp_path / "scores.json"
+    assert main(["score", "--members", str(member), "--phantoms", "1", "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())["scores"]
+    assert set(scores) == {"seed0", "ensemble"} and all(set(v) == {"synthetic_val"} for v in scores.values())
+
+    seed, kind = val_seeds(1)[0]
+    hu, lungs, lesions, args = phantom_volume(seed, kind)
+    model = load_model(member, device="cpu", threads=1)
+    pred = phantom_series_labels(model.run, hu, lungs, model.manifest, args["voxel_ml"])
+    assert scores["seed0"]["synthetic_val"] == pytest.approx(dice(pred, lesions)["infection"], abs=1e-4)
