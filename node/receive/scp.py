@@ -78,6 +78,12 @@ TRANSFER_SYNTAXES = [
 
 _ASSOC_ID = "_lungnode_assoc_id"
 _ASSOC_STATS = "_lungnode_assoc_stats"
+#: (result source, diagnostic) of an A-ASSOCIATE-RJ that pynetdicom sends itself -> the reason IT reads in the log
+_REJECT_REASONS = {
+    (0x01, 0x07): "called AE title is not dicom.ae_title",
+    (0x01, 0x03): "calling AE title not recognised",
+    (0x03, 0x02): "too many associations at once (dicom.max_associations)",
+}
 _RELEASE_REQUESTED = "_lungnode_release_requested"
 
 
@@ -148,6 +154,7 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
@@ -206,8 +213,22 @@ class StorageSCP:
         if not self._caller_allowed(calling, host):
             log.warning(kv("association_rejected", calling_ae=calling, host=host,
                            reason="calling AE title (or its host) not in dicom.allowed_callers"))
-            # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-AE-title-not-recognized
+            # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-AE-title-not-recognized. Then stop
+            # as pynetdicom does for its own rejections: kill() waits until the DUL has sent the RJ, so the
+            # caller reads a refusal and not a connection torn down under it (an abort).
             assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom's own refusals (wrong called AE title, too many associations): say so in the log."""
+        assoc: PnAssociation = event.assoc
+        rq, rj = assoc.requestor.primitive, assoc.acceptor.primitive
+        if rj is None:
+            return
+        reason = _REJECT_REASONS.get((rj.result_source, rj.diagnostic), str(rj.reason_str))
+        log.warning(kv("association_rejected", calling_ae=str(rq.calling_ae_title if rq else "").strip(),
+                       called_ae=str(rq.called_ae_title if rq else "").strip(), host=str(assoc.requestor.address),
+                       reason=reason))
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc: PnAssociation = event.assoc
