@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -89,8 +90,9 @@ class Node:
 class WorkerPool:
     """The analysis worker processes of ``lungnode serve``; a worker that dies is restarted."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.procs: list[multiprocessing.process.BaseProcess] = []
 
     def start(self) -> None:
@@ -102,7 +104,7 @@ class WorkerPool:
         if problem:
             log.error(kv("analysis_disabled", reason=problem,
                          effect="images are received and series assembled; jobs wait in the queue",
-                         fix="lungnode models verify"))
+                         fix=verify_command(self.config_path)))
             return
         self.procs = start_workers(self.config, count)
         log.info(kv("workers_started", count=count, pids=",".join(str(p.pid) for p in self.procs)))
@@ -124,6 +126,19 @@ class WorkerPool:
         self.procs = []
 
 
+def verify_command(config_path: Path | None) -> str:
+    """The command that checks the models this node is configured with (its own config file, not the defaults)."""
+    return f"lungnode models --config {config_path} verify" if config_path else "lungnode models verify"
+
+
+def check_device(config: Config) -> None:
+    """Refuse to start when ``inference.device`` names a GPU that cannot be used (auto and cpu never refuse)."""
+    from node.pipeline.infer import choose_providers
+
+    if config.workers.count > 0 and config.inference.device not in ("auto", "cpu"):
+        choose_providers(config.inference.device)
+
+
 def models_problem(config: Config) -> str | None:
     """Why the configured models cannot run, or None when all three load."""
     from node.pipeline.infer import get_model
@@ -136,18 +151,23 @@ def models_problem(config: Config) -> str | None:
     return None
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, config_path: Path | None = None) -> int:
     """Run the node in the foreground until SIGTERM or SIGINT."""
     log.info(kv("node_starting", version=__version__))
     log.info("event=effective_config config=%s", json.dumps(config.redacted(), sort_keys=True))
-    node = Node(config)
-    sender = Sender(config, node.sessions)
     try:
-        node.start()
-        sender.start()
-    except BaseException:
-        sender.stop()
-        node.stop()
+        check_device(config)
+        node = Node(config)
+        sender = Sender(config, node.sessions)
+        try:
+            node.start()
+            sender.start()
+        except BaseException:
+            sender.stop()
+            node.stop()
+            raise
+    except LungnodeError as exc:  # the reason belongs in the node's log too, not only on stderr
+        log.error(kv("node_start_failed", reason=str(exc)))
         raise
     stop = threading.Event()
 
@@ -158,7 +178,7 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
     log.info(kv("node_ready", ae_title=config.dicom.ae_title, port=node.port))
-    workers = WorkerPool(config)
+    workers = WorkerPool(config, config_path)
     workers.start()
     while not stop.wait(2.0):
         workers.watch()

@@ -35,7 +35,7 @@ def _load(args: argparse.Namespace) -> Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.app import serve
 
-    return serve(_load(args))
+    return serve(_load(args), args.config)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -94,9 +94,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from node.pipeline.models_cli import models_main
 
-    cfg = load_config(args.config)
+    # --config may also come after list/verify (lungnode models verify --config F)
+    pre = argparse.ArgumentParser(add_help=False)
+    _config_arg(pre)
+    known, rest = pre.parse_known_args(args.rest)
+    cfg = load_config(known.config or args.config)
     setup_logging("WARNING")
-    return models_main(args.rest, cfg.inference)
+    return models_main(rest, cfg.inference)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -177,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
-        "models", help="list and verify the ONNX models: lungnode [--config F] models list|verify", add_help=False
+        "models", help="list and verify the ONNX models: lungnode models list|verify [--config F]", add_help=False
     )
     _config_arg(p)
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``lungnode models`` argument parser (its own --help)."""
     parser = argparse.ArgumentParser(
         prog="lungnode models",
-        description="List and verify the ONNX models in inference.models_dir.",
+        description="List and verify the ONNX models in inference.models_dir. Give the node's configuration with "
+        "--config FILE (before or after the action, e.g. lungnode models verify --config /etc/lungnode/config.yaml); "
+        "without it the embedded defaults are checked, which is not what a configured node runs.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -4,10 +4,18 @@ worker process the node started, analysed with (tiny, real) ONNX models, and its
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
+import onnxruntime
+import pytest
+import yaml
+
+from node.pipeline.infer import _probe_cuda
 from tests.conftest import NodeFactory
 from tests.helpers.dcmtk import storescu
+from tests.helpers.net import free_port
+from tests.helpers.node_proc import run_cli
 from tests.helpers.onnx_models import make_models_dir
 from tests.helpers.series import make_series
 from tests.helpers.wait import wait_until
@@ -43,7 +51,38 @@ def test_serve_without_models_keeps_receiving_and_says_why(node_factory: NodeFac
     node = node_factory(settings={"inference": {"models_dir": str(tmp_path / "no-models")}, "workers": {"count": 1}})
     match = node.wait_for_log(r"event=analysis_disabled reason=\"([^\"]+)\"", timeout=30)
     assert "does not exist" in match.group(1)
+    # the fix it names checks this node's models, not the embedded defaults
+    assert f'fix="lungnode models --config {node.config_path} verify"' in node.log
     series = make_series(tmp_path / "ct", slices=4, matrix=32)
     assert storescu(node.port, series.folder).returncode == 0
     node.wait_complete(series.series_uid)
     assert [j["state"] for j in node.jobs(series.series_uid)] == ["queued"]
+
+
+@pytest.mark.parametrize("problem", ["gpu", "port"])
+def test_serve_that_cannot_start_says_why_in_its_log_and_exits_2(tmp_path: Path, problem: str) -> None:
+    """A GPU named in inference.device that is not there, or a port already taken: exit 2 at once, with the reason
+    on stderr and as event=node_start_failed in the log file (where systemd users look)."""
+    if problem == "gpu" and "CUDAExecutionProvider" in onnxruntime.get_available_providers() and _probe_cuda(0) is None:
+        pytest.skip("a GPU answers here: device cuda works")
+    log_file = tmp_path / "node.log"
+    settings = {
+        "dicom": {"bind_address": "127.0.0.1", "port": free_port()},
+        "storage": {"spool_dir": str(tmp_path / "spool"), "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}",
+                    "min_free_disk_mb": 0},
+        "logging": {"file": str(log_file)},
+        "workers": {"count": 1},
+        "inference": {"device": "cuda" if problem == "gpu" else "cpu"},
+    }
+    with socket.socket() as taken:
+        if problem == "port":
+            taken.bind(("127.0.0.1", settings["dicom"]["port"]))
+            taken.listen()
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(yaml.safe_dump(settings), encoding="utf-8")
+        proc = run_cli("serve", "--config", cfg, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    expected = "inference.device is cuda but" if problem == "gpu" else "cannot listen on 127.0.0.1"
+    assert expected in proc.stderr
+    line = next(ln for ln in log_file.read_text().splitlines() if "event=node_start_failed" in ln)
+    assert "ERROR" in line and expected in line

@@ -430,3 +430,15 @@ def test_models_verify_reports_a_failing_run(models_dir: Path, monkeypatch: pyte
     rc, text = run_models(["verify", "lung_seg"], InferenceSettings(models_dir=models_dir, device="cpu"))
     assert rc == 2
     assert "running a dummy input of shape [1, 1, 32, 32] failed: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT" in text
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_models_cli_reads_the_config_given_before_or_after_the_action(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str) -> None:
+    from node.cli import main
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"inference:\n  models_dir: {tmp_path / 'site-models'}\n", encoding="utf-8")
+    argv = ["models", "--config", str(cfg), "list"] if where == "before" else ["models", "list", "--config", str(cfg)]
+    assert main(argv) == 2  # the configured folder is empty, so every configured model is BAD
+    assert f"models_dir: {tmp_path / 'site-models'}" in capsys.readouterr().out
