@@ -17,12 +17,10 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from node import __version__
 from node.config import Config
 from node.db.ingest import IngestLedger
-from node.db.session import make_engine, make_sessionmaker, upgrade_schema
+from node.db.session import make_sessionmaker, open_database
 from node.errors import LungnodeError
 from node.logs import kv
 from node.pipeline.worker import start_workers
@@ -41,7 +39,7 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.engine = make_engine(config.storage.database_url)
+        self.engine = open_database(config.storage.database_url)
         self.sessions = make_sessionmaker(self.engine)
         self.spool = Spool(
             config.storage.spool_dir,
@@ -58,13 +56,6 @@ class Node:
         self.port: int | None = None
 
     def start(self) -> None:
-        try:
-            upgrade_schema(self.engine)
-        except SQLAlchemyError as exc:
-            raise LungnodeError(
-                f"cannot open the database {self.engine.url.render_as_string(hide_password=True)}: "
-                f"{exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}. Check storage.database_url."
-            ) from exc
         reconcile(self.spool, self.ledger, self.sessions)
         self.assembler.start()
         self.port = self.scp.start()

@@ -47,22 +47,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from node.db.session import make_engine, make_sessionmaker, upgrade_schema
+    from node.db.session import make_sessionmaker, open_database
     from node.db.status import render_text, summary
 
     cfg = load_config(args.config)
     setup_logging("WARNING")
-    engine = make_engine(cfg.storage.database_url)
-    upgrade_schema(engine)
+    engine = open_database(cfg.storage.database_url, must_exist=True)
     with make_sessionmaker(engine)() as s:
         data = summary(s, limit=args.limit)
+    data["database"] = engine.url.render_as_string(hide_password=True)
     engine.dispose()
-    print(json.dumps(data, indent=2) if args.json else render_text(data))
+    print(json.dumps(data, indent=2) if args.json else f"database: {data['database']}\n" + render_text(data))
     return 0
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from node.db.session import make_engine, make_sessionmaker, upgrade_schema
+    from node.db.models import Job
+    from node.db.session import make_sessionmaker, open_database
     from node.send.outbox import requeue_failed
 
     if (args.job is None) == (not args.failed):
@@ -70,9 +71,15 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return 2
     cfg = load_config(args.config)
     setup_logging("WARNING")
-    engine = make_engine(cfg.storage.database_url)
-    upgrade_schema(engine)
-    requeued = requeue_failed(make_sessionmaker(engine), job_id=args.job)
+    engine = open_database(cfg.storage.database_url, must_exist=True)
+    sessions = make_sessionmaker(engine)
+    if args.job is not None:
+        with sessions() as s:
+            if s.get(Job, args.job) is None:
+                engine.dispose()
+                print(f"lungnode retry: there is no job {args.job} (lungnode status lists the jobs)", file=sys.stderr)
+                return 2
+    requeued = requeue_failed(sessions, job_id=args.job)
     engine.dispose()
     scope = f"job {args.job}" if args.job is not None else "all jobs"
     if not requeued:
@@ -104,9 +111,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from node.db.session import open_database
     from node.pipeline.worker import worker_process_main
 
-    worker_process_main(_load(args))
+    cfg = _load(args)
+    open_database(cfg.storage.database_url, must_exist=True).dispose()  # the node's queue, not a new empty one
+    worker_process_main(cfg)
     return 0
 
 

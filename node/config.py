@@ -95,6 +95,18 @@ class StorageSettings(Strict):
     )
     fsync: bool = Field(default=True, description="fsync every instance before acknowledging it")
 
+    @field_validator("database_url")
+    @classmethod
+    def _is_a_url(cls, url: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(url)
+        except ArgumentError:
+            raise ValueError("not a database URL: use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB") from None
+        return url
+
 
 class AssemblySettings(Strict):
     quiet_period_s: float = Field(default=60.0, gt=0, description="no new instance for this long: series complete")

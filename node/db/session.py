@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.errors import LungnodeError
@@ -63,6 +64,33 @@ def make_engine(url: str) -> Engine:
             f"the database driver for {parsed.drivername} is not installed ({exc.name}). For PostgreSQL: "
             f".venv/bin/pip install -e '.[postgres]' and use postgresql+psycopg://..."
         ) from exc
+
+
+def open_database(url: str, *, must_exist: bool = False) -> Engine:
+    """The engine, schema brought up to date, or a LungnodeError that says what to check.
+
+    ``must_exist``: for operator commands (status, retry, worker), which must read the node's own
+    database; run from another folder with the default SQLite URL they would otherwise create an
+    empty one there and report an empty node.
+    """
+    parsed = make_url(url)
+    if must_exist and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database).resolve()
+        if not path.is_file():
+            raise LungnodeError(
+                f"no database at {path} (storage.database_url {url}): this command reads the node's database. "
+                f"Give the node's configuration with --config FILE, or run it from the node's working folder."
+            )
+    engine = make_engine(url)
+    try:
+        upgrade_schema(engine)
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise LungnodeError(
+            f"cannot open the database {engine.url.render_as_string(hide_password=True)}: "
+            f"{exc.__class__.__name__}: {getattr(exc, 'orig', None) or exc}. Check storage.database_url."
+        ) from exc
+    return engine
 
 
 def upgrade_schema(engine: Engine) -> None:

@@ -199,6 +199,9 @@ def test_refused_objects_fail_with_the_reason_and_retry_failed_delivers(
     assert again.returncode == 0 and "nothing requeued" in again.stdout
     status = run_cli("status", "--config", config)
     assert status.returncode == 0 and "peer" in status.stdout
+    assert f"database: {db_url}" in status.stdout  # the operator sees which node's ledger this is
+    missing = run_cli("retry", str(job + 1000), "--config", config)
+    assert missing.returncode == 2 and f"there is no job {job + 1000}" in missing.stderr
 
 
 def test_storage_commitment_with_orthanc(

@@ -3,6 +3,7 @@ strict validation whose messages name the offending key; ``lungnode check-config
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -186,6 +187,26 @@ def test_invalid_allowed_caller_ae_title_is_named(tmp_path: Path) -> None:
     data = {"dicom": {"allowed_callers": [{"ae_title": "PACS"}, {"ae_title": "WAY_TOO_LONG_AE_TITLE"}]}}
     msg = _error(write_yaml(tmp_path / "c.yaml", data))
     assert "dicom.allowed_callers.1.ae_title:" in msg
+
+
+def test_database_url_that_is_not_a_url_is_named(tmp_path: Path) -> None:
+    msg = _error(write_yaml(tmp_path / "c.yaml", {"storage": {"database_url": "not a url"}}))
+    assert "storage.database_url: Value error, not a database URL" in msg
+
+
+def test_status_never_creates_an_empty_database_elsewhere(tmp_path: Path) -> None:
+    """Run from the wrong folder with the default SQLite URL, status says where it looked instead of making a new,
+    empty ledger there and reporting an empty node."""
+    from node.cli import main
+    from node.errors import LungnodeError
+
+    cfg = write_yaml(tmp_path / "c.yaml", {"storage": {"database_url": f"sqlite:///{tmp_path / 'var' / 'ln.db'}"}})
+    with pytest.raises(LungnodeError, match="no database at .*ln.db"):
+        from node.cli import cmd_status
+
+        cmd_status(argparse.Namespace(config=cfg, limit=5, json=False))
+    assert main(["status", "--config", str(cfg)]) == 2
+    assert not (tmp_path / "var" / "ln.db").exists()
 
 
 def test_redacted_masks_database_password() -> None:
