@@ -23,6 +23,7 @@ from node.db.ingest import IngestLedger
 from node.db.session import make_sessionmaker, open_database
 from node.errors import LungnodeError
 from node.logs import kv
+from node.pipeline.infer import models_problem
 from node.pipeline.worker import start_workers
 from node.receive.assembler import Assembler
 from node.receive.reconcile import reconcile
@@ -91,7 +92,7 @@ class WorkerPool:
         if count == 0:
             log.info(kv("workers_disabled", reason="workers.count is 0"))
             return
-        problem = models_problem(self.config)
+        problem = models_problem(self.config.inference)
         if problem:
             log.error(kv("analysis_disabled", reason=problem,
                          effect="images are received and series assembled; jobs wait in the queue",
@@ -128,18 +129,6 @@ def check_device(config: Config) -> None:
 
     if config.workers.count > 0 and config.inference.device not in ("auto", "cpu"):
         choose_providers(config.inference.device)
-
-
-def models_problem(config: Config) -> str | None:
-    """Why the configured models cannot run, or None when all three load."""
-    from node.pipeline.infer import get_model
-
-    try:
-        for role in ("lung", "lesion", "diagnosis"):
-            get_model(config.inference, role)
-    except LungnodeError as exc:
-        return str(exc)
-    return None
 
 
 def serve(config: Config, config_path: Path | None = None) -> int:

@@ -146,11 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lungnode {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the node in the foreground: DICOM listener, series assembly and analysis workers")
+    p = sub.add_parser(
+        "serve", help="run the node in the foreground: DICOM listener, series assembly and analysis workers",
+        description="Run the node in the foreground until SIGTERM or Ctrl-C: the DICOM listener (dicom.*), series "
+        "assembly, the analysis workers (workers.count) and the sender (destinations). Logs go to stderr and "
+        "logging.file. Exit status: 0 stopped by a signal, 2 could not start (the reason is printed and logged as "
+        "event=node_start_failed).",
+    )
     _config_arg(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("worker", help="run analysis workers only (they take jobs from the database in storage.database_url)")
+    p = sub.add_parser(
+        "worker", help="run analysis workers only (they take jobs from the database in storage.database_url)",
+        description="Run one analysis worker in the foreground, on another machine or beside serve, taking queued "
+        "jobs from the node's database (storage.database_url, which must already exist: start serve first) and "
+        "writing results under storage.spool_dir, which it must share with the node.",
+    )
     _config_arg(p)
     p.set_defaults(func=cmd_worker)
 
@@ -158,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "process",
         help="analyse a folder of DICOM files offline and write OUT/result.json",
         description="Run selection, QA and the models on a folder holding a series or a study. "
-        "Exit status: 0 analysed, 3 rejected (the reason is in result.json), 1 failed.",
+        "Exit status: 0 analysed, 3 rejected (the reason is in result.json), 1 failed, 2 usage or set-up error "
+        "(missing input, bad configuration, models that cannot run; nothing is written).",
     )
     p.add_argument("input", type=Path, help="folder (searched recursively) or file of DICOM images")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where result.json and the outputs go")

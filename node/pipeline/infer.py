@@ -435,3 +435,13 @@ def get_model(settings: InferenceSettings, which: Which) -> Model:
     model = load_model(model_dir, device=settings.device, threads=settings.threads)
     check_role(model.manifest, which)
     return model
+
+
+def models_problem(settings: InferenceSettings) -> str | None:
+    """Why the configured models cannot run, or None when all three load."""
+    try:
+        for role in ("lung", "lesion", "diagnosis"):
+            get_model(settings, role)
+    except LungnodeError as exc:
+        return str(exc)
+    return None

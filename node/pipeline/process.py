@@ -16,9 +16,10 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from node.config import Config
+from node.errors import LungnodeError
 from node.logs import kv
 from node.outputs.write import manifests_for, write_outputs
-from node.pipeline.infer import InferenceDeviceError, choose_providers
+from node.pipeline.infer import InferenceDeviceError, choose_providers, models_problem
 from node.pipeline.runner import Analysis, analyse_series
 from node.pipeline.select import SeriesHeader, choose
 from node.pipeline.volume import QAFlag
@@ -32,14 +33,20 @@ def scan(root: Path) -> dict[str, tuple[SeriesHeader, list[Path]]]:
     """Every DICOM image under ``root`` grouped by series, with a header summary per series."""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    ignored = 0
     for path in files:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError):
+            ignored += 1
             continue
         if "SeriesInstanceUID" not in ds or "SOPClassUID" not in ds:
+            ignored += 1
             continue
         groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+    if ignored:
+        print(f"  ignored {ignored} of {len(files)} files: not DICOM images (or no Series Instance UID)",
+              file=sys.stderr)
     out = {}
     for uid, members in groups.items():
         header = SeriesHeader.from_dataset(members[0][1], slice_count=len(members))
@@ -47,11 +54,23 @@ def scan(root: Path) -> dict[str, tuple[SeriesHeader, list[Path]]]:
     return out
 
 
+def check_paths(input_path: Path, out_dir: Path) -> None:
+    """Usage errors (exit 2), told apart from a study the rules refuse (exit 3)."""
+    if not input_path.exists():
+        raise LungnodeError(f"{input_path} does not exist: give a folder (or file) of DICOM images")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LungnodeError(f"--out {out_dir} is a file: give a folder for result.json and the DICOM outputs")
+
+
 def process(input_path: Path, out_dir: Path, config: Config) -> int:
     """Run the whole path on ``input_path`` and write ``out_dir/result.json``; returns the exit code."""
     def progress(step: str) -> None:
         print(f"  {step}...", file=sys.stderr, flush=True)
 
+    check_paths(input_path, out_dir)
+    problem = models_problem(config.inference)
+    if problem:  # a set-up error, not a result about this study: no result.json, no SR that would carry it
+        raise LungnodeError(f"{problem}. Check the models with lungnode models verify (with the same --config)")
     print(f"scanning {input_path}", file=sys.stderr)
     series = scan(input_path)
     if not series:
@@ -65,8 +84,11 @@ def process(input_path: Path, out_dir: Path, config: Config) -> int:
             print(f"skipped series {v.series_instance_uid}: {v.reason}", file=sys.stderr)
     if best is None:
         reasons = "; ".join(f"{v.series_instance_uid}: {v.reason}" for v in verdicts)
-        analysis = Analysis(status="rejected", series_instance_uid=verdicts[0].series_instance_uid,
-                            reason=f"no series qualifies for analysis ({reasons})")
+        first = verdicts[0]
+        # the worker's flag for a series the selection refused: outputs.sr_for_skipped_series then applies alike
+        analysis = Analysis(status="rejected", series_instance_uid=first.series_instance_uid,
+                            reason=f"no series qualifies for analysis ({reasons})",
+                            qa=[QAFlag(f"selection_{first.rule}", "refuse", first.reason or "")])
     else:
         _, paths = series[best.series_instance_uid]
         print(f"analysing series {best.series_instance_uid} ({len(paths)} images)", file=sys.stderr)

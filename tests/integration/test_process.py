@@ -68,6 +68,10 @@ def test_scout_only_folder_is_rejected_with_the_reason(tmp_path: Path, models: P
     assert "ImageType ORIGINAL/PRIMARY/LOCALIZER holds LOCALIZER" in result["reason"]
     assert result["probabilities"] is None
     assert "rejected: no series qualifies" in proc.stderr
+    assert "ignored 1 of 2 files" in proc.stderr
+    # as in the node: a series the selection skips gets no SR unless outputs.sr_for_skipped_series is set
+    assert not (tmp_path / "out" / "sr.dcm").exists()
+    assert json.loads((tmp_path / "out" / "outputs.json").read_text())["objects"] == []
 
 
 def test_empty_folder_is_rejected(tmp_path: Path, models: Path) -> None:
@@ -76,6 +80,25 @@ def test_empty_folder_is_rejected(tmp_path: Path, models: Path) -> None:
     proc, result = run_process(tmp_path / "empty", tmp_path / "out", models)
     assert proc.returncode == 3
     assert result["status"] == "rejected" and "no DICOM images found" in result["reason"]
+
+
+@pytest.mark.parametrize("problem", ["no input", "out is a file", "no models"])
+def test_usage_and_setup_errors_exit_2_and_write_nothing(tmp_path: Path, models: Path, problem: str) -> None:
+    """Told apart from a refused study (exit 3): a script can see it was called wrongly."""
+    series = tmp_path / "ct"
+    if problem != "no input":
+        write_scout(series / "IM00001.dcm")
+    out = tmp_path / "out"
+    if problem == "out is a file":
+        out.write_text("")
+    env = {"LUNGNODE_INFERENCE__MODELS_DIR": str(tmp_path / "no-models" if problem == "no models" else models),
+           "LUNGNODE_INFERENCE__DEVICE": "cpu"}
+    proc = run_cli("process", series, "--out", out, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    expected = {"no input": "does not exist", "out is a file": "is a file", "no models": "does not exist"}[problem]
+    assert expected in proc.stderr
+    assert not out.is_dir() or not any(out.iterdir())
 
 
 def test_damaged_image_gives_a_failed_result_not_a_traceback(tmp_path: Path, models: Path) -> None:
