@@ -27,8 +27,9 @@ from node.db.models import (
     Study,
     utcnow,
 )
+from node.errors import InstanceRejected
 from node.logs import kv
-from node.receive.inspect import ANALYSABLE_SOP_CLASSES, InstanceHeader
+from node.receive.inspect import ANALYSABLE_SOP_CLASSES, STATUS_OTHER_STUDY, InstanceHeader
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class Recorded:
     series_id: int
     revision: int
     new_revision: bool = False
+    existing_path: str | None = None  # a duplicate: where the ledger already holds this instance
+    patient_id: str | None = None  # the study's PatientID as recorded
 
 
 def origin_of(header: InstanceHeader, *, own_output: bool) -> SeriesOrigin:
@@ -72,6 +75,8 @@ class IngestLedger:
         # never wrong; it lets the common case (another instance of an open series) skip the
         # study/series lookups.
         self._series_ids: dict[str, int] = {}
+        # series UID -> (study UID, PatientID) it was first received under: a later instance must agree
+        self._series_study: dict[str, tuple[str, str | None]] = {}
         self._cache_lock = threading.Lock()
 
     @property
@@ -143,6 +148,12 @@ class IngestLedger:
         A second insert of the same SOP Instance UID (a concurrent re-send) is a duplicate.
         """
         now = received_at or utcnow()
+        known = self._series_study.get(header.series_instance_uid)
+        if known is not None:
+            study_uid, patient_id = known
+            if study_uid != header.study_instance_uid or (
+                    patient_id and header.patient_id and patient_id != _cut(header.patient_id, 64)):
+                raise _other_study(header)
         series_id = self._series_ids.get(header.series_instance_uid)
         for attempt in range(3):
             try:
@@ -152,8 +163,11 @@ class IngestLedger:
                         return fast
                 with self.sessions.begin() as s:
                     recorded = self._record(s, header, path, size_bytes, association_id, own_output, now)
-                with self._cache_lock:
-                    self._series_ids[header.series_instance_uid] = recorded.series_id
+                if recorded.outcome == Outcome.stored:  # a duplicate's series may be another series entirely
+                    with self._cache_lock:
+                        self._series_ids[header.series_instance_uid] = recorded.series_id
+                        self._series_study[header.series_instance_uid] = (header.study_instance_uid,
+                                                                          recorded.patient_id)
                 return recorded
             except IntegrityError:
                 # The same instance (a concurrent re-send), or its study/series, was inserted
@@ -161,7 +175,7 @@ class IngestLedger:
                 with self.sessions() as s:
                     existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid))
                     if existing is not None:
-                        return Recorded(Outcome.duplicate, existing.series_id, existing.revision)
+                        return Recorded(Outcome.duplicate, existing.series_id, existing.revision, existing_path=existing.path)
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
@@ -213,7 +227,7 @@ class IngestLedger:
     ) -> Recorded:
         existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid))
         if existing is not None:
-            return Recorded(Outcome.duplicate, existing.series_id, existing.revision)
+            return Recorded(Outcome.duplicate, existing.series_id, existing.revision, existing_path=existing.path)
 
         study = s.scalar(select(Study).where(Study.study_instance_uid == h.study_instance_uid))
         if study is None:
@@ -226,7 +240,11 @@ class IngestLedger:
             s.add(study)
             s.flush()
 
+        if study.patient_id and h.patient_id and study.patient_id != _cut(h.patient_id, 64):
+            raise _other_study(h)
         series = s.scalar(select(Series).where(Series.series_instance_uid == h.series_instance_uid))
+        if series is not None and series.study_id != study.id:
+            raise _other_study(h)
         new_revision = False
         if series is None:
             origin = origin_of(h, own_output=own_output)
@@ -274,7 +292,16 @@ class IngestLedger:
         series.last_received_at = now
         if new_revision:
             log.info(kv("series_revision_opened", series=h.series_instance_uid, revision=series.revision))
-        return Recorded(Outcome.stored, series.id, series.revision, new_revision)
+        return Recorded(Outcome.stored, series.id, series.revision, new_revision, patient_id=study.patient_id)
+
+
+def _other_study(h: InstanceHeader) -> InstanceRejected:
+    """Images of two patients or studies must never be analysed as one series: refuse, naming no patient."""
+    return InstanceRejected(
+        STATUS_OTHER_STUDY,
+        f"series {h.series_instance_uid} (or study {h.study_instance_uid}) is already held here under another "
+        "study or a different PatientID; refused so that two patients' images are never analysed together",
+    )
 
 
 def _cut(value: str | None, length: int) -> str | None:

@@ -28,6 +28,7 @@ STATUS_CANNOT_PARSE = 0xC210
 STATUS_MISSING_UID = 0xC221
 STATUS_UID_MISMATCH = 0xC222
 STATUS_INCOMPLETE = 0xC223
+STATUS_OTHER_STUDY = 0xC224  # the series is already known under another study or patient
 STATUS_PROCESSING_FAILURE = 0x0110  # we could not record it (database unavailable)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -120,6 +121,12 @@ def _check_complete(ds: Dataset, path: Path) -> None:
         got = len(ds.PixelData)
         if got < expected:
             raise InstanceRejected(STATUS_INCOMPLETE, f"pixel data truncated: {got} of {expected} bytes")
+        if expected and got > expected + expected % 2:  # one pad byte makes an odd length even
+            raise InstanceRejected(
+                STATUS_INCOMPLETE,
+                f"pixel data longer than Rows x Columns x SamplesPerPixel x NumberOfFrames x BitsAllocated "
+                f"says: {got} bytes for {expected}",
+            )
 
 
 def inspect_instance(
@@ -166,8 +173,8 @@ def _walked_header(path: Path) -> InstanceHeader | None:
         frames = _int_text(v.get("NumberOfFrames")) or 1
         expected = (_as_int(v.get("Rows")) * _as_int(v.get("Columns")) * (_as_int(v.get("SamplesPerPixel")) or 1)
                     * frames * _as_int(v.get("BitsAllocated")) // 8)
-        if walked.pixel_data_length < expected:
-            return None
+        if not expected <= walked.pixel_data_length <= expected + expected % 2:
+            return None  # pydicom's path names what is wrong
     text = {k: val for k, val in v.items() if isinstance(val, str)}
     return InstanceHeader(
         sop_class_uid=sop_class,

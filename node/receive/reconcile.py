@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.ingest import IngestLedger
+from node.db.ingest import IngestLedger, Outcome
 from node.db.models import Event, Instance, Series
 from node.errors import InstanceRejected
 from node.logs import kv
@@ -51,16 +51,21 @@ def reconcile(spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session
             continue
         try:
             header = inspect_instance(path, sop_class_uid="", sop_instance_uid=path.stem, check_request=False)
+            recorded = ledger.record_instance(
+                header, path=path, size_bytes=path.stat().st_size, association_id=None, own_output=is_own_output(header)
+            )
         except InstanceRejected as rej:
-            # Never acknowledged (it has no row), and not a valid instance (e.g. cut by a power loss):
-            # set aside for inspection rather than deleted.
+            # Never acknowledged (it has no row), and not a valid instance (e.g. cut by a power loss) or one
+            # the ledger refuses (another study's series): set aside for inspection rather than deleted.
             moved = spool.quarantine(path)
             log.error(kv("reconcile_unreadable", path=path, moved_to=moved, reason=rej.reason))
             unreadable += 1
             continue
-        ledger.record_instance(
-            header, path=path, size_bytes=path.stat().st_size, association_id=None, own_output=is_own_output(header)
-        )
+        if recorded.outcome == Outcome.duplicate:  # the ledger holds this instance at another path
+            moved = spool.quarantine(path)
+            log.warning(kv("reconcile_duplicate", path=path, moved_to=moved, held_at=recorded.existing_path))
+            unreadable += 1
+            continue
         adopted += 1
     missing = _drop_rows_without_file(sessions)
     report = ReconcileReport(discarded, aborted, adopted, unreadable, missing)

@@ -350,6 +350,11 @@ class StorageSCP:
             recorded = self.ledger.record_instance(
                 header, path=final, size_bytes=size, association_id=assoc_id, own_output=is_own_output(header)
             )
+        except InstanceRejected:  # refused by the ledger (another study's series): leave no file behind
+            wait([file_done])
+            if file_done.exception() is None and file_done.result() is not None:
+                final.unlink(missing_ok=True)
+            raise
         except BaseException:
             wait([file_done])
             raise
@@ -364,6 +369,14 @@ class StorageSCP:
                 self.ledger.forget_instance(sop_uid)
             raise
         if recorded.outcome == Outcome.duplicate:
+            if created and recorded.existing_path not in (None, str(final)):
+                # The same SOP Instance UID is held under another series: one instance, one file. The copy
+                # just linked would be an orphan without a row; the ledger's copy stays.
+                final.unlink(missing_ok=True)
+                log.warning(kv("store_duplicate", assoc=assoc_id, sop=sop_uid,
+                               note="this SOP Instance UID is already held under another series; the copy "
+                                    "held first is kept"))
+                return STATUS_SUCCESS
             if created and self.ledger.series_purged(recorded.series_id):
                 # Known to the ledger, its series' files deleted by retention: keep them deleted. (Any
                 # other duplicate that created the file raced a concurrent store of the same instance,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -290,6 +291,8 @@ def add_slice(series: SeriesInfo, outdir: Path, *, index: int, matrix: int) -> S
     """One more slice of an existing series (a late instance), written to ``outdir``."""
     ds = make_ct_dataset(study_uid=series.study_uid, series_uid=series.series_uid, index=index, slices=index + 1,
                          matrix=matrix)
+    first = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    ds.PatientID, ds.PatientName = first.get("PatientID", ""), first.get("PatientName", "")  # the same patient
     outdir.mkdir(parents=True, exist_ok=True)
     path = outdir / f"IM{index + 1:05d}.dcm"
     ds.save_as(path, enforce_file_format=True)

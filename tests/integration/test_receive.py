@@ -182,6 +182,57 @@ def test_request_uids_differing_from_the_dataset_are_refused(node: NodeProcess, 
     assert node.incoming_files() == []
 
 
+def _rewritten(src: Path, dst: Path, **values: object) -> Path:
+    ds = pydicom.dcmread(src)
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def test_a_series_never_mixes_two_studies_or_patients(node: NodeProcess, tmp_path: Path) -> None:
+    """An instance naming a known series under another study, or a known study with another PatientID, is refused
+    (0xC224, no file, no row): otherwise two patients' images would be analysed and reported as one."""
+    series = make_series(tmp_path / "ct", slices=3, matrix=32)
+    assert [s.status for s in send_files(node.port, series.files[:2])] == [SUCCESS, SUCCESS]
+    other_study = _rewritten(series.files[2], tmp_path / "other-study.dcm", StudyInstanceUID=generate_uid())
+    other_patient = _rewritten(series.files[2], tmp_path / "other-patient.dcm", PatientID="SOMEONE_ELSE")
+    assert store_status(node.port, other_study) == 0xC224
+    assert store_status(node.port, other_patient) == 0xC224
+    assert node.count("instances") == 2 and node.count("studies") == 1
+    assert len(node.spool_files()) == 2 and node.incoming_files() == []
+    assert "SOMEONE_ELSE" not in node.log  # the reason names no patient
+    assert store_status(node.port, series.files[2]) == SUCCESS  # the right one still goes in
+    assert_stored(node, series)
+
+
+def test_pixel_data_longer_than_the_image_is_refused(node: NodeProcess, tmp_path: Path) -> None:
+    series = make_series(tmp_path / "ct", slices=2, matrix=32)
+    ds = pydicom.dcmread(series.files[0])
+    ds.PixelData = ds.PixelData * 2
+    long = tmp_path / "long.dcm"
+    ds.save_as(long, enforce_file_format=True)
+    assert store_status(node.port, long) == 0xC223
+    node.wait_for_log(r"event=store_refused .*pixel data longer than Rows x Columns")
+    assert node.count("instances") == 0 and node.spool_files() == []
+
+
+def test_an_instance_resent_under_another_series_leaves_no_orphan_file(node: NodeProcess, tmp_path: Path) -> None:
+    series = make_series(tmp_path / "ct", slices=2, matrix=32)
+    assert store_status(node.port, series.files[0]) == SUCCESS
+    moved = _rewritten(series.files[0], tmp_path / "moved.dcm", SeriesInstanceUID=generate_uid())
+    assert store_status(node.port, moved) == SUCCESS  # the instance is held (acknowledging it loses nothing)
+    node.wait_for_log(r"event=store_duplicate .*already held under another series")
+    assert [p.stem for p in node.spool_files()] == [series.sop_uids[0]]  # one instance, one file
+    # the other series' own next instance opens that series; it is not filed under the first one
+    sibling = _rewritten(series.files[1], tmp_path / "sibling.dcm", SeriesInstanceUID=str(pydicom.dcmread(moved)
+                                                                                           .SeriesInstanceUID))
+    assert store_status(node.port, sibling) == SUCCESS
+    assert [r["sop_instance_uid"] for r in node.instances(series.series_uid)] == [series.sop_uids[0]]
+    node.restart()
+    assert "adopted=0" in node.log.rsplit("event=reconcile_done", 1)[1].splitlines()[0]
+
+
 # -- idempotence and revisions -----------------------------------------------------------------------
 def test_resending_the_whole_series_changes_nothing(node: NodeProcess, tmp_path: Path) -> None:
     series = make_series(tmp_path / "ct", slices=20, matrix=64)
