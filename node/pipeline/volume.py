@@ -15,6 +15,7 @@ milder ones are recorded as QA flags on the volume.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -22,6 +23,7 @@ from typing import Literal, Sequence
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from node.errors import LungnodeError
 
@@ -193,10 +195,11 @@ def _check_geometry(planes: list[_Plane]) -> tuple[list[_Plane], np.ndarray, flo
     """Sort along the normal and check the stack; returns (sorted planes, normal, slice gap, flags)."""
     flags: list[QAFlag] = []
     first = planes[0]
-    sizes = {(p.rows, p.cols) for p in planes}
+    _check_one_kind(planes)
+    sizes = {(int(p.rows), int(p.cols)) for p in planes}
     if len(sizes) > 1:
         raise SeriesRefused("mixed_matrix", f"images of different sizes in one series: {sorted(sizes)}")
-    spacings = {tuple(round(v, 4) for v in p.pixel_spacing) for p in planes}
+    spacings = {tuple(round(float(v), 4) for v in p.pixel_spacing) for p in planes}  # plain floats read well
     if len(spacings) > 1:
         raise SeriesRefused("mixed_pixel_spacing", f"images with different pixel spacing in one series: {sorted(spacings)}")
     for p in planes:
@@ -244,6 +247,31 @@ def _check_geometry(planes: list[_Plane]) -> tuple[list[_Plane], np.ndarray, flo
     if thickness is not None and float(thickness) > 0 and float(thickness) < gap * 0.5:
         flags.append(QAFlag("slice_gap", "flag", f"slices of {float(thickness):.2f} mm are {gap:.2f} mm apart (gaps between slices)"))
     return ordered, normal, gap, flags
+
+
+def _check_one_kind(planes: list[_Plane]) -> None:
+    """One series, one kind of image: an MR, a secondary capture or a CR among CT slices is not a CT slice."""
+    kinds = Counter((str(p.ds.get("Modality", "") or "?"), UID(str(p.ds.get("SOPClassUID", ""))).name) for p in planes)
+    if len(kinds) > 1:
+        listed = ", ".join(f"{n} {modality} ({sop_class})" for (modality, sop_class), n in kinds.most_common())
+        raise SeriesRefused("mixed_modalities", f"the series mixes images of different kinds: {listed}")
+
+
+def _check_stored_range(pixels: np.ndarray, plane: _Plane) -> None:
+    """Refuse pixel data that decodes to values its BitsStored cannot hold (a damaged compressed stream decodes
+    without an error into such values). A few out-of-range pixels (metal clipped oddly by a scanner) are let be."""
+    bits = int(plane.ds.get("BitsStored", 0) or 0)
+    if not 0 < bits < 32 or pixels.dtype.kind not in "iu":
+        return
+    signed = int(plane.ds.get("PixelRepresentation", 0) or 0) == 1
+    high = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    above = int(np.count_nonzero(pixels > high))
+    if above > 0.05 * pixels.size:
+        raise SeriesRefused(
+            "unreadable_pixels",
+            f"the pixel data of image {plane.ds.get('SOPInstanceUID', '?')} is damaged: "
+            f"{100.0 * above / pixels.size:.0f} % of its pixels are above the {high} that BitsStored {bits} allows",
+        )
 
 
 def _frame_pixels(ds: Dataset, cache: dict[int, np.ndarray], frame_number: int | None) -> np.ndarray:
@@ -309,6 +337,7 @@ def load_volume(paths: Sequence[Path]) -> Volume:
                 f"the pixel data of image {plane.ds.get('SOPInstanceUID', '?')} cannot be decoded "
                 f"({type(exc).__name__}: {exc})",
             ) from exc
+        _check_stored_range(pixels, plane)
         img = _to_hu(pixels, plane)
         if flip_rows:
             img = img[::-1, :]

@@ -19,7 +19,6 @@ from typing import Any, Callable, cast
 
 from pydicom.uid import (
     JPEG2000,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -63,7 +62,6 @@ log = logging.getLogger(__name__)
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     JPEGLosslessSV1,
     JPEGLossless,

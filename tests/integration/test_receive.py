@@ -206,6 +206,24 @@ def test_a_series_never_mixes_two_studies_or_patients(node: NodeProcess, tmp_pat
     assert_stored(node, series)
 
 
+def test_only_transfer_syntaxes_the_node_can_read_are_accepted(node: NodeProcess, tmp_path: Path) -> None:
+    """Deflated data sets are refused at negotiation (the sender then offers another syntax) rather than accepted
+    and every image refused afterwards."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(pydicom.uid.CTImageStorage, [DeflatedExplicitVRLittleEndian])
+    ae.add_requested_context(pydicom.uid.CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="LUNGNODE")
+    try:
+        assert assoc.is_established
+        assert [cx.transfer_syntax[0] for cx in assoc.accepted_contexts] == [ExplicitVRLittleEndian]
+        assert [cx.transfer_syntax[0] for cx in assoc.rejected_contexts] == [DeflatedExplicitVRLittleEndian]
+    finally:
+        assoc.release()
+
+
 def test_pixel_data_longer_than_the_image_is_refused(node: NodeProcess, tmp_path: Path) -> None:
     series = make_series(tmp_path / "ct", slices=2, matrix=32)
     ds = pydicom.dcmread(series.files[0])

@@ -8,6 +8,7 @@ label maps in truth/ are in each instance's own pixel layout, keyed by SOP Insta
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -124,12 +125,57 @@ def test_mixed_matrix_is_refused(series: Synth) -> None:
     assert "(48, 48)" in err.flag.reason and "(96, 96)" in err.flag.reason
 
 
+def test_mixed_pixel_spacing_is_refused_in_plain_numbers(series: Synth) -> None:
+    """The reason goes into result.json and the SR: numbers as a reader writes them."""
+    ds = pydicom.dcmread(series.file_of_index(5))
+    ds.PixelSpacing = [float(v) * 1.5 for v in ds.PixelSpacing]
+    ds.save_as(series.file_of_index(5), enforce_file_format=True)
+    err = refused(series.files)
+    assert err.flag.code == "mixed_pixel_spacing"
+    assert "np." not in err.flag.reason and re.search(r"\(\d+\.\d+, \d+\.\d+\)", err.flag.reason)
+
+
 def test_non_uniform_spacing_is_refused(series: Synth) -> None:
     gap = series.phantom.spacing_mm[0]
     shift_positions(series.files_of_indices(range(SLICES // 2, SLICES)), 0.4 * gap)  # one gap of 1.4 x
     err = refused(series.files)
     assert err.flag.code == "non_uniform_spacing"
     assert "not uniform" in err.flag.reason
+
+
+def test_an_image_of_another_kind_in_the_series_is_refused(series: Synth) -> None:
+    """An MR image in the gap above the CT stack would otherwise be analysed as one more CT slice."""
+    from pydicom.uid import MRImageStorage
+
+    top = pydicom.dcmread(series.file_of_index(SLICES - 1))
+    gap = series.phantom.spacing_mm[0]
+    top.ImagePositionPatient = [float(v) for v in top.ImagePositionPatient[:2]] + [
+        float(top.ImagePositionPatient[2]) + gap]
+    top.SOPClassUID = top.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    top.SOPInstanceUID = top.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    top.Modality = "MR"
+    extra = series.folder / "IM09999.dcm"
+    top.save_as(extra, enforce_file_format=True)
+    err = refused([*series.files, extra])
+    assert err.flag.code == "mixed_modalities"
+    assert f"{SLICES} CT (CT Image Storage), 1 MR (MR Image Storage)" in err.flag.reason
+
+
+def test_pixel_values_beyond_bits_stored_are_refused(series: Synth) -> None:
+    """A damaged compressed stream can decode without error into values no 12-bit image holds."""
+    from pydicom.uid import JPEGLSLossless
+
+    victim = series.file_of_index(7)
+    ds = pydicom.dcmread(victim)
+    arr = ds.pixel_array.astype(np.uint16)
+    arr[:, : arr.shape[1] // 2] = 40000  # half the slice: what a zeroed JPEG-LS codestream decoded to
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 16, 15
+    ds.compress(JPEGLSLossless, arr)  # its decoder returns the values as coded, unmasked
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.save_as(victim, enforce_file_format=True)
+    err = refused(series.files)
+    assert err.flag.code == "unreadable_pixels"
+    assert "is damaged" in err.flag.reason and "BitsStored 12" in err.flag.reason
 
 
 def test_single_image_is_refused(series: Synth) -> None:
