@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from node.cli import main as cli_main
 from node.config import AllowedCaller, Config, load_config
@@ -280,3 +282,17 @@ def test_environment_sets_a_whole_top_level_section_and_ignores_foreign_variable
     assert [(d.name, d.ae_title, d.port) for d in cfg.destinations] == [("pacs", "PACS", 4242)]
     with pytest.raises(ConfigError, match="destinations"):
         load_config(None, environ={"LUNGNODE_DESTINATIONS": "[{name: pacs}]"})
+
+
+def test_every_setting_is_in_the_example_config() -> None:
+    """The README promises that deploy/config.example.yaml documents every key: each setting of every section is
+    there, set or commented out (destinations' keys are documented in its commented example)."""
+    text = EXAMPLE.read_text(encoding="utf-8")
+    written = set(re.findall(r"^#?\s*#?\s*-?\s*([a-z_]+):", text, flags=re.MULTILINE))
+    missing = []
+    for section, field in Config.model_fields.items():
+        assert f"\n{section}:" in f"\n{text}" or section == "destinations", f"section {section} missing"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            missing += [f"{section}.{key}" for key in annotation.model_fields if key not in written]
+    assert missing == [], f"settings not in {EXAMPLE.name}: {missing}"
