@@ -33,11 +33,22 @@ def setup_logging(level: str = "INFO", file: Path | None = None, include_phi: bo
         root.removeHandler(h)
     for h in handlers:
         h.setFormatter(fmt)
+        h.addFilter(_library_lines)
         root.addHandler(h)
     root.setLevel(level)
     # pynetdicom logs every PDU at INFO/DEBUG; keep its warnings and errors only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _library_lines(record: logging.LogRecord) -> bool:
+    """pynetdicom's own lines in the node's ``event=`` format, at WARNING at most: the node logs each outcome
+    itself (a refused connection there is one the sender retries, not an error of the node)."""
+    if record.name.startswith("pynetdicom") and not str(record.msg).startswith("event="):
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = kv("pynetdicom", message=record.getMessage()), ()
+    return True
 
 
 def kv(event: str, **fields: Any) -> str:

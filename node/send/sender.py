@@ -193,9 +193,14 @@ class Sender:
         left = [item for item in items if item.id not in done]
         if error is not None:
             log.warning(kv("send_association_failed", destination=dest.name, objects=len(left), reason=error))
+            given_up = 0
             for item in left:
                 state = self.outbox.mark_retry(item.id, error=error)
                 stats["failed" if state == SendState.failed else "retry"] += 1
+                given_up += state == SendState.failed
+            if given_up:  # the end of the retries: what IT alerts on
+                log.error(kv("send_failed", destination=dest.name, objects=given_up, reason=error,
+                             fix="lungnode retry --failed once the destination is back"))
         elif left:  # stopped between objects: not an attempt
             self.outbox.release([item.id for item in left])
         if items:
@@ -214,9 +219,10 @@ class Sender:
         state = self.outbox.mark_retry(item.id, error=outcome.error or "unknown error", status=outcome.status,
                                        permanent=outcome.permanent)
         stats["failed" if state == SendState.failed else "retry"] += 1
-        log.warning(kv("send_failed" if state == SendState.failed else "send_retry", destination=dest.name,
+        log.log(logging.ERROR if state == SendState.failed else logging.WARNING,
+                kv("send_failed" if state == SendState.failed else "send_retry", destination=dest.name,
                        job=item.job_id, kind=item.kind, sop=item.sop_instance_uid, attempt=item.attempt,
-                       status=None if outcome.status is None else f"0x{outcome.status:04X}", reason=outcome.error))
+                   status=None if outcome.status is None else f"0x{outcome.status:04X}", reason=outcome.error))
 
     def _on_commitment(self, items: Sequence[Claimed], transaction_uid: str | None, error: str | None) -> None:
         if transaction_uid is not None:  # recorded before the request: the report may come before its response

@@ -4,6 +4,7 @@ transfer syntax fallback, retries with backoff, refusal then operator retry, sto
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections import Counter
@@ -163,6 +164,25 @@ def test_peer_down_then_up_is_retried_and_delivered_exactly_once(
     rows = wait_states(sessions, SendState.sent, count=3)
     assert scp.received == Counter({o.sop_instance_uid: 1 for o in objects})
     assert all(r.last_error is None and r.last_status == 0 for r in rows)
+
+
+def test_giving_up_on_a_destination_is_an_error_in_the_log(
+    sessions: sessionmaker[Session], sender_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Retries are warnings; the last one, after which nothing more is tried, is what IT alerts on: ERROR."""
+    dest = Destination(name="peer", ae_title="PEER", host="127.0.0.1", port=free_port())
+    write_results(tmp_path / "results")
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
+    with caplog.at_level(logging.INFO, logger="node"):
+        sender_factory(make_config(dest, max_attempts=2))
+        wait_states(sessions, SendState.failed, count=3)
+        wait_until(lambda: any("event=send_failed" in r.getMessage() for r in caplog.records), timeout=10,
+                   what="event=send_failed in the log")
+    failed = [r for r in caplog.records if "event=send_failed" in r.getMessage()]
+    assert [r.levelname for r in failed] == ["ERROR"]
+    assert "objects=3" in failed[0].getMessage() and "lungnode retry --failed" in failed[0].getMessage()
+    retries = [r for r in caplog.records if "event=send_association_failed" in r.getMessage()]
+    assert len(retries) == 2 and {r.levelname for r in retries} == {"WARNING"}
 
 
 def test_refused_objects_fail_with_the_reason_and_retry_failed_delivers(
