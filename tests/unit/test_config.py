@@ -164,6 +164,14 @@ def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:
     assert "cannot read config file" in _error(tmp_path / "missing.yaml")
 
 
+def test_a_key_written_twice_is_refused_with_both_places(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys without a word; a config file must not."""
+    path = write_yaml(tmp_path / "dup.yaml", "dicom:\n  port: 11112\n  ae_title: A\n  port: 11113\n")
+    msg = _error(path)
+    assert "the key 'port' appears twice" in msg
+    assert f'in "{path}", line 2' in msg and f'in "{path}", line 4' in msg
+
+
 # -- AE titles -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("title", ["LUNGNODE", "PACS_1", "MY AE", "A", "ABCDEFGHIJKLMNOP", "ct-2.lab"])
 def test_valid_ae_titles(title: str) -> None:
