@@ -332,6 +332,15 @@ class Config(Strict):
             raise ValueError(f"destination names must be unique: {', '.join(sorted(names))}")
         return dests
 
+    @model_validator(mode="after")
+    def _commitment_port_is_free(self) -> Config:
+        # Both listen on dicom.bind_address: the second would fail at start-up; say it here (check-config too).
+        committing = any(d.storage_commitment for d in self.destinations)
+        if committing and self.sending.commitment_port != 0 and self.sending.commitment_port == self.dicom.port:
+            raise ValueError(f"sending.commitment_port {self.sending.commitment_port} is dicom.port: the storage "
+                             "commitment listener needs a port of its own (or 0 for any free port)")
+        return self
+
     def redacted(self) -> dict[str, Any]:
         """The effective configuration for the start-up log, with secrets in URLs masked."""
         data = self.model_dump(mode="json")

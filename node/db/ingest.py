@@ -55,6 +55,7 @@ class Recorded:
     revision: int
     new_revision: bool = False
     existing_path: str | None = None  # a duplicate: where the ledger already holds this instance
+    existing_size: int | None = None  # ... and its size in bytes
     patient_id: str | None = None  # the study's PatientID as recorded
 
 
@@ -175,7 +176,7 @@ class IngestLedger:
                 with self.sessions() as s:
                     existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid))
                     if existing is not None:
-                        return Recorded(Outcome.duplicate, existing.series_id, existing.revision, existing_path=existing.path)
+                        return _duplicate(existing)
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
@@ -227,7 +228,7 @@ class IngestLedger:
     ) -> Recorded:
         existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid))
         if existing is not None:
-            return Recorded(Outcome.duplicate, existing.series_id, existing.revision, existing_path=existing.path)
+            return _duplicate(existing)
 
         study = s.scalar(select(Study).where(Study.study_instance_uid == h.study_instance_uid))
         if study is None:
@@ -293,6 +294,11 @@ class IngestLedger:
         if new_revision:
             log.info(kv("series_revision_opened", series=h.series_instance_uid, revision=series.revision))
         return Recorded(Outcome.stored, series.id, series.revision, new_revision, patient_id=study.patient_id)
+
+
+def _duplicate(existing: Instance) -> Recorded:
+    return Recorded(Outcome.duplicate, existing.series_id, existing.revision, existing_path=existing.path,
+                    existing_size=existing.size_bytes)
 
 
 def _other_study(h: InstanceHeader) -> InstanceRejected:

@@ -380,7 +380,14 @@ class StorageSCP:
                 # other duplicate that created the file raced a concurrent store of the same instance,
                 # whose row now points at this very file.)
                 final.unlink(missing_ok=True)
-            log.info(kv("store_duplicate", assoc=assoc_id, sop=sop_uid))
+            if recorded.existing_size is not None and recorded.existing_size != size:
+                # DICOM: one SOP Instance UID, one content. A corrected image must come with a new UID.
+                log.warning(kv("store_duplicate", assoc=assoc_id, sop=sop_uid,
+                               note=f"content differs from the instance already held ({size} against "
+                                    f"{recorded.existing_size} bytes); the one held first is kept: a corrected "
+                                    f"image needs a new SOP Instance UID"))
+            else:
+                log.info(kv("store_duplicate", assoc=assoc_id, sop=sop_uid))
         elif log.isEnabledFor(logging.DEBUG):  # the hot path: format only when it is written
             log.debug(kv("store_ok", assoc=assoc_id, sop=sop_uid, series=header.series_instance_uid))
         return STATUS_SUCCESS

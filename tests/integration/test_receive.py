@@ -235,6 +235,16 @@ def test_pixel_data_longer_than_the_image_is_refused(node: NodeProcess, tmp_path
     assert node.count("instances") == 0 and node.spool_files() == []
 
 
+def test_an_instance_resent_with_other_content_is_kept_as_first_held_and_said(node: NodeProcess, tmp_path: Path) -> None:
+    series = make_series(tmp_path / "ct", slices=2, matrix=32)
+    assert store_status(node.port, series.files[0]) == SUCCESS
+    changed = _rewritten(series.files[0], tmp_path / "changed.dcm", ImageComments="corrected after the first send")
+    assert store_status(node.port, changed) == SUCCESS
+    node.wait_for_log(r"WARNING .*event=store_duplicate .*content differs from the instance already held")
+    held = pydicom.dcmread(node.spool_path(series.series_uid, series.sop_uids[0]))
+    assert held.ImageComments == pydicom.dcmread(series.files[0]).ImageComments != "corrected after the first send"
+
+
 def test_an_instance_resent_under_another_series_leaves_no_orphan_file(node: NodeProcess, tmp_path: Path) -> None:
     series = make_series(tmp_path / "ct", slices=2, matrix=32)
     assert store_status(node.port, series.files[0]) == SUCCESS

@@ -304,3 +304,11 @@ def test_every_setting_is_in_the_example_config() -> None:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             missing += [f"{section}.{key}" for key in annotation.model_fields if key not in written]
     assert missing == [], f"settings not in {EXAMPLE.name}: {missing}"
+
+
+def test_commitment_port_may_not_be_the_dicom_port(tmp_path: Path) -> None:
+    dest = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242, "storage_commitment": True}
+    data = {"dicom": {"port": 11112}, "sending": {"commitment_port": 11112}, "destinations": [dest]}
+    assert "sending.commitment_port 11112 is dicom.port" in _error(write_yaml(tmp_path / "c.yaml", data))
+    data["sending"]["commitment_port"] = 11113
+    load_config(write_yaml(tmp_path / "ok.yaml", data), environ={})
