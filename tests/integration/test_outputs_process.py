@@ -31,9 +31,9 @@ def sr_text(path: Path) -> str:
     return "\n".join(str(e.value) for e in pydicom.dcmread(path).iterall() if e.keyword == "TextValue")
 
 
-def process(folder: Path, out: Path, models: Path) -> tuple[int, dict[str, Any], list[dict[str, str]]]:
+def process(folder: Path, out: Path, models: Path, **env: str) -> tuple[int, dict[str, Any], list[dict[str, str]]]:
     proc = run_cli("process", folder, "--out", out, timeout=180,
-                   env={"LUNGNODE_INFERENCE__MODELS_DIR": str(models), "LUNGNODE_INFERENCE__DEVICE": "cpu"})
+                   env={"LUNGNODE_INFERENCE__MODELS_DIR": str(models), "LUNGNODE_INFERENCE__DEVICE": "cpu", **env})
     result = json.loads((out / "result.json").read_text())
     listing = json.loads((out / OUTPUTS_FILE).read_text())
     assert list(listing) == ["objects"]
@@ -66,9 +66,14 @@ def test_process_writes_the_objects_and_outputs_json(tmp_path: Path, models: Pat
     assert [o["sop_instance_uid"] for o in again] == [o["sop_instance_uid"] for o in objects]
 
 
-def test_refused_folder_gets_its_sr_only(tmp_path: Path, models: Path) -> None:
+def test_skipped_folder_gets_its_sr_only_when_asked(tmp_path: Path, models: Path) -> None:
+    """As in the node: a series the selection skips (here a scout) gets an SR only with
+    outputs.sr_for_skipped_series; never a SEG or key image."""
     write_scout(tmp_path / "scout" / "IM00001.dcm")
-    rc, result, objects = process(tmp_path / "scout", tmp_path / "out", models)
+    rc, result, objects = process(tmp_path / "scout", tmp_path / "default", models)
+    assert rc == 3 and result["status"] == "rejected" and objects == []
+    rc, result, objects = process(tmp_path / "scout", tmp_path / "out", models,
+                                  LUNGNODE_OUTPUTS__SR_FOR_SKIPPED_SERIES="true")
     assert rc == 3 and result["status"] == "rejected"
     assert [o["kind"] for o in objects] == ["sr"]
     assert "holds LOCALIZER" in sr_text(tmp_path / "out" / "sr.dcm")
