@@ -33,6 +33,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association as PnAssociation
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -101,6 +102,28 @@ def is_own_output(header: InstanceHeader) -> bool:
     return header.manufacturer == MANUFACTURER
 
 
+def _guard_dimse_decoding() -> None:
+    """A request pynetdicom cannot decode (e.g. a C-STORE without AffectedSOPInstanceUID) raises inside its
+    DUL thread, which then dies and leaves the association hanging, open in the ledger. Abort it instead: the
+    sender sees an abort for an instance that was never acknowledged, and the node logs why."""
+    original = DIMSEMessage.decode_msg
+    if getattr(original, "_lungnode_guard", False):
+        return
+
+    def decode_msg(self: DIMSEMessage, primitive: Any, assoc: Any = None) -> bool:
+        try:
+            return original(self, primitive, assoc)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            log.warning(kv("dimse_undecodable", reason=f"{type(exc).__name__}: {exc}",
+                           action="association aborted; nothing of it was acknowledged"))
+            if assoc is not None:
+                assoc.acse.send_abort(0x02)  # only queues the A-ABORT: this runs in the DUL thread
+            return False
+
+    decode_msg._lungnode_guard = True  # type: ignore[attr-defined]
+    DIMSEMessage.decode_msg = decode_msg  # type: ignore[method-assign]
+
+
 class StorageSCP:
     """C-STORE/C-ECHO listener bound to the spool and the ledger."""
 
@@ -139,6 +162,7 @@ class StorageSCP:
 
     def start(self) -> int:
         """Start listening in background threads; return the bound port (useful with port 0)."""
+        _guard_dimse_decoding()
         # Chunked receive: pynetdicom streams each dataset into a file instead of memory. Those files
         # must be in the spool's incoming/ folder so committing is a link on one file system: the
         # tuned path creates them there; stock pynetdicom uses tempfile, so point that there.

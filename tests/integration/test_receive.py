@@ -29,6 +29,7 @@ from tests.helpers.series import (
     write_mr_image,
     write_secondary_capture,
 )
+from tests.helpers.wait import wait_until
 
 pytestmark = pytest.mark.usefixtures("require_dcmtk")
 
@@ -166,6 +167,29 @@ def test_garbled_and_truncated_datasets_fail_and_the_node_keeps_serving(node: No
     assert store_status(node.port, series.files[2]) == SUCCESS
     assert_stored(node, series)
     assert len(re.findall(r"event=store_refused", node.log)) == 2
+
+
+def test_a_request_without_sop_instance_uid_aborts_cleanly(node: NodeProcess, tmp_path: Path) -> None:
+    """A C-STORE request without AffectedSOPInstanceUID cannot be answered per instance: the association is aborted
+    at once (not left hanging), recorded as aborted, nothing is kept, and the node goes on serving."""
+    from pynetdicom import _config as scu_config
+
+    series = make_series(tmp_path / "ct", slices=2, matrix=32)
+    ds = pydicom.dcmread(series.files[0])
+    ds.SOPInstanceUID = ""
+    scu_config.LOG_HANDLER_LEVEL = "none"  # this SCU's own request logging trips over the empty UID first
+    try:
+        assoc = associate(node.port, [series.files[0]])
+        assert assoc.is_established
+        assoc.send_c_store(ds)
+        wait_until(lambda: assoc.is_aborted, timeout=10, what="the node to abort the association")
+    finally:
+        scu_config.LOG_HANDLER_LEVEL = "standard"
+    node.wait_for_log(r"event=dimse_undecodable reason=.*AffectedSOPInstanceUID")
+    node.wait_for_log(r"event=association_aborted")
+    wait_until(lambda: node.status()["counts"]["open_associations"] == 0, timeout=10, what="no open association")
+    assert node.count("instances") == 0
+    assert store_status(node.port, series.files[0]) == SUCCESS
 
 
 def test_request_uids_differing_from_the_dataset_are_refused(node: NodeProcess, tmp_path: Path) -> None:
