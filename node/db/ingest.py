@@ -59,6 +59,13 @@ class Recorded:
     patient_id: str | None = None  # the study's PatientID as recorded
 
 
+@dataclass(frozen=True)
+class _KnownSeries:
+    series_id: int
+    study_uid: str
+    patient_id: str | None
+
+
 def origin_of(header: InstanceHeader, *, own_output: bool) -> SeriesOrigin:
     if own_output:
         return SeriesOrigin.own_output
@@ -72,12 +79,11 @@ class IngestLedger:
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
-        # SeriesInstanceUID -> series id. Ids never change, so the cache can only be incomplete,
+        # SeriesInstanceUID -> the series as first recorded: its id, and the study UID and PatientID a
+        # later instance must agree with. None of them changes, so the cache can only be incomplete,
         # never wrong; it lets the common case (another instance of an open series) skip the
         # study/series lookups.
-        self._series_ids: dict[str, int] = {}
-        # series UID -> (study UID, PatientID) it was first received under: a later instance must agree
-        self._series_study: dict[str, tuple[str, str | None]] = {}
+        self._series: dict[str, _KnownSeries] = {}
         self._cache_lock = threading.Lock()
 
     @property
@@ -149,13 +155,11 @@ class IngestLedger:
         A second insert of the same SOP Instance UID (a concurrent re-send) is a duplicate.
         """
         now = received_at or utcnow()
-        known = self._series_study.get(header.series_instance_uid)
-        if known is not None:
-            study_uid, patient_id = known
-            if study_uid != header.study_instance_uid or (
-                    patient_id and header.patient_id and patient_id != _cut(header.patient_id, 64)):
-                raise _other_study(header)
-        series_id = self._series_ids.get(header.series_instance_uid)
+        known = self._series.get(header.series_instance_uid)
+        if known is not None and (known.study_uid != header.study_instance_uid or (
+                known.patient_id and header.patient_id and known.patient_id != _cut(header.patient_id, 64))):
+            raise _other_study(header)
+        series_id = known.series_id if known is not None else None
         for attempt in range(3):
             try:
                 if series_id is not None:
@@ -166,9 +170,8 @@ class IngestLedger:
                     recorded = self._record(s, header, path, size_bytes, association_id, own_output, now)
                 if recorded.outcome == Outcome.stored:  # a duplicate's series may be another series entirely
                     with self._cache_lock:
-                        self._series_ids[header.series_instance_uid] = recorded.series_id
-                        self._series_study[header.series_instance_uid] = (header.study_instance_uid,
-                                                                          recorded.patient_id)
+                        self._series[header.series_instance_uid] = _KnownSeries(
+                            recorded.series_id, header.study_instance_uid, recorded.patient_id)
                 return recorded
             except IntegrityError:
                 # The same instance (a concurrent re-send), or its study/series, was inserted

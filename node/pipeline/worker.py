@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.config import Config
 from node.db.jobs import Claimed, JobQueue
 from node.db.models import Instance, Job, JobState, Series, SeriesOrigin, SeriesState
-from node.db.session import make_sessionmaker, open_database
+from node.db.session import make_engine, make_sessionmaker
 from node.errors import LungnodeError
 from node.logs import kv, setup_logging
 from node.outputs.history import previous_sr
@@ -82,7 +82,7 @@ class Worker:
     def __init__(self, config: Config, *, name: str | None = None) -> None:
         self.config = config
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self.engine = open_database(config.storage.database_url)
+        self.engine = make_engine(config.storage.database_url)  # the node (or `lungnode worker`) opened it
         self.sessions = make_sessionmaker(self.engine)
         w = config.workers
         self.queue = JobQueue(self.sessions, worker=self.name, lease_s=w.lease_s, max_attempts=w.max_attempts)
