@@ -23,7 +23,7 @@ from node.db.ingest import IngestLedger
 from node.db.session import make_sessionmaker, open_database
 from node.errors import LungnodeError
 from node.logs import kv
-from node.pipeline.infer import models_problem
+from node.pipeline.infer import clear_model_cache, models_problem
 from node.pipeline.worker import start_workers
 from node.receive.assembler import Assembler
 from node.receive.reconcile import reconcile
@@ -93,6 +93,9 @@ class WorkerPool:
             log.info(kv("workers_disabled", reason="workers.count is 0"))
             return
         problem = models_problem(self.config.inference)
+        # The check built a session per model in this process, which never analyses (the workers are spawned
+        # and load their own): free them, and on a GPU their device memory.
+        clear_model_cache()
         if problem:
             log.error(kv("analysis_disabled", reason=problem,
                          effect="images are received and series assembled; jobs wait in the queue",
