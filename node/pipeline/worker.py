@@ -33,6 +33,7 @@ from node.pipeline.infer import get_model
 from node.pipeline.runner import Analysis, analyse_series
 from node.pipeline.select import SeriesHeader, Verdict, check, choose
 from node.pipeline.volume import QAFlag
+from node.receive.inspect import ANALYSABLE_SOP_CLASSES
 from node.send.outbox import enqueue_results
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,21 @@ def results_dir(config: Config, job_id: int) -> Path:
 
 
 def _series_header(paths: list[Path]) -> SeriesHeader:
-    """Selection facts of the series, from its first image (slice count from the file count)."""
+    """Selection facts of the series, from its first CT image (slice count from the file count).
+
+    A stray image of another kind in a CT series must not decide its selection: the analysis refuses the mix
+    (``mixed_modalities``) with its reason.
+    """
     if not paths:
         raise LungnodeError("the series has no instances left in the spool")
-    return SeriesHeader.from_dataset(pydicom.dcmread(paths[0], stop_before_pixels=True), slice_count=len(paths))
+    first = None
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if first is None:
+            first = ds
+        if str(ds.get("SOPClassUID", "")) in ANALYSABLE_SOP_CLASSES:
+            return SeriesHeader.from_dataset(ds, slice_count=len(paths))
+    return SeriesHeader.from_dataset(first, slice_count=len(paths))
 
 
 def _sibling_series_files(sessions: sessionmaker[Session], series_id: int) -> list[list[Path]]:

@@ -30,6 +30,7 @@ from node.db.models import (
     utcnow,
 )
 from node.logs import kv
+from node.receive.inspect import ANALYSABLE_SOP_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,12 @@ class Assembler:
                 return self._close_empty_revision(s, series)
             series.state = SeriesState.complete
             series.completed_at = utcnow()
+            if series.origin == SeriesOrigin.other and s.scalar(select(exists().where(
+                    Instance.series_id == series.id, Instance.sop_class_uid.in_(ANALYSABLE_SOP_CLASSES)))):
+                # The first instance (which set the origin) was not a CT image, but CT images came too: the
+                # analysis decides, and refuses a mixed series with its reason, instead of it going unanalysed.
+                series.origin = SeriesOrigin.modality
+                series.note = "holds CT images although its first instance was not one"
             job_id: int | None = None
             if series.origin == SeriesOrigin.modality:
                 job = Job(series_id=series.id, revision=series.revision, state=JobState.queued)

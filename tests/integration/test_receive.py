@@ -399,6 +399,20 @@ def test_non_ct_storage_class_is_stored_without_a_job(node: NodeProcess, tmp_pat
     assert node.status()["counts"]["jobs"] == {}
 
 
+def test_a_ct_series_whose_first_instance_is_not_ct_still_gets_a_job(node: NodeProcess, tmp_path: Path) -> None:
+    """The first instance sets a series' origin; CT images after a stray MR image must not leave the series
+    unanalysed and silent. It gets its job, whose analysis refuses the mix with the reason."""
+    series = make_series(tmp_path / "ct", slices=3, matrix=32)
+    mr = write_mr_image(tmp_path / "mr" / "mr.dcm")
+    stray = _rewritten(mr.files[0], tmp_path / "stray.dcm", SeriesInstanceUID=series.series_uid,
+                       StudyInstanceUID=series.study_uid,
+                       PatientID=str(pydicom.dcmread(series.files[0]).get("PatientID", "")))
+    assert [s.status for s in send_files(node.port, [stray, *series.files])] == [SUCCESS] * 4
+    row = node.wait_complete(series.series_uid)
+    assert row["origin"] == "modality"
+    assert [j["state"] for j in node.jobs(series.series_uid)] == ["queued"]
+
+
 # -- out of disk -------------------------------------------------------------------------------------------
 def test_out_of_disk_answers_a700_and_records_nothing(node_factory: NodeFactory, tmp_path: Path) -> None:
     node = node_factory(settings={"storage": {"min_free_disk_mb": 10**9}})

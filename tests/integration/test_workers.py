@@ -396,3 +396,16 @@ def test_two_workers_never_run_the_same_job(tmp_path: Path, ledgers: Callable[..
         assert led.result(jobs[s.series_uid])["series_instance_uid"] == s.series_uid
     assert a.stop() == 0 and b.stop() == 0
     assert "job_result_dropped" not in a.log + b.log
+
+
+def test_selection_reads_a_ct_image_of_a_series_with_a_stray_image(tmp_path: Path) -> None:
+    """A stray MR image filed first in a CT series must not make selection call the series MR: the analysis is
+    what refuses the mix, with its reason (mixed_modalities) and an SR."""
+    from node.pipeline.worker import _series_header
+    from tests.helpers.series import make_series, write_mr_image
+
+    series = make_series(tmp_path / "ct", slices=2, matrix=32)
+    mr = write_mr_image(tmp_path / "mr" / "mr.dcm").files[0]
+    header = _series_header([mr, *series.files])
+    assert (header.modality, header.series_instance_uid, header.slice_count) == ("CT", series.series_uid, 3)
+    assert _series_header([mr]).modality == "MR"
