@@ -23,7 +23,7 @@ from node.db.ingest import IngestLedger
 from node.db.session import make_sessionmaker, open_database
 from node.errors import LungnodeError
 from node.logs import kv
-from node.pipeline.infer import clear_model_cache, models_problem
+from node.pipeline.infer import choose_providers, clear_model_cache, models_problem
 from node.pipeline.worker import start_workers
 from node.receive.assembler import Assembler
 from node.receive.reconcile import reconcile
@@ -128,8 +128,6 @@ def verify_command(config_path: Path | None) -> str:
 
 def check_device(config: Config) -> None:
     """Refuse to start when ``inference.device`` names a GPU that cannot be used (auto and cpu never refuse)."""
-    from node.pipeline.infer import choose_providers
-
     if config.workers.count > 0 and config.inference.device not in ("auto", "cpu"):
         choose_providers(config.inference.device)
 

@@ -73,14 +73,16 @@ def cmd_retry(args: argparse.Namespace) -> int:
     setup_logging("WARNING")
     engine = open_database(cfg.storage.database_url, must_exist=True)
     sessions = make_sessionmaker(engine)
-    if args.job is not None:
-        with sessions() as s:
-            if s.get(Job, args.job) is None:
-                engine.dispose()
-                print(f"lungnode retry: there is no job {args.job} (lungnode status lists the jobs)", file=sys.stderr)
-                return 2
-    requeued = requeue_failed(sessions, job_id=args.job)
-    engine.dispose()
+    try:
+        if args.job is not None:
+            with sessions() as s:
+                if s.get(Job, args.job) is None:
+                    print(f"lungnode retry: there is no job {args.job} (lungnode status lists the jobs)",
+                          file=sys.stderr)
+                    return 2
+        requeued = requeue_failed(sessions, job_id=args.job)
+    finally:
+        engine.dispose()
     scope = f"job {args.job}" if args.job is not None else "all jobs"
     if not requeued:
         print(f"no failed sends for {scope}: nothing requeued")

@@ -39,13 +39,14 @@ class ReconcileReport:
     adopted: int
     unreadable: int
     rows_without_file: int
+    duplicates: int = 0  # files of an instance the ledger holds at another path: quarantined
 
 
 def reconcile(spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session]) -> ReconcileReport:
     discarded = spool.discard_incoming()
     aborted = ledger.abort_open_associations()
     known = ledger.known_paths()
-    adopted = unreadable = 0
+    adopted = unreadable = duplicates = 0
     for path in spool.committed_files():
         if str(path) in known:
             continue
@@ -64,13 +65,13 @@ def reconcile(spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session
         if recorded.outcome == Outcome.duplicate:  # the ledger holds this instance at another path
             moved = spool.quarantine(path)
             log.warning(kv("reconcile_duplicate", path=path, moved_to=moved, held_at=recorded.existing_path))
-            unreadable += 1
+            duplicates += 1
             continue
         adopted += 1
     missing = _drop_rows_without_file(sessions)
-    report = ReconcileReport(discarded, aborted, adopted, unreadable, missing)
+    report = ReconcileReport(discarded, aborted, adopted, unreadable, missing, duplicates)
     log.info(kv("reconcile_done", discarded_partial=discarded, aborted_associations=aborted, adopted=adopted,
-                unreadable=unreadable, rows_without_file=missing))
+                unreadable=unreadable, duplicates=duplicates, rows_without_file=missing))
     return report
 
 

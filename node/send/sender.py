@@ -221,7 +221,7 @@ class Sender:
         stats["failed" if state == SendState.failed else "retry"] += 1
         log.log(logging.ERROR if state == SendState.failed else logging.WARNING,
                 kv("send_failed" if state == SendState.failed else "send_retry", destination=dest.name,
-                       job=item.job_id, kind=item.kind, sop=item.sop_instance_uid, attempt=item.attempt,
+                   job=item.job_id, kind=item.kind, sop=item.sop_instance_uid, attempt=item.attempt,
                    status=None if outcome.status is None else f"0x{outcome.status:04X}", reason=outcome.error))
 
     def _on_commitment(self, items: Sequence[Claimed], transaction_uid: str | None, error: str | None) -> None:
