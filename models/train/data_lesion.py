@@ -254,6 +254,49 @@ def random_crop(x: np.ndarray, y: np.ndarray, size: int, rng: np.random.Generato
     return x[y0:y0 + size, x0:x0 + size], y[y0:y0 + size, x0:x0 + size]
 
 
+LUNG_X = float(window(np.float32(-400.0), *LUNG_WINDOW))  # -400 HU on the model's [0, 1] scale
+
+
+def lung_region(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Where a lesion may sit in a windowed MedSeg slice: pixels below -400 HU, closed over vessels, plus the
+    slice's own lesions. A coarse mask, only for placing pasted lesions.
+
+    No outside-air step: the MedSeg crops are cut so close that the lungs touch the image border on most
+    slices, and a border flood fill removed whole lungs."""
+    air = sitk.GetImageFromArray((x < LUNG_X).astype(np.uint8))
+    lung = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(air, [3, 3])).astype(bool)
+    return lung | (y > 0)
+
+
+def paste_lesions(x: np.ndarray, y: np.ndarray, xb: np.ndarray, yb: np.ndarray, rng: np.random.Generator,
+                  inside: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+    """Copy the lesions of another real slice (``xb``, ``yb``, same size) into this one (lesion copy-paste).
+
+    Why: 50 real slices hold few lesion shapes, positions and backgrounds; pasting real lesions (pixels and
+    labels) into the lungs of other real slices makes new combinations without inventing texture. The source
+    is flipped at random; a lesion component is pasted only if at least ``inside`` of it falls in this
+    slice's lung region, and only there; its edge is feathered over about a pixel.
+    """
+    if rng.random() < 0.5:
+        xb, yb = xb[::-1], yb[::-1]
+    if rng.random() < 0.5:
+        xb, yb = xb[:, ::-1], yb[:, ::-1]
+    region = lung_region(x, y)
+    comp = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((yb > 0).astype(np.uint8))))
+    keep = np.zeros(y.shape, dtype=bool)
+    for c in range(1, int(comp.max()) + 1):
+        m = comp == c
+        if (m & region).sum() >= inside * m.sum():
+            keep |= m & region
+    if not keep.any():
+        return x, y
+    soft = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(keep.astype(np.float32)), 1.0))
+    alpha = np.where(keep, 1.0, np.where(soft < 0.02, 0.0, np.clip(2.0 * soft, 0.0, 1.0))).astype(np.float32)
+    x = (x * (1.0 - alpha) + xb * alpha).astype(np.float32)
+    y = np.where(keep, yb, y).astype(y.dtype)
+    return x, y
+
+
 def _kernel(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Reconstruction-kernel look: Gaussian blur (smooth) or unsharp masking (sharp), or unchanged."""
     r = rng.random()
@@ -285,6 +328,7 @@ def augment_lesion(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, crop:
 
 
 __all__ = ["CACHE", "GrayMap", "MEDSEG_TEST", "MEDSEG_TRAIN", "MedsegItem", "augment_lesion", "calibrate",
-           "dihedral", "epoch_indices", "medseg_input", "medseg_samples", "normal_slices", "phantom_lung_slices",
+           "dihedral", "epoch_indices", "lung_region", "medseg_input", "medseg_samples", "normal_slices",
+           "paste_lesions", "phantom_lung_slices",
            "phantom_samples", "phantom_spec_args", "phantom_volume", "random_crop", "read_medseg", "read_medseg_train",
            "training_phantom_seeds"]

@@ -43,6 +43,7 @@ from models.train.data_lesion import (
     epoch_indices,
     medseg_samples,
     normal_slices,
+    paste_lesions,
     phantom_lung_slices,
     phantom_samples,
     read_medseg_train,
@@ -100,10 +101,24 @@ def torch_runner(model: UNet2D):
     return lambda x: predict(model, x[:, 0])
 
 
+def _sample(phantom: SliceSet, med: SliceSet, source: str, k: int, paste: float, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Training pair ``k`` of MedSeg (``source`` "m") or the phantoms; with probability ``paste`` a MedSeg
+    slice gets the lesions of another MedSeg training slice pasted in. At ``paste`` 0 no random number is
+    drawn here, so earlier recipes repeat bit for bit."""
+    if source != "m":
+        return phantom.x[k], phantom.y[k]
+    if paste and len(med) > 1 and rng.random() < paste:
+        j = int(rng.integers(len(med) - 1))
+        j += j >= k
+        return paste_lesions(med.x[k], med.y[k], med.x[j], med.y[j], rng)
+    return med.x[k], med.y[k]
+
+
 def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: int, base: int, batch: int,
         lr: float, reps: int, n_ph: int, crop: int = 0, depth: int = 3, init: Path | None = None,
-        device: str = "cpu", normal_share: float = 0.0, dice: str = "batch", log=print, fold_eval=None
-        ) -> tuple[UNet2D, list[dict[str, Any]]]:
+        device: str = "cpu", normal_share: float = 0.0, dice: str = "batch", paste: float = 0.0, log=print,
+        fold_eval=None) -> tuple[UNet2D, list[dict[str, Any]]]:
     """Train a U-Net (fresh, or from the ``init`` weights); per epoch log loss, held-out phantom Dice, fold metric.
 
     Augmentation runs on the CPU; only the network's steps go to ``device``. The model comes back on the CPU.
@@ -126,8 +141,7 @@ def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: i
         order = epoch_indices(phantom, len(med), reps, n_ph, rng, normal, normal_share)
         total, n = 0.0, 0
         for i in range(0, len(order), batch):
-            pairs = [augment_lesion((med if s == "m" else phantom).x[k], (med if s == "m" else phantom).y[k], rng,
-                                    crop) for s, k in order[i:i + batch]]
+            pairs = [augment_lesion(*_sample(phantom, med, s, k, paste, rng), rng, crop) for s, k in order[i:i + batch]]
             xb = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None]).to(device)
             yb = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)).to(device)
             loss = loss_fn(model.logits(xb), yb, dice)
@@ -177,7 +191,8 @@ def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, va
         model, _ = fit(phantom, med, val, log=log, epochs=cfg["epochs"], seed=cfg["seed"], base=cfg["base"],
                        batch=cfg["batch"], lr=cfg["lr"], reps=cfg["reps"], n_ph=cfg["n_ph"], crop=cfg["crop"],
                        depth=cfg["depth"], init=cfg["init"], device=cfg["device"], normal_share=cfg["normal_share"],
-                       dice=cfg["dice"], fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
+                       dice=cfg["dice"], paste=cfg["paste"],
+                       fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
         if keep is not None:
             export_onnx(model, keep / f"fold{f + 1}.onnx", size)
             (keep / f"fold{f + 1}.json").write_text(json.dumps({"held_out": [it.name for it in test_items]}),
@@ -264,7 +279,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
           base: int = 8, batch: int = 16, lr: float = 3e-3, reps: int = 6, n_ph: int = 240, crop: int = 96,
           medseg: bool = True, cv: int = 0, fold: int = 0, depth: int = 3, slices: int | None = None,
           matrix: int | None = None, init: Path | None = None, device: str = "cpu", keep_folds: bool = False,
-          normal_share: float = 0.0, dice: str = "batch", log=print) -> dict[str, Any]:
+          normal_share: float = 0.0, dice: str = "batch", paste: float = 0.0, log=print) -> dict[str, Any]:
     """Cross-validate (``cv`` > 0) or train, export and describe the model in ``out``.
 
     ``slices`` / ``matrix`` fix the phantoms' size (small, fast test runs); by default each seed draws them.
@@ -273,7 +288,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
     cfg = dict(epochs=epochs, seed=seed, phantoms=phantoms, val_phantoms=val_phantoms, size=size, base=base,
                batch=batch, lr=lr, reps=reps, n_ph=n_ph, crop=crop, medseg=medseg, cv=cv, fold=fold, depth=depth,
                slices=slices, matrix=matrix, init=None if init is None else str(init), device=device,
-               normal_share=normal_share, dice=dice)
+               normal_share=normal_share, dice=dice, paste=paste)
     t0 = time.perf_counter()
     items, gmap, phantom, val = load_data(cfg, log)
     log(f"data: {len(phantom)} phantom slices ({phantoms} phantoms), {len(items)} MedSeg slices, "
@@ -289,7 +304,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
                                                                      np.zeros((0, size, size), np.uint8), [])
     model, history = fit(phantom, med, val, epochs=epochs, seed=seed, base=base, batch=batch, lr=lr, reps=reps,
                          n_ph=n_ph, crop=crop, depth=depth, init=init, device=device, normal_share=normal_share,
-                         dice=dice, log=log)
+                         dice=dice, paste=paste, log=log)
     onnx_path = out / "model.onnx"
     export_onnx(model, onnx_path, size)
     err = parity(model, onnx_path, val.x[:16])
@@ -307,6 +322,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
         "pretraining": pretraining_summary(init),
         "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "medseg_reps_per_epoch": reps,
         "phantom_slices_per_epoch": n_ph, **({"normal_series_share": normal_share} if normal_share else {}),
+        **({"medseg_lesion_paste_p": paste} if paste else {}),
         "train_crop": crop, "base_channels": base, "depth": depth,
         "parameters": n_params(model), "device": device,
         "loss": f"cross-entropy + soft Dice (GGO, consolidation, infection), {DICE_MODES[dice]}",
@@ -348,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of each epoch's phantom slices drawn from lesion-free (normal) series (0: none set apart)")
     ap.add_argument("--dice", choices=list(DICE_MODES), default="batch",
                     help="soft Dice pooled over the batch, per training sample, or per sample that has the class")
+    ap.add_argument("--paste", type=float, default=0.0,
+                    help="probability that a MedSeg training slice gets the lesions of another one pasted in (0: off)")
     ap.add_argument("--keep-fold-models", action="store_true",
                     help="with --cv: write each fold's network to --out as fold<i>.onnx (out-of-fold tuning)")
     a = ap.parse_args(argv)
@@ -361,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     train(a.out, epochs=a.epochs, seed=a.seed, phantoms=a.phantoms, val_phantoms=a.val_phantoms, size=a.size,
           base=a.base, batch=a.batch, lr=a.lr, reps=a.medseg_reps, n_ph=a.phantom_slices, crop=a.crop, medseg=not a.no_medseg,
           cv=a.cv, fold=a.fold, depth=a.depth, init=a.init, device=a.device, keep_folds=a.keep_fold_models,
-          normal_share=a.normal_share, dice=a.dice,
+          normal_share=a.normal_share, dice=a.dice, paste=a.paste,
           log=lambda s: print(s, flush=True))
     return 0
 

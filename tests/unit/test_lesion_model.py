@@ -240,6 +240,34 @@ def test_epoch_draws_a_share_of_phantom_slices_from_normal_series() -> None:
     assert sum(k < 20 for k in picks) >= 25  # the rest: still half with lesions
 
 
+def test_pasted_lesions_land_only_in_the_lung_with_their_labels() -> None:
+    from models.train.data_lesion import LUNG_X, paste_lesions
+
+    size = 48
+    x = np.full((size, size), 0.8, np.float32)  # soft tissue
+    x[8:40, 4:20] = x[8:40, 28:44] = 0.2  # two aerated lungs
+    y = np.zeros((size, size), np.uint8)
+    xb, yb = x.copy(), y.copy()
+    xb[16:24, 30:38], yb[16:24, 30:38] = 0.45, 1  # ground glass inside a lung of the source...
+    xb[0:6, 22:26], yb[0:6, 22:26] = 0.9, 2  # ...and "consolidation" over the mediastinum: never pasted
+    pasted = 0
+    for seed in range(8):  # every flip of the source: the lungs are symmetric, the lesion moves between them
+        xp, yp = paste_lesions(x, y, xb, yb, np.random.default_rng(seed))
+        assert set(np.unique(yp).tolist()) <= {0, 1}
+        lung = x < LUNG_X
+        assert not (yp > 0)[~lung].any()  # labels only in the lung
+        near = np.zeros_like(lung)
+        for r, c in zip(*np.nonzero(yp)):
+            near[max(r - 4, 0):r + 5, max(c - 4, 0):c + 5] = True
+        assert np.array_equal(xp[~near], x[~near])  # pixels change only at the lesion and its feathered edge
+        if yp.any():
+            pasted += 1
+            assert yp.sum() == 64 and np.allclose(xp[yp == 1], 0.45)  # pixels and labels move together
+    assert pasted == 8
+    xs, ys = paste_lesions(x, y, x, y, np.random.default_rng(0))  # a source without lesions changes nothing
+    assert np.array_equal(xs, x) and np.array_equal(ys, y)
+
+
 def _background_but_a_found_large_lesion(torch: Any) -> Any:  # torch is imported only where it is installed
     """Logits for two 32 x 32 samples: background everywhere, except ground glass at [4:28, 4:28] in sample 0."""
     logits = torch.full((2, 3, 32, 32), -20.0)
