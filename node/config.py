@@ -348,14 +348,17 @@ class Config(Strict):
         return data
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The overrides as a tree, and which variable set each path (so an error can name the variable)."""
     tree: dict[str, Any] = {}
+    names: dict[tuple[str, ...], str] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         if len(path) == 1 and path[0] not in Config.model_fields:  # e.g. LUNGNODE_DESTINATIONS; others are not ours
             continue
+        names[tuple(path)] = name
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -368,7 +371,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
                 raise ConfigError(f"environment variable {name}: not a valid YAML list or mapping ({exc})") from exc
         else:  # scalars stay strings (an AE title "1234" or "NO"); the model converts numbers and booleans
             node[path[-1]] = raw
-    return tree
+    return tree, names
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -381,12 +384,14 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _format_error(exc: ValidationError, source: str) -> str:
+def _format_error(exc: ValidationError, source: str, env_names: dict[tuple[str, ...], str]) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = tuple(str(p) for p in err["loc"])
+        where = ".".join(loc) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"  {where}: {msg}")
+        var = next((env_names[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in env_names), None)
+        lines.append(f"  {where}: {msg}" + (f" (set by environment variable {var})" if var else ""))
     return "\n".join(lines)
 
 
@@ -397,11 +402,11 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     if path is not None:
         source = str(path)
         data = read_yaml_mapping(path, ConfigError, "config file")
-    env = _env_overrides(dict(os.environ if environ is None else environ))
+    env, env_names = _env_overrides(dict(os.environ if environ is None else environ))
     if env:
         data = _merge(data, env)
         source += " + environment"
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, source)) from exc
+        raise ConfigError(_format_error(exc, source, env_names)) from exc

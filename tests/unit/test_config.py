@@ -151,6 +151,17 @@ def test_bad_value_from_environment_is_named() -> None:
     assert "dicom.port:" in msg and "greater than or equal to 1" in msg
 
 
+def test_errors_name_the_environment_variable_that_set_the_bad_value(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "c.yaml", {"dicom": {"max_pdu_size": 100}})
+    msg = _error(path, {"LUNGNODE_DICOM__PORT": "abc", "LUNGNODE_ASSEMBLY__QUIET_PERIOD": "3",
+                        "LUNGNODE_DESTINATIONS": "[{name: pacs}]"})
+    lines = {ln.strip().split(":")[0]: ln for ln in msg.splitlines()[1:]}
+    assert lines["dicom.port"].endswith("(set by environment variable LUNGNODE_DICOM__PORT)")
+    assert lines["assembly.quiet_period"].endswith("(set by environment variable LUNGNODE_ASSEMBLY__QUIET_PERIOD)")
+    assert lines["destinations.0.host"].endswith("(set by environment variable LUNGNODE_DESTINATIONS)")
+    assert "environment variable" not in lines["dicom.max_pdu_size"]  # that one came from the file
+
+
 def test_every_bad_key_is_reported_at_once(tmp_path: Path) -> None:
     msg = _error(write_yaml(tmp_path / "c.yaml", {"dicom": {"port": 0, "colour": "red"}, "storage": {"fsync": "maybe"}}))
     assert "dicom.port:" in msg
