@@ -113,20 +113,26 @@ def _check_complete(ds: Dataset, path: Path) -> None:
     if str(ds.get("SOPClassUID", "")) in ANALYSABLE_SOP_CLASSES and "PixelData" not in ds:
         raise _truncated("a CT image without pixel data")
     if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_encapsulated:
-        rows, cols = _int(ds, "Rows") or 0, _int(ds, "Columns") or 0
-        bits = _int(ds, "BitsAllocated") or 0
-        samples = _int(ds, "SamplesPerPixel") or 1
-        frames = _int(ds, "NumberOfFrames") or 1
-        expected = rows * cols * samples * frames * bits // 8
-        got = len(ds.PixelData)
-        if got < expected:
-            raise InstanceRejected(STATUS_INCOMPLETE, f"pixel data truncated: {got} of {expected} bytes")
-        if expected and got > expected + expected % 2:  # one pad byte makes an odd length even
-            raise InstanceRejected(
-                STATUS_INCOMPLETE,
-                f"pixel data longer than Rows x Columns x SamplesPerPixel x NumberOfFrames x BitsAllocated "
-                f"says: {got} bytes for {expected}",
-            )
+        problem = _pixel_length_problem(len(ds.PixelData), _int(ds, "Rows"), _int(ds, "Columns"),
+                                        _int(ds, "SamplesPerPixel"), _int(ds, "NumberOfFrames"),
+                                        _int(ds, "BitsAllocated"))
+        if problem:
+            raise InstanceRejected(STATUS_INCOMPLETE, problem)
+
+
+def _pixel_length_problem(got: int, rows: int | None, cols: int | None, samples: int | None, frames: int | None,
+                          bits: int | None) -> str | None:
+    """Why native pixel data of ``got`` bytes does not fit the image header, or None when it does.
+
+    One pad byte may make an odd length even. Shared by the lean walk and pydicom's path, so both
+    accept and refuse the same files."""
+    expected = (rows or 0) * (cols or 0) * (samples or 1) * (frames or 1) * (bits or 0) // 8
+    if got < expected:
+        return f"pixel data truncated: {got} of {expected} bytes"
+    if expected and got > expected + expected % 2:
+        return (f"pixel data longer than Rows x Columns x SamplesPerPixel x NumberOfFrames x BitsAllocated "
+                f"says: {got} bytes for {expected}")
+    return None
 
 
 def inspect_instance(
@@ -170,10 +176,9 @@ def _walked_header(path: Path) -> InstanceHeader | None:
     elif encapsulated != (walked.pixel_data_length == -1):
         return None
     elif not encapsulated:
-        frames = _int_text(v.get("NumberOfFrames")) or 1
-        expected = (_as_int(v.get("Rows")) * _as_int(v.get("Columns")) * (_as_int(v.get("SamplesPerPixel")) or 1)
-                    * frames * _as_int(v.get("BitsAllocated")) // 8)
-        if not expected <= walked.pixel_data_length <= expected + expected % 2:
+        if _pixel_length_problem(walked.pixel_data_length, _as_int(v.get("Rows")), _as_int(v.get("Columns")),
+                                 _as_int(v.get("SamplesPerPixel")), _int_text(v.get("NumberOfFrames")),
+                                 _as_int(v.get("BitsAllocated"))):
             return None  # pydicom's path names what is wrong
     text = {k: val for k, val in v.items() if isinstance(val, str)}
     return InstanceHeader(
