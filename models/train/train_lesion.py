@@ -327,7 +327,8 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
         "parameters": n_params(model), "device": device,
         "loss": f"cross-entropy + soft Dice (GGO, consolidation, infection), {DICE_MODES[dice]}",
         "augmentation": "random crops (lesion-centred 60%), flips and 90-degree turns, scale +-15%, rotation +-15 deg, blur / unsharp masking, "
-                        "gain/offset, white and correlated noise",
+                        "gain/offset, white and correlated noise"
+                        + (f"; MedSeg lesions pasted into other MedSeg slices (p {paste})" if paste else ""),
         "torch": str(torch.__version__), "seconds": round(time.perf_counter() - t0, 1), "history": history,
     }
     metrics = {"val_phantom_grid_dice": {k.removeprefix("val_phantom_"): v for k, v in history[-1].items()
