@@ -39,7 +39,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from node.tls import check_tls
+
     cfg = load_config(args.file)
+    check_tls(cfg)
     print(f"{args.file}: valid")
     if args.show:
         print(json.dumps(cfg.redacted(), indent=2, sort_keys=True))

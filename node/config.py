@@ -57,6 +57,32 @@ class AllowedCaller(Strict):
     host: str | None = Field(default=None, description="IP address the caller must come from; any when unset")
 
 
+def _existing_file(path: Path | None) -> Path | None:
+    if path is not None and not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return path
+
+
+PemFile = Annotated[Path, AfterValidator(_existing_file)]
+
+
+class TlsSettings(Strict):
+    """DICOM over TLS on the node's listeners (images in, storage commitment reports): TLS 1.2 or later."""
+
+    enabled: bool = Field(default=False, description="listen with TLS only (dicom.port and sending.commitment_port)")
+    certificate: PemFile | None = Field(default=None, description="PEM certificate (chain) the node presents")
+    private_key: PemFile | None = Field(default=None, description="PEM private key of that certificate, unencrypted")
+    ca_certificates: PemFile | None = Field(
+        default=None, description="PEM CA bundle; when set, callers must present a certificate signed by one of these"
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("enabled: true needs certificate and private_key")
+        return self
+
+
 class DicomSettings(Strict):
     ae_title: AETitle = "LUNGNODE"
     bind_address: str = "0.0.0.0"
@@ -78,6 +104,7 @@ class DicomSettings(Strict):
     fast_receive: bool = Field(
         default=True, description="use the tuned pynetdicom receive path (node/receive/tuning.py)"
     )
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("max_pdu_size")
     @classmethod
@@ -212,6 +239,21 @@ OutputKind = Literal["seg", "sr", "key_image"]
 _ALL_KINDS: tuple[OutputKind, ...] = ("seg", "sr", "key_image")
 
 
+class DestinationTls(Strict):
+    """DICOM over TLS to one destination: whom to trust, and our certificate if it asks for one."""
+
+    ca_certificates: PemFile = Field(description="PEM CA bundle that signed the destination's certificate")
+    certificate: PemFile | None = Field(default=None, description="PEM certificate we present, if the destination asks")
+    private_key: PemFile | None = Field(default=None, description="PEM private key of that certificate, unencrypted")
+    check_hostname: bool = Field(default=True, description="the destination's certificate must name its host")
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTls:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+
 class Destination(Strict):
     """A DICOM node results are sent to (used by the sender)."""
 
@@ -229,6 +271,7 @@ class Destination(Strict):
     calling_ae_title: AETitle | None = Field(
         default=None, description="AE title we call from; default dicom.ae_title"
     )
+    tls: DestinationTls | None = Field(default=None, description="send over TLS (DICOM TLS port, often 2762)")
 
 
 class SendingSettings(Strict):

@@ -55,6 +55,7 @@ from node.receive.inspect import (
     inspect_instance,
 )
 from node.receive.spool import Spool
+from node.tls import listener_tls, peer_certificate_subject
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ class StorageSCP:
         ae = self._make_ae()
         address = (self.settings.bind_address, self.settings.port)
         try:
-            server = ae.start_server(address, block=False, evt_handlers=handlers)
+            server = ae.start_server(address, block=False, evt_handlers=handlers,
+                                     ssl_context=listener_tls(self.settings, "dicom"))  # type: ignore[arg-type]
         except OSError as exc:
             raise LungnodeError(
                 f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}. Is another DICOM service using "
@@ -197,18 +199,28 @@ class StorageSCP:
         self._server = server
         port = int(server.server_address[1])
         log.info(kv("scp_listening", ae_title=self.settings.ae_title, address=self.settings.bind_address, port=port,
-                    allow_list=len(self._allowed) or "any"))
+                    allow_list=len(self._allowed) or "any", tls="on" if self.settings.tls.enabled else "off"))
         return port
 
     def stop(self) -> None:
         """Stop listening; associations still open are aborted (their unanswered instances were
         not acknowledged, so the sender keeps them and re-sends)."""
         if self._server is not None:
+            waits: dict[PnAssociation, float] = {}
             for assoc in list(self._server.active_associations):
-                log.warning(kv("association_aborted_at_stop", assoc=getattr(assoc, _ASSOC_ID, None)))
-                assoc.abort()
-            for assoc in list(self._server.active_associations):
-                assoc.join(timeout=10)
+                if assoc.is_established:
+                    log.warning(kv("association_aborted_at_stop", assoc=getattr(assoc, _ASSOC_ID, None)))
+                    waits[assoc] = 10.0
+                    assoc.abort()
+                elif assoc.dul.socket is not None:
+                    # Never negotiated (half a PDU, a TLS hello on the plain port): nothing is in flight, and
+                    # an abort would wait for a reader blocked on bytes that never come. Close the connection.
+                    log.warning(kv("connection_closed_at_stop", host=assoc.requestor.address,
+                                   reason="no association was negotiated on it"))
+                    waits[assoc] = 0.5
+                    assoc.dul.socket.close()
+            for assoc, wait_s in waits.items():
+                assoc.join(timeout=wait_s)
             self._server.shutdown()
             self._server = None
             self._io.shutdown(wait=True)
@@ -267,7 +279,8 @@ class StorageSCP:
             return
         setattr(assoc, _ASSOC_ID, assoc_id)
         setattr(assoc, _ASSOC_STATS, _AssocStats())
-        log.info(kv("association_accepted", assoc=assoc_id, calling_ae=calling, host=assoc.requestor.address))
+        log.info(kv("association_accepted", assoc=assoc_id, calling_ae=calling, host=assoc.requestor.address,
+                    tls_peer=peer_certificate_subject(assoc.dul.socket.socket if assoc.dul.socket else None)))
 
     def _close(self, event: evt.Event, state: AssociationState) -> None:
         assoc_id = getattr(event.assoc, _ASSOC_ID, None)

@@ -22,8 +22,10 @@ from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr
 from pynetdicom.status import code_to_category
 
 from node.config import Destination, SendingSettings
+from node.errors import LungnodeError
 from node.logs import kv
 from node.send.outbox import Claimed
+from node.tls import destination_tls, diagnose
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +138,19 @@ def store_batch(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.connect_timeout_s
     commitment = dest.storage_commitment and on_commitment is not None
     contexts = propose_contexts([*items, *commitment_items], commitment=commitment)
+    try:
+        tls = destination_tls(dest)
+    except LungnodeError as exc:
+        return str(exc)
     opened: list[bool] = []
-    assoc = ae.associate(dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title,
+    assoc = ae.associate(dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, tls_args=tls,
                          evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_CONN_OPEN, lambda _e: opened.append(True))])
     if not assoc.is_established:
+        if tls is not None and not assoc.is_rejected:
+            why = diagnose(tls[0], dest.host, dest.port, tls[1], settings.connect_timeout_s)
+            if why is not None:
+                return (f"no association with {dest.ae_title}@{dest.host}:{dest.port}: TLS failed ({why}); check "
+                        f"destinations[{dest.name}].tls and that the destination listens with TLS on that port")
         return _association_error(assoc, dest, connected=bool(opened))
     delivered: list[Claimed] = []
     try:

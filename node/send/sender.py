@@ -29,6 +29,7 @@ from node.errors import LungnodeError
 from node.logs import kv
 from node.send.outbox import Claimed, Outbox
 from node.send.scu import UNCOMPRESSED, StoreOutcome, store_batch
+from node.tls import LoggedServerContext, listener_tls
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,10 @@ log = logging.getLogger(__name__)
 class CommitmentListener:
     """Receives storage commitment reports (N-EVENT-REPORT) and records them in the outbox."""
 
-    def __init__(self, outbox: Outbox, *, bind_address: str, port: int, ae_title: str) -> None:
+    def __init__(self, outbox: Outbox, *, bind_address: str, port: int, ae_title: str,
+                 tls: LoggedServerContext | None = None) -> None:
         self.outbox = outbox
+        self.tls = tls
         self.address = (bind_address, port)
         self.ae_title = ae_title
         self._server: ThreadedAssociationServer | None = None
@@ -49,7 +52,7 @@ class CommitmentListener:
         # The PACS is the Storage Commitment SCP but the association requestor here: accept its SCP role.
         ae.add_supported_context(StorageCommitmentPushModel, UNCOMPRESSED, scu_role=True, scp_role=True)
         try:
-            server = ae.start_server(self.address, block=False,
+            server = ae.start_server(self.address, block=False, ssl_context=self.tls,  # type: ignore[arg-type]
                                      evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
         except OSError as exc:
             raise LungnodeError(
@@ -59,7 +62,7 @@ class CommitmentListener:
         assert server is not None
         self._server = server
         self.port = int(server.server_address[1])
-        log.info(kv("commitment_listening", port=self.port))
+        log.info(kv("commitment_listening", port=self.port, tls="on" if self.tls else "off"))
         return self.port
 
     def stop(self) -> None:
@@ -115,7 +118,8 @@ class Sender:
                            fix="add the destination back to `destinations`, or they are never sent"))
         if any(d.storage_commitment for d in self.destinations.values()):
             self.listener = CommitmentListener(self.outbox, bind_address=self.config.dicom.bind_address,
-                                               port=self.settings.commitment_port, ae_title=self.config.dicom.ae_title)
+                                               port=self.settings.commitment_port, ae_title=self.config.dicom.ae_title,
+                                               tls=listener_tls(self.config.dicom, "commitment"))
             self.listener.start()
             for d in self.destinations.values():
                 if d.storage_commitment:  # the one set-up step the PACS side needs; say it where IT looks

@@ -192,6 +192,21 @@ def test_a_request_without_sop_instance_uid_aborts_cleanly(node: NodeProcess, tm
     assert store_status(node.port, series.files[0]) == SUCCESS
 
 
+def test_a_connection_that_never_negotiated_does_not_hold_up_shutdown(node: NodeProcess) -> None:
+    """Half a PDU (here: the start of an A-ASSOCIATE-RQ announcing 64 kB, then silence) leaves an association
+    thread waiting out the ACSE timeout; SIGTERM must not wait for it (it did, 10 s per connection)."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", node.port)) as sock:
+        sock.sendall(bytes([0x01, 0x00, 0x00, 0x01, 0x00, 0x00]) + b"\x00" * 20)
+        time.sleep(0.5)  # the node has read what there is
+        t0 = time.monotonic()
+        assert node.stop() == 0
+        assert time.monotonic() - t0 < 5.0, node.log[-2000:]
+    assert "event=connection_closed_at_stop" in node.log and "event=node_stopped" in node.log
+
+
 def test_request_uids_differing_from_the_dataset_are_refused(node: NodeProcess, tmp_path: Path) -> None:
     """The C-STORE request (pynetdicom takes it from the file meta) names another instance or class."""
     series = make_series(tmp_path / "ct", slices=2, matrix=32)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -307,13 +308,26 @@ def test_every_setting_is_in_the_example_config() -> None:
     """The README promises that deploy/config.example.yaml documents every key: each setting of every section is
     there, set or commented out (destinations' keys are documented in its commented example)."""
     text = EXAMPLE.read_text(encoding="utf-8")
-    written = set(re.findall(r"^#?\s*#?\s*-?\s*([a-z_]+):", text, flags=re.MULTILINE))
-    missing = []
-    for section, field in Config.model_fields.items():
+    written = set(re.findall(r"^#?\s*#?\s*-?\s*([a-z_0-9]+):", text, flags=re.MULTILINE))
+    written |= set(re.findall(r"[{,]\s*([a-z_0-9]+):", text))  # flow style: {min: 0.5, max: 5.0}
+    for section in Config.model_fields:
         assert f"\n{section}:" in f"\n{text}" or section == "destinations", f"section {section} missing"
-        annotation = field.annotation
+
+    def models_in(annotation: object) -> list[type[BaseModel]]:  # X, X | None, list[X]
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            missing += [f"{section}.{key}" for key in annotation.model_fields if key not in written]
+            return [annotation]
+        return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+
+    def missing_in(model: type[BaseModel], prefix: str) -> list[str]:
+        out = []
+        for key, field in model.model_fields.items():
+            if prefix and key not in written:
+                out.append(f"{prefix}{key}")
+            for sub in models_in(field.annotation):
+                out += missing_in(sub, f"{prefix}{key}.")
+        return out
+
+    missing = missing_in(Config, "")
     assert missing == [], f"settings not in {EXAMPLE.name}: {missing}"
 
 

@@ -1,0 +1,57 @@
+"""A small test PKI made with the openssl command: a CA, server and client certificates it signed (for
+127.0.0.1), and a second CA with its own client certificate that the first CA's holders must not trust."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+LEAF_EXTENSIONS = ("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                   "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n")
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+    other_client_cert: Path
+    other_client_key: Path
+
+
+def have_openssl() -> bool:
+    return shutil.which("openssl") is not None
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+
+def _ca(folder: Path, name: str) -> tuple[Path, Path]:
+    key, crt = folder / f"{name}.key", folder / f"{name}.crt"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", crt, "-days", "2",
+             "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return crt, key
+
+
+def _leaf(folder: Path, name: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
+    key, csr, crt, ext = (folder / f"{name}{s}" for s in (".key", ".csr", ".crt", ".ext"))
+    ext.write_text(LEAF_EXTENSIONS, encoding="ascii")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
+    _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial", "-out", crt,
+             "-days", "2", "-extfile", ext)
+    return crt, key
+
+
+def make_pki(folder: Path) -> Pki:
+    folder.mkdir(parents=True, exist_ok=True)
+    ca, other = _ca(folder, "hospital-ca"), _ca(folder, "other-ca")
+    server, client, stranger = _leaf(folder, "node", ca), _leaf(folder, "pacs", ca), _leaf(folder, "stranger", other)
+    return Pki(ca=ca[0], server_cert=server[0], server_key=server[1], client_cert=client[0], client_key=client[1],
+               other_ca=other[0], other_client_cert=stranger[0], other_client_key=stranger[1])

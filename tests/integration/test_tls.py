@@ -1,0 +1,241 @@
+"""DICOM over TLS with real peers on 127.0.0.1: dcmtk's echoscu/storescu calling a ``lungnode serve``
+that listens with TLS, and the sender delivering to dcmtk's storescp with TLS. Certificates come from
+a throw-away CA made with the openssl command (tests/helpers/certs.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Config, Destination
+from node.db.models import SendState
+from node.send.outbox import enqueue_results
+from node.send.sender import Sender
+from node.tls import HANDSHAKE_TIMEOUT_S
+from tests.conftest import NodeFactory
+from tests.helpers.certs import Pki, have_openssl, make_pki
+from tests.helpers.dcmtk import dcmtk_path, have_dcmtk, run_dcmtk
+from tests.helpers.net import free_port
+from tests.helpers.node_proc import NodeProcess, run_cli
+from tests.helpers.outbox import make_job, write_results
+from tests.helpers.series import write_ct_series
+from tests.helpers.wait import wait_until
+from tests.integration.test_send import make_config, outbox_rows, wait_states
+
+pytestmark = pytest.mark.usefixtures("require_dcmtk")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    if not have_openssl():
+        pytest.skip("the openssl command is not installed (Debian package openssl)")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_settings(pki: Pki, *, client_certificates: bool = True) -> dict[str, Any]:
+    return {"dicom": {"tls": {"enabled": True, "certificate": str(pki.server_cert), "private_key": str(pki.server_key),
+                              "ca_certificates": str(pki.ca) if client_certificates else None}}}
+
+
+def tls_echo(port: int, cert: Path, key: Path, ca: Path) -> subprocess.CompletedProcess[str]:
+    return run_dcmtk("echoscu", "-aec", "LUNGNODE", "+tls", key, cert, "+cf", ca, "127.0.0.1", str(port), timeout=30)
+
+
+@pytest.fixture
+def tls_node(node_factory: NodeFactory, pki: Pki) -> NodeProcess:
+    return node_factory(settings=tls_settings(pki))
+
+
+def test_tls_caller_with_a_trusted_certificate_stores_images(tls_node: NodeProcess, pki: Pki, tmp_path: Path) -> None:
+    assert "event=scp_listening" in tls_node.log and "tls=on" in tls_node.log
+    echo = tls_echo(tls_node.port, pki.client_cert, pki.client_key, pki.ca)
+    assert echo.returncode == 0, echo.stderr
+    series = write_ct_series(tmp_path / "ct", slices=3, matrix=32)
+    sent = run_dcmtk("storescu", "-aec", "LUNGNODE", "+tls", pki.client_key, pki.client_cert, "+cf", pki.ca,
+                     "127.0.0.1", str(tls_node.port), *sorted((tmp_path / "ct").glob("*.dcm")))
+    assert sent.returncode == 0, sent.stderr
+    assert {r["sop_instance_uid"] for r in tls_node.instances(series.series_uid)} == set(series.sop_uids)
+    tls_node.wait_for_log(r'event=association_accepted .*tls_peer="CN=pacs"')
+
+
+def test_plain_and_untrusted_callers_are_dropped_and_logged(tls_node: NodeProcess, pki: Pki) -> None:
+    start = len(tls_node.log)
+    plain = run_dcmtk("echoscu", "-aec", "LUNGNODE", "127.0.0.1", str(tls_node.port), timeout=30)
+    assert plain.returncode != 0
+    tls_node.wait_for_log(r"event=tls_handshake_failed listener=dicom peer=127\.0\.0\.1 "
+                          r"reason=\"the caller did not speak TLS", start=start)
+    stranger = tls_echo(tls_node.port, pki.other_client_cert, pki.other_client_key, pki.ca)
+    assert stranger.returncode != 0
+    tls_node.wait_for_log(r"event=tls_handshake_failed .*reason=\"certificate verify failed\"", start=start)
+    wrong_trust = tls_echo(tls_node.port, pki.client_cert, pki.client_key, pki.other_ca)  # caller distrusts us
+    assert wrong_trust.returncode != 0
+    assert "association_accepted" not in tls_node.log[start:]
+    assert tls_node.count("associations") == 0
+    ok = tls_echo(tls_node.port, pki.client_cert, pki.client_key, pki.ca)  # the listener is still there
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_caller_that_never_shakes_hands_is_dropped_after_the_timeout(tls_node: NodeProcess, pki: Pki) -> None:
+    silent = socket.create_connection(("127.0.0.1", tls_node.port))
+    try:
+        t0 = time.monotonic()
+        ok = tls_echo(tls_node.port, pki.client_cert, pki.client_key, pki.ca)  # waits behind the silent one
+        assert ok.returncode == 0, ok.stderr
+        assert time.monotonic() - t0 < HANDSHAKE_TIMEOUT_S + 10
+        silent.settimeout(HANDSHAKE_TIMEOUT_S + 10)
+        assert silent.recv(1) == b""  # closed by the node, not left open
+    finally:
+        silent.close()
+    tls_node.wait_for_log(r"event=tls_handshake_failed .*reason=\"timed out\"")
+
+
+def test_without_a_ca_bundle_any_tls_caller_is_accepted(node_factory: NodeFactory, pki: Pki) -> None:
+    node = node_factory(settings=tls_settings(pki, client_certificates=False))
+    anonymous = run_dcmtk("echoscu", "-aec", "LUNGNODE", "+tla", "+cf", pki.ca, "127.0.0.1", str(node.port), timeout=30)
+    assert anonymous.returncode == 0, anonymous.stderr
+    node.wait_for_log(r"event=association_accepted .*tls_peer=\"?no certificate")
+
+
+# -- configuration -----------------------------------------------------------------------------------
+def test_check_config_loads_the_certificates(tmp_path: Path, pki: Pki) -> None:
+    import yaml
+
+    def check(settings: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(settings), encoding="utf-8")
+        return run_cli("check-config", path)
+
+    assert check(tls_settings(pki)).returncode == 0
+    mismatched = tls_settings(pki)
+    mismatched["dicom"]["tls"]["private_key"] = str(pki.client_key)  # not the certificate's key
+    bad = check(mismatched)
+    assert bad.returncode == 2 and "dicom.tls: cannot load certificate" in bad.stderr, bad.stderr
+    missing = tls_settings(pki)
+    missing["dicom"]["tls"]["certificate"] = str(tmp_path / "nope.crt")
+    bad = check(missing)
+    assert bad.returncode == 2 and "dicom.tls.certificate: Value error, no such file" in bad.stderr, bad.stderr
+    incomplete = {"dicom": {"tls": {"enabled": True}}}
+    bad = check(incomplete)
+    assert bad.returncode == 2 and "enabled: true needs certificate and private_key" in bad.stderr, bad.stderr
+    not_a_ca = {"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 2762,
+                                  "tls": {"ca_certificates": str(pki.server_key)}}]}
+    bad = check(not_a_ca)
+    assert bad.returncode == 2 and "destinations[pacs].tls.ca_certificates: cannot load CA" in bad.stderr, bad.stderr
+
+
+# -- sending -----------------------------------------------------------------------------------------
+@pytest.fixture
+def tls_storescp(tmp_path: Path, pki: Pki) -> Iterator[tuple[int, Path]]:
+    """dcmtk's storescp with TLS, requiring (its default) a client certificate the hospital CA signed."""
+    if not have_dcmtk("storescp"):
+        pytest.skip("dcmtk's storescp (/usr/bin/storescp) is not installed")
+    port, out = free_port(), tmp_path / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen([str(dcmtk_path("storescp")), "-aet", "STORESCP", "+tls", str(pki.server_key),
+                             str(pki.server_cert), "+cf", str(pki.ca), "-od", str(out), str(port)],
+                            env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _listening(port), timeout=10, what="storescp listening")
+        yield port, out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def sender_factory(sessions: sessionmaker[Session]) -> Iterator[Any]:
+    senders: list[Sender] = []
+
+    def make(dest: Destination) -> Sender:
+        sender = Sender(make_config(dest), sessions)
+        sender.start()
+        senders.append(sender)
+        return sender
+
+    yield make
+    for sender in senders:
+        sender.stop()
+
+
+def test_results_are_sent_over_tls(sessions: sessionmaker[Session], sender_factory: Any,
+                                   tls_storescp: tuple[int, Path], pki: Pki, tmp_path: Path) -> None:
+    port, out = tls_storescp
+    objects = write_results(tmp_path / "results")
+    dest = Destination.model_validate({
+        "name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": port,
+        "tls": {"ca_certificates": str(pki.ca), "certificate": str(pki.client_cert), "private_key": str(pki.client_key)}})
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
+    sender_factory(dest)
+    wait_states(sessions, SendState.sent, count=len(objects))
+    assert len(list(out.iterdir())) == len(objects)
+
+
+@pytest.mark.parametrize("problem", ["untrusted", "no client certificate", "plain port"])
+def test_a_tls_failure_is_recorded_with_its_reason_and_retried(
+    sessions: sessionmaker[Session], sender_factory: Any, tls_storescp: tuple[int, Path], pki: Pki, tmp_path: Path,
+    node_factory: NodeFactory, problem: str,
+) -> None:
+    port, out = tls_storescp
+    tls: dict[str, Any] = {"ca_certificates": str(pki.ca), "certificate": str(pki.client_cert),
+                           "private_key": str(pki.client_key)}
+    if problem == "untrusted":
+        tls["ca_certificates"] = str(pki.other_ca)
+        expect = "TLS failed (certificate verify failed)"
+    elif problem == "no client certificate":
+        del tls["certificate"], tls["private_key"]
+        expect = "TLS failed"
+    else:
+        port = node_factory().port  # a plain DICOM listener
+        expect = "TLS failed"
+    write_results(tmp_path / "results")
+    dest = Destination.model_validate({"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": port,
+                                       "tls": tls})
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
+    sender_factory(dest)
+
+    def retried() -> bool:
+        rows = outbox_rows(sessions)
+        return bool(rows) and all(r.attempts >= 2 and r.state != SendState.sent for r in rows)
+    wait_until(retried, timeout=30, what="two failed attempts")
+    errors = {r.last_error for r in outbox_rows(sessions)}
+    assert all(expect in (e or "") and "destinations[pacs].tls" in (e or "") for e in errors), errors
+    assert list(out.iterdir()) == []
+
+
+def test_storage_commitment_reports_are_received_over_tls_only(
+    sessions: sessionmaker[Session], pki: Pki, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The commitment listener takes dicom.tls too: a PACS reporting in plain DICOM is dropped."""
+    data = make_config(Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port(),
+                                   storage_commitment=True), commitment_port=0).model_dump(mode="json")
+    data["dicom"]["tls"] = tls_settings(pki)["dicom"]["tls"]
+    sender = Sender(Config.model_validate(data), sessions)
+    caplog.set_level("INFO")
+    sender.start()
+    try:
+        assert sender.listener is not None and sender.listener.port
+        port = sender.listener.port
+        plain = run_dcmtk("echoscu", "-aec", "LUNGNODE", "127.0.0.1", str(port), timeout=30)
+        wait_until(lambda: "event=tls_handshake_failed listener=commitment" in caplog.text, timeout=10,
+                   what="the plain caller logged")
+        secure = tls_echo(port, pki.client_cert, pki.client_key, pki.ca)
+    finally:
+        sender.stop()
+    assert plain.returncode != 0
+    assert "commitment_listening" in caplog.text and "tls=on" in caplog.text
+    # Past the handshake: the listener offers storage commitment only, so the echo itself is refused.
+    assert "No Acceptable Presentation Contexts" in secure.stderr + secure.stdout, secure.stderr
+    assert caplog.text.count("event=tls_handshake_failed") == 1
