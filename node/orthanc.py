@@ -75,10 +75,11 @@ class Modality:
     port: int
     host: str = "127.0.0.1"
     storage_commitment: bool = True
+    tls: bool = False  # Orthanc calls it with DICOM TLS (its DicomTls* options must be set)
 
     def entry(self) -> dict[str, Any]:
         return {"AET": self.ae_title, "Host": self.host, "Port": self.port,
-                "AllowStorageCommitment": self.storage_commitment}
+                "AllowStorageCommitment": self.storage_commitment, **({"UseDicomTls": True} if self.tls else {})}
 
 
 class OrthancServer:

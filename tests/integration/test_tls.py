@@ -25,6 +25,7 @@ from tests.helpers.certs import Pki, have_openssl, make_pki
 from tests.helpers.dcmtk import dcmtk_path, have_dcmtk, run_dcmtk
 from tests.helpers.net import free_port
 from tests.helpers.node_proc import NodeProcess, run_cli
+from tests.helpers.orthanc import Modality, OrthancFactory, orthanc_factory  # noqa: F401
 from tests.helpers.outbox import make_job, write_results
 from tests.helpers.series import write_ct_series
 from tests.helpers.wait import wait_until
@@ -239,3 +240,30 @@ def test_storage_commitment_reports_are_received_over_tls_only(
     # Past the handshake: the listener offers storage commitment only, so the echo itself is refused.
     assert "No Acceptable Presentation Contexts" in secure.stderr + secure.stdout, secure.stderr
     assert caplog.text.count("event=tls_handshake_failed") == 1
+
+
+# -- Orthanc as the PACS, both ways over TLS ---------------------------------------------------------
+def test_orthanc_routes_a_study_to_the_node_and_takes_results_back_over_tls(
+    node_factory: NodeFactory, orthanc_factory: OrthancFactory, sessions: sessionmaker[Session],  # noqa: F811
+    sender_factory: Any, pki: Pki, tmp_path: Path,
+) -> None:
+    node = node_factory(settings=tls_settings(pki))
+    pacs = orthanc_factory(
+        modalities={"lungnode": Modality("LUNGNODE", node.port, tls=True)},
+        extra_config={"DicomTlsEnabled": True, "DicomTlsCertificate": str(pki.client_cert),
+                      "DicomTlsPrivateKey": str(pki.client_key), "DicomTlsTrustedCertificates": str(pki.ca),
+                      "DicomTlsRemoteCertificateRequired": True})
+    series = write_ct_series(tmp_path / "ct", slices=3, matrix=32)
+    study = {pacs.upload(f)["ParentStudy"] for f in sorted((tmp_path / "ct").glob("*.dcm"))}
+    pacs.push("lungnode", sorted(study))  # Orthanc's own DICOM TLS client to the node's TLS listener
+    assert {r["sop_instance_uid"] for r in node.instances(series.series_uid)} == set(series.sop_uids)
+    node.wait_for_log(r'event=association_accepted .*tls_peer="CN=pacs"')
+
+    objects = write_results(tmp_path / "results")
+    dest = Destination.model_validate({
+        "name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port,
+        "tls": {"ca_certificates": str(pki.ca), "certificate": str(pki.server_cert), "private_key": str(pki.server_key)}})
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
+    sender_factory(dest)
+    wait_states(sessions, SendState.sent, count=len(objects))
+    assert all(pacs.find_instance(o.sop_instance_uid) for o in objects)
