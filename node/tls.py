@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,11 @@ from node.logs import kv
 log = logging.getLogger(__name__)
 
 PLAIN_PEER = "the caller did not speak TLS (plain DICOM to a TLS port?)"
-HANDSHAKE_TIMEOUT_S = 10.0  # pynetdicom shakes hands in its accept loop: a silent caller must not hold it up
+HANDSHAKE_TIMEOUT_S = 10.0
+EXPIRY_WARNING_DAYS = 30
+# OpenSSL's verify codes for a chain that ends at no trusted CA: self-signed leaf, self-signed root in
+# the chain, unknown issuer (of the leaf or of an intermediate).
+UNTRUSTED_ISSUER = frozenset({18, 19, 20, 2})  # pynetdicom shakes hands in its accept loop: a silent caller must not hold it up
 
 
 def _load_chain(ctx: ssl.SSLContext, certificate: Path, private_key: Path, where: str) -> None:
@@ -30,6 +36,25 @@ def _load_chain(ctx: ssl.SSLContext, certificate: Path, private_key: Path, where
     except (OSError, ssl.SSLError) as exc:
         raise LungnodeError(f"{where}: cannot load certificate {certificate} with key {private_key}: {_reason(exc)}. "
                             f"Both must be PEM files, the key unencrypted and matching the certificate.") from exc
+    _check_dates(certificate, where)
+
+
+def _check_dates(certificate: Path, where: str) -> None:
+    """Refuse a certificate outside its validity (every peer would refuse it); warn a month ahead."""
+    try:  # the standard library's only certificate parser; skipped where it is missing
+        fields = ssl._ssl._test_decode_cert(str(certificate))  # type: ignore[attr-defined]
+        not_before = ssl.cert_time_to_seconds(fields["notBefore"])
+        not_after = ssl.cert_time_to_seconds(fields["notAfter"])
+    except (AttributeError, KeyError, ValueError, OSError, ssl.SSLError):
+        return
+    now = time.time()
+    if now > not_after or now < not_before:
+        state = f"expired on {fields['notAfter']}" if now > not_after else f"not valid before {fields['notBefore']}"
+        raise LungnodeError(f"{where}: certificate {certificate} {state}; peers refuse it. Install a current one.")
+    days = (not_after - now) / 86400
+    if days < EXPIRY_WARNING_DAYS:
+        log.warning(kv("tls_certificate_expiring", setting=where, certificate=certificate, days_left=int(days),
+                       not_after=fields["notAfter"]))
 
 
 def _load_cas(ctx: ssl.SSLContext, bundle: Path, where: str) -> None:
@@ -41,12 +66,34 @@ def _load_cas(ctx: ssl.SSLContext, bundle: Path, where: str) -> None:
 
 
 def _reason(exc: BaseException) -> str:
+    """OpenSSL's reason in words, with the verifier's detail (expired, wrong host, unknown issuer)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        detail = exc.verify_message.rstrip(".")
+        if exc.verify_code in UNTRUSTED_ISSUER:
+            detail = f"not signed by a trusted CA ({detail})"
+        return f"certificate verify failed: {detail}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
         reason = str(exc.reason).replace("_", " ").lower()
         return PLAIN_PEER if reason in ("wrong version number", "http request") else reason
     if isinstance(exc, TimeoutError):
         return "timed out"
     return getattr(exc, "strerror", None) or str(exc)
+
+
+def _fix(exc: BaseException) -> str:
+    """What to change when a caller's handshake with one of our listeners failed."""
+    reason = _reason(exc)
+    if reason == PLAIN_PEER:
+        return "configure the caller for DICOM TLS, or turn dicom.tls off"
+    if reason == "timed out":
+        return f"the caller connected but did not start TLS within {HANDSHAKE_TIMEOUT_S:g} s"
+    if reason.startswith("certificate verify failed") or "did not return a certificate" in reason:
+        return "the caller needs a valid certificate signed by a CA in dicom.tls.ca_certificates"
+    if "alert" in reason and ("unknown ca" in reason or "bad certificate" in reason or "certificate unknown" in reason):
+        return "the caller does not trust our certificate (dicom.tls.certificate): give it the CA that signed it"
+    if "protocol" in reason or "cipher" in reason:
+        return "the caller must offer TLS 1.2 or later with current ciphers"
+    return "check the caller's TLS settings against dicom.tls"
 
 
 def peer_certificate_subject(sock: object) -> str | None:
@@ -85,46 +132,93 @@ def client_context(ca_certificates: Path, certificate: Path | None, private_key:
 
 
 class LoggedServerContext:
-    """Wraps a server context for pynetdicom: handshakes time out, and a failed one is logged and its
-    socket closed (pynetdicom would leave both to chance)."""
+    """A server context for pynetdicom that shakes hands in the connection's own thread.
+
+    pynetdicom wraps each accepted socket in its accept loop, where a handshake would make every
+    other caller wait behind a slow or silent one. Here wrapping does no I/O; ``handshake``, bound to
+    EVT_CONN_OPEN (run in the connection's thread before its association starts), does it with a time
+    limit, and a failed one is logged and its connection shut, so the association ends at once.
+    """
 
     def __init__(self, ctx: ssl.SSLContext, listener: str) -> None:
         self.ctx = ctx
         self.listener = listener
+        self._pending: set[ssl.SSLSocket] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
 
     def wrap_socket(self, sock: socket.socket, server_side: bool = True, **kwargs: Any) -> ssl.SSLSocket:
-        try:
-            peer = sock.getpeername()[0]
-        except OSError:
-            peer = "?"
+        return self.ctx.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+
+    def handshake(self, event: Any) -> None:
+        """EVT_CONN_OPEN handler: the TLS handshake, at most HANDSHAKE_TIMEOUT_S seconds."""
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket is not None else None
+        if not isinstance(sock, ssl.SSLSocket):
+            return
+        peer = str(event.address[0]) if event.address else "?"
         sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        with self._lock:
+            self._pending.add(sock)
         try:
-            wrapped = self.ctx.wrap_socket(sock, server_side=server_side, **kwargs)
+            sock.do_handshake()
         except (OSError, ssl.SSLError) as exc:
-            log.warning(kv("tls_handshake_failed", listener=self.listener, peer=peer, reason=_reason(exc),
-                           fix="the caller must use DICOM TLS with a certificate dicom.tls.ca_certificates trusts"))
-            sock.close()
-            raise
-        wrapped.settimeout(None)
-        return wrapped
+            if not self._stopping:
+                log.warning(kv("tls_handshake_failed", listener=self.listener, peer=peer, reason=_reason(exc),
+                               fix=_fix(exc)))
+            _shut(sock)
+            return
+        finally:
+            with self._lock:
+                self._pending.discard(sock)
+        sock.settimeout(None)
+
+    def stop(self) -> None:
+        """Cut the handshakes still running (the listener is stopping): their threads end at once."""
+        self._stopping = True
+        with self._lock:
+            pending = list(self._pending)
+        for sock in pending:
+            _shut(sock)
+
+    @property
+    def handlers(self) -> list[tuple[Any, Any]]:
+        """Event handlers a listener using this context must bind (first, before any other)."""
+        from pynetdicom import evt
+
+        return [(evt.EVT_CONN_OPEN, self.handshake)]
+
+
+def _shut(sock: socket.socket) -> None:
+    """Shut the connection's file descriptor down (the plain socket's shutdown: a handshake blocked in
+    another thread then reads end-of-file and fails, where SSLSocket.shutdown would race with it)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def diagnose(ctx: ssl.SSLContext, host: str, port: int, server_hostname: str | None, timeout_s: float) -> str | None:
-    """Why a TLS connection to ``host:port`` fails, or None when the handshake succeeds (pynetdicom
-    only logs the reason, so the sender asks again to put it in the job's record)."""
+    """Why TLS to ``host:port`` fails, or None when it is not TLS's fault (no TCP connection at all: the
+    usual "cannot connect" applies) or the handshake succeeds. pynetdicom only logs the reason, so the
+    sender asks again to put it in the object's record."""
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as raw:
-            with ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
-                # With TLS 1.3 the peer judges our certificate after the handshake: listen for its verdict.
-                tls.settimeout(min(timeout_s, 2.0))
-                try:
-                    if tls.recv(1) == b"":
-                        return "the destination closed the connection after the handshake (does it want our certificate?)"
-                except TimeoutError:
-                    pass
-                return None
+        raw = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError:
+        return None
+    try:
+        with ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
+            # With TLS 1.3 the peer judges our certificate after the handshake: listen for its verdict.
+            tls.settimeout(min(timeout_s, 2.0))
+            try:
+                if tls.recv(1) == b"":
+                    return "the destination closed the connection after the handshake (does it want our certificate?)"
+            except TimeoutError:
+                pass
+            return None
     except (OSError, ssl.SSLError) as exc:
         return _reason(exc)
+    finally:
+        raw.close()
 
 
 def listener_tls(settings: DicomSettings, listener: str) -> LoggedServerContext | None:

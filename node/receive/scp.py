@@ -55,7 +55,7 @@ from node.receive.inspect import (
     inspect_instance,
 )
 from node.receive.spool import Spool
-from node.tls import listener_tls, peer_certificate_subject
+from node.tls import LoggedServerContext, listener_tls, peer_certificate_subject
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class StorageSCP:
         self.ledger = ledger
         self.on_association_closed = on_association_closed or (lambda: None)
         self._server: ThreadedAssociationServer | None = None
+        self._tls: LoggedServerContext | None = None
         self._allowed = {(c.ae_title, c.host) for c in settings.allowed_callers}
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=settings.max_associations, thread_name_prefix="spool-io")
@@ -173,7 +174,9 @@ class StorageSCP:
         _config.LOG_HANDLER_LEVEL = "standard" if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG) else "none"
         if not (self.settings.fast_receive and tuning.install(self.spool.incoming)):
             tempfile.tempdir = str(self.spool.incoming)
+        tls = self._tls = listener_tls(self.settings, "dicom")
         handlers: list[Any] = [
+            *(tls.handlers if tls else []),  # the TLS handshake first, in the connection's own thread
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -189,7 +192,7 @@ class StorageSCP:
         address = (self.settings.bind_address, self.settings.port)
         try:
             server = ae.start_server(address, block=False, evt_handlers=handlers,
-                                     ssl_context=listener_tls(self.settings, "dicom"))  # type: ignore[arg-type]
+                                     ssl_context=tls)  # type: ignore[arg-type]
         except OSError as exc:
             raise LungnodeError(
                 f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}. Is another DICOM service using "
@@ -206,6 +209,8 @@ class StorageSCP:
         """Stop listening; associations still open are aborted (their unanswered instances were
         not acknowledged, so the sender keeps them and re-sends)."""
         if self._server is not None:
+            if self._tls is not None:
+                self._tls.stop()
             waits: dict[PnAssociation, float] = {}
             for assoc in list(self._server.active_associations):
                 if assoc.is_established:

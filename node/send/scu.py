@@ -135,7 +135,9 @@ def store_batch(
     schedules the retries). Objects not attempted because ``should_stop`` turned true get no outcome.
     """
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.connect_timeout_s
+    # connection_timeout bounds the TCP connect and, with TLS, the handshake (unbounded otherwise: a
+    # destination that accepts and stays silent would hold the sender, and every destination, forever).
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.connect_timeout_s
     commitment = dest.storage_commitment and on_commitment is not None
     contexts = propose_contexts([*items, *commitment_items], commitment=commitment)
     try:

@@ -53,7 +53,8 @@ class CommitmentListener:
         ae.add_supported_context(StorageCommitmentPushModel, UNCOMPRESSED, scu_role=True, scp_role=True)
         try:
             server = ae.start_server(self.address, block=False, ssl_context=self.tls,  # type: ignore[arg-type]
-                                     evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
+                                     evt_handlers=[*(self.tls.handlers if self.tls else []),
+                                                   (evt.EVT_N_EVENT_REPORT, self._on_report)])
         except OSError as exc:
             raise LungnodeError(
                 f"cannot listen for storage commitment reports on {self.address[0]}:{self.address[1]}: "
@@ -67,6 +68,8 @@ class CommitmentListener:
 
     def stop(self) -> None:
         if self._server is not None:
+            if self.tls is not None:
+                self.tls.stop()
             self._server.shutdown()
             self._server = None
 

@@ -8,8 +8,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-LEAF_EXTENSIONS = ("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+LEAF_EXTENSIONS = ("subjectAltName={names}\nbasicConstraints=CA:FALSE\n"
                    "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n")
+LOCAL_NAMES = "IP:127.0.0.1,DNS:localhost"
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class Pki:
     other_ca: Path
     other_client_cert: Path
     other_client_key: Path
+    elsewhere_cert: Path  # signed by the hospital CA for another host name (pacs.invalid), not 127.0.0.1
+    elsewhere_key: Path
 
 
 def have_openssl() -> bool:
@@ -34,18 +37,18 @@ def _openssl(*args: str | Path) -> None:
 
 def _ca(folder: Path, name: str) -> tuple[Path, Path]:
     key, crt = folder / f"{name}.key", folder / f"{name}.crt"
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", crt, "-days", "2",
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", crt, "-days", "90",
              "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     return crt, key
 
 
-def _leaf(folder: Path, name: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
+def _leaf(folder: Path, name: str, ca: tuple[Path, Path], names: str = LOCAL_NAMES) -> tuple[Path, Path]:
     key, csr, crt, ext = (folder / f"{name}{s}" for s in (".key", ".csr", ".crt", ".ext"))
-    ext.write_text(LEAF_EXTENSIONS, encoding="ascii")
+    ext.write_text(LEAF_EXTENSIONS.format(names=names), encoding="ascii")
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
     _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial", "-out", crt,
-             "-days", "2", "-extfile", ext)
+             "-days", "90", "-extfile", ext)
     return crt, key
 
 
@@ -53,5 +56,7 @@ def make_pki(folder: Path) -> Pki:
     folder.mkdir(parents=True, exist_ok=True)
     ca, other = _ca(folder, "hospital-ca"), _ca(folder, "other-ca")
     server, client, stranger = _leaf(folder, "node", ca), _leaf(folder, "pacs", ca), _leaf(folder, "stranger", other)
+    elsewhere = _leaf(folder, "elsewhere", ca, "DNS:pacs.invalid")
     return Pki(ca=ca[0], server_cert=server[0], server_key=server[1], client_cert=client[0], client_key=client[1],
-               other_ca=other[0], other_client_cert=stranger[0], other_client_key=stranger[1])
+               other_ca=other[0], other_client_cert=stranger[0], other_client_key=stranger[1],
+               elsewhere_cert=elsewhere[0], elsewhere_key=elsewhere[1])
