@@ -5,17 +5,21 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.config import Config
 from node.db.ingest import IngestLedger
 from node.db.session import make_engine, make_sessionmaker, upgrade_schema
 from tests.helpers.dcmtk import have_dcmtk
 from tests.helpers.net import free_port
 from tests.helpers.node_proc import REPO, NodeProcess
+
+if TYPE_CHECKING:
+    from node.send.sender import Sender
 
 SHARED_DATA = REPO.parent / "shared" / "data"  # ../shared/data next to the checkout
 LIDC_0001 = SHARED_DATA / "lidc-idri-0001-ct.tar.xz"
@@ -96,3 +100,20 @@ def lidc_0001(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with tarfile.open(LIDC_0001) as tar:
         tar.extractall(out, filter="data")
     return out
+
+
+@pytest.fixture
+def sender_factory(sessions: sessionmaker[Session]) -> Iterator[Callable[[Config], Sender]]:
+    """Start result senders on the test's ledger: ``sender_factory(config)``; all stopped at the end."""
+    from node.send.sender import Sender
+
+    senders: list[Sender] = []
+
+    def make(config: Config) -> Sender:
+        senders.append(Sender(config, sessions))
+        senders[-1].start()
+        return senders[-1]
+
+    yield make
+    for sender in senders:
+        sender.stop()

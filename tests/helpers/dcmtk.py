@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 DCMTK_BIN = Path("/usr/bin")
 
@@ -66,3 +71,30 @@ def dcmdump(path: str | Path) -> str:
 
 def which_dcmtk() -> str | None:
     return shutil.which(str(dcmtk_path("storescu")))
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextmanager
+def storescp_running(out: Path, *options: str | Path) -> Iterator[int]:
+    """dcmtk's storescp (AE title STORESCP) writing what it receives to ``out``, on a free 127.0.0.1 port
+    it yields; ``options`` before the port, e.g. ``+xi`` (Implicit VR only) or ``+tls KEY CERT +cf CA``."""
+    from tests.helpers.net import free_port
+    from tests.helpers.wait import wait_until
+
+    if not have_dcmtk("storescp"):
+        pytest.skip("dcmtk's storescp (/usr/bin/storescp) is not installed")
+    port = free_port()
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([str(dcmtk_path("storescp")), "-aet", "STORESCP", *map(str, options), "-od", str(out),
+                             str(port)], env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _listening(port), timeout=10, what="storescp listening")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -5,8 +5,6 @@ transfer syntax fallback, retries with backoff, refusal then operator retry, sto
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.config import Config, Destination
 from node.db.models import Event, OutboxItem, SendState
 from node.send.outbox import enqueue_results
-from node.send.sender import Sender
-from tests.helpers.dcmtk import dcmtk_path, have_dcmtk
+from tests.helpers.dcmtk import storescp_running
 from tests.helpers.net import free_port
 from tests.helpers.orthanc import Modality, OrthancFactory, OrthancServer, orthanc, orthanc_factory  # noqa: F401
 from tests.helpers.outbox import RecordingSCP, make_job, write_results
@@ -51,21 +48,6 @@ def wait_states(sessions: sessionmaker[Session], state: SendState, *, count: int
 
 
 @pytest.fixture
-def sender_factory(sessions: sessionmaker[Session]) -> Iterator[Any]:
-    senders: list[Sender] = []
-
-    def make(config: Config) -> Sender:
-        sender = Sender(config, sessions)
-        sender.start()
-        senders.append(sender)
-        return sender
-
-    yield make
-    for sender in senders:
-        sender.stop()
-
-
-@pytest.fixture
 def scp_factory() -> Iterator[Any]:
     scps: list[RecordingSCP] = []
 
@@ -82,25 +64,8 @@ def scp_factory() -> Iterator[Any]:
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """dcmtk's storescp accepting Implicit VR Little Endian only: a peer that takes no compression."""
-    if not have_dcmtk("storescp"):
-        pytest.skip("dcmtk's storescp (/usr/bin/storescp) is not installed")
-    port, out = free_port(), tmp_path / "storescp"
-    out.mkdir()
-    proc = subprocess.Popen([str(dcmtk_path("storescp")), "-aet", "STORESCP", "+xi", "-od", str(out), str(port)],
-                            env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: _listening(port), timeout=10, what="storescp listening")
-        yield port, out
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    with storescp_running(tmp_path / "storescp", "+xi") as port:
+        yield port, tmp_path / "storescp"
 
 
 # -- tests ----------------------------------------------------------------------------------------

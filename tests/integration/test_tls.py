@@ -4,7 +4,6 @@ a throw-away CA made with the openssl command (tests/helpers/certs.py)."""
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -24,7 +23,7 @@ from node.send.sender import Sender
 from node.tls import HANDSHAKE_TIMEOUT_S
 from tests.conftest import NodeFactory
 from tests.helpers.certs import Pki, have_openssl, make_pki
-from tests.helpers.dcmtk import dcmtk_path, have_dcmtk, run_dcmtk
+from tests.helpers.dcmtk import run_dcmtk, storescp_running
 from tests.helpers.net import free_port
 from tests.helpers.node_proc import NodeProcess, run_cli
 from tests.helpers.orthanc import Modality, OrthancFactory, orthanc_factory  # noqa: F401
@@ -154,39 +153,8 @@ def test_check_config_loads_the_certificates(tmp_path: Path, pki: Pki) -> None:
 @pytest.fixture
 def tls_storescp(tmp_path: Path, pki: Pki) -> Iterator[tuple[int, Path]]:
     """dcmtk's storescp with TLS, requiring (its default) a client certificate the hospital CA signed."""
-    if not have_dcmtk("storescp"):
-        pytest.skip("dcmtk's storescp (/usr/bin/storescp) is not installed")
-    port, out = free_port(), tmp_path / "storescp"
-    out.mkdir()
-    proc = subprocess.Popen([str(dcmtk_path("storescp")), "-aet", "STORESCP", "+tls", str(pki.server_key),
-                             str(pki.server_cert), "+cf", str(pki.ca), "-od", str(out), str(port)],
-                            env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: _listening(port), timeout=10, what="storescp listening")
-        yield port, out
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture
-def sender_factory(sessions: sessionmaker[Session]) -> Iterator[Any]:
-    senders: list[Sender] = []
-
-    def make(dest: Destination) -> Sender:
-        sender = Sender(make_config(dest), sessions)
-        sender.start()
-        senders.append(sender)
-        return sender
-
-    yield make
-    for sender in senders:
-        sender.stop()
+    with storescp_running(tmp_path / "storescp", "+tls", pki.server_key, pki.server_cert, "+cf", pki.ca) as port:
+        yield port, tmp_path / "storescp"
 
 
 def test_results_are_sent_over_tls(sessions: sessionmaker[Session], sender_factory: Any,
@@ -197,7 +165,7 @@ def test_results_are_sent_over_tls(sessions: sessionmaker[Session], sender_facto
         "name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": port,
         "tls": {"ca_certificates": str(pki.ca), "certificate": str(pki.client_cert), "private_key": str(pki.client_key)}})
     enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
-    sender_factory(dest)
+    sender_factory(make_config(dest))
     wait_states(sessions, SendState.sent, count=len(objects))
     assert len(list(out.iterdir())) == len(objects)
 
@@ -223,7 +191,7 @@ def test_a_tls_failure_is_recorded_with_its_reason_and_retried(
     dest = Destination.model_validate({"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": port,
                                        "tls": tls})
     enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
-    sender_factory(dest)
+    sender_factory(make_config(dest))
 
     def retried() -> bool:
         rows = outbox_rows(sessions)
@@ -282,7 +250,7 @@ def test_orthanc_routes_a_study_to_the_node_and_takes_results_back_over_tls(
         "name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port,
         "tls": {"ca_certificates": str(pki.ca), "certificate": str(pki.server_cert), "private_key": str(pki.server_key)}})
     enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
-    sender_factory(dest)
+    sender_factory(make_config(dest))
     wait_states(sessions, SendState.sent, count=len(objects))
     assert all(pacs.find_instance(o.sop_instance_uid) for o in objects)
 
@@ -314,22 +282,15 @@ def test_the_destination_certificate_must_name_its_host(
     sessions: sessionmaker[Session], sender_factory: Any, pki: Pki, tmp_path: Path, check_hostname: bool,
 ) -> None:
     """storescp presents a certificate the hospital CA signed for pacs.invalid; we call 127.0.0.1."""
-    if not have_dcmtk("storescp"):
-        pytest.skip("dcmtk's storescp (/usr/bin/storescp) is not installed")
-    port, out = free_port(), tmp_path / "storescp"
-    out.mkdir()
-    proc = subprocess.Popen([str(dcmtk_path("storescp")), "-aet", "STORESCP", "+tls", str(pki.elsewhere_key),
-                             str(pki.elsewhere_cert), "+cf", str(pki.ca), "-od", str(out), str(port)],
-                            env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: _listening(port), timeout=10, what="storescp listening")
+    out = tmp_path / "storescp"
+    with storescp_running(out, "+tls", pki.elsewhere_key, pki.elsewhere_cert, "+cf", pki.ca) as port:
         objects = write_results(tmp_path / "results")
         dest = Destination.model_validate({
             "name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": port,
             "tls": {"ca_certificates": str(pki.ca), "certificate": str(pki.client_cert),
                     "private_key": str(pki.client_key), "check_hostname": check_hostname}})
         enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
-        sender_factory(dest)
+        sender_factory(make_config(dest))
         if not check_hostname:
             wait_states(sessions, SendState.sent, count=len(objects))
             return
@@ -338,9 +299,6 @@ def test_the_destination_certificate_must_name_its_host(
         errors = {r.last_error for r in outbox_rows(sessions)}
         assert all("IP address mismatch" in (e or "") for e in errors), errors
         assert list(out.iterdir()) == []
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_certificate_dates_are_checked(pki: Pki, monkeypatch: pytest.MonkeyPatch,
