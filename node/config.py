@@ -55,6 +55,9 @@ class AllowedCaller(Strict):
 
     ae_title: AETitle
     host: str | None = Field(default=None, description="IP address the caller must come from; any when unset")
+    certificate_cn: str | None = Field(
+        default=None, description="with dicom.tls: common name the caller's certificate must carry; any when unset"
+    )
 
 
 def _existing_file(path: Path | None) -> Path | None:
@@ -105,6 +108,13 @@ class DicomSettings(Strict):
         default=True, description="use the tuned pynetdicom receive path (node/receive/tuning.py)"
     )
     tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @model_validator(mode="after")
+    def _certificate_needs_tls(self) -> DicomSettings:
+        if any(c.certificate_cn for c in self.allowed_callers) and not (self.tls.enabled and self.tls.ca_certificates):
+            raise ValueError("allowed_callers[].certificate_cn needs dicom.tls enabled with ca_certificates "
+                             "(only then do callers present a verified certificate)")
+        return self
 
     @field_validator("max_pdu_size")
     @classmethod

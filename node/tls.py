@@ -96,8 +96,8 @@ def _fix(exc: BaseException) -> str:
     return "check the caller's TLS settings against dicom.tls"
 
 
-def peer_certificate_subject(sock: object) -> str | None:
-    """The common name of a TLS caller's certificate, for the association log line (None without TLS)."""
+def peer_common_name(sock: object) -> str | None:
+    """The common name in a TLS caller's (verified) certificate; None without TLS or certificate."""
     if not isinstance(sock, ssl.SSLSocket):
         return None
     try:
@@ -105,7 +105,15 @@ def peer_certificate_subject(sock: object) -> str | None:
     except (OSError, ValueError):
         return None
     names = [value for rdn in (cert or {}).get("subject", ()) for key, value in rdn if key == "commonName"]
-    return f"CN={names[0]}" if names else "no certificate"
+    return str(names[0]) if names else None
+
+
+def peer_certificate_subject(sock: object) -> str | None:
+    """The caller's certificate for the association log line: "CN=...", "no certificate", or None without TLS."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    name = peer_common_name(sock)
+    return f"CN={name}" if name is not None else "no certificate"
 
 
 def server_context(certificate: Path, private_key: Path, ca_certificates: Path | None) -> ssl.SSLContext:

@@ -55,7 +55,7 @@ from node.receive.inspect import (
     inspect_instance,
 )
 from node.receive.spool import Spool
-from node.tls import LoggedServerContext, listener_tls, peer_certificate_subject
+from node.tls import LoggedServerContext, listener_tls, peer_certificate_subject, peer_common_name
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class StorageSCP:
         self.on_association_closed = on_association_closed or (lambda: None)
         self._server: ThreadedAssociationServer | None = None
         self._tls: LoggedServerContext | None = None
-        self._allowed = {(c.ae_title, c.host) for c in settings.allowed_callers}
+        self._allowed = list(settings.allowed_callers)
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=settings.max_associations, thread_name_prefix="spool-io")
 
@@ -239,19 +239,21 @@ class StorageSCP:
             if sock is not None and sock.socket is not None:
                 sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _caller_allowed(self, ae_title: str, host: str) -> bool:
+    def _caller_allowed(self, ae_title: str, host: str, common_name: str | None) -> bool:
         if not self._allowed:
             return True
-        return (ae_title, None) in self._allowed or (ae_title, host) in self._allowed
+        return any(c.ae_title == ae_title and c.host in (None, host) and c.certificate_cn in (None, common_name)
+                   for c in self._allowed)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc: PnAssociation = event.assoc
         primitive = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
         host = str(assoc.requestor.address)
-        if not self._caller_allowed(calling, host):
-            log.warning(kv("association_rejected", calling_ae=calling, host=host,
-                           reason="calling AE title (or its host) not in dicom.allowed_callers"))
+        common_name = peer_common_name(assoc.dul.socket.socket if assoc.dul.socket else None)
+        if not self._caller_allowed(calling, host, common_name):
+            log.warning(kv("association_rejected", calling_ae=calling, host=host, tls_cn=common_name,
+                           reason="calling AE title (or its host or certificate) not in dicom.allowed_callers"))
             # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-AE-title-not-recognized. Then stop
             # as pynetdicom does for its own rejections: kill() waits until the DUL has sent the RJ, so the
             # caller reads a refusal and not a connection torn down under it (an abort).

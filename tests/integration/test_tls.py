@@ -320,3 +320,30 @@ def test_certificate_dates_are_checked(pki: Pki, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(tls, "time", types.SimpleNamespace(time=lambda: not_after + 86400))
     with pytest.raises(LungnodeError, match=r"dicom.tls: certificate .*node.crt expired on .*Install a current one"):
         tls._load_chain(ctx, pki.server_cert, pki.server_key, "dicom.tls")
+
+
+def test_an_allowed_caller_can_be_tied_to_its_certificate(node_factory: NodeFactory, pki: Pki) -> None:
+    """allowed_callers: PACS may call only with the certificate issued to "pacs"; the node's own
+    certificate (same CA, CN "node") calling as PACS is refused with an A-ASSOCIATE-RJ."""
+    settings = tls_settings(pki)
+    settings["dicom"]["allowed_callers"] = [{"ae_title": "PACS", "certificate_cn": "pacs"}]
+    node = node_factory(settings=settings)
+
+    def echo(cert: Path, key: Path) -> subprocess.CompletedProcess[str]:
+        return run_dcmtk("echoscu", "-aet", "PACS", "-aec", "LUNGNODE", "+tls", key, cert, "+cf", pki.ca,
+                         "127.0.0.1", str(node.port), timeout=30)
+
+    ok = echo(pki.client_cert, pki.client_key)
+    assert ok.returncode == 0, ok.stderr
+    other = echo(pki.server_cert, pki.server_key)
+    assert other.returncode != 0 and "Calling AE Title Not Recognized" in other.stderr + other.stdout, other.stderr
+    node.wait_for_log(r"event=association_rejected calling_ae=PACS host=127\.0\.0\.1 tls_cn=node reason=")
+
+
+def test_certificate_cn_without_verified_certificates_is_a_config_error(tmp_path: Path, pki: Pki) -> None:
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"dicom": {"allowed_callers": [{"ae_title": "PACS", "certificate_cn": "pacs"}]}}))
+    bad = run_cli("check-config", path)
+    assert bad.returncode == 2 and "certificate_cn needs dicom.tls enabled with ca_certificates" in bad.stderr, bad.stderr
