@@ -20,7 +20,11 @@ folders), ext4 creates files slowly while it steps over recently freed inodes (m
 0.8 ms per file in /tmp against 0.02 to 0.08 ms in var/). That slows storescp, whose work is mostly
 one file per slice, far more than the node, and so flatters the ratio.
 
-    .venv/bin/python bench/receive.py [--rounds 5] [--slices 300] [--matrix 512] [--json FILE]
+With ``--tls`` every transfer uses DICOM TLS (a throw-away CA from tests/helpers/certs.py; storescu
+and storescp with ``+tls``, the node with dicom.tls and client certificates required), so the ratio
+says what the node costs over dcmtk when both encrypt.
+
+    .venv/bin/python bench/receive.py [--rounds 5] [--slices 300] [--matrix 512] [--tls] [--json FILE]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 STORESCU = "/usr/bin/storescu"
@@ -67,11 +72,15 @@ def make_series(out: Path, slices: int, matrix: int, seed: int = 7) -> Path:
     return out
 
 
+TLS: Any = None  # a tests.helpers.certs.Pki with --tls
+
+
 def send(port: int, ae: str, series: Path) -> float:
     files = sorted(str(p) for p in series.glob("IM*.dcm"))
     env = dict(os.environ, TCP_NODELAY="1")
+    tls = ["+tls", str(TLS.client_key), str(TLS.client_cert), "+cf", str(TLS.ca)] if TLS else []
     t0 = time.perf_counter()
-    proc = subprocess.run([STORESCU, "-aec", ae, "127.0.0.1", str(port), *files], env=env,
+    proc = subprocess.run([STORESCU, *tls, "-aec", ae, "127.0.0.1", str(port), *files], env=env,
                           capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -83,7 +92,8 @@ def run_storescp(series: Path, warmup: Path, work: Path) -> float:
     out = work / "storescp"
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen([STORESCP, "-od", str(out), str(port)], env=dict(os.environ, TCP_NODELAY="1"),
+    tls = ["+tls", str(TLS.server_key), str(TLS.server_cert), "+cf", str(TLS.ca)] if TLS else []
+    proc = subprocess.Popen([STORESCP, *tls, "-od", str(out), str(port)], env=dict(os.environ, TCP_NODELAY="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
@@ -119,6 +129,9 @@ def run_node(series: Path, warmup: Path, work: Path, *, fast: bool) -> float:
         LUNGNODE_LOGGING__LEVEL="INFO",
         LUNGNODE_WORKERS__COUNT="0",
     )
+    if TLS:
+        env.update(LUNGNODE_DICOM__TLS__ENABLED="true", LUNGNODE_DICOM__TLS__CERTIFICATE=str(TLS.server_cert),
+                   LUNGNODE_DICOM__TLS__PRIVATE_KEY=str(TLS.server_key), LUNGNODE_DICOM__TLS__CA_CERTIFICATES=str(TLS.ca))
     log = home / "node.log"
     with log.open("w") as log_fh:
         proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve"], env=env, cwd=ROOT,
@@ -156,6 +169,7 @@ def main() -> int:
     ap.add_argument("--matrix", type=int, default=512)
     ap.add_argument("--skip-stock", action="store_true", help="do not measure pynetdicom's stock receive loop")
     ap.add_argument("--series", type=Path, help="send this folder of IM*.dcm files instead of a synthetic series")
+    ap.add_argument("--tls", action="store_true", help="every transfer over DICOM TLS (needs the openssl command)")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
     ap.add_argument("--workdir", type=Path, default=ROOT / "var" / "bench",
                     help="where both receivers write (default: var/bench, beside the node's default spool)")
@@ -179,6 +193,12 @@ def main() -> int:
             series = make_series(work / "series", args.slices, args.matrix)
         print("generating the warm-up series...", file=sys.stderr)
         warmup = make_series(work / "warmup", len(list(series.glob("IM*.dcm"))), 256, seed=8)
+        if args.tls:
+            global TLS
+            sys.path.insert(0, str(ROOT))
+            from tests.helpers.certs import make_pki
+
+            TLS = make_pki(work / "pki")
         mb = sum(p.stat().st_size for p in series.glob("IM*.dcm")) / 1e6
         for r in range(args.rounds):
             for name, fast in targets.items():
@@ -191,6 +211,7 @@ def main() -> int:
     paired = {name: statistics.median(r / t for r, t in zip(times["storescp"], ts)) for name, ts in times.items()}
     result = {
         "series": {"slices": args.slices, "matrix": args.matrix, "megabytes": round(mb, 1)},
+        "tls": args.tls,
         "rounds": args.rounds,
         "targets": {
             name: {
@@ -208,7 +229,8 @@ def main() -> int:
             for name, ts in times.items()
         },
     }
-    print(f"\n{args.slices} slices of {args.matrix}x{args.matrix} ({mb:.0f} MB), one association, median of {args.rounds}"
+    print(f"\n{args.slices} slices of {args.matrix}x{args.matrix} ({mb:.0f} MB), one association"
+          f"{' over TLS' if args.tls else ''}, median of {args.rounds}"
           f" (ratio: median over rounds of storescp's time / the target's, in the same round):")
     print(f"{'target':30} {'seconds':>8} {'slices/s':>9} {'ratio to storescp':>18} {'our handler ms/slice':>21}")
     for name, row in result["targets"].items():
