@@ -78,11 +78,16 @@ class TlsSettings(Strict):
     ca_certificates: PemFile | None = Field(
         default=None, description="PEM CA bundle; when set, callers must present a certificate signed by one of these"
     )
+    crl: PemFile | None = Field(
+        default=None, description="PEM revocation list(s) of those CAs: a revoked caller certificate is refused"
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> TlsSettings:
         if self.enabled and (self.certificate is None or self.private_key is None):
             raise ValueError("enabled: true needs certificate and private_key")
+        if self.crl is not None and self.ca_certificates is None:
+            raise ValueError("crl needs ca_certificates (revocation applies to the callers' certificates)")
         return self
 
 
@@ -256,6 +261,9 @@ class DestinationTls(Strict):
     certificate: PemFile | None = Field(default=None, description="PEM certificate we present, if the destination asks")
     private_key: PemFile | None = Field(default=None, description="PEM private key of that certificate, unencrypted")
     check_hostname: bool = Field(default=True, description="the destination's certificate must name its host")
+    crl: PemFile | None = Field(
+        default=None, description="PEM revocation list of that CA: a revoked destination certificate is refused"
+    )
 
     @model_validator(mode="after")
     def _pair(self) -> DestinationTls:

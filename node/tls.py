@@ -87,6 +87,8 @@ def _fix(exc: BaseException) -> str:
         return "configure the caller for DICOM TLS, or turn dicom.tls off"
     if reason == "timed out":
         return f"the caller connected but did not start TLS within {HANDSHAKE_TIMEOUT_S:g} s"
+    if "revoked" in reason:
+        return "the caller's certificate is revoked (dicom.tls.crl): it needs a new one"
     if reason.startswith("certificate verify failed") or "did not return a certificate" in reason:
         return "the caller needs a valid certificate signed by a CA in dicom.tls.ca_certificates"
     if "alert" in reason and ("unknown ca" in reason or "bad certificate" in reason or "certificate unknown" in reason):
@@ -116,24 +118,39 @@ def peer_certificate_subject(sock: object) -> str | None:
     return f"CN={name}" if name is not None else "no certificate"
 
 
-def server_context(certificate: Path, private_key: Path, ca_certificates: Path | None) -> ssl.SSLContext:
+def _load_crl(ctx: ssl.SSLContext, crl: Path | None, where: str) -> None:
+    """Check the peer's certificate against ``crl`` (the issuing CA's list must be in it)."""
+    if crl is None:
+        return
+    try:
+        ctx.load_verify_locations(cafile=str(crl))
+    except (OSError, ssl.SSLError) as exc:
+        raise LungnodeError(f"{where}: cannot load the revocation list {crl}: {_reason(exc)}. "
+                            f"It must be a PEM file (-----BEGIN X509 CRL-----).") from exc
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+
+def server_context(certificate: Path, private_key: Path, ca_certificates: Path | None,
+                   crl: Path | None = None) -> ssl.SSLContext:
     """For a listener: present ``certificate``; with ``ca_certificates``, require callers' certificates."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     _load_chain(ctx, certificate, private_key, "dicom.tls")
     if ca_certificates is not None:
         _load_cas(ctx, ca_certificates, "dicom.tls.ca_certificates")
+        _load_crl(ctx, crl, "dicom.tls.crl")
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 
 def client_context(ca_certificates: Path, certificate: Path | None, private_key: Path | None,
-                   check_hostname: bool, where: str) -> ssl.SSLContext:
+                   check_hostname: bool, where: str, crl: Path | None = None) -> ssl.SSLContext:
     """For sending to a destination: trust only ``ca_certificates``; present ours when the peer asks."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = check_hostname
     _load_cas(ctx, ca_certificates, f"{where}.ca_certificates")
+    _load_crl(ctx, crl, f"{where}.crl")
     if certificate is not None and private_key is not None:
         _load_chain(ctx, certificate, private_key, where)
     return ctx
@@ -235,7 +252,7 @@ def listener_tls(settings: DicomSettings, listener: str) -> LoggedServerContext 
     if not tls.enabled:
         return None
     assert tls.certificate is not None and tls.private_key is not None  # the settings' validator insists
-    return LoggedServerContext(server_context(tls.certificate, tls.private_key, tls.ca_certificates), listener)
+    return LoggedServerContext(server_context(tls.certificate, tls.private_key, tls.ca_certificates, tls.crl), listener)
 
 
 def destination_tls(dest: Destination) -> tuple[ssl.SSLContext, str | None] | None:
@@ -244,8 +261,8 @@ def destination_tls(dest: Destination) -> tuple[ssl.SSLContext, str | None] | No
         return None
     t = dest.tls
     ctx = client_context(t.ca_certificates, t.certificate, t.private_key, t.check_hostname,
-                         f"destinations[{dest.name}].tls")
-    return ctx, dest.host if t.check_hostname else None
+                         f"destinations[{dest.name}].tls", t.crl)
+    return ctx, dest.host  # sent as SNI (not for an IP address); checked only with check_hostname
 
 
 def check_tls(cfg: Config) -> None:

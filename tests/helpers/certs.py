@@ -16,6 +16,7 @@ LOCAL_NAMES = "IP:127.0.0.1,DNS:localhost"
 @dataclass(frozen=True)
 class Pki:
     ca: Path
+    ca_key: Path
     server_cert: Path
     server_key: Path
     client_cert: Path
@@ -57,6 +58,23 @@ def make_pki(folder: Path) -> Pki:
     ca, other = _ca(folder, "hospital-ca"), _ca(folder, "other-ca")
     server, client, stranger = _leaf(folder, "node", ca), _leaf(folder, "pacs", ca), _leaf(folder, "stranger", other)
     elsewhere = _leaf(folder, "elsewhere", ca, "DNS:pacs.invalid")
-    return Pki(ca=ca[0], server_cert=server[0], server_key=server[1], client_cert=client[0], client_key=client[1],
+    return Pki(ca=ca[0], ca_key=ca[1], server_cert=server[0], server_key=server[1], client_cert=client[0], client_key=client[1],
                other_ca=other[0], other_client_cert=stranger[0], other_client_key=stranger[1],
                elsewhere_cert=elsewhere[0], elsewhere_key=elsewhere[1])
+
+
+def make_crl(pki: Pki, folder: Path, revoked: tuple[Path, ...] = ()) -> Path:
+    """A revocation list of the hospital CA (``openssl ca -gencrl``) naming the certificates ``revoked``."""
+    db = folder / "ca-db"
+    db.mkdir(parents=True)
+    (db / "index.txt").write_text("", encoding="ascii")
+    (db / "crlnumber").write_text("1000\n", encoding="ascii")
+    cnf = folder / "ca.cnf"
+    cnf.write_text(f"[ca]\ndefault_ca = c\n[c]\ndatabase = {db / 'index.txt'}\ncrlnumber = {db / 'crlnumber'}\n"
+                   f"default_md = sha256\ndefault_crl_days = 30\ncertificate = {pki.ca}\nprivate_key = {pki.ca_key}\n",
+                   encoding="ascii")
+    for cert in revoked:
+        _openssl("ca", "-config", cnf, "-revoke", cert)
+    crl = folder / "hospital-ca.crl"
+    _openssl("ca", "-config", cnf, "-gencrl", "-out", crl)
+    return crl

@@ -347,3 +347,38 @@ def test_certificate_cn_without_verified_certificates_is_a_config_error(tmp_path
     path.write_text(yaml.safe_dump({"dicom": {"allowed_callers": [{"ae_title": "PACS", "certificate_cn": "pacs"}]}}))
     bad = run_cli("check-config", path)
     assert bad.returncode == 2 and "certificate_cn needs dicom.tls enabled with ca_certificates" in bad.stderr, bad.stderr
+
+
+def test_a_revoked_caller_certificate_is_refused(node_factory: NodeFactory, pki: Pki, tmp_path: Path) -> None:
+    """dicom.tls.crl: the hospital CA revoked the certificate issued to "pacs"; "node" (same CA) still calls."""
+    from tests.helpers.certs import make_crl
+
+    settings = tls_settings(pki)
+    settings["dicom"]["tls"]["crl"] = str(make_crl(pki, tmp_path / "crl", revoked=(pki.client_cert,)))
+    node = node_factory(settings=settings)
+    revoked = tls_echo(node.port, pki.client_cert, pki.client_key, pki.ca)
+    assert revoked.returncode != 0
+    node.wait_for_log(r'event=tls_handshake_failed .*reason="certificate verify failed: certificate revoked" '
+                      r'fix="the caller.s certificate is revoked')
+    still_valid = tls_echo(node.port, pki.server_cert, pki.server_key, pki.ca)
+    assert still_valid.returncode == 0, still_valid.stderr
+
+
+def test_a_revoked_destination_certificate_is_refused(
+    sessions: sessionmaker[Session], sender_factory: Any, tls_storescp: tuple[int, Path], pki: Pki, tmp_path: Path,
+) -> None:
+    from tests.helpers.certs import make_crl
+
+    port, out = tls_storescp  # presents the "node" certificate, revoked here
+    crl = make_crl(pki, tmp_path / "crl", revoked=(pki.server_cert,))
+    write_results(tmp_path / "results")
+    dest = Destination.model_validate({"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": port,
+                                       "tls": {"ca_certificates": str(pki.ca), "certificate": str(pki.client_cert),
+                                               "private_key": str(pki.client_key), "crl": str(crl)}})
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
+    sender_factory(make_config(dest))
+    wait_until(lambda: outbox_rows(sessions) and all(r.last_error for r in outbox_rows(sessions)), timeout=20,
+               what="a failed attempt")
+    assert all("TLS failed (certificate verify failed: certificate revoked)" in (r.last_error or "")
+               for r in outbox_rows(sessions))
+    assert list(out.iterdir()) == []
