@@ -238,11 +238,14 @@ PASSTHROUGH = {"synth", "models"}  # subcommands with their own argparse (and --
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if args.command not in PASSTHROUGH:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.rest = list(args.rest) + extra
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        # Their own parsers get the arguments as typed: through this parser, options before a positional
+        # (`synth --slices 20 OUT`) came back out of order.
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], config=None,
+                                  func={"synth": cmd_synth, "models": cmd_models}[argv[0]])
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except LungnodeError as exc:

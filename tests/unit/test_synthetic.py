@@ -376,3 +376,13 @@ def test_cli(tmp_path: Path) -> None:
     assert [float(v) for v in d.ImageOrientationPatient] == [-1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     assert (out / "truth" / "truth.json").is_file()
     assert synth_main([str(tmp_path / "bad"), "--kind", "normal", "--variant", "lobar"]) == 2
+
+
+def test_lungnode_synth_takes_options_before_the_folder(tmp_path: Path) -> None:
+    """`lungnode synth --slices 8 OUT` (options first) once failed: the top-level parser reordered them."""
+    from node.cli import main as cli_main
+
+    assert cli_main(["synth", "--kind", "normal", "--slices", "8", "--matrix", "64", str(tmp_path / "a")]) == 0
+    assert len(list((tmp_path / "a").glob("IM*.dcm"))) == 8
+    assert cli_main(["synth", str(tmp_path / "b"), "--slices", "6", "--matrix", "64"]) == 0
+    assert len(list((tmp_path / "b").glob("IM*.dcm"))) == 6
