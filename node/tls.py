@@ -23,11 +23,11 @@ from node.logs import kv
 log = logging.getLogger(__name__)
 
 PLAIN_PEER = "the caller did not speak TLS (plain DICOM to a TLS port?)"
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 10.0  # a caller that connects and does not shake hands is cut after this
 EXPIRY_WARNING_DAYS = 30
 # OpenSSL's verify codes for a chain that ends at no trusted CA: self-signed leaf, self-signed root in
 # the chain, unknown issuer (of the leaf or of an intermediate).
-UNTRUSTED_ISSUER = frozenset({18, 19, 20, 2})  # pynetdicom shakes hands in its accept loop: a silent caller must not hold it up
+UNTRUSTED_ISSUER = frozenset({18, 19, 20, 2})
 
 
 def _load_chain(ctx: ssl.SSLContext, certificate: Path, private_key: Path, where: str) -> None:
@@ -89,6 +89,8 @@ def _fix(exc: BaseException) -> str:
         return f"the caller connected but did not start TLS within {HANDSHAKE_TIMEOUT_S:g} s"
     if "revoked" in reason:
         return "the caller's certificate is revoked (dicom.tls.crl): it needs a new one"
+    if "crl" in reason.lower():  # expired, not yet valid, or not the caller's CA's list: our side
+        return "dicom.tls.crl is out of date or not the list of the CA that signed the caller: install its current one"
     if reason.startswith("certificate verify failed") or "did not return a certificate" in reason:
         return "the caller needs a valid certificate signed by a CA in dicom.tls.ca_certificates"
     if "alert" in reason and ("unknown ca" in reason or "bad certificate" in reason or "certificate unknown" in reason):
@@ -98,24 +100,32 @@ def _fix(exc: BaseException) -> str:
     return "check the caller's TLS settings against dicom.tls"
 
 
-def peer_common_name(sock: object) -> str | None:
-    """The common name in a TLS caller's (verified) certificate; None without TLS or certificate."""
+def _peer_certificate(sock: object) -> dict[str, Any] | None:
     if not isinstance(sock, ssl.SSLSocket):
         return None
     try:
-        cert = sock.getpeercert()
+        return sock.getpeercert() or {}
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def peer_common_name(sock: object) -> str | None:
+    """The common name of a TLS caller's (verified) certificate: the last one where there are several,
+    as TLS stacks read a name. None without TLS, certificate or common name."""
+    cert = _peer_certificate(sock)
     names = [value for rdn in (cert or {}).get("subject", ()) for key, value in rdn if key == "commonName"]
-    return str(names[0]) if names else None
+    return str(names[-1]) if names else None
 
 
 def peer_certificate_subject(sock: object) -> str | None:
-    """The caller's certificate for the association log line: "CN=...", "no certificate", or None without TLS."""
-    if not isinstance(sock, ssl.SSLSocket):
+    """The caller's certificate for log lines: "CN=...", "no certificate", "no common name"; None without TLS."""
+    cert = _peer_certificate(sock)
+    if cert is None:
         return None
+    if not cert:
+        return "no certificate"
     name = peer_common_name(sock)
-    return f"CN={name}" if name is not None else "no certificate"
+    return f"CN={name}" if name is not None else "no common name"
 
 
 def _load_crl(ctx: ssl.SSLContext, crl: Path | None, where: str) -> None:
@@ -188,9 +198,15 @@ class LoggedServerContext:
             sock.do_handshake()
         except (OSError, ssl.SSLError) as exc:
             if not self._stopping:
-                log.warning(kv("tls_handshake_failed", listener=self.listener, peer=peer, reason=_reason(exc),
-                               fix=_fix(exc)))
+                fix = _fix(exc)
+                # Our own revocation list at fault locks every caller out: that needs a person (ERROR).
+                level = logging.ERROR if fix.startswith("dicom.tls.crl") else logging.WARNING
+                log.log(level, kv("tls_handshake_failed", listener=self.listener, peer=peer, reason=_reason(exc),
+                                  fix=fix))
             _shut(sock)
+            # pynetdicom's acceptor would wait acse_timeout for an A-ASSOCIATE-RQ that cannot come,
+            # holding a dicom.max_associations slot: make it give up at once.
+            event.assoc.acse_timeout = 0
             return
         finally:
             with self._lock:

@@ -250,9 +250,10 @@ class StorageSCP:
         primitive = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
         host = str(assoc.requestor.address)
-        common_name = peer_common_name(assoc.dul.socket.socket if assoc.dul.socket else None)
-        if not self._caller_allowed(calling, host, common_name):
-            log.warning(kv("association_rejected", calling_ae=calling, host=host, tls_cn=common_name,
+        sock = assoc.dul.socket.socket if assoc.dul.socket else None
+        if not self._caller_allowed(calling, host, peer_common_name(sock)):
+            log.warning(kv("association_rejected", calling_ae=calling, host=host,
+                           tls_peer=peer_certificate_subject(sock),
                            reason="calling AE title (or its host or certificate) not in dicom.allowed_callers"))
             # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-AE-title-not-recognized. Then stop
             # as pynetdicom does for its own rejections: kill() waits until the DUL has sent the RJ, so the

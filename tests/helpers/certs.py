@@ -22,6 +22,7 @@ class Pki:
     client_cert: Path
     client_key: Path
     other_ca: Path
+    other_ca_key: Path
     other_client_cert: Path
     other_client_key: Path
     elsewhere_cert: Path  # signed by the hospital CA for another host name (pacs.invalid), not 127.0.0.1
@@ -59,19 +60,20 @@ def make_pki(folder: Path) -> Pki:
     server, client, stranger = _leaf(folder, "node", ca), _leaf(folder, "pacs", ca), _leaf(folder, "stranger", other)
     elsewhere = _leaf(folder, "elsewhere", ca, "DNS:pacs.invalid")
     return Pki(ca=ca[0], ca_key=ca[1], server_cert=server[0], server_key=server[1], client_cert=client[0], client_key=client[1],
-               other_ca=other[0], other_client_cert=stranger[0], other_client_key=stranger[1],
+               other_ca=other[0], other_ca_key=other[1], other_client_cert=stranger[0], other_client_key=stranger[1],
                elsewhere_cert=elsewhere[0], elsewhere_key=elsewhere[1])
 
 
-def make_crl(pki: Pki, folder: Path, revoked: tuple[Path, ...] = ()) -> Path:
-    """A revocation list of the hospital CA (``openssl ca -gencrl``) naming the certificates ``revoked``."""
+def make_crl(pki: Pki, folder: Path, revoked: tuple[Path, ...] = (), *, other_ca: bool = False) -> Path:
+    """A revocation list of the hospital CA (or of the other CA) naming the certificates ``revoked``."""
+    ca, ca_key = (pki.other_ca, pki.other_ca_key) if other_ca else (pki.ca, pki.ca_key)
     db = folder / "ca-db"
     db.mkdir(parents=True)
     (db / "index.txt").write_text("", encoding="ascii")
     (db / "crlnumber").write_text("1000\n", encoding="ascii")
     cnf = folder / "ca.cnf"
     cnf.write_text(f"[ca]\ndefault_ca = c\n[c]\ndatabase = {db / 'index.txt'}\ncrlnumber = {db / 'crlnumber'}\n"
-                   f"default_md = sha256\ndefault_crl_days = 30\ncertificate = {pki.ca}\nprivate_key = {pki.ca_key}\n",
+                   f"default_md = sha256\ndefault_crl_days = 30\ncertificate = {ca}\nprivate_key = {ca_key}\n",
                    encoding="ascii")
     for cert in revoked:
         _openssl("ca", "-config", cnf, "-revoke", cert)

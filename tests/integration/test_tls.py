@@ -337,7 +337,7 @@ def test_an_allowed_caller_can_be_tied_to_its_certificate(node_factory: NodeFact
     assert ok.returncode == 0, ok.stderr
     other = echo(pki.server_cert, pki.server_key)
     assert other.returncode != 0 and "Calling AE Title Not Recognized" in other.stderr + other.stdout, other.stderr
-    node.wait_for_log(r"event=association_rejected calling_ae=PACS host=127\.0\.0\.1 tls_cn=node reason=")
+    node.wait_for_log(r'event=association_rejected calling_ae=PACS host=127\.0\.0\.1 tls_peer="CN=node" reason=')
 
 
 def test_certificate_cn_without_verified_certificates_is_a_config_error(tmp_path: Path, pki: Pki) -> None:
@@ -382,3 +382,29 @@ def test_a_revoked_destination_certificate_is_refused(
     assert all("TLS failed (certificate verify failed: certificate revoked)" in (r.last_error or "")
                for r in outbox_rows(sessions))
     assert list(out.iterdir()) == []
+
+
+def test_failed_handshakes_do_not_hold_association_slots(node_factory: NodeFactory, pki: Pki) -> None:
+    """A failed handshake ends its connection at once: it held one of dicom.max_associations for the
+    ACSE timeout (30 s), so a few plain-DICOM retries locked the real callers out."""
+    settings = tls_settings(pki)
+    settings["dicom"]["max_associations"] = 2
+    node = node_factory(settings=settings)
+    for _ in range(5):
+        assert run_dcmtk("echoscu", "-aec", "LUNGNODE", "127.0.0.1", str(node.port), timeout=30).returncode != 0
+    ok = tls_echo(node.port, pki.client_cert, pki.client_key, pki.ca)
+    assert ok.returncode == 0, ok.stderr + ok.stdout
+    assert "too many associations" not in node.log
+
+
+def test_a_revocation_list_of_another_ca_is_reported_as_ours_to_fix(node_factory: NodeFactory, pki: Pki,
+                                                                      tmp_path: Path) -> None:
+    """dicom.tls.crl holding the wrong CA's list refuses every caller: logged at ERROR, naming our file."""
+    from tests.helpers.certs import make_crl
+
+    settings = tls_settings(pki)
+    settings["dicom"]["tls"]["crl"] = str(make_crl(pki, tmp_path / "crl", other_ca=True))
+    node = node_factory(settings=settings)
+    assert tls_echo(node.port, pki.client_cert, pki.client_key, pki.ca).returncode != 0
+    node.wait_for_log(r'ERROR .*event=tls_handshake_failed .*reason="certificate verify failed: unable to get '
+                      r'certificate CRL" fix="dicom.tls.crl is out of date or not the list of the CA')
