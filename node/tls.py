@@ -52,9 +52,13 @@ def _check_dates(certificate: Path, where: str) -> None:
         state = f"expired on {fields['notAfter']}" if now > not_after else f"not valid before {fields['notBefore']}"
         raise LungnodeError(f"{where}: certificate {certificate} {state}; peers refuse it. Install a current one.")
     days = (not_after - now) / 86400
-    if days < EXPIRY_WARNING_DAYS:
+    if days < EXPIRY_WARNING_DAYS and (where, str(certificate), int(days)) not in _WARNED:
+        _WARNED.add((where, str(certificate), int(days)))  # once a day per certificate, not at every send
         log.warning(kv("tls_certificate_expiring", setting=where, certificate=certificate, days_left=int(days),
                        not_after=fields["notAfter"]))
+
+
+_WARNED: set[tuple[str, str, int]] = set()
 
 
 def _load_cas(ctx: ssl.SSLContext, bundle: Path, where: str) -> None:
@@ -268,7 +272,8 @@ def listener_tls(settings: DicomSettings, listener: str) -> LoggedServerContext 
     if not tls.enabled:
         return None
     assert tls.certificate is not None and tls.private_key is not None  # the settings' validator insists
-    return LoggedServerContext(server_context(tls.certificate, tls.private_key, tls.ca_certificates, tls.crl), listener)
+    ctx = server_context(tls.certificate, tls.private_key, tls.ca_certificates, tls.crl)
+    return LoggedServerContext(ctx, listener)
 
 
 def destination_tls(dest: Destination) -> tuple[ssl.SSLContext, str | None] | None:

@@ -317,6 +317,8 @@ def test_certificate_dates_are_checked(pki: Pki, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(tls, "time", types.SimpleNamespace(time=lambda: not_after - 10 * 86400))
     tls._load_chain(ctx, pki.server_cert, pki.server_key, "dicom.tls")
     assert "event=tls_certificate_expiring setting=dicom.tls" in caplog.text and "days_left=10" in caplog.text
+    tls._load_chain(ctx, pki.server_cert, pki.server_key, "dicom.tls")  # a destination's context, at every send
+    assert caplog.text.count("tls_certificate_expiring") == 1
     monkeypatch.setattr(tls, "time", types.SimpleNamespace(time=lambda: not_after + 86400))
     with pytest.raises(LungnodeError, match=r"dicom.tls: certificate .*node.crt expired on .*Install a current one"):
         tls._load_chain(ctx, pki.server_cert, pki.server_key, "dicom.tls")
