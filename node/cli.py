@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH:
         # Their own parsers get the arguments as typed: through this parser, options before a positional
         # (`synth --slices 20 OUT`) came back out of order.
-        args = argparse.Namespace(command=argv[0], rest=argv[1:], config=None,
-                                  func={"synth": cmd_synth, "models": cmd_models}[argv[0]])
+        args = parser.parse_args(argv[:1])
+        args.rest = argv[1:]
     else:
         args = parser.parse_args(argv)
     try:
