@@ -315,12 +315,46 @@ def _correlated_noise(shape: tuple[int, ...], rng: np.random.Generator, sigma: f
     return n * (sigma / max(float(n.std()), 1e-6))
 
 
-def augment_lesion(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, crop: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """One augmented copy: crop, orientation, geometry, kernel, intensity and (correlated) noise."""
+def elastic_warp(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, mesh: int = 4, sigma_px: float = 4.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random deformation (cubic B-spline on a ``mesh`` x ``mesh`` grid, control points moved by
+    N(0, ``sigma_px``) pixels): image linear, labels nearest, outside filled with 0 (air).
+
+    Why: 50 real slices hold few lung and lesion shapes; a smooth warp makes new ones from real texture, the
+    augmentation the U-Net was first shown with on small data.
+    """
+    img = sitk.GetImageFromArray(x.astype(np.float32))
+    t = sitk.BSplineTransformInitializer(img, [mesh, mesh], 3)
+    t.SetParameters(rng.normal(0.0, sigma_px, len(t.GetParameters())).tolist())
+    lab = sitk.GetImageFromArray(y.astype(np.uint8))
+    xw = sitk.GetArrayFromImage(sitk.Resample(img, img, t, sitk.sitkLinear, 0.0))
+    yw = sitk.GetArrayFromImage(sitk.Resample(lab, lab, t, sitk.sitkNearestNeighbor, 0))
+    return xw.astype(np.float32), yw.astype(y.dtype)
+
+
+def gamma_contrast(x: np.ndarray, rng: np.random.Generator, max_log: float) -> np.ndarray:
+    """``x ** g`` with log g uniform in +-``max_log``: a nonlinear change of contrast.
+
+    Why: the MedSeg slices came through a lung-window JPEG whose gray-to-HU map is one estimate for all of
+    them; faint ground glass sits where that map is least certain, and gain and offset alone keep its shape.
+    """
+    return np.clip(x, 0.0, 1.0) ** float(np.exp(rng.uniform(-max_log, max_log)))
+
+
+def augment_lesion(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, crop: int = 0, elastic: float = 0.0,
+                   gamma: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented copy: crop, orientation, geometry, kernel, intensity and (correlated) noise.
+
+    ``elastic``: probability of a smooth random warp; ``gamma``: the largest |log g| of a contrast change. At 0
+    neither draws a random number, so earlier recipes repeat bit for bit.
+    """
     if crop:
         x, y = random_crop(x, y, crop, rng)
     x, y = dihedral(x, y, rng)
+    if elastic and rng.random() < elastic:
+        x, y = elastic_warp(x, y, rng)
+    if gamma:
+        x = gamma_contrast(x, rng, gamma)
     x = _kernel(x, rng)
     if rng.random() < 0.3:
         x = x + _correlated_noise(x.shape, rng, float(rng.uniform(0.005, 0.03)))
@@ -328,7 +362,7 @@ def augment_lesion(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, crop:
 
 
 __all__ = ["CACHE", "GrayMap", "MEDSEG_TEST", "MEDSEG_TRAIN", "MedsegItem", "augment_lesion", "calibrate",
-           "dihedral", "epoch_indices", "lung_region", "medseg_input", "medseg_samples", "normal_slices",
+           "dihedral", "elastic_warp", "epoch_indices", "gamma_contrast", "lung_region", "medseg_input", "medseg_samples", "normal_slices",
            "paste_lesions", "phantom_lung_slices",
            "phantom_samples", "phantom_spec_args", "phantom_volume", "random_crop", "read_medseg", "read_medseg_train",
            "training_phantom_seeds"]

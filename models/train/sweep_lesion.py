@@ -154,8 +154,9 @@ class Stage1:
 
 
 def run_recipe(runner: Runner, pool: ThreadPoolExecutor, stage1: Stage1, out: Path, recipe: dict[str, Any],
-               k: int) -> None:
-    """Stage 1 (chained, shared), then the k CV folds and the final model in parallel; finished parts are kept."""
+               k: int, final: bool = True) -> None:
+    """Stage 1 (chained, shared), then the k CV folds and (``final``) the final model in parallel; finished parts
+    are kept."""
     init = stage1.weights(runner, recipe["stage1"])
     if init is None:
         return
@@ -164,7 +165,7 @@ def run_recipe(runner: Runner, pool: ThreadPoolExecutor, stage1: Stage1, out: Pa
     s2 = [*recipe["stage2"], "--init", str(init)]
     futures = [pool.submit(runner.run, out / "cv", [*s2, "--cv", str(k), "--fold", str(f)], f"fold{f}")
                for f in range(1, k + 1) if not (out / "cv" / f"cv-fold{f}.json").is_file()]
-    if not (out / "final" / "weights.pt").is_file():  # written last
+    if final and not (out / "final" / "weights.pt").is_file():  # written last
         futures.append(pool.submit(runner.run, out / "final", s2))
     for fut in futures:
         fut.result()
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds from the start (phantom cache included) after which no run starts and running "
                          "ones stop; the summary is still written and packed. Leave a device call's limit a minute more")
+    ap.add_argument("--folds-only", action="store_true",
+                    help="run the CV folds but not the final networks (train those elsewhere, e.g. on the CPU)")
     ap.add_argument("--pack", type=Path, default=None, help="also write the small outputs to this tar.gz")
     a = ap.parse_args(argv)
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(a.jobs, a.device, a.deadline, log, t0)
     stage1 = Stage1(a.out)
     with ThreadPoolExecutor(len(names) * (k + 2)) as pool:
-        recipes = [pool.submit(run_recipe, runner, pool, stage1, a.out / n, plan["recipes"][n], k) for n in names]
+        recipes = [pool.submit(run_recipe, runner, pool, stage1, a.out / n, plan["recipes"][n], k,
+                               not a.folds_only) for n in names]
         for fut in recipes:
             fut.result()
     summary = {n: cv_summary(a.out / n / "cv") for n in names}

@@ -117,8 +117,8 @@ def _sample(phantom: SliceSet, med: SliceSet, source: str, k: int, paste: float,
 
 def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: int, base: int, batch: int,
         lr: float, reps: int, n_ph: int, crop: int = 0, depth: int = 3, init: Path | None = None,
-        device: str = "cpu", normal_share: float = 0.0, dice: str = "batch", paste: float = 0.0, log=print,
-        fold_eval=None) -> tuple[UNet2D, list[dict[str, Any]]]:
+        device: str = "cpu", normal_share: float = 0.0, dice: str = "batch", paste: float = 0.0,
+        elastic: float = 0.0, gamma: float = 0.0, log=print, fold_eval=None) -> tuple[UNet2D, list[dict[str, Any]]]:
     """Train a U-Net (fresh, or from the ``init`` weights); per epoch log loss, held-out phantom Dice, fold metric.
 
     Augmentation runs on the CPU; only the network's steps go to ``device``. The model comes back on the CPU.
@@ -141,7 +141,8 @@ def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: i
         order = epoch_indices(phantom, len(med), reps, n_ph, rng, normal, normal_share)
         total, n = 0.0, 0
         for i in range(0, len(order), batch):
-            pairs = [augment_lesion(*_sample(phantom, med, s, k, paste, rng), rng, crop) for s, k in order[i:i + batch]]
+            pairs = [augment_lesion(*_sample(phantom, med, s, k, paste, rng), rng, crop, elastic, gamma)
+                     for s, k in order[i:i + batch]]
             xb = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None]).to(device)
             yb = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)).to(device)
             loss = loss_fn(model.logits(xb), yb, dice)
@@ -191,7 +192,7 @@ def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, va
         model, _ = fit(phantom, med, val, log=log, epochs=cfg["epochs"], seed=cfg["seed"], base=cfg["base"],
                        batch=cfg["batch"], lr=cfg["lr"], reps=cfg["reps"], n_ph=cfg["n_ph"], crop=cfg["crop"],
                        depth=cfg["depth"], init=cfg["init"], device=cfg["device"], normal_share=cfg["normal_share"],
-                       dice=cfg["dice"], paste=cfg["paste"],
+                       dice=cfg["dice"], paste=cfg["paste"], elastic=cfg["elastic"], gamma=cfg["gamma"],
                        fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
         if keep is not None:
             export_onnx(model, keep / f"fold{f + 1}.onnx", size)
@@ -279,7 +280,8 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
           base: int = 8, batch: int = 16, lr: float = 3e-3, reps: int = 6, n_ph: int = 240, crop: int = 96,
           medseg: bool = True, cv: int = 0, fold: int = 0, depth: int = 3, slices: int | None = None,
           matrix: int | None = None, init: Path | None = None, device: str = "cpu", keep_folds: bool = False,
-          normal_share: float = 0.0, dice: str = "batch", paste: float = 0.0, log=print) -> dict[str, Any]:
+          normal_share: float = 0.0, dice: str = "batch", paste: float = 0.0, elastic: float = 0.0,
+          gamma: float = 0.0, log=print) -> dict[str, Any]:
     """Cross-validate (``cv`` > 0) or train, export and describe the model in ``out``.
 
     ``slices`` / ``matrix`` fix the phantoms' size (small, fast test runs); by default each seed draws them.
@@ -288,7 +290,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
     cfg = dict(epochs=epochs, seed=seed, phantoms=phantoms, val_phantoms=val_phantoms, size=size, base=base,
                batch=batch, lr=lr, reps=reps, n_ph=n_ph, crop=crop, medseg=medseg, cv=cv, fold=fold, depth=depth,
                slices=slices, matrix=matrix, init=None if init is None else str(init), device=device,
-               normal_share=normal_share, dice=dice, paste=paste)
+               normal_share=normal_share, dice=dice, paste=paste, elastic=elastic, gamma=gamma)
     t0 = time.perf_counter()
     items, gmap, phantom, val = load_data(cfg, log)
     log(f"data: {len(phantom)} phantom slices ({phantoms} phantoms), {len(items)} MedSeg slices, "
@@ -304,7 +306,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
                                                                      np.zeros((0, size, size), np.uint8), [])
     model, history = fit(phantom, med, val, epochs=epochs, seed=seed, base=base, batch=batch, lr=lr, reps=reps,
                          n_ph=n_ph, crop=crop, depth=depth, init=init, device=device, normal_share=normal_share,
-                         dice=dice, paste=paste, log=log)
+                         dice=dice, paste=paste, elastic=elastic, gamma=gamma, log=log)
     onnx_path = out / "model.onnx"
     export_onnx(model, onnx_path, size)
     err = parity(model, onnx_path, val.x[:16])
@@ -323,12 +325,15 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
         "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "medseg_reps_per_epoch": reps,
         "phantom_slices_per_epoch": n_ph, **({"normal_series_share": normal_share} if normal_share else {}),
         **({"medseg_lesion_paste_p": paste} if paste else {}),
+        **({"elastic_warp_p": elastic} if elastic else {}), **({"gamma_max_abs_log": gamma} if gamma else {}),
         "train_crop": crop, "base_channels": base, "depth": depth,
         "parameters": n_params(model), "device": device,
         "loss": f"cross-entropy + soft Dice (GGO, consolidation, infection), {DICE_MODES[dice]}",
         "augmentation": "random crops (lesion-centred 60%), flips and 90-degree turns, scale +-15%, rotation +-15 deg, blur / unsharp masking, "
                         "gain/offset, white and correlated noise"
-                        + (f"; MedSeg lesions pasted into other MedSeg slices (p {paste})" if paste else ""),
+                        + (f"; MedSeg lesions pasted into other MedSeg slices (p {paste})" if paste else "")
+                        + (f"; smooth B-spline warp (p {elastic})" if elastic else "")
+                        + (f"; gamma contrast (|log g| <= {gamma})" if gamma else ""),
         "torch": str(torch.__version__), "seconds": round(time.perf_counter() - t0, 1), "history": history,
     }
     metrics = {"val_phantom_grid_dice": {k.removeprefix("val_phantom_"): v for k, v in history[-1].items()
@@ -367,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="soft Dice pooled over the batch, per training sample, or per sample that has the class")
     ap.add_argument("--paste", type=float, default=0.0,
                     help="probability that a MedSeg training slice gets the lesions of another one pasted in (0: off)")
+    ap.add_argument("--elastic", type=float, default=0.0,
+                    help="probability of a smooth random (B-spline) warp of each training sample (0: off)")
+    ap.add_argument("--gamma", type=float, default=0.0,
+                    help="gamma contrast change of each training sample, |log gamma| up to this (0: off)")
     ap.add_argument("--keep-fold-models", action="store_true",
                     help="with --cv: write each fold's network to --out as fold<i>.onnx (out-of-fold tuning)")
     a = ap.parse_args(argv)
@@ -380,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     train(a.out, epochs=a.epochs, seed=a.seed, phantoms=a.phantoms, val_phantoms=a.val_phantoms, size=a.size,
           base=a.base, batch=a.batch, lr=a.lr, reps=a.medseg_reps, n_ph=a.phantom_slices, crop=a.crop, medseg=not a.no_medseg,
           cv=a.cv, fold=a.fold, depth=a.depth, init=a.init, device=a.device, keep_folds=a.keep_fold_models,
-          normal_share=a.normal_share, dice=a.dice, paste=a.paste,
+          normal_share=a.normal_share, dice=a.dice, paste=a.paste, elastic=a.elastic, gamma=a.gamma,
           log=lambda s: print(s, flush=True))
     return 0
 

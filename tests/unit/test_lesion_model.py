@@ -197,6 +197,11 @@ def test_sweep_runs_a_shared_stage_one_once_and_keeps_finished_runs(tmp_path: Pa
         for name, recipe in recipes.items():
             run_recipe(fake, pool, Stage1(tmp_path), tmp_path / name, recipe, 2)  # type: ignore[arg-type]
     assert [where for where, _ in fake.runs] == ["cv/fold2"]
+    fake.runs.clear()
+    with ThreadPoolExecutor(8) as pool:  # --folds-only: the CV folds, never a final network
+        run_recipe(fake, pool, Stage1(tmp_path), tmp_path / "C", {**recipes["A"], "stage2": ["--epochs", "2"]}, 2,
+                   final=False)  # type: ignore[arg-type]
+    assert sorted(where for where, _ in fake.runs) == ["cv/fold1", "cv/fold2"]
 
 
 def test_sweep_deadline_counts_from_the_sweep_start(tmp_path: Path) -> None:
@@ -266,6 +271,53 @@ def test_pasted_lesions_land_only_in_the_lung_with_their_labels() -> None:
     assert pasted == 8
     xs, ys = paste_lesions(x, y, x, y, np.random.default_rng(0))  # a source without lesions changes nothing
     assert np.array_equal(xs, x) and np.array_equal(ys, y)
+
+
+def test_elastic_warp_moves_image_and_labels_together_and_smoothly() -> None:
+    from models.train.data_lesion import elastic_warp
+
+    size = 128  # the training crop
+    x = np.zeros((size, size), np.float32)
+    y = np.zeros((size, size), np.uint8)
+    x[40:88, 24:60], y[40:88, 24:60] = 0.45, 1  # ground glass
+    x[48:80, 72:104], y[48:80, 72:104] = 0.9, 2  # consolidation
+    moved = 0
+    for seed in range(6):
+        xw, yw = elastic_warp(x, y, np.random.default_rng(seed))
+        assert xw.shape == x.shape and xw.dtype == np.float32 and yw.dtype == np.uint8
+        assert set(np.unique(yw).tolist()) <= {0, 1, 2}
+        assert (yw[xw > 0.89] == 2).all()  # nothing else is that bright: the labels went where the pixels went
+        assert np.mean(np.abs(xw[yw == 1] - 0.45) < 0.01) > 0.8  # edges aside, ground glass kept its pixels
+        assert np.mean(xw[yw == 2] > 0.89) > 0.8
+        for label in (1, 2):  # a smooth warp: the lesion's area changes by less than a quarter
+            assert abs(int((yw == label).sum()) - int((y == label).sum())) < (y == label).sum() / 4
+        moved += not np.array_equal(yw, y)
+    assert moved == 6
+
+
+def test_gamma_contrast_keeps_order_and_range() -> None:
+    from models.train.data_lesion import gamma_contrast
+
+    x = np.linspace(0.0, 1.0, 101, dtype=np.float32)
+    for seed in range(5):
+        g = gamma_contrast(x, np.random.default_rng(seed), 0.25)
+        assert g[0] == 0.0 and g[-1] == 1.0 and (np.diff(g) > 0).all()
+        assert 0.5 ** np.exp(0.25) - 1e-6 <= g[50] <= 0.5 ** np.exp(-0.25) + 1e-6
+
+
+def test_extra_augmentation_switched_off_draws_no_random_numbers() -> None:
+    from models.train.data_lesion import augment_lesion
+
+    rng = np.random.default_rng(0)
+    x = rng.random((48, 48)).astype(np.float32)
+    y = (rng.random((48, 48)) > 0.8).astype(np.uint8)
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    plain = augment_lesion(x, y, a, 32)
+    off = augment_lesion(x, y, b, 32, elastic=0.0, gamma=0.0)
+    assert np.array_equal(plain[0], off[0]) and np.array_equal(plain[1], off[1])
+    assert a.random() == b.random()  # the streams stayed in step: earlier recipes repeat bit for bit
+    on = augment_lesion(x, y, np.random.default_rng(7), 32, elastic=1.0, gamma=0.25)
+    assert not np.array_equal(on[0], plain[0])
 
 
 def _background_but_a_found_large_lesion(torch: Any) -> Any:  # torch is imported only where it is installed
