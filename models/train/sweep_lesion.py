@@ -21,7 +21,8 @@ phantom cache (68 s), recipe E's stage 1 took 87 s and its folds 78 s each; L's 
 running and W20's and W16D4L's had not started (W16D4's folds alone, six processes, took 136 s):
 the whole plan needs roughly 12-15 minutes there. On one NVIDIA H100 (16 cores) with ``--jobs 18``,
 all 18 stage-2 runs of plan b's W16D4, W16D4R and W16D4L at once: 32-epoch folds 355 s, W16D4R's
-(twice the MedSeg slices per epoch) 478 s, W16D4L's 64-epoch folds 57 epochs in 490 s. Where a
+(twice the MedSeg slices per epoch) 478 s, W16D4L's 64-epoch folds 57 epochs in 490 s; with ``--jobs 20
+--folds-only``, 20 W16D4-sized folds at once (plan elastic-gamma) in 360-400 s after an 18 s phantom cache. Where a
 session's time is shorter, give ``--deadline`` (counted from the start, phantom cache included;
 what finished is summarised and packed) and run again into the same DIR: finished stage-1 chains,
 folds and final models are kept, not rerun.
