@@ -34,6 +34,9 @@ from node.send.sender import Sender
 
 log = logging.getLogger(__name__)
 
+# What SIGHUP does: logrotate sends it by habit, and the default would end the node without a word.
+HANGUP_ACTION = "none: the log file is reopened by itself when moved; restart the node to apply a changed configuration"
+
 
 class Node:
     """The receiving side of lungnode, started and stopped as one unit."""
@@ -156,8 +159,12 @@ def serve(config: Config, config_path: Path | None = None) -> int:
         log.info(kv("signal_received", signal=signal.Signals(signum).name))
         stop.set()
 
+    def _hangup(signum: int, _frame: FrameType | None) -> None:
+        log.info(kv("signal_received", signal="SIGHUP", action=HANGUP_ACTION))
+
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
+    signal.signal(signal.SIGHUP, _hangup)
     log.info(kv("node_ready", ae_title=config.dicom.ae_title, port=node.port))
     workers = WorkerPool(config, config_path)
     workers.start()

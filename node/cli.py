@@ -22,6 +22,13 @@ Reference models, not cleared for clinical use.
 """
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
 def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", type=Path, metavar="FILE", help="YAML configuration (default: embedded defaults)")
 
@@ -39,11 +46,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from node.pipeline.infer import manifests_problem
     from node.tls import check_tls
 
-    cfg = load_config(args.file)
+    path = args.file or args.config
+    if path is None:
+        raise LungnodeError("check-config needs the file to check: lungnode check-config FILE")
+    cfg = load_config(path)
     check_tls(cfg)
-    print(f"{args.file}: valid")
+    if cfg.workers.count and (problem := manifests_problem(cfg.inference)):
+        raise LungnodeError(f"{path}: inference: {problem} (the node would receive but analyse nothing; details: "
+                            f"lungnode models --config {path} verify)")
+    print(f"{path}: valid")
     if args.show:
         print(json.dumps(cfg.redacted(), indent=2, sort_keys=True))
     return 0
@@ -88,11 +102,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
         engine.dispose()
     scope = f"job {args.job}" if args.job is not None else "all jobs"
     if not requeued:
-        print(f"no failed sends for {scope}: nothing requeued")
+        print(f"no failed or waiting sends for {scope}: nothing requeued")
         return 0
     for dest, n in requeued:
-        print(f"requeued {n} failed send(s) to {dest} ({scope}); a running node sends them within "
-              f"sending.poll_interval_s")
+        print(f"requeued {n} failed or waiting send(s) to {dest} ({scope}), with a fresh set of attempts; a running "
+              f"node sends them within sending.poll_interval_s")
     return 0
 
 
@@ -182,21 +196,45 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.set_defaults(func=cmd_process)
 
-    p = sub.add_parser("check-config", help="validate a configuration file and exit (0 valid, 2 invalid)")
-    p.add_argument("file", type=Path, help="the YAML file to check")
+    p = sub.add_parser(
+        "check-config", help="validate a configuration file and exit (0 valid, 2 invalid)",
+        description="Validate a configuration file as serve would read it (embedded defaults, the file, then "
+        "LUNGNODE_* environment variables): every key and value, the TLS certificates and keys, and, where this "
+        "node runs workers (workers.count > 0), the model folders it names (manifest, file hash, role). "
+        "Exit status: 0 valid, 2 invalid (every problem is printed, naming its key or environment variable).",
+    )
+    p.add_argument("file", type=Path, nargs="?", help="the YAML file to check")
+    p.add_argument("--config", "-c", type=Path, metavar="FILE", help="the same, as the other commands take it")
     p.add_argument("--show", action="store_true", help="print the effective configuration after defaults and environment")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("status", help="recent studies, series and jobs with their states")
+    p = sub.add_parser(
+        "status", help="recent studies, series and jobs with their states",
+        description="Read the node's database (storage.database_url; the node need not run) and list the most "
+        "recent series, newest first: when the last image came, the series state (receiving, complete), its "
+        "revision (late images open a new one), instances, origin (modality: analysed; own_output: our results "
+        "coming back; other) and its latest job as #ID STATE (queued, running, done, rejected: refused by "
+        "selection or QA with its reason, failed, superseded: a newer revision answers for the series). Then the "
+        "results to send per destination, counted by state (pending, sending, sent, committed, failed, "
+        "superseded), with the last error. Job ids are what lungnode retry takes. Exit status: 0, or 2 when "
+        "there is no database.",
+    )
     _config_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--limit", type=int, default=20, help="how many recent series to list (default 20)")
+    p.add_argument("--limit", type=_positive, default=20, help="how many recent series to list (default 20)")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("retry", help="requeue failed result sends: lungnode retry JOB | lungnode retry --failed")
+    p = sub.add_parser(
+        "retry", help="send results again now: lungnode retry JOB | lungnode retry --failed",
+        description="Requeue result sends that gave up (state failed, after sending.max_attempts or a refusal) with "
+        "a fresh set of attempts, and make those still waiting for their next attempt due now: run it once a "
+        "destination is back. Sends that were superseded by a newer revision of their series are not requeued. "
+        "The job ids are in lungnode status and in the event=send_failed log lines (jobs=...). Exit status: 0 "
+        "done (also when there was nothing to requeue), 2 no such job or database.",
+    )
     _config_arg(p)
-    p.add_argument("job", type=int, nargs="?", help="requeue the failed sends of this job id")
-    p.add_argument("--failed", action="store_true", help="requeue every failed send")
+    p.add_argument("job", type=int, nargs="?", help="requeue the failed or waiting sends of this job id")
+    p.add_argument("--failed", action="store_true", help="requeue every failed or waiting send of every job")
     p.set_defaults(func=cmd_retry)
 
     p = sub.add_parser(

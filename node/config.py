@@ -50,14 +50,30 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _host(value: str) -> str:
+    """A host name or IP address: an empty one would make the socket layer pick this machine."""
+    if not re.fullmatch(r"[A-Za-z0-9._:-]{1,253}", value):
+        raise ValueError(f"{value!r} is not a host name or IP address (e.g. pacs.hospital.local or 10.0.0.5)")
+    return value
+
+
+Host = Annotated[str, AfterValidator(_host)]
+
+
 class AllowedCaller(Strict):
     """A calling AE title that may associate, optionally only from one host address."""
 
     ae_title: AETitle
-    host: str | None = Field(default=None, description="IP address the caller must come from; any when unset")
+    host: Host | None = Field(default=None, description="IP address the caller must come from; any when unset")
     certificate_cn: str | None = Field(
         default=None, description="with dicom.tls: common name the caller's certificate must carry; any when unset"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_title(cls, data: Any) -> Any:
+        """``allowed_callers: [PACS, CT1]``: a bare AE title is a caller from any host, as an admin would write it."""
+        return {"ae_title": data} if isinstance(data, str) else data
 
 
 def _existing_file(path: Path | None) -> Path | None:
@@ -277,7 +293,7 @@ class Destination(Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     ae_title: AETitle
-    host: str
+    host: Host
     port: int = Field(ge=1, le=65535)
     objects: list[OutputKind] = Field(
         default_factory=lambda: list(_ALL_KINDS),

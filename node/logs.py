@@ -7,10 +7,13 @@ titles are logged because IT needs them to trace a study through the PACS.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import pydicom.config
 
 _PHI = {"enabled": False}
 
@@ -27,7 +30,9 @@ def setup_logging(level: str = "INFO", file: Path | None = None, include_phi: bo
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(file, encoding="utf-8"))
+        # Watched: when logrotate (or an admin) moves the file away, every process opens a new one by itself,
+        # with no signal needed and none of the node's processes writing on into the moved file.
+        handlers.append(logging.handlers.WatchedFileHandler(file, encoding="utf-8"))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -36,6 +41,9 @@ def setup_logging(level: str = "INFO", file: Path | None = None, include_phi: bo
         h.addFilter(_library_lines)
         root.addHandler(h)
     root.setLevel(level)
+    # pydicom warns about a malformed value by quoting it (a birth date, a name): patient data on stderr. The
+    # node checks what it uses itself and names attributes, never values.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     # pynetdicom logs every PDU at INFO/DEBUG; keep its warnings and errors only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -51,13 +59,21 @@ def _library_lines(record: logging.LogRecord) -> bool:
     return True
 
 
+def _one_line(text: str) -> str:
+    """Control characters (a driver's multi-line message, say) as escapes: one event stays one line to grep."""
+    if text.isprintable():
+        return text
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    return "".join(c if c.isprintable() else named.get(c, f"\\x{ord(c):02x}") for c in text)
+
+
 def kv(event: str, **fields: Any) -> str:
     """Format an event and its fields as ``event=name key=value ...`` (values quoted when needed)."""
     parts = [f"event={event}"]
     for key, value in fields.items():
         if value is None:
             continue
-        text = str(value)
+        text = _one_line(str(value))
         if not text or any(c in text for c in ' ="'):
             text = '"' + text.replace('"', "'") + '"'
         parts.append(f"{key}={text}")

@@ -16,6 +16,7 @@ from sqlalchemy import Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.db.jobs import supersede_queued_jobs
 from node.db.models import (
     Association,
     AssociationState,
@@ -250,6 +251,7 @@ class IngestLedger:
         if series is not None and series.study_id != study.id:
             raise _other_study(h)
         new_revision = False
+        superseded = 0
         if series is None:
             origin = origin_of(h, own_output=own_output)
             series = Series(
@@ -277,6 +279,7 @@ class IngestLedger:
             new_revision = True
             s.add(Event(kind="series_revision_opened", series_id=series.id, association_id=association_id,
                         message=f"late instance after completion opens revision {series.revision}"))
+            superseded = supersede_queued_jobs(s, series_id=series.id, revision=series.revision, now=now)
 
         s.add(
             Instance(
@@ -295,7 +298,8 @@ class IngestLedger:
         series.instance_count += 1
         series.last_received_at = now
         if new_revision:
-            log.info(kv("series_revision_opened", series=h.series_instance_uid, revision=series.revision))
+            log.info(kv("series_revision_opened", series=h.series_instance_uid, revision=series.revision,
+                        jobs_superseded=superseded or None))
         return Recorded(Outcome.stored, series.id, series.revision, new_revision, patient_id=study.patient_id)
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.models import Event, Job, JobState, utcnow
+from node.db.models import Event, Job, JobState, Series, utcnow
 from node.logs import kv
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,14 @@ class JobQueue:
                 return False
             job = s.get(Job, job_id)
             assert job is not None
-            if also is not None:
+            newer = s.scalar(select(Series.revision).where(Series.id == job.series_id))
+            if newer is not None and newer > job.revision:
+                # The sender would put stale results beside the newer revision's: keep them in the spool only.
+                error = (f"{state.value}, but revision {newer} of the series arrived while it ran: its results stay "
+                         f"in the spool and are not sent (the job of revision {newer} answers for the series)")
+                state = job.state = JobState.superseded
+                job.error = error
+            elif also is not None:
                 also(s)
             s.add(Event(kind=f"job_{state.value}", level="error" if state == JobState.failed else "info",
                         job_id=job_id, series_id=job.series_id, message=error or state.value, data=timings))
@@ -126,3 +133,17 @@ class JobQueue:
                     job.worker = None
                 log.warning(kv("job_stalled", job=job.id, worker=stalled_worker, new_state=job.state.value))
         return count
+
+
+def supersede_queued_jobs(s: Session, *, series_id: int, revision: int, now: dt.datetime) -> int:
+    """Queued jobs of a series' older revisions end as ``superseded`` once ``revision`` opens (in the caller's
+    transaction): the new revision's job reads every instance, and an older one's results must not be sent."""
+    jobs = s.scalars(select(Job).where(Job.series_id == series_id, Job.revision < revision,
+                                       Job.state == JobState.queued)).all()
+    for job in jobs:
+        job.state = JobState.superseded
+        job.finished_at = now
+        job.error = f"revision {revision} of the series arrived before it ran: not analysed"
+        s.add(Event(kind="job_superseded", job_id=job.id, series_id=series_id, message=job.error))
+    return len(jobs)
+

@@ -75,6 +75,9 @@ class JobState(str, enum.Enum):
     done = "done"
     rejected = "rejected"  # refused by selection/QA, with a recorded reason
     failed = "failed"
+    # A newer revision of its series arrived before its results went out: that revision's job answers for the
+    # series (it reads every instance), so this one's results stay in the spool and are not sent.
+    superseded = "superseded"
 
 
 def _enum(e: type[enum.Enum], name: str) -> Enum:
@@ -186,6 +189,7 @@ class SendState(str, enum.Enum):
     sent = "sent"  # C-STORE answered success or warning (last_status); final unless storage commitment is asked
     committed = "committed"  # the destination confirmed storage commitment: delivered
     failed = "failed"  # gave up after sending.max_attempts or a permanent refusal; `lungnode retry` requeues
+    superseded = "superseded"  # not sent: a newer revision of the series arrived first (its job sends its own)
 
 
 class OutboxItem(Base):

@@ -24,10 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from pydicom import config
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import DA, DT, TM, validate_value
 
 from node.config import InferenceSettings, OutputsSettings
-from node.logs import kv
+from node.logs import kv, phi
 from node.outputs.codes import STRUCTURES, ModelRole
 from node.outputs.keyimage import build_key_images
 from node.outputs.seg import AlgorithmInfo, OutputError, SegmentSpec, build_seg, read_source_headers
@@ -43,6 +46,40 @@ log = logging.getLogger(__name__)
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 OUTPUTS_FILE = "outputs.json"
+
+#: Patient and study values the outputs copy from the source images (highdicom's patient, study and
+#: general-study modules). One the standard's value representation does not allow stops highdicom.
+COPIED_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime",
+                   "PatientSex", "PatientAge", "PatientSize", "PatientWeight", "StudyDate", "StudyTime", "StudyID",
+                   "AccessionNumber", "ReferringPhysicianName", "StudyDescription")
+
+
+def _value_problem(vr: str, value: object) -> bool:
+    """True where ``value`` is not valid for ``vr`` (a date written 1961-03-15, a sex written m)."""
+    texts = [str(v) for v in value] if isinstance(value, (list, tuple, MultiValue)) else [str(value)]
+    try:
+        for text in texts:
+            if text and vr in ("DA", "TM", "DT"):
+                {"DA": DA, "TM": TM, "DT": DT}[vr](text)
+            validate_value(vr, text, config.RAISE)
+    except (ValueError, TypeError, OverflowError):
+        return True
+    return False
+
+
+def clean_copied_values(headers: Mapping[str, Dataset]) -> list[str]:
+    """Leave empty, in these in-memory headers, the copied values the standard does not allow; returns their
+    keywords. The outputs then carry the attribute empty (all are type 2 there) instead of not being written."""
+    dropped: set[str] = set()
+    for ds in headers.values():
+        for keyword in COPIED_KEYWORDS:
+            if keyword not in ds or ds[keyword].value in (None, ""):
+                continue
+            element = ds[keyword]
+            if _value_problem(element.VR, element.value):
+                element.value = ""
+                dropped.add(keyword)
+    return sorted(dropped)
 Kind = Literal["seg", "sr", "key_image"]
 ROLES: tuple[ModelRole, ...] = ("lung", "lesion", "diagnosis")
 
@@ -160,6 +197,9 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
     timings: dict[str, float] = {}
     headers = {uid: ds for uid, ds in read_source_headers(source_paths).items()
                if str(ds.get("SeriesInstanceUID", "")) == analysis.series_instance_uid}
+    if dropped := clean_copied_values(headers):  # the values themselves are patient data: names only
+        log.warning(kv("source_values_left_empty", series=analysis.series_instance_uid, attributes=",".join(dropped),
+                       reason="not valid for their value representation in the source images"))
     objects: list[WrittenObject] = []
     skipped = analysis.status == "rejected" and any(f.code.startswith("selection_") for f in analysis.qa)
     if skipped and not settings.sr_for_skipped_series:
@@ -195,8 +235,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
             log.warning(kv("seg_skipped", series=analysis.series_instance_uid, reason=str(exc)))
         except Exception as exc:  # a bug in one object must not cost the others (the SR says what was found)
             seg_ds = None
-            log.exception(kv("output_failed", kind="seg", series=analysis.series_instance_uid,
-                             error=f"{type(exc).__name__}: {exc}"))
+            _failed(analysis, "seg", exc)
         timings["seg"] = time.perf_counter() - t0
     if settings.sr:
         t0 = time.perf_counter()
@@ -210,8 +249,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
                           device_serial_number=settings.device_serial_number)
             objects.append(_save(sr, out_dir, "sr.dcm", "sr"))
         except Exception as exc:  # see the SEG above
-            log.exception(kv("output_failed", kind="sr", series=analysis.series_instance_uid,
-                             error=f"{type(exc).__name__}: {exc}"))
+            _failed(analysis, "sr", exc)
         timings["sr"] = time.perf_counter() - t0
     if settings.key_images and masks_ready:
         assert volume is not None and analysis.lungs is not None and analysis.lesions is not None
@@ -224,8 +262,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
                                       count=settings.key_image_count)
             objects.extend(_save(sc, out_dir, f"key_image_{n}.dcm", "key_image") for n, sc in enumerate(images, 1))
         except Exception as exc:  # see the SEG above
-            log.exception(kv("output_failed", kind="key_image", series=analysis.series_instance_uid,
-                             error=f"{type(exc).__name__}: {exc}"))
+            _failed(analysis, "key_image", exc)
         timings["key_images"] = time.perf_counter() - t0
     write_manifest(out_dir, objects)
     analysis.timings_s.update({f"output_{k}": v for k, v in timings.items()})  # recorded with the job
@@ -233,4 +270,13 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
                 objects=",".join(o.kind for o in objects) or "none",
                 **{f"{k}_s": f"{v:.2f}" for k, v in timings.items()}))
     return objects
+
+
+def _failed(analysis: Analysis, kind: str, exc: Exception) -> None:
+    """Record an output that could not be built. Its message may quote a header value (patient data), so it is
+    logged only where logging.include_phi allows; the traceback goes to DEBUG."""
+    analysis.output_errors.append(f"{kind}: {type(exc).__name__}")
+    log.error(kv("output_failed", kind=kind, series=analysis.series_instance_uid,
+                 error=f"{type(exc).__name__}: {phi(exc)}"))
+    log.debug("output_failed traceback", exc_info=exc)
 

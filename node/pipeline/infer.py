@@ -437,6 +437,17 @@ def get_model(settings: InferenceSettings, which: Which) -> Model:
     return model
 
 
+def manifests_problem(settings: InferenceSettings) -> str | None:
+    """Why a configured model folder cannot play its role (manifest, file hash, role), without loading the networks:
+    what ``check-config`` can say in a second, with no GPU touched."""
+    try:
+        for role in ("lung", "lesion", "diagnosis"):
+            check_role(load_manifest(settings.models_dir / model_name(settings, role)), role)
+    except LungnodeError as exc:
+        return str(exc)
+    return None
+
+
 def models_problem(settings: InferenceSettings) -> str | None:
     """Why the configured models cannot run, or None when all three load."""
     try:

@@ -1,13 +1,16 @@
 """``lungnode process``: the analysis path offline, on a folder of DICOM files.
 
-The folder may hold one series or a whole study (any layout, non-DICOM files ignored). Series are
-grouped by SeriesInstanceUID, the selection rules pick the best one, and it is analysed exactly as
-a worker would; ``DIR/result.json`` says what happened, including why the other series were skipped,
-and the DICOM outputs (SEG, SR, key images) are written beside it, listed in ``DIR/outputs.json``.
+The folder may hold one series or a whole study (any layout, non-DICOM files ignored); images of
+several studies are refused, since one result must not mix patients. Series are grouped by
+SeriesInstanceUID, the selection rules pick the best one, and it is analysed exactly as a worker
+would; ``DIR/result.json`` says what happened, including why the other series were skipped, and the
+DICOM outputs (SEG, SR, key images) are written beside it, listed in ``DIR/outputs.json``. A
+previous run's outputs in ``DIR`` are removed first, so nothing there belongs to another study.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -18,9 +21,9 @@ from pydicom.errors import InvalidDicomError
 from node.config import Config
 from node.errors import LungnodeError
 from node.logs import kv
-from node.outputs.write import manifests_for, write_outputs
+from node.outputs.write import OUTPUTS_FILE, manifests_for, write_outputs
 from node.pipeline.infer import InferenceDeviceError, choose_providers, models_problem
-from node.pipeline.runner import Analysis, analyse_series
+from node.pipeline.runner import RESULT_FILE, Analysis, analyse_series
 from node.pipeline.select import SeriesHeader, choose
 from node.pipeline.volume import QAFlag
 
@@ -33,6 +36,7 @@ def scan(root: Path) -> dict[str, tuple[SeriesHeader, list[Path]]]:
     """Every DICOM image under ``root`` grouped by series, with a header summary per series."""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    studies: set[str] = set()
     ignored = 0
     for path in files:
         try:
@@ -44,9 +48,13 @@ def scan(root: Path) -> dict[str, tuple[SeriesHeader, list[Path]]]:
             ignored += 1
             continue
         groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+        studies.add(str(ds.get("StudyInstanceUID", "")))
     if ignored:
         print(f"  ignored {ignored} of {len(files)} files: not DICOM images (or no Series Instance UID)",
               file=sys.stderr)
+    if len(studies) > 1:
+        raise LungnodeError(f"{root} holds images of {len(studies)} studies (Study Instance UIDs): give lungnode "
+                            "process one study at a time, e.g. one folder per study")
     out = {}
     for uid, members in groups.items():
         header = SeriesHeader.from_dataset(members[0][1], slice_count=len(members))
@@ -62,6 +70,27 @@ def check_paths(input_path: Path, out_dir: Path) -> None:
         raise LungnodeError(f"--out {out_dir} is a file: give a folder for result.json and the DICOM outputs")
 
 
+def clear_previous_run(out_dir: Path) -> int:
+    """Remove what an earlier run wrote to ``out_dir``: its result.json, outputs.json and the objects that lists.
+
+    Why: a DICOM object left there from another study beside this run's result.json could be sent on or
+    read as this study's. Files the node did not list are left alone. Returns how many files were removed.
+    """
+    listing = out_dir / OUTPUTS_FILE
+    names = [RESULT_FILE, OUTPUTS_FILE]
+    try:
+        names += [str(o["file"]) for o in json.loads(listing.read_text(encoding="utf-8")).get("objects", [])]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass  # no earlier run, or a listing that is not ours: only the two fixed names are removed
+    removed = 0
+    for name in names:
+        path = (out_dir / name).resolve()
+        if path.parent == out_dir.resolve() and path.is_file():
+            path.unlink()
+            removed += 1
+    return removed
+
+
 def process(input_path: Path, out_dir: Path, config: Config) -> int:
     """Run the whole path on ``input_path`` and write ``out_dir/result.json``; returns the exit code."""
     def progress(step: str) -> None:
@@ -73,6 +102,8 @@ def process(input_path: Path, out_dir: Path, config: Config) -> int:
         raise LungnodeError(f"{problem}. Check the models with lungnode models verify (with the same --config)")
     print(f"scanning {input_path}", file=sys.stderr)
     series = scan(input_path)
+    if out_dir.is_dir() and (removed := clear_previous_run(out_dir)):
+        print(f"  removed {removed} files of an earlier run from {out_dir}", file=sys.stderr)
     if not series:
         analysis = Analysis(status="rejected", series_instance_uid="", reason=f"no DICOM images found in {input_path}")
         analysis.write(out_dir)

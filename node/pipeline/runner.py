@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 Status = Literal["ok", "rejected", "failed"]
 Progress = Callable[[str], None]
 NOT_FOR_CLINICAL_USE = "Results of reference models that are not cleared for clinical use."
+RESULT_FILE = "result.json"
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Analysis:
     volume: Volume | None = None
     lungs: np.ndarray | None = None  # canonical (z, y, x) label map, 1 right / 2 left
     lesions: np.ndarray | None = None  # canonical label map, 1 ground glass / 2 consolidation
+    output_errors: list[str] = field(default_factory=list)  # DICOM outputs that could not be built ("seg: X")
 
     def result_json(self) -> dict[str, Any]:
         m = self.measurements.as_dict() if self.measurements else {}
@@ -79,7 +81,7 @@ class Analysis:
 
     def write(self, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "result.json"
+        path = out_dir / RESULT_FILE
         path.write_text(json.dumps(self.result_json(), indent=2) + "\n", encoding="utf-8")
         return path
 

@@ -157,9 +157,18 @@ class Worker:
         _, paths = _series_files(self.sessions, job)
         predecessor = previous_sr(self.sessions, series_id=job.series_id, revision=job.revision,
                                   results_dir=lambda job_id: results_dir(self.config, job_id))
-        write_outputs(analysis, out_dir=staged.parent, source_paths=paths, settings=self.config.outputs,
-                      revision=job.revision, manifests=manifests_for(self.config.inference, analysis),
-                      predecessor=predecessor)
+        objects = write_outputs(analysis, out_dir=staged.parent, source_paths=paths, settings=self.config.outputs,
+                                revision=job.revision, manifests=manifests_for(self.config.inference, analysis),
+                                predecessor=predecessor)
+        error = analysis.reason
+        if analysis.output_errors and state == JobState.done:
+            # The radiologist would get less than the analysis found: a person must look (the reason names the
+            # objects and their errors; event=output_failed has the rest).
+            error = "DICOM outputs not built: " + "; ".join(analysis.output_errors)
+            state = JobState.done if objects else JobState.failed
+            log.error(kv("outputs_incomplete", job=job.job_id, built=len(objects),
+                         failed=",".join(e.split(":")[0] for e in analysis.output_errors),
+                         effect="the built ones are sent" if objects else "nothing to send: job failed"))
         last = [OUTPUTS_FILE, staged.name]
         names = sorted(f.name for f in staged.parent.iterdir() if f.name not in last) + last
         out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +181,7 @@ class Worker:
                 enqueue_results(session, job_id=job.job_id, results_dir=out, destinations=self.config.destinations)
 
         timings = {**self._waits(job), **analysis.result_json()["timings_s"]}
-        self.queue.finish(job.job_id, state, error=analysis.reason, timings=timings, also=queue_for_sending)
+        self.queue.finish(job.job_id, state, error=error, timings=timings, also=queue_for_sending)
 
     def _waits(self, job: Claimed) -> dict[str, float]:
         """Seconds from the last image to the series being complete, and from the job's creation to its start."""
@@ -223,6 +232,7 @@ def worker_process_main(config: Config, parent_pid: int | None = None) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # logrotate's habit; the log file is watched (node.logs)
     if parent_pid is not None:
         threading.Thread(target=_stop_when_orphaned, args=(worker, parent_pid), name="orphan-watch", daemon=True).start()
     worker.preload()

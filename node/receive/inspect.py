@@ -9,7 +9,7 @@ carrying the DICOM status to answer.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import pydicom
@@ -56,6 +56,23 @@ class InstanceHeader:
     study_date: str | None
     manufacturer: str | None
     software_versions: str | None
+
+
+#: The ledger's integer columns are 32-bit (PostgreSQL refuses more); an IS value may hold 12 digits.
+INT32 = range(-2**31, 2**31)
+
+
+def for_ledger(header: InstanceHeader) -> InstanceHeader:
+    """The header with values every ledger database can hold: integers outside 32 bits become unknown, text loses
+    control characters (PostgreSQL refuses a NUL). The file in the spool keeps what was sent."""
+    changes: dict[str, object] = {}
+    for f in fields(header):
+        value = getattr(header, f.name)
+        if isinstance(value, int) and value not in INT32:
+            changes[f.name] = None
+        elif isinstance(value, str) and not value.isprintable():
+            changes[f.name] = "".join(c for c in value if c.isprintable()) or None
+    return replace(header, **changes) if changes else header
 
 
 def _str(ds: Dataset, keyword: str) -> str | None:
@@ -144,7 +161,7 @@ def inspect_instance(
     walk has a doubt about, by pydicom, which names the reason for a refusal.
     ``check_request=False`` skips the comparison with the request (a file found in the spool).
     """
-    header = _walked_header(path) or _pydicom_header(path)
+    header = for_ledger(_walked_header(path) or _pydicom_header(path))
     if not check_request:
         return header
     if header.sop_instance_uid != sop_instance_uid:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.ingest import IngestLedger, Outcome
@@ -55,11 +56,15 @@ def reconcile(spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session
             recorded = ledger.record_instance(
                 header, path=path, size_bytes=path.stat().st_size, association_id=None, own_output=is_own_output(header)
             )
-        except InstanceRejected as rej:
+        except (InstanceRejected, DataError) as exc:
             # Never acknowledged (it has no row), and not a valid instance (e.g. cut by a power loss) or one
-            # the ledger refuses (another study's series): set aside for inspection rather than deleted.
+            # the ledger refuses (another study's series, a value the database cannot hold): set aside for
+            # inspection rather than deleted, and never a reason for the node not to start. A database error's
+            # own message quotes the row's values (patient data): only its class is logged.
             moved = spool.quarantine(path)
-            log.error(kv("reconcile_unreadable", path=path, moved_to=moved, reason=rej.reason))
+            reason = exc.reason if isinstance(exc, InstanceRejected) else (
+                f"a header value cannot be recorded: {type(exc.orig).__name__} from the database")
+            log.error(kv("reconcile_unreadable", path=path, moved_to=moved, reason=reason))
             unreadable += 1
             continue
         if recorded.outcome == Outcome.duplicate:  # the ledger holds this instance at another path

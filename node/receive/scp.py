@@ -39,7 +39,7 @@ from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 
 from node import MANUFACTURER
 from node.config import DicomSettings
@@ -49,6 +49,7 @@ from node.errors import InstanceRejected, LungnodeError
 from node.logs import kv
 from node.receive import tuning
 from node.receive.inspect import (
+    STATUS_CANNOT_PARSE,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     InstanceHeader,
@@ -93,6 +94,7 @@ class _AssocStats:
 
     opened: float = field(default_factory=time.perf_counter)
     stored: int = 0
+    duplicates: int = 0  # acknowledged again: already held (a re-sent study), nothing new stored
     refused: int = 0
     handler_s: float = 0.0
     bytes: int = 0
@@ -145,6 +147,7 @@ class StorageSCP:
         self._allowed = list(settings.allowed_callers)
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=settings.max_associations, thread_name_prefix="spool-io")
+        self._handler = threading.local()  # per association thread: was the instance just handled a duplicate?
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -304,10 +307,11 @@ class StorageSCP:
         except SQLAlchemyError as exc:
             log.error(kv("association_close_not_recorded", assoc=assoc_id, error=exc.__class__.__name__))
         stats: _AssocStats | None = getattr(event.assoc, _ASSOC_STATS, None)
-        if stats is not None and stats.stored + stats.refused:
+        if stats is not None and stats.stored + stats.duplicates + stats.refused:
             wall = time.perf_counter() - stats.opened
-            n = stats.stored + stats.refused
-            log.info(kv(f"association_{state.value}", assoc=assoc_id, stored=stats.stored, refused=stats.refused,
+            n = stats.stored + stats.duplicates + stats.refused
+            log.info(kv(f"association_{state.value}", assoc=assoc_id, stored=stats.stored,
+                        duplicates=stats.duplicates or None, refused=stats.refused,
                         seconds=f"{wall:.2f}", per_s=f"{n / wall:.0f}", mb_per_s=f"{stats.bytes / 1e6 / wall:.0f}",
                         handler_ms_each=f"{1000 * stats.handler_s / n:.2f}"))
         else:
@@ -340,11 +344,14 @@ class StorageSCP:
     def _on_store(self, event: evt.Event) -> int:
         t0 = time.perf_counter()
         size = Path(event.dataset_path).stat().st_size
+        self._handler.duplicate = False
         status = self._handle_store(event, size)
         stats: _AssocStats | None = getattr(event.assoc, _ASSOC_STATS, None)
         if stats is not None:
             stats.handler_s += time.perf_counter() - t0
-            if status == STATUS_SUCCESS:
+            if status == STATUS_SUCCESS and self._handler.duplicate:
+                stats.duplicates += 1
+            elif status == STATUS_SUCCESS:
                 stats.stored += 1
                 stats.bytes += size
             else:
@@ -358,7 +365,13 @@ class StorageSCP:
         received = Path(event.dataset_path)
         data_synced: Future[None] | None = None
         try:
-            self.spool.check_space()
+            try:
+                self.spool.check_space()
+            except InstanceRejected as full:  # ours to fix, not the sender's: a person must free space
+                log.error(kv("store_refused", assoc=assoc_id, sop=sop_uid, status=f"0x{full.status:04X}",
+                             reason=full.reason, fix="free space under storage.spool_dir (retention.received_days "
+                             "deletes processed images) or lower storage.min_free_disk_mb"))
+                return full.status
             # The content fsync needs nothing from the checks and works through a descriptor: start
             # it now, it overlaps the checks and the commit.
             data_synced = self._io.submit(self.spool.sync_data, self.spool.open_received(received))
@@ -399,6 +412,15 @@ class StorageSCP:
             if file_done.exception() is None and file_done.result() is not None:
                 final.unlink(missing_ok=True)
             raise
+        except DataError as exc:
+            # A header value the database cannot hold: the same file would fail again at every start-up
+            # reconciliation, so it is refused and removed like an unreadable one. The driver's message quotes
+            # the row's values (patient data): only the class name is logged.
+            wait([file_done])
+            if file_done.exception() is None and file_done.result() is not None:
+                final.unlink(missing_ok=True)
+            raise InstanceRejected(STATUS_CANNOT_PARSE, "a header value cannot be recorded: "
+                                   f"{type(exc.orig).__name__} from the database") from None
         except BaseException:
             wait([file_done])
             raise
@@ -413,6 +435,7 @@ class StorageSCP:
                 self.ledger.forget_instance(sop_uid)
             raise
         if recorded.outcome == Outcome.duplicate:
+            self._handler.duplicate = True
             if created and recorded.existing_path not in (None, str(final)):
                 # The same SOP Instance UID is held under another series: one instance, one file. The copy
                 # just linked would be an orphan without a row; the ledger's copy stays.

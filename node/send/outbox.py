@@ -26,7 +26,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Destination, OutputKind, SendingSettings
-from node.db.models import Event, OutboxItem, SendState, utcnow
+from node.db.models import Event, Job, OutboxItem, SendState, Series, utcnow
 from node.errors import LungnodeError
 from node.logs import kv
 
@@ -178,17 +178,37 @@ class Outbox:
         return count
 
     def claim(self, destination: str, *, limit: int, now: dt.datetime | None = None) -> list[Claimed]:
-        """Take up to ``limit`` due rows of one destination (oldest first) and mark them ``sending``."""
+        """Take up to ``limit`` due rows of one destination (oldest first) and mark them ``sending``.
+
+        Rows of a job whose series has a newer revision by now are marked ``superseded`` instead: the newer
+        revision's job sends its own results, and a PACS holding both would show two answers for one series.
+        """
         now = now or utcnow()
         with self.sessions.begin() as s:
-            items = s.scalars(
-                select(OutboxItem)
+            found = s.execute(
+                select(OutboxItem, Job.revision, Series.revision)
+                .join(Job, OutboxItem.job_id == Job.id)
+                .join(Series, Job.series_id == Series.id)
                 .where(OutboxItem.destination == destination, OutboxItem.state == SendState.pending,
                        OutboxItem.next_attempt_at <= now)
                 .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
                 .limit(limit)
-                .with_for_update(skip_locked=True)
+                .with_for_update(skip_locked=True, of=OutboxItem)
             ).all()
+            items = [item for item, job_rev, series_rev in found if series_rev <= job_rev]
+            stale = [(item, series_rev) for item, job_rev, series_rev in found if series_rev > job_rev]
+            for job_id in sorted({item.job_id for item, _ in stale}):
+                rows = [(item, rev) for item, rev in stale if item.job_id == job_id]
+                newer = rows[0][1]
+                for item, _ in rows:
+                    item.state = SendState.superseded
+                    item.updated_at = now
+                    item.last_error = f"not sent: revision {newer} of the series arrived first"
+                s.add(Event(kind="send_superseded", job_id=job_id,
+                            message=f"{len(rows)} results for {destination} not sent: revision {newer} of the series "
+                                    f"arrived first (its job sends its own)", data={"destination": destination}))
+                log.info(kv("send_superseded", job=job_id, destination=destination, count=len(rows),
+                            newer_revision=newer))
             claimed = []
             for item in items:
                 item.state = SendState.sending
@@ -323,11 +343,12 @@ class Outbox:
 
 
 def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None) -> list[tuple[str, int]]:
-    """Put ``failed`` rows (all, or one job's) back in the queue with a fresh set of attempts; returns
-    (destination, count) pairs for the operator's message."""
+    """Put ``failed`` rows (all, or one job's) back in the queue with a fresh set of attempts, and make rows
+    waiting for their next attempt due now (an operator who just fixed the destination should not wait out the
+    backoff); returns (destination, count) pairs for the operator's message."""
     now = utcnow()
     with sessions.begin() as s:
-        query = select(OutboxItem).where(OutboxItem.state == SendState.failed)
+        query = select(OutboxItem).where(OutboxItem.state.in_([SendState.failed, SendState.pending]))
         if job_id is not None:
             query = query.where(OutboxItem.job_id == job_id)
         items = s.scalars(query.with_for_update()).all()
@@ -339,7 +360,8 @@ def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None
             item.updated_at = now
             counts[item.destination] = counts.get(item.destination, 0) + 1
         if items:
-            s.add(Event(kind="send_requeued", job_id=job_id, message=f"{len(items)} failed sends requeued by an operator",
+            s.add(Event(kind="send_requeued", job_id=job_id,
+                        message=f"{len(items)} failed or waiting sends requeued by an operator",
                         data=counts))
     for dest, n in sorted(counts.items()):
         log.info(kv("send_requeued", destination=dest, count=n, job=job_id))

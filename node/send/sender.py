@@ -199,19 +199,24 @@ class Sender:
             log.exception(kv("send_batch_error", destination=dest.name))
         left = [item for item in items if item.id not in done]
         if error is not None:
-            log.warning(kv("send_association_failed", destination=dest.name, objects=len(left), reason=error))
-            given_up = 0
+            log.warning(kv("send_association_failed", destination=dest.name, objects=len(left),
+                           jobs=_jobs(left), reason=error))
+            given_up: list[Claimed] = []
             for item in left:
                 state = self.outbox.mark_retry(item.id, error=error)
                 stats["failed" if state == SendState.failed else "retry"] += 1
-                given_up += state == SendState.failed
+                if state == SendState.failed:
+                    given_up.append(item)
             if given_up:  # the end of the retries: what IT alerts on
-                log.error(kv("send_failed", destination=dest.name, objects=given_up, reason=error,
-                             fix="lungnode retry --failed once the destination is back"))
+                jobs = _jobs(given_up)
+                log.error(kv("send_failed", destination=dest.name, objects=len(given_up), jobs=jobs, reason=error,
+                             fix=f"lungnode retry {jobs} once the destination is back" if "," not in jobs
+                             else "lungnode retry --failed once the destination is back"))
         elif left:  # stopped between objects: not an attempt
             self.outbox.release([item.id for item in left])
         if items:
-            log.info(kv("send_batch", destination=dest.name, calling_ae=calling, objects=len(items), sent=stats["sent"],
+            log.info(kv("send_batch", destination=dest.name, calling_ae=calling, jobs=_jobs(items), objects=len(items),
+                        sent=stats["sent"],
                         retry=stats["retry"], failed=stats["failed"], seconds=f"{time.perf_counter() - started:.2f}"))
         return len(items)
 
@@ -240,3 +245,9 @@ class Sender:
         log.warning(kv("commitment_request_failed", destination=items[0].destination, objects=len(items), reason=error))
         for item in items:
             self.outbox.mark_retry(item.id, error=error or "storage commitment request failed")
+
+
+def _jobs(items: Sequence[Claimed]) -> str:
+    """The job ids of ``items`` for a log line ("12" or "12,13"): what `lungnode status` and `retry JOB` take."""
+    return ",".join(str(j) for j in sorted({item.job_id for item in items}))
+

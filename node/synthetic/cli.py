@@ -15,6 +15,15 @@ from .phantom import KERNELS, KINDS, PhantomSpec, make_phantom
 log = logging.getLogger(__name__)
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one and the help does not already say what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser for ``lungnode synth`` (exposed so the main CLI can embed it)."""
     p = argparse.ArgumentParser(
@@ -26,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
             "lesions.nii.gz: 1 ground-glass / 2 consolidation, truth.json with volumes and the SOP Instance "
             "UID of every label slice). Anything not given is drawn at random from --seed."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     p.add_argument("outdir", type=Path, help="output folder (created; existing files with the same names are replaced)")
     p.add_argument("--kind", choices=KINDS, default="normal",

@@ -154,3 +154,26 @@ def test_two_workers_never_claim_the_same_job(pg_url: str, tmp_path: Path) -> No
     assert sorted(both) == sorted(queued), "every job claimed exactly once"
     assert claims["a"] and claims["b"], "both workers got work (SKIP LOCKED lets them proceed in parallel)"
     engine.dispose()
+
+
+def test_values_postgresql_cannot_hold_are_cleaned_before_they_reach_the_ledger(pg_url: str, tmp_path: Path) -> None:
+    """A 12-digit Instance Number (IS allows it) or a NUL in a Patient ID made PostgreSQL refuse the row: the
+    instance was refused as 'database unavailable' and its spool file stopped every later start."""
+    from pydicom import dcmread
+
+    from node.receive.inspect import inspect_instance
+    from tests.helpers.series import make_ct_dataset
+
+    ds = make_ct_dataset(study_uid="1.2.3.7", series_uid="1.2.3.70")
+    ds.InstanceNumber, ds.SeriesNumber, ds.PatientID = "999999999999", "-3000000000", "P\x00X"
+    path = tmp_path / "odd.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    header = inspect_instance(path, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID))
+    assert (header.instance_number, header.series_number, header.patient_id) == (None, None, "PX")
+    engine = make_engine(pg_url)
+    upgrade_schema(engine)
+    ledger = IngestLedger(make_sessionmaker(engine))
+    rec = ledger.record_instance(header, path=path, size_bytes=1, association_id=None, own_output=False)
+    assert rec.outcome == Outcome.stored
+    assert dcmread(path).PatientID == "P\x00X"  # the file keeps what was sent
+    engine.dispose()

@@ -126,3 +126,32 @@ def test_real_lidc_ct_goes_through_the_whole_path(lidc_0001: Path, tmp_path: Pat
     for key in ("lung_volume_ml", "lesion_volume_ml", "involvement_percent"):
         assert isinstance(result[key], dict) and "total" in result[key]
     assert {"volume", "coverage", "lung_seg", "lesion_seg", "diagnosis", "measure", "total"} <= set(result["timings_s"])
+
+
+def test_images_of_two_studies_are_refused_not_mixed(tmp_path: Path, models: Path) -> None:
+    """One result must not mix patients: the folder of two studies is a usage error (exit 2), nothing written."""
+    folder = tmp_path / "two"
+    synth_series(folder / "a", phantom(slices=8, matrix=32, seed=1))
+    synth_series(folder / "b", phantom(slices=8, matrix=32, seed=2))
+    out = tmp_path / "out"
+    proc = run_cli("process", folder, "--out", out, env={"LUNGNODE_INFERENCE__MODELS_DIR": str(models)})
+    assert proc.returncode == 2, proc.stderr
+    assert "holds images of 2 studies" in proc.stderr and "one study at a time" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "result.json").exists()
+
+
+def test_a_rerun_into_the_same_folder_leaves_nothing_of_the_earlier_study(tmp_path: Path, models: Path) -> None:
+    out = tmp_path / "out"
+    synth_series(tmp_path / "ct", phantom(slices=40, matrix=96, seed=5, slice_thickness_mm=1.25))
+    proc, first = run_process(tmp_path / "ct", out, models)
+    assert proc.returncode == 0 and first["status"] == "ok", proc.stderr
+    earlier = [o["file"] for o in json.loads((out / "outputs.json").read_text())["objects"]]
+    assert "seg.dcm" in earlier and all((out / name).is_file() for name in earlier)
+    (out / "notes.txt").write_text("the operator's own file")
+    write_scout(tmp_path / "scout" / "IM00001.dcm")
+    proc, second = run_process(tmp_path / "scout", out, models)
+    assert proc.returncode == 3 and second["status"] == "rejected"
+    assert f"removed {len(earlier) + 2} files of an earlier run" in proc.stderr
+    assert not any((out / name).exists() for name in earlier)  # no SEG or SR of the other study beside it
+    assert (out / "notes.txt").is_file()

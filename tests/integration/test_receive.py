@@ -317,6 +317,8 @@ def test_resending_the_whole_series_changes_nothing(node: NodeProcess, tmp_path:
     assert {p: p.stat().st_mtime_ns for p in node.spool_files()} == mtimes
     assert node.count("instances") == 20
     assert len(re.findall(r"event=store_duplicate", node.log)) == 20
+    released = re.findall(r"event=association_released \S+ stored=(\d+)(?: duplicates=(\d+))?", node.log)
+    assert released == [("20", ""), ("0", "20")]  # the second association stored nothing new
     row = node.series(series.series_uid)
     assert row is not None and (row["state"], row["revision"]) == ("complete", 1)
 
@@ -381,7 +383,8 @@ def test_late_instance_opens_revision_two_and_a_second_job(node: NodeProcess, tm
     assert store_status(node.port, late.files[0]) == SUCCESS
     row = node.wait_complete(series.series_uid, revision=2)
     assert row["instance_count"] == 11
-    assert [(j["revision"], j["state"]) for j in node.jobs(series.series_uid)] == [(1, "queued"), (2, "queued")]
+    # no worker ran revision 1's job before revision 2 opened: it is superseded, revision 2 (all 11) is analysed
+    assert [(j["revision"], j["state"]) for j in node.jobs(series.series_uid)] == [(1, "superseded"), (2, "queued")]
     revisions = [r["revision"] for r in node.instances(series.series_uid)]
     assert revisions.count(1) == 10 and revisions.count(2) == 1
     st = status_series(node, series.series_uid)
@@ -440,7 +443,9 @@ def test_out_of_disk_answers_a700_and_records_nothing(node_factory: NodeFactory,
     assert node.count("series") == 0
     assert node.spool_files() == []
     assert node.incoming_files() == []
-    assert "status=0xA700" in node.log
+    refusals = [ln for ln in node.log.splitlines() if "event=store_refused" in ln]
+    # a full disk needs a person, and IT alerts on ERROR: each refusal says so, and what to do
+    assert refusals and all(" ERROR " in ln and "status=0xA700" in ln and "fix=" in ln for ln in refusals)
 
 
 # -- real CT ----------------------------------------------------------------------------------------------

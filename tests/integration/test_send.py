@@ -137,7 +137,8 @@ def test_giving_up_on_a_destination_is_an_error_in_the_log(
     """Retries are warnings; the last one, after which nothing more is tried, is what IT alerts on: ERROR."""
     dest = Destination(name="peer", ae_title="PEER", host="127.0.0.1", port=free_port())
     write_results(tmp_path / "results")
-    enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
+    job = make_job(sessions)
+    enqueue_results(sessions, job_id=job, results_dir=tmp_path / "results", destinations=[dest])
     with caplog.at_level(logging.INFO, logger="node"):
         sender_factory(make_config(dest, max_attempts=2))
         wait_states(sessions, SendState.failed, count=3)
@@ -145,9 +146,11 @@ def test_giving_up_on_a_destination_is_an_error_in_the_log(
                    what="event=send_failed in the log")
     failed = [r for r in caplog.records if "event=send_failed" in r.getMessage()]
     assert [r.levelname for r in failed] == ["ERROR"]
-    assert "objects=3" in failed[0].getMessage() and "lungnode retry --failed" in failed[0].getMessage()
+    # which study's results failed, and the command that sends them again
+    assert f"objects=3 jobs={job} " in failed[0].getMessage() and f'"lungnode retry {job} once' in failed[0].getMessage()
     retries = [r for r in caplog.records if "event=send_association_failed" in r.getMessage()]
     assert len(retries) == 2 and {r.levelname for r in retries} == {"WARNING"}
+    assert all(f"jobs={job} " in r.getMessage() for r in retries)
 
 
 def test_refused_objects_fail_with_the_reason_and_retry_failed_delivers(
@@ -176,7 +179,7 @@ def test_refused_objects_fail_with_the_reason_and_retry_failed_delivers(
     config.write_text(f"storage: {{database_url: '{db_url}'}}\n")
     proc = run_cli("retry", "--failed", "--config", config)
     assert proc.returncode == 0, proc.stderr
-    assert "requeued 3 failed send(s) to peer" in proc.stdout
+    assert "requeued 3 failed or waiting send(s) to peer" in proc.stdout
     rows = wait_states(sessions, SendState.sent, count=3)
     assert all(r.last_status == 0xB000 and "warning 0xB000" in (r.last_error or "") for r in rows)
     assert scp.stored == Counter({o.sop_instance_uid: 1 for o in objects})

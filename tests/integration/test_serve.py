@@ -86,3 +86,25 @@ def test_serve_that_cannot_start_says_why_in_its_log_and_exits_2(tmp_path: Path,
     assert expected in proc.stderr
     line = next(ln for ln in log_file.read_text().splitlines() if "event=node_start_failed" in ln)
     assert "ERROR" in line and expected in line
+
+
+def test_sighup_keeps_the_node_running_and_a_moved_log_file_is_reopened(node_factory: NodeFactory,
+                                                                         tmp_path: Path) -> None:
+    """logrotate moves the log file, then sends SIGHUP by habit: the node must neither die (the default action,
+    which systemd's Restart=on-failure does not restart) nor write on into the moved file."""
+    import signal
+
+    log_file = tmp_path / "logs" / "lungnode.log"
+    node = node_factory(settings={"logging": {"file": str(log_file)}})
+    wait_until(lambda: log_file.is_file() and "event=node_ready" in log_file.read_text(), timeout=10,
+               what="node_ready in logging.file")
+    log_file.rename(log_file.with_name("lungnode.log.1"))
+    node.send_signal(signal.SIGHUP)
+    wait_until(lambda: log_file.is_file() and "event=signal_received signal=SIGHUP" in log_file.read_text(),
+               timeout=10, what="the SIGHUP line in a new log file")
+    assert node.running
+    series = make_series(tmp_path / "ct", slices=3, matrix=32)
+    assert storescu(node.port, series.folder).returncode == 0
+    node.wait_complete(series.series_uid)
+    assert "event=series_complete" in log_file.read_text()
+    assert "event=series_complete" not in log_file.with_name("lungnode.log.1").read_text()

@@ -138,6 +138,12 @@ def test_unknown_key_from_environment_is_named() -> None:
         ({"logging": {"level": "LOUD"}}, "logging.level", "DEBUG"),
         ({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "h", "port": 0}]},
          "destinations.0.port", "greater than or equal to 1"),
+        ({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "", "port": 104}]},
+         "destinations.0.host", "not a host name or IP address"),  # empty: the socket layer would pick this machine
+        ({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "pacs .local", "port": 104}]},
+         "destinations.0.host", "not a host name or IP address"),
+        ({"dicom": {"allowed_callers": [{"ae_title": "CT1", "host": "http://ct1"}]}},
+         "dicom.allowed_callers.0.host", "not a host name or IP address"),
     ],
 )
 def test_bad_value_is_named(tmp_path: Path, data: dict[str, object], key: str, words: str) -> None:
@@ -337,3 +343,25 @@ def test_commitment_port_may_not_be_the_dicom_port(tmp_path: Path) -> None:
     assert "sending.commitment_port 11112 is dicom.port" in _error(write_yaml(tmp_path / "c.yaml", data))
     data["sending"]["commitment_port"] = 11113
     load_config(write_yaml(tmp_path / "ok.yaml", data), environ={})
+
+
+def test_check_config_names_a_model_folder_that_cannot_be_used(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """serve would start and analyse nothing (one ERROR line): check-config, the unit's ExecStartPre, says so first."""
+    path = write_yaml(tmp_path / "c.yaml", {"inference": {"lung_model": "lung_segx"}})
+    assert cli_main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "inference:" in err and "lung_segx" in err and f"lungnode models --config {path} verify" in err
+    role = write_yaml(tmp_path / "r.yaml", {"inference": {"diagnosis_model": "lung_seg"}})
+    assert cli_main(["check-config", "--config", str(role)]) == 2  # --config, as the other commands take it
+    assert "the diagnosis step needs a classification model" in capsys.readouterr().err
+    receive_only = write_yaml(tmp_path / "w.yaml", {"inference": {"lung_model": "lung_segx"}, "workers": {"count": 0}})
+    assert cli_main(["check-config", "--config", str(receive_only)]) == 0  # its workers run elsewhere
+    assert cli_main(["check-config"]) == 2
+
+
+def test_allowed_callers_may_be_bare_ae_titles(tmp_path: Path) -> None:
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", {"dicom": {"allowed_callers": ["PACS", {"ae_title": "CT1",
+                                                                                          "host": "10.0.0.5"}]}}))
+    assert cfg.dicom.allowed_callers == [AllowedCaller(ae_title="PACS"), AllowedCaller(ae_title="CT1", host="10.0.0.5")]
+    assert _error(write_yaml(tmp_path / "bad.yaml", {"dicom": {"allowed_callers": ["WAY_TOO_LONG_AE_TITLE"]}}))

@@ -4,6 +4,7 @@ environment is a valid node configuration and the node and Orthanc in it point a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -41,6 +42,19 @@ def test_dockerfile_installs_with_the_readme_script_and_copies_what_it_needs() -
     for path in ("pyproject.toml", "node", "models", "sr_templates", "deploy"):
         assert f"COPY {path}" in text, path
         assert (REPO / path).exists(), f"the Dockerfile copies {path}, which is missing"
+
+
+def test_the_image_keeps_spool_and_database_in_its_volume() -> None:
+    """The image runs as an unprivileged user in a root-owned /opt: a relative default database path could not be
+    created there, and a database outside the volume (the queue and audit trail) would go with the container."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert 'VOLUME ["/var/lib/lungnode"]' in text and "WORKDIR /var/lib/lungnode" in text.split("USER lungnode")[1]
+    env = dict(re.findall(r"(LUNGNODE_\w+)=(\S+)", text))
+    compose_env = {k: str(v) for k, v in _compose()["services"]["lungnode"]["environment"].items()}
+    for source in (env, compose_env):
+        cfg = load_config(None, environ=source)
+        assert cfg.storage.spool_dir.is_relative_to("/var/lib/lungnode")
+        assert cfg.storage.database_url == "sqlite:////var/lib/lungnode/lungnode.db"
 
 
 def _compose() -> dict:

@@ -29,3 +29,13 @@ def test_library_lines_are_events_and_never_errors(tmp_path: Path) -> None:
         "message=\"TCP Initialisation Error: [Errno 111] Connection refused\"")
     assert lines[1].endswith("WARNING pynetdicom.assoc event=pynetdicom message=\"Association Aborted\"")
     assert lines[2].endswith("ERROR node.send event=send_failed destination=pacs")
+
+
+def test_a_multi_line_value_stays_on_one_line() -> None:
+    from node.logs import kv
+
+    line = kv("node_start_failed", reason='connection refused\n\tIs the server running on "db"?\r\x07')
+    assert "\n" not in line and "\t" not in line and "\r" not in line and "\x07" not in line
+    assert line == ("event=node_start_failed reason=\"connection refused\\n\\tIs the server running on 'db'?"
+                    "\\r\\x07\"")
+    assert kv("x", ae="Ünïcode") == "event=x ae=Ünïcode"  # printable text is left alone

@@ -12,7 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Destination, SendingSettings
-from node.db.models import Event, OutboxItem, SendState, utcnow
+from node.db.jobs import JobQueue
+from node.db.models import Event, Job, JobState, OutboxItem, SendState, Series, SeriesState, utcnow
 from node.errors import LungnodeError
 from node.send.outbox import Outbox, backoff_delay, enqueue_results, outbox_summary, requeue_failed
 from tests.helpers.outbox import make_job, write_results
@@ -168,3 +169,64 @@ def test_destination_names_must_be_unique() -> None:
 
     with pytest.raises(ValidationError, match="destination names must be unique"):
         Config(destinations=[PACS, PACS.model_copy(update={"ae_title": "OTHER"})])
+
+
+def _open_revision_two(sessions: sessionmaker[Session], job_id: int) -> None:
+    """A late image opened revision 2 of the job's series (what the ingest ledger does)."""
+    with sessions.begin() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        series = s.get(Series, job.series_id)
+        assert series is not None
+        series.revision, series.state = 2, SeriesState.receiving
+
+
+def test_results_of_a_superseded_revision_are_not_sent(sessions: sessionmaker[Session], results: Path,
+                                                       tmp_path: Path) -> None:
+    outbox = Outbox(sessions, SendingSettings())
+    old, current = make_job(sessions), make_job(sessions)
+    write_results(tmp_path)  # other objects (other UIDs) for the other series
+    enqueue_results(sessions, job_id=old, results_dir=results, destinations=[PACS])
+    enqueue_results(sessions, job_id=current, results_dir=tmp_path, destinations=[PACS])
+    _open_revision_two(sessions, old)  # e.g. the PACS sent the rest of the series after revision 1 was analysed
+    claimed = outbox.claim("pacs", limit=10)
+    assert {c.job_id for c in claimed} == {current} and len(claimed) == 3
+    states = {(r.job_id, r.state) for r in rows(sessions)}
+    assert states == {(old, SendState.superseded), (current, SendState.sending)}
+    assert all("revision 2" in (r.last_error or "") for r in rows(sessions) if r.job_id == old)
+    assert requeue_failed(sessions) == []  # an operator's retry does not bring them back
+    with sessions() as s:
+        assert s.scalar(select(Event.message).where(Event.kind == "send_superseded", Event.job_id == old))
+    assert outbox_summary(sessions())["pacs"]["counts"]["superseded"] == 3
+
+
+def test_a_job_whose_series_moved_on_while_it_ran_queues_nothing(sessions: sessionmaker[Session]) -> None:
+    queue = JobQueue(sessions, worker="w1")
+    job_id = make_job(sessions)
+    with sessions.begin() as s:
+        row = s.get(Job, job_id)
+        assert row is not None
+        row.state = JobState.queued
+    claimed = queue.claim()
+    assert claimed is not None and claimed.job_id == job_id
+    _open_revision_two(sessions, job_id)
+    called: list[bool] = []
+    assert queue.finish(job_id, JobState.done, also=lambda s: called.append(True))
+    assert called == []  # nothing queued for sending
+    with sessions() as s:
+        row = s.get(Job, job_id)
+        assert row is not None and row.state == JobState.superseded
+        assert "revision 2 of the series arrived while it ran" in (row.error or "")
+
+
+def test_retry_makes_waiting_sends_due_now(sessions: sessionmaker[Session], results: Path) -> None:
+    """The operator fixed the destination: sends still in their backoff go now, with a fresh set of attempts."""
+    outbox = Outbox(sessions, SendingSettings(retry_base_s=3600, max_attempts=5))
+    job = make_job(sessions)
+    enqueue_results(sessions, job_id=job, results_dir=results, destinations=[VIEWER])
+    (item,) = outbox.claim("viewer", limit=10)
+    outbox.mark_retry(item.id, error="peer down")
+    assert outbox.claim("viewer", limit=10) == []  # an hour's backoff
+    assert requeue_failed(sessions, job_id=job) == [("viewer", 1)]
+    (again,) = outbox.claim("viewer", limit=10)
+    assert again.attempt == 1

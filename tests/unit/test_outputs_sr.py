@@ -275,7 +275,7 @@ def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
     with worker.sessions() as s, s.begin():
         study = Study(study_instance_uid=synth.study_uid)
         series = Series(study=study, series_instance_uid=synth.series_uid, origin=SeriesOrigin.modality,
-                        state=SeriesState.complete, revision=2)
+                        state=SeriesState.complete, revision=1)
         s.add_all([study, series])
         s.flush()
         for i, f in enumerate(synth.files):
@@ -283,9 +283,14 @@ def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
                            transfer_syntax_uid="1.2", path=str(f), size_bytes=f.stat().st_size))
         series_id = series.id
     add_job(worker.sessions, series_id=series_id, revision=1)
-    add_job(worker.sessions, series_id=series_id, revision=2)
     published = []
-    for _ in range(2):
+    for revision in (1, 2):
+        if revision == 2:  # late images opened revision 2 after revision 1's results were published
+            with worker.sessions.begin() as s:
+                row = s.get(Series, series_id)
+                assert row is not None
+                row.revision = 2
+            add_job(worker.sessions, series_id=series_id, revision=2)
         job = worker.queue.claim()
         assert job is not None
         worker._finish(job, analysis)
@@ -304,6 +309,10 @@ def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
                        results_dir=lambda j: results_dir(config, j)) is None
     with worker.sessions() as s:
         assert [j.state for j in s.query(Job).order_by(Job.revision)] == [JobState.done, JobState.done]
+    with worker.sessions.begin() as s:  # had revision 2 arrived before revision 1's results went out...
+        s.query(Job).filter(Job.revision == 1).update({Job.state: JobState.superseded})
+    assert previous_sr(worker.sessions, series_id=series_id, revision=2,  # ...its never-sent SR is no predecessor
+                       results_dir=lambda j: results_dir(config, j)) is None
     worker.engine.dispose()
 
 
