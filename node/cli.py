@@ -86,6 +86,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if (args.job is None) == (not args.failed):
         print("lungnode retry: give either a JOB id or --failed", file=sys.stderr)
         return 2
+    if args.resend and args.job is None:
+        print("lungnode retry: --resend takes one JOB id (lungnode retry JOB --resend)", file=sys.stderr)
+        return 2
     cfg = load_config(args.config)
     setup_logging("WARNING")
     engine = open_database(cfg.storage.database_url, must_exist=True)
@@ -97,16 +100,17 @@ def cmd_retry(args: argparse.Namespace) -> int:
                     print(f"lungnode retry: there is no job {args.job} (lungnode status lists the jobs)",
                           file=sys.stderr)
                     return 2
-        requeued = requeue_failed(sessions, job_id=args.job)
+        requeued = requeue_failed(sessions, job_id=args.job, resend=args.resend)
     finally:
         engine.dispose()
     scope = f"job {args.job}" if args.job is not None else "all jobs"
     if not requeued:
         print(f"no failed or waiting sends for {scope}: nothing requeued")
         return 0
+    what = "send(s), delivered ones included," if args.resend else "failed or waiting send(s)"
     for dest, n in requeued:
-        print(f"requeued {n} failed or waiting send(s) to {dest} ({scope}), with a fresh set of attempts; a running "
-              f"node sends them within sending.poll_interval_s")
+        print(f"requeued {n} {what} to {dest} ({scope}), with a fresh set of attempts; a running node sends them "
+              f"within sending.poll_interval_s")
     return 0
 
 
@@ -235,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("job", type=int, nargs="?", help="requeue the failed or waiting sends of this job id")
     p.add_argument("--failed", action="store_true", help="requeue every failed or waiting send of every job")
+    p.add_argument("--resend", action="store_true",
+                   help="with JOB: send all its results again, delivered ones too (a PACS that lost them)")
     p.set_defaults(func=cmd_retry)
 
     p = sub.add_parser(

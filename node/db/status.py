@@ -83,6 +83,8 @@ def render_text(data: dict[str, Any]) -> str:
         )
         if ser["note"]:
             lines.append(f"{'':20} note: {ser['note']}")
+        if job and job["error"]:  # why it was refused, failed or superseded: what the reader came for
+            lines.append(f"{'':20} job #{job['id']}: {job['error']}")
     if not data["series"]:
         lines.append("(nothing received yet)")
     lines += ["", render_outbox(data.get("outbox", {}))]

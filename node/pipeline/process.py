@@ -37,7 +37,8 @@ def scan(root: Path) -> dict[str, tuple[SeriesHeader, list[Path]]]:
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
     studies: set[str] = set()
-    ignored = 0
+    held: dict[str, Path] = {}  # SOP Instance UID -> the file kept for it
+    ignored = copies = 0
     for path in files:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -47,10 +48,21 @@ def scan(root: Path) -> dict[str, tuple[SeriesHeader, list[Path]]]:
         if "SeriesInstanceUID" not in ds or "SOPClassUID" not in ds:
             ignored += 1
             continue
+        sop = str(ds.get("SOPInstanceUID", "")) or str(path)
+        if sop in held:  # a copy of an image (cp IM10 IM10-copy): one instance, one slice; the larger file is kept
+            copies += 1
+            if path.stat().st_size <= held[sop].stat().st_size:
+                continue
+            members = groups[str(ds.SeriesInstanceUID)]
+            members[:] = [(p, d) for p, d in members if p != held[sop]]
+        held[sop] = path
         groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
         studies.add(str(ds.get("StudyInstanceUID", "")))
     if ignored:
         print(f"  ignored {ignored} of {len(files)} files: not DICOM images (or no Series Instance UID)",
+              file=sys.stderr)
+    if copies:
+        print(f"  ignored {copies} copies of images already found (same SOP Instance UID; the largest file is used)",
               file=sys.stderr)
     if len(studies) > 1:
         raise LungnodeError(f"{root} holds images of {len(studies)} studies (Study Instance UIDs): give lungnode "

@@ -48,9 +48,9 @@ class SeriesHeader:
             shared = ds.SharedFunctionalGroupsSequence[0]
             if "PlaneOrientationSequence" in shared:
                 iop = shared.PlaneOrientationSequence[0].get("ImageOrientationPatient")
-        if iop is not None and len(iop) == 6:
-            r = [float(v) for v in iop[:3]]
-            c = [float(v) for v in iop[3:]]
+        numbers = _finite(iop) if iop is not None and len(iop) == 6 else None
+        if numbers is not None:
+            r, c = numbers[:3], numbers[3:]
             nz = r[0] * c[1] - r[1] * c[0]
             norm = math.sqrt(
                 (r[1] * c[2] - r[2] * c[1]) ** 2 + (r[2] * c[0] - r[0] * c[2]) ** 2 + nz**2
@@ -72,13 +72,22 @@ class SeriesHeader:
             modality=str(ds.get("Modality", "")),
             sop_class_uid=str(ds.SOPClassUID),
             image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or [])),
-            slice_thickness_mm=float(thickness) if thickness not in (None, "") else None,
+            slice_thickness_mm=(_finite([thickness]) or [None])[0] if thickness not in (None, "") else None,
             slice_count=max(slice_count, frames),
             series_description=text("SeriesDescription"),
             body_part=text("BodyPartExamined"),
             convolution_kernel=text("ConvolutionKernel"),
             normal_z=normal_z,
         )
+
+
+def _finite(values: Sequence[object]) -> list[float] | None:
+    """The values as numbers, or None when one is not a finite number (a NaN or a letter in a header)."""
+    try:
+        numbers = [float(v) for v in values]  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return numbers if all(math.isfinite(v) for v in numbers) else None
 
 
 @dataclass(frozen=True)
@@ -109,13 +118,13 @@ def check(header: SeriesHeader, rules: SelectionSettings) -> Verdict:
     if present:
         return skip("image_type", f"ImageType {'/'.join(header.image_type)} holds {'/'.join(present)}")
     if header.normal_z is None:
-        return skip("orientation", "image orientation unknown")
+        return skip("orientation", "image orientation unknown (ImageOrientationPatient missing or not six numbers)")
     tilt = math.degrees(math.acos(min(1.0, header.normal_z)))
     if tilt > rules.axial_tolerance_deg:
         return skip("orientation", f"not axial: slices are {tilt:.0f} degrees off the axial plane")
     t = header.slice_thickness_mm
     if t is None:
-        return skip("slice_thickness", "SliceThickness is missing")
+        return skip("slice_thickness", "SliceThickness is missing or not a number")
     if not rules.slice_thickness_mm.min <= t <= rules.slice_thickness_mm.max:
         return skip(
             "slice_thickness",

@@ -115,10 +115,36 @@ class _Plane:
     intercept: float
 
 
+#: The widest field of view a CT image can have (mm; scanner bores are 700-850 mm): a Pixel Spacing beyond it
+#: (50 mm "pixels") would turn the lungs into cubic metres.
+MAX_FIELD_OF_VIEW_MM = 1000.0
+
+
 def _floats(value: Sequence[object] | None, n: int, what: str) -> np.ndarray:
     if value is None or len(value) != n:
         raise SeriesRefused("geometry_missing", f"images lack {what}: the slice geometry is unknown")
-    return np.array([float(v) for v in value], dtype=np.float64)  # type: ignore[arg-type]
+    try:
+        numbers = np.array([float(v) for v in value], dtype=np.float64)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        numbers = np.array([np.nan])
+    if not np.isfinite(numbers).all():
+        raise SeriesRefused("geometry_invalid", f"{what} is not {n} numbers in an image: the slice geometry is unknown")
+    if what == "Pixel Spacing" and not (numbers > 0).all():
+        raise SeriesRefused("geometry_invalid", f"Pixel Spacing of {numbers[0]:g} x {numbers[1]:g} mm: a spacing must "
+                            "be positive")
+    return numbers
+
+
+def _number(ds: Dataset, keyword: str, default: float) -> float:
+    """A numeric header value, or a refusal that names it (a bad value must not surface as a Python error)."""
+    value = ds.get(keyword, default)
+    try:
+        number = float(value if value not in (None, "") else default)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number):
+        raise SeriesRefused("header_invalid", f"{keyword} is not a number in an image")
+    return number
 
 
 def _planes_classic(ds: Dataset) -> list[_Plane]:
@@ -132,8 +158,8 @@ def _planes_classic(ds: Dataset) -> list[_Plane]:
             pixel_spacing=tuple(_floats(ds.get("PixelSpacing"), 2, "Pixel Spacing")),
             rows=int(ds.Rows),
             cols=int(ds.Columns),
-            slope=float(ds.get("RescaleSlope", 1) or 1),
-            intercept=float(ds.get("RescaleIntercept", 0) or 0),
+            slope=_number(ds, "RescaleSlope", 1.0) or 1.0,
+            intercept=_number(ds, "RescaleIntercept", 0.0),
         )
     ]
 
@@ -170,8 +196,8 @@ def _planes_enhanced(ds: Dataset) -> list[_Plane]:
                 pixel_spacing=tuple(_floats(meas.get("PixelSpacing"), 2, "Pixel Spacing")),
                 rows=int(ds.Rows),
                 cols=int(ds.Columns),
-                slope=float(trans.get("RescaleSlope", 1)) if trans is not None else 1.0,
-                intercept=float(trans.get("RescaleIntercept", 0)) if trans is not None else 0.0,
+                slope=_number(trans, "RescaleSlope", 1.0) if trans is not None else 1.0,
+                intercept=_number(trans, "RescaleIntercept", 0.0) if trans is not None else 0.0,
             )
         )
     return planes
@@ -202,6 +228,11 @@ def _check_geometry(planes: list[_Plane]) -> tuple[list[_Plane], np.ndarray, flo
     spacings = {tuple(round(float(v), 4) for v in p.pixel_spacing) for p in planes}  # plain floats read well
     if len(spacings) > 1:
         raise SeriesRefused("mixed_pixel_spacing", f"images with different pixel spacing in one series: {sorted(spacings)}")
+    fov = max(first.rows * first.pixel_spacing[0], first.cols * first.pixel_spacing[1])
+    if fov > MAX_FIELD_OF_VIEW_MM:
+        raise SeriesRefused("geometry_invalid", f"Pixel Spacing of {first.pixel_spacing[0]:g} x "
+                            f"{first.pixel_spacing[1]:g} mm gives a {fov:.0f} mm field of view, wider than any CT's "
+                            f"({MAX_FIELD_OF_VIEW_MM:.0f} mm at most)")
     for p in planes:
         if (abs(np.dot(p.row_dir, first.row_dir) - 1) > ORIENTATION_TOLERANCE
                 or abs(np.dot(p.col_dir, first.col_dir) - 1) > ORIENTATION_TOLERANCE):
@@ -243,9 +274,9 @@ def _check_geometry(planes: list[_Plane]) -> tuple[list[_Plane], np.ndarray, flo
             "non_uniform_spacing",
             f"slice spacing is not uniform ({float(gaps.min()):.2f} to {float(gaps.max()):.2f} mm)",
         )
-    thickness = first.ds.get("SliceThickness")
-    if thickness is not None and float(thickness) > 0 and float(thickness) < gap * 0.5:
-        flags.append(QAFlag("slice_gap", "flag", f"slices of {float(thickness):.2f} mm are {gap:.2f} mm apart (gaps between slices)"))
+    thickness = _number(first.ds, "SliceThickness", 0.0)
+    if 0 < thickness < gap * 0.5:
+        flags.append(QAFlag("slice_gap", "flag", f"slices of {thickness:.2f} mm are {gap:.2f} mm apart (gaps between slices)"))
     return ordered, normal, gap, flags
 
 
@@ -255,6 +286,12 @@ def _check_one_kind(planes: list[_Plane]) -> None:
     if len(kinds) > 1:
         listed = ", ".join(f"{n} {modality} ({sop_class})" for (modality, sop_class), n in kinds.most_common())
         raise SeriesRefused("mixed_modalities", f"the series mixes images of different kinds: {listed}")
+    for p in planes:  # CT numbers are one grey value per pixel; a colour picture of a CT is not a CT
+        samples = p.ds.get("SamplesPerPixel", 1)
+        photometric = str(p.ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+        if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise SeriesRefused("not_grayscale", f"images with SamplesPerPixel {samples} and PhotometricInterpretation "
+                                f"{photometric} are not CT numbers (MONOCHROME1/2, one sample per pixel)")
 
 
 def _check_stored_range(pixels: np.ndarray, plane: _Plane) -> None:
@@ -310,6 +347,21 @@ def _check_hu(hu: np.ndarray) -> list[QAFlag]:
     return flags
 
 
+#: Transfer syntaxes that lose information (JPEG baseline/extended, JPEG-LS near-lossless, JPEG 2000 lossy).
+LOSSY_TRANSFER_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
+                           "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203"}
+
+
+def _check_lossy(datasets: Sequence[Dataset]) -> list[QAFlag]:
+    """Flag images that were ever lossy compressed: CT numbers and faint ground glass may have been altered."""
+    lossy = sum(1 for ds in datasets if str(ds.get("LossyImageCompression", "")).strip() == "01"
+                or str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) in LOSSY_TRANSFER_SYNTAXES)
+    if not lossy:
+        return []
+    return [QAFlag("lossy_compression", "flag", f"{lossy} of {len(datasets)} images were lossy compressed: CT numbers "
+                   "and faint ground glass may be altered")]
+
+
 def load_volume(paths: Sequence[Path]) -> Volume:
     """Read a series (classic or Enhanced CT) into a checked canonical HU volume."""
     ordered, normal, gap, flags = _check_geometry(read_planes(paths))
@@ -345,6 +397,7 @@ def load_volume(paths: Sequence[Path]) -> Volume:
             img = img[:, ::-1]
         hu[z] = img
     flags += _check_hu(hu)
+    flags += _check_lossy(list(datasets.values()))
 
     x_axis = -row_dir if flip_cols else row_dir
     y_axis = -col_dir if flip_rows else col_dir

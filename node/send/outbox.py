@@ -342,13 +342,18 @@ class Outbox:
         return {str(dest): int(n) for dest, n in rows}
 
 
-def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None) -> list[tuple[str, int]]:
+def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None,
+                   resend: bool = False) -> list[tuple[str, int]]:
     """Put ``failed`` rows (all, or one job's) back in the queue with a fresh set of attempts, and make rows
     waiting for their next attempt due now (an operator who just fixed the destination should not wait out the
-    backoff); returns (destination, count) pairs for the operator's message."""
+    backoff); returns (destination, count) pairs for the operator's message. ``resend`` (one job only): also the
+    rows already delivered, for a PACS that lost them (a PACS keeps one copy of a SOP Instance UID)."""
+    if resend and job_id is None:
+        raise ValueError("resend needs one job")
+    states = [SendState.failed, SendState.pending] + ([SendState.sent, SendState.committed] if resend else [])
     now = utcnow()
     with sessions.begin() as s:
-        query = select(OutboxItem).where(OutboxItem.state.in_([SendState.failed, SendState.pending]))
+        query = select(OutboxItem).where(OutboxItem.state.in_(states))
         if job_id is not None:
             query = query.where(OutboxItem.job_id == job_id)
         items = s.scalars(query.with_for_update()).all()
@@ -361,7 +366,7 @@ def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None
             counts[item.destination] = counts.get(item.destination, 0) + 1
         if items:
             s.add(Event(kind="send_requeued", job_id=job_id,
-                        message=f"{len(items)} failed or waiting sends requeued by an operator",
+                        message=f"{len(items)} {'' if resend else 'failed or waiting '}sends requeued by an operator",
                         data=counts))
     for dest, n in sorted(counts.items()):
         log.info(kv("send_requeued", destination=dest, count=n, job=job_id))

@@ -155,3 +155,16 @@ def test_a_rerun_into_the_same_folder_leaves_nothing_of_the_earlier_study(tmp_pa
     assert f"removed {len(earlier) + 2} files of an earlier run" in proc.stderr
     assert not any((out / name).exists() for name in earlier)  # no SEG or SR of the other study beside it
     assert (out / "notes.txt").is_file()
+
+
+def test_a_copy_of_an_image_is_one_slice_not_two(tmp_path: Path, models: Path) -> None:
+    """`cp IM00010.dcm copy.dcm` in the folder, or a copy cut short: one instance is one slice (it was refused as
+    'slice positions occur twice')."""
+    import shutil
+
+    synth = synth_series(tmp_path / "ct", phantom(slices=40, matrix=96, seed=5, slice_thickness_mm=1.25))
+    shutil.copy(synth.files[10], tmp_path / "ct" / "copy_of_10.dcm")
+    (tmp_path / "ct" / "a_cut_copy.dcm").write_bytes(synth.files[11].read_bytes()[:20_000])
+    proc, result = run_process(tmp_path / "ct", tmp_path / "out", models)
+    assert proc.returncode == 0 and result["status"] == "ok", proc.stderr
+    assert "ignored 2 copies of images already found" in proc.stderr

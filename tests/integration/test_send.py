@@ -185,6 +185,12 @@ def test_refused_objects_fail_with_the_reason_and_retry_failed_delivers(
     assert scp.stored == Counter({o.sop_instance_uid: 1 for o in objects})
     again = run_cli("retry", str(job), "--config", config)
     assert again.returncode == 0 and "nothing requeued" in again.stdout
+    # The PACS lost them: the operator sends everything of the job once more, delivered ones included.
+    resend = run_cli("retry", str(job), "--resend", "--config", config)
+    assert resend.returncode == 0 and "requeued 3 send(s), delivered ones included, to peer" in resend.stdout
+    wait_until(lambda: scp.stored == Counter({o.sop_instance_uid: 2 for o in objects}), timeout=20,
+               what="the results stored a second time")
+    assert run_cli("retry", "--failed", "--resend", "--config", config).returncode == 2
     status = run_cli("status", "--config", config)
     assert status.returncode == 0 and "peer" in status.stdout
     assert f"database: {db_url}" in status.stdout  # the operator sees which node's ledger this is

@@ -86,8 +86,57 @@ def test_outbox_on_postgresql(pg_url: str, tmp_path: Path, peer_port: int) -> No
     assert len(first) == 2 and len(second) == 1
     for item in first + second:
         assert outbox.mark_retry(item.id, error="refused") == SendState.failed
-    assert requeue_failed(sessions) == [("pacs", 3)]
+    # the failed rows with a fresh set of attempts, and the viewer's row (never tried yet) due now
+    assert requeue_failed(sessions) == [("pacs", 3), ("viewer", 1)]
     with sessions() as s:
         states = sorted((r.destination, r.state.value) for r in s.scalars(select(OutboxItem)))
     assert states == [("pacs", "pending")] * 3 + [("viewer", "pending")]
     engine.dispose()
+
+
+def test_a_series_sent_in_two_parts_puts_only_the_whole_series_results_in_the_pacs(
+        node_factory: NodeFactory, tmp_path: Path, peer_port: int) -> None:
+    """A scanner still reconstructing sends half a series, then the rest: both parts are analysed as they
+    complete, but only the whole series' results may reach the PACS (they were both sent before)."""
+    import json
+
+    from tests.helpers.dcmtk import storescu
+    from tests.helpers.onnx_models import make_models_dir
+    from tests.helpers.series import make_series
+
+    models = make_models_dir(tmp_path / "models")
+    node = node_factory(settings={
+        "destinations": [{"name": "peer", "ae_title": "PEER", "host": "127.0.0.1", "port": peer_port}],
+        "inference": {"models_dir": str(models), "device": "cpu", "threads": 1},
+        "workers": {"count": 1, "poll_interval_s": 0.2}, "selection": {"min_slices": 10},
+        "sending": {"retry_base_s": 0.2, "retry_max_delay_s": 0.5, "poll_interval_s": 0.1, "max_attempts": 1000},
+    })
+    series = make_series(tmp_path / "ct", slices=40, matrix=96)
+    files = sorted(series.folder.rglob("*.dcm"))
+
+    def job_done(revision: int) -> dict:
+        def done() -> dict | None:
+            jobs = [j for j in node.jobs(series.series_uid) if j["revision"] == revision]
+            return jobs[0] if jobs and jobs[0]["state"] in ("done", "rejected", "failed", "superseded") else None
+        return wait_until(done, timeout=90, what=f"the job of revision {revision} to finish")
+
+    assert storescu(node.port, *files[:20]).returncode == 0  # the destination is down meanwhile
+    first = job_done(1)
+    assert first["state"] == "done", first
+    assert storescu(node.port, *files[20:]).returncode == 0
+    second = job_done(2)
+    assert second["state"] == "done", second
+    scp = RecordingSCP(peer_port).start()
+    try:
+        def listed(job: dict) -> set[str]:
+            out = node.spool_dir / "results" / f"job-{job['id']}" / "outputs.json"
+            return {o["sop_instance_uid"] for o in json.loads(out.read_text())["objects"]}
+
+        wanted = listed(second)
+        wait_until(lambda: set(scp.received) == wanted, timeout=30, what="revision 2's results at the destination")
+        rows = node.query("SELECT job_id, state FROM outbox")
+        assert {r["state"] for r in rows if r["job_id"] == first["id"]} == {"superseded"}
+        assert not set(scp.received) & listed(first)  # the half series' answer never reached the PACS
+        assert "event=send_superseded" in node.log
+    finally:
+        scp.stop()

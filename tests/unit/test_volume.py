@@ -294,3 +294,57 @@ def test_single_frame_enhanced_ct_objects(series: Synth, tmp_path: Path) -> None
     assert len(written) == SLICES
     vol = load_volume([p for p, _ in written])
     np.testing.assert_array_equal(vol.hu, classic.hu)
+
+
+def _set_all(files: list[Path], **values: object) -> None:
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(("values", "code", "words"), [
+    ({"PixelSpacing": [50, 50]}, "geometry_invalid", "gives a 4800 mm field of view, wider than any CT's"),
+    ({"PixelSpacing": [0, 0]}, "geometry_invalid", "Pixel Spacing of 0 x 0 mm: a spacing must be positive"),
+    ({"PixelSpacing": [-0.7, -0.7]}, "geometry_invalid", "Pixel Spacing of -0.7 x -0.7 mm"),
+    ({"ImageOrientationPatient": [1, 0, 0, 0, 1, "nan"]}, "geometry_invalid",
+     "Image Orientation (Patient) is not 6 numbers"),
+    ({"RescaleIntercept": "nan"}, "header_invalid", "RescaleIntercept is not a number"),
+])
+def test_values_no_chest_ct_can_have_are_refused_by_name(series: Synth, values: dict[str, object], code: str,
+                                                         words: str) -> None:
+    """Such values ran through as 'ok' (975 litres of lung at 50 mm pixels) or failed as Python errors."""
+    _set_all(series.files, **values)
+    err = refused(series.files)
+    assert (err.flag.code, words in err.flag.reason) == (code, True), err.flag.reason
+
+
+def test_a_position_that_is_not_a_number_is_refused_by_name(series: Synth) -> None:
+    path = series.file_of_index(3)
+    raw = path.read_bytes()
+    position = bytes(pydicom.dcmread(path).get_item("ImagePositionPatient").value)  # as stored
+    bad = b"1\\x\\3".ljust(len(position))  # same length: a DS the file holds but no number
+    assert position in raw
+    path.write_bytes(raw.replace(position, bad, 1))
+    err = refused(series.files)
+    assert err.flag.code == "geometry_invalid" and "Image Position (Patient) is not 3 numbers" in err.flag.reason
+
+
+def test_a_colour_picture_is_not_a_ct(series: Synth) -> None:
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        gray = ds.pixel_array.astype(np.uint8)
+        ds.PixelData = np.repeat(gray[..., None], 3, axis=2).tobytes()
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.save_as(path, enforce_file_format=True)
+    err = refused(series.files)
+    assert err.flag.code == "not_grayscale" and "PhotometricInterpretation RGB" in err.flag.reason
+
+
+def test_lossy_compressed_images_are_flagged(series: Synth) -> None:
+    assert not [f for f in load_volume(series.files).qa if f.code == "lossy_compression"]
+    _set_all(series.files[:3], LossyImageCompression="01")
+    (flag,) = [f for f in load_volume(series.files).qa if f.code == "lossy_compression"]
+    assert flag.severity == "flag" and flag.reason.startswith(f"3 of {SLICES} images were lossy compressed")
