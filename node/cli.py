@@ -55,8 +55,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(path)
     check_tls(cfg)
     if cfg.workers.count and (problem := manifests_problem(cfg.inference)):
-        raise LungnodeError(f"{path}: inference: {problem} (the node would receive but analyse nothing; details: "
-                            f"lungnode models --config {path} verify)")
+        # serve still receives and assembles without models (nothing acknowledged is refused for it), so this
+        # alone does not stop a unit's ExecStartPre; --strict makes it an error.
+        message = (f"{path}: inference: {problem}. The node would receive and assemble but analyse nothing; "
+                   f"details: lungnode models --config {path} verify")
+        if args.strict:
+            raise LungnodeError(message)
+        print(f"warning: {message}", file=sys.stderr)
     print(f"{path}: valid")
     if args.show:
         print(json.dumps(cfg.redacted(), indent=2, sort_keys=True))
@@ -204,11 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate a configuration file and exit (0 valid, 2 invalid)",
         description="Validate a configuration file as serve would read it (embedded defaults, the file, then "
         "LUNGNODE_* environment variables): every key and value, the TLS certificates and keys, and, where this "
-        "node runs workers (workers.count > 0), the model folders it names (manifest, file hash, role). "
+        "node runs workers (workers.count > 0), the model folders it names (manifest, file hash, role): a warning, "
+        "since the node still receives without them, or an error with --strict. "
         "Exit status: 0 valid, 2 invalid (every problem is printed, naming its key or environment variable).",
     )
     p.add_argument("file", type=Path, nargs="?", help="the YAML file to check")
     p.add_argument("--config", "-c", type=Path, metavar="FILE", help="the same, as the other commands take it")
+    p.add_argument("--strict", action="store_true",
+                   help="a model folder that cannot be used is an error (exit 2), not a warning")
     p.add_argument("--show", action="store_true", help="print the effective configuration after defaults and environment")
     p.set_defaults(func=cmd_check_config)
 

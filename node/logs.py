@@ -64,7 +64,8 @@ def _one_line(text: str) -> str:
     if text.isprintable():
         return text
     named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-    return "".join(c if c.isprintable() else named.get(c, f"\\x{ord(c):02x}") for c in text)
+    return "".join(c if c.isprintable() else named.get(c, f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   for c in text)
 
 
 def kv(event: str, **fields: Any) -> str:

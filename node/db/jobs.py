@@ -17,7 +17,7 @@ from typing import Any, Callable
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.models import Event, Job, JobState, Series, utcnow
+from node.db.models import Event, Job, JobState, OutboxItem, SendState, Series, utcnow
 from node.logs import kv
 
 log = logging.getLogger(__name__)
@@ -138,12 +138,29 @@ class JobQueue:
 def supersede_queued_jobs(s: Session, *, series_id: int, revision: int, now: dt.datetime) -> int:
     """Queued jobs of a series' older revisions end as ``superseded`` once ``revision`` opens (in the caller's
     transaction): the new revision's job reads every instance, and an older one's results must not be sent."""
-    jobs = s.scalars(select(Job).where(Job.series_id == series_id, Job.revision < revision,
-                                       Job.state == JobState.queued)).all()
+    error = f"revision {revision} of the series arrived before it ran: not analysed"
+    # One conditional UPDATE: a job a worker claims meanwhile (PostgreSQL) is running and stays so.
+    ids = s.scalars(update(Job).where(Job.series_id == series_id, Job.revision < revision,
+                                      Job.state == JobState.queued)
+                    .values(state=JobState.superseded, finished_at=now, error=error).returning(Job.id)).all()
+    for job_id in ids:
+        s.add(Event(kind="job_superseded", job_id=job_id, series_id=series_id, message=error))
+    return len(ids)
+
+
+def restore_superseded(s: Session, *, series_id: int, revision: int) -> int:
+    """Undo ``revision``'s supersession when the newer revision came to nothing (none of its images was
+    acknowledged): its job runs (again: its outputs are the same objects) and its unsent results go out."""
+    jobs = s.scalars(select(Job).where(Job.series_id == series_id, Job.revision == revision,
+                                       Job.state == JobState.superseded)).all()
     for job in jobs:
-        job.state = JobState.superseded
-        job.finished_at = now
-        job.error = f"revision {revision} of the series arrived before it ran: not analysed"
-        s.add(Event(kind="job_superseded", job_id=job.id, series_id=series_id, message=job.error))
+        job.state, job.error, job.finished_at, job.worker = JobState.queued, None, None, None
+        s.add(Event(kind="job_requeued", job_id=job.id, series_id=series_id,
+                    message=f"the newer revision of the series had no acknowledged image: revision {revision} "
+                            "answers for the series again"))
+    job_ids = s.scalars(select(Job.id).where(Job.series_id == series_id, Job.revision == revision)).all()
+    if job_ids:
+        s.execute(update(OutboxItem).where(OutboxItem.job_id.in_(job_ids), OutboxItem.state == SendState.superseded)
+                  .values(state=SendState.pending, next_attempt_at=utcnow(), last_error=None))
     return len(jobs)
 

@@ -95,9 +95,11 @@ def render_outbox(outbox: dict[str, Any]) -> str:
     """Results to send, per destination: counts by state and the last error of what is not delivered."""
     if not outbox:
         return "outbox: nothing queued for sending"
-    lines = [f"{'destination':20} {'pending':>7} {'sending':>7} {'sent':>6} {'committed':>9} {'failed':>6}  last error"]
+    lines = [f"{'destination':20} {'pending':>7} {'sending':>7} {'sent':>6} {'committed':>9} {'failed':>6} "
+             f"{'superseded':>10}  last error"]
     for dest, entry in sorted(outbox.items()):
         c = entry["counts"]
         error = f"{entry['last_error_at']} {entry['last_error']}" if entry["last_error"] else "-"
-        lines.append(f"{dest:20} {c['pending']:>7} {c['sending']:>7} {c['sent']:>6} {c['committed']:>9} {c['failed']:>6}  {error}")
+        lines.append(f"{dest:20} {c['pending']:>7} {c['sending']:>7} {c['sent']:>6} {c['committed']:>9} {c['failed']:>6} "
+                     f"{c['superseded']:>10}  {error}")
     return "\n".join(lines)

@@ -6,10 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.models import Job, JobState
+from node.db.models import Job, JobState, OutboxItem, SendState
 from node.outputs.write import predecessor_from
 
 
@@ -17,11 +17,15 @@ def previous_sr(sessions: sessionmaker[Session], *, series_id: int, revision: in
                 results_dir: Callable[[int], Path]) -> Dataset | None:
     """The SR published for the newest earlier revision of the series that has one (None: first SR).
 
-    A superseded job's SR was never sent, so it is nobody's predecessor."""
+    Only an SR the destinations received can be a predecessor: that of a finished (done) job whose SR went out
+    to at least one destination, or that has none configured (no outbox row). A superseded or still running
+    job's SR, or one that was never delivered, is nobody's predecessor."""
+    sr_rows = select(OutboxItem.id).where(OutboxItem.job_id == Job.id, OutboxItem.kind == "sr")
+    delivered = sr_rows.where(OutboxItem.state.in_([SendState.sent, SendState.committed]))
     with sessions() as s:
         earlier = s.scalars(
-            select(Job.id).where(Job.series_id == series_id, Job.revision < revision,
-                                 Job.state != JobState.superseded).order_by(Job.revision.desc())
+            select(Job.id).where(Job.series_id == series_id, Job.revision < revision, Job.state == JobState.done,
+                                 or_(~exists(sr_rows), exists(delivered))).order_by(Job.revision.desc())
         ).all()
     for job_id in earlier:
         found = predecessor_from(results_dir(job_id))

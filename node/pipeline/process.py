@@ -37,7 +37,7 @@ def scan(root: Path) -> dict[str, tuple[SeriesHeader, list[Path]]]:
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
     studies: set[str] = set()
-    held: dict[str, Path] = {}  # SOP Instance UID -> the file kept for it
+    held: dict[str, tuple[Path, str]] = {}  # SOP Instance UID -> the file kept for it and its series
     ignored = copies = 0
     for path in files:
         try:
@@ -51,11 +51,13 @@ def scan(root: Path) -> dict[str, tuple[SeriesHeader, list[Path]]]:
         sop = str(ds.get("SOPInstanceUID", "")) or str(path)
         if sop in held:  # a copy of an image (cp IM10 IM10-copy): one instance, one slice; the larger file is kept
             copies += 1
-            if path.stat().st_size <= held[sop].stat().st_size:
+            kept, kept_series = held[sop]
+            if path.stat().st_size <= kept.stat().st_size:
                 continue
-            members = groups[str(ds.SeriesInstanceUID)]
-            members[:] = [(p, d) for p, d in members if p != held[sop]]
-        held[sop] = path
+            groups[kept_series] = [(p, d) for p, d in groups[kept_series] if p != kept]
+            if not groups[kept_series]:
+                del groups[kept_series]
+        held[sop] = (path, str(ds.SeriesInstanceUID))
         groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
         studies.add(str(ds.get("StudyInstanceUID", "")))
     if ignored:

@@ -232,8 +232,10 @@ def worker_process_main(config: Config, parent_pid: int | None = None) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # logrotate's habit; the log file is watched (node.logs)
     if parent_pid is not None:
+        # serve's workers: SIGHUP is logrotate's habit, and serve outlives it (the log file is watched). A worker
+        # run from a terminal keeps the default, ending with its session.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         threading.Thread(target=_stop_when_orphaned, args=(worker, parent_pid), name="orphan-watch", daemon=True).start()
     worker.preload()
     worker.loop()

@@ -17,6 +17,7 @@ from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import AssemblySettings
+from node.db.jobs import restore_superseded
 from node.db.models import (
     Association,
     AssociationState,
@@ -144,6 +145,7 @@ class Assembler:
         empty = series.revision
         if series.revision > 1:
             series.revision -= 1
+            restore_superseded(s, series_id=series.id, revision=series.revision)
         series.state = SeriesState.complete
         series.completed_at = utcnow()
         s.add(Event(kind="series_revision_empty", level="warning", series_id=series.id,

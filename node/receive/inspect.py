@@ -8,6 +8,7 @@ carrying the DICOM status to answer.
 
 from __future__ import annotations
 
+import unicodedata
 import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -64,14 +65,15 @@ INT32 = range(-2**31, 2**31)
 
 def for_ledger(header: InstanceHeader) -> InstanceHeader:
     """The header with values every ledger database can hold: integers outside 32 bits become unknown, text loses
-    control characters (PostgreSQL refuses a NUL). The file in the spool keeps what was sent."""
+    control characters (PostgreSQL refuses a NUL; other characters, a no-break space say, stay as sent, so a
+    Patient ID compares as before). The file in the spool keeps what was sent."""
     changes: dict[str, object] = {}
     for f in fields(header):
         value = getattr(header, f.name)
         if isinstance(value, int) and value not in INT32:
             changes[f.name] = None
-        elif isinstance(value, str) and not value.isprintable():
-            changes[f.name] = "".join(c for c in value if c.isprintable()) or None
+        elif isinstance(value, str) and any(unicodedata.category(c) == "Cc" for c in value):
+            changes[f.name] = "".join(c for c in value if unicodedata.category(c) != "Cc") or None
     return replace(header, **changes) if changes else header
 
 

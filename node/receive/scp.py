@@ -148,6 +148,7 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=settings.max_associations, thread_name_prefix="spool-io")
         self._handler = threading.local()  # per association thread: was the instance just handled a duplicate?
+        self._disk_full_alerted = -60.0  # monotonic time of the last full-disk ERROR
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -368,9 +369,14 @@ class StorageSCP:
             try:
                 self.spool.check_space()
             except InstanceRejected as full:  # ours to fix, not the sender's: a person must free space
-                log.error(kv("store_refused", assoc=assoc_id, sop=sop_uid, status=f"0x{full.status:04X}",
-                             reason=full.reason, fix="free space under storage.spool_dir (retention.received_days "
-                             "deletes processed images) or lower storage.min_free_disk_mb"))
+                now = time.monotonic()
+                alert = now - self._disk_full_alerted >= 60.0  # one ERROR a minute, not one per image
+                if alert:
+                    self._disk_full_alerted = now
+                log.log(logging.ERROR if alert else logging.WARNING,
+                        kv("store_refused", assoc=assoc_id, sop=sop_uid, status=f"0x{full.status:04X}",
+                           reason=full.reason, fix="free space under storage.spool_dir (retention.received_days "
+                           "deletes processed images) or lower storage.min_free_disk_mb"))
                 return full.status
             # The content fsync needs nothing from the checks and works through a descriptor: start
             # it now, it overlaps the checks and the commit.

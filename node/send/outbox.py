@@ -353,6 +353,13 @@ def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None
     states = [SendState.failed, SendState.pending] + ([SendState.sent, SendState.committed] if resend else [])
     now = utcnow()
     with sessions.begin() as s:
+        if resend:
+            revisions = s.execute(select(Job.revision, Series.revision).join(Series, Job.series_id == Series.id)
+                                  .where(Job.id == job_id)).first()
+            if revisions is not None and revisions[0] < revisions[1]:
+                raise LungnodeError(f"job {job_id} answered revision {revisions[0]} of its series, which revision "
+                                    f"{revisions[1]} has superseded: resend the newest revision's job (lungnode status "
+                                    "lists it)")
         query = select(OutboxItem).where(OutboxItem.state.in_(states))
         if job_id is not None:
             query = query.where(OutboxItem.job_id == job_id)
@@ -363,6 +370,8 @@ def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None
             item.attempts = 0
             item.next_attempt_at = now
             item.updated_at = now
+            # a fresh delivery: an old storage-commitment request must not time out and send it twice
+            item.commitment_uid = item.commitment_requested_at = item.sent_at = item.committed_at = None
             counts[item.destination] = counts.get(item.destination, 0) + 1
         if items:
             s.add(Event(kind="send_requeued", job_id=job_id,

@@ -49,12 +49,14 @@ def test_the_image_keeps_spool_and_database_in_its_volume() -> None:
     created there, and a database outside the volume (the queue and audit trail) would go with the container."""
     text = (DEPLOY / "Dockerfile").read_text()
     assert 'VOLUME ["/var/lib/lungnode"]' in text and "WORKDIR /var/lib/lungnode" in text.split("USER lungnode")[1]
-    env = dict(re.findall(r"(LUNGNODE_\w+)=(\S+)", text))
-    compose_env = {k: str(v) for k, v in _compose()["services"]["lungnode"]["environment"].items()}
-    for source in (env, compose_env):
-        cfg = load_config(None, environ=source)
-        assert cfg.storage.spool_dir.is_relative_to("/var/lib/lungnode")
-        assert cfg.storage.database_url == "sqlite:////var/lib/lungnode/lungnode.db"
+    # nothing in the image's environment overrides a mounted config's storage; the defaults count from WORKDIR
+    assert not re.findall(r"LUNGNODE_STORAGE__\w+", text)
+    defaults = load_config(None, environ={}).storage
+    assert not defaults.spool_dir.is_absolute() and defaults.database_url.startswith("sqlite:///./")
+    compose = load_config(None, environ={k: str(v) for k, v in
+                                         _compose()["services"]["lungnode"]["environment"].items()}).storage
+    assert compose.spool_dir.is_relative_to("/var/lib/lungnode")
+    assert compose.database_url == "sqlite:////var/lib/lungnode/lungnode.db"
 
 
 def _compose() -> dict:

@@ -230,3 +230,40 @@ def test_retry_makes_waiting_sends_due_now(sessions: sessionmaker[Session], resu
     assert requeue_failed(sessions, job_id=job) == [("viewer", 1)]
     (again,) = outbox.claim("viewer", limit=10)
     assert again.attempt == 1
+
+
+def test_results_superseded_by_a_revision_that_came_to_nothing_go_out_after_all(sessions: sessionmaker[Session],
+                                                                                results: Path) -> None:
+    from node.db.jobs import restore_superseded
+
+    outbox = Outbox(sessions, SendingSettings())
+    job = make_job(sessions)
+    enqueue_results(sessions, job_id=job, results_dir=results, destinations=[VIEWER])
+    _open_revision_two(sessions, job)
+    assert outbox.claim("viewer", limit=10) == []  # superseded
+    with sessions.begin() as s:  # revision 2's only image was never acknowledged: back to revision 1
+        row = s.get(Job, job)
+        assert row is not None
+        series = s.get(Series, row.series_id)
+        assert series is not None
+        series.revision, series.state = 1, SeriesState.complete
+        restore_superseded(s, series_id=series.id, revision=1)
+    assert [c.job_id for c in outbox.claim("viewer", limit=10)] == [job]
+
+
+def test_resend_starts_a_fresh_delivery_and_refuses_a_superseded_revision(sessions: sessionmaker[Session],
+                                                                          results: Path) -> None:
+    outbox = Outbox(sessions, SendingSettings())
+    job = make_job(sessions)
+    enqueue_results(sessions, job_id=job, results_dir=results, destinations=[VIEWER])
+    (item,) = outbox.claim("viewer", limit=10)
+    outbox.mark_sent(item.id, status=0)
+    outbox.mark_commitment_requested([item.id], "1.2.3.4")
+    assert requeue_failed(sessions, job_id=job, resend=True) == [("viewer", 1)]
+    (row,) = rows(sessions)
+    assert row.state == SendState.pending and (row.commitment_uid, row.commitment_requested_at, row.sent_at) == (
+        None, None, None)
+    assert outbox.expire_commitments(now=utcnow() + dt.timedelta(days=1)) == 0  # no stale request to time out
+    _open_revision_two(sessions, job)
+    with pytest.raises(LungnodeError, match="revision 2 has superseded"):
+        requeue_failed(sessions, job_id=job, resend=True)

@@ -313,6 +313,24 @@ def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
         s.query(Job).filter(Job.revision == 1).update({Job.state: JobState.superseded})
     assert previous_sr(worker.sessions, series_id=series_id, revision=2,  # ...its never-sent SR is no predecessor
                        results_dir=lambda j: results_dir(config, j)) is None
+    from node.config import Destination
+    from node.db.models import OutboxItem, SendState
+    from node.send.outbox import enqueue_results
+
+    def predecessor_uid() -> str | None:
+        found = previous_sr(worker.sessions, series_id=series_id, revision=2,
+                            results_dir=lambda j: results_dir(config, j))
+        return None if found is None else str(found.SOPInstanceUID)
+
+    with worker.sessions.begin() as s:  # done, with a destination: a predecessor only once its SR went out
+        s.query(Job).filter(Job.revision == 1).update({Job.state: JobState.done})
+        job1 = s.query(Job).filter(Job.revision == 1).one().id
+        enqueue_results(s, job_id=job1, results_dir=first,
+                        destinations=[Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)])
+    assert predecessor_uid() is None
+    with worker.sessions.begin() as s:
+        s.query(OutboxItem).filter(OutboxItem.kind == "sr").update({OutboxItem.state: SendState.sent})
+    assert predecessor_uid() == sr1.sop_instance_uid
     worker.engine.dispose()
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import AssemblySettings
 from node.db.ingest import IngestLedger
-from node.db.models import Association, AssociationState, Instance, Job, Series, SeriesState
+from node.db.models import Association, AssociationState, Instance, Job, JobState, Series, SeriesState
 from node.receive.assembler import Assembler
 from node.receive.inspect import inspect_instance
 from node.receive.reconcile import reconcile
@@ -119,8 +119,13 @@ def test_unacknowledged_late_instance_does_not_leave_an_empty_revision(spool, le
     else:
         late.unlink()  # the file could not be made durable: the SCP answers 0xA700 and undoes the row
         ledger.forget_instance(late.stem)
+    with sessions() as s:  # the late image had superseded revision 1's queued job...
+        assert [j.state for j in s.scalars(select(Job))] == [JobState.superseded]
     assembler.complete_due(now=LATER + dt.timedelta(hours=1))
     with sessions() as s:
-        assert [j.revision for j in s.scalars(select(Job))] == [1], "a job for a revision without instances"
+        jobs = list(s.scalars(select(Job)))
+        assert [j.revision for j in jobs] == [1], "a job for a revision without instances"
+        # ...and revision 1 answers for the series again: its acknowledged images are analysed after all
+        assert jobs[0].state == JobState.queued and jobs[0].error is None
         series = s.scalar(select(Series))
         assert series is not None and series.state == SeriesState.complete and series.instance_count == 3
