@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 
 from sqlalchemy import Engine, bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.jobs import supersede_queued_jobs
@@ -30,7 +30,7 @@ from node.db.models import (
 )
 from node.errors import InstanceRejected
 from node.logs import kv
-from node.receive.inspect import ANALYSABLE_SOP_CLASSES, STATUS_OTHER_STUDY, InstanceHeader
+from node.receive.inspect import ANALYSABLE_SOP_CLASSES, STATUS_CANNOT_PARSE, STATUS_OTHER_STUDY, InstanceHeader
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +315,13 @@ def _other_study(h: InstanceHeader) -> InstanceRejected:
         f"series {h.series_instance_uid} (or study {h.study_instance_uid}) is already held here under another "
         "study or a different PatientID; refused so that two patients' images are never analysed together",
     )
+
+
+def unrecordable(exc: DataError) -> InstanceRejected:
+    """The refusal of an instance whose header holds a value the database cannot store. The driver's own message
+    quotes the row's values (patient data): only its class is named."""
+    return InstanceRejected(STATUS_CANNOT_PARSE, f"a header value cannot be recorded: {type(exc.orig).__name__} "
+                            "from the database")
 
 
 def _cut(value: str | None, length: int) -> str | None:

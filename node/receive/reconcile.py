@@ -22,7 +22,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.ingest import IngestLedger, Outcome
+from node.db.ingest import IngestLedger, Outcome, unrecordable
 from node.db.models import Event, Instance, Series
 from node.errors import InstanceRejected
 from node.logs import kv
@@ -62,8 +62,7 @@ def reconcile(spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session
             # inspection rather than deleted, and never a reason for the node not to start. A database error's
             # own message quotes the row's values (patient data): only its class is logged.
             moved = spool.quarantine(path)
-            reason = exc.reason if isinstance(exc, InstanceRejected) else (
-                f"a header value cannot be recorded: {type(exc.orig).__name__} from the database")
+            reason = (exc if isinstance(exc, InstanceRejected) else unrecordable(exc)).reason
             log.error(kv("reconcile_unreadable", path=path, moved_to=moved, reason=reason))
             unreadable += 1
             continue

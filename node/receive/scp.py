@@ -43,13 +43,12 @@ from sqlalchemy.exc import DataError, SQLAlchemyError
 
 from node import MANUFACTURER
 from node.config import DicomSettings
-from node.db.ingest import IngestLedger, Outcome
+from node.db.ingest import IngestLedger, Outcome, unrecordable
 from node.db.models import AssociationState
 from node.errors import InstanceRejected, LungnodeError
 from node.logs import kv
 from node.receive import tuning
 from node.receive.inspect import (
-    STATUS_CANNOT_PARSE,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     InstanceHeader,
@@ -413,20 +412,15 @@ class StorageSCP:
             recorded = self.ledger.record_instance(
                 header, path=final, size_bytes=size, association_id=assoc_id, own_output=is_own_output(header)
             )
-        except InstanceRejected:  # refused by the ledger (another study's series): leave no file behind
+        except (InstanceRejected, DataError) as exc:
+            # Refused by the ledger (another study's series), or a header value the database cannot hold (the file
+            # would fail again at every start-up reconciliation): leave no file behind.
             wait([file_done])
             if file_done.exception() is None and file_done.result() is not None:
                 final.unlink(missing_ok=True)
+            if isinstance(exc, DataError):
+                raise unrecordable(exc) from None
             raise
-        except DataError as exc:
-            # A header value the database cannot hold: the same file would fail again at every start-up
-            # reconciliation, so it is refused and removed like an unreadable one. The driver's message quotes
-            # the row's values (patient data): only the class name is logged.
-            wait([file_done])
-            if file_done.exception() is None and file_done.result() is not None:
-                final.unlink(missing_ok=True)
-            raise InstanceRejected(STATUS_CANNOT_PARSE, "a header value cannot be recorded: "
-                                   f"{type(exc.orig).__name__} from the database") from None
         except BaseException:
             wait([file_done])
             raise
