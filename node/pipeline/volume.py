@@ -113,6 +113,7 @@ class _Plane:
     cols: int
     slope: float
     intercept: float
+    thickness: float = 0.0  # reconstructed slice thickness (mm), 0 when not given
 
 
 #: The widest field of view a CT image can have (mm; scanner bores are 700-850 mm): a Pixel Spacing beyond it
@@ -160,6 +161,7 @@ def _planes_classic(ds: Dataset) -> list[_Plane]:
             cols=int(ds.Columns),
             slope=_number(ds, "RescaleSlope", 1.0) or 1.0,
             intercept=_number(ds, "RescaleIntercept", 0.0),
+            thickness=_number(ds, "SliceThickness", 0.0),
         )
     ]
 
@@ -198,6 +200,7 @@ def _planes_enhanced(ds: Dataset) -> list[_Plane]:
                 cols=int(ds.Columns),
                 slope=_number(trans, "RescaleSlope", 1.0) if trans is not None else 1.0,
                 intercept=_number(trans, "RescaleIntercept", 0.0) if trans is not None else 0.0,
+                thickness=_number(meas, "SliceThickness", 0.0),  # Enhanced CT keeps it per frame group
             )
         )
     return planes
@@ -274,7 +277,7 @@ def _check_geometry(planes: list[_Plane]) -> tuple[list[_Plane], np.ndarray, flo
             "non_uniform_spacing",
             f"slice spacing is not uniform ({float(gaps.min()):.2f} to {float(gaps.max()):.2f} mm)",
         )
-    thickness = _number(first.ds, "SliceThickness", 0.0)
+    thickness = first.thickness
     if 0 < thickness < gap * 0.5:
         flags.append(QAFlag("slice_gap", "flag", f"slices of {thickness:.2f} mm are {gap:.2f} mm apart (gaps between slices)"))
     return ordered, normal, gap, flags

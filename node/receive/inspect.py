@@ -132,7 +132,7 @@ def _check_complete(ds: Dataset, path: Path) -> None:
     if str(ds.get("SOPClassUID", "")) in ANALYSABLE_SOP_CLASSES and "PixelData" not in ds:
         raise _truncated("a CT image without pixel data")
     if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_encapsulated:
-        problem = _pixel_length_problem(len(ds.PixelData), _int(ds, "Rows"), _int(ds, "Columns"),
+        problem = _pixel_length_problem(len(ds.PixelData or b""), _int(ds, "Rows"), _int(ds, "Columns"),
                                         _int(ds, "SamplesPerPixel"), _int(ds, "NumberOfFrames"),
                                         _int(ds, "BitsAllocated"))
         if problem:
@@ -145,7 +145,9 @@ def _pixel_length_problem(got: int, rows: int | None, cols: int | None, samples:
 
     One pad byte may make an odd length even. Shared by the lean walk and pydicom's path, so both
     accept and refuse the same files."""
-    expected = (rows or 0) * (cols or 0) * (samples or 1) * (frames or 1) * (bits or 0) // 8
+    if not rows or not cols:
+        return f"an image of {rows or 0} x {cols or 0} pixels: Rows and Columns must be given and positive"
+    expected = rows * cols * (samples or 1) * (frames or 1) * (bits or 0) // 8
     if got < expected:
         return f"pixel data truncated: {got} of {expected} bytes"
     if expected and got > expected + expected % 2:

@@ -274,6 +274,18 @@ def test_pixel_data_longer_than_the_image_is_refused(node: NodeProcess, tmp_path
     assert node.count("instances") == 0 and node.spool_files() == []
 
 
+def test_an_image_of_no_pixels_is_refused_at_once(node: NodeProcess, tmp_path: Path) -> None:
+    """Rows 0 with empty pixel data fits 'Rows x Columns' exactly: it was acknowledged, then refused at analysis."""
+    series = make_series(tmp_path / "ct", slices=2, matrix=32)
+    ds = pydicom.dcmread(series.files[0])
+    ds.Rows, ds.PixelData = 0, b""
+    empty = tmp_path / "empty.dcm"
+    ds.save_as(empty, enforce_file_format=True)
+    assert store_status(node.port, empty) == 0xC223
+    node.wait_for_log(r"event=store_refused .*an image of 0 x 32 pixels")
+    assert node.count("instances") == 0
+
+
 def test_an_instance_resent_with_other_content_is_kept_as_first_held_and_said(node: NodeProcess, tmp_path: Path) -> None:
     series = make_series(tmp_path / "ct", slices=2, matrix=32)
     assert store_status(node.port, series.files[0]) == SUCCESS

@@ -348,3 +348,13 @@ def test_lossy_compressed_images_are_flagged(series: Synth) -> None:
     _set_all(series.files[:3], LossyImageCompression="01")
     (flag,) = [f for f in load_volume(series.files).qa if f.code == "lossy_compression"]
     assert flag.severity == "flag" and flag.reason.startswith(f"3 of {SLICES} images were lossy compressed")
+
+
+def test_slice_gaps_are_flagged_for_enhanced_ct_too(series: Synth, tmp_path: Path) -> None:
+    """Enhanced CT keeps SliceThickness in its frame groups, not at the top level."""
+    _set_all(series.files, SliceThickness="0.5")
+    [(path, _)] = write_enhanced_ct(series.files, tmp_path / "enhanced" / "ct.dcm")
+    assert "SliceThickness" not in pydicom.dcmread(path, stop_before_pixels=True)
+    for vol in (load_volume(series.files), load_volume([path])):
+        (flag,) = [f for f in vol.qa if f.code == "slice_gap"]
+        assert flag.reason.startswith("slices of 0.50 mm are")
