@@ -83,6 +83,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reanalyse(args: argparse.Namespace) -> int:
+    from node.db.jobs import requeue_for_reanalysis
+    from node.db.session import make_sessionmaker, open_database
+
+    cfg = load_config(args.config)
+    setup_logging("WARNING")
+    engine = open_database(cfg.storage.database_url, must_exist=True)
+    try:
+        print(requeue_for_reanalysis(make_sessionmaker(engine), args.job))
+    finally:
+        engine.dispose()
+    return 0
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     from node.db.models import Job
     from node.db.session import make_sessionmaker, open_database
@@ -250,6 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resend", action="store_true",
                    help="with JOB: send all its results again, delivered ones too (a PACS that lost them)")
     p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser(
+        "reanalyse", help="run the models on a finished job's series again: lungnode reanalyse JOB",
+        description="Put a finished job (done, rejected, failed or superseded) of a series' newest revision back in "
+        "the queue: a running node analyses its images again, for instance after a model update, and sends the "
+        "new results as usual (objects that come out the same have the same UIDs, which a PACS keeps once). "
+        "Its images must still be in the spool (retention.received_days). Exit status: 0 queued, 2 not possible "
+        "(the reason is printed).",
+    )
+    _config_arg(p)
+    p.add_argument("job", type=int, help="the job id (lungnode status lists them)")
+    p.set_defaults(func=cmd_reanalyse)
 
     p = sub.add_parser(
         "synth",

@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Event, Job, JobState, OutboxItem, SendState, Series, utcnow
+from node.errors import LungnodeError
 from node.logs import kv
 
 log = logging.getLogger(__name__)
@@ -163,4 +164,31 @@ def restore_superseded(s: Session, *, series_id: int, revision: int) -> int:
         s.execute(update(OutboxItem).where(OutboxItem.job_id.in_(job_ids), OutboxItem.state == SendState.superseded)
                   .values(state=SendState.pending, next_attempt_at=utcnow(), last_error=None))
     return len(jobs)
+
+
+def requeue_for_reanalysis(sessions: sessionmaker[Session], job_id: int) -> str:
+    """Put a finished job of a series' current revision back in the queue, so the models run on it again (after a
+    model update, say); returns what was done, for the operator. Its results replace the earlier ones in the spool
+    and go out like any others. Raises LungnodeError where that cannot be done, saying why."""
+    with sessions.begin() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise LungnodeError(f"there is no job {job_id} (lungnode status lists the jobs)")
+        series = s.get(Series, job.series_id)
+        assert series is not None
+        if job.state in (JobState.queued, JobState.running):
+            raise LungnodeError(f"job {job_id} is {job.state.value} already")
+        if job.revision < series.revision:
+            raise LungnodeError(f"job {job_id} answered revision {job.revision} of its series, and revision "
+                                f"{series.revision} has come since: reanalyse the newest revision's job")
+        if series.purged_at is not None:
+            raise LungnodeError(f"the images of job {job_id}'s series were deleted by the retention rule "
+                                "(retention.received_days): send the series again to have it analysed")
+        before = job.state.value
+        job.state, job.error, job.worker, job.attempts = JobState.queued, None, None, 0
+        job.started_at = job.finished_at = job.heartbeat_at = None
+        s.add(Event(kind="job_requeued", job_id=job.id, series_id=series.id,
+                    message=f"reanalysis asked by an operator (it was {before})"))
+    log.info(kv("job_requeued", job=job_id, reason="reanalysis asked by an operator", was=before))
+    return f"job {job_id} ({before}) is queued again: a running node analyses it within workers.poll_interval_s"
 

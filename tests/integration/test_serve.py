@@ -46,6 +46,15 @@ def test_serve_runs_workers_that_analyse_a_received_series(node_factory: NodeFac
     assert [m["name"] for m in result["models"]] == ["lung_seg", "lesion_seg", "diagnosis"]
     assert json.loads(job["timings"])["total"] > 0
 
+    # An operator has it analysed again (after a model update, say): the running node takes it up.
+    first_finish = job["finished_at"]
+    again = run_cli("reanalyse", str(job["id"]), "--config", node.config_path)
+    assert again.returncode == 0 and f"job {job['id']} (done) is queued again" in again.stdout, again.stderr
+    rerun = wait_until(lambda: (j := finished()) is not None and j["finished_at"] != first_finish and j,
+                       timeout=90, what="the reanalysis to finish")
+    assert rerun["state"] == "done" and rerun["attempts"] == 1
+    assert run_cli("reanalyse", str(job["id"] + 99), "--config", node.config_path).returncode == 2
+
 
 def test_serve_without_models_keeps_receiving_and_says_why(node_factory: NodeFactory, tmp_path: Path) -> None:
     node = node_factory(settings={"inference": {"models_dir": str(tmp_path / "no-models")}, "workers": {"count": 1}})
