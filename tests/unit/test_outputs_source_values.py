@@ -66,3 +66,43 @@ def test_clean_copied_values_keeps_valid_ones() -> None:
     ds.PatientName, ds.PatientBirthDate, ds.PatientSex, ds.StudyTime = "DOE^JANE", "19610315", "F", "101500"
     assert clean_copied_values({"1": ds}) == []
     assert (str(ds.PatientName), ds.PatientBirthDate, ds.PatientSex) == ("DOE^JANE", "19610315", "F")
+
+
+def test_a_job_whose_outputs_could_not_be_built_is_failed_and_sends_nothing(odd: Synth, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: 'done' with an empty outputs.json, and nothing said why the PACS got no results."""
+    from node.config import Config, Destination
+    from node.db.models import Instance, Job, JobState, OutboxItem, Series, SeriesOrigin, SeriesState, Study
+    from node.db.session import upgrade_schema
+    from node.pipeline.worker import Worker
+
+    def broken(**_: object) -> None:
+        raise ValueError("cannot build")
+
+    for name in ("build_seg", "build_sr", "build_key_images"):
+        monkeypatch.setattr(write, name, broken)
+    config = Config.model_validate({"storage": {"spool_dir": str(tmp_path / "spool"),
+                                                "database_url": f"sqlite:///{tmp_path / 'ledger.sqlite'}"}})
+    config.destinations = [Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)]
+    worker = Worker(config, name="test")
+    upgrade_schema(worker.engine)
+    with worker.sessions.begin() as s:
+        series = Series(study=Study(study_instance_uid=odd.study_uid), series_instance_uid=odd.series_uid,
+                        origin=SeriesOrigin.modality, state=SeriesState.complete, revision=1)
+        s.add(series)
+        s.flush()
+        for i, f in enumerate(odd.files):
+            s.add(Instance(series_id=series.id, sop_instance_uid=f"1.2.3.{i}", sop_class_uid="1.2", revision=1,
+                           transfer_syntax_uid="1.2", path=str(f), size_bytes=f.stat().st_size))
+        s.add(Job(series_id=series.id, revision=1, state=JobState.queued))
+    job = worker.queue.claim()
+    assert job is not None
+    analysis = analysis_from_series(odd.files, lungs=odd.phantom.lungs, lesions=odd.phantom.lesions,
+                                    series_instance_uid=odd.series_uid)
+    worker._finish(job, analysis)
+    with worker.sessions() as s:
+        row = s.get(Job, job.job_id)
+        assert row is not None and row.state == JobState.failed
+        assert row.error == "DICOM outputs not built: seg: ValueError; sr: ValueError; key_image: ValueError"
+        assert s.query(OutboxItem).count() == 0
+    worker.engine.dispose()
