@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -110,30 +112,53 @@ class JobQueue:
         return True
 
     def requeue_stalled(self, now: dt.datetime | None = None) -> int:
-        """Jobs whose worker stopped sending heartbeats go back to the queue (or fail after max_attempts)."""
+        """Jobs whose worker stopped sending heartbeats go back to the queue (or fail after max_attempts); so do, at
+        once, jobs of a worker on this machine whose process is gone (a node killed and restarted: no need to wait
+        out the lease)."""
         cutoff = (now or utcnow()) - dt.timedelta(seconds=self.lease_s)
         count = 0
         with self.sessions.begin() as s:
-            stalled = s.scalars(
+            stalled = {job: "stopped responding" for job in s.scalars(
                 select(Job)
                 .where(Job.state == JobState.running, Job.heartbeat_at < cutoff)
                 .with_for_update(skip_locked=True)
-            ).all()
-            for job in stalled:
+            )}
+            stalled.update({job: "is gone" for job in s.scalars(
+                select(Job)
+                .where(Job.state == JobState.running, Job.heartbeat_at >= cutoff,
+                       Job.worker.like(f"{socket.gethostname()}:%"))
+                .with_for_update(skip_locked=True)
+            ) if _process_gone(job.worker)})
+            for job, why in stalled.items():
                 count += 1
                 stalled_worker = job.worker
                 if job.attempts >= self.max_attempts:
                     job.state = JobState.failed
                     job.finished_at = utcnow()
-                    job.error = f"worker {job.worker} stopped responding on {job.attempts} attempts"
+                    job.error = f"worker {job.worker} {why} on {job.attempts} attempts"
                     s.add(Event(kind="job_failed", level="error", job_id=job.id, series_id=job.series_id, message=job.error))
                 else:
                     s.add(Event(kind="job_requeued", level="warning", job_id=job.id, series_id=job.series_id,
-                                message=f"worker {job.worker} stopped responding: back in the queue"))
+                                message=f"worker {job.worker} {why}: back in the queue"))
                     job.state = JobState.queued
                     job.worker = None
                 log.warning(kv("job_stalled", job=job.id, worker=stalled_worker, new_state=job.state.value))
         return count
+
+
+def _process_gone(worker: str | None) -> bool:
+    """True when ``worker`` ("host:pid", the default worker name) names a process of this machine that no longer
+    exists. Another machine's worker, or a name of another form, is left to its lease."""
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's, say)
+        return False
+    return False
 
 
 def supersede_queued_jobs(s: Session, *, series_id: int, revision: int, now: dt.datetime) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydicom.uid import generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.jobs import JobQueue, requeue_for_reanalysis
@@ -13,7 +14,7 @@ from node.errors import LungnodeError
 def _job(sessions: sessionmaker[Session], state: JobState, *, revision: int = 1, series_revision: int = 1,
          purged: bool = False) -> int:
     with sessions.begin() as s:
-        series = Series(study=Study(study_instance_uid=f"1.2.{id(object())}"), series_instance_uid=f"1.3.{id(object())}",
+        series = Series(study=Study(study_instance_uid=generate_uid()), series_instance_uid=generate_uid(),
                         modality="CT", origin=SeriesOrigin.modality, state=SeriesState.complete,
                         revision=series_revision, purged_at=utcnow() if purged else None)
         job = Job(series=series, revision=revision, state=state, attempts=2, error="was refused")
@@ -46,3 +47,30 @@ def test_reanalysis_is_refused_with_the_reason(sessions: sessionmaker[Session], 
         requeue_for_reanalysis(sessions, job_id)
     with pytest.raises(LungnodeError, match="there is no job"):
         requeue_for_reanalysis(sessions, job_id + 100)
+
+
+def test_a_job_of_a_worker_process_gone_from_this_machine_is_requeued_at_once(sessions: sessionmaker[Session]) -> None:
+    """After a node was killed and restarted its jobs went back to the queue only when the lease ran out (120 s)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    host = socket.gethostname()
+    workers = {f"{host}:{dead_pid}": JobState.queued,  # its process is gone: back in the queue now
+               f"{host}:{os.getpid()}": JobState.running,  # alive: left alone
+               f"elsewhere:{dead_pid}": JobState.running,  # another machine's: its lease decides
+               "custom-name": JobState.running}
+    ids = {}
+    for worker in workers:
+        job_id = _job(sessions, JobState.done)
+        with sessions.begin() as s:
+            row = s.get(Job, job_id)
+            assert row is not None
+            row.state, row.worker, row.heartbeat_at, row.attempts = JobState.running, worker, utcnow(), 1
+        ids[worker] = job_id
+    assert JobQueue(sessions, worker="w", lease_s=120).requeue_stalled() == 1
+    with sessions() as s:
+        assert {w: s.get(Job, i).state for w, i in ids.items()} == workers  # type: ignore[union-attr]
