@@ -188,7 +188,12 @@ def cv_summary(folder: Path) -> dict[str, Any] | None:
 
 
 def select(summary: dict[str, Any], rule: dict[str, Any]) -> str | None:
-    """The plan's rule: the best CV mean among the candidates, if it beats the baseline by ``margin``."""
+    """The plan's rule: the best CV mean among the candidates, if it beats the baseline by ``margin``.
+
+    None when the plan names no baseline run in this sweep (its baseline comes from an earlier one): the
+    summary is still written, and the decision is made by hand from the plan's text."""
+    if "baseline" not in rule or "margin" not in rule:
+        return None
     base = summary.get(rule["baseline"])
     scored = {name: s["mean"][KEY] for name, s in summary.items() if s and name != rule["baseline"]}
     if not base or not scored:
