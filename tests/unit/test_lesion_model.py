@@ -158,6 +158,7 @@ def test_sweep_rule_ships_a_candidate_only_past_the_baseline_margin() -> None:
     assert select({"E": s(0.70), "A": s(0.705), "B": s(0.709)}, rule) == "E"
     assert select({"E": s(0.70), "A": s(0.705), "B": s(0.712), "C": None}, rule) == "B"
     assert select({"E": None, "A": s(0.9)}, rule) is None  # no baseline from the same sweep: no decision
+    assert select({"A": s(0.9)}, {"metric": "infection_dice_mean"}) is None  # baseline from an earlier run: by hand
 
 
 class _FakeTraining:
