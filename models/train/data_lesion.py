@@ -15,7 +15,10 @@ Sources:
   lesion masks, and of the soft-tissue mode), taken as -860 HU and +30 HU. The slices are published
   already cropped to about the thorax, so the whole image is the box: a threshold lung mask (HU <
   -400) spanned the whole image on most slices and, where consolidation replaced aerated lung, cut
-  about 10 % of the lesion pixels off. The medseg test split and LIDC-IDRI-0002/0003 are refused here.
+  about 10 % of the lesion pixels off. The medseg test split and LIDC-IDRI-0002/0003 are refused here;
+* real lung without pneumonia (``real_negative_slices``): the lung-box slices of LIDC-IDRI-0001, all
+  background, so real vessels, fissures, dependent density and nodules are seen as "no lesion" (MedSeg
+  has no lesion-free slice, and the phantoms' confounders are synthetic).
 
 Orientation: the node feeds canonical slices (anterior up, patient right on the left), the MedSeg
 slices come rotated; ``dihedral`` augmentation (flips and 90-degree turns, no label change: lesion
@@ -36,7 +39,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from models.train.cache_files import save_npz_whole
-from models.train.data_lung import LUNG_WINDOW, SliceSet, augment, concat, to_samples
+from models.train.data_lung import LIDC_0001, LUNG_WINDOW, SliceSet, augment, concat, lidc_0001_volume, to_samples
 from node.pipeline.infer import window
 from node.pipeline.preprocess import lung_box, resize
 
@@ -175,6 +178,30 @@ def phantom_lung_slices(seed: int, size: int, kind: str | None = None, *, slices
     return SliceSet(s.x, s.y, [f"phantom{seed}:{int(k)}" for k in keep + box[0].start])
 
 
+def real_negative_slices(size: int, *, archive: Path = LIDC_0001) -> SliceSet:
+    """LIDC-IDRI-0001's lung-box slices that contain lung (classical lung labels), every pixel background (cached).
+
+    The box is the node's (``lung_box`` of the lungs, its margins), so the slices look as the node will feed them.
+    """
+    _refuse_test(archive)
+    path = CACHE / f"lidc0001-negatives-{size}.npz"
+    if path.is_file():
+        z = np.load(path)
+        return SliceSet(z["x"].astype(np.float32), z["y"], [f"lidc0001:{k}" for k in z["k"]])
+    if not Path(archive).is_file():
+        raise FileNotFoundError(f"{archive} is missing: train without --real-negatives")
+    from models.train.lung_labels import label_lungs
+
+    vol = lidc_0001_volume(archive)
+    lungs = label_lungs(vol.hu, vol.spacing_mm) > 0
+    box = lung_box(lungs)
+    keep = np.flatnonzero(lungs[box].any(axis=(1, 2)))
+    s = to_samples(vol.hu[box][keep], np.zeros_like(lungs[box][keep], dtype=np.uint8), size, "lidc0001")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    save_npz_whole(path, compressed=True, x=s.x.astype(np.float16), y=s.y, k=keep + box[0].start)
+    return SliceSet(s.x, s.y, [f"lidc0001:{int(k)}" for k in keep + box[0].start])
+
+
 def training_phantom_seeds(seed: int, phantoms: int) -> range:
     """The phantoms ``train_lesion --seed S --phantoms N`` trains on: S*1000 .. S*1000+N-1 (one range per seed)."""
     return range(seed * 1000, seed * 1000 + phantoms)
@@ -192,8 +219,11 @@ def phantom_samples(seeds: list[int], size: int, log=None, *, slices: int | None
 
 
 def epoch_indices(phantom: SliceSet, n_med: int, reps: int, n_ph: int, rng: np.random.Generator,
-                  normal: np.ndarray | None = None, normal_share: float = 0.0) -> list[tuple[str, int]]:
+                  normal: np.ndarray | None = None, normal_share: float = 0.0, n_neg: int = 0,
+                  negatives: int = 0) -> list[tuple[str, int]]:
     """One epoch: every MedSeg slice ``reps`` times, ``n_ph`` phantom slices (half with lesions), shuffled.
+
+    ``n_neg`` draws of the ``negatives`` real lesion-free slices (source "n") join them; at 0 nothing is drawn.
 
     ``normal_share`` of the phantom slices come from ``normal`` (indices of slices of lesion-free series,
     whose confounders such as dependent atelectasis must stay unlabelled); the rest as before, half with
@@ -210,6 +240,8 @@ def epoch_indices(phantom: SliceSet, n_med: int, reps: int, n_ph: int, rng: np.r
         if n_norm and normal is not None:
             pick = np.concatenate([pick, rng.choice(normal, n_norm)])
         items += [("p", int(i)) for i in pick]
+    if n_neg and negatives:
+        items += [("n", int(i)) for i in rng.choice(negatives, n_neg)]
     return [items[i] for i in rng.permutation(len(items))]
 
 
@@ -361,7 +393,7 @@ def augment_lesion(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, crop:
     return augment(np.clip(x, 0.0, 1.0), y, rng, p_flip=0.0, max_scale=0.15, max_rot_deg=15.0, noise=0.02)
 
 
-__all__ = ["CACHE", "GrayMap", "MEDSEG_TEST", "MEDSEG_TRAIN", "MedsegItem", "augment_lesion", "calibrate",
+__all__ = ["CACHE", "GrayMap", "MEDSEG_TEST", "MEDSEG_TRAIN", "MedsegItem", "augment_lesion", "calibrate", "real_negative_slices",
            "dihedral", "elastic_warp", "epoch_indices", "gamma_contrast", "lung_region", "medseg_input", "medseg_samples", "normal_slices",
            "paste_lesions", "phantom_lung_slices",
            "phantom_samples", "phantom_spec_args", "phantom_volume", "random_crop", "read_medseg", "read_medseg_train",

@@ -34,7 +34,7 @@ import SimpleITK as sitk
 
 from node.pipeline.infer import window
 from node.pipeline.preprocess import resize
-from node.pipeline.volume import load_volume
+from node.pipeline.volume import Volume, load_volume
 
 LUNG_WINDOW = (-450.0, 1350.0)  # level, width: -1125 .. +225 HU (air .. soft tissue/vessels)
 LIDC_0001 = Path("/work/shared/data/lidc-idri-0001-ct.tar.xz")
@@ -136,6 +136,16 @@ def phantom_samples(seeds: list[int], size: int, *, slices: int = 48, matrix: in
     return concat(sets)
 
 
+def lidc_0001_volume(archive: Path = LIDC_0001) -> Volume:
+    """The LIDC-IDRI-0001 series as the node loads it (training data; the validation series are refused)."""
+    if any(f in str(archive).lower() for f in FORBIDDEN):
+        raise ValueError(f"{archive} is validation/test data: never train on it")
+    with tempfile.TemporaryDirectory(prefix="lidc-0001-") as tmp:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        return load_volume(sorted(Path(tmp).rglob("*.dcm")))
+
+
 def lidc_0001_samples(size: int, *, archive: Path = LIDC_0001, every: int = 1) -> SliceSet | None:
     """LIDC-IDRI-0001 with classical labels, or None when the archive is absent."""
     if any(f in str(archive).lower() for f in FORBIDDEN):
@@ -144,11 +154,7 @@ def lidc_0001_samples(size: int, *, archive: Path = LIDC_0001, every: int = 1) -
         return None
     from models.train.lung_labels import label_lungs
 
-    with tempfile.TemporaryDirectory(prefix="lidc-0001-") as tmp:
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        files = sorted(Path(tmp).rglob("*.dcm"))
-        vol = load_volume(files)
+    vol = lidc_0001_volume(archive)
     lungs = label_lungs(vol.hu, vol.spacing_mm)
     return to_samples(vol.hu, lungs, size, "lidc0001", every=every)
 

@@ -47,6 +47,7 @@ from models.train.data_lesion import (
     phantom_lung_slices,
     phantom_samples,
     read_medseg_train,
+    real_negative_slices,
     training_phantom_seeds,
 )
 from models.train.data_lung import LUNG_WINDOW, SliceSet
@@ -101,11 +102,13 @@ def torch_runner(model: UNet2D):
     return lambda x: predict(model, x[:, 0])
 
 
-def _sample(phantom: SliceSet, med: SliceSet, source: str, k: int, paste: float, rng: np.random.Generator
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Training pair ``k`` of MedSeg (``source`` "m") or the phantoms; with probability ``paste`` a MedSeg
-    slice gets the lesions of another MedSeg training slice pasted in. At ``paste`` 0 no random number is
-    drawn here, so earlier recipes repeat bit for bit."""
+def _sample(phantom: SliceSet, med: SliceSet, source: str, k: int, paste: float, rng: np.random.Generator,
+            negatives: SliceSet | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Training pair ``k`` of MedSeg (``source`` "m"), the real lesion-free slices ("n") or the phantoms; with
+    probability ``paste`` a MedSeg slice gets the lesions of another MedSeg training slice pasted in. At
+    ``paste`` 0 no random number is drawn here, so earlier recipes repeat bit for bit."""
+    if source == "n" and negatives is not None:
+        return negatives.x[k], negatives.y[k]
     if source != "m":
         return phantom.x[k], phantom.y[k]
     if paste and len(med) > 1 and rng.random() < paste:
@@ -118,7 +121,8 @@ def _sample(phantom: SliceSet, med: SliceSet, source: str, k: int, paste: float,
 def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: int, base: int, batch: int,
         lr: float, reps: int, n_ph: int, crop: int = 0, depth: int = 3, init: Path | None = None,
         device: str = "cpu", normal_share: float = 0.0, dice: str = "batch", paste: float = 0.0,
-        elastic: float = 0.0, gamma: float = 0.0, log=print, fold_eval=None) -> tuple[UNet2D, list[dict[str, Any]]]:
+        elastic: float = 0.0, gamma: float = 0.0, negatives: SliceSet | None = None, n_neg: int = 0, log=print,
+        fold_eval=None) -> tuple[UNet2D, list[dict[str, Any]]]:
     """Train a U-Net (fresh, or from the ``init`` weights); per epoch log loss, held-out phantom Dice, fold metric.
 
     Augmentation runs on the CPU; only the network's steps go to ``device``. The model comes back on the CPU.
@@ -129,7 +133,8 @@ def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: i
         model.load_state_dict(torch.load(init, map_location="cpu"))
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    per_epoch = len(med) * reps + n_ph
+    n_neg = n_neg if negatives is not None and len(negatives) else 0
+    per_epoch = len(med) * reps + n_ph + n_neg
     steps = max(1, epochs * ((per_epoch + batch - 1) // batch))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     rng = np.random.default_rng(seed)
@@ -138,10 +143,11 @@ def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: i
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
-        order = epoch_indices(phantom, len(med), reps, n_ph, rng, normal, normal_share)
+        order = epoch_indices(phantom, len(med), reps, n_ph, rng, normal, normal_share, n_neg,
+                              0 if negatives is None else len(negatives))
         total, n = 0.0, 0
         for i in range(0, len(order), batch):
-            pairs = [augment_lesion(*_sample(phantom, med, s, k, paste, rng), rng, crop, elastic, gamma)
+            pairs = [augment_lesion(*_sample(phantom, med, s, k, paste, rng, negatives), rng, crop, elastic, gamma)
                      for s, k in order[i:i + batch]]
             xb = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None]).to(device)
             yb = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)).to(device)
@@ -173,7 +179,8 @@ def folds(n: int, k: int, seed: int) -> list[np.ndarray]:
 
 
 def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, val: SliceSet, k: int,
-                   cfg: dict[str, Any], log=print, keep: Path | None = None) -> dict[str, Any]:
+                   cfg: dict[str, Any], log=print, keep: Path | None = None,
+                   negatives: SliceSet | None = None) -> dict[str, Any]:
     """k-fold CV on the MedSeg training slices: train on k-1 folds (+ phantoms), score the held-out fold.
 
     ``cfg["fold"]`` > 0 runs that fold alone (parallel runs; ``sweep_lesion`` averages the folds' files).
@@ -193,7 +200,7 @@ def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, va
                        batch=cfg["batch"], lr=cfg["lr"], reps=cfg["reps"], n_ph=cfg["n_ph"], crop=cfg["crop"],
                        depth=cfg["depth"], init=cfg["init"], device=cfg["device"], normal_share=cfg["normal_share"],
                        dice=cfg["dice"], paste=cfg["paste"], elastic=cfg["elastic"], gamma=cfg["gamma"],
-                       fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
+                       negatives=negatives, n_neg=cfg["real_negatives"], fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
         if keep is not None:
             export_onnx(model, keep / f"fold{f + 1}.onnx", size)
             (keep / f"fold{f + 1}.json").write_text(json.dumps({"held_out": [it.name for it in test_items]}),
@@ -281,32 +288,39 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
           medseg: bool = True, cv: int = 0, fold: int = 0, depth: int = 3, slices: int | None = None,
           matrix: int | None = None, init: Path | None = None, device: str = "cpu", keep_folds: bool = False,
           normal_share: float = 0.0, dice: str = "batch", paste: float = 0.0, elastic: float = 0.0,
-          gamma: float = 0.0, log=print) -> dict[str, Any]:
+          gamma: float = 0.0, real_negatives: int = 0, log=print) -> dict[str, Any]:
     """Cross-validate (``cv`` > 0) or train, export and describe the model in ``out``.
 
     ``slices`` / ``matrix`` fix the phantoms' size (small, fast test runs); by default each seed draws them.
     ``keep_folds``: in cross-validation, also write each fold's network to ``out`` (``fold<i>.onnx``).
+    ``real_negatives``: LIDC-IDRI-0001 lung-box slices (no pneumonia, all background) drawn per epoch.
     """
     cfg = dict(epochs=epochs, seed=seed, phantoms=phantoms, val_phantoms=val_phantoms, size=size, base=base,
                batch=batch, lr=lr, reps=reps, n_ph=n_ph, crop=crop, medseg=medseg, cv=cv, fold=fold, depth=depth,
                slices=slices, matrix=matrix, init=None if init is None else str(init), device=device,
-               normal_share=normal_share, dice=dice, paste=paste, elastic=elastic, gamma=gamma)
+               normal_share=normal_share, dice=dice, paste=paste, elastic=elastic, gamma=gamma,
+               real_negatives=real_negatives)
     t0 = time.perf_counter()
     items, gmap, phantom, val = load_data(cfg, log)
+    negatives = real_negative_slices(size) if real_negatives else None
     log(f"data: {len(phantom)} phantom slices ({phantoms} phantoms), {len(items)} MedSeg slices, "
-        f"{len(val)} held-out phantom slices, gray map {gmap}, {time.perf_counter() - t0:.0f} s")
+        f"{len(val)} held-out phantom slices, gray map {gmap}"
+        + (f", {len(negatives)} real lesion-free slices (LIDC-IDRI-0001)" if negatives is not None else "")
+        + f", {time.perf_counter() - t0:.0f} s")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if cv:
         assert gmap is not None
-        res = cross_validate(items, gmap, phantom, val, cv, cfg, log, keep=out if keep_folds else None)
+        res = cross_validate(items, gmap, phantom, val, cv, cfg, log, keep=out if keep_folds else None,
+                             negatives=negatives)
         (out / (f"cv-fold{fold}.json" if fold else "cv.json")).write_text(json.dumps({"config": cfg, **res}, indent=2), encoding="utf-8")
         return res
     med = medseg_samples(items, gmap, size) if items and gmap else SliceSet(np.zeros((0, size, size), np.float32),
                                                                      np.zeros((0, size, size), np.uint8), [])
     model, history = fit(phantom, med, val, epochs=epochs, seed=seed, base=base, batch=batch, lr=lr, reps=reps,
                          n_ph=n_ph, crop=crop, depth=depth, init=init, device=device, normal_share=normal_share,
-                         dice=dice, paste=paste, elastic=elastic, gamma=gamma, log=log)
+                         dice=dice, paste=paste, elastic=elastic, gamma=gamma, negatives=negatives,
+                         n_neg=real_negatives, log=log)
     onnx_path = out / "model.onnx"
     export_onnx(model, onnx_path, size)
     err = parity(model, onnx_path, val.x[:16])
@@ -315,7 +329,10 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
     training = {
         "data": {"phantoms": phantoms, "phantom_seeds": [drawn[0], drawn[-1]],
                  "phantom_slices": len(phantom), "medseg_train_slices": len(items),
-                 "medseg_source": "MedSeg COVID-19 CT segmentation (as redistributed by Inf-Net, Fan et al. 2020)"},
+                 "medseg_source": "MedSeg COVID-19 CT segmentation (as redistributed by Inf-Net, Fan et al. 2020)",
+                 **({"real_lesion_free_slices": len(negatives),
+                     "real_lesion_free_source": "LIDC-IDRI-0001 lung box (TCIA, CC BY 3.0), all background"}
+                    if negatives is not None else {})},
         "medseg_gray_map": None if gmap is None else {
             "lung_gray": gmap.lung_gray, "tissue_gray": gmap.tissue_gray, "lung_hu": LUNG_HU, "tissue_hu": TISSUE_HU,
             "jpeg_window_hu": [round(v, 1) for v in gmap.window_hu()]},
@@ -325,6 +342,7 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
         "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "medseg_reps_per_epoch": reps,
         "phantom_slices_per_epoch": n_ph, **({"normal_series_share": normal_share} if normal_share else {}),
         **({"medseg_lesion_paste_p": paste} if paste else {}),
+        **({"real_lesion_free_slices_per_epoch": real_negatives} if real_negatives else {}),
         **({"elastic_warp_p": elastic} if elastic else {}), **({"gamma_max_abs_log": gamma} if gamma else {}),
         "train_crop": crop, "base_channels": base, "depth": depth,
         "parameters": n_params(model), "device": device,
@@ -376,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="probability of a smooth random (B-spline) warp of each training sample (0: off)")
     ap.add_argument("--gamma", type=float, default=0.0,
                     help="gamma contrast change of each training sample, |log gamma| up to this (0: off)")
+    ap.add_argument("--real-negatives", type=int, default=0, metavar="N",
+                    help="LIDC-IDRI-0001 lung-box slices (real CT without pneumonia, all background) drawn per epoch "
+                         "(0: none; needs ../shared/data)")
     ap.add_argument("--keep-fold-models", action="store_true",
                     help="with --cv: write each fold's network to --out as fold<i>.onnx (out-of-fold tuning)")
     a = ap.parse_args(argv)
@@ -390,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
           base=a.base, batch=a.batch, lr=a.lr, reps=a.medseg_reps, n_ph=a.phantom_slices, crop=a.crop, medseg=not a.no_medseg,
           cv=a.cv, fold=a.fold, depth=a.depth, init=a.init, device=a.device, keep_folds=a.keep_fold_models,
           normal_share=a.normal_share, dice=a.dice, paste=a.paste, elastic=a.elastic, gamma=a.gamma,
-          log=lambda s: print(s, flush=True))
+          real_negatives=a.real_negatives, log=lambda s: print(s, flush=True))
     return 0
 
 

@@ -246,6 +246,29 @@ def test_epoch_draws_a_share_of_phantom_slices_from_normal_series() -> None:
     assert sum(k < 20 for k in picks) >= 25  # the rest: still half with lesions
 
 
+def test_epoch_draws_real_lesion_free_slices_only_when_asked() -> None:
+    from models.train.data_lesion import epoch_indices
+    from models.train.data_lung import SliceSet
+
+    y = np.zeros((40, 4, 4), dtype=np.uint8)
+    y[:20, 0, 0] = 1
+    phantom = SliceSet(np.zeros((40, 4, 4), np.float32), y, [f"phantom{i}:0" for i in range(40)])
+    plain = epoch_indices(phantom, 5, 2, 100, np.random.default_rng(0))
+    assert epoch_indices(phantom, 5, 2, 100, np.random.default_rng(0), n_neg=0, negatives=7) == plain
+    assert epoch_indices(phantom, 5, 2, 100, np.random.default_rng(0), n_neg=30, negatives=0) == plain
+    mixed = epoch_indices(phantom, 5, 2, 100, np.random.default_rng(0), n_neg=30, negatives=7)
+    negs = [k for s, k in mixed if s == "n"]
+    assert len(negs) == 30 and set(negs) <= set(range(7))
+    assert sum(s == "p" for s, _ in mixed) == 100 and sum(s == "m" for s, _ in mixed) == 10
+
+
+def test_real_lesion_free_slices_refuse_the_validation_series(tmp_path) -> None:
+    from models.train.data_lesion import real_negative_slices
+
+    with pytest.raises(ValueError, match="validation/test data"):
+        real_negative_slices(64, archive=tmp_path / "lidc-idri-0002-ct.tar.xz")
+
+
 def test_pasted_lesions_land_only_in_the_lung_with_their_labels() -> None:
     from models.train.data_lesion import LUNG_X, paste_lesions
 
