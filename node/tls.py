@@ -276,7 +276,7 @@ def listener_tls(settings: DicomSettings, listener: str) -> LoggedServerContext 
     return LoggedServerContext(ctx, listener)
 
 
-def destination_tls(dest: Destination) -> tuple[ssl.SSLContext, str | None] | None:
+def destination_tls(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
     """pynetdicom's ``tls_args`` for sending to ``dest``: the context and the host name to check, or None."""
     if dest.tls is None:
         return None

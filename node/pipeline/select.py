@@ -72,13 +72,19 @@ class SeriesHeader:
             modality=str(ds.get("Modality", "")),
             sop_class_uid=str(ds.SOPClassUID),
             image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or [])),
-            slice_thickness_mm=(_finite([thickness]) or [None])[0] if thickness not in (None, "") else None,
+            slice_thickness_mm=_first_finite(thickness),
             slice_count=max(slice_count, frames),
             series_description=text("SeriesDescription"),
             body_part=text("BodyPartExamined"),
             convolution_kernel=text("ConvolutionKernel"),
             normal_z=normal_z,
         )
+
+
+def _first_finite(value: object) -> float | None:
+    """A header value as a finite number, or None when it is absent, empty or not a finite number."""
+    numbers = _finite([value]) if value not in (None, "") else None
+    return numbers[0] if numbers else None
 
 
 def _finite(values: Sequence[object]) -> list[float] | None:

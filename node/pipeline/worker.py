@@ -58,6 +58,8 @@ def _series_header(paths: list[Path]) -> SeriesHeader:
             first = ds
         if str(ds.get("SOPClassUID", "")) in ANALYSABLE_SOP_CLASSES:
             return SeriesHeader.from_dataset(ds, slice_count=len(paths))
+    if first is None:  # not reached: paths is not empty
+        raise LungnodeError("the series has no instances left in the spool")
     return SeriesHeader.from_dataset(first, slice_count=len(paths))
 
 

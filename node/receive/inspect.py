@@ -12,6 +12,7 @@ import unicodedata
 import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -67,7 +68,7 @@ def for_ledger(header: InstanceHeader) -> InstanceHeader:
     """The header with values every ledger database can hold: integers outside 32 bits become unknown, text loses
     control characters (PostgreSQL refuses a NUL; other characters, a no-break space say, stay as sent, so a
     Patient ID compares as before). The file in the spool keeps what was sent."""
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     for f in fields(header):
         value = getattr(header, f.name)
         if isinstance(value, int) and value not in INT32:

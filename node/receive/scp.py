@@ -79,7 +79,7 @@ TRANSFER_SYNTAXES = [
 _ASSOC_ID = "_lungnode_assoc_id"
 _ASSOC_STATS = "_lungnode_assoc_stats"
 #: (result source, diagnostic) of an A-ASSOCIATE-RJ that pynetdicom sends itself -> the reason IT reads in the log
-_REJECT_REASONS = {
+_REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
     (0x01, 0x07): "called AE title is not dicom.ae_title",
     (0x01, 0x03): "calling AE title not recognised",
     (0x03, 0x02): "too many associations at once (dicom.max_associations)",
