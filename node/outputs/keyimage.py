@@ -10,6 +10,7 @@ not-for-clinical-use statement. Burned In Annotation is YES: these images carry 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from functools import lru_cache
 
 import highdicom as hd
@@ -29,6 +30,11 @@ from node.synthetic.preview import outline
 
 LUNG_WINDOW = (-600.0, 1500.0)  # level, width
 ALPHA = 0.45
+#: Patient and study attributes copied from the source beyond what highdicom's Secondary Capture takes, so
+#: the key images match the SEG and SR of the same study where an archive matches on ID and issuer.
+IDENTITY_KEYWORDS = ("IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence",
+                     "IssuerOfAccessionNumberSequence", "StudyDescription", "PatientAge", "PatientSize",
+                     "PatientWeight", "PatientBirthTime")
 
 
 def pick_slices(lungs: np.ndarray, lesions: np.ndarray, count: int) -> list[int]:
@@ -132,15 +138,32 @@ def legend_entries(result: Mapping[str, object]) -> list[tuple[tuple[int, int, i
     return out
 
 
+def source_label(volume: Volume, z: int, headers: Mapping[str, Dataset]) -> str:
+    """Where canonical slice ``z`` is in the source series, as a viewer shows it: the source image's Instance
+    Number (and frame), and the slice's position along the patient axis. The canonical index means nothing
+    to a reader scrolling the original series."""
+    frame = volume.frames[z]
+    ds = headers.get(frame.sop_instance_uid)
+    number = ds.get("InstanceNumber") if ds is not None else None
+    where = f"image {number}" if number not in (None, "") else f"slice {z + 1}/{volume.shape[0]}"
+    if frame.frame_number is not None:
+        where += f" frame {frame.frame_number}"
+    position = volume.origin_lps + z * volume.spacing_mm[0] * volume.axes_lps[2]
+    return f"{where}  z {float(position[2]):.1f} mm"
+
+
 def build_key_images(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, result: Mapping[str, object],
                      reference: Dataset, uids: OutputUIDs, series_number: int, series_description: str,
-                     count: int) -> list[hd.sc.SCImage]:
-    """Secondary Capture images of the most involved slices (none when there are no lungs)."""
+                     count: int, headers: Mapping[str, Dataset] | None = None) -> list[hd.sc.SCImage]:
+    """Secondary Capture images of the most involved slices (none when there are no lungs).
+
+    ``headers``: the source images' headers by SOP Instance UID, for the Instance Number each image names.
+    """
     legend = legend_entries(result)
     images = []
     slices = pick_slices(lungs, lesions, count)
     for number, z in enumerate(slices, start=1):
-        title = f"lungnode {__version__}  slice {z + 1}/{volume.shape[0]}"
+        title = f"lungnode {__version__}  {source_label(volume, z, headers or {})}"
         pixels = render(volume.hu[z], lungs[z], lesions[z], legend=legend, title=title)
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=reference,
@@ -156,13 +179,17 @@ def build_key_images(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, 
             patient_orientation=("L", "P"),
             transfer_syntax_uid=ExplicitVRLittleEndian,
         )
+        for keyword in IDENTITY_KEYWORDS:
+            if keyword in reference and reference[keyword].value not in (None, ""):
+                setattr(sc, keyword, deepcopy(reference[keyword].value))
         sc.SeriesDescription = series_description
         sc.ManufacturerModelName = MODEL_NAME
         sc.SoftwareVersions = __version__
         sc.BurnedInAnnotation = "YES"
         # A chest is not a paired body part: with it named, General Series needs no Laterality.
         sc.BodyPartExamined = str(reference.get("BodyPartExamined") or "CHEST")
-        sc.ImageComments = f"Most involved slice {number} of {len(slices)}; not for clinical use"
+        sc.ImageComments = f"Key image {number} of {len(slices)} ({source_label(volume, z, headers or {})}); " \
+                           "not for clinical use"
         frame = volume.frames[z]
         source = Dataset()
         source.ReferencedSOPClassUID = frame.sop_class_uid

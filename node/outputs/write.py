@@ -36,7 +36,7 @@ from node.outputs.keyimage import build_key_images
 from node.outputs.seg import AlgorithmInfo, OutputError, SegmentSpec, build_seg, read_source_headers
 from node.outputs.sr import build_sr, predecessor_reference
 from node.outputs.sr_template import SRTemplate, load_template
-from node.outputs.uids import OutputUIDs
+from node.outputs.uids import OutputUIDs, content_digest
 from node.pipeline.infer import model_name
 from node.pipeline.manifest import ALGORITHM_FAMILIES, ManifestError, ModelManifest, load_manifest
 from node.pipeline.runner import Analysis
@@ -213,8 +213,12 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
         write_manifest(out_dir, objects)
         return objects
     result = analysis.result_json()
+    if settings.sr:
+        template = template or load_template(settings.sr_template, settings.sr_templates_dir)
+    content = content_digest({k: v for k, v in result.items() if k != "timings_s"}, settings.model_dump(mode="json"),
+                             template.model_dump(mode="json") if template is not None else None)
     uids = OutputUIDs.for_analysis(source_series_uid=analysis.series_instance_uid, revision=revision,
-                                   models=analysis.models)
+                                   models=analysis.models, content=content)
     models = models_by_role(analysis, manifests)
     specs = segment_specs(manifests, models)
     volume = analysis.volume
@@ -239,7 +243,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
         timings["seg"] = time.perf_counter() - t0
     if settings.sr:
         t0 = time.perf_counter()
-        template = template or load_template(settings.sr_template, settings.sr_templates_dir)
+        assert template is not None  # loaded above with the UIDs
         in_volume = dict.fromkeys(f.sop_instance_uid for f in volume.frames) if volume is not None else {}
         evidence = [headers[u] for u in in_volume if u in headers] or list(headers.values())
         try:
@@ -259,7 +263,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
             images = build_key_images(volume=volume, lungs=analysis.lungs, lesions=analysis.lesions, result=result,
                                       reference=reference, uids=uids, series_number=settings.key_image_series_number,
                                       series_description=settings.key_image_series_description,
-                                      count=settings.key_image_count)
+                                      count=settings.key_image_count, headers=headers)
             objects.extend(_save(sc, out_dir, f"key_image_{n}.dcm", "key_image") for n, sc in enumerate(images, 1))
         except Exception as exc:  # see the SEG above
             _failed(analysis, "key_image", exc)

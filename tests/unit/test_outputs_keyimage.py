@@ -13,8 +13,9 @@ import pytest
 from node import MANUFACTURER, __version__
 from node.config import OutputsSettings
 from node.outputs.codes import STRUCTURES
-from node.outputs.keyimage import ALPHA, legend_entries, pick_slices, render
+from node.outputs.keyimage import ALPHA, build_key_images, legend_entries, pick_slices, render
 from node.outputs.truth import analysis_from_series
+from node.outputs.uids import OutputUIDs
 from node.outputs.write import write_outputs
 from node.pipeline.runner import Analysis
 from tests.helpers.faults import Synth, phantom, synth_series
@@ -78,6 +79,7 @@ def test_key_images_round_trip(analysis: Analysis, synth: Synth, tmp_path: Path)
     assert vol is not None and analysis.lesions is not None
     chosen = pick_slices(analysis.lungs, analysis.lesions, 2)  # type: ignore[arg-type]
     src = pydicom.dcmread(synth.files[0], stop_before_pixels=True)
+    by_uid = {str(d.SOPInstanceUID): d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in synth.files)}
     for number, (obj, z) in enumerate(zip(objects, chosen), start=1):
         ds = pydicom.dcmread(tmp_path / obj.file)
         assert ds.SOPClassUID == SC_SOP_CLASS and obj.sop_class_uid == SC_SOP_CLASS
@@ -89,10 +91,14 @@ def test_key_images_round_trip(analysis: Analysis, synth: Synth, tmp_path: Path)
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == vol.frames[z].sop_instance_uid
         pixels = ds.pixel_array
         assert pixels.shape[1:] == (vol.shape[2], 3) and pixels.shape[0] > vol.shape[1]
-        # the picture is the canonical slice with its overlay, exactly as rendered
+        # the picture is the canonical slice with its overlay, exactly as rendered, titled with the source image's
+        # Instance Number and position (what a reader scrolling the original series sees), not the canonical index
+        source = by_uid[vol.frames[z].sop_instance_uid]
+        label = f"image {source.InstanceNumber}  z {float(source.ImagePositionPatient[2]):.1f} mm"
+        assert label in ds.ImageComments
         expected = render(vol.hu[z], analysis.lungs[z], analysis.lesions[z],  # type: ignore[index]
                           legend=legend_entries(analysis.result_json()),
-                          title=f"lungnode {__version__}  slice {z + 1}/{vol.shape[0]}")
+                          title=f"lungnode {__version__}  {label}")
         np.testing.assert_array_equal(pixels, expected)
         assert analysis.lesions[z].any()  # the most involved slices show lesions
         # the patient's right lung is on the image's left
@@ -101,3 +107,27 @@ def test_key_images_round_trip(analysis: Analysis, synth: Synth, tmp_path: Path)
         assert right_cols.mean() < left_cols.mean()
         image = hd.imread(tmp_path / obj.file)  # highdicom reads it: the same pixels
         np.testing.assert_array_equal(image.get_frame(1), pixels)
+
+
+def test_key_images_carry_the_patient_identity_of_the_seg_and_sr(analysis: Analysis, synth: Synth) -> None:
+    """Archives that match a patient on ID and issuer must file the key images with the SEG and SR."""
+    reference = pydicom.dcmread(synth.files[0], stop_before_pixels=True)
+    reference.IssuerOfPatientID = "HOSP-A"
+    other = pydicom.Dataset()
+    other.PatientID, other.IssuerOfPatientID = "OLD-7", "HOSP-B"
+    reference.OtherPatientIDsSequence = [other]
+    issuer = pydicom.Dataset()
+    issuer.LocalNamespaceEntityID = "RIS"
+    reference.IssuerOfAccessionNumberSequence = [issuer]
+    reference.StudyDescription, reference.PatientAge = "CT CHEST", "061Y"
+    assert analysis.volume is not None and analysis.lungs is not None and analysis.lesions is not None
+    (sc,) = build_key_images(volume=analysis.volume, lungs=analysis.lungs, lesions=analysis.lesions,
+                             result=analysis.result_json(), reference=reference,
+                             uids=OutputUIDs.for_analysis(source_series_uid=synth.series_uid, revision=1, models=[]),
+                             series_number=3, series_description="keys", count=1)
+    assert (sc.PatientID, sc.IssuerOfPatientID, sc.StudyDescription, sc.PatientAge) == (
+        reference.PatientID, "HOSP-A", "CT CHEST", "061Y")
+    assert (sc.OtherPatientIDsSequence[0].PatientID, sc.OtherPatientIDsSequence[0].IssuerOfPatientID) == (
+        "OLD-7", "HOSP-B")
+    assert sc.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID == "RIS"
+    assert "slice " in sc.ImageComments and "image " not in sc.ImageComments  # no headers given: canonical index

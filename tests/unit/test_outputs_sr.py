@@ -217,6 +217,25 @@ def test_new_revision_names_the_previous_sr(analysis: Analysis, synth: Synth, tm
     assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (SR_SOP_CLASS, first["sr"].sop_instance_uid)
 
 
+def test_objects_with_other_content_get_other_uids(analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
+    """Archives keep the first instance they get under a UID: a failed analysis run again with success, or other
+    output settings, must not reuse the UIDs of what was sent before; the same run again must."""
+    settings = OutputsSettings(key_images=False, seg=False)
+
+    def sr_uid(a: Analysis, out: str, s: OutputsSettings = settings) -> str:
+        (sr,) = [o for o in write_outputs(a, out_dir=tmp_path / out, source_paths=synth.files, settings=s)
+                 if o.kind == "sr"]
+        return sr.sop_instance_uid
+
+    ok = sr_uid(analysis, "ok")
+    assert sr_uid(analysis, "again") == ok
+    failed = Analysis(status="failed", series_instance_uid=synth.series_uid, reason="the lesion model failed",
+                      models=analysis.models)
+    assert sr_uid(failed, "failed") != ok
+    assert sr_uid(analysis, "described", OutputsSettings(key_images=False, seg=False,
+                                                        sr_series_description="AI results")) != ok
+
+
 # -- templates -------------------------------------------------------------------------------------
 def shipped() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load((TEMPLATES_DIR / "lung_ct_pneumonia.yaml").read_text())
