@@ -130,4 +130,4 @@ def test_key_images_carry_the_patient_identity_of_the_seg_and_sr(analysis: Analy
     assert (sc.OtherPatientIDsSequence[0].PatientID, sc.OtherPatientIDsSequence[0].IssuerOfPatientID) == (
         "OLD-7", "HOSP-B")
     assert sc.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID == "RIS"
-    assert "slice " in sc.ImageComments and "image " not in sc.ImageComments  # no headers given: canonical index
+    assert "(slice " in sc.ImageComments and "(image " not in sc.ImageComments  # no headers given: canonical index
