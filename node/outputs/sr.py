@@ -86,22 +86,30 @@ def _group(spec: GroupSpec, *, result: dict[str, Any], seg: Dataset | None, sour
     )
 
 
+#: What a failed analysis' SR says instead of the error, which stays in the node's record (lungnode status).
+FAILED_STATEMENT = ("No results: the analysis stopped on a technical failure of the node, not on the images. "
+                    "The node's job record and log say why.")
+
+
 def _text(name: Any, value: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 
 def _information(template: SRTemplate, result: dict[str, Any], uids: OutputUIDs) -> Group:
     st = template.statements
-    refused = result.get("status") != "ok"
+    status = result.get("status")
+    refused = status == "rejected"  # by the quality checks; a failure of the node is not the images' fault
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.group_uid("information"),
                                                      identifier=template.information_group),
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=st.refused_concept.to_code(),
                                                              value=st.refused_value.to_code())] if refused else None,
     )
-    items = [_text(st.status.to_code(), f"Analysis {result.get('status')}")]
-    if result.get("reason"):
+    items = [_text(st.status.to_code(), f"Analysis {status}")]
+    if refused and result.get("reason"):
         items.append(_text(st.reason.to_code(), str(result["reason"])))
+    elif status == "failed":  # the error itself may quote header values: it stays in the node's job record
+        items.append(_text(st.disclaimer.to_code(), FAILED_STATEMENT))
     for flag in result.get("qa") or []:
         items.append(_text(st.qa_flag.to_code(), f"{flag['code']} ({flag['severity']}): {flag['reason']}"))
     for model in result.get("models") or []:

@@ -21,7 +21,7 @@ import numpy as np
 
 from node import __version__
 from node.config import InferenceSettings
-from node.logs import kv
+from node.logs import kv, phi
 from node.pipeline import postprocess as post
 from node.pipeline.coverage import check_coverage
 from node.pipeline.infer import CUDA, Model, get_model
@@ -230,7 +230,9 @@ def analyse_series(
         log.info(kv("series_rejected", series=series_instance_uid, code=refused.flag.code, reason=refused.flag.reason))
     except Exception as exc:  # a failure of this series must still give a result that says what happened
         result.status = "failed"
-        result.reason = f"analysis failed: {type(exc).__name__}: {exc}"
-        log.exception(kv("series_failed", series=series_instance_uid, error=type(exc).__name__))
+        result.reason = f"analysis failed: {type(exc).__name__}: {exc}"  # the job record; not sent in the SR
+        # The message may quote a header value (patient data): logged only where logging.include_phi allows.
+        log.error(kv("series_failed", series=series_instance_uid, error=f"{type(exc).__name__}: {phi(exc)}"))
+        log.debug("series_failed traceback", exc_info=exc)
     result.timings_s["total"] = sum(v for k, v in result.timings_s.items() if k != "total")
     return result

@@ -22,6 +22,7 @@ from node.config import Config, OutputsSettings, load_config
 from node.db.models import Instance, Job, JobState, Series, SeriesOrigin, SeriesState, Study
 from node.errors import ConfigError
 from node.outputs.history import previous_sr
+from node.outputs.sr import FAILED_STATEMENT
 from node.outputs.sr_template import TEMPLATES_DIR, TemplateError, load_template, lookup
 from node.outputs.truth import analysis_from_series
 from node.outputs.write import predecessor_from, read_manifest, write_outputs
@@ -192,6 +193,20 @@ def test_rejected_series_gets_a_short_sr_saying_why(synth: Synth, tmp_path: Path
     assert concept(evaluation) == code_of(st.refused_concept)
     assert evaluation.ConceptCodeSequence[0].CodeValue == st.refused_value.to_code().value
     hd.sr.srread(tmp_path / "sr.dcm")  # highdicom reads it
+
+
+def test_failed_analysis_sr_blames_the_node_not_the_images_and_quotes_no_error(synth: Synth, tmp_path: Path) -> None:
+    reason = "analysis failed: ValueError: bad value 'DOE^JANE' in PatientName"  # an error may quote patient data
+    failed = Analysis(status="failed", series_instance_uid=synth.series_uid, reason=reason)
+    write_outputs(failed, out_dir=tmp_path, source_paths=synth.files, settings=OutputsSettings())
+    sr = pydicom.dcmread(tmp_path / "sr.dcm")
+    info = groups_by_tracking_id(sr)[TEMPLATE.information_group]
+    st = TEMPLATE.statements
+    assert texts(info, code_of(st.status)) == ["Analysis failed"]
+    assert texts(info, code_of(st.reason)) == []  # not "Reason for rejecting acquisition"
+    assert not [i for i in info if i.ValueType == "CODE" and concept(i) == code_of(st.refused_concept)]
+    assert FAILED_STATEMENT in texts(info, code_of(st.disclaimer))
+    assert b"DOE^JANE" not in (tmp_path / "sr.dcm").read_bytes()
 
 
 def test_no_source_images_no_objects(tmp_path: Path) -> None:
