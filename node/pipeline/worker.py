@@ -34,13 +34,14 @@ from node.pipeline.runner import Analysis, analyse_series
 from node.pipeline.select import SeriesHeader, Verdict, check, choose
 from node.pipeline.volume import QAFlag
 from node.receive.inspect import ANALYSABLE_SOP_CLASSES
+from node.receive.spool import results_path
 from node.send.outbox import enqueue_results
 
 log = logging.getLogger(__name__)
 
 
 def results_dir(config: Config, job_id: int) -> Path:
-    return config.storage.spool_dir / "results" / f"job-{job_id}"
+    return results_path(config.storage.spool_dir, job_id)
 
 
 def _series_header(paths: list[Path]) -> SeriesHeader:

@@ -1,16 +1,18 @@
-"""Retention of received images: the spool keeps a series for ``retention.received_days`` after it
-completed, then deletes its files (the ledger rows stay, with ``purged_at`` set). A series whose job
-is still queued or running is never purged."""
+"""Retention of received images and results: the spool keeps a series for ``retention.received_days``
+after it completed, then deletes its files (the ledger rows stay, with ``purged_at`` set). A series
+whose job is still queued or running is never purged. The results of its jobs (``results/job-N/``)
+go with it, or later, once every destination has them: a result still waiting to be sent, failed
+(``lungnode retry`` may send it again) or waiting for storage commitment is kept."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
 
-from sqlalchemy import exists, select
+from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.models import Event, Job, JobState, Series, SeriesState, utcnow
+from node.db.models import Event, Job, JobState, OutboxItem, SendState, Series, SeriesState, utcnow
 from node.logs import kv
 from node.receive.spool import Spool
 
@@ -44,4 +46,27 @@ def purge_expired(spool: Spool, sessions: sessionmaker[Session], *, days: float,
             s.add(Event(kind="series_purged", series_id=series_id,
                         message=f"{removed} received files deleted after {days:g} days (retention)"))
         log.info(kv("series_purged", series=series_uid, files=removed))
+    purge_results(spool, sessions)
+    return len(due)
+
+
+def purge_results(spool: Spool, sessions: sessionmaker[Session]) -> int:
+    """Delete the results of jobs whose series was purged, once nothing of theirs still needs the files; returns
+    how many jobs' results were deleted (each once: a ``results_purged`` event marks it)."""
+    needed = select(OutboxItem.id).where(
+        OutboxItem.job_id == Job.id,
+        or_(OutboxItem.state.in_([SendState.pending, SendState.sending, SendState.failed]),
+            and_(OutboxItem.state == SendState.sent, OutboxItem.commitment_uid.is_not(None))))
+    done = select(Event.id).where(Event.job_id == Job.id, Event.kind == "results_purged")
+    with sessions() as s:
+        due = list(s.execute(
+            select(Job.id, Series.series_instance_uid).join(Series, Job.series_id == Series.id).where(
+                Series.purged_at.is_not(None), Job.state.not_in([JobState.queued, JobState.running]),
+                ~exists(needed), ~exists(done))))
+    for job_id, series_uid in due:
+        removed = spool.remove_results(job_id)
+        with sessions.begin() as s:
+            s.add(Event(kind="results_purged", job_id=job_id,
+                        message=f"{removed} result files deleted with the series' images (retention)"))
+        log.info(kv("results_purged", job=job_id, series=series_uid, files=removed))
     return len(due)

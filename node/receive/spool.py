@@ -27,6 +27,11 @@ from node.receive.inspect import STATUS_OUT_OF_RESOURCES
 log = logging.getLogger(__name__)
 
 
+def results_path(spool_dir: Path, job_id: int) -> Path:
+    """Where job ``job_id`` writes its results (result.json, outputs.json and the DICOM objects)."""
+    return spool_dir / "results" / f"job-{job_id}"
+
+
 class Spool:
     def __init__(self, root: Path, *, min_free_bytes: int, fsync: bool = True) -> None:
         self.root = root.resolve()
@@ -124,6 +129,18 @@ class Spool:
 
     def committed_files(self) -> list[Path]:
         return [p for p in self.instances.glob("*/*.dcm") if p.is_file()]
+
+    def results_dir(self, job_id: int) -> Path:
+        return results_path(self.root, job_id)
+
+    def remove_results(self, job_id: int) -> int:
+        """Delete a job's result files (retention); returns how many were removed."""
+        folder = self.results_dir(job_id)
+        if not folder.is_dir():
+            return 0
+        count = sum(1 for p in folder.rglob("*") if p.is_file())
+        shutil.rmtree(folder)
+        return count
 
     def remove_series(self, series_uid: str) -> int:
         """Delete a series' files (retention); returns how many were removed."""

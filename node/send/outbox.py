@@ -360,6 +360,10 @@ def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None
                 raise LungnodeError(f"job {job_id} answered revision {revisions[0]} of its series, which revision "
                                     f"{revisions[1]} has superseded: resend the newest revision's job (lungnode status "
                                     "lists it)")
+            paths = s.scalars(select(OutboxItem.path).where(OutboxItem.job_id == job_id)).all()
+            if paths and not any(Path(p).is_file() for p in paths):
+                raise LungnodeError(f"the result files of job {job_id} were deleted with its series' images by the "
+                                    "retention rule (retention.received_days): there is nothing left to send")
         query = select(OutboxItem).where(OutboxItem.state.in_(states))
         if job_id is not None:
             query = query.where(OutboxItem.job_id == job_id)
