@@ -434,6 +434,11 @@ def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         if len(path) == 1 and path[0] not in Config.model_fields:  # e.g. LUNGNODE_DESTINATIONS; others are not ours
+            section = next((f for f in Config.model_fields if path[0].startswith(f + "_")), None)
+            if section is not None:  # LUNGNODE_DICOM_PORT: a typo that would otherwise change nothing, silently
+                key = path[0][len(section) + 1:].upper()
+                raise ConfigError(f"environment variable {name}: section and key are separated by two underscores: "
+                                  f"{ENV_PREFIX}{section.upper()}__{key}")
             continue
         names[tuple(path)] = name
         node = tree

@@ -91,6 +91,12 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     assert cfg.dicom.allowed_callers == [AllowedCaller(ae_title="PACS", host="10.0.0.5"), AllowedCaller(ae_title="CT1")]
 
 
+def test_a_single_underscore_after_a_section_is_refused_not_ignored() -> None:
+    with pytest.raises(ConfigError, match="LUNGNODE_DICOM_PORT: .*two underscores: LUNGNODE_DICOM__PORT"):
+        load_config(None, environ={"LUNGNODE_DICOM_PORT": "11114"})
+    assert load_config(None, environ={"LUNGNODE_SYNTH_THREADS": "2"}).dicom.port == Config().dicom.port  # not ours
+
+
 def test_environment_without_file(tmp_path: Path) -> None:
     cfg = load_config(None, environ={"LUNGNODE_DICOM__AE_TITLE": "NODE_A", "LUNGNODE_STORAGE__FSYNC": "false"})
     assert cfg.dicom.ae_title == "NODE_A"
