@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -74,6 +75,10 @@ class Node:
             except Exception:  # retention must never stop the node; the error is logged in full
                 log.exception(kv("retention_error"))
 
+    def stop_receiving(self) -> None:
+        """Stop the listener first at shutdown: no image is accepted while the rest winds down."""
+        self.scp.stop()
+
     def stop(self) -> None:
         self._stop.set()
         self.scp.stop()
@@ -89,25 +94,49 @@ class WorkerPool:
         self.config = config
         self.config_path = config_path
         self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.models_broken_since: float | None = None  # monotonic time of the last failed check
+        self._problem: str | None = None
 
     def start(self) -> None:
         count = self.config.workers.count
         if count == 0:
             log.info(kv("workers_disabled", reason="workers.count is 0"))
             return
+        problem = self._check_models()
+        if problem:
+            self._problem = problem
+            log.error(kv("analysis_disabled", reason=problem,
+                         effect="images are received and series assembled; jobs wait in the queue",
+                         fix=f"{verify_command(self.config_path)}; the node checks the models again every "
+                             f"{self.config.workers.models_recheck_s:g} s and starts analysing once they pass"))
+            return
+        self._start_workers(count)
+
+    def _check_models(self) -> str | None:
         problem = models_problem(self.config.inference)
         # The check built a session per model in this process, which never analyses (the workers are spawned
         # and load their own): free them, and on a GPU their device memory.
         clear_model_cache()
-        if problem:
-            log.error(kv("analysis_disabled", reason=problem,
-                         effect="images are received and series assembled; jobs wait in the queue",
-                         fix=verify_command(self.config_path)))
-            return
+        self.models_broken_since = time.monotonic() if problem else None
+        return problem
+
+    def _start_workers(self, count: int) -> None:
         self.procs = start_workers(self.config, count)
         log.info(kv("workers_started", count=count, pids=",".join(str(p.pid) for p in self.procs)))
 
     def watch(self) -> None:
+        if self.models_broken_since is not None:
+            if time.monotonic() - self.models_broken_since >= self.config.workers.models_recheck_s:
+                problem = self._check_models()
+                if problem is None:
+                    log.info(kv("analysis_enabled", reason="the models pass their checks now"))
+                    self._start_workers(self.config.workers.count)
+                elif problem != self._problem:
+                    self._problem = problem
+                    log.error(kv("analysis_disabled", reason=problem,
+                                 effect="images are received and series assembled; jobs wait in the queue",
+                                 fix=verify_command(self.config_path)))
+            return
         for i, proc in enumerate(self.procs):
             if not proc.is_alive():
                 log.error(kv("worker_died", pid=proc.pid, exitcode=proc.exitcode, action="restarting"))
@@ -170,6 +199,7 @@ def serve(config: Config, config_path: Path | None = None) -> int:
     workers.start()
     while not stop.wait(2.0):
         workers.watch()
+    node.stop_receiving()
     workers.stop()
     sender.stop()
     node.stop()

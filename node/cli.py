@@ -17,7 +17,7 @@ log = logging.getLogger("node.cli")
 
 EPILOG = """\
 Configuration: embedded defaults, then --config FILE (see deploy/config.example.yaml), then
-environment variables LUNGNODE_<SECTION>__<KEY>, e.g. LUNGNODE_DICOM__PORT=11113.
+environment variables LUNGNODE_<SECTION>__<KEY>, e.g. LUNGNODE_DICOM__PORT=104.
 Reference models, not cleared for clinical use.
 """
 

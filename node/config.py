@@ -264,6 +264,8 @@ class WorkerSettings(Strict):
     lease_s: float = Field(default=120.0, gt=0, description="a running job without heartbeat this long goes back to the queue")
     max_attempts: int = Field(default=3, ge=1)
     poll_interval_s: float = Field(default=1.0, gt=0)
+    models_recheck_s: float = Field(default=60.0, gt=0, description="while the models fail their checks (analysis "
+                                    "disabled), check them again this often; workers start once they pass")
 
 
 OutputKind = Literal["seg", "sr", "key_image"]

@@ -56,16 +56,25 @@ def test_serve_runs_workers_that_analyse_a_received_series(node_factory: NodeFac
     assert run_cli("reanalyse", str(job["id"] + 99), "--config", node.config_path).returncode == 2
 
 
-def test_serve_without_models_keeps_receiving_and_says_why(node_factory: NodeFactory, tmp_path: Path) -> None:
-    node = node_factory(settings={"inference": {"models_dir": str(tmp_path / "no-models")}, "workers": {"count": 1}})
+def test_serve_without_models_keeps_receiving_says_why_and_starts_once_they_are_fixed(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    models = tmp_path / "no-models"
+    node = node_factory(settings={"inference": {"models_dir": str(models)},
+                                  "workers": {"count": 1, "models_recheck_s": 1}})
     match = node.wait_for_log(r"event=analysis_disabled reason=\"([^\"]+)\"", timeout=30)
     assert "does not exist" in match.group(1)
     # the fix it names checks this node's models, not the embedded defaults
-    assert f'fix="lungnode models --config {node.config_path} verify"' in node.log
+    assert f'fix="lungnode models --config {node.config_path} verify;' in node.log
     series = make_series(tmp_path / "ct", slices=4, matrix=32)
     assert storescu(node.port, series.folder).returncode == 0
     node.wait_complete(series.series_uid)
     assert [j["state"] for j in node.jobs(series.series_uid)] == ["queued"]
+    # the administrator installs the models: the running node finds them and analyses, without a restart
+    make_models_dir(models)
+    node.wait_for_log(r"event=analysis_enabled", timeout=30)
+    job = wait_until(lambda: (j := node.jobs(series.series_uid)) and j[0]["state"] not in ("queued", "running")
+                     and j[0], timeout=120, what="the waiting job to be analysed")
+    assert job["state"] in ("done", "rejected"), job
 
 
 @pytest.mark.parametrize("problem", ["gpu", "port"])
