@@ -13,6 +13,7 @@ mappings are written in YAML flow style: ``LUNGNODE_DICOM__ALLOWED_CALLERS='[{ae
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -60,11 +61,23 @@ def _host(value: str) -> str:
 Host = Annotated[str, AfterValidator(_host)]
 
 
+def _ip(value: str) -> str:
+    """An IP address, written the way the caller's address will be compared (host names are not resolved)."""
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address: the caller's address is compared as it is, host names "
+                         "are not resolved (write e.g. 10.0.0.5)") from None
+
+
+IPAddress = Annotated[str, AfterValidator(_ip)]
+
+
 class AllowedCaller(Strict):
     """A calling AE title that may associate, optionally only from one host address."""
 
     ae_title: AETitle
-    host: Host | None = Field(default=None, description="IP address the caller must come from; any when unset")
+    host: IPAddress | None = Field(default=None, description="IP address the caller must come from; any when unset")
     certificate_cn: str | None = Field(
         default=None, description="with dicom.tls: common name the caller's certificate must carry; any when unset"
     )

@@ -149,7 +149,10 @@ def test_unknown_key_from_environment_is_named() -> None:
         ({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "pacs .local", "port": 104}]},
          "destinations.0.host", "not a host name or IP address"),
         ({"dicom": {"allowed_callers": [{"ae_title": "CT1", "host": "http://ct1"}]}},
-         "dicom.allowed_callers.0.host", "not a host name or IP address"),
+         "dicom.allowed_callers.0.host", "not an IP address"),
+        # compared with the caller's address as it is: a host name would refuse every association from that PACS
+        ({"dicom": {"allowed_callers": [{"ae_title": "PACS", "host": "pacs.hospital.local"}]}},
+         "dicom.allowed_callers.0.host", "host names are not resolved"),
     ],
 )
 def test_bad_value_is_named(tmp_path: Path, data: dict[str, object], key: str, words: str) -> None:
