@@ -108,7 +108,9 @@ class JobQueue:
                 also(s)
             s.add(Event(kind=f"job_{state.value}", level="error" if state == JobState.failed else "info",
                         job_id=job_id, series_id=job.series_id, message=error or state.value, data=timings))
-        log.info(kv(f"job_{state.value}", job=job_id, worker=self.worker, reason=error))
+        # A series that was never analysed needs a person: ERROR, what sites alert on (docs/operations.md).
+        log.log(logging.ERROR if state == JobState.failed else logging.INFO,
+                kv(f"job_{state.value}", job=job_id, worker=self.worker, reason=error))
         return True
 
     def requeue_stalled(self, now: dt.datetime | None = None) -> int:
@@ -142,7 +144,8 @@ class JobQueue:
                                 message=f"worker {job.worker} {why}: back in the queue"))
                     job.state = JobState.queued
                     job.worker = None
-                log.warning(kv("job_stalled", job=job.id, worker=stalled_worker, new_state=job.state.value))
+                log.log(logging.ERROR if job.state == JobState.failed else logging.WARNING,
+                        kv("job_stalled", job=job.id, worker=stalled_worker, new_state=job.state.value))
         return count
 
 
