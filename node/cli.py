@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the node in the foreground: DICOM listener, series assembly and analysis workers",
         description="Run the node in the foreground until SIGTERM or Ctrl-C: the DICOM listener (dicom.*), series "
         "assembly, the analysis workers (workers.count) and the sender (destinations). Logs go to stderr and "
-        "logging.file. Exit status: 0 stopped by a signal, 2 could not start (the reason is printed and logged as "
-        "event=node_start_failed).",
+        "logging.file. Exit status: 0 stopped by a signal, 2 could not start (the reason is printed and, once the "
+        "configuration is read, logged as event=node_start_failed; an invalid configuration only on stderr).",
     )
     _config_arg(p)
     p.set_defaults(func=cmd_serve)
