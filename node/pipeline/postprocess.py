@@ -7,6 +7,7 @@ millilitres; involvement is lesion volume over lung volume, per lung and overall
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,9 +72,9 @@ def clean_lesions(labels: np.ndarray, lungs: np.ndarray, *, min_ml: float, voxel
 class Measurements:
     lung_ml: dict[str, float]  # right, left, total
     lesion_ml: dict[str, float]  # ggo, consolidation, total
-    involvement_percent: dict[str, float]  # right, left, total
+    involvement_percent: dict[str, float | None]  # right, left, total; None where that lung was not found
 
-    def as_dict(self) -> dict[str, dict[str, float]]:
+    def as_dict(self) -> dict[str, Mapping[str, float | None]]:
         return {
             "lung_volume_ml": self.lung_ml,
             "lesion_volume_ml": self.lesion_ml,
@@ -93,8 +94,9 @@ def measure(lungs: np.ndarray, lesions: np.ndarray, voxel_ml: float) -> Measurem
     r_les = np.count_nonzero(lesion & right) * voxel_ml
     l_les = np.count_nonzero(lesion & left) * voxel_ml
 
-    def pct(part: float, whole: float) -> float:
-        return round(100.0 * part / whole, 2) if whole > 0 else 0.0
+    def pct(part: float, whole: float) -> float | None:
+        # No lung found (after a pneumonectomy, or missed by the model): the share is unknown, not 0 %.
+        return round(100.0 * part / whole, 2) if whole > 0 else None
 
     return Measurements(
         lung_ml={"right": round(r_ml, 1), "left": round(l_ml, 1), "total": round(r_ml + l_ml, 1)},

@@ -94,11 +94,15 @@ def test_measure_by_hand() -> None:
     assert d["lung_volume_ml"]["total"] == 88.0
 
 
-def test_measure_without_lungs_is_zero_not_a_division_error() -> None:
+def test_measure_without_lungs_is_unknown_not_zero_nor_a_division_error() -> None:
     empty = np.zeros((2, 4, 4), dtype=np.uint8)
     m = measure(empty, empty, 1.0)
-    assert m.involvement_percent == {"right": 0.0, "left": 0.0, "total": 0.0}
+    assert m.involvement_percent == {"right": None, "left": None, "total": None}  # not "0 % involved"
     assert m.lung_ml["total"] == 0.0 and m.lesion_ml["total"] == 0.0
+    one = empty.copy()
+    one[:, :, :2] = 1  # a right lung only (after a pneumonectomy, say)
+    m = measure(one, empty, 1.0)
+    assert m.involvement_percent == {"right": 0.0, "left": None, "total": 0.0}
 
 
 @pytest.mark.parametrize("voxel_ml", [0.001, 0.7])
