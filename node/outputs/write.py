@@ -98,13 +98,14 @@ class WrittenObject:
 
 
 def models_by_role(analysis: Analysis, manifests: Mapping[str, ModelManifest] | None) -> dict[str, dict[str, str]]:
-    """name/version/sha256 of each model role: from the manifests where given, else from result.json's
-    list (the runner records the models in role order: lung, lesion, diagnosis)."""
+    """name/version/sha256 of each model role for the SR's Algorithm Identification: from the manifests where
+    given (the algorithm name and version the SEG names too, so a reader can match the two), else from
+    result.json's list (the runner records the models in role order: lung, lesion, diagnosis)."""
     out: dict[str, dict[str, str]] = {}
     if len(analysis.models) == len(ROLES):
         out = {role: dict(m) for role, m in zip(ROLES, analysis.models)}
     for role, m in (manifests or {}).items():
-        out[role] = {"name": m.name, "version": m.version, "sha256": m.sha256}
+        out[role] = {"name": m.algorithm.name, "version": m.algorithm.version, "sha256": m.sha256}
     return out
 
 

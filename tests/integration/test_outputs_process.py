@@ -60,6 +60,15 @@ def test_process_writes_the_objects_and_outputs_json(tmp_path: Path, models: Pat
     assert seg.SegmentSequence[0].SegmentAlgorithmName == "lungnode-test-seg2d"
     text = sr_text(tmp_path / "out" / "sr.dcm")
     assert all(f"sha256 {m['sha256']}" in text for m in result["models"])
+    # the SR names the algorithms as the SEG does, so a reader can match a measurement to its segment's maker
+    sr = pydicom.dcmread(tmp_path / "out" / "sr.dcm")
+
+    def items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
+        return [x for i in ds.get("ContentSequence", []) for x in (i, *items(i))]
+
+    names = {str(i.TextValue) for i in items(sr) if "TextValue" in i
+             and i.ConceptNameCodeSequence[0].CodeValue == "111001"}  # Algorithm Name
+    assert "lungnode-test-seg2d" in names and "lung_seg" not in names
 
     rc2, _, again = process(series.folder, tmp_path / "again", models)
     assert rc2 == 0
