@@ -221,7 +221,8 @@ def build_seg(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, headers
         pixel_array=np.moveaxis(planes, 0, -1),
         segmentation_type=(hd.seg.SegmentationTypeValues.FRACTIONAL if fractional
                            else hd.seg.SegmentationTypeValues.BINARY),
-        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        # The masks are thresholded (0 or 1): OCCUPANCY, since PROBABILITY would claim certainty the models do not give.
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.OCCUPANCY,
         max_fractional_value=255,
         segment_descriptions=segment_descriptions(specs, uids),
         series_instance_uid=uids.seg_series,

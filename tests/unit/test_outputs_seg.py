@@ -201,6 +201,7 @@ def test_fractional_jpeg_ls_round_trips(hfs_case: Case, tmp_path: Path) -> None:
     assert obj.transfer_syntax_uid == JPEGLSLossless
     seg = pydicom.dcmread(tmp_path / obj.file)
     assert seg.SegmentationType == "FRACTIONAL" and seg.file_meta.TransferSyntaxUID == JPEGLSLossless
+    assert seg.SegmentationFractionalType == "OCCUPANCY"  # thresholded masks, not probabilities
     hseg = hd.seg.segread(tmp_path / obj.file)
     vol = hfs_case.analysis.volume
     assert vol is not None
