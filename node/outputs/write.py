@@ -97,6 +97,15 @@ class WrittenObject:
     transfer_syntax_uid: str
 
 
+def revised(description: str, revision: int) -> str:
+    """A later revision's series say so in their description (at most 64 characters, DICOM LO): the earlier
+    revision's series stay in the PACS under the same number, and a reader must tell which is current."""
+    if revision <= 1:
+        return description
+    suffix = f" rev {revision}"
+    return description[: 64 - len(suffix)].rstrip() + suffix
+
+
 def models_by_role(analysis: Analysis, manifests: Mapping[str, ModelManifest] | None) -> dict[str, dict[str, str]]:
     """name/version/sha256 of each model role for the SR's Algorithm Identification: from the manifests where
     given (the algorithm name and version the SEG names too, so a reader can match the two), else from
@@ -232,7 +241,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
         try:
             seg_ds = build_seg(volume=volume, lungs=analysis.lungs, lesions=analysis.lesions, headers=headers,
                                specs=specs, uids=uids, series_number=settings.seg_series_number,
-                               series_description=settings.seg_series_description, encoding=settings.seg_encoding,
+                               series_description=revised(settings.seg_series_description, revision), encoding=settings.seg_encoding,
                                device_serial_number=settings.device_serial_number)
             objects.append(_save(seg_ds, out_dir, "seg.dcm", "seg"))
         except OutputError as exc:
@@ -250,7 +259,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
         try:
             sr = build_sr(result=result, template=template, evidence=evidence, seg=seg_ds, specs=specs,
                           models=models, uids=uids, series_number=settings.sr_series_number,
-                          series_description=settings.sr_series_description, predecessor=predecessor,
+                          series_description=revised(settings.sr_series_description, revision), predecessor=predecessor,
                           device_serial_number=settings.device_serial_number)
             objects.append(_save(sr, out_dir, "sr.dcm", "sr"))
         except Exception as exc:  # see the SEG above
@@ -263,7 +272,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
         try:
             images = build_key_images(volume=volume, lungs=analysis.lungs, lesions=analysis.lesions, result=result,
                                       reference=reference, uids=uids, series_number=settings.key_image_series_number,
-                                      series_description=settings.key_image_series_description,
+                                      series_description=revised(settings.key_image_series_description, revision),
                                       count=settings.key_image_count, headers=headers)
             objects.extend(_save(sc, out_dir, f"key_image_{n}.dcm", "key_image") for n, sc in enumerate(images, 1))
         except Exception as exc:  # see the SEG above

@@ -225,6 +225,8 @@ def test_new_revision_names_the_previous_sr(analysis: Analysis, synth: Synth, tm
                                                settings=settings, revision=2, predecessor=previous)}
     assert second["sr"].sop_instance_uid != first["sr"].sop_instance_uid
     sr2 = pydicom.dcmread(tmp_path / "r2" / "sr.dcm")
+    sr1 = pydicom.dcmread(tmp_path / "r1" / "sr.dcm")
+    assert sr2.SeriesDescription == f"{sr1.SeriesDescription} rev 2"  # the earlier one stays in the PACS
     (study,) = sr2.PredecessorDocumentsSequence
     ref = study.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert study.StudyInstanceUID == synth.study_uid
