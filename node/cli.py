@@ -18,6 +18,8 @@ log = logging.getLogger("node.cli")
 EPILOG = """\
 Configuration: embedded defaults, then --config FILE (see deploy/config.example.yaml), then
 environment variables LUNGNODE_<SECTION>__<KEY>, e.g. LUNGNODE_DICOM__PORT=104.
+By default everything the node keeps (received images, results, the ledger database) goes under
+./var of the folder it runs in (storage.spool_dir, storage.database_url).
 Reference models, not cleared for clinical use.
 """
 

@@ -344,7 +344,8 @@ class SendingSettings(Strict):
 
 class RetentionSettings(Strict):
     received_days: float = Field(
-        default=7.0, ge=0, description="delete received images this many days after their series was processed; 0 keeps them"
+        default=7.0, ge=0, description="delete received images (and, once every destination has them, their results) this "
+        "many days after their series completed; a series still being analysed is kept; 0 keeps everything"
     )
     check_interval_s: float = Field(default=3600.0, gt=0)
 
