@@ -104,13 +104,16 @@ class WorkerPool:
             return
         problem = self._check_models()
         if problem:
-            self._problem = problem
-            log.error(kv("analysis_disabled", reason=problem,
-                         effect="images are received and series assembled; jobs wait in the queue",
-                         fix=f"{verify_command(self.config_path)}; the node checks the models again every "
-                             f"{self.config.workers.models_recheck_s:g} s and starts analysing once they pass"))
+            self._disabled(problem)
             return
         self._start_workers(count)
+
+    def _disabled(self, problem: str) -> None:
+        self._problem = problem
+        log.error(kv("analysis_disabled", reason=problem,
+                     effect="images are received and series assembled; jobs wait in the queue",
+                     fix=f"{verify_command(self.config_path)}; the node checks the models again every "
+                         f"{self.config.workers.models_recheck_s:g} s and starts analysing once they pass"))
 
     def _check_models(self) -> str | None:
         problem = models_problem(self.config.inference)
@@ -131,11 +134,8 @@ class WorkerPool:
                 if problem is None:
                     log.info(kv("analysis_enabled", reason="the models pass their checks now"))
                     self._start_workers(self.config.workers.count)
-                elif problem != self._problem:
-                    self._problem = problem
-                    log.error(kv("analysis_disabled", reason=problem,
-                                 effect="images are received and series assembled; jobs wait in the queue",
-                                 fix=verify_command(self.config_path)))
+                elif problem != self._problem:  # another reason now: say it once, as at start
+                    self._disabled(problem)
             return
         for i, proc in enumerate(self.procs):
             if not proc.is_alive():

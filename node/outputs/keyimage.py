@@ -163,8 +163,8 @@ def build_key_images(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, 
     images = []
     slices = pick_slices(lungs, lesions, count)
     for number, z in enumerate(slices, start=1):
-        title = f"lungnode {__version__}  {source_label(volume, z, headers or {})}"
-        pixels = render(volume.hu[z], lungs[z], lesions[z], legend=legend, title=title)
+        where = source_label(volume, z, headers or {})
+        pixels = render(volume.hu[z], lungs[z], lesions[z], legend=legend, title=f"lungnode {__version__}  {where}")
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=reference,
             pixel_array=pixels,
@@ -188,8 +188,7 @@ def build_key_images(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, 
         sc.BurnedInAnnotation = "YES"
         # A chest is not a paired body part: with it named, General Series needs no Laterality.
         sc.BodyPartExamined = str(reference.get("BodyPartExamined") or "CHEST")
-        sc.ImageComments = f"Key image {number} of {len(slices)} ({source_label(volume, z, headers or {})}); " \
-                           "not for clinical use"
+        sc.ImageComments = f"Key image {number} of {len(slices)} ({where}); not for clinical use"
         frame = volume.frames[z]
         source = Dataset()
         source.ReferencedSOPClassUID = frame.sop_class_uid
