@@ -180,7 +180,7 @@ class Event(Base):
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None]
-    __table_args__ = (Index("ix_events_at", "at"),)
+    __table_args__ = (Index("ix_events_at", "at"), Index("ix_events_job_kind", "job_id", "kind"))
 
 
 class SendState(str, enum.Enum):
