@@ -20,7 +20,7 @@ from pydicom.sr.codedict import codes
 from node import MANUFACTURER, __version__
 from node.outputs.codes import STRUCTURES, segment_number
 from node.outputs.seg import MODEL_NAME, SegmentSpec
-from node.outputs.sr_template import GroupSpec, SRTemplate, lookup
+from node.outputs.sr_template import CodingScheme, GroupSpec, SRTemplate, lookup
 from node.outputs.uids import OutputUIDs, uuid_uid
 from node.pipeline.runner import NOT_FOR_CLINICAL_USE
 
@@ -119,6 +119,14 @@ def _information(template: SRTemplate, result: dict[str, Any], uids: OutputUIDs)
     return group
 
 
+def _scheme_item(scheme: CodingScheme) -> Dataset:
+    item = Dataset()
+    item.CodingSchemeDesignator = scheme.designator
+    item.CodingSchemeName = scheme.name
+    item.CodingSchemeResponsibleOrganization = scheme.responsible_organization
+    return item
+
+
 def device_observer(serial_number: str) -> hd.sr.ObserverContext:
     """This node as the SR's observer (a device; no person has reviewed the results)."""
     return hd.sr.ObserverContext(
@@ -180,6 +188,8 @@ def build_sr(*, result: dict[str, Any], template: SRTemplate, evidence: Sequence
         is_verified=False,
         previous_versions=[predecessor] if predecessor is not None else None,
     )
+    if template.coding_schemes:
+        sr.CodingSchemeIdentificationSequence = [_scheme_item(c) for c in template.coding_schemes]
     sr.SeriesDescription = series_description
     sr.ManufacturerModelName = MODEL_NAME
     sr.SoftwareVersions = __version__

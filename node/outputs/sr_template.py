@@ -8,6 +8,9 @@ know or a unit outside UCUM stops start-up with a message naming the field and t
 
 Codes are written either as a pydicom dictionary keyword (``{keyword: DCM.Probability}``, preferred
 where the dictionary has the concept) or in full (``{code: "3341006", scheme: SCT, meaning: Right lung}``).
+Where no standard code says what a value is, a private scheme (designator ``99...``) may be used: the
+template declares it under ``coding_schemes`` and the SR identifies it (Coding Scheme Identification
+Sequence), so a reader can tell a private code from a standard one.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -167,6 +170,14 @@ class StatementCodes(_Strict):
     refused_value: CodeRef = Field(description="... and its value")
 
 
+class CodingScheme(_Strict):
+    """A private coding scheme the template's codes use (PS3.3 C.12.1.1.2: Coding Scheme Identification)."""
+
+    designator: str = Field(pattern=r"^99[A-Z0-9_]{1,14}$", description="private designators start with 99")
+    name: str = Field(min_length=1, max_length=64)
+    responsible_organization: str = Field(min_length=1, max_length=64)
+
+
 class SRTemplate(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     version: str = Field(min_length=1, max_length=16)
@@ -174,6 +185,19 @@ class SRTemplate(_Strict):
     information_group: str = Field(min_length=1, max_length=64, description="tracking identifier of the statements")
     statements: StatementCodes
     groups: list[GroupSpec] = Field(min_length=1)
+    coding_schemes: list[CodingScheme] = Field(default_factory=list, validate_default=True,
+                                               description="private schemes the codes use")
+
+    @field_validator("coding_schemes")
+    @classmethod
+    def _private_schemes_declared(cls, v: list[CodingScheme], info: ValidationInfo) -> list[CodingScheme]:
+        """Fields are validated in order, so the codes of every field above are in ``info.data``."""
+        used = {s for s in _schemes({k: _dump(x) for k, x in info.data.items()}) if s.startswith("99")}
+        missing = sorted(used - {c.designator for c in v})
+        if missing:
+            raise ValueError(f"private coding scheme(s) {missing} used but not declared here "
+                             "(designator, name, responsible_organization)")
+        return v
 
     @field_validator("groups")
     @classmethod
@@ -183,6 +207,24 @@ class SRTemplate(_Strict):
         if dup:
             raise ValueError(f"group ids must be unique: {dup}")
         return v
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value
+
+
+def _schemes(node: Any) -> list[str]:
+    """Every ``scheme`` of a code in a dumped template."""
+    if isinstance(node, dict):
+        own = [node["scheme"]] if isinstance(node.get("scheme"), str) else []
+        return own + [s for v in node.values() for s in _schemes(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _schemes(v)]
+    return []
 
 
 def parse_template(data: Any, source: Path) -> SRTemplate:

@@ -125,9 +125,22 @@ def test_sr_values_equal_result_json(analysis: Analysis, synth: Synth, tmp_path:
 
     # the decision is the slice rule's, with its code
     decision = result["slice_rule"]["decision"]
-    (item,) = [i for i in groups["Slice evidence rule"] if i.ValueType == "CODE" and concept(i) == ("233604007", "SCT")]
+    (item,) = [i for i in groups["Slice evidence rule"] if i.ValueType == "CODE" and concept(i) == ("SLICERULE", "99LUNGNODE")]
     present = codes.SCT.Present if decision == "pneumonia" else codes.SCT.Absent
     assert item.ConceptCodeSequence[0].CodeValue == present.value
+
+    # the private codes' scheme is identified, so a reader can tell them from standard ones
+    (scheme,) = sr.CodingSchemeIdentificationSequence
+    assert (scheme.CodingSchemeDesignator, scheme.CodingSchemeResponsibleOrganization) == ("99LUNGNODE", "lungnode")
+    def finding(group: str) -> tuple[str, str]:
+        (item,) = [i for i in groups[group] if i.ValueType == "CODE" and concept(i) == ("121071", "DCM")]
+        code = item.ConceptCodeSequence[0]
+        return str(code.CodeValue), str(code.CodingSchemeDesignator)
+
+    # COVID-19 pneumonia is a pneumonia too: the other class is not coded as plain SCT Pneumonia
+    assert finding("Probability of COVID-19 pneumonia") == ("840539006", "SCT")
+    assert finding("Probability of other pneumonia") == ("OTHERPNEUMONIA", "99LUNGNODE")
+    assert finding("Probability of no pneumonia") == ("NOPNEUMONIA", "99LUNGNODE")
 
     info = groups[TEMPLATE.information_group]
     st = TEMPLATE.statements
@@ -272,6 +285,7 @@ def shipped() -> dict[str, Any]:
     (lambda d: d["groups"][4].update(segment="liver"), "groups[4].segment", "unknown segment"),
     (lambda d: d["groups"][1].update(id="covid19_probability"), "groups", "unique"),
     (lambda d: d["statements"].pop("disclaimer"), "statements.disclaimer", "Field required"),
+    (lambda d: d.pop("coding_schemes"), "coding_schemes", "['99LUNGNODE'] used but not declared"),
 ])
 def test_a_bad_template_names_the_field(tmp_path: Path, edit: Any, field: str, words: str) -> None:
     data = shipped()
