@@ -166,6 +166,9 @@ def test_dcmqi_reads_the_sr_with_our_volumes(outputs: Outputs, tmp_path: Path) -
     assert probs == {"Probability of COVID-19 pneumonia": pytest.approx(result["probabilities"]["covid19"]),
                      "Probability of other pneumonia": pytest.approx(result["probabilities"]["other_pneumonia"]),
                      "Probability of no pneumonia": pytest.approx(result["probabilities"]["no_pneumonia"])}
+    # TID 1500's Image Library lists every analysed image
+    assert outputs.analysis.volume is not None
+    assert sorted(data["imageLibrary"]) == sorted(f.sop_instance_uid for f in outputs.analysis.volume.frames)
 
     rejected = tmp_path / "rejected.json"
     proc = subprocess.run([tool, "--inputDICOM", str(outputs.path(outputs.rejected_sr, "rejected")),

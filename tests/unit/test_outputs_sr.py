@@ -129,6 +129,17 @@ def test_sr_values_equal_result_json(analysis: Analysis, synth: Synth, tmp_path:
     present = codes.SCT.Present if decision == "pneumonia" else codes.SCT.Absent
     assert item.ConceptCodeSequence[0].CodeValue == present.value
 
+    # TID 1500's Image Library: one group (the frame of reference, CT) with an entry per analysed image
+    (library,) = [i for i in sr.ContentSequence if concept(i) == ("111028", "DCM")]
+    (group,) = library.ContentSequence
+    listed = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in group.ContentSequence
+              if i.ValueType == "IMAGE"]
+    assert sorted(listed) == sorted(str(src_ds.SOPInstanceUID) for src_ds in
+                                    (pydicom.dcmread(f, stop_before_pixels=True) for f in synth.files))
+    context = {concept(i): i for i in group.ContentSequence if i.RelationshipType == "HAS ACQ CONTEXT"}
+    assert context[("112227", "DCM")].UID == src.FrameOfReferenceUID
+    assert context[("121139", "DCM")].ConceptCodeSequence[0].CodeValue == "CT"
+
     # the private codes' scheme is identified, so a reader can tell them from standard ones
     (scheme,) = sr.CodingSchemeIdentificationSequence
     assert (scheme.CodingSchemeDesignator, scheme.CodingSchemeResponsibleOrganization) == ("99LUNGNODE", "lungnode")
