@@ -1,4 +1,8 @@
-"""TID 1500 Measurement Report (Comprehensive 3D SR) built from an SR template and result.json.
+"""TID 1500 Measurement Report (Enhanced SR) built from an SR template and result.json.
+
+Enhanced SR, as dcmqi writes TID 1500: the report has no 3D coordinates (it references the SEG's
+segments), and Enhanced SR is in more PACS' storage configurations than Comprehensive 3D SR, whose
+absence would make the PACS refuse the report's presentation context.
 
 The template (:mod:`node.outputs.sr_template`) decides which values go in; this module only turns
 them into highdicom content. Segment groups reference their DICOM SEG segment and share its
@@ -189,7 +193,7 @@ def predecessor_reference(*, study_uid: str, series_uid: str, sop_class_uid: str
 def build_sr(*, result: dict[str, Any], template: SRTemplate, evidence: Sequence[Dataset], seg: Dataset | None,
              specs: Sequence[SegmentSpec], models: Mapping[str, Mapping[str, str]], uids: OutputUIDs,
              series_number: int, series_description: str, predecessor: Dataset | None = None,
-             device_serial_number: str = "1") -> hd.sr.Comprehensive3DSR:
+             device_serial_number: str = "1") -> hd.sr.EnhancedSR:
     """The Measurement Report of one analysis (``result`` is Analysis.result_json()).
 
     ``evidence``: the source image headers (patient and study modules are copied from the first);
@@ -216,7 +220,7 @@ def build_sr(*, result: dict[str, Any], template: SRTemplate, evidence: Sequence
     )
     (library,) = [i for i in report[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
     library.ContentSequence = image_library_groups(evidence)
-    sr = hd.sr.Comprehensive3DSR(
+    sr = hd.sr.EnhancedSR(
         evidence=[*evidence, *([seg] if seg is not None else [])],
         content=report,
         series_instance_uid=uids.sr_series,

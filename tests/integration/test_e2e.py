@@ -159,7 +159,7 @@ def check_objects_from_pacs(pacs: OrthancServer, objects: list[dict[str, str]], 
             labels = {d.SegmentLabel.lower() for d in seg.SegmentSequence}
             assert any("right" in x for x in labels) and any("left" in x for x in labels)
         elif obj["kind"] == "sr":
-            sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+            sr = hd.sr.EnhancedSR.from_dataset(ds)
             text = str(sr)
             for name, p in (result.get("probabilities") or {}).items():
                 assert f"{p:g}"[:4] in text or str(round(p, 2)) in text, (name, p)

@@ -91,7 +91,7 @@ def test_dciodvfy_finds_no_error_in_any_object(outputs: Outputs) -> None:
         lines = (proc.stdout + proc.stderr).splitlines()
         errors = [line for line in lines if line.startswith("Error")]
         report[f"{path.parent.name}/{path.name}"] = errors
-        assert lines and lines[0] in ("Segmentation", "Comprehensive3DSR", "SCImage"), lines[:3]
+        assert lines and lines[0] in ("Segmentation", "EnhancedSR", "SCImage"), lines[:3]
     assert all(not errors for errors in report.values()), json.dumps(report, indent=1)
     assert len(report) == 7  # seg, sr, 3 key images, fractional seg, rejected sr
 

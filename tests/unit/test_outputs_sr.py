@@ -32,7 +32,7 @@ from node.pipeline.worker import Worker, results_dir
 from tests.helpers.faults import Synth, phantom, synth_series
 
 TEMPLATE = load_template("lung_ct_pneumonia")
-SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.22"  # Enhanced SR
 
 
 @pytest.fixture(scope="module")

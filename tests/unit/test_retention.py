@@ -39,7 +39,7 @@ def _series_with_job(sessions: sessionmaker[Session], spool: Spool, *, age_days:
     with sessions.begin() as s:
         for state, commitment in sends:
             s.add(OutboxItem(job_id=job_id, destination="pacs", kind="sr", path=str(result),
-                             sop_instance_uid=generate_uid(), sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                             sop_instance_uid=generate_uid(), sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
                              transfer_syntax_uid="1.2.840.10008.1.2.1", state=state, commitment_uid=commitment))
     return uid, job_id
 
