@@ -126,15 +126,17 @@ def _information(template: SRTemplate, result: dict[str, Any], uids: OutputUIDs)
 SOURCE = hd.sr.CodedConcept(value="260753009", meaning="Source", scheme_designator="SCT")
 
 
-def image_library_groups(evidence: Sequence[Dataset]) -> hd.sr.ContentSequence:
-    """TID 1600 Image Library content: one group per frame of reference (TID 1602 descriptors shared there: the
-    modality and the frame of reference) holding an IMAGE entry per analysed image (TID 1601). highdicom's own
-    library also writes each image's position, orientation and spacing: about 7 ms an image, 2 s and 1 MB for a
-    300-slice series, for what the SEG already holds frame by frame."""
+def image_library(evidence: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library: one group per frame of reference (TID 1602 descriptors shared there: the modality
+    and the frame of reference) holding an IMAGE entry per analysed image (TID 1601). highdicom's own library
+    also writes each image's position, orientation and spacing, which it reads from classic CT headers only:
+    about 7 ms an image, 2 s and 1 MB for a 300-slice series, for what the SEG already holds frame by frame."""
     by_frame: dict[str, list[Dataset]] = {}
     for ds in evidence:
         by_frame.setdefault(str(ds.get("FrameOfReferenceUID", "")), []).append(ds)
-    out = hd.sr.ContentSequence()
+    library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary,
+                                         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    library.ContentSequence = hd.sr.ContentSequence()
     for frame_uid, images in by_frame.items():
         group = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibraryGroup,
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
@@ -153,8 +155,8 @@ def image_library_groups(evidence: Sequence[Dataset]) -> hd.sr.ContentSequence:
                                    referenced_sop_instance_uid=ds.SOPInstanceUID,
                                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
             for ds in images)
-        out.append(group)
-    return out
+        library.ContentSequence.append(group)
+    return library
 
 
 #: CID 29 meanings of the modalities a chest CT series may carry.
@@ -216,10 +218,11 @@ def build_sr(*, result: dict[str, Any], template: SRTemplate, evidence: Sequence
         observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(device_serial_number)),
         procedure_reported=template.procedure_reported.to_code(),
         imaging_measurements=groups,
-        referenced_images=evidence[:1],  # places TID 1500's Image Library; its content is image_library's
     )
-    (library,) = [i for i in report[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
-    library.ContentSequence = image_library_groups(evidence)
+    # TID 1500 row 5, after the procedure reported and before the imaging measurements (where highdicom puts it)
+    root = report[0].ContentSequence
+    measurements_at = next(n for n, i in enumerate(root) if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    root.insert(measurements_at, image_library(evidence))
     sr = hd.sr.EnhancedSR(
         evidence=[*evidence, *([seg] if seg is not None else [])],
         content=report,
