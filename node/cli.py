@@ -85,6 +85,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_echo(args: argparse.Namespace) -> int:
+    from node.receive.selfcheck import echo_listener
+
+    cfg = load_config(args.config)
+    setup_logging("WARNING")
+    answered, message = echo_listener(cfg.dicom, timeout_s=args.timeout)
+    print(message, file=sys.stdout if answered else sys.stderr)
+    return 0 if answered else 1
+
+
 def cmd_reanalyse(args: argparse.Namespace) -> int:
     from node.db.jobs import requeue_for_reanalysis
     from node.db.session import make_sessionmaker, open_database
@@ -220,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where result.json and the outputs go")
     _config_arg(p)
     p.set_defaults(func=cmd_process)
+
+    p = sub.add_parser(
+        "echo", help="check that the node's DICOM listener answers (C-ECHO from this machine)",
+        description="Send a C-ECHO to the node as configured (dicom.ae_title at dicom.port; its bind address, or "
+        "127.0.0.1 when it listens on all addresses) from this machine, with the calling AE title LUNGNODE-CHECK. "
+        "A refusal of that caller by dicom.allowed_callers still shows the listener answers. With dicom.tls, only "
+        "the TCP connection is checked. Exit status: 0 the listener answered, 1 it did not, 2 bad configuration.",
+    )
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds to wait (default 10)")
+    _config_arg(p)
+    p.set_defaults(func=cmd_echo)
 
     p = sub.add_parser(
         "check-config", help="validate a configuration file and exit (0 valid, 2 invalid)",

@@ -15,7 +15,7 @@ from pydicom.uid import MRImageStorage, generate_uid
 
 from tests.conftest import NodeFactory
 from tests.helpers.dcmtk import echoscu, storescu
-from tests.helpers.node_proc import NodeProcess
+from tests.helpers.node_proc import NodeProcess, run_cli
 from tests.helpers.scu import SUCCESS, associate, echo, send_files, store_status
 from tests.helpers.series import (
     TRANSFER_SYNTAXES,
@@ -63,6 +63,20 @@ def test_echoscu(node: NodeProcess) -> None:
     node.wait_for_log(r"event=association_released")
     assert "calling_ae=ECHOSCU" in node.log
     assert node.query("SELECT calling_ae, state FROM associations")[0][:] == ("ECHOSCU", "released")
+
+
+def test_lungnode_echo_says_whether_the_listener_answers(node_factory: NodeFactory) -> None:
+    """The container's health check: 0 while the listener answers (even when it refuses this caller), 1 after."""
+    node = node_factory(settings={"dicom": {"allowed_callers": ["PACS"]}})
+    proc = run_cli("echo", "--config", node.config_path, "--timeout", "5")
+    assert proc.returncode == 0 and "is listening; it refused the calling AE title LUNGNODE-CHECK" in proc.stdout
+    node.wait_for_log(r"event=association_rejected calling_ae=LUNGNODE-CHECK")
+    open_node = node_factory(name="open")
+    proc = run_cli("echo", "--config", open_node.config_path, "--timeout", "5")
+    assert proc.returncode == 0 and f"LUNGNODE at 127.0.0.1:{open_node.port} answered C-ECHO" in proc.stdout
+    assert open_node.stop() == 0
+    proc = run_cli("echo", "--config", open_node.config_path, "--timeout", "2")
+    assert proc.returncode == 1 and f"no DICOM listener answered at 127.0.0.1:{open_node.port}" in proc.stderr
 
 
 def test_environment_overrides_the_config_file(node_factory: NodeFactory) -> None:

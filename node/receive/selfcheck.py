@@ -1,0 +1,51 @@
+"""Is the node's DICOM listener answering? (``lungnode echo``, the container's health check.)
+
+A C-ECHO to the node as configured, from this machine. A refusal of this check's calling AE title
+(``dicom.allowed_callers``) also shows that the listener answers, which is the question; with
+``dicom.tls`` only the TCP connection is checked, since a TLS association would need a client
+certificate the node trusts.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from node.config import DicomSettings
+
+#: The calling AE title of the check (in the node's log as the caller of an association_rejected, if refused).
+CALLING_AE = "LUNGNODE-CHECK"
+
+
+def listener_host(dicom: DicomSettings) -> str:
+    """Where to reach the listener from this machine: its bind address, or loopback when it listens on all."""
+    return "127.0.0.1" if dicom.bind_address in ("", "0.0.0.0") else ("::1" if dicom.bind_address == "::"
+                                                                          else dicom.bind_address)
+
+
+def echo_listener(dicom: DicomSettings, *, timeout_s: float = 10.0) -> tuple[bool, str]:
+    """(answered, what was found) for the listener ``dicom`` describes."""
+    host, port = listener_host(dicom), dicom.port
+    where = f"{dicom.ae_title} at {host}:{port}"
+    if dicom.tls.enabled:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                pass
+        except OSError as exc:
+            return False, f"no listener at {host}:{port}: {exc.strerror or exc}"
+        return True, f"{host}:{port} accepts connections (a TLS listener: the connection was checked, not C-ECHO)"
+    ae = AE(ae_title=CALLING_AE)
+    ae.add_requested_context(Verification)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    assoc = ae.associate(host, port, ae_title=dicom.ae_title)
+    if assoc.is_established:
+        status = assoc.send_c_echo()
+        assoc.release()
+        if status and status.get("Status") == 0x0000:
+            return True, f"{where} answered C-ECHO"
+        return False, f"{where} accepted the association but C-ECHO got no success status"
+    if assoc.is_rejected:
+        return True, f"{where} is listening; it refused the calling AE title {CALLING_AE} (dicom.allowed_callers)"
+    return False, f"no DICOM listener answered at {host}:{port} within {timeout_s:g} s"
