@@ -201,7 +201,12 @@ class LoggedServerContext:
         try:
             sock.do_handshake()
         except (OSError, ssl.SSLError) as exc:
-            if not self._stopping:
+            if isinstance(exc, ssl.SSLEOFError):
+                # Closed without a word: a connection check (lungnode echo, a load balancer, a port monitor), not
+                # a caller that tried and failed; a failed TLS caller sends an alert or bytes that are not TLS.
+                log.debug(kv("tls_connection_closed", listener=self.listener, peer=peer,
+                             reason="closed before the handshake"))
+            elif not self._stopping:
                 fix = _fix(exc)
                 # Our own revocation list at fault locks every caller out: that needs a person (ERROR).
                 level = logging.ERROR if fix.startswith("dicom.tls.crl") else logging.WARNING

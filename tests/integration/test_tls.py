@@ -410,3 +410,12 @@ def test_a_revocation_list_of_another_ca_is_reported_as_ours_to_fix(node_factory
     assert tls_echo(node.port, pki.client_cert, pki.client_key, pki.ca).returncode != 0
     node.wait_for_log(r'ERROR .*event=tls_handshake_failed .*reason="certificate verify failed: unable to get '
                       r'certificate CRL" fix="dicom.tls.crl is out of date or not the list of the CA')
+
+
+def test_lungnode_echo_checks_a_tls_listener_without_noise_in_its_log(tls_node: NodeProcess) -> None:
+    """The container's health check on a TLS node: a connection check, which the node does not log as a failed
+    handshake every 30 s."""
+    proc = run_cli("echo", "--config", tls_node.config_path, "--timeout", "5")
+    assert proc.returncode == 0 and "accepts connections (a TLS listener" in proc.stdout, proc.stderr
+    time.sleep(1.0)
+    assert "tls_handshake_failed" not in tls_node.log, tls_node.log[-2000:]
