@@ -229,6 +229,8 @@ class StorageSCP:
                     assoc.dul.socket.close()
             started = time.monotonic()
             for assoc, wait_s in waits.items():  # one deadline for all: many idle connections cost 0.5 s, not each
+                if assoc.ident is None:  # accepted an instant ago, its thread not started: nothing runs to wait for
+                    continue
                 assoc.join(timeout=max(0.0, started + wait_s - time.monotonic()))
             self._server.shutdown()
             self._server = None
