@@ -22,7 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from node import MANUFACTURER, __version__
 from node.outputs.codes import STRUCTURES
-from node.outputs.seg import MODEL_NAME
+from node.outputs.seg import COPIED_KEYWORDS, MODEL_NAME
 from node.outputs.uids import OutputUIDs
 from node.pipeline.runner import NOT_FOR_CLINICAL_USE
 from node.pipeline.volume import Volume
@@ -30,11 +30,11 @@ from node.synthetic.preview import outline
 
 LUNG_WINDOW = (-600.0, 1500.0)  # level, width
 ALPHA = 0.45
-#: Patient and study attributes copied from the source beyond what highdicom's Secondary Capture takes, so
-#: the key images match the SEG and SR of the same study where an archive matches on ID and issuer.
-IDENTITY_KEYWORDS = ("IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence",
-                     "IssuerOfAccessionNumberSequence", "StudyDescription", "PatientAge", "PatientSize",
-                     "PatientWeight", "PatientBirthTime")
+#: Patient and study attributes copied from the source: the values the SEG and SR copy (highdicom's Secondary
+#: Capture takes only some), and the issuer sequences, so an archive that matches on ID and issuer files the key
+#: images with them.
+IDENTITY_KEYWORDS = (*COPIED_KEYWORDS, "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence",
+                     "IssuerOfAccessionNumberSequence")
 
 
 def pick_slices(lungs: np.ndarray, lesions: np.ndarray, count: int) -> list[int]:

@@ -57,6 +57,11 @@ highdicom._standard_utils.is_attribute_in_iod = _cached_is_attribute_in_iod
 
 SegEncoding = Literal["binary", "fractional_jpeg_ls"]
 MODEL_NAME = "lungnode"
+#: Patient and study values the outputs copy from the source images (highdicom's patient, study and
+#: general-study modules). One the standard's value representation does not allow stops highdicom.
+COPIED_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime",
+                   "PatientSex", "PatientAge", "PatientSize", "PatientWeight", "StudyDate", "StudyTime", "StudyID",
+                   "AccessionNumber", "ReferringPhysicianName", "StudyDescription")
 
 
 class OutputError(LungnodeError):

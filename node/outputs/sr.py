@@ -124,6 +124,8 @@ def _information(template: SRTemplate, result: dict[str, Any], uids: OutputUIDs)
 
 
 SOURCE = hd.sr.CodedConcept(value="260753009", meaning="Source", scheme_designator="SCT")
+#: CID 29 meanings of the modalities a chest CT series may carry.
+MODALITY_MEANINGS = {"CT": "Computed Tomography"}
 
 
 def image_library(evidence: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
@@ -157,10 +159,6 @@ def image_library(evidence: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
             for ds in images)
         library.ContentSequence.append(group)
     return library
-
-
-#: CID 29 meanings of the modalities a chest CT series may carry.
-MODALITY_MEANINGS = {"CT": "Computed Tomography"}
 
 
 def _scheme_item(scheme: CodingScheme) -> Dataset:

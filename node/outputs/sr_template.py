@@ -192,7 +192,7 @@ class SRTemplate(_Strict):
     @classmethod
     def _private_schemes_declared(cls, v: list[CodingScheme], info: ValidationInfo) -> list[CodingScheme]:
         """Fields are validated in order, so the codes of every field above are in ``info.data``."""
-        used = {s for s in _schemes({k: _dump(x) for k, x in info.data.items()}) if s.startswith("99")}
+        used = {s for s in _schemes(info.data) if s.startswith("99")}
         missing = sorted(used - {c.designator for c in v})
         if missing:
             raise ValueError(f"private coding scheme(s) {missing} used but not declared here "
@@ -209,16 +209,10 @@ class SRTemplate(_Strict):
         return v
 
 
-def _dump(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump()
-    if isinstance(value, list):
-        return [_dump(v) for v in value]
-    return value
-
-
 def _schemes(node: Any) -> list[str]:
-    """Every ``scheme`` of a code in a dumped template."""
+    """Every ``scheme`` of a code in template content (models, or what they dump to)."""
+    if isinstance(node, BaseModel):
+        return _schemes(node.model_dump())
     if isinstance(node, dict):
         own = [node["scheme"]] if isinstance(node.get("scheme"), str) else []
         return own + [s for v in node.values() for s in _schemes(v)]

@@ -33,7 +33,7 @@ from node.config import InferenceSettings, OutputsSettings
 from node.logs import kv, phi
 from node.outputs.codes import STRUCTURES, ModelRole
 from node.outputs.keyimage import build_key_images
-from node.outputs.seg import AlgorithmInfo, OutputError, SegmentSpec, build_seg, read_source_headers
+from node.outputs.seg import COPIED_KEYWORDS, AlgorithmInfo, OutputError, SegmentSpec, build_seg, read_source_headers
 from node.outputs.sr import build_sr, predecessor_reference
 from node.outputs.sr_template import SRTemplate, load_template
 from node.outputs.uids import OutputUIDs, content_digest
@@ -46,12 +46,6 @@ log = logging.getLogger(__name__)
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 OUTPUTS_FILE = "outputs.json"
-
-#: Patient and study values the outputs copy from the source images (highdicom's patient, study and
-#: general-study modules). One the standard's value representation does not allow stops highdicom.
-COPIED_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime",
-                   "PatientSex", "PatientAge", "PatientSize", "PatientWeight", "StudyDate", "StudyTime", "StudyID",
-                   "AccessionNumber", "ReferringPhysicianName", "StudyDescription")
 
 
 def _value_problem(vr: str, value: object) -> bool:

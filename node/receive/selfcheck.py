@@ -21,8 +21,7 @@ CALLING_AE = "LUNGNODE-CHECK"
 
 def listener_host(dicom: DicomSettings) -> str:
     """Where to reach the listener from this machine: its bind address, or loopback when it listens on all."""
-    return "127.0.0.1" if dicom.bind_address in ("", "0.0.0.0") else ("::1" if dicom.bind_address == "::"
-                                                                          else dicom.bind_address)
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(dicom.bind_address, dicom.bind_address)
 
 
 def echo_listener(dicom: DicomSettings, *, timeout_s: float = 10.0) -> tuple[bool, str]:
