@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DA, DT, TM, validate_value
 
+from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.config import InferenceSettings, OutputsSettings
 from node.logs import kv, phi
 from node.outputs.codes import STRUCTURES, ModelRole
@@ -153,6 +154,8 @@ def segment_specs(manifests: Mapping[str, ModelManifest] | None, models: Mapping
 def _save(ds: Dataset, out_dir: Path, name: str, kind: Kind) -> WrittenObject:
     path = out_dir / name
     tmp = path.with_name(f".{name}.tmp")
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID  # the writer of the file is lungnode
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     ds.save_as(tmp, enforce_file_format=True)
     os.replace(tmp, path)
     return WrittenObject(kind=kind, file=name, sop_class_uid=str(ds.SOPClassUID),

@@ -45,6 +45,7 @@ from node import MANUFACTURER
 from node.config import DicomSettings
 from node.db.ingest import IngestLedger, Outcome, unrecordable
 from node.db.models import AssociationState
+from node.dicom_ae import node_ae
 from node.errors import InstanceRejected, LungnodeError
 from node.logs import kv
 from node.receive import tuning
@@ -152,7 +153,7 @@ class StorageSCP:
     # -- lifecycle ------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
         s = self.settings
-        ae = AE(ae_title=s.ae_title)
+        ae = node_ae(s.ae_title)
         ae.maximum_associations = s.max_associations
         ae.maximum_pdu_size = s.max_pdu_size
         ae.acse_timeout = s.acse_timeout_s

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import socket
 
-from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import DicomSettings
+from node.dicom_ae import node_ae
 
 #: The calling AE title of the check (in the node's log as the caller of an association_rejected, if refused).
 CALLING_AE = "LUNGNODE-CHECK"
@@ -35,7 +35,7 @@ def echo_listener(dicom: DicomSettings, *, timeout_s: float = 10.0) -> tuple[boo
         except OSError as exc:
             return False, f"no listener at {host}:{port}: {exc.strerror or exc}"
         return True, f"{host}:{port} accepts connections (a TLS listener: the connection was checked, not C-ECHO)"
-    ae = AE(ae_title=CALLING_AE)
+    ae = node_ae(CALLING_AE)
     ae.add_requested_context(Verification)
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     assoc = ae.associate(host, port, ae_title=dicom.ae_title)

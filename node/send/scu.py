@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from node.config import Destination, SendingSettings
+from node.dicom_ae import node_ae
 from node.errors import LungnodeError
 from node.logs import kv
 from node.send.outbox import Claimed
@@ -134,7 +135,7 @@ def store_batch(
     Returns None, or why no association could be made (then no object was sent and the caller
     schedules the retries). Objects not attempted because ``should_stop`` turned true get no outcome.
     """
-    ae = AE(ae_title=calling_ae)
+    ae = node_ae(calling_ae)
     # connection_timeout bounds the TCP connect and, with TLS, the handshake (unbounded otherwise: a
     # destination that accepts and stays silent would hold the sender, and every destination, forever).
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.connect_timeout_s

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Config, Destination
 from node.db.models import SendState
+from node.dicom_ae import node_ae
 from node.errors import LungnodeError
 from node.logs import kv
 from node.send.outbox import Claimed, Outbox
@@ -47,7 +48,7 @@ class CommitmentListener:
         self.port: int | None = None
 
     def start(self) -> int:
-        ae = AE(ae_title=self.ae_title)
+        ae = node_ae(self.ae_title)
         ae.require_called_aet = False  # reports are addressed to whichever calling AE title a destination used
         # The PACS is the Storage Commitment SCP but the association requestor here: accept its SCP role.
         ae.add_supported_context(StorageCommitmentPushModel, UNCOMPRESSED, scu_role=True, scp_role=True)

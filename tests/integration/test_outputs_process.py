@@ -11,7 +11,7 @@ from typing import Any
 import pydicom
 import pytest
 
-from node import MANUFACTURER
+from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, MANUFACTURER
 from node.outputs.write import OUTPUTS_FILE
 from tests.helpers.faults import phantom, synth_series, write_scout
 from tests.helpers.node_proc import run_cli
@@ -55,6 +55,9 @@ def test_process_writes_the_objects_and_outputs_json(tmp_path: Path, models: Pat
         assert ds.SOPClassUID == obj["sop_class_uid"]
         assert ds.file_meta.TransferSyntaxUID == obj["transfer_syntax_uid"]
         assert ds.Manufacturer == MANUFACTURER
+        # the File Meta names the software that wrote the file, lungnode, as the conformance statement says
+        assert (ds.file_meta.ImplementationClassUID, ds.file_meta.ImplementationVersionName) == (
+            IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
     seg = pydicom.dcmread(tmp_path / "out" / "seg.dcm", stop_before_pixels=True)
     # segment algorithm identification comes from the test models' manifests
     assert seg.SegmentSequence[0].SegmentAlgorithmName == "lungnode-test-seg2d"

@@ -13,8 +13,9 @@ import pydicom
 import pytest
 from pydicom.uid import MRImageStorage, generate_uid
 
+from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from tests.conftest import NodeFactory
-from tests.helpers.dcmtk import echoscu, storescu
+from tests.helpers.dcmtk import echoscu, run_dcmtk, storescu
 from tests.helpers.node_proc import NodeProcess, run_cli
 from tests.helpers.scu import SUCCESS, associate, echo, send_files, store_status
 from tests.helpers.series import (
@@ -58,8 +59,12 @@ def status_series(node: NodeProcess, series_uid: str) -> dict:
 
 # -- C-ECHO ----------------------------------------------------------------------------------------
 def test_echoscu(node: NodeProcess) -> None:
-    proc = echoscu(node.port)
+    proc = run_dcmtk("echoscu", "-d", "-aet", "ECHOSCU", "-aec", "LUNGNODE", "127.0.0.1", str(node.port), timeout=30)
     assert proc.returncode == 0, proc.stderr
+    # The node introduces itself as lungnode (the conformance statement's identity), not as its toolkit.
+    said = proc.stdout + proc.stderr
+    assert re.search(rf"Their Implementation Class UID:\s+{re.escape(IMPLEMENTATION_CLASS_UID)}\s", said), said
+    assert re.search(rf"Their Implementation Version Name:\s+{re.escape(IMPLEMENTATION_VERSION_NAME)}\s", said), said
     node.wait_for_log(r"event=association_released")
     assert "calling_ae=ECHOSCU" in node.log
     assert node.query("SELECT calling_ae, state FROM associations")[0][:] == ("ECHOSCU", "released")
