@@ -32,6 +32,7 @@ from pydicom.valuerep import DA, DT, TM, validate_value
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.config import InferenceSettings, OutputsSettings
 from node.logs import kv, phi
+from node.outputs.charset import settle_character_set
 from node.outputs.codes import STRUCTURES, ModelRole
 from node.outputs.keyimage import build_key_images
 from node.outputs.seg import COPIED_KEYWORDS, AlgorithmInfo, OutputError, SegmentSpec, build_seg, read_source_headers
@@ -154,6 +155,7 @@ def segment_specs(manifests: Mapping[str, ModelManifest] | None, models: Mapping
 def _save(ds: Dataset, out_dir: Path, name: str, kind: Kind) -> WrittenObject:
     path = out_dir / name
     tmp = path.with_name(f".{name}.tmp")
+    settle_character_set(ds)
     ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID  # the writer of the file is lungnode
     ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     ds.save_as(tmp, enforce_file_format=True)

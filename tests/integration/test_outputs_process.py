@@ -89,3 +89,20 @@ def test_skipped_folder_gets_its_sr_only_when_asked(tmp_path: Path, models: Path
     assert rc == 3 and result["status"] == "rejected"
     assert [o["kind"] for o in objects] == ["sr"]
     assert "holds LOCALIZER" in sr_text(tmp_path / "out" / "sr.dcm")
+
+
+def test_a_description_outside_the_source_character_set_is_written_unchanged(tmp_path: Path, models: Path) -> None:
+    """Objects keep a Latin-1 source's character set; the one whose configured description needs more is UTF-8."""
+    series = synth_series(tmp_path / "in", phantom(slices=40, matrix=96, seed=2, variant="mixed"))
+    for f in sorted(series.folder.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 100", "Müller^Jürgen"
+        ds.save_as(f)
+    rc, _, objects = process(series.folder, tmp_path / "out", models,
+                             LUNGNODE_OUTPUTS__SEG_SERIES_DESCRIPTION="Lunge – Läsionen 肺")
+    assert rc == 0
+    written = {o["kind"]: pydicom.dcmread(tmp_path / "out" / o["file"], stop_before_pixels=True) for o in objects}
+    assert written["seg"].SpecificCharacterSet == "ISO_IR 192"
+    assert written["seg"].SeriesDescription == "Lunge – Läsionen 肺"
+    assert {str(ds.SpecificCharacterSet) for kind, ds in written.items() if kind != "seg"} == {"ISO_IR 100"}
+    assert {str(ds.PatientName) for ds in written.values()} == {"Müller^Jürgen"}
