@@ -186,6 +186,7 @@ def build_key_images(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, 
         sc.ManufacturerModelName = MODEL_NAME
         sc.SoftwareVersions = __version__
         sc.BurnedInAnnotation = "YES"
+        sc.ConversionType = "WSD"  # rendered by software (workstation), not taken from a digital interface (DI)
         # A chest is not a paired body part: with it named, General Series needs no Laterality.
         sc.BodyPartExamined = str(reference.get("BodyPartExamined") or "CHEST")
         sc.ImageComments = f"Key image {number} of {len(slices)} ({where}); not for clinical use"

@@ -31,7 +31,6 @@ STATUS_MISSING_UID = 0xC221
 STATUS_UID_MISMATCH = 0xC222
 STATUS_INCOMPLETE = 0xC223
 STATUS_OTHER_STUDY = 0xC224  # the series is already known under another study or patient
-STATUS_PROCESSING_FAILURE = 0x0110  # we could not record it (database unavailable)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"

@@ -13,6 +13,7 @@ import pytest
 
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, MANUFACTURER
 from node.outputs.write import OUTPUTS_FILE
+from tests.helpers.conformance import UID_RE, table
 from tests.helpers.faults import phantom, synth_series, write_scout
 from tests.helpers.node_proc import run_cli
 from tests.helpers.onnx_models import make_models_dir
@@ -48,6 +49,7 @@ def test_process_writes_the_objects_and_outputs_json(tmp_path: Path, models: Pat
     rc, result, objects = process(series.folder, tmp_path / "out", models)
     assert rc == 0 and result["status"] == "ok"
     assert [o["kind"] for o in objects] == ["seg", "sr", "key_image", "key_image", "key_image"]
+    proposed = {row[1]: UID_RE.findall(row[2]) for row in table("Presentation contexts proposed")}
     for obj in objects:
         ds = pydicom.dcmread(tmp_path / "out" / obj["file"], stop_before_pixels=True)
         assert ds.StudyInstanceUID == obj["study_instance_uid"] == series.study_uid
@@ -58,6 +60,8 @@ def test_process_writes_the_objects_and_outputs_json(tmp_path: Path, models: Pat
         # the File Meta names the software that wrote the file, lungnode, as the conformance statement says
         assert (ds.file_meta.ImplementationClassUID, ds.file_meta.ImplementationVersionName) == (
             IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
+        # ... and lists its SOP class and transfer syntax among those the sender proposes
+        assert obj["transfer_syntax_uid"] in proposed[obj["sop_class_uid"]]
     seg = pydicom.dcmread(tmp_path / "out" / "seg.dcm", stop_before_pixels=True)
     # segment algorithm identification comes from the test models' manifests
     assert seg.SegmentSequence[0].SegmentAlgorithmName == "lungnode-test-seg2d"

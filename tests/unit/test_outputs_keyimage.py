@@ -87,6 +87,7 @@ def test_key_images_round_trip(analysis: Analysis, synth: Synth, tmp_path: Path)
         assert (ds.Manufacturer, ds.SeriesNumber, ds.SeriesDescription, ds.InstanceNumber) == (
             MANUFACTURER, 55, "keys", number)
         assert ds.BurnedInAnnotation == "YES" and ds.PhotometricInterpretation == "RGB"
+        assert ds.ConversionType == "WSD"  # rendered here, as the conformance statement says
         assert list(ds.PatientOrientation) == ["L", "P"]
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == vol.frames[z].sop_instance_uid
         pixels = ds.pixel_array
