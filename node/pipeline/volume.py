@@ -366,7 +366,7 @@ def _check_lossy(datasets: Sequence[Dataset]) -> list[QAFlag]:
 
 
 def load_volume(paths: Sequence[Path]) -> Volume:
-    """Read a series (classic or Enhanced CT) into a checked canonical HU volume."""
+    """Read a series (classic, Enhanced or Legacy Converted Enhanced CT) into a checked canonical HU volume."""
     ordered, normal, gap, flags = _check_geometry(read_planes(paths))
     first = ordered[0]
     row_dir = first.row_dir / np.linalg.norm(first.row_dir)

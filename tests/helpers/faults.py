@@ -306,6 +306,24 @@ def write_enhanced_ct(classic: list[Path], out: Path, *, order_seed: int = 0, fr
     return written
 
 
+def write_legacy_converted_ct(classic: list[Path], out: Path) -> tuple[Path, list[int]]:
+    """A Legacy Converted Enhanced CT object made from the classic slices by highdicom's converter (as a PACS
+    that converts legacy series would send it). Returns its path and the classic slice of each frame, read from
+    the frames' Conversion Source Attributes, which name the classic image each frame came from."""
+    import highdicom as hd
+
+    sources = [pydicom.dcmread(p) for p in classic]
+    index = {str(ds.SOPInstanceUID): k for k, ds in enumerate(sources)}
+    converted = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=sources, series_instance_uid=generate_uid(), series_number=8,
+        sop_instance_uid=generate_uid(), instance_number=1)
+    members = [index[str(fg.ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID)]
+               for fg in converted.PerFrameFunctionalGroupsSequence]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    converted.save_as(out, enforce_file_format=True)
+    return out, members
+
+
 def write_scout(path: Path, *, study_uid: str | None = None, matrix: int = 64) -> Path:
     """A CT localizer (topogram): one coronal projection image, as scanners send it with a study."""
     sop_uid = generate_uid()

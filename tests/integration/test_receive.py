@@ -16,6 +16,7 @@ from pydicom.uid import MRImageStorage, generate_uid
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from tests.conftest import NodeFactory
 from tests.helpers.dcmtk import echoscu, run_dcmtk, storescu
+from tests.helpers.faults import write_legacy_converted_ct
 from tests.helpers.node_proc import NodeProcess, run_cli
 from tests.helpers.scu import SUCCESS, associate, echo, send_files, store_status
 from tests.helpers.series import (
@@ -460,6 +461,17 @@ def test_a_ct_series_whose_first_instance_is_not_ct_still_gets_a_job(node: NodeP
     row = node.wait_complete(series.series_uid)
     assert row["origin"] == "modality"
     assert [j["state"] for j in node.jobs(series.series_uid)] == ["queued"]
+
+
+def test_legacy_converted_enhanced_ct_gets_a_job(node: NodeProcess, tmp_path: Path) -> None:
+    """A PACS that converts classic series may send Legacy Converted Enhanced CT: analysed like Enhanced CT."""
+    classic = make_series(tmp_path / "ct", slices=3, matrix=32)
+    path, _ = write_legacy_converted_ct(list(classic.files), tmp_path / "lce" / "ct.dcm")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert store_status(node.port, path) == SUCCESS
+    row = node.wait_complete(str(ds.SeriesInstanceUID))
+    assert row["origin"] == "modality"
+    assert [j["state"] for j in node.jobs(str(ds.SeriesInstanceUID))] == ["queued"]
 
 
 # -- out of disk -------------------------------------------------------------------------------------------

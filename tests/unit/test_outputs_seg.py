@@ -28,7 +28,14 @@ from node.outputs.write import read_manifest, segment_specs, write_outputs
 from node.pipeline.manifest import parse_manifest
 from node.pipeline.runner import Analysis
 from node.synthetic import Phantom
-from tests.helpers.faults import Synth, phantom, synth_series, to_hfp, write_enhanced_ct
+from tests.helpers.faults import (
+    Synth,
+    phantom,
+    synth_series,
+    to_hfp,
+    write_enhanced_ct,
+    write_legacy_converted_ct,
+)
 from tests.helpers.onnx_models import LESION_LABELS, deep_merge, seg2d_manifest
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -60,8 +67,9 @@ def make_case(tmp_path: Path, layout: str) -> Case:
     uid_of = {p: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
     if layout == "hfp":
         to_hfp(files)
-    if layout == "enhanced":
-        [(path, members)] = write_enhanced_ct(files, tmp_path / "enhanced" / "ct.dcm", order_seed=3)
+    if layout in ("enhanced", "legacy_converted"):
+        [(path, members)] = (write_enhanced_ct(files, tmp_path / "enhanced" / "ct.dcm", order_seed=3)
+                             if layout == "enhanced" else [write_legacy_converted_ct(files, tmp_path / "lce" / "ct.dcm")])
         enhanced_uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         truth_key = {(enhanced_uid, n): uid_of[files[k]] for n, k in enumerate(members, start=1)}
         files = [path]
@@ -96,7 +104,7 @@ def frames_by_source(seg: pydicom.Dataset) -> dict[tuple[int, str, int | None], 
     return out
 
 
-LAYOUTS = ["hfs_shuffled", "ffs_radiological", "ffs_mirrored", "hfp", "enhanced"]
+LAYOUTS = ["hfs_shuffled", "ffs_radiological", "ffs_mirrored", "hfp", "enhanced", "legacy_converted"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -127,7 +135,7 @@ def test_seg_frames_equal_the_truth_of_their_source_image(tmp_path: Path, layout
 
     # highdicom reads the same pixels back by source instance
     hseg = hd.seg.segread(tmp_path / "out" / "seg.dcm")
-    if layout == "enhanced":
+    if layout in ("enhanced", "legacy_converted"):
         (src_uid,) = {k[0] for k in case.truth_key}
         numbers = sorted(n for (_, n) in case.truth_key)
         arr = hseg.get_pixels_by_source_frame(source_sop_instance_uid=src_uid, source_frame_numbers=numbers,

@@ -31,6 +31,7 @@ from tests.helpers.faults import (
     synth_series,
     to_hfp,
     write_enhanced_ct,
+    write_legacy_converted_ct,
 )
 
 SLICES, MATRIX = 40, 96
@@ -286,6 +287,20 @@ def test_enhanced_ct_multiframe_gives_the_classic_volume(series: Synth, tmp_path
     truth = truth_by_sop(series)
     for uid, n in classic_uid_to_frame.items():
         np.testing.assert_array_equal(back[n], truth[uid])
+
+
+def test_legacy_converted_enhanced_ct_gives_the_classic_volume(series: Synth, tmp_path: Path) -> None:
+    """A PACS that converts classic series sends Legacy Converted Enhanced CT: the same volume, each slice
+    pointing at its frame."""
+    classic = load_volume(series.files)
+    path, members = write_legacy_converted_ct(series.files, tmp_path / "lce" / "ct.dcm")
+    vol = load_volume([path])
+    np.testing.assert_array_equal(vol.hu, classic.hu)
+    assert vol.spacing_mm == pytest.approx(classic.spacing_mm)
+    assert {f.sop_class_uid for f in vol.frames} == {"1.2.840.10008.5.1.4.1.1.2.2"}
+    classic_uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series.files]
+    frame_of = {classic_uids[k]: n for n, k in enumerate(members, start=1)}
+    assert [f.frame_number for f in vol.frames] == [frame_of[f.sop_instance_uid] for f in classic.frames]
 
 
 def test_single_frame_enhanced_ct_objects(series: Synth, tmp_path: Path) -> None:
