@@ -281,8 +281,8 @@ class WorkerSettings(Strict):
                                     "disabled), check them again this often; workers start once they pass")
 
 
-OutputKind = Literal["seg", "sr", "key_image"]
-_ALL_KINDS: tuple[OutputKind, ...] = ("seg", "sr", "key_image")
+OutputKind = Literal["seg", "sr", "key_image", "kos"]
+_ALL_KINDS: tuple[OutputKind, ...] = ("seg", "sr", "key_image", "kos")
 
 
 class DestinationTls(Strict):
@@ -377,6 +377,10 @@ class OutputsSettings(Strict):
     key_image_series_number: int = Field(default=9703, ge=1, le=2**31 - 1)
     key_image_series_description: DicomLO = "Key images (lungnode, not for clinical use)"
     key_image_count: int = Field(default=3, ge=1, le=12, description="most involved slices shown as key images")
+    kos: bool = Field(default=True, description="write a Key Object Selection flagging the key images' source slices "
+                      "(series with lesions only)")
+    kos_series_number: int = Field(default=9704, ge=1, le=2**31 - 1)
+    kos_series_description: DicomLO = "Key slices (lungnode, not for clinical use)"
     sr_for_skipped_series: bool = Field(
         default=False,
         description="also write an SR for series the selection rules skip (scouts, other reconstructions); "

@@ -30,7 +30,7 @@ from node import MANUFACTURER
 from node.orthanc import Modality, OrthancServer, free_port
 
 NODE_AE, PACS_AE = "LUNGNODE", "PACS"
-RESULT_MODALITIES = {"SEG": "seg", "SR": "sr", "OT": "key_image"}
+RESULT_MODALITIES = {"SEG": "seg", "SR": "sr", "OT": "key_image", "KO": "kos"}
 
 
 @dataclass

@@ -82,6 +82,14 @@ class OutputUIDs:
     def key_image_instance(self, index: int) -> str:
         return self.derive(f"key_image/instance/{index}")
 
+    @property
+    def kos_series(self) -> str:
+        return self.derive("kos/series")
+
+    @property
+    def kos_instance(self) -> str:
+        return self.derive("kos/instance")
+
     def tracking_uid(self, structure_key: str) -> str:
         """Tracking UID of one structure: the SEG segment and its SR measurement group share it."""
         return self.derive(f"tracking/{structure_key}")

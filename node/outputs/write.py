@@ -1,10 +1,11 @@
 """``write_outputs``: the DICOM objects of one analysis, written beside result.json.
 
-    Analysis + source files ─► SEG (seg.dcm) ─► SR (sr.dcm) ─► key images (key_image_N.dcm) ─► outputs.json
+    Analysis + source files ─► SEG (seg.dcm) ─► SR (sr.dcm) ─► key images (key_image_N.dcm) ─► KOS (kos.dcm)
+                            ─► outputs.json
 
 ``outputs.json`` is what the sender reads; its shape is a fixed interface::
 
-    {"objects": [{"kind": "seg"|"sr"|"key_image", "file": "<name relative to the dir>",
+    {"objects": [{"kind": "seg"|"sr"|"key_image"|"kos", "file": "<name relative to the dir>",
                   "sop_class_uid": ..., "sop_instance_uid": ..., "series_instance_uid": ...,
                   "study_instance_uid": ..., "transfer_syntax_uid": ...}]}
 
@@ -27,6 +28,7 @@ from typing import Literal
 from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 from pydicom.valuerep import DA, DT, TM, validate_value
 
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -35,6 +37,7 @@ from node.logs import kv, phi
 from node.outputs.charset import settle_character_set
 from node.outputs.codes import STRUCTURES, ModelRole
 from node.outputs.keyimage import build_key_images
+from node.outputs.kos import build_kos
 from node.outputs.seg import COPIED_KEYWORDS, AlgorithmInfo, OutputError, SegmentSpec, build_seg, read_source_headers
 from node.outputs.sr import build_sr, predecessor_reference
 from node.outputs.sr_template import SRTemplate, load_template
@@ -76,7 +79,7 @@ def clean_copied_values(headers: Mapping[str, Dataset]) -> list[str]:
                 element.value = ""
                 dropped.add(keyword)
     return sorted(dropped)
-Kind = Literal["seg", "sr", "key_image"]
+Kind = Literal["seg", "sr", "key_image", "kos"]
 ROLES: tuple[ModelRole, ...] = ("lung", "lesion", "diagnosis")
 
 
@@ -156,7 +159,7 @@ def _save(ds: Dataset, out_dir: Path, name: str, kind: Kind) -> WrittenObject:
     path = out_dir / name
     tmp = path.with_name(f".{name}.tmp")
     settle_character_set(ds)
-    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID  # the writer of the file is lungnode
+    ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)  # the writer of the file is lungnode
     ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     ds.save_as(tmp, enforce_file_format=True)
     os.replace(tmp, path)
@@ -196,7 +199,7 @@ def predecessor_from(out_dir: Path) -> Dataset | None:
 def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[Path], settings: OutputsSettings,
                   revision: int = 1, manifests: Mapping[str, ModelManifest] | None = None,
                   predecessor: Dataset | None = None, template: SRTemplate | None = None) -> list[WrittenObject]:
-    """Build and write the SEG, SR and key images of ``analysis`` into ``out_dir`` and list them in outputs.json.
+    """Build and write the SEG, SR, key images and KOS of ``analysis`` into ``out_dir`` and list them in outputs.json.
 
     ``source_paths``: the files of the analysed series (headers are read for references and the
     patient/study modules); ``manifests``: the models by role (lung, lesion, diagnosis), for codes
@@ -277,6 +280,19 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
         except Exception as exc:  # see the SEG above
             _failed(analysis, "key_image", exc)
         timings["key_images"] = time.perf_counter() - t0
+    if settings.kos and masks_ready:
+        assert volume is not None and analysis.lungs is not None and analysis.lesions is not None
+        t0 = time.perf_counter()
+        try:
+            kos = build_kos(volume=volume, lungs=analysis.lungs, lesions=analysis.lesions, headers=headers, uids=uids,
+                            series_number=settings.kos_series_number,
+                            series_description=revised(settings.kos_series_description, revision),
+                            count=settings.key_image_count, device_serial_number=settings.device_serial_number)
+            if kos is not None:
+                objects.append(_save(kos, out_dir, "kos.dcm", "kos"))
+        except Exception as exc:  # see the SEG above
+            _failed(analysis, "kos", exc)
+        timings["kos"] = time.perf_counter() - t0
     write_manifest(out_dir, objects)
     analysis.timings_s.update({f"output_{k}": v for k, v in timings.items()})  # recorded with the job
     log.info(kv("outputs_written", series=analysis.series_instance_uid, revision=revision,

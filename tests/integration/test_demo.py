@@ -24,7 +24,7 @@ def test_demo_prints_where_the_results_are_and_stops_cleanly(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert re.search(r"study in Orthanc's web viewer: http://127\.0\.0\.1:\d+/app/explorer\.html#study\?uuid=\S+", out)
-    for kind in ("seg", "sr", "key_image"):
+    for kind in ("seg", "sr", "key_image", "kos"):
         assert re.search(rf"^  {kind}\s+instance [0-9a-f-]+", out, re.M), (kind, out)
     assert "not cleared for clinical use" in out and out.rstrip().endswith("stopped.")
     # What the demo did stays readable in its folder: the node's config and log, Orthanc's storage.

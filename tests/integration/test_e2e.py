@@ -34,7 +34,7 @@ from tests.helpers.wait import wait_until
 pytestmark = pytest.mark.skipif(not have_orthanc(), reason="Orthanc is not installed (Debian package orthanc)")
 
 PACS_AE, NODE_AE = "PACS", "LUNGNODE"
-KINDS = {"seg", "sr", "key_image"}
+KINDS = {"seg", "sr", "key_image", "kos"}
 
 
 def node_settings(pacs: OrthancServer) -> dict[str, Any]:
@@ -163,6 +163,12 @@ def check_objects_from_pacs(pacs: OrthancServer, objects: list[dict[str, str]], 
             text = str(sr)
             for name, p in (result.get("probabilities") or {}).items():
                 assert f"{p:g}"[:4] in text or str(round(p, 2)) in text, (name, p)
+        elif obj["kind"] == "kos":  # marks slices of the analysed series, held by the PACS too
+            flagged = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                       for i in ds.ContentSequence if i.ValueType == "IMAGE"}
+            assert flagged and all(pacs.find_instance(uid) is not None for uid in flagged)
+            evidence = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+            assert evidence.SeriesInstanceUID == source.SeriesInstanceUID
         else:
             assert ds.SOPClassUID.startswith("1.2.840.10008.5.1.4.1.1.7")
             png = pacs.get_bytes(f"/instances/{oid}/preview")

@@ -71,13 +71,14 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Outputs:
     for obj in write_outputs(analysis, out_dir=root / "binary", source_paths=synth.files, settings=OutputsSettings()):
         binary.setdefault(obj.kind, []).append(obj)
     [fractional] = write_outputs(analysis, out_dir=root / "fractional", source_paths=synth.files,
-                                 settings=OutputsSettings(sr=False, key_images=False, seg_encoding="fractional_jpeg_ls"))
+                                 settings=OutputsSettings(sr=False, key_images=False, kos=False,
+                                                          seg_encoding="fractional_jpeg_ls"))
     reason = "3 slice(s) missing in 1 gap(s) of the stack (slice gap 2.50 mm): re-send the complete series"
     rejected = Analysis(status="rejected", series_instance_uid=synth.series_uid, reason=reason,
                         qa=[QAFlag("missing_slices", "refuse", reason)])
     [rejected_sr] = write_outputs(rejected, out_dir=root / "rejected", source_paths=synth.files,
                                   settings=OutputsSettings())
-    assert sorted(binary) == ["key_image", "seg", "sr"]
+    assert sorted(binary) == ["key_image", "kos", "seg", "sr"]
     return Outputs(analysis, binary, root, fractional, rejected_sr)
 
 
@@ -91,9 +92,9 @@ def test_dciodvfy_finds_no_error_in_any_object(outputs: Outputs) -> None:
         lines = (proc.stdout + proc.stderr).splitlines()
         errors = [line for line in lines if line.startswith("Error")]
         report[f"{path.parent.name}/{path.name}"] = errors
-        assert lines and lines[0] in ("Segmentation", "EnhancedSR", "SCImage"), lines[:3]
+        assert lines and lines[0] in ("Segmentation", "EnhancedSR", "SCImage", "KeyObjectSelectionDocument"), lines[:3]
     assert all(not errors for errors in report.values()), json.dumps(report, indent=1)
-    assert len(report) == 7  # seg, sr, 3 key images, fractional seg, rejected sr
+    assert len(report) == 8  # seg, sr, 3 key images, kos, fractional seg, rejected sr
 
 
 # -- dcmqi ---------------------------------------------------------------------------------------
@@ -243,7 +244,7 @@ def test_real_ct_outputs_validate_and_line_up(lidc_0001: Path, tmp_path: Path) -
     series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     analysis = analysis_from_series(files, lungs=lungs, lesions=lesions, series_instance_uid=series_uid)
     objects = write_outputs(analysis, out_dir=tmp_path, source_paths=files, settings=OutputsSettings())
-    assert sorted({o.kind for o in objects}) == ["key_image", "seg", "sr"]
+    assert sorted({o.kind for o in objects}) == ["key_image", "kos", "seg", "sr"]
     if DCIODVFY.is_file():
         for obj in objects:
             proc = subprocess.run([str(DCIODVFY), str(tmp_path / obj.file)], capture_output=True, text=True, timeout=120)

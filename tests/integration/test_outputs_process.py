@@ -48,7 +48,7 @@ def test_process_writes_the_objects_and_outputs_json(tmp_path: Path, models: Pat
     series = synth_series(tmp_path / "in", phantom(slices=40, matrix=96, seed=2, variant="mixed"))
     rc, result, objects = process(series.folder, tmp_path / "out", models)
     assert rc == 0 and result["status"] == "ok"
-    assert [o["kind"] for o in objects] == ["seg", "sr", "key_image", "key_image", "key_image"]
+    assert [o["kind"] for o in objects] == ["seg", "sr", "key_image", "key_image", "key_image", "kos"]
     proposed = {row[1]: UID_RE.findall(row[2]) for row in table("Presentation contexts proposed")}
     for obj in objects:
         ds = pydicom.dcmread(tmp_path / "out" / obj["file"], stop_before_pixels=True)

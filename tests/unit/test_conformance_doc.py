@@ -60,8 +60,10 @@ def test_association_refusals() -> None:
 
 def test_proposed_contexts_are_the_sender_s() -> None:
     rows = table("Presentation contexts proposed")
+    # SEG, Enhanced SR, Secondary Capture, KOS (test_outputs_process checks each object written is listed), commitment
     assert {r[1] for r in rows} == {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.22",
-                                     "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.20.1"}
+                                     "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.59",
+                                     "1.2.840.10008.1.20.1"}
     for name, uid, syntaxes in rows:
         assert UID(uid).name == name
         assert UID_RE.findall(syntaxes)[:2] == [str(ts) for ts in UNCOMPRESSED]

@@ -70,7 +70,7 @@ def test_render_fills_lesions_in_their_colours_and_adds_a_legend() -> None:
 
 
 def test_key_images_round_trip(analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
-    settings = OutputsSettings(seg=False, sr=False, key_image_count=2, key_image_series_number=55,
+    settings = OutputsSettings(seg=False, sr=False, kos=False, key_image_count=2, key_image_series_number=55,
                                key_image_series_description="keys")
     objects = write_outputs(analysis, out_dir=tmp_path, source_paths=synth.files, settings=settings)
     assert [o.kind for o in objects] == ["key_image", "key_image"]

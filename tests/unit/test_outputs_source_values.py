@@ -35,7 +35,7 @@ def test_invalid_copied_values_are_left_empty_and_named_not_quoted(odd: Synth, t
     with caplog.at_level(logging.DEBUG, logger="node"):
         objects = write_outputs(analysis, out_dir=tmp_path, source_paths=odd.files,
                                 settings=OutputsSettings(key_image_count=1))
-    assert [o.kind for o in objects] == ["seg", "sr", "key_image"] and analysis.output_errors == []
+    assert [o.kind for o in objects] == ["seg", "sr", "key_image", "kos"] and analysis.output_errors == []
     for obj in objects:
         ds = pydicom.dcmread(tmp_path / obj.file)
         assert (ds.PatientBirthDate, ds.PatientSex, ds.StudyDate) == ("", "", "20260101")
@@ -56,7 +56,7 @@ def test_a_failed_output_is_recorded_without_the_value_in_its_message(odd: Synth
     with caplog.at_level(logging.INFO, logger="node"):
         objects = write_outputs(analysis, out_dir=tmp_path, source_paths=odd.files,
                                 settings=OutputsSettings(key_images=False))
-    assert [o.kind for o in objects] == ["sr"]
+    assert [o.kind for o in objects] == ["sr", "kos"]
     assert analysis.output_errors == ["seg: ValueError"]
     assert "event=output_failed kind=seg" in caplog.text and BIRTH not in caplog.text
 
@@ -79,7 +79,7 @@ def test_a_job_whose_outputs_could_not_be_built_is_failed_and_sends_nothing(odd:
     def broken(**_: object) -> None:
         raise ValueError("cannot build")
 
-    for name in ("build_seg", "build_sr", "build_key_images"):
+    for name in ("build_seg", "build_sr", "build_key_images", "build_kos"):
         monkeypatch.setattr(write, name, broken)
     config = Config.model_validate({"storage": {"spool_dir": str(tmp_path / "spool"),
                                                 "database_url": f"sqlite:///{tmp_path / 'ledger.sqlite'}"}})
@@ -103,6 +103,7 @@ def test_a_job_whose_outputs_could_not_be_built_is_failed_and_sends_nothing(odd:
     with worker.sessions() as s:
         row = s.get(Job, job.job_id)
         assert row is not None and row.state == JobState.failed
-        assert row.error == "DICOM outputs not built: seg: ValueError; sr: ValueError; key_image: ValueError"
+        assert row.error == ("DICOM outputs not built: seg: ValueError; sr: ValueError; key_image: ValueError; "
+                             "kos: ValueError")
         assert s.query(OutboxItem).count() == 0
     worker.engine.dispose()
