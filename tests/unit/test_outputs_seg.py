@@ -111,7 +111,7 @@ LAYOUTS = ["hfs_shuffled", "ffs_radiological", "ffs_mirrored", "hfp", "enhanced"
 def test_seg_frames_equal_the_truth_of_their_source_image(tmp_path: Path, layout: str) -> None:
     case = make_case(tmp_path, layout)
     objects = write_outputs(case.analysis, out_dir=tmp_path / "out", source_paths=case.files,
-                            settings=OutputsSettings(sr=False, key_images=False))
+                            settings=OutputsSettings(sr=False, key_images=False, kos=False))
     assert [o.kind for o in objects] == ["seg"]
     seg = pydicom.dcmread(tmp_path / "out" / objects[0].file)
     assert seg.SOPClassUID == SEG_SOP_CLASS and seg.SegmentationType == "BINARY"
@@ -168,7 +168,7 @@ def manifests() -> dict[str, object]:
 
 
 def test_segments_are_coded_identified_and_belong_to_the_source_study(hfs_case: Case, tmp_path: Path) -> None:
-    settings = OutputsSettings(sr=False, key_images=False, seg_series_number=4242, seg_series_description="my seg")
+    settings = OutputsSettings(sr=False, key_images=False, kos=False, seg_series_number=4242, seg_series_description="my seg")
     write_outputs(hfs_case.analysis, out_dir=tmp_path, source_paths=hfs_case.files, settings=settings,
                   manifests=manifests())  # type: ignore[arg-type]
     seg = pydicom.dcmread(tmp_path / "seg.dcm")
@@ -204,7 +204,7 @@ def test_segments_are_coded_identified_and_belong_to_the_source_study(hfs_case: 
 
 
 def test_fractional_jpeg_ls_round_trips(hfs_case: Case, tmp_path: Path) -> None:
-    settings = OutputsSettings(sr=False, key_images=False, seg_encoding="fractional_jpeg_ls")
+    settings = OutputsSettings(sr=False, key_images=False, kos=False, seg_encoding="fractional_jpeg_ls")
     [obj] = write_outputs(hfs_case.analysis, out_dir=tmp_path, source_paths=hfs_case.files, settings=settings)
     assert obj.transfer_syntax_uid == JPEGLSLossless
     seg = pydicom.dcmread(tmp_path / obj.file)
@@ -222,7 +222,7 @@ def test_fractional_jpeg_ls_round_trips(hfs_case: Case, tmp_path: Path) -> None:
 
 
 def test_uids_are_deterministic_and_change_with_revision_and_models(hfs_case: Case, tmp_path: Path) -> None:
-    settings = OutputsSettings(key_images=False)
+    settings = OutputsSettings(key_images=False, kos=False)
 
     def run(name: str, revision: int, analysis: Analysis) -> dict[str, str]:
         objs = write_outputs(analysis, out_dir=tmp_path / name, source_paths=hfs_case.files, settings=settings,
@@ -257,7 +257,7 @@ def test_several_enhanced_objects_give_no_seg_but_still_an_sr(hfs_case: Case, tm
     analysis = analysis_from_series(files, lungs=hfs_case.synth.phantom.lungs, lesions=hfs_case.synth.phantom.lesions,
                                     series_instance_uid=series_uid)
     objects = write_outputs(analysis, out_dir=tmp_path / "out", source_paths=files,
-                            settings=OutputsSettings(key_images=False))
+                            settings=OutputsSettings(key_images=False, kos=False))
     assert [o.kind for o in objects] == ["sr"]
     sr = pydicom.dcmread(tmp_path / "out" / "sr.dcm")
     assert sr.StudyInstanceUID == hfs_case.synth.study_uid
@@ -277,7 +277,7 @@ def test_no_lesions_no_overlap_and_no_lungs_still_a_valid_seg(hfs_case: Case, tm
     assert a.lungs is not None and a.lesions is not None
     clear = Analysis(**{**a.__dict__, "lesions": np.zeros_like(a.lesions)})
     write_outputs(clear, out_dir=tmp_path / "clear", source_paths=hfs_case.files,
-                  settings=OutputsSettings(sr=False, key_images=False))
+                  settings=OutputsSettings(sr=False, key_images=False, kos=False))
     seg = pydicom.dcmread(tmp_path / "clear" / "seg.dcm")
     assert seg.SegmentsOverlap == "NO"
     numbers = {int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber)

@@ -88,7 +88,7 @@ def code_of(ref: Any) -> tuple[str, str]:
 # -- content -------------------------------------------------------------------------------------
 def test_sr_values_equal_result_json(analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
     objects = write_outputs(analysis, out_dir=tmp_path, source_paths=synth.files,
-                            settings=OutputsSettings(key_images=False, sr_series_number=77, sr_series_description="m"))
+                            settings=OutputsSettings(key_images=False, kos=False, sr_series_number=77, sr_series_description="m"))
     assert [o.kind for o in objects] == ["seg", "sr"]
     result = analysis.result_json()
     assert result.get("slice_rule"), "the runner's slice rule is part of result.json"
@@ -192,7 +192,7 @@ def test_sr_values_equal_result_json(analysis: Analysis, synth: Synth, tmp_path:
 def test_without_slice_rule_the_group_is_left_out(analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
     plain = Analysis(**{**analysis.__dict__, "slice_rule": None})
     assert plain.result_json().get("slice_rule") is None
-    write_outputs(plain, out_dir=tmp_path, source_paths=synth.files, settings=OutputsSettings(key_images=False))
+    write_outputs(plain, out_dir=tmp_path, source_paths=synth.files, settings=OutputsSettings(key_images=False, kos=False))
     groups = groups_by_tracking_id(pydicom.dcmread(tmp_path / "sr.dcm"))
     assert "Slice evidence rule" not in groups and "Right lung" in groups
 
@@ -240,7 +240,7 @@ def test_no_source_images_no_objects(tmp_path: Path) -> None:
 
 
 def test_new_revision_names_the_previous_sr(analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
-    settings = OutputsSettings(key_images=False, seg=False)
+    settings = OutputsSettings(key_images=False, kos=False, seg=False)
     first = {o.kind: o for o in write_outputs(analysis, out_dir=tmp_path / "r1", source_paths=synth.files,
                                               settings=settings)}
     previous = predecessor_from(tmp_path / "r1")
@@ -261,7 +261,7 @@ def test_new_revision_names_the_previous_sr(analysis: Analysis, synth: Synth, tm
 def test_objects_with_other_content_get_other_uids(analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
     """Archives keep the first instance they get under a UID: a failed analysis run again with success, or other
     output settings, must not reuse the UIDs of what was sent before; the same run again must."""
-    settings = OutputsSettings(key_images=False, seg=False)
+    settings = OutputsSettings(key_images=False, kos=False, seg=False)
 
     def sr_uid(a: Analysis, out: str, s: OutputsSettings = settings) -> str:
         (sr,) = [o for o in write_outputs(a, out_dir=tmp_path / out, source_paths=synth.files, settings=s)
@@ -273,7 +273,7 @@ def test_objects_with_other_content_get_other_uids(analysis: Analysis, synth: Sy
     failed = Analysis(status="failed", series_instance_uid=synth.series_uid, reason="the lesion model failed",
                       models=analysis.models)
     assert sr_uid(failed, "failed") != ok
-    assert sr_uid(analysis, "described", OutputsSettings(key_images=False, seg=False,
+    assert sr_uid(analysis, "described", OutputsSettings(key_images=False, kos=False, seg=False,
                                                         sr_series_description="AI results")) != ok
 
 
@@ -359,8 +359,10 @@ def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
     first, second = published
     for out in published:
         names = sorted(p.name for p in out.iterdir())
-        assert names == ["key_image_1.dcm", "key_image_2.dcm", "outputs.json", "result.json", "seg.dcm", "sr.dcm"]
-        assert [o.file for o in read_manifest(out)] == ["seg.dcm", "sr.dcm", "key_image_1.dcm", "key_image_2.dcm"]
+        assert names == ["key_image_1.dcm", "key_image_2.dcm", "kos.dcm", "outputs.json", "result.json", "seg.dcm",
+                         "sr.dcm"]
+        assert [o.file for o in read_manifest(out)] == ["seg.dcm", "sr.dcm", "key_image_1.dcm", "key_image_2.dcm",
+                                                       "kos.dcm"]
     assert not list(first.parent.glob("*.attempt-*"))  # staging folders are gone
     sr1 = {o.kind: o for o in read_manifest(first)}["sr"]
     sr2 = pydicom.dcmread(second / "sr.dcm")
