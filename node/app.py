@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import multiprocessing
@@ -166,7 +167,9 @@ def check_device(config: Config) -> None:
 
 def serve(config: Config, config_path: Path | None = None) -> int:
     """Run the node in the foreground until SIGTERM or SIGINT."""
-    log.info(kv("node_starting", version=__version__))
+    # The results' creation times are local times (node.outputs.clock): say which zone, so IT sees a wrong TZ.
+    now = dt.datetime.now().astimezone()
+    log.info(kv("node_starting", version=__version__, time_zone=now.tzname(), utc_offset=now.strftime("%z")))
     log.info("event=effective_config config=%s", json.dumps(config.redacted(), sort_keys=True))
     try:
         check_device(config)

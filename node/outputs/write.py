@@ -16,6 +16,7 @@ others are still written: a missing SEG must not cost the radiologist the SR tha
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.config import InferenceSettings, OutputsSettings
 from node.logs import kv, phi
 from node.outputs.charset import settle_character_set
+from node.outputs.clock import creation_moment, stamp_creation
 from node.outputs.codes import STRUCTURES, ModelRole
 from node.outputs.keyimage import build_key_images
 from node.outputs.kos import build_kos
@@ -155,9 +157,11 @@ def segment_specs(manifests: Mapping[str, ModelManifest] | None, models: Mapping
     return specs
 
 
-def _save(ds: Dataset, out_dir: Path, name: str, kind: Kind) -> WrittenObject:
+def _save(ds: Dataset, out_dir: Path, name: str, kind: Kind, made: tuple[dt.datetime, str | None]) -> WrittenObject:
+    """Write one object; ``made``: its creation moment and the source's UTC offset (``creation_moment``)."""
     path = out_dir / name
     tmp = path.with_name(f".{name}.tmp")
+    stamp_creation(ds, *made)
     settle_character_set(ds)
     ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)  # the writer of the file is lungnode
     ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
@@ -233,6 +237,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
                                    models=analysis.models, content=content)
     models = models_by_role(analysis, manifests)
     specs = segment_specs(manifests, models)
+    made = creation_moment(next(iter(headers.values())))  # one moment for all, in the study's time zone
     volume = analysis.volume
     masks_ready = (analysis.status == "ok" and volume is not None and analysis.lungs is not None
                    and analysis.lesions is not None)
@@ -245,7 +250,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
                                specs=specs, uids=uids, series_number=settings.seg_series_number,
                                series_description=revised(settings.seg_series_description, revision), encoding=settings.seg_encoding,
                                device_serial_number=settings.device_serial_number)
-            objects.append(_save(seg_ds, out_dir, "seg.dcm", "seg"))
+            objects.append(_save(seg_ds, out_dir, "seg.dcm", "seg", made))
         except OutputError as exc:
             seg_ds = None
             log.warning(kv("seg_skipped", series=analysis.series_instance_uid, reason=str(exc)))
@@ -263,7 +268,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
                           models=models, uids=uids, series_number=settings.sr_series_number,
                           series_description=revised(settings.sr_series_description, revision), predecessor=predecessor,
                           device_serial_number=settings.device_serial_number)
-            objects.append(_save(sr, out_dir, "sr.dcm", "sr"))
+            objects.append(_save(sr, out_dir, "sr.dcm", "sr", made))
         except Exception as exc:  # see the SEG above
             _failed(analysis, "sr", exc)
         timings["sr"] = time.perf_counter() - t0
@@ -276,7 +281,8 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
                                       reference=reference, uids=uids, series_number=settings.key_image_series_number,
                                       series_description=revised(settings.key_image_series_description, revision),
                                       count=settings.key_image_count, headers=headers)
-            objects.extend(_save(sc, out_dir, f"key_image_{n}.dcm", "key_image") for n, sc in enumerate(images, 1))
+            objects.extend(_save(sc, out_dir, f"key_image_{n}.dcm", "key_image", made)
+                           for n, sc in enumerate(images, 1))
         except Exception as exc:  # see the SEG above
             _failed(analysis, "key_image", exc)
         timings["key_images"] = time.perf_counter() - t0
@@ -289,7 +295,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
                             series_description=revised(settings.kos_series_description, revision),
                             count=settings.key_image_count, device_serial_number=settings.device_serial_number)
             if kos is not None:
-                objects.append(_save(kos, out_dir, "kos.dcm", "kos"))
+                objects.append(_save(kos, out_dir, "kos.dcm", "kos", made))
         except Exception as exc:  # see the SEG above
             _failed(analysis, "kos", exc)
         timings["kos"] = time.perf_counter() - t0

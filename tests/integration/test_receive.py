@@ -86,8 +86,11 @@ def test_lungnode_echo_says_whether_the_listener_answers(node_factory: NodeFacto
 
 
 def test_environment_overrides_the_config_file(node_factory: NodeFactory) -> None:
-    node = node_factory(env={"LUNGNODE_DICOM__AE_TITLE": "ENVNODE", "LUNGNODE_ASSEMBLY__QUIET_PERIOD_S": "7.5"})
+    node = node_factory(env={"LUNGNODE_DICOM__AE_TITLE": "ENVNODE", "LUNGNODE_ASSEMBLY__QUIET_PERIOD_S": "7.5",
+                             "TZ": "JST-9"})
     assert f"event=node_ready ae_title=ENVNODE port={node.port}" in node.log
+    # the zone the results' creation times are written in, so IT sees a node left on UTC
+    assert "event=node_starting version=" in node.log and "time_zone=JST utc_offset=+0900" in node.log
     assert '"quiet_period_s": 7.5' in node.log  # the effective configuration is logged once at start
     assert echoscu(node.port, called="ENVNODE").returncode == 0
     assert echoscu(node.port, called="LUNGNODE").returncode != 0
