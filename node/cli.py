@@ -14,6 +14,8 @@ from node.errors import LungnodeError
 from node.logs import setup_logging
 
 log = logging.getLogger("node.cli")
+#: ``lungnode status`` options that ask what happened to one study (node.db.trace), as argparse names them
+TRACE_KEYS = ("accession", "patient_id", "study", "series", "job")
 
 EPILOG = """\
 Configuration: embedded defaults, then --config FILE (see deploy/config.example.yaml), then
@@ -73,15 +75,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from node.db.session import make_sessionmaker, open_database
     from node.db.status import render_text, summary
+    from node.db.trace import render_trace, trace
 
     cfg = load_config(args.config)
     setup_logging("WARNING")
+    criteria = {k: getattr(args, k) for k in TRACE_KEYS if getattr(args, k) is not None}
     engine = open_database(cfg.storage.database_url, must_exist=True)
     with make_sessionmaker(engine)() as s:
-        data = summary(s, limit=args.limit)
+        data = trace(s, **criteria) if criteria else summary(s, limit=args.limit)
     data["database"] = engine.url.render_as_string(hide_password=True)
     engine.dispose()
-    print(json.dumps(data, indent=2) if args.json else f"database: {data['database']}\n" + render_text(data))
+    if criteria and not data["studies"]:
+        what = ", ".join(f"--{k.replace('_', '-')}" for k in criteria)
+        print(f"database: {data['database']}\nnothing received matches {what}: the node never got it (check the "
+              f"sender's log and the PACS routing to {cfg.dicom.ae_title}), or retention deleted its records",
+              file=sys.stderr)
+        return 1
+    text = render_trace(data) if criteria else render_text(data)
+    print(json.dumps(data, indent=2) if args.json else f"database: {data['database']}\n" + text)
     return 0
 
 
@@ -265,12 +276,23 @@ def build_parser() -> argparse.ArgumentParser:
         "coming back; other) and its latest job as #ID STATE (queued, running, done, rejected: refused by "
         "selection or QA with its reason, failed, superseded: a newer revision answers for the series). Then the "
         "results to send per destination, counted by state (pending, sending, sent, committed, failed, "
-        "superseded), with the last error. Job ids are what lungnode retry takes. Exit status: 0, or 2 when "
-        "there is no database.",
+        "superseded), with the last error. Job ids are what lungnode retry takes. With --accession, --patient-id, "
+        "--study, --series or --job: what happened to that study instead. Exit status: 0, 1 when nothing "
+        "matches such an option, 2 when there is no database.",
     )
     _config_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=_positive, default=20, help="how many recent series to list (default 20)")
+    one = p.add_argument_group(
+        "what happened to one study (instead of the list; exit 1 when nothing matches)",
+        "who sent each series and when, whether it was analysed or refused and why, every event of its jobs, and "
+        "each result's state per destination with its last DICOM status and error")
+    which = one.add_mutually_exclusive_group()
+    which.add_argument("--accession", metavar="NUMBER", help="the study with this Accession Number")
+    which.add_argument("--patient-id", metavar="ID", help="the studies of this Patient ID")
+    which.add_argument("--study", metavar="UID", help="the study with this Study Instance UID")
+    which.add_argument("--series", metavar="UID", help="the series with this Series Instance UID")
+    which.add_argument("--job", type=int, metavar="N", help="the series of job N (the ids in the list and the logs)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import select
 
@@ -17,6 +18,7 @@ from node.db.session import make_engine, make_sessionmaker, upgrade_schema
 from node.send.outbox import Outbox, enqueue_results, requeue_failed
 from tests.conftest import NodeFactory
 from tests.helpers.net import free_port
+from tests.helpers.node_proc import run_cli
 from tests.helpers.outbox import RecordingSCP, make_job, write_results
 from tests.helpers.wait import wait_until
 from tests.integration.test_postgres import pg_server, pg_url  # noqa: F401
@@ -113,6 +115,10 @@ def test_a_series_sent_in_two_parts_puts_only_the_whole_series_results_in_the_pa
     })
     series = make_series(tmp_path / "ct", slices=40, matrix=96)
     files = sorted(series.folder.rglob("*.dcm"))
+    for f in files:  # the number IT will ask about
+        ds = pydicom.dcmread(f)
+        ds.AccessionNumber = "ACC-TRACE-7"
+        ds.save_as(f)
 
     def job_done(revision: int) -> dict:
         def done() -> dict | None:
@@ -140,3 +146,22 @@ def test_a_series_sent_in_two_parts_puts_only_the_whole_series_results_in_the_pa
         assert "event=send_superseded" in node.log
     finally:
         scp.stop()
+
+    # IT's question "where are the results of accession X?", answered from the ledger, the number never echoed
+    trace = run_cli("status", "--config", node.config_path, "--accession", "ACC-TRACE-7")
+    assert trace.returncode == 0, trace.stderr
+    out = trace.stdout
+    assert f"study {series.study_uid}" in out and f"series {series.series_uid}" in out and "ACC-TRACE-7" not in out
+    assert out.count("sent by STORESCU from 127.0.0.1") == 2  # two associations: the two parts
+    assert "series_complete" in out and f"job #{first['id']}" in out and f"job #{second['id']}" in out
+    first_block = out.split(f"job #{first['id']} (revision 1)")[1].split(f"job #{second['id']} (revision 2)")[0]
+    second_block = out.split(f"job #{second['id']} (revision 2)")[1]
+    assert "superseded" in first_block and " sent " not in first_block
+    assert second_block.count(" sent ") == len(wanted) and "status 0x0000" in second_block
+    as_json = json.loads(run_cli("status", "--config", node.config_path, "--job", str(first["id"]), "--json").stdout)
+    [study] = as_json["studies"]
+    [traced] = study["series"]
+    assert [j["id"] for j in traced["jobs"]] == [first["id"], second["id"]]
+    assert {o["state"] for o in traced["jobs"][1]["sends"]} == {"sent"}
+    missing = run_cli("status", "--config", node.config_path, "--accession", "NOT-HERE")
+    assert missing.returncode == 1 and "nothing received matches --accession" in missing.stderr
