@@ -87,8 +87,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     engine.dispose()
     if criteria and not data["studies"]:
         what = ", ".join(f"--{k.replace('_', '-')}" for k in criteria)
-        print(f"database: {data['database']}\nnothing received matches {what}: the node never got it (check the "
-              f"sender's log and the PACS routing to {cfg.dicom.ae_title}), or retention deleted its records",
+        print(f"database: {data['database']}\nnothing received matches {what}: the node never stored it (its log's "
+              f"event=store_refused lines say what it refused and why; check the PACS routing to "
+              f"{cfg.dicom.ae_title} and the sender's log)",
               file=sys.stderr)
         return 1
     text = render_trace(data) if criteria else render_text(data)
