@@ -74,7 +74,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from node.db.session import make_sessionmaker, open_database
-    from node.db.status import render_text, summary
+    from node.db.status import render_text, storage_summary, summary
     from node.db.trace import render_trace, trace
 
     cfg = load_config(args.config)
@@ -83,6 +83,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     engine = open_database(cfg.storage.database_url, must_exist=True)
     with make_sessionmaker(engine)() as s:
         data = trace(s, **criteria) if criteria else summary(s, limit=args.limit)
+        if not criteria:
+            data["storage"] = storage_summary(s, cfg.storage.spool_dir, cfg.storage.min_free_disk_mb)
     data["database"] = engine.url.render_as_string(hide_password=True)
     engine.dispose()
     if criteria and not data["studies"]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node.db.models import Association, AssociationState, Job, Series, Study
+from node.db.models import Association, AssociationState, Instance, Job, Series, Study
 from node.send.outbox import outbox_summary
 
 
@@ -66,6 +68,33 @@ def summary(s: Session, *, limit: int = 20) -> dict[str, Any]:
     }
 
 
+def storage_summary(s: Session, spool_dir: Path, min_free_mb: int) -> dict[str, Any]:
+    """Images held (from the ledger: no walk of a spool of millions of files) and the spool disk's free space,
+    beside the threshold under which C-STORE is refused: the headroom IT watches."""
+    held = s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0)).join(Series, Series.id == Instance.series_id)
+                    .where(Series.purged_at.is_(None))) or 0
+    out: dict[str, Any] = {"spool_dir": str(spool_dir), "images_bytes": int(held),
+                           "refuse_below_bytes": min_free_mb * 2**20, "disk_free_bytes": None}
+    try:
+        out["disk_free_bytes"] = shutil.disk_usage(spool_dir).free
+    except OSError:
+        pass  # not on this machine, or run from another folder: say so in the text
+    return out
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def render_storage(storage: dict[str, Any]) -> str:
+    line = f"spool {storage['spool_dir']}: {_gb(storage['images_bytes'])} of received images held"
+    if storage["disk_free_bytes"] is None:
+        return line + "; the folder is not here (run status where the node runs, or give absolute paths)"
+    low = "  LOW: C-STORE is being refused" if storage["disk_free_bytes"] < storage["refuse_below_bytes"] else ""
+    return (line + f"; disk free {_gb(storage['disk_free_bytes'])} (C-STORE refused below "
+            f"{_gb(storage['refuse_below_bytes'])}){low}")
+
+
 def render_text(data: dict[str, Any]) -> str:
     c = data["counts"]
     jobs = ", ".join(f"{k} {v}" for k, v in sorted(c["jobs"].items())) or "none"
@@ -88,6 +117,8 @@ def render_text(data: dict[str, Any]) -> str:
     if not data["series"]:
         lines.append("(nothing received yet)")
     lines += ["", render_outbox(data.get("outbox", {}))]
+    if "storage" in data:
+        lines += ["", render_storage(data["storage"])]
     return "\n".join(lines)
 
 

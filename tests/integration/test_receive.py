@@ -121,6 +121,10 @@ def test_series_complete_after_release_with_one_job(node_factory: NodeFactory, t
     assert [j["revision"] for j in st["jobs"]] == [1]
     assert node.status()["counts"]["open_associations"] == 0
     assert len(re.findall(r"event=series_complete", node.log)) == 1
+    # the headroom IT watches: images held (from the ledger) and the spool disk's free space
+    storage = node.status()["storage"]
+    assert storage["images_bytes"] == sum(p.stat().st_size for p in node.spool_files(series.series_uid))
+    assert storage["disk_free_bytes"] > storage["refuse_below_bytes"]
 
 
 @pytest.mark.parametrize("ts", ["implicit", "rle", "jpeg-ls", "jpeg2000", "jpeg-lossless"])
@@ -493,6 +497,8 @@ def test_out_of_disk_answers_a700_and_records_nothing(node_factory: NodeFactory,
     # a full disk needs a person, and IT alerts on ERROR: one a minute says so and what to do, the rest are WARNING
     assert len(refusals) >= 4 and all("status=0xA700" in ln and "fix=" in ln for ln in refusals)
     assert [" ERROR " in ln for ln in refusals] == [True] + [False] * (len(refusals) - 1)
+    text = run_cli("status", "--config", node.config_path).stdout
+    assert "LOW: C-STORE is being refused" in text, text
 
 
 # -- real CT ----------------------------------------------------------------------------------------------
