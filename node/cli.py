@@ -79,7 +79,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     setup_logging("WARNING")
-    criteria = {k: getattr(args, k) for k in TRACE_KEYS if getattr(args, k) is not None}
+    criteria = {k: getattr(args, k) for k in TRACE_KEYS if getattr(args, k, None) is not None}
     engine = open_database(cfg.storage.database_url, must_exist=True)
     with make_sessionmaker(engine)() as s:
         data = trace(s, **criteria) if criteria else summary(s, limit=args.limit)
