@@ -25,6 +25,8 @@ from node.db.ingest import IngestLedger, Outcome
 from node.db.jobs import JobQueue
 from node.db.models import AssociationState, Job, JobState, Series, SeriesState
 from node.db.session import make_engine, make_sessionmaker, upgrade_schema
+from node.db.status import storage_summary
+from node.db.trace import trace
 from node.receive.assembler import Assembler
 from node.receive.inspect import CT_IMAGE_STORAGE, InstanceHeader
 
@@ -119,6 +121,13 @@ def test_ledger_on_postgresql(pg_url: str, tmp_path: Path) -> None:
         series = s.query(Series).one()
         assert series.state == SeriesState.complete and series.revision == 2 and series.instance_count == 6
         assert sorted(j.revision for j in s.query(Job)) == [1, 2]
+        # lungnode status: the list with the images held, and one study's trace, on PostgreSQL's SQL
+        assert storage_summary(s, tmp_path, 0)["images_bytes"] == 6
+        [study] = trace(s, series="1.2.3.10")["studies"]
+        [traced] = study["series"]
+        assert [a["calling_ae"] for a in traced["senders"]] == ["SCU"] and traced["senders"][0]["instances"] == 5
+        assert [j["revision"] for j in traced["jobs"]] == [1, 2]
+        assert [e["kind"] for e in traced["events"]].count("series_complete") == 2
     engine.dispose()
 
 
