@@ -100,13 +100,26 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from node.receive.selfcheck import echo_listener
+    from node.receive.selfcheck import echo_destination, echo_listener
 
     cfg = load_config(args.config)
     setup_logging("WARNING")
-    answered, message = echo_listener(cfg.dicom, timeout_s=args.timeout)
-    print(message, file=sys.stdout if answered else sys.stderr)
-    return 0 if answered else 1
+    if args.destination is None:
+        answered, message = echo_listener(cfg.dicom, timeout_s=args.timeout)
+        print(message, file=sys.stdout if answered else sys.stderr)
+        return 0 if answered else 1
+    names = [d.name for d in cfg.destinations]
+    chosen = [d for d in cfg.destinations if args.destination in ("all", d.name)]
+    if not chosen:
+        raise LungnodeError(f"no destination named {args.destination!r} in the configuration "
+                            f"(destinations: {', '.join(names) or 'none'}); use a name or all")
+    failed = 0
+    for dest in chosen:
+        answered, message = echo_destination(dest, calling_ae=dest.calling_ae_title or cfg.dicom.ae_title,
+                                             timeout_s=args.timeout)
+        print(message, file=sys.stdout if answered else sys.stderr)
+        failed += not answered
+    return 1 if failed else 0
 
 
 def cmd_reanalyse(args: argparse.Namespace) -> int:
@@ -246,13 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_process)
 
     p = sub.add_parser(
-        "echo", help="check that the node's DICOM listener answers (C-ECHO from this machine)",
+        "echo", help="check that the node's DICOM listener answers (C-ECHO from this machine), or a destination",
         description="Send a C-ECHO to the node as configured (dicom.ae_title at dicom.port; its bind address, or "
         "127.0.0.1 when it listens on all addresses) from this machine, with the calling AE title LUNGNODE-CHECK. "
         "A refusal of that caller by dicom.allowed_callers still shows the listener answers. With dicom.tls, only "
-        "the TCP connection is checked. Exit status: 0 the listener answered, 1 it did not, 2 bad configuration.",
+        "the TCP connection is checked. With --destination: a C-ECHO to that destination instead, as the sender "
+        "associates. Exit status: 0 it answered, 1 it did not (the reason on stderr), 2 bad configuration or no "
+        "such destination.",
     )
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds to wait (default 10)")
+    p.add_argument("--destination", metavar="NAME",
+                   help="instead, C-ECHO the configured destination NAME (or all of them) as the sender associates: "
+                        "its calling AE title, TLS and host; exit 1 when one does not answer, with what to check")
     _config_arg(p)
     p.set_defaults(func=cmd_echo)
 

@@ -1,9 +1,13 @@
-"""Is the node's DICOM listener answering? (``lungnode echo``, the container's health check.)
+"""Is the node's DICOM listener answering, and do its destinations? (``lungnode echo``.)
 
-A C-ECHO to the node as configured, from this machine. A refusal of this check's calling AE title
-(``dicom.allowed_callers``) also shows that the listener answers, which is the question; with
-``dicom.tls`` only the TCP connection is checked, since a TLS association would need a client
-certificate the node trusts.
+A C-ECHO to the node as configured, from this machine: the container's health check. A refusal of
+this check's calling AE title (``dicom.allowed_callers``) also shows that the listener answers, which
+is the question; with ``dicom.tls`` only the TCP connection is checked, since a TLS association would
+need a client certificate the node trusts.
+
+``--destination``: a C-ECHO to a configured destination exactly as the sender will associate (its
+calling AE title, TLS settings and timeout), so IT can check the way back to the PACS before the
+first study rather than from a failed send.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import socket
 
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.config import DicomSettings
+from node.config import Destination, DicomSettings
 from node.dicom_ae import node_ae
 
 #: The calling AE title of the check (in the node's log as the caller of an association_rejected, if refused).
@@ -48,3 +52,22 @@ def echo_listener(dicom: DicomSettings, *, timeout_s: float = 10.0) -> tuple[boo
     if assoc.is_rejected:
         return True, f"{where} is listening; it refused the calling AE title {CALLING_AE} (dicom.allowed_callers)"
     return False, f"no DICOM listener answered at {host}:{port} within {timeout_s:g} s"
+
+
+def echo_destination(dest: Destination, *, calling_ae: str, timeout_s: float) -> tuple[bool, str]:
+    """(answered, what was found) for one destination, associating as the sender does."""
+    from pynetdicom.presentation import build_context
+
+    from node.send.scu import UNCOMPRESSED, associate
+
+    where = f"destination {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}, called as {calling_ae})"
+    assoc = associate(dest, [build_context(Verification, UNCOMPRESSED)], calling_ae=calling_ae, timeout_s=timeout_s)
+    if isinstance(assoc, str):
+        return False, f"{where}: {assoc}"
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if status and status.get("Status") == 0x0000:
+        return True, f"{where} answered C-ECHO"
+    return False, f"{where} accepted the association but did not answer C-ECHO with success"

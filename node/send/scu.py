@@ -116,6 +116,30 @@ def _status_text(status: int) -> str:
     return f"0x{status:04X}"
 
 
+def associate(dest: Destination, contexts: Sequence[PresentationContext], *, calling_ae: str,
+              timeout_s: float) -> Association | str:
+    """An established association with ``dest`` proposing ``contexts``, or why there is none (what to check)."""
+    ae = node_ae(calling_ae)
+    # connection_timeout bounds the TCP connect and, with TLS, the handshake (unbounded otherwise: a
+    # destination that accepts and stays silent would hold the sender, and every destination, forever).
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    try:
+        tls = destination_tls(dest)
+    except LungnodeError as exc:
+        return str(exc)
+    opened: list[bool] = []
+    assoc = ae.associate(dest.host, dest.port, contexts=list(contexts), ae_title=dest.ae_title, tls_args=tls,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_CONN_OPEN, lambda _e: opened.append(True))])
+    if not assoc.is_established:
+        if tls is not None and not assoc.is_rejected:
+            why = diagnose(tls[0], dest.host, dest.port, tls[1], timeout_s)
+            if why is not None:
+                return (f"no association with {dest.ae_title}@{dest.host}:{dest.port}: TLS failed ({why}); check "
+                        f"destinations[{dest.name}].tls and that the destination listens with TLS on that port")
+        return _association_error(assoc, dest, connected=bool(opened))
+    return assoc
+
+
 def store_batch(
     dest: Destination,
     items: Sequence[Claimed],
@@ -135,26 +159,11 @@ def store_batch(
     Returns None, or why no association could be made (then no object was sent and the caller
     schedules the retries). Objects not attempted because ``should_stop`` turned true get no outcome.
     """
-    ae = node_ae(calling_ae)
-    # connection_timeout bounds the TCP connect and, with TLS, the handshake (unbounded otherwise: a
-    # destination that accepts and stays silent would hold the sender, and every destination, forever).
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.connect_timeout_s
     commitment = dest.storage_commitment and on_commitment is not None
-    contexts = propose_contexts([*items, *commitment_items], commitment=commitment)
-    try:
-        tls = destination_tls(dest)
-    except LungnodeError as exc:
-        return str(exc)
-    opened: list[bool] = []
-    assoc = ae.associate(dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, tls_args=tls,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_CONN_OPEN, lambda _e: opened.append(True))])
-    if not assoc.is_established:
-        if tls is not None and not assoc.is_rejected:
-            why = diagnose(tls[0], dest.host, dest.port, tls[1], settings.connect_timeout_s)
-            if why is not None:
-                return (f"no association with {dest.ae_title}@{dest.host}:{dest.port}: TLS failed ({why}); check "
-                        f"destinations[{dest.name}].tls and that the destination listens with TLS on that port")
-        return _association_error(assoc, dest, connected=bool(opened))
+    assoc = associate(dest, propose_contexts([*items, *commitment_items], commitment=commitment),
+                      calling_ae=calling_ae, timeout_s=settings.connect_timeout_s)
+    if isinstance(assoc, str):
+        return assoc
     delivered: list[Claimed] = []
     try:
         for item in items:

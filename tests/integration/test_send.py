@@ -257,3 +257,28 @@ def test_orthanc_helper_picks_new_ports_when_its_own_are_taken(tmp_path: Path) -
     with pytest.raises(Exception, match="already in use"):
         fixed.start()
     assert (fixed.dicom_port, fixed.http_port) == (port, port)
+
+
+def test_lungnode_echo_checks_the_way_to_each_destination(orthanc: OrthancServer, tmp_path: Path) -> None:  # noqa: F811
+    """Before the first study: C-ECHO each destination as the sender will associate (its calling AE title)."""
+    import yaml
+
+    from tests.helpers.node_proc import run_cli
+
+    closed = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"destinations": [
+        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port,
+         "calling_ae_title": "LUNGNODE_SC"},
+        {"name": "gone", "ae_title": "GONE", "host": "127.0.0.1", "port": closed},
+    ]}))
+    ok = run_cli("echo", "--destination", "pacs", "--config", config)
+    assert ok.returncode == 0, ok.stderr
+    assert (f"destination pacs (ORTHANC@127.0.0.1:{orthanc.dicom_port}, called as LUNGNODE_SC) answered C-ECHO"
+            in ok.stdout)
+    both = run_cli("echo", "--destination", "all", "--timeout", "3", "--config", config)
+    assert both.returncode == 1 and "destination pacs" in both.stdout
+    assert f"destination gone (GONE@127.0.0.1:{closed}, called as LUNGNODE)" in both.stderr
+    assert "cannot connect (peer down, wrong host or port, or a firewall)" in both.stderr
+    unknown = run_cli("echo", "--destination", "nope", "--config", config)
+    assert unknown.returncode == 2 and "no destination named 'nope'" in unknown.stderr and "pacs, gone" in unknown.stderr
