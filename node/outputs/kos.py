@@ -30,7 +30,8 @@ OF_INTEREST = codes.DCM.OfInterest  # (113000, DCM, "Of Interest")
 
 def build_kos(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, headers: Mapping[str, Dataset],
               uids: OutputUIDs, series_number: int, series_description: str, count: int,
-              device_serial_number: str = "1") -> hd.ko.KeyObjectSelectionDocument | None:
+              device_serial_number: str = "1", device_uid: str | None = None
+              ) -> hd.ko.KeyObjectSelectionDocument | None:
     """The KOS flagging the ``count`` most involved slices, or None when the series has no lesion (or no
     source header for them)."""
     if not (lesions > 0).any():
@@ -51,7 +52,7 @@ def build_kos(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, headers
     content = hd.ko.KeyObjectSelection(
         document_title=OF_INTEREST,
         referenced_objects=evidence,
-        observer_device_context=device_observer(device_serial_number),
+        observer_device_context=device_observer(device_serial_number, device_uid),
         description=f"Most involved slices found by lungnode: {where}. {NOT_FOR_CLINICAL_USE}",
     )
     _add_frame_numbers(content, frames)

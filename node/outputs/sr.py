@@ -169,12 +169,13 @@ def _scheme_item(scheme: CodingScheme) -> Dataset:
     return item
 
 
-def device_observer(serial_number: str) -> hd.sr.ObserverContext:
-    """This node as the SR's observer (a device; no person has reviewed the results)."""
+def device_observer(serial_number: str, device_uid: str | None = None) -> hd.sr.ObserverContext:
+    """This node as the SR's observer (a device; no person has reviewed the results). ``device_uid``: the
+    installation's (``node.outputs.device``); without one, a UID derived from the serial number."""
     return hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=uuid_uid(f"device/{serial_number}"),
+            uid=device_uid or uuid_uid(f"device/{serial_number}"),
             name=MODEL_NAME, manufacturer_name=MANUFACTURER, model_name=MODEL_NAME, serial_number=serial_number,
         ),
     )
@@ -193,7 +194,7 @@ def predecessor_reference(*, study_uid: str, series_uid: str, sop_class_uid: str
 def build_sr(*, result: dict[str, Any], template: SRTemplate, evidence: Sequence[Dataset], seg: Dataset | None,
              specs: Sequence[SegmentSpec], models: Mapping[str, Mapping[str, str]], uids: OutputUIDs,
              series_number: int, series_description: str, predecessor: Dataset | None = None,
-             device_serial_number: str = "1") -> hd.sr.EnhancedSR:
+             device_serial_number: str = "1", device_uid: str | None = None) -> hd.sr.EnhancedSR:
     """The Measurement Report of one analysis (``result`` is Analysis.result_json()).
 
     ``evidence``: the source image headers (patient and study modules are copied from the first);
@@ -213,7 +214,7 @@ def build_sr(*, result: dict[str, Any], template: SRTemplate, evidence: Sequence
             groups.append(group)
     groups.append(_information(template, result, uids))
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(device_serial_number)),
+        observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(device_serial_number, device_uid)),
         procedure_reported=template.procedure_reported.to_code(),
         imaging_measurements=groups,
     )

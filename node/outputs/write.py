@@ -202,12 +202,14 @@ def predecessor_from(out_dir: Path) -> Dataset | None:
 
 def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[Path], settings: OutputsSettings,
                   revision: int = 1, manifests: Mapping[str, ModelManifest] | None = None,
-                  predecessor: Dataset | None = None, template: SRTemplate | None = None) -> list[WrittenObject]:
+                  predecessor: Dataset | None = None, template: SRTemplate | None = None,
+                  device_uid: str | None = None) -> list[WrittenObject]:
     """Build and write the SEG, SR, key images and KOS of ``analysis`` into ``out_dir`` and list them in outputs.json.
 
     ``source_paths``: the files of the analysed series (headers are read for references and the
     patient/study modules); ``manifests``: the models by role (lung, lesion, diagnosis), for codes
-    and algorithm identification; ``predecessor``: the previous revision's SR, referenced by this one.
+    and algorithm identification; ``predecessor``: the previous revision's SR, referenced by this one;
+    ``device_uid``: the installation's Device UID for the SR and KOS observer (``node.outputs.device``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -267,7 +269,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
             sr = build_sr(result=result, template=template, evidence=evidence, seg=seg_ds, specs=specs,
                           models=models, uids=uids, series_number=settings.sr_series_number,
                           series_description=revised(settings.sr_series_description, revision), predecessor=predecessor,
-                          device_serial_number=settings.device_serial_number)
+                          device_serial_number=settings.device_serial_number, device_uid=device_uid)
             objects.append(_save(sr, out_dir, "sr.dcm", "sr", made))
         except Exception as exc:  # see the SEG above
             _failed(analysis, "sr", exc)
@@ -293,7 +295,8 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
             kos = build_kos(volume=volume, lungs=analysis.lungs, lesions=analysis.lesions, headers=headers, uids=uids,
                             series_number=settings.kos_series_number,
                             series_description=revised(settings.kos_series_description, revision),
-                            count=settings.key_image_count, device_serial_number=settings.device_serial_number)
+                            count=settings.key_image_count, device_serial_number=settings.device_serial_number,
+                            device_uid=device_uid)
             if kos is not None:
                 objects.append(_save(kos, out_dir, "kos.dcm", "kos", made))
         except Exception as exc:  # see the SEG above

@@ -27,6 +27,7 @@ from node.db.models import Instance, Job, JobState, Series, SeriesOrigin, Series
 from node.db.session import make_engine, make_sessionmaker
 from node.errors import LungnodeError
 from node.logs import kv, setup_logging
+from node.outputs.device import installation_device_uid
 from node.outputs.history import previous_sr
 from node.outputs.write import OUTPUTS_FILE, manifests_for, write_outputs
 from node.pipeline.infer import get_model
@@ -102,6 +103,7 @@ class Worker:
         w = config.workers
         self.queue = JobQueue(self.sessions, worker=self.name, lease_s=w.lease_s, max_attempts=w.max_attempts)
         self.stop = threading.Event()
+        self.device_uid = installation_device_uid(config.storage.spool_dir)  # the SR's and KOS's observer
 
     def preload(self) -> None:
         """Load and check the three models now: a bad model stops the worker at start, not mid-job."""
@@ -162,7 +164,7 @@ class Worker:
                                   results_dir=lambda job_id: results_dir(self.config, job_id))
         objects = write_outputs(analysis, out_dir=staged.parent, source_paths=paths, settings=self.config.outputs,
                                 revision=job.revision, manifests=manifests_for(self.config.inference, analysis),
-                                predecessor=predecessor)
+                                predecessor=predecessor, device_uid=self.device_uid)
         error = analysis.reason
         if analysis.output_errors and state == JobState.done:
             # The radiologist would get less than the analysis found: a person must look (the reason names the

@@ -324,6 +324,14 @@ def add_job(sessions: sessionmaker[Session], *, series_id: int, revision: int) -
         s.add(Job(series_id=series_id, revision=revision, state=JobState.queued))
 
 
+def device_observer_uid(ds: pydicom.Dataset) -> str:
+    """The Device Observer UID (DCM 121012) of an SR or KOS content tree."""
+    for item in ds.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue == "121012":
+            return str(item.UID)
+    raise AssertionError("no Device Observer UID")
+
+
 def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
         analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
     config = Config.model_validate({"storage": {"spool_dir": str(tmp_path / "spool"),
@@ -364,6 +372,10 @@ def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
         assert [o.file for o in read_manifest(out)] == ["seg.dcm", "sr.dcm", "key_image_1.dcm", "key_image_2.dcm",
                                                        "kos.dcm"]
     assert not list(first.parent.glob("*.attempt-*"))  # staging folders are gone
+    # both revisions' SR and KOS name this installation's device, kept beside the spool
+    device = (tmp_path / "spool" / "device-uid").read_text().strip()
+    for out in published:
+        assert {device_observer_uid(pydicom.dcmread(out / name)) for name in ("sr.dcm", "kos.dcm")} == {device}
     sr1 = {o.kind: o for o in read_manifest(first)}["sr"]
     sr2 = pydicom.dcmread(second / "sr.dcm")
     assert sr2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
