@@ -74,7 +74,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from node.db.session import make_sessionmaker, open_database
-    from node.db.status import render_text, storage_summary, summary
+    from node.db.status import render_metrics, render_text, storage_summary, summary
     from node.db.trace import render_trace, trace
 
     cfg = load_config(args.config)
@@ -94,6 +94,9 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{cfg.dicom.ae_title} and the sender's log)",
               file=sys.stderr)
         return 1
+    if getattr(args, "metrics", False) and not criteria:
+        print(render_metrics(data, __version__), end="")
+        return 0
     text = render_trace(data) if criteria else render_text(data)
     print(json.dumps(data, indent=2) if args.json else f"database: {data['database']}\n" + text)
     return 0
@@ -302,7 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
         "matches such an option, 2 when there is no database.",
     )
     _config_arg(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt.add_argument("--metrics", action="store_true",
+                     help="the counts in Prometheus' text format (jobs and sends by state, open associations, spool "
+                          "headroom), e.g. from a timer into node_exporter's textfile collector folder")
     p.add_argument("--limit", type=_positive, default=20, help="how many recent series to list (default 20)")
     one = p.add_argument_group(
         "what happened to one study (instead of the list; exit 1 when nothing matches)",

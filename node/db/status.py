@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node.db.models import Association, AssociationState, Instance, Job, Series, Study
+from node.db.models import Association, AssociationState, Instance, Job, JobState, SendState, Series, Study
 from node.send.outbox import outbox_summary
 
 
@@ -134,3 +134,40 @@ def render_outbox(outbox: dict[str, Any]) -> str:
         lines.append(f"{dest:20} {c['pending']:>7} {c['sending']:>7} {c['sent']:>6} {c['committed']:>9} {c['failed']:>6} "
                      f"{c['superseded']:>10}  {error}")
     return "\n".join(lines)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(data: dict[str, Any], version: str) -> str:
+    """The summary in Prometheus' text format, for node_exporter's textfile collector (or any scraper that
+    reads it): run ``lungnode status --metrics`` from a timer into the collector's folder. Every job state and
+    send state is listed, at 0 when empty, so an alert on a rising count starts from a series."""
+    c = data["counts"]
+    lines = ["# HELP lungnode_info The lungnode version that wrote these metrics.", "# TYPE lungnode_info gauge",
+             f'lungnode_info{{version="{_label(version)}"}} 1',
+             "# HELP lungnode_studies Studies in the ledger.", "# TYPE lungnode_studies gauge",
+             f"lungnode_studies {c['studies']}",
+             "# HELP lungnode_series Series in the ledger.", "# TYPE lungnode_series gauge",
+             f"lungnode_series {c['series']}",
+             "# HELP lungnode_open_associations DICOM associations open now.",
+             "# TYPE lungnode_open_associations gauge", f"lungnode_open_associations {c['open_associations']}",
+             "# HELP lungnode_jobs Analysis jobs by state.", "# TYPE lungnode_jobs gauge"]
+    lines += [f'lungnode_jobs{{state="{st.value}"}} {c["jobs"].get(st.value, 0)}' for st in JobState]
+    lines += ["# HELP lungnode_sends Result objects to send, by destination and state.", "# TYPE lungnode_sends gauge"]
+    for dest, entry in sorted(data.get("outbox", {}).items()):
+        lines += [f'lungnode_sends{{destination="{_label(dest)}",state="{st.value}"}} {entry["counts"].get(st.value, 0)}'
+                  for st in SendState]
+    storage = data.get("storage")
+    if storage is not None:
+        lines += ["# HELP lungnode_spool_images_bytes Received images held in the spool.",
+                  "# TYPE lungnode_spool_images_bytes gauge", f"lungnode_spool_images_bytes {storage['images_bytes']}",
+                  "# HELP lungnode_spool_refuse_below_bytes Free space under which C-STORE is refused.",
+                  "# TYPE lungnode_spool_refuse_below_bytes gauge",
+                  f"lungnode_spool_refuse_below_bytes {storage['refuse_below_bytes']}"]
+        if storage["disk_free_bytes"] is not None:
+            lines += ["# HELP lungnode_spool_disk_free_bytes Free space on the spool's disk.",
+                      "# TYPE lungnode_spool_disk_free_bytes gauge",
+                      f"lungnode_spool_disk_free_bytes {storage['disk_free_bytes']}"]
+    return "\n".join(lines) + "\n"

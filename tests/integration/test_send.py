@@ -153,6 +153,24 @@ def test_giving_up_on_a_destination_is_an_error_in_the_log(
     assert all(f"jobs={job} " in r.getMessage() for r in retries)
 
 
+def assert_prometheus_text(text: str) -> None:
+    """Prometheus' text exposition format, as node_exporter's textfile collector parses it: every sample's
+    metric declared (HELP, TYPE) before it, names and labels well formed, values numbers."""
+    import re
+
+    sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_]\w*="[^"\\\n]*"(,[a-zA-Z_]\w*="[^"\\\n]*")*\})? '
+                        r'(-?[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?)$')
+    declared: dict[str, set[str]] = {}
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            declared.setdefault(line.split()[2], set()).add(line.split()[1])
+            continue
+        m = sample.match(line)
+        assert m is not None, line
+        assert declared.get(m.group(1)) == {"HELP", "TYPE"}, line
+
+
 def test_refused_objects_fail_with_the_reason_and_retry_failed_delivers(
     sessions: sessionmaker[Session], sender_factory: Any, scp_factory: Any, tmp_path: Path,
 ) -> None:
@@ -194,6 +212,11 @@ def test_refused_objects_fail_with_the_reason_and_retry_failed_delivers(
     status = run_cli("status", "--config", config)
     assert status.returncode == 0 and "peer" in status.stdout
     assert f"database: {db_url}" in status.stdout  # the operator sees which node's ledger this is
+    metrics = run_cli("status", "--metrics", "--config", config)  # for node_exporter's textfile collector
+    assert metrics.returncode == 0, metrics.stderr
+    assert 'lungnode_sends{destination="peer",state="sent"} 3\n' in metrics.stdout
+    assert 'lungnode_sends{destination="peer",state="failed"} 0\n' in metrics.stdout
+    assert_prometheus_text(metrics.stdout)
     missing = run_cli("retry", str(job + 1000), "--config", config)
     assert missing.returncode == 2 and f"there is no job {job + 1000}" in missing.stderr
 
