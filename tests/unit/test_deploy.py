@@ -29,6 +29,20 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
 
 
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_metrics_timer_and_service_verify(tmp_path: Path) -> None:
+    for name in ("lungnode-metrics.service", "lungnode-metrics.timer"):
+        (tmp_path / name).write_text((DEPLOY / name).read_text().replace("/opt/lungnode", str(REPO)))
+    if not (REPO / ".venv" / "bin" / "lungnode").exists():
+        pytest.skip("no .venv/bin/lungnode in this checkout (run deploy/install.sh)")
+    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "lungnode-metrics.service"),
+                           str(tmp_path / "lungnode-metrics.timer")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    service = (DEPLOY / "lungnode-metrics.service").read_text()
+    assert "lungnode status --metrics --config /etc/lungnode/config.yaml" in service
+    assert "lungnode.prom.tmp && mv" in service  # renamed into place: the collector never reads half a file
+
+
 def test_systemd_unit_runs_serve_with_a_checked_config() -> None:
     text = (DEPLOY / "lungnode.service").read_text()
     assert "ExecStartPre=/opt/lungnode/.venv/bin/lungnode check-config /etc/lungnode/config.yaml" in text
