@@ -13,7 +13,8 @@ from node.db.models import Association, AssociationState, Instance, Job, JobStat
 from node.send.outbox import outbox_summary
 
 
-def _iso(value: Any) -> str | None:
+def iso_seconds(value: Any) -> str | None:
+    """A ledger time as ISO 8601 to the second (None stays None), as status and its trace print them."""
     return value.isoformat(timespec="seconds") if value is not None else None
 
 
@@ -37,16 +38,16 @@ def summary(s: Session, *, limit: int = 20) -> dict[str, Any]:
             "state": ser.state.value,
             "revision": ser.revision,
             "instances": ser.instance_count,
-            "last_received_at": _iso(ser.last_received_at),
-            "completed_at": _iso(ser.completed_at),
+            "last_received_at": iso_seconds(ser.last_received_at),
+            "completed_at": iso_seconds(ser.completed_at),
             "note": ser.note,
             "jobs": [
                 {
                     "id": j.id,
                     "revision": j.revision,
                     "state": j.state.value,
-                    "created_at": _iso(j.created_at),
-                    "finished_at": _iso(j.finished_at),
+                    "created_at": iso_seconds(j.created_at),
+                    "finished_at": iso_seconds(j.finished_at),
                     "error": j.error,
                 }
                 for j in jobs_by_series.get(ser.id, [])

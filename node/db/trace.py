@@ -15,10 +15,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Association, Event, Instance, Job, OutboxItem, Series, Study
-
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat(timespec="seconds") if value is not None else None
+from node.db.status import iso_seconds
 
 
 def matching_series(s: Session, *, job: int | None = None, study: str | None = None, series: str | None = None,
@@ -48,15 +45,15 @@ def _senders(s: Session, series_id: int) -> list[dict[str, Any]]:
         .group_by(Association.id)
         .order_by(Association.opened_at)
     ).all()
-    return [{"association": a.id, "calling_ae": a.calling_ae, "host": a.peer_host, "opened_at": _iso(a.opened_at),
-             "closed_at": _iso(a.closed_at), "state": a.state.value, "instances": n} for a, n in rows]
+    return [{"association": a.id, "calling_ae": a.calling_ae, "host": a.peer_host, "opened_at": iso_seconds(a.opened_at),
+             "closed_at": iso_seconds(a.closed_at), "state": a.state.value, "instances": n} for a, n in rows]
 
 
 def _events(s: Session, series_id: int, job_ids: list[int]) -> list[dict[str, Any]]:
     where = Event.series_id == series_id
     if job_ids:
         where = or_(where, Event.job_id.in_(job_ids))
-    return [{"at": _iso(e.at), "kind": e.kind, "level": e.level, "job": e.job_id, "message": e.message}
+    return [{"at": iso_seconds(e.at), "kind": e.kind, "level": e.level, "job": e.job_id, "message": e.message}
             for e in s.scalars(select(Event).where(where).order_by(Event.at, Event.id))]
 
 
@@ -66,7 +63,7 @@ def _sends(s: Session, job_id: int) -> list[dict[str, Any]]:
     return [{"destination": o.destination, "kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
              "state": o.state.value, "attempts": o.attempts,
              "last_status": None if o.last_status is None else f"0x{o.last_status:04X}",
-             "sent_at": _iso(o.sent_at), "committed_at": _iso(o.committed_at), "last_error": o.last_error}
+             "sent_at": iso_seconds(o.sent_at), "committed_at": iso_seconds(o.committed_at), "last_error": o.last_error}
             for o in rows]
 
 
@@ -81,12 +78,12 @@ def trace(s: Session, **criteria: Any) -> dict[str, Any]:
             "series_instance_uid": ser.series_instance_uid, "modality": ser.modality,
             "series_number": ser.series_number, "origin": ser.origin.value, "state": ser.state.value,
             "revision": ser.revision, "instances": ser.instance_count,
-            "first_received_at": _iso(ser.first_received_at), "last_received_at": _iso(ser.last_received_at),
-            "completed_at": _iso(ser.completed_at), "purged_at": _iso(ser.purged_at), "note": ser.note,
+            "first_received_at": iso_seconds(ser.first_received_at), "last_received_at": iso_seconds(ser.last_received_at),
+            "completed_at": iso_seconds(ser.completed_at), "purged_at": iso_seconds(ser.purged_at), "note": ser.note,
             "senders": _senders(s, ser.id),
             "jobs": [{"id": j.id, "revision": j.revision, "state": j.state.value, "attempts": j.attempts,
-                      "created_at": _iso(j.created_at), "started_at": _iso(j.started_at),
-                      "finished_at": _iso(j.finished_at), "worker": j.worker, "error": j.error,
+                      "created_at": iso_seconds(j.created_at), "started_at": iso_seconds(j.started_at),
+                      "finished_at": iso_seconds(j.finished_at), "worker": j.worker, "error": j.error,
                       "sends": _sends(s, j.id)} for j in jobs],
             "events": _events(s, ser.id, [j.id for j in jobs]),
         })

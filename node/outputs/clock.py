@@ -21,28 +21,32 @@ CREATION_TIMES = (("InstanceCreationDate", "InstanceCreationTime"), ("ContentDat
 _OFFSET = re.compile(r"^([+-])(\d\d)(\d\d)$")
 
 
-def source_offset(header: Dataset | None) -> str | None:
-    """The source's Timezone Offset From UTC (``+HHMM`` or ``-HHMM``), or None when absent or not valid."""
+def _source_zone(header: Dataset | None) -> tuple[str, dt.timezone] | None:
+    """The source's Timezone Offset From UTC and its zone, or None when absent or not valid."""
     value = str(header.get("TimezoneOffsetFromUTC", "") or "").strip() if header is not None else ""
     m = _OFFSET.match(value)
-    if m is None or int(m.group(3)) >= 60 or not (-12 * 60 <= _minutes(m) <= 14 * 60):
+    if m is None or int(m.group(3)) >= 60:
         return None
-    return value
+    minutes = (1 if m.group(1) == "+" else -1) * (int(m.group(2)) * 60 + int(m.group(3)))
+    if not -12 * 60 <= minutes <= 14 * 60:
+        return None
+    return value, dt.timezone(dt.timedelta(minutes=minutes))
 
 
-def _minutes(m: re.Match[str]) -> int:
-    return (1 if m.group(1) == "+" else -1) * (int(m.group(2)) * 60 + int(m.group(3)))
+def source_offset(header: Dataset | None) -> str | None:
+    """The source's Timezone Offset From UTC (``+HHMM`` or ``-HHMM``), or None when absent or not valid."""
+    zone = _source_zone(header)
+    return zone[0] if zone is not None else None
 
 
 def creation_moment(header: Dataset | None, now: dt.datetime | None = None) -> tuple[dt.datetime, str | None]:
     """Now, in the source's zone when it names one (and that offset), else in the local zone (and None)."""
     moment = now or dt.datetime.now(dt.timezone.utc)
-    offset = source_offset(header)
-    if offset is None:
+    zone = _source_zone(header)
+    if zone is None:
         return moment.astimezone(), None
-    m = _OFFSET.match(offset)
-    assert m is not None
-    return moment.astimezone(dt.timezone(dt.timedelta(minutes=_minutes(m)))), offset
+    offset, tz = zone
+    return moment.astimezone(tz), offset
 
 
 def stamp_creation(ds: Dataset, moment: dt.datetime, offset: str | None) -> None:
