@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from node import __version__
+from node.audit import AuditTrail, no_audit
 from node.config import Config
 from node.db.ingest import IngestLedger
 from node.db.session import make_sessionmaker, open_database
@@ -43,8 +44,9 @@ HANGUP_ACTION = "none: the log file is reopened by itself when moved; restart th
 class Node:
     """The receiving side of lungnode, started and stopped as one unit."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, audit: AuditTrail | None = None) -> None:
         self.config = config
+        self.audit = audit or no_audit(config.dicom.ae_title)
         self.engine = open_database(config.storage.database_url)
         self.sessions = make_sessionmaker(self.engine)
         self.spool = Spool(
@@ -55,7 +57,8 @@ class Node:
         self.ledger = IngestLedger(self.sessions)
         self.assembler = Assembler(config.assembly, self.sessions)
         self.scp = StorageSCP(
-            config.dicom, spool=self.spool, ledger=self.ledger, on_association_closed=self.assembler.poke
+            config.dicom, spool=self.spool, ledger=self.ledger, on_association_closed=self.assembler.poke,
+            audit=self.audit,
         )
         self._stop = threading.Event()
         self._housekeeping: threading.Thread | None = None
@@ -72,7 +75,7 @@ class Node:
         settings = self.config.retention
         while not self._stop.wait(settings.check_interval_s):
             try:
-                purge_expired(self.spool, self.sessions, days=settings.received_days)
+                purge_expired(self.spool, self.sessions, days=settings.received_days, audit=self.audit)
             except Exception:  # retention must never stop the node; the error is logged in full
                 log.exception(kv("retention_error"))
 
@@ -173,14 +176,17 @@ def serve(config: Config, config_path: Path | None = None) -> int:
     log.info("event=effective_config config=%s", json.dumps(config.redacted(), sort_keys=True))
     try:
         check_device(config)
-        node = Node(config)
-        sender = Sender(config, node.sessions)
+        audit = AuditTrail(config.audit, ae_title=config.dicom.ae_title)
+        node = Node(config, audit)
+        sender = Sender(config, node.sessions, audit)
         try:
+            audit.start()
             node.start()
             sender.start()
         except BaseException:
             sender.stop()
             node.stop()
+            audit.stop()
             raise
     except LungnodeError as exc:  # the reason belongs in the node's log too, not only on stderr
         log.error(kv("node_start_failed", reason=str(exc)))
@@ -198,6 +204,7 @@ def serve(config: Config, config_path: Path | None = None) -> int:
     signal.signal(signal.SIGINT, _signal)
     signal.signal(signal.SIGHUP, _hangup)
     log.info(kv("node_ready", ae_title=config.dicom.ae_title, port=node.port))
+    audit.application_activity(started=True)
     workers = WorkerPool(config, config_path)
     workers.start()
     while not stop.wait(2.0):
@@ -206,4 +213,6 @@ def serve(config: Config, config_path: Path | None = None) -> int:
     workers.stop()
     sender.stop()
     node.stop()
+    audit.application_activity(started=False)
+    audit.stop()
     return 0

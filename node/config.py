@@ -323,6 +323,30 @@ class Destination(Strict):
     tls: DestinationTls | None = Field(default=None, description="send over TLS (DICOM TLS port, often 2762)")
 
 
+class AuditSettings(Strict):
+    """IHE ATNA audit messages (DICOM PS3.15 A.5 XML in RFC 5424 syslog) to the hospital's audit record repository."""
+
+    host: Host | None = Field(default=None, description="the audit repository; null: no audit messages are sent")
+    port: int = Field(default=6514, ge=1, le=65535, description="6514: syslog over TLS; 514: UDP or TCP")
+    transport: Literal["tls", "tcp", "udp"] = Field(
+        default="tls", description="tls (RFC 5425, as ATNA asks), tcp (RFC 6587 octet counting) or udp (RFC 5426)"
+    )
+    tls: DestinationTls | None = Field(default=None, description="with transport tls: whom to trust, our certificate")
+    source_id: str | None = Field(default=None, min_length=1, max_length=64,
+                                  description="AuditSourceID; default dicom.ae_title")
+    enterprise_site_id: str | None = Field(default=None, min_length=1, max_length=64,
+                                           description="AuditEnterpriseSiteID (the hospital), if the repository wants it")
+    queue_size: int = Field(default=10000, ge=10, description="messages kept while the repository cannot be reached")
+    timeout_s: float = Field(default=10.0, gt=0, description="connecting and writing to the repository")
+
+    @model_validator(mode="after")
+    def _tls_given(self) -> AuditSettings:
+        if self.host is not None and self.transport == "tls" and self.tls is None:
+            raise ValueError("transport tls needs tls.ca_certificates (the CA of the repository's certificate); "
+                             "or choose transport tcp or udp")
+        return self
+
+
 class SendingSettings(Strict):
     """How results are sent to the destinations: retries with exponential backoff, then failed."""
 
@@ -420,6 +444,7 @@ class Config(Strict):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     outputs: OutputsSettings = Field(default_factory=OutputsSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @field_validator("destinations")
     @classmethod

@@ -14,9 +14,9 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from node.config import Config, Destination, DicomSettings
+from node.config import AuditSettings, Config, Destination, DicomSettings
 from node.errors import LungnodeError
 from node.logs import kv
 
@@ -179,9 +179,11 @@ class LoggedServerContext:
     limit, and a failed one is logged and its connection shut, so the association ends at once.
     """
 
-    def __init__(self, ctx: ssl.SSLContext, listener: str) -> None:
+    def __init__(self, ctx: ssl.SSLContext, listener: str,
+                 on_failure: Callable[[str, str], None] | None = None) -> None:
         self.ctx = ctx
         self.listener = listener
+        self.on_failure = on_failure  # (peer address, reason): the audit trail's Security Alert
         self._pending: set[ssl.SSLSocket] = set()
         self._lock = threading.Lock()
         self._stopping = False
@@ -212,6 +214,8 @@ class LoggedServerContext:
                 level = logging.ERROR if fix.startswith("dicom.tls.crl") else logging.WARNING
                 log.log(level, kv("tls_handshake_failed", listener=self.listener, peer=peer, reason=_reason(exc),
                                   fix=fix))
+                if self.on_failure is not None:
+                    self.on_failure(peer, f"TLS handshake failed: {_reason(exc)}")
             _shut(sock)
             # pynetdicom's acceptor would wait acse_timeout for an A-ASSOCIATE-RQ that cannot come,
             # holding a dicom.max_associations slot: make it give up at once.
@@ -271,14 +275,15 @@ def diagnose(ctx: ssl.SSLContext, host: str, port: int, server_hostname: str | N
         raw.close()
 
 
-def listener_tls(settings: DicomSettings, listener: str) -> LoggedServerContext | None:
+def listener_tls(settings: DicomSettings, listener: str,
+                 on_failure: Callable[[str, str], None] | None = None) -> LoggedServerContext | None:
     """The TLS context for one of the node's listeners, or None when ``dicom.tls`` is off."""
     tls = settings.tls
     if not tls.enabled:
         return None
     assert tls.certificate is not None and tls.private_key is not None  # the settings' validator insists
     ctx = server_context(tls.certificate, tls.private_key, tls.ca_certificates, tls.crl)
-    return LoggedServerContext(ctx, listener)
+    return LoggedServerContext(ctx, listener, on_failure)
 
 
 def destination_tls(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
@@ -291,9 +296,18 @@ def destination_tls(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
     return ctx, dest.host  # sent as SNI (not for an IP address); checked only with check_hostname
 
 
+def audit_tls(settings: AuditSettings) -> ssl.SSLContext | None:
+    """The client context for the audit repository (``audit.transport: tls``), or None for tcp and udp."""
+    t = settings.tls
+    if settings.host is None or settings.transport != "tls" or t is None:
+        return None
+    return client_context(t.ca_certificates, t.certificate, t.private_key, t.check_hostname, "audit.tls", t.crl)
+
+
 def check_tls(cfg: Config) -> None:
     """Load every certificate, key and CA bundle the configuration names (``check-config``), so a key
     that does not match its certificate shows before start-up rather than at the first send."""
     listener_tls(cfg.dicom, "dicom")
     for dest in cfg.destinations:
         destination_tls(dest)
+    audit_tls(cfg.audit)

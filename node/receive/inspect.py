@@ -58,6 +58,7 @@ class InstanceHeader:
     study_date: str | None
     manufacturer: str | None
     software_versions: str | None
+    patient_name: str | None = None  # for the audit trail (IHE ATNA) only, never stored
 
 
 #: The ledger's integer columns are 32-bit (PostgreSQL refuses more); an IS value may hold 12 digits.
@@ -214,6 +215,7 @@ def _walked_header(path: Path) -> InstanceHeader | None:
         series_description=text.get("SeriesDescription"),
         instance_number=_int_text(text.get("InstanceNumber")),
         patient_id=text.get("PatientID"),
+        patient_name=text.get("PatientName"),
         accession_number=text.get("AccessionNumber"),
         study_date=text.get("StudyDate"),
         manufacturer=text.get("Manufacturer"),
@@ -261,6 +263,7 @@ def _pydicom_header(path: Path) -> InstanceHeader:
             series_description=_str(ds, "SeriesDescription"),
             instance_number=_int(ds, "InstanceNumber"),
             patient_id=_str(ds, "PatientID"),
+            patient_name=_str(ds, "PatientName"),
             accession_number=_str(ds, "AccessionNumber"),
             study_date=_str(ds, "StudyDate"),
             manufacturer=_str(ds, "Manufacturer"),

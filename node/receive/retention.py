@@ -12,6 +12,8 @@ import logging
 from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.audit import AuditTrail
+from node.audit.studies import studies_of
 from node.db.models import Event, Job, JobState, OutboxItem, SendState, Series, SeriesState, utcnow
 from node.logs import kv
 from node.receive.spool import Spool
@@ -19,7 +21,8 @@ from node.receive.spool import Spool
 log = logging.getLogger(__name__)
 
 
-def purge_expired(spool: Spool, sessions: sessionmaker[Session], *, days: float, now: dt.datetime | None = None) -> int:
+def purge_expired(spool: Spool, sessions: sessionmaker[Session], *, days: float, now: dt.datetime | None = None,
+                  audit: AuditTrail | None = None) -> int:
     """Delete the spool files of expired series; returns how many series were purged."""
     if days <= 0:
         return 0
@@ -37,7 +40,13 @@ def purge_expired(spool: Spool, sessions: sessionmaker[Session], *, days: float,
             )
         )
     for series_id, series_uid in due:
+        # Read before the files go: the audit message names the study and patient whose images were deleted.
+        audited = audit is not None and audit.enabled
+        studies = studies_of(sorted((spool.instances / series_uid).glob("*.dcm"))) if audited else []
         removed = spool.remove_series(series_uid)
+        if audit is not None:
+            for study in studies:
+                audit.instances_deleted(study=study, reason=f"received images kept {days:g} days (retention)")
         with sessions.begin() as s:
             series = s.get(Series, series_id)
             if series is None:

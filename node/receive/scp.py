@@ -42,6 +42,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import DataError, SQLAlchemyError
 
 from node import MANUFACTURER
+from node.audit import AuditTrail, StudyRecord, no_audit
 from node.config import DicomSettings
 from node.db.ingest import IngestLedger, Outcome, unrecordable
 from node.db.models import AssociationState
@@ -98,6 +99,15 @@ class _AssocStats:
     refused: int = 0
     handler_s: float = 0.0
     bytes: int = 0
+    studies: dict[str, StudyRecord] = field(default_factory=dict)  # what the audit trail reports at the close
+
+    def saw(self, header: InstanceHeader) -> None:
+        study = self.studies.get(header.study_instance_uid)
+        if study is None:
+            study = self.studies[header.study_instance_uid] = StudyRecord(
+                header.study_instance_uid, patient_id=header.patient_id, patient_name=header.patient_name,
+                accession=header.accession_number, study_date=header.study_date)
+        study.sop_classes[header.sop_class_uid] += 1
 
 
 def is_own_output(header: InstanceHeader) -> bool:
@@ -137,8 +147,10 @@ class StorageSCP:
         spool: Spool,
         ledger: IngestLedger,
         on_association_closed: Callable[[], None] | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.settings = settings
+        self.audit = audit or no_audit(settings.ae_title)
         self.spool = spool
         self.ledger = ledger
         self.on_association_closed = on_association_closed or (lambda: None)
@@ -178,7 +190,7 @@ class StorageSCP:
         _config.LOG_HANDLER_LEVEL = "standard" if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG) else "none"
         if not (self.settings.fast_receive and tuning.install(self.spool.incoming)):
             tempfile.tempdir = str(self.spool.incoming)
-        tls = self._tls = listener_tls(self.settings, "dicom")
+        tls = self._tls = listener_tls(self.settings, "dicom", on_failure=self._tls_failed)
         handlers: list[Any] = [
             *(tls.handlers if tls else []),  # the TLS handshake first, in the connection's own thread
             (evt.EVT_CONN_OPEN, self._on_conn_open),
@@ -246,6 +258,9 @@ class StorageSCP:
             if sock is not None and sock.socket is not None:
                 sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _tls_failed(self, peer: str, reason: str) -> None:
+        self.audit.node_authentication_failed(host=peer, calling_ae=None, reason=reason)
+
     def _caller_allowed(self, ae_title: str, host: str, common_name: str | None) -> bool:
         if not self._allowed:
             return True
@@ -267,6 +282,9 @@ class StorageSCP:
             # caller reads a refusal and not a connection torn down under it (an abort).
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             assoc.kill()
+            self.audit.node_authentication_failed(
+                host=host, calling_ae=calling, reason="association rejected: calling AE title (or its host or "
+                "certificate) not in dicom.allowed_callers")
 
     def _on_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own refusals (wrong called AE title, too many associations): say so in the log."""
@@ -319,6 +337,10 @@ class StorageSCP:
                         handler_ms_each=f"{1000 * stats.handler_s / n:.2f}"))
         else:
             log.info(kv(f"association_{state.value}", assoc=assoc_id))
+        if stats is not None:
+            self.audit.instances_received(calling_ae=str(event.assoc.requestor.ae_title).strip(),
+                                          host=str(event.assoc.requestor.address),
+                                          studies=list(stats.studies.values()), refused=stats.refused)
         self.on_association_closed()
 
     def _on_acse_recv(self, event: evt.Event) -> None:
@@ -348,10 +370,13 @@ class StorageSCP:
         t0 = time.perf_counter()
         size = Path(event.dataset_path).stat().st_size
         self._handler.duplicate = False
+        self._handler.header = None
         status = self._handle_store(event, size)
         stats: _AssocStats | None = getattr(event.assoc, _ASSOC_STATS, None)
         if stats is not None:
             stats.handler_s += time.perf_counter() - t0
+            if status == STATUS_SUCCESS and self._handler.header is not None:
+                stats.saw(self._handler.header)
             if status == STATUS_SUCCESS and self._handler.duplicate:
                 stats.duplicates += 1
             elif status == STATUS_SUCCESS:
@@ -384,6 +409,7 @@ class StorageSCP:
             # it now, it overlaps the checks and the commit.
             data_synced = self._io.submit(self.spool.sync_data, self.spool.open_received(received))
             header = inspect_instance(received, sop_class_uid=str(req.AffectedSOPClassUID), sop_instance_uid=sop_uid)
+            self._handler.header = header
             return self._store(header, received, size, assoc_id, data_synced)
         except InstanceRejected as rej:
             log.warning(kv("store_refused", assoc=assoc_id, sop=sop_uid, status=f"0x{rej.status:04X}", reason=rej.reason))

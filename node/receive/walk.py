@@ -46,6 +46,7 @@ WANTED = {
     0x00200011: "SeriesNumber",
     0x0008103E: "SeriesDescription",
     0x00200013: "InstanceNumber",
+    0x00100010: "PatientName",
     0x00100020: "PatientID",
     0x00080050: "AccessionNumber",
     0x00080020: "StudyDate",

@@ -23,6 +23,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.audit import AuditTrail, no_audit
+from node.audit.studies import studies_of
 from node.config import Config, Destination
 from node.db.models import SendState
 from node.dicom_ae import node_ae
@@ -99,8 +101,9 @@ class CommitmentListener:
 class Sender:
     """Delivers the outbox in a background thread; ``start()`` and ``stop()`` from the composition root."""
 
-    def __init__(self, config: Config, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, config: Config, sessions: sessionmaker[Session], audit: AuditTrail | None = None) -> None:
         self.config = config
+        self.audit = audit or no_audit(config.dicom.ae_title)
         self.settings = config.sending
         self.outbox = Outbox(sessions, config.sending)
         self.destinations = {d.name: d for d in config.destinations}
@@ -184,11 +187,13 @@ class Sender:
             return 0
         calling = dest.calling_ae_title or self.config.dicom.ae_title
         done: set[int] = set()
+        outcomes: list[StoreOutcome] = []
         started = time.perf_counter()
         stats = {"sent": 0, "retry": 0, "failed": 0}
 
         def on_outcome(outcome: StoreOutcome) -> None:
             done.add(outcome.item.id)
+            outcomes.append(outcome)
             self._record(dest, outcome, stats)
 
         try:
@@ -219,7 +224,18 @@ class Sender:
             log.info(kv("send_batch", destination=dest.name, calling_ae=calling, jobs=_jobs(items), objects=len(items),
                         sent=stats["sent"],
                         retry=stats["retry"], failed=stats["failed"], seconds=f"{time.perf_counter() - started:.2f}"))
+            self._audit(dest, calling, outcomes, failed=stats["retry"] + stats["failed"], error=error)
         return len(items)
+
+    def _audit(self, dest: Destination, calling: str, outcomes: list[StoreOutcome], *, failed: int,
+               error: str | None) -> None:
+        """One audit message per batch: the studies of what was delivered, and how many objects were not."""
+        if not self.audit.enabled:
+            return
+        reason = error or next((o.error for o in outcomes if not o.delivered), None)
+        self.audit.instances_sent(destination_ae=dest.ae_title, host=dest.host, calling_ae=calling,
+                                  studies=studies_of(o.item.path for o in outcomes if o.delivered),
+                                  failed=failed, error=reason)
 
     def _record(self, dest: Destination, outcome: StoreOutcome, stats: dict[str, int]) -> None:
         item = outcome.item

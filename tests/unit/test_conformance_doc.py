@@ -1,4 +1,5 @@
-"""docs/conformance.md says what the code does: identity, transfer syntaxes, statuses, refusals, defaults.
+"""docs/conformance.md says what the code does: identity, transfer syntaxes, statuses, refusals, audit messages,
+defaults.
 
 A hospital's IT configures its PACS from the conformance statement; a statement that drifted from the
 code would be worse than none.
@@ -12,11 +13,13 @@ from pydicom.uid import UID
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, __version__
-from node.config import Config
+from node.audit import AuditTrail
+from node.config import AuditSettings, Config
 from node.receive import inspect
 from node.receive.inspect import ANALYSABLE_SOP_CLASSES
 from node.receive.scp import _REJECT_REASONS, TRANSFER_SYNTAXES
 from node.send.scu import UNCOMPRESSED
+from tests.helpers.audit import every_event, parse, udp_repository, xml_of
 from tests.helpers.conformance import UID_RE, section, table
 
 
@@ -74,7 +77,29 @@ def test_configuration_defaults() -> None:
     for key, value in table("7. Configuration defaults"):
         section_name, field = key.split(".")
         actual = getattr(getattr(config, section_name), field)
-        expected: object = {"true": True, "false": False}.get(value, value)
+        expected: object = {"true": True, "false": False, "null": None}.get(value, value)
         if isinstance(actual, (int, float)) and not isinstance(actual, bool):
             expected = type(actual)(value)
         assert actual == expected, key
+
+
+def test_audit_messages_are_those_the_node_sends() -> None:
+    """Every audited event once, caught on a UDP socket: event, EventID, action and event types as documented."""
+    with udp_repository() as (port, sock):
+        trail = AuditTrail(AuditSettings(host="127.0.0.1", port=port, transport="udp"), ae_title="LUNGNODE")
+        trail.start()
+        try:
+            sent = [parse(xml_of(sock.recv(65535))) for _ in range(every_event(trail))]
+        finally:
+            trail.stop()
+    actual: dict[tuple[str, str, str], set[str]] = {}
+    for doc in sent:
+        ident = doc.find("EventIdentification")
+        key = (ident.find("EventID").get("originalText"), ident.find("EventID").get("csd-code"),
+               ident.get("EventActionCode"))
+        actual.setdefault(key, set()).update(t.get("originalText") for t in ident.findall("EventTypeCode"))
+    documented: dict[tuple[str, str, str], set[str]] = {}
+    for event, code, action, *_ in table("6.1 Audit messages"):
+        name, _, types = event.partition(": ")
+        documented.setdefault((name, code, action), set()).update(t for t in types.split(" / ") if t)
+    assert documented == actual

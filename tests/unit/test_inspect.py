@@ -71,6 +71,7 @@ def test_good_instance_header(tmp_path: Path, ts: str) -> None:
     assert h.instance_number == 1
     assert h.series_number == 3
     assert h.patient_id == "TEST0001"
+    assert h.patient_name == "Test^Phantom"  # for the audit trail
     assert h.study_date == "20240102"
 
 

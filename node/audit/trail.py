@@ -1,0 +1,207 @@
+"""The node's audit trail for the hospital's audit record repository (IHE ATNA): one method per audited event.
+
+Events are queued and sent from one background thread, so no DICOM handler ever waits on the repository. While the
+repository cannot be reached, messages wait in the queue (``audit.queue_size``) and are sent once it is back; the
+outage is logged once when it starts and once when it ends. A full queue drops new messages, counted in the log.
+The ledger records every step whether or not audit messages are sent.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import replace
+
+from node.audit import messages as m
+from node.audit.syslog import StreamTransport, Transport, UdpTransport, frame
+from node.config import AuditSettings
+from node.logs import kv
+from node.tls import audit_tls
+
+log = logging.getLogger(__name__)
+
+_RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 30.0
+
+
+def transport_for(settings: AuditSettings) -> Transport:
+    """The configured transport (nothing is connected yet)."""
+    assert settings.host is not None
+    if settings.transport == "udp":
+        return UdpTransport(settings.host, settings.port)
+    return StreamTransport(settings.host, settings.port, tls=audit_tls(settings), timeout_s=settings.timeout_s)
+
+
+def _os_user() -> str:
+    """Who started the node; a container's user may have no name (no passwd entry): then its uid."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+class AuditTrail:
+    """Audit messages of one node process; every method is a no-op when ``audit.host`` is not set."""
+
+    def __init__(self, settings: AuditSettings, *, ae_title: str) -> None:
+        self.settings = settings
+        self.enabled = settings.host is not None
+        self.ae_title = ae_title
+        self.hostname = socket.gethostname()
+        self._queue: queue.Queue[bytes] = queue.Queue(maxsize=settings.queue_size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._dropped = 0
+        self._dropped_logged = 0.0
+
+    @property
+    def node(self) -> m.Participant:
+        return m.Participant(self.ae_title, requestor=False, role=m.ROLE_APPLICATION,
+                             alternative_user_id=f"AETITLES={self.ae_title}", address=self.hostname)
+
+    def _peer(self, ae_title: str | None, host: str | None, *, requestor: bool,
+              role: m.Code | None = None) -> m.Participant:
+        return m.Participant(ae_title or host or "unknown", requestor=requestor, role=role,
+                             alternative_user_id=f"AETITLES={ae_title}" if ae_title else None, address=host)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.enabled:
+            log.info(kv("audit_off", reason="audit.host is not set: no audit messages are sent (the ledger records "
+                                            "every step)"))
+            return
+        self._thread = threading.Thread(target=self._loop, args=(transport_for(self.settings),), name="audit",
+                                        daemon=True)
+        self._thread.start()
+        log.info(kv("audit_on", host=self.settings.host, port=self.settings.port, transport=self.settings.transport,
+                    source_id=self.source_id))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Send what is queued (the Application Stop message last), waiting at most ``timeout`` seconds."""
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + timeout
+        while not self._queue.empty() and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.02)
+        self._stop.set()
+        self._thread.join(max(0.1, deadline - time.monotonic()))
+        left = self._queue.qsize()
+        if left:
+            log.warning(kv("audit_unsent", messages=left, reason="the audit repository did not take them before "
+                           "the node stopped"))
+        self._thread = None
+
+    @property
+    def source_id(self) -> str:
+        return self.settings.source_id or self.ae_title
+
+    # -- sending ----------------------------------------------------------------------------------
+    def _emit(self, *, event: m.Code, action: m.Action, outcome: str, participants: list[m.Participant],
+              event_type: m.Code | None = None, outcome_description: str | None = None,
+              studies: list[m.StudyRecord] | None = None) -> None:
+        xml = m.build(event=event, action=action, outcome=outcome, participants=participants,
+                      source_id=self.source_id, site_id=self.settings.enterprise_site_id, event_type=event_type,
+                      outcome_description=outcome_description, studies=studies)
+        try:
+            self._queue.put_nowait(frame(xml, hostname=self.hostname))
+        except queue.Full:
+            self._dropped += 1
+            now = time.monotonic()
+            if now - self._dropped_logged >= 60.0:
+                self._dropped_logged = now
+                log.error(kv("audit_dropped", messages=self._dropped, queue_size=self.settings.queue_size,
+                             reason="the audit repository has not taken messages for a while",
+                             fix=f"check that {self.settings.host}:{self.settings.port} accepts "
+                                 f"{self.settings.transport} syslog"))
+
+    def _loop(self, transport: Transport) -> None:
+        failing_since: float | None = None
+        wait_s = _RETRY_FIRST_S
+        try:
+            while True:
+                try:
+                    message = self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    if self._stop.is_set():
+                        return
+                    continue
+                while True:
+                    try:
+                        transport.send(message)
+                        break
+                    except (OSError, ValueError) as exc:
+                        if failing_since is None:
+                            failing_since = time.monotonic()
+                            log.warning(kv("audit_send_failed", host=self.settings.host, port=self.settings.port,
+                                           transport=self.settings.transport, reason=f"{type(exc).__name__}: {exc}",
+                                           effect="audit messages wait in the queue and are sent once it answers"))
+                        if self._stop.wait(wait_s):
+                            self._queue.put_nowait(message)  # counted as unsent by stop()
+                            return
+                        wait_s = min(wait_s * 2, _RETRY_MAX_S)
+                if failing_since is not None:
+                    log.info(kv("audit_restored", host=self.settings.host,
+                                seconds=f"{time.monotonic() - failing_since:.0f}", queued=self._queue.qsize()))
+                    failing_since, wait_s = None, _RETRY_FIRST_S
+        finally:
+            transport.close()
+
+    # -- the audited events ------------------------------------------------------------------------
+    def application_activity(self, *, started: bool) -> None:
+        """The node started or stopped (Application Activity, A.5.3.1)."""
+        if not self.enabled:
+            return
+        launcher = m.Participant(_os_user(), requestor=True, role=m.ROLE_LAUNCHER)
+        self._emit(event=m.APPLICATION_ACTIVITY, action="E", outcome=m.SUCCESS, participants=[self.node, launcher],
+                   event_type=m.APPLICATION_START if started else m.APPLICATION_STOP)
+
+    def instances_received(self, *, calling_ae: str, host: str, studies: list[m.StudyRecord], refused: int) -> None:
+        """One association's images, per study (DICOM Instances Transferred, A.5.3.4); refusals make it a minor
+        failure."""
+        if not self.enabled or not (studies or refused):
+            return
+        source = self._peer(calling_ae, host, requestor=True, role=m.ROLE_SOURCE)
+        us = replace(self.node, role=m.ROLE_DESTINATION)
+        self._emit(event=m.INSTANCES_TRANSFERRED, action="C", outcome=m.MINOR_FAILURE if refused else m.SUCCESS,
+                   outcome_description=f"{refused} instance(s) refused" if refused else None,
+                   participants=[source, us], studies=studies)
+
+    def instances_sent(self, *, destination_ae: str, host: str, calling_ae: str, studies: list[m.StudyRecord],
+                       failed: int, error: str | None) -> None:
+        """Results sent to a destination in one association (DICOM Instances Transferred): new objects for the
+        receiver, hence action C. Nothing delivered is a serious failure, some of it a minor one."""
+        if not self.enabled or not (studies or failed):
+            return
+        delivered = sum(sum(s.sop_classes.values()) for s in studies)
+        outcome = m.SUCCESS if not failed else m.MINOR_FAILURE if delivered else m.SERIOUS_FAILURE
+        us = m.Participant(calling_ae, requestor=True, role=m.ROLE_SOURCE,
+                           alternative_user_id=f"AETITLES={calling_ae}", address=self.hostname)
+        dest = self._peer(destination_ae, host, requestor=False, role=m.ROLE_DESTINATION)
+        self._emit(event=m.INSTANCES_TRANSFERRED, action="C", outcome=outcome,
+                   outcome_description=f"{failed} object(s) not delivered: {error}" if failed else None,
+                   participants=[us, dest], studies=studies)
+
+    def instances_deleted(self, *, study: m.StudyRecord, reason: str) -> None:
+        """Received images deleted (DICOM Instances Accessed, action D, A.5.3.2)."""
+        if not self.enabled:
+            return
+        us = replace(self.node, requestor=True)
+        self._emit(event=m.INSTANCES_ACCESSED, action="D", outcome=m.SUCCESS, outcome_description=reason,
+                   participants=[us], studies=[study])
+
+    def node_authentication_failed(self, *, host: str, calling_ae: str | None, reason: str) -> None:
+        """A caller refused: an AE title, address or certificate not allowed, or a failed TLS handshake (Security
+        Alert, Node Authentication, A.5.3.11)."""
+        if not self.enabled:
+            return
+        self._emit(event=m.SECURITY_ALERT, action="E", outcome=m.MINOR_FAILURE, event_type=m.NODE_AUTHENTICATION,
+                   outcome_description=reason, participants=[self._peer(calling_ae, host, requestor=True), self.node])
+
+
+#: The trail of a process that sends no audit messages (tests, commands other than ``serve``).
+def no_audit(ae_title: str = "LUNGNODE") -> AuditTrail:
+    return AuditTrail(AuditSettings(), ae_title=ae_title)

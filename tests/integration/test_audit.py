@@ -1,0 +1,213 @@
+"""IHE ATNA audit messages to a real audit repository: Debian's rsyslogd on 127.0.0.1, over mutual TLS from
+``lungnode serve``, over UDP from the sender and over TCP from retention. Every message must parse as RFC 5424 in
+rsyslog and validate against the DICOM audit message schema (PS3.15 A.5.1)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.audit import AuditTrail
+from node.config import AuditSettings, Config, Destination
+from node.db.models import Job, JobState, Series, SeriesOrigin, SeriesState, Study, utcnow
+from node.receive.retention import purge_expired
+from node.receive.spool import Spool
+from node.send.outbox import enqueue_results
+from node.send.sender import Sender
+from tests.helpers.audit import parse, schema
+from tests.helpers.certs import Pki, have_openssl, make_pki
+from tests.helpers.dcmtk import echoscu, have_dcmtk, storescp_running, storescu
+from tests.helpers.net import free_port
+from tests.helpers.node_proc import NodeProcess
+from tests.helpers.outbox import make_job, write_results
+from tests.helpers.rsyslog import Received, Repository, have_rsyslog, rsyslog_running, wait_received
+from tests.helpers.series import write_ct_series
+from tests.helpers.wait import wait_until
+
+pytestmark = pytest.mark.skipif(not have_rsyslog(), reason="rsyslogd with rsyslog-gnutls is not installed "
+                                "(the audit repository of these tests): apt-get install rsyslog rsyslog-gnutls")
+
+FAST = {"retry_base_s": 0.2, "retry_factor": 2.0, "retry_max_delay_s": 1.0, "poll_interval_s": 0.1,
+        "connect_timeout_s": 5, "max_attempts": 1}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    if not have_openssl():
+        pytest.skip("openssl is not installed (the test PKI)")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def repository(tmp_path: Path, pki: Pki) -> Iterator[Repository]:
+    with rsyslog_running(tmp_path / "rsyslog", pki) as repo:
+        yield repo
+
+
+def _event(msg: Received) -> str:
+    return str(parse(msg.xml).find("EventIdentification/EventID").get("originalText"))
+
+
+def _valid(messages: list[Received]) -> None:
+    rng = schema()
+    for msg in messages:
+        assert (msg.msgid, msg.app_name, msg.pri) == ("IHE+RFC-3881", "lungnode", "85"), msg
+        assert rng.validate(parse(msg.xml)), f"{rng.error_log.last_error}\n{msg.xml}"
+
+
+def _participants(doc: Any) -> dict[str, dict[str, str]]:
+    """Active participants by role meaning (or UserID when without a role)."""
+    out = {}
+    for p in doc.findall("ActiveParticipant"):
+        role = p.find("RoleIDCode")
+        out[role.get("originalText") if role is not None else p.get("UserID")] = dict(p.attrib)
+    return out
+
+
+def _objects(doc: Any) -> dict[str, Any]:
+    """Participant objects by ID type: "Study Instance UID" and "Patient Number"."""
+    return {o.find("ParticipantObjectIDTypeCode").get("originalText"): o
+            for o in doc.findall("ParticipantObjectIdentification")}
+
+
+def test_serve_audits_start_images_received_a_refused_caller_and_stop_over_mutual_tls(
+    tmp_path: Path, pki: Pki, repository: Repository,
+) -> None:
+    if not have_dcmtk("storescu", "echoscu"):
+        pytest.skip("dcmtk's storescu/echoscu are not installed")
+    series = write_ct_series(tmp_path / "ct", slices=5, matrix=32)
+    node = NodeProcess(tmp_path / "node", settings={
+        "dicom": {"allowed_callers": ["STORESCU"]},
+        "audit": {"host": "127.0.0.1", "port": repository.tls, "transport": "tls", "enterprise_site_id": "HOSPITAL",
+                  "tls": {"ca_certificates": str(pki.ca), "certificate": str(pki.client_cert),
+                          "private_key": str(pki.client_key)}},
+    })
+    node.start()
+    try:
+        assert storescu(node.port, *series.files).returncode == 0
+        assert echoscu(node.port, calling="INTRUDER").returncode != 0  # not in allowed_callers: rejected
+        node.wait_for_log(r"event=association_rejected calling_ae=INTRUDER")
+    finally:
+        assert node.stop() == 0
+    assert "event=audit_on" in node.log and "audit_send_failed" not in node.log
+    messages = wait_received(repository, 4)
+    _valid(messages)
+    assert [_event(m) for m in messages] == ["Application Activity", "DICOM Instances Transferred", "Security Alert",
+                                             "Application Activity"], "in the order they happened"
+    start, received, alert, stop = (parse(m.xml) for m in messages)
+    assert start.find("EventIdentification/EventTypeCode").get("originalText") == "Application Start"
+    assert stop.find("EventIdentification/EventTypeCode").get("originalText") == "Application Stop"
+    assert start.find("AuditSourceIdentification").attrib == {"AuditSourceID": "LUNGNODE",
+                                                              "AuditEnterpriseSiteID": "HOSPITAL"}
+
+    ident = received.find("EventIdentification")
+    assert (ident.get("EventActionCode"), ident.get("EventOutcomeIndicator")) == ("C", "0")
+    who = _participants(received)
+    assert who["Source Role ID"]["UserID"] == "STORESCU" and who["Source Role ID"]["UserIsRequestor"] == "true"
+    assert who["Source Role ID"]["NetworkAccessPointID"] == "127.0.0.1"
+    assert who["Destination Role ID"]["UserID"] == "LUNGNODE"
+    objs = _objects(received)
+    study = objs["Study Instance UID"]
+    assert study.get("ParticipantObjectID") == series.study_uid
+    sop_classes = study.findall("ParticipantObjectDescription/SOPClass")
+    assert [(c.get("UID"), c.get("NumberOfInstances")) for c in sop_classes] == [(series.sop_class_uid, "5")]
+    assert study.find("ParticipantObjectDescription/Accession").get("Number") == "ACC0001"
+    patient = objs["Patient Number"]
+    assert patient.get("ParticipantObjectID") == "TEST0001"
+    assert patient.findtext("ParticipantObjectName") == "Test^Phantom"
+
+    ident = alert.find("EventIdentification")
+    assert ident.find("EventTypeCode").get("originalText") == "Node Authentication"
+    assert ident.get("EventOutcomeIndicator") == "4" and "allowed_callers" in ident.findtext("EventOutcomeDescription")
+    assert _participants(alert)["INTRUDER"]["UserIsRequestor"] == "true"
+
+
+def _sender(sessions: sessionmaker[Session], dest: Destination, audit: AuditTrail) -> Sender:
+    config = Config.model_validate({"dicom": {"ae_title": "LUNGNODE", "bind_address": "127.0.0.1"},
+                                    "destinations": [dest.model_dump()], "sending": FAST})
+    sender = Sender(config, sessions, audit)
+    sender.start()
+    return sender
+
+
+def test_results_sent_and_a_send_that_failed_are_audited_over_udp(
+    tmp_path: Path, sessions: sessionmaker[Session], repository: Repository,
+) -> None:
+    if not have_dcmtk("storescp"):
+        pytest.skip("dcmtk's storescp is not installed")
+    audit = AuditTrail(AuditSettings(host="127.0.0.1", port=repository.udp, transport="udp"), ae_title="LUNGNODE")
+    audit.start()
+    objects = write_results(tmp_path / "results")
+    study_uid = str(pydicom.dcmread(objects[0].path, stop_before_pixels=True).StudyInstanceUID)
+    with storescp_running(tmp_path / "storescp") as port:
+        dest = Destination(name="store", ae_title="STORESCP", host="127.0.0.1", port=port)
+        enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
+        sender = _sender(sessions, dest, audit)
+        try:
+            sent = wait_received(repository, 1)
+        finally:
+            sender.stop()
+    down = Destination(name="down", ae_title="NOBODY", host="127.0.0.1", port=free_port())
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[down])
+    sender = _sender(sessions, down, audit)
+    try:
+        messages = wait_received(repository, 2)
+    finally:
+        sender.stop()
+        audit.stop()
+    _valid(messages)
+    assert messages[0] == sent[0]
+    ok, failed = (parse(m.xml) for m in messages)
+    assert ok.find("EventIdentification").get("EventOutcomeIndicator") == "0"
+    who = _participants(ok)
+    assert who["Source Role ID"]["UserID"] == "LUNGNODE" and who["Source Role ID"]["UserIsRequestor"] == "true"
+    assert who["Destination Role ID"]["UserID"] == "STORESCP"
+    study = _objects(ok)["Study Instance UID"]
+    assert study.get("ParticipantObjectID") == study_uid
+    counted = {c.get("UID"): int(c.get("NumberOfInstances")) for c in study.iter("SOPClass")}
+    assert counted == {o.sop_class_uid: 1 for o in objects}, "one SEG, one SR, one key image"
+
+    ident = failed.find("EventIdentification")
+    assert ident.get("EventOutcomeIndicator") == "8", "nothing delivered: a serious failure"
+    assert "3 object(s) not delivered" in ident.findtext("EventOutcomeDescription")
+    assert _participants(failed)["Destination Role ID"]["UserID"] == "NOBODY"
+    assert failed.find("ParticipantObjectIdentification") is None, "no study was transferred"
+
+
+def test_retention_deleting_images_is_audited_over_tcp(
+    tmp_path: Path, sessions: sessionmaker[Session], repository: Repository,
+) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    series = write_ct_series(tmp_path / "ct", slices=3, matrix=16)
+    for path, sop in zip(series.files, series.sop_uids):
+        target = spool.path_for(series.series_uid, sop)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    with sessions.begin() as s:
+        row = Series(study=Study(study_instance_uid=series.study_uid), series_instance_uid=series.series_uid,
+                     modality="CT", origin=SeriesOrigin.modality, state=SeriesState.complete, revision=1,
+                     completed_at=utcnow() - dt.timedelta(days=8))
+        s.add(Job(series=row, revision=1, state=JobState.done))
+    audit = AuditTrail(AuditSettings(host="127.0.0.1", port=repository.tcp, transport="tcp"), ae_title="LUNGNODE")
+    audit.start()
+    try:
+        assert purge_expired(spool, sessions, days=7, audit=audit) == 1
+        (msg,) = wait_received(repository, 1)
+    finally:
+        audit.stop()
+    _valid([msg])
+    doc = parse(msg.xml)
+    ident = doc.find("EventIdentification")
+    assert (_event(msg), ident.get("EventActionCode")) == ("DICOM Instances Accessed", "D")
+    assert "7 days" in ident.findtext("EventOutcomeDescription")
+    study = _objects(doc)["Study Instance UID"]
+    assert study.get("ParticipantObjectID") == series.study_uid
+    assert [c.get("NumberOfInstances") for c in study.iter("SOPClass")] == ["3"]
+    assert _objects(doc)["Patient Number"].get("ParticipantObjectID") == "TEST0001"
+    wait_until(lambda: not (spool.instances / series.series_uid).exists(), what="series deleted")
