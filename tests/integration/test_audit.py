@@ -22,7 +22,7 @@ from node.send.outbox import enqueue_results
 from node.send.sender import Sender
 from tests.helpers.audit import parse, schema
 from tests.helpers.certs import Pki, have_openssl, make_pki
-from tests.helpers.dcmtk import echoscu, have_dcmtk, storescp_running, storescu
+from tests.helpers.dcmtk import echoscu, have_dcmtk, run_dcmtk, storescp_running, storescu
 from tests.helpers.net import free_port
 from tests.helpers.node_proc import NodeProcess
 from tests.helpers.outbox import make_job, write_results
@@ -211,3 +211,31 @@ def test_retention_deleting_images_is_audited_over_tcp(
     assert [c.get("NumberOfInstances") for c in study.iter("SOPClass")] == ["3"]
     assert _objects(doc)["Patient Number"].get("ParticipantObjectID") == "TEST0001"
     wait_until(lambda: not (spool.instances / series.series_uid).exists(), what="series deleted")
+
+
+def test_a_caller_refused_at_the_tls_handshake_is_a_security_alert(
+    tmp_path: Path, pki: Pki, repository: Repository,
+) -> None:
+    if not have_dcmtk("echoscu"):
+        pytest.skip("dcmtk's echoscu is not installed")
+    node = NodeProcess(tmp_path / "node", settings={
+        "dicom": {"tls": {"enabled": True, "certificate": str(pki.server_cert), "private_key": str(pki.server_key),
+                          "ca_certificates": str(pki.ca)}},
+        "audit": {"host": "127.0.0.1", "port": repository.udp, "transport": "udp"},
+    })
+    node.start()
+    try:
+        stranger = run_dcmtk("echoscu", "-aec", "LUNGNODE", "+tls", pki.other_client_key, pki.other_client_cert,
+                             "+cf", pki.ca, "127.0.0.1", str(node.port), timeout=30)
+        assert stranger.returncode != 0
+        node.wait_for_log(r"event=tls_handshake_failed")
+        messages = wait_received(repository, 2)  # Application Start, then the alert
+    finally:
+        node.stop()
+    _valid(messages)
+    alert = parse(messages[1].xml)
+    ident = alert.find("EventIdentification")
+    assert ident.find("EventTypeCode").get("originalText") == "Node Authentication"
+    assert ident.findtext("EventOutcomeDescription").startswith("TLS handshake failed: certificate verify failed")
+    caller = next(p for p in alert.findall("ActiveParticipant") if p.get("UserIsRequestor") == "true")
+    assert (caller.get("UserID"), caller.get("NetworkAccessPointID")) == ("127.0.0.1", "127.0.0.1")
