@@ -15,7 +15,7 @@ esac
 
 debs=(python3 python3-venv python3-pip)
 [ "$mode" != node ] && debs+=(orthanc)  # the local PACS of `lungnode demo`
-[ "$mode" = test ] && debs+=(dcmtk dicom3tools postgresql openssl rsyslog rsyslog-gnutls)  # openssl: the TLS tests make their own CA; rsyslog: the audit repository
+[ "$mode" = test ] && debs+=(dcmtk dicom3tools postgresql openssl rsyslog rsyslog-gnutls orthanc-dicomweb socat)  # openssl: the TLS tests make their own CA; rsyslog: the audit repository; orthanc-dicomweb: the STOW-RS peer; socat: its HTTPS front
 
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

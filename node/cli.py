@@ -118,8 +118,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
                             f"(destinations: {', '.join(names) or 'none'}); use a name or all")
     failed = 0
     for dest in chosen:
-        answered, message = echo_destination(dest, calling_ae=dest.calling_ae_title or cfg.dicom.ae_title,
-                                             timeout_s=args.timeout)
+        answered, message = echo_destination(dest, ae_title=cfg.dicom.ae_title, timeout_s=args.timeout)
         print(message, file=sys.stdout if answered else sys.stderr)
         failed += not answered
     return 1 if failed else 0

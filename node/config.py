@@ -18,13 +18,16 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -347,6 +350,62 @@ class AuditSettings(Strict):
         return self
 
 
+def _web_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"{value!r} is not the http(s) URL of a DICOMweb service (e.g. "
+                         "https://pacs.hospital.example/dicom-web)")
+    return value.rstrip("/")
+
+
+WebURL = Annotated[str, AfterValidator(_web_url)]
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+class WebDestination(Strict):
+    """A DICOMweb service results are sent to by STOW-RS (PS3.18 10.5), instead of C-STORE."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: WebURL = Field(description="the DICOMweb root; objects are POSTed to URL/studies")
+    objects: list[OutputKind] = Field(
+        default_factory=lambda: list(_ALL_KINDS), description="which result objects this destination receives")
+    username: str | None = Field(default=None, min_length=1, description="HTTP Basic user, with password_file")
+    password_file: PemFile | None = Field(default=None, description="file holding the HTTP Basic password")
+    token_file: PemFile | None = Field(default=None, description="file holding a bearer token (read at each send)")
+    ca_certificates: PemFile | None = Field(default=None, description="https: PEM CA bundle; null: the system's")
+    certificate: PemFile | None = Field(default=None, description="https: PEM certificate we present, if asked")
+    private_key: PemFile | None = Field(default=None, description="https: PEM private key of that certificate")
+    check_hostname: bool = Field(default=True, description="https: the server's certificate must name its host")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WebDestination:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        if self.username is not None and self.token_file is not None:
+            raise ValueError("give username/password_file or token_file, not both")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        parts = urlsplit(self.url)
+        if parts.scheme == "http":
+            if any(v is not None for v in (self.ca_certificates, self.certificate, self.private_key)):
+                raise ValueError("ca_certificates, certificate and private_key need an https url")
+            if (self.username or self.token_file) and parts.hostname not in _LOOPBACK:
+                raise ValueError("credentials over plain http would cross the network readable: use an https url")
+        return self
+
+
+def _destination_kind(value: Any) -> str:
+    """A destination with a url is a DICOMweb one; any other a DICOM (C-STORE) one."""
+    if isinstance(value, dict):
+        return "dicomweb" if "url" in value else "dicom"
+    return "dicomweb" if isinstance(value, WebDestination) else "dicom"
+
+
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dicom")] | Annotated[WebDestination, Tag("dicomweb")], Discriminator(_destination_kind)
+]
+
+
 class SendingSettings(Strict):
     """How results are sent to the destinations: retries with exponential backoff, then failed."""
 
@@ -439,7 +498,7 @@ class Config(Strict):
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
-    destinations: list[Destination] = Field(default_factory=list)
+    destinations: list[AnyDestination] = Field(default_factory=list)
     sending: SendingSettings = Field(default_factory=SendingSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
@@ -448,7 +507,7 @@ class Config(Strict):
 
     @field_validator("destinations")
     @classmethod
-    def _unique_destination_names(cls, dests: list[Destination]) -> list[Destination]:
+    def _unique_destination_names(cls, dests: list[AnyDestination]) -> list[AnyDestination]:
         names = [d.name for d in dests]
         if len(set(names)) != len(names):  # the outbox keys every send on the destination's name
             raise ValueError(f"destination names must be unique: {', '.join(sorted(names))}")
@@ -457,7 +516,7 @@ class Config(Strict):
     @model_validator(mode="after")
     def _commitment_port_is_free(self) -> Config:
         # Both listen on dicom.bind_address: the second would fail at start-up; say it here (check-config too).
-        committing = any(d.storage_commitment for d in self.destinations)
+        committing = any(isinstance(d, Destination) and d.storage_commitment for d in self.destinations)
         if committing and self.sending.commitment_port != 0 and self.sending.commitment_port == self.dicom.port:
             raise ValueError(f"sending.commitment_port {self.sending.commitment_port} is dicom.port: the storage "
                              "commitment listener needs a port of its own (or 0 for any free port)")
@@ -514,7 +573,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def _format_error(exc: ValidationError, source: str, env_names: dict[tuple[str, ...], str]) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
+        # The destination kind pydantic chose (its union tag) is not a key IT wrote: leave it out of the path.
+        loc = tuple(str(p) for i, p in enumerate(err["loc"])
+                    if not (i == 2 and err["loc"][0] == "destinations" and p in ("dicom", "dicomweb")))
         where = ".".join(loc) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         var = next((env_names[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in env_names), None)

@@ -12,6 +12,7 @@ leaves Nagle's algorithm on: ~44 ms per C-STORE otherwise). ``stop()`` ends it w
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from typing import Any
 from node.errors import LungnodeError
 
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 class OrthancError(LungnodeError):
@@ -39,6 +41,11 @@ class _PortTaken(OrthancError):
 
 def have_orthanc() -> bool:
     return os.access(ORTHANC_BIN, os.X_OK)
+
+
+def have_dicomweb() -> bool:
+    """Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb)."""
+    return have_orthanc() and DICOMWEB_PLUGIN.is_file()
 
 
 def free_ports(n: int) -> list[int]:
@@ -87,14 +94,19 @@ class OrthancServer:
 
     def __init__(self, workdir: Path, *, ae_title: str = "ORTHANC", modalities: dict[str, Modality] | None = None,
                  extra_config: dict[str, Any] | None = None, dicom_port: int | None = None,
-                 http_port: int | None = None, name: str = "TESTPACS") -> None:
+                 http_port: int | None = None, name: str = "TESTPACS", dicomweb: bool = False,
+                 http_user: tuple[str, str] | None = None) -> None:
         """``extra_config`` is merged over the generated configuration (any Orthanc option, e.g.
-        ``{"AcceptedTransferSyntaxes": ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]}``)."""
+        ``{"AcceptedTransferSyntaxes": ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]}``). ``dicomweb`` loads the
+        DICOMweb plugin (Debian package orthanc-dicomweb) at ``/dicom-web``; ``http_user`` (name, password)
+        requires HTTP Basic authentication, which this class's own requests then send."""
         self.workdir = Path(workdir)
         self.ae_title = ae_title
         self.name = name
         self.modalities = dict(modalities or {})
         self.extra_config = dict(extra_config or {})
+        self.dicomweb = dicomweb
+        self.http_user = http_user
         self._fixed_ports = (dicom_port, http_port)
         self.dicom_port, self.http_port = self._pick_ports()
         self.config_path = self.workdir / "orthanc.json"
@@ -121,6 +133,12 @@ class OrthancServer:
             "Plugins": [], "HttpThreadsCount": 4, "ConcurrentJobs": 2,
             "DicomModalities": {name: m.entry() for name, m in self.modalities.items()},
         }
+        if self.dicomweb:
+            cfg["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        if self.http_user is not None:
+            cfg["AuthenticationEnabled"] = True
+            cfg["RegisteredUsers"] = {self.http_user[0]: self.http_user[1]}
         cfg.update(self.extra_config)
         return cfg
 
@@ -205,6 +223,9 @@ class OrthancServer:
     def _request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
                  timeout: float = 60.0) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method=method)
+        if self.http_user is not None:
+            token = base64.b64encode(":".join(self.http_user).encode()).decode("ascii")
+            req.add_header("Authorization", f"Basic {token}")
         if body is not None:
             req.add_header("Content-Type", content_type)
         with urllib.request.urlopen(req, timeout=timeout) as rsp:

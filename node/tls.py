@@ -15,8 +15,9 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
-from node.config import AuditSettings, Config, Destination, DicomSettings
+from node.config import AuditSettings, Config, Destination, DicomSettings, WebDestination
 from node.errors import LungnodeError
 from node.logs import kv
 
@@ -296,6 +297,21 @@ def destination_tls(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
     return ctx, dest.host  # sent as SNI (not for an IP address); checked only with check_hostname
 
 
+def web_tls(dest: WebDestination) -> ssl.SSLContext | None:
+    """The TLS context for an https URL: the configured CA (else the system's), our certificate if given."""
+    if urlsplit(dest.url).scheme != "https":
+        return None
+    if dest.ca_certificates is None:
+        ctx = ssl.create_default_context()
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = dest.check_hostname
+        if dest.certificate is not None and dest.private_key is not None:
+            ctx.load_cert_chain(dest.certificate, dest.private_key)
+        return ctx
+    return client_context(dest.ca_certificates, dest.certificate, dest.private_key, dest.check_hostname,
+                          f"destinations[{dest.name}]")
+
+
 def audit_tls(settings: AuditSettings) -> ssl.SSLContext | None:
     """The client context for the audit repository (``audit.transport: tls``), or None for tcp and udp."""
     t = settings.tls
@@ -309,5 +325,8 @@ def check_tls(cfg: Config) -> None:
     that does not match its certificate shows before start-up rather than at the first send."""
     listener_tls(cfg.dicom, "dicom")
     for dest in cfg.destinations:
-        destination_tls(dest)
+        if isinstance(dest, WebDestination):
+            web_tls(dest)
+        else:
+            destination_tls(dest)
     audit_tls(cfg.audit)

@@ -170,10 +170,11 @@ class AuditTrail:
                    outcome_description=f"{refused} instance(s) refused" if refused else None,
                    participants=[source, us], studies=studies)
 
-    def instances_sent(self, *, destination_ae: str, host: str, calling_ae: str, studies: list[m.StudyRecord],
-                       failed: int, error: str | None) -> None:
-        """Results sent to a destination in one association (DICOM Instances Transferred): new objects for the
-        receiver, hence action C. Nothing delivered is a serious failure, some of it a minor one."""
+    def instances_sent(self, *, destination_ae: str | None, host: str, calling_ae: str, studies: list[m.StudyRecord],
+                       failed: int, error: str | None, url: str | None = None) -> None:
+        """Results sent to a destination in one association, or by STOW-RS to ``url`` (DICOM Instances
+        Transferred): new objects for the receiver, hence action C. Nothing delivered is a serious failure, some of
+        it a minor one."""
         if not self.enabled or not (studies or failed):
             return
         delivered = sum(sum(s.sop_classes.values()) for s in studies)
@@ -181,6 +182,8 @@ class AuditTrail:
         us = m.Participant(calling_ae, requestor=True, role=m.ROLE_SOURCE,
                            alternative_user_id=f"AETITLES={calling_ae}", address=self.hostname)
         dest = self._peer(destination_ae, host, requestor=False, role=m.ROLE_DESTINATION)
+        if url is not None:
+            dest = replace(dest, user_id=url)
         self._emit(event=m.INSTANCES_TRANSFERRED, action="C", outcome=outcome,
                    outcome_description=f"{failed} object(s) not delivered: {error}" if failed else None,
                    participants=[us, dest], studies=studies)

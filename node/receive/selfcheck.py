@@ -16,7 +16,7 @@ import socket
 
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.config import Destination, DicomSettings
+from node.config import Destination, DicomSettings, WebDestination
 from node.dicom_ae import node_ae
 
 #: The calling AE title of the check (in the node's log as the caller of an association_rejected, if refused).
@@ -54,12 +54,20 @@ def echo_listener(dicom: DicomSettings, *, timeout_s: float = 10.0) -> tuple[boo
     return False, f"no DICOM listener answered at {host}:{port} within {timeout_s:g} s"
 
 
-def echo_destination(dest: Destination, *, calling_ae: str, timeout_s: float) -> tuple[bool, str]:
-    """(answered, what was found) for one destination, associating as the sender does."""
+def echo_destination(dest: Destination | WebDestination, *, ae_title: str, timeout_s: float) -> tuple[bool, str]:
+    """(answered, what was found) for one destination, reaching it as the sender does: an association and C-ECHO,
+    or for a DICOMweb destination a search with the configured credentials."""
     from pynetdicom.presentation import build_context
 
     from node.send.scu import UNCOMPRESSED, associate
 
+    if isinstance(dest, WebDestination):
+        from node.send.stow import check_service
+
+        problem = check_service(dest, timeout_s=timeout_s)
+        where = f"destination {dest.name} ({dest.url})"
+        return (True, f"{where} answered a DICOMweb search") if problem is None else (False, problem)
+    calling_ae = dest.calling_ae_title or ae_title
     where = f"destination {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}, called as {calling_ae})"
     assoc = associate(dest, [build_context(Verification, UNCOMPRESSED)], calling_ae=calling_ae, timeout_s=timeout_s)
     if isinstance(assoc, str):

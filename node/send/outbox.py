@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.config import Destination, OutputKind, SendingSettings
+from node.config import Destination, OutputKind, SendingSettings, WebDestination
 from node.db.models import Event, Job, OutboxItem, SendState, Series, utcnow
 from node.errors import LungnodeError
 from node.logs import kv
@@ -95,7 +95,7 @@ def enqueue_results(
     *,
     job_id: int,
     results_dir: Path,
-    destinations: Sequence[Destination],
+    destinations: Sequence[Destination | WebDestination],
 ) -> int:
     """Queue every object of ``results_dir/outputs.json`` for each destination whose ``objects``
     profile includes its kind; returns the number of new rows (0 when all were queued before).

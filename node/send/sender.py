@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
@@ -25,13 +26,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit import AuditTrail, no_audit
 from node.audit.studies import studies_of
-from node.config import Config, Destination
+from node.config import Config, Destination, WebDestination
 from node.db.models import SendState
 from node.dicom_ae import node_ae
 from node.errors import LungnodeError
 from node.logs import kv
 from node.send.outbox import Claimed, Outbox
 from node.send.scu import UNCOMPRESSED, StoreOutcome, store_batch
+from node.send.stow import stow_batch
 from node.tls import LoggedServerContext, listener_tls
 
 log = logging.getLogger(__name__)
@@ -123,16 +125,16 @@ class Sender:
         for name, count in self.outbox.orphaned(list(self.destinations)).items():
             log.warning(kv("send_destination_unknown", destination=name, pending=count,
                            fix="add the destination back to `destinations`, or they are never sent"))
-        if any(d.storage_commitment for d in self.destinations.values()):
+        committing = [d for d in self.destinations.values() if isinstance(d, Destination) and d.storage_commitment]
+        if committing:
             self.listener = CommitmentListener(self.outbox, bind_address=self.config.dicom.bind_address,
                                                port=self.settings.commitment_port, ae_title=self.config.dicom.ae_title,
                                                tls=listener_tls(self.config.dicom, "commitment"))
             self.listener.start()
-            for d in self.destinations.values():
-                if d.storage_commitment:  # the one set-up step the PACS side needs; say it where IT looks
-                    log.info(kv("commitment_setup", destination=d.name,
-                                report_to=f"{d.calling_ae_title or self.config.dicom.ae_title}@port {self.listener.port}",
-                                hint="the destination must know this AE title with this port"))
+            for d in committing:  # the one set-up step the PACS side needs; say it where IT looks
+                log.info(kv("commitment_setup", destination=d.name,
+                            report_to=f"{d.calling_ae_title or self.config.dicom.ae_title}@port {self.listener.port}",
+                            hint="the destination must know this AE title with this port"))
         self._thread = threading.Thread(target=self._loop, name="sender", daemon=True)
         self._thread.start()
         log.info(kv("sender_started", destinations=",".join(self.destinations) or "none",
@@ -179,13 +181,13 @@ class Sender:
             total += self._send_destination(dest)
         return total
 
-    def _send_destination(self, dest: Destination) -> int:
+    def _send_destination(self, dest: Destination | WebDestination) -> int:
         items = self.outbox.claim(dest.name, limit=self.settings.batch_size)
         pending_commit = (self.outbox.commitment_due(dest.name, limit=self.settings.batch_size)
-                          if dest.storage_commitment else [])
+                          if isinstance(dest, Destination) and dest.storage_commitment else [])
         if not items and not pending_commit:
             return 0
-        calling = dest.calling_ae_title or self.config.dicom.ae_title
+        calling = (dest.calling_ae_title if isinstance(dest, Destination) else None) or self.config.dicom.ae_title
         done: set[int] = set()
         outcomes: list[StoreOutcome] = []
         started = time.perf_counter()
@@ -197,9 +199,13 @@ class Sender:
             self._record(dest, outcome, stats)
 
         try:
-            error = store_batch(dest, items, calling_ae=calling, settings=self.settings, on_outcome=on_outcome,
-                                should_stop=self._stop.is_set, commitment_items=pending_commit,
-                                on_commitment=self._on_commitment)
+            if isinstance(dest, WebDestination):
+                error = stow_batch(dest, items, timeout_s=self.settings.connect_timeout_s, on_outcome=on_outcome,
+                                   should_stop=self._stop.is_set)
+            else:
+                error = store_batch(dest, items, calling_ae=calling, settings=self.settings, on_outcome=on_outcome,
+                                    should_stop=self._stop.is_set, commitment_items=pending_commit,
+                                    on_commitment=self._on_commitment)
         except Exception as exc:  # anything unexpected: the claimed rows must not stay in 'sending'
             error = f"{type(exc).__name__}: {exc}"
             log.exception(kv("send_batch_error", destination=dest.name))
@@ -227,17 +233,21 @@ class Sender:
             self._audit(dest, calling, outcomes, failed=stats["retry"] + stats["failed"], error=error)
         return len(items)
 
-    def _audit(self, dest: Destination, calling: str, outcomes: list[StoreOutcome], *, failed: int,
+    def _audit(self, dest: Destination | WebDestination, calling: str, outcomes: list[StoreOutcome], *, failed: int,
                error: str | None) -> None:
         """One audit message per batch: the studies of what was delivered, and how many objects were not."""
         if not self.audit.enabled:
             return
         reason = error or next((o.error for o in outcomes if not o.delivered), None)
-        self.audit.instances_sent(destination_ae=dest.ae_title, host=dest.host, calling_ae=calling,
+        if isinstance(dest, WebDestination):
+            ae_title, host, url = None, urlsplit(dest.url).hostname or "", dest.url
+        else:
+            ae_title, host, url = dest.ae_title, dest.host, None
+        self.audit.instances_sent(destination_ae=ae_title, host=host, url=url, calling_ae=calling,
                                   studies=studies_of(o.item.path for o in outcomes if o.delivered),
                                   failed=failed, error=reason)
 
-    def _record(self, dest: Destination, outcome: StoreOutcome, stats: dict[str, int]) -> None:
+    def _record(self, dest: Destination | WebDestination, outcome: StoreOutcome, stats: dict[str, int]) -> None:
         item = outcome.item
         if outcome.delivered:
             assert outcome.status is not None
