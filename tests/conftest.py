@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.config import Config
 from node.db.ingest import IngestLedger
 from node.db.session import make_engine, make_sessionmaker, upgrade_schema
+from tests.helpers.certs import Pki, have_openssl, make_pki
 from tests.helpers.dcmtk import have_dcmtk
 from tests.helpers.net import free_port
 from tests.helpers.node_proc import REPO, NodeProcess
@@ -117,3 +118,11 @@ def sender_factory(sessions: sessionmaker[Session]) -> Iterator[Callable[[Config
     yield make
     for sender in senders:
         sender.stop()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A test PKI (hospital CA, node and caller certificates, a stranger CA) made with the openssl command."""
+    if not have_openssl():
+        pytest.skip("the openssl command is not installed (Debian package openssl)")
+    return make_pki(tmp_path_factory.mktemp("pki"))

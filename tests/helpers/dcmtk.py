@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,16 +72,11 @@ def which_dcmtk() -> str | None:
     return shutil.which(str(dcmtk_path("storescu")))
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @contextmanager
 def storescp_running(out: Path, *options: str | Path) -> Iterator[int]:
     """dcmtk's storescp (AE title STORESCP) writing what it receives to ``out``, on a free 127.0.0.1 port
     it yields; ``options`` before the port, e.g. ``+xi`` (Implicit VR only) or ``+tls KEY CERT +cf CA``."""
-    from tests.helpers.net import free_port
+    from tests.helpers.net import free_port, listening
     from tests.helpers.wait import wait_until
 
     if not have_dcmtk("storescp"):
@@ -93,7 +87,7 @@ def storescp_running(out: Path, *options: str | Path) -> Iterator[int]:
                              str(port)], env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: _listening(port), timeout=10, what="storescp listening")
+        wait_until(lambda: listening(port), timeout=10, what="storescp listening")
         yield port
     finally:
         proc.terminate()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.helpers.certs import Pki
-from tests.helpers.net import free_port
+from tests.helpers.net import free_port, listening
 from tests.helpers.wait import wait_until
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
@@ -61,11 +60,6 @@ input(type="imtcp" address="127.0.0.1" port="{tls}" ruleset="audit" streamDriver
 """
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @contextmanager
 def rsyslog_running(folder: Path, pki: Pki) -> Iterator[Repository]:
     """rsyslogd in the foreground; its TLS input presents the PKI's server certificate and wants a client
@@ -78,7 +72,7 @@ def rsyslog_running(folder: Path, pki: Pki) -> Iterator[Repository]:
     proc = subprocess.Popen([RSYSLOGD, "-n", "-f", str(conf), "-i", str(folder / "rsyslogd.pid")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until(lambda: proc.poll() is not None or (_listening(repo.tcp) and _listening(repo.tls)), timeout=20,
+        wait_until(lambda: proc.poll() is not None or (listening(repo.tcp) and listening(repo.tls)), timeout=20,
                    interval=0.05, what="rsyslogd listening")
         if proc.poll() is not None:
             raise RuntimeError(f"rsyslogd exited: {proc.stdout.read() if proc.stdout else ''}")

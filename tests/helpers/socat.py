@@ -4,23 +4,17 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.helpers.net import free_port
+from tests.helpers.net import free_port, listening
 from tests.helpers.wait import wait_until
 
 
 def have_socat() -> bool:
     return shutil.which("socat") is not None
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @contextmanager
@@ -33,7 +27,7 @@ def tls_front(target_port: int, *, certificate: Path, private_key: Path, folder:
     proc = subprocess.Popen(["socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={pem},verify=0",
                              f"TCP:127.0.0.1:{target_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _listening(port), timeout=10, what="socat listening")
+        wait_until(lambda: listening(port), timeout=10, what="socat listening")
         yield port
     finally:
         proc.terminate()

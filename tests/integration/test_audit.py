@@ -21,7 +21,7 @@ from node.receive.spool import Spool
 from node.send.outbox import enqueue_results
 from node.send.sender import Sender
 from tests.helpers.audit import parse, schema
-from tests.helpers.certs import Pki, have_openssl, make_pki
+from tests.helpers.certs import Pki
 from tests.helpers.dcmtk import echoscu, have_dcmtk, run_dcmtk, storescp_running, storescu
 from tests.helpers.net import free_port
 from tests.helpers.node_proc import NodeProcess
@@ -35,13 +35,6 @@ pytestmark = pytest.mark.skipif(not have_rsyslog(), reason="rsyslogd with rsyslo
 
 FAST = {"retry_base_s": 0.2, "retry_factor": 2.0, "retry_max_delay_s": 1.0, "poll_interval_s": 0.1,
         "connect_timeout_s": 5, "max_attempts": 1}
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    if not have_openssl():
-        pytest.skip("openssl is not installed (the test PKI)")
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
@@ -128,12 +121,18 @@ def test_serve_audits_start_images_received_a_refused_caller_and_stop_over_mutua
     assert _participants(alert)["INTRUDER"]["UserIsRequestor"] == "true"
 
 
-def _sender(sessions: sessionmaker[Session], dest: Destination, audit: AuditTrail) -> Sender:
+def _send(sessions: sessionmaker[Session], dest: Destination, audit: AuditTrail, results: Path,
+          repository: Repository, *, messages: int) -> list[Received]:
+    """Queue ``results`` for ``dest``, run a sender until the repository holds ``messages`` audit messages."""
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=results, destinations=[dest])
     config = Config.model_validate({"dicom": {"ae_title": "LUNGNODE", "bind_address": "127.0.0.1"},
                                     "destinations": [dest.model_dump()], "sending": FAST})
     sender = Sender(config, sessions, audit)
     sender.start()
-    return sender
+    try:
+        return wait_received(repository, messages)
+    finally:
+        sender.stop()
 
 
 def test_results_sent_and_a_send_that_failed_are_audited_over_udp(
@@ -145,21 +144,13 @@ def test_results_sent_and_a_send_that_failed_are_audited_over_udp(
     audit.start()
     objects = write_results(tmp_path / "results")
     study_uid = str(pydicom.dcmread(objects[0].path, stop_before_pixels=True).StudyInstanceUID)
-    with storescp_running(tmp_path / "storescp") as port:
-        dest = Destination(name="store", ae_title="STORESCP", host="127.0.0.1", port=port)
-        enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
-        sender = _sender(sessions, dest, audit)
-        try:
-            sent = wait_received(repository, 1)
-        finally:
-            sender.stop()
-    down = Destination(name="down", ae_title="NOBODY", host="127.0.0.1", port=free_port())
-    enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[down])
-    sender = _sender(sessions, down, audit)
     try:
-        messages = wait_received(repository, 2)
+        with storescp_running(tmp_path / "storescp") as port:
+            dest = Destination(name="store", ae_title="STORESCP", host="127.0.0.1", port=port)
+            sent = _send(sessions, dest, audit, tmp_path / "results", repository, messages=1)
+        down = Destination(name="down", ae_title="NOBODY", host="127.0.0.1", port=free_port())
+        messages = _send(sessions, down, audit, tmp_path / "results", repository, messages=2)
     finally:
-        sender.stop()
         audit.stop()
     _valid(messages)
     assert messages[0] == sent[0]

@@ -16,7 +16,7 @@ from node.config import Config
 from node.db.models import SendState
 from node.orthanc import have_dicomweb
 from node.send.outbox import enqueue_results
-from tests.helpers.certs import Pki, have_openssl, make_pki
+from tests.helpers.certs import Pki
 from tests.helpers.net import free_port
 from tests.helpers.node_proc import run_cli
 from tests.helpers.orthanc import OrthancServer
@@ -29,13 +29,6 @@ pytestmark = pytest.mark.skipif(not have_dicomweb(), reason="Orthanc's DICOMweb 
                                 "(Debian packages orthanc and orthanc-dicomweb)")
 
 USER = ("lungnode", "s3cret-pw")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    if not have_openssl():
-        pytest.skip("openssl is not installed (the test PKI)")
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

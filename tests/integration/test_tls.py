@@ -22,7 +22,7 @@ from node.send.outbox import enqueue_results
 from node.send.sender import Sender
 from node.tls import HANDSHAKE_TIMEOUT_S
 from tests.conftest import NodeFactory
-from tests.helpers.certs import Pki, have_openssl, make_pki
+from tests.helpers.certs import Pki
 from tests.helpers.dcmtk import run_dcmtk, storescp_running
 from tests.helpers.net import free_port
 from tests.helpers.node_proc import NodeProcess, run_cli
@@ -33,13 +33,6 @@ from tests.helpers.wait import wait_until
 from tests.integration.test_send import make_config, outbox_rows, wait_states
 
 pytestmark = pytest.mark.usefixtures("require_dcmtk")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    if not have_openssl():
-        pytest.skip("the openssl command is not installed (Debian package openssl)")
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def tls_settings(pki: Pki, *, client_certificates: bool = True) -> dict[str, Any]:
