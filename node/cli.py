@@ -107,6 +107,12 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     setup_logging("WARNING")
+    if args.audit:
+        from node.audit.trail import check_repository
+
+        answered, message = check_repository(cfg.audit)
+        print(message, file=sys.stdout if answered else sys.stderr)
+        return 0 if answered else 1
     if args.destination is None:
         answered, message = echo_listener(cfg.dicom, timeout_s=args.timeout)
         print(message, file=sys.stdout if answered else sys.stderr)
@@ -266,13 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
         "127.0.0.1 when it listens on all addresses) from this machine, with the calling AE title LUNGNODE-CHECK. "
         "A refusal of that caller by dicom.allowed_callers still shows the listener answers. With dicom.tls, only "
         "the TCP connection is checked. With --destination: a C-ECHO to that destination instead, as the sender "
-        "associates. Exit status: 0 it answered, 1 it did not (the reason on stderr), 2 bad configuration or no "
-        "such destination.",
+        "associates (a DICOMweb destination: a search with its credentials). With --audit: a connection to the audit "
+        "repository (audit.host) as the audit trail makes it, TLS handshake included; nothing is sent. Exit status: "
+        "0 it answered, 1 it did not (the reason on stderr), 2 bad configuration or no such destination.",
     )
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds to wait (default 10)")
-    p.add_argument("--destination", metavar="NAME",
-                   help="instead, C-ECHO the configured destination NAME (or all of them) as the sender associates: "
-                        "its calling AE title, TLS and host; exit 1 when one does not answer, with what to check")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--destination", metavar="NAME",
+                       help="instead, C-ECHO the configured destination NAME (or all of them) as the sender associates: "
+                            "its calling AE title, TLS and host; exit 1 when one does not answer, with what to check")
+    which.add_argument("--audit", action="store_true",
+                       help="instead, connect to the audit repository (audit.host, audit.transport) and close again")
     _config_arg(p)
     p.set_defaults(func=cmd_echo)
 

@@ -93,11 +93,16 @@ class StreamTransport:
         finally:
             sock.settimeout(self.timeout_s)
 
+    def connect(self) -> None:
+        """Open the connection now (it is otherwise opened by the first message)."""
+        if self._sock is None:
+            self._sock = self._connect()
+
     def send(self, message: bytes) -> None:
         if self._sock is not None and self._closed_by_peer(self._sock):
             self.close()
-        if self._sock is None:
-            self._sock = self._connect()
+        self.connect()
+        assert self._sock is not None
         try:
             self._sock.sendall(str(len(message)).encode("ascii") + b" " + message)
         except BaseException:

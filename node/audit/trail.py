@@ -20,6 +20,7 @@ from dataclasses import replace
 from node.audit import messages as m
 from node.audit.syslog import StreamTransport, Transport, UdpTransport, frame
 from node.config import AuditSettings
+from node.errors import LungnodeError
 from node.logs import kv
 from node.tls import audit_tls
 
@@ -42,6 +43,24 @@ def _os_user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
+
+
+def check_repository(settings: AuditSettings) -> tuple[bool, str]:
+    """(reachable, what was found) for ``lungnode echo --audit``: a connection as the trail makes it (TLS handshake
+    with our certificate included), closed again without sending anything."""
+    if settings.host is None:
+        return False, "audit.host is not set: no audit messages are sent"
+    where = f"audit repository {settings.host}:{settings.port} ({settings.transport})"
+    if settings.transport == "udp":
+        return True, f"{where}: UDP has no connection to check; messages are sent blind (RFC 5426)"
+    try:
+        transport = transport_for(settings)
+        assert isinstance(transport, StreamTransport)
+        transport.connect()
+        transport.close()
+    except (OSError, LungnodeError) as exc:
+        return False, f"{where}: cannot connect: {exc}"
+    return True, f"{where} accepted a connection" + (" and the TLS handshake" if settings.transport == "tls" else "")
 
 
 class AuditTrail:

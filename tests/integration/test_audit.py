@@ -11,6 +11,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import yaml
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit import AuditTrail
@@ -24,9 +25,9 @@ from tests.helpers.audit import parse, schema
 from tests.helpers.certs import Pki
 from tests.helpers.dcmtk import echoscu, have_dcmtk, run_dcmtk, storescp_running, storescu
 from tests.helpers.net import free_port
-from tests.helpers.node_proc import NodeProcess
+from tests.helpers.node_proc import NodeProcess, run_cli
 from tests.helpers.outbox import make_job, write_results
-from tests.helpers.rsyslog import Received, Repository, have_rsyslog, rsyslog_running, wait_received
+from tests.helpers.rsyslog import Received, Repository, have_rsyslog, received, rsyslog_running, wait_received
 from tests.helpers.series import write_ct_series
 from tests.helpers.wait import wait_until
 
@@ -93,19 +94,19 @@ def test_serve_audits_start_images_received_a_refused_caller_and_stop_over_mutua
     _valid(messages)
     assert [_event(m) for m in messages] == ["Application Activity", "DICOM Instances Transferred", "Security Alert",
                                              "Application Activity"], "in the order they happened"
-    start, received, alert, stop = (parse(m.xml) for m in messages)
+    start, transferred, alert, stop = (parse(m.xml) for m in messages)
     assert start.find("EventIdentification/EventTypeCode").get("originalText") == "Application Start"
     assert stop.find("EventIdentification/EventTypeCode").get("originalText") == "Application Stop"
     assert start.find("AuditSourceIdentification").attrib == {"AuditSourceID": "LUNGNODE",
                                                               "AuditEnterpriseSiteID": "HOSPITAL"}
 
-    ident = received.find("EventIdentification")
+    ident = transferred.find("EventIdentification")
     assert (ident.get("EventActionCode"), ident.get("EventOutcomeIndicator")) == ("C", "0")
-    who = _participants(received)
+    who = _participants(transferred)
     assert who["Source Role ID"]["UserID"] == "STORESCU" and who["Source Role ID"]["UserIsRequestor"] == "true"
     assert who["Source Role ID"]["NetworkAccessPointID"] == "127.0.0.1"
     assert who["Destination Role ID"]["UserID"] == "LUNGNODE"
-    objs = _objects(received)
+    objs = _objects(transferred)
     study = objs["Study Instance UID"]
     assert study.get("ParticipantObjectID") == series.study_uid
     sop_classes = study.findall("ParticipantObjectDescription/SOPClass")
@@ -230,3 +231,20 @@ def test_a_caller_refused_at_the_tls_handshake_is_a_security_alert(
     assert ident.findtext("EventOutcomeDescription").startswith("TLS handshake failed: certificate verify failed")
     caller = next(p for p in alert.findall("ActiveParticipant") if p.get("UserIsRequestor") == "true")
     assert (caller.get("UserID"), caller.get("NetworkAccessPointID")) == ("127.0.0.1", "127.0.0.1")
+
+
+def test_echo_audit_checks_the_way_to_the_repository(tmp_path: Path, pki: Pki, repository: Repository) -> None:
+    config_file = tmp_path / "config.yaml"
+    tls = {"ca_certificates": str(pki.ca), "certificate": str(pki.client_cert), "private_key": str(pki.client_key)}
+    cases = [({"port": repository.tls, "tls": tls}, 0, "accepted a connection and the TLS handshake"),
+             ({"port": repository.tls, "tls": {**tls, "ca_certificates": str(pki.other_ca)}}, 1,
+              "certificate verify failed"),
+             ({"port": free_port(), "tls": tls}, 1, "cannot connect"),
+             ({"port": repository.tcp, "transport": "tcp"}, 0, "accepted a connection"),
+             ({"port": repository.udp, "transport": "udp"}, 0, "UDP has no connection to check")]
+    for audit, code, said in cases:
+        config_file.write_text(yaml.safe_dump({"audit": {"host": "127.0.0.1", **audit}}))
+        echo = run_cli("echo", "--config", config_file, "--audit")
+        assert echo.returncode == code, echo.stdout + echo.stderr
+        assert said in echo.stdout + echo.stderr
+    assert received(repository) == [], "a check sends no audit message"

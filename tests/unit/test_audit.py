@@ -206,3 +206,20 @@ def test_tls_transport_needs_the_repository_ca() -> None:
     assert Config.model_validate({"audit": {"host": "audit.hospital.example", "transport": "udp"}}).audit.port == 6514
     with pytest.raises(ValidationError, match="audit.transport"):
         Config.model_validate({"audit": {"host": "10.0.0.1", "transport": "smtp"}})
+
+
+def test_a_stow_rs_destination_is_named_by_its_url() -> None:
+    url = "https://vna.hospital.example/dicom-web"
+    with udp_repository() as (port, sock):
+        trail = _trail(port)
+        trail.start()
+        try:
+            trail.instances_sent(destination_ae=None, host="vna.hospital.example", url=url, calling_ae="LUNGNODE",
+                                 studies=[study()], failed=0, error=None)
+            doc = parse(xml_of(sock.recv(65535)))
+        finally:
+            trail.stop()
+    assert schema().validate(doc)
+    (dest,) = [p for p in doc.findall("ActiveParticipant") if p.find("RoleIDCode").get("csd-code") == "110152"]
+    assert (dest.get("UserID"), dest.get("AlternativeUserID")) == (url, None)
+    assert (dest.get("NetworkAccessPointID"), dest.get("NetworkAccessPointTypeCode")) == ("vna.hospital.example", "1")
