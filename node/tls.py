@@ -158,13 +158,17 @@ def server_context(certificate: Path, private_key: Path, ca_certificates: Path |
     return ctx
 
 
-def client_context(ca_certificates: Path, certificate: Path | None, private_key: Path | None,
+def client_context(ca_certificates: Path | None, certificate: Path | None, private_key: Path | None,
                    check_hostname: bool, where: str, crl: Path | None = None) -> ssl.SSLContext:
-    """For sending to a destination: trust only ``ca_certificates``; present ours when the peer asks."""
+    """For sending to a destination: trust only ``ca_certificates`` (None: the system's CAs, for a DICOMweb server
+    with a public certificate); present ours when the peer asks."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = check_hostname
-    _load_cas(ctx, ca_certificates, f"{where}.ca_certificates")
+    if ca_certificates is None:
+        ctx.load_default_certs()
+    else:
+        _load_cas(ctx, ca_certificates, f"{where}.ca_certificates")
     _load_crl(ctx, crl, f"{where}.crl")
     if certificate is not None and private_key is not None:
         _load_chain(ctx, certificate, private_key, where)
@@ -301,13 +305,6 @@ def web_tls(dest: WebDestination) -> ssl.SSLContext | None:
     """The TLS context for an https URL: the configured CA (else the system's), our certificate if given."""
     if urlsplit(dest.url).scheme != "https":
         return None
-    if dest.ca_certificates is None:
-        ctx = ssl.create_default_context()
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.check_hostname = dest.check_hostname
-        if dest.certificate is not None and dest.private_key is not None:
-            ctx.load_cert_chain(dest.certificate, dest.private_key)
-        return ctx
     return client_context(dest.ca_certificates, dest.certificate, dest.private_key, dest.check_hostname,
                           f"destinations[{dest.name}]")
 

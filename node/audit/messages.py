@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import ipaddress
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -52,7 +53,6 @@ class Participant:
     requestor: bool
     role: Code | None = None
     alternative_user_id: str | None = None
-    user_name: str | None = None
     address: str | None = None  # IP address or host name (told apart when written)
 
 
@@ -74,15 +74,17 @@ def _coded(parent: ET.Element, tag: str, code: Code) -> ET.Element:
 
 
 def _is_ip(address: str) -> bool:
-    return bool(re.fullmatch(r"[0-9.]+|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*", address))
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def _participant(root: ET.Element, p: Participant) -> None:
     attrs = {"UserID": _text(p.user_id)}
     if p.alternative_user_id:
         attrs["AlternativeUserID"] = _text(p.alternative_user_id)
-    if p.user_name:
-        attrs["UserName"] = _text(p.user_name)
     attrs["UserIsRequestor"] = "true" if p.requestor else "false"
     if p.address:
         attrs["NetworkAccessPointID"] = p.address
@@ -125,14 +127,13 @@ def build(
     event_type: Code | None = None,
     outcome_description: str | None = None,
     studies: list[StudyRecord] | None = None,
-    when: dt.datetime | None = None,
 ) -> str:
     """One AuditMessage document (no XML declaration: syslog carries it as UTF-8 after a BOM)."""
     root = ET.Element("AuditMessage")
     attrs: dict[str, str] = {}
     if action is not None:
         attrs["EventActionCode"] = action
-    attrs["EventDateTime"] = (when or dt.datetime.now(dt.timezone.utc)).isoformat(timespec="milliseconds")
+    attrs["EventDateTime"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
     attrs["EventOutcomeIndicator"] = outcome
     ident = ET.SubElement(root, "EventIdentification", attrs)
     _coded(ident, "EventID", event)

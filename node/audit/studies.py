@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 _TAGS = ["SOPClassUID", "StudyInstanceUID", "PatientID", "PatientName", "AccessionNumber", "StudyDate"]
 
 
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    return str(ds.get(keyword) or "") or None
+
+
 def studies_of(paths: Iterable[Path]) -> list[StudyRecord]:
     """One record per study, counting the files per SOP class; a file that cannot be read is left out (logged)."""
     studies: dict[str, StudyRecord] = {}
@@ -30,10 +34,9 @@ def studies_of(paths: Iterable[Path]) -> list[StudyRecord]:
             continue
         study = studies.get(uid)
         if study is None:
-            study = studies[uid] = StudyRecord(
-                uid, patient_id=str(ds.get("PatientID", "") or "") or None,
-                patient_name=str(ds.get("PatientName", "") or "") or None,
-                accession=str(ds.get("AccessionNumber", "") or "") or None,
-                study_date=str(ds.get("StudyDate", "") or "") or None)
+            study = studies[uid] = StudyRecord(uid, patient_id=_text(ds, "PatientID"),
+                                               patient_name=_text(ds, "PatientName"),
+                                               accession=_text(ds, "AccessionNumber"),
+                                               study_date=_text(ds, "StudyDate"))
         study.sop_classes[sop_class] += 1
     return list(studies.values())

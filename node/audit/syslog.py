@@ -28,11 +28,10 @@ def _header_field(value: str, limit: int) -> str:
     return text or "-"
 
 
-def frame(xml: str, *, hostname: str, when: dt.datetime | None = None, procid: int | None = None) -> bytes:
+def frame(xml: str, *, hostname: str) -> bytes:
     """One RFC 5424 message carrying ``xml`` (UTF-8, after a BOM as the RFC asks for UTF-8 content)."""
-    stamp = (when or dt.datetime.now(dt.timezone.utc)).isoformat(timespec="milliseconds")
-    header = (f"<{PRI}>1 {stamp} {_header_field(hostname, 255)} {APP_NAME} "
-              f"{_header_field(str(procid or os.getpid()), 128)} {MSGID} -")
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    header = f"<{PRI}>1 {stamp} {_header_field(hostname, 255)} {APP_NAME} {os.getpid()} {MSGID} -"
     return header.encode("ascii") + b" " + _BOM + xml.encode("utf-8")
 
 

@@ -159,7 +159,10 @@ class AuditTrail:
                                            transport=self.settings.transport, reason=f"{type(exc).__name__}: {exc}",
                                            effect="audit messages wait in the queue and are sent once it answers"))
                         if self._stop.wait(wait_s):
-                            self._queue.put_nowait(message)  # counted as unsent by stop()
+                            try:
+                                self._queue.put_nowait(message)  # counted as unsent by stop()
+                            except queue.Full:
+                                self._dropped += 1
                             return
                         wait_s = min(wait_s * 2, _RETRY_MAX_S)
                 if failing_since is not None:
