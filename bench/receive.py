@@ -24,7 +24,11 @@ With ``--tls`` every transfer uses DICOM TLS (a throw-away CA from tests/helpers
 and storescp with ``+tls``, the node with dicom.tls and client certificates required), so the ratio
 says what the node costs over dcmtk when both encrypt.
 
-    .venv/bin/python bench/receive.py [--rounds 5] [--slices 300] [--matrix 512] [--tls] [--json FILE]
+With ``--audit`` a fourth target is the node with its IHE ATNA audit trail on (audit.transport udp, to a socket of
+this script that reads and counts the messages), so the two lungnode ratios show what auditing costs the receive
+path; the script checks that one DICOM Instances Transferred message arrived per timed association.
+
+    .venv/bin/python bench/receive.py [--rounds 5] [--slices 300] [--matrix 512] [--tls] [--audit] [--json FILE]
 """
 
 from __future__ import annotations
@@ -114,7 +118,26 @@ def _handler_ms(log_text: str) -> float | None:
     return float(found[-1]) if found else None
 
 
-def run_node(series: Path, warmup: Path, work: Path, *, fast: bool) -> float:
+class AuditSink:
+    """A UDP socket that takes the node's audit messages and counts the DICOM Instances Transferred ones."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+
+    def transferred(self, wait_for: int, timeout: float = 10.0) -> int:
+        count, deadline = 0, time.monotonic() + timeout
+        while count < wait_for and time.monotonic() < deadline:
+            try:
+                count += b'csd-code="110104"' in self.sock.recv(65535)
+            except TimeoutError:
+                continue
+        return count
+
+
+def run_node(series: Path, warmup: Path, work: Path, *, fast: bool, audit: AuditSink | None = None) -> float:
     home = work / "node"
     home.mkdir()
     port = free_port()
@@ -129,6 +152,9 @@ def run_node(series: Path, warmup: Path, work: Path, *, fast: bool) -> float:
         LUNGNODE_LOGGING__LEVEL="INFO",
         LUNGNODE_WORKERS__COUNT="0",
     )
+    if audit is not None:
+        env.update(LUNGNODE_AUDIT__HOST="127.0.0.1", LUNGNODE_AUDIT__PORT=str(audit.port),
+                   LUNGNODE_AUDIT__TRANSPORT="udp")
     if TLS:
         env.update(LUNGNODE_DICOM__TLS__ENABLED="true", LUNGNODE_DICOM__TLS__CERTIFICATE=str(TLS.server_cert),
                    LUNGNODE_DICOM__TLS__PRIVATE_KEY=str(TLS.server_key), LUNGNODE_DICOM__TLS__CA_CERTIFICATES=str(TLS.ca))
@@ -144,9 +170,11 @@ def run_node(series: Path, warmup: Path, work: Path, *, fast: bool) -> float:
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\nlungnode log (tail):\n{log.read_text()[-3000:]}") from exc
         wait_log(log, "event=association_released", count=2)
+        if audit is not None and audit.transferred(2) != 2:  # the warm-up's and the timed association's
+            raise RuntimeError("the audited node did not send one Instances Transferred message per association")
         handler = _handler_ms(log.read_text())
         if handler is not None:
-            HANDLER_MS.setdefault("fast" if fast else "stock", []).append(handler)
+            HANDLER_MS.setdefault("audit" if audit else "fast" if fast else "stock", []).append(handler)
         return elapsed
     finally:
         proc.terminate()
@@ -170,6 +198,7 @@ def main() -> int:
     ap.add_argument("--skip-stock", action="store_true", help="do not measure pynetdicom's stock receive loop")
     ap.add_argument("--series", type=Path, help="send this folder of IM*.dcm files instead of a synthetic series")
     ap.add_argument("--tls", action="store_true", help="every transfer over DICOM TLS (needs the openssl command)")
+    ap.add_argument("--audit", action="store_true", help="also measure the node with its audit trail on (UDP)")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
     ap.add_argument("--workdir", type=Path, default=ROOT / "var" / "bench",
                     help="where both receivers write (default: var/bench, beside the node's default spool)")
@@ -178,9 +207,12 @@ def main() -> int:
         if not Path(tool).exists():
             sys.exit(f"{tool} not found: install Debian's dcmtk (bash deploy/install.sh --test)")
 
-    targets = {"storescp": None, "lungnode": True}
+    targets: dict[str, bool | None] = {"storescp": None, "lungnode": True}
     if not args.skip_stock:
         targets["lungnode-stock-pynetdicom"] = False
+    sink = AuditSink() if args.audit else None
+    if sink is not None:
+        targets["lungnode-audit"] = True
     times: dict[str, list[float]] = {name: [] for name in targets}
     args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lungnode-bench-", dir=args.workdir) as tmp:
@@ -202,7 +234,8 @@ def main() -> int:
         mb = sum(p.stat().st_size for p in series.glob("IM*.dcm")) / 1e6
         for r in range(args.rounds):
             for name, fast in targets.items():
-                t = run_storescp(series, warmup, work) if fast is None else run_node(series, warmup, work, fast=fast)
+                t = (run_storescp(series, warmup, work) if fast is None else
+                     run_node(series, warmup, work, fast=fast, audit=sink if name == "lungnode-audit" else None))
                 times[name].append(t)
                 print(f"round {r + 1}/{args.rounds} {name:28} {t:6.2f} s  {args.slices / t:7.0f} slices/s",
                       file=sys.stderr)
@@ -212,13 +245,15 @@ def main() -> int:
     result = {
         "series": {"slices": args.slices, "matrix": args.matrix, "megabytes": round(mb, 1)},
         "tls": args.tls,
+        "audit": args.audit,
         "rounds": args.rounds,
         "targets": {
             name: {
                 "median_s": round(statistics.median(ts), 3),
                 "handler_ms_per_instance": (
                     round(statistics.median(HANDLER_MS[key]), 2)
-                    if (key := {"lungnode": "fast", "lungnode-stock-pynetdicom": "stock"}.get(name)) in HANDLER_MS
+                    if (key := {"lungnode": "fast", "lungnode-stock-pynetdicom": "stock",
+                                "lungnode-audit": "audit"}.get(name)) in HANDLER_MS
                     else None
                 ),
                 "slices_per_s": round(args.slices / statistics.median(ts), 1),
