@@ -227,9 +227,10 @@ class Sender:
         elif left:  # stopped between objects: not an attempt
             self.outbox.release([item.id for item in left])
         if items:
-            log.info(kv("send_batch", destination=dest.name, calling_ae=calling, jobs=_jobs(items), objects=len(items),
-                        sent=stats["sent"],
-                        retry=stats["retry"], failed=stats["failed"], seconds=f"{time.perf_counter() - started:.2f}"))
+            log.info(kv("send_batch", destination=dest.name,
+                        calling_ae=calling if isinstance(dest, Destination) else None, jobs=_jobs(items),
+                        objects=len(items), sent=stats["sent"], retry=stats["retry"], failed=stats["failed"],
+                        seconds=f"{time.perf_counter() - started:.2f}"))
             self._audit(dest, calling, outcomes, failed=stats["retry"] + stats["failed"], error=error)
         return len(items)
 
