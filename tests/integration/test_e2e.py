@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import socket
 import tarfile
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from pydicom.uid import generate_uid
 
 from node.synthetic import PhantomSpec, SeriesOptions, make_phantom, write_series
 from tests.conftest import LIDC_0001, NodeFactory
+from tests.helpers.audit import parse, schema, udp_repository, xml_of
 from tests.helpers.dcmtk import storescu
 from tests.helpers.net import free_port
 from tests.helpers.node_proc import NodeProcess, query_sqlite
@@ -135,12 +137,47 @@ def assert_exactly_once(pacs: OrthancServer, node: NodeProcess, objects: list[di
 
 
 @pytest.fixture
-def loop(tmp_path: Path, node_factory: NodeFactory) -> Iterator[tuple[OrthancServer, NodeProcess]]:
+def audit_sink() -> Iterator[tuple[int, socket.socket]]:
+    """A UDP socket standing in for the hospital's audit repository (the node's audit trail sends there)."""
+    with udp_repository() as sink:
+        yield sink
+
+
+@pytest.fixture
+def loop(tmp_path: Path, node_factory: NodeFactory,
+         audit_sink: tuple[int, socket.socket]) -> Iterator[tuple[OrthancServer, NodeProcess]]:
     port = free_port()
     pacs = start_pacs(tmp_path / "pacs", port)
-    node = node_factory("node", port=port, settings=node_settings(pacs))
+    audit = {"audit": {"host": "127.0.0.1", "port": audit_sink[0], "transport": "udp"}}
+    node = node_factory("node", port=port, settings={**node_settings(pacs), **audit})
     yield pacs, node
     pacs.stop()
+
+
+def audit_messages(sink: socket.socket) -> list[Any]:
+    """The audit messages the node sent so far, parsed, each checked against the DICOM schema."""
+    rng, out = schema(), []
+    sink.settimeout(1.0)
+    while True:
+        try:
+            doc = parse(xml_of(sink.recv(65535)))
+        except TimeoutError:
+            return out
+        assert rng.validate(doc), rng.error_log.last_error
+        out.append(doc)
+
+
+def transfers(messages: list[Any]) -> dict[str, dict[str, int]]:
+    """DICOM Instances Transferred messages by their source's AE title: SOP class UID -> instances."""
+    out: dict[str, dict[str, int]] = {}
+    for doc in messages:
+        if doc.find("EventIdentification/EventID").get("csd-code") != "110104":
+            continue
+        source = next(p for p in doc.findall("ActiveParticipant") if p.find("RoleIDCode").get("csd-code") == "110153")
+        counts = out.setdefault(source.get("UserID"), {})
+        for c in doc.iter("SOPClass"):
+            counts[c.get("UID")] = counts.get(c.get("UID"), 0) + int(c.get("NumberOfInstances"))
+    return out
 
 
 def check_objects_from_pacs(pacs: OrthancServer, objects: list[dict[str, str]], result: dict[str, Any],
@@ -176,7 +213,8 @@ def check_objects_from_pacs(pacs: OrthancServer, objects: list[dict[str, str]], 
 
 
 def test_synthetic_study_round_trip_and_a_repush_adds_nothing(loop: tuple[OrthancServer, NodeProcess],
-                                                               tmp_path: Path) -> None:
+                                                               tmp_path: Path,
+                                                               audit_sink: tuple[int, socket.socket]) -> None:
     pacs, node = loop
     files = synthetic_study(tmp_path / "ct", seed=3)
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
@@ -187,6 +225,13 @@ def test_synthetic_study_round_trip_and_a_repush_adds_nothing(loop: tuple[Orthan
     assert result["status"] == "ok"
     check_objects_from_pacs(pacs, objects, result, source)
     assert_exactly_once(pacs, node, objects)
+    # The audit trail (IHE ATNA) told the repository both transfers: the CT in from the PACS, the results out.
+    moved = transfers(audit_messages(audit_sink[1]))
+    assert moved[PACS_AE] == {str(source.SOPClassUID): len(files)}
+    sent: dict[str, int] = {}
+    for obj in objects:
+        sent[obj["sop_class_uid"]] = sent.get(obj["sop_class_uid"], 0) + 1
+    assert moved[NODE_AE] == sent
 
     # Orthanc re-pushes the whole study, our results included: nothing new is analysed or sent.
     jobs_before = query_sqlite(node.db_path, "SELECT COUNT(*) AS n FROM jobs")[0]["n"]
