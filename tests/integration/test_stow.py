@@ -164,6 +164,14 @@ def test_https_with_the_hospital_ca_and_a_server_it_did_not_sign(
             else:
                 assert "certificate verify failed" in echo.stderr.lower(), echo.stderr
 
+        # Without ca_certificates the system's CAs decide (OpenSSL reads SSL_CERT_FILE in their place here).
+        config_file.write_text(yaml.safe_dump({"destinations": [
+            _web(url, username=USER[0], password_file=password)]}))
+        for system_cas, ok in ((pki.other_ca, False), (pki.ca, True)):
+            echo = run_cli("echo", "--config", config_file, "--destination", "vna",
+                           env={"SSL_CERT_FILE": str(system_cas)})
+            assert (echo.returncode == 0) == ok, echo.stdout + echo.stderr
+
 
 def test_echo_names_a_wrong_password_and_a_wrong_url(
     orthanc_web: Callable[..., OrthancServer], tmp_path: Path,
