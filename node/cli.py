@@ -102,6 +102,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _told(answered: bool, message: str) -> bool:
+    """Print a check's finding: on stdout when it answered, on stderr (where the reason belongs) when not."""
+    print(message, file=sys.stdout if answered else sys.stderr)
+    return answered
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from node.receive.selfcheck import echo_destination, echo_listener
 
@@ -110,13 +116,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
     if args.audit:
         from node.audit.trail import check_repository
 
-        answered, message = check_repository(cfg.audit)
-        print(message, file=sys.stdout if answered else sys.stderr)
-        return 0 if answered else 1
+        return 0 if _told(*check_repository(cfg.audit)) else 1
     if args.destination is None:
-        answered, message = echo_listener(cfg.dicom, timeout_s=args.timeout)
-        print(message, file=sys.stdout if answered else sys.stderr)
-        return 0 if answered else 1
+        return 0 if _told(*echo_listener(cfg.dicom, timeout_s=args.timeout)) else 1
     names = [d.name for d in cfg.destinations]
     chosen = [d for d in cfg.destinations if args.destination in ("all", d.name)]
     if not chosen:
@@ -124,9 +126,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
                             f"(destinations: {', '.join(names) or 'none'}); use a name or all")
     failed = 0
     for dest in chosen:
-        answered, message = echo_destination(dest, ae_title=cfg.dicom.ae_title, timeout_s=args.timeout)
-        print(message, file=sys.stdout if answered else sys.stderr)
-        failed += not answered
+        failed += not _told(*echo_destination(dest, ae_title=cfg.dicom.ae_title, timeout_s=args.timeout))
     return 1 if failed else 0
 
 

@@ -306,17 +306,22 @@ class DestinationTls(Strict):
         return self
 
 
-class Destination(Strict):
-    """A DICOM node results are sent to (used by the sender)."""
+class _Receiver(Strict):
+    """What every destination has, however results reach it: the name the outbox keys on, and what it gets."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    ae_title: AETitle
-    host: Host
-    port: int = Field(ge=1, le=65535)
     objects: list[OutputKind] = Field(
         default_factory=lambda: list(_ALL_KINDS),
         description="which result objects this destination receives (e.g. [key_image] for viewers without SEG support)",
     )
+
+
+class Destination(_Receiver):
+    """A DICOM node results are sent to by C-STORE (used by the sender)."""
+
+    ae_title: AETitle
+    host: Host
+    port: int = Field(ge=1, le=65535)
     storage_commitment: bool = Field(
         default=False, description="ask for storage commitment; a sent object counts as delivered once confirmed"
     )
@@ -362,13 +367,10 @@ WebURL = Annotated[str, AfterValidator(_web_url)]
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
-class WebDestination(Strict):
+class WebDestination(_Receiver):
     """A DICOMweb service results are sent to by STOW-RS (PS3.18 10.5), instead of C-STORE."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     url: WebURL = Field(description="the DICOMweb root; objects are POSTed to URL/studies")
-    objects: list[OutputKind] = Field(
-        default_factory=lambda: list(_ALL_KINDS), description="which result objects this destination receives")
     username: str | None = Field(default=None, min_length=1, description="HTTP Basic user, with password_file")
     password_file: PemFile | None = Field(default=None, description="file holding the HTTP Basic password")
     token_file: PemFile | None = Field(default=None, description="file holding a bearer token (read at each send)")

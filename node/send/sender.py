@@ -187,14 +187,13 @@ class Sender:
                           if isinstance(dest, Destination) and dest.storage_commitment else [])
         if not items and not pending_commit:
             return 0
-        calling = (dest.calling_ae_title if isinstance(dest, Destination) else None) or self.config.dicom.ae_title
-        done: set[int] = set()
+        # C-STORE calls from an AE title; STOW-RS has none (the audit trail names the node's own).
+        calling = (dest.calling_ae_title or self.config.dicom.ae_title) if isinstance(dest, Destination) else None
         outcomes: list[StoreOutcome] = []
         started = time.perf_counter()
         stats = {"sent": 0, "retry": 0, "failed": 0}
 
         def on_outcome(outcome: StoreOutcome) -> None:
-            done.add(outcome.item.id)
             outcomes.append(outcome)
             self._record(dest, outcome, stats)
 
@@ -203,13 +202,15 @@ class Sender:
                 error = stow_batch(dest, items, timeout_s=self.settings.connect_timeout_s, on_outcome=on_outcome,
                                    should_stop=self._stop.is_set)
             else:
+                assert calling is not None
                 error = store_batch(dest, items, calling_ae=calling, settings=self.settings, on_outcome=on_outcome,
                                     should_stop=self._stop.is_set, commitment_items=pending_commit,
                                     on_commitment=self._on_commitment)
         except Exception as exc:  # anything unexpected: the claimed rows must not stay in 'sending'
             error = f"{type(exc).__name__}: {exc}"
             log.exception(kv("send_batch_error", destination=dest.name))
-        left = [item for item in items if item.id not in done]
+        answered = {o.item.id for o in outcomes}
+        left = [item for item in items if item.id not in answered]
         if error is not None:
             log.warning(kv("send_association_failed", destination=dest.name, objects=len(left),
                            jobs=_jobs(left), reason=error))
@@ -227,14 +228,14 @@ class Sender:
         elif left:  # stopped between objects: not an attempt
             self.outbox.release([item.id for item in left])
         if items:
-            log.info(kv("send_batch", destination=dest.name,
-                        calling_ae=calling if isinstance(dest, Destination) else None, jobs=_jobs(items),
+            log.info(kv("send_batch", destination=dest.name, calling_ae=calling, jobs=_jobs(items),
                         objects=len(items), sent=stats["sent"], retry=stats["retry"], failed=stats["failed"],
                         seconds=f"{time.perf_counter() - started:.2f}"))
             self._audit(dest, calling, outcomes, failed=stats["retry"] + stats["failed"], error=error)
         return len(items)
 
-    def _audit(self, dest: Destination | WebDestination, calling: str, outcomes: list[StoreOutcome], *, failed: int,
+    def _audit(self, dest: Destination | WebDestination, calling: str | None, outcomes: list[StoreOutcome], *,
+               failed: int,
                error: str | None) -> None:
         """One audit message per batch: the studies of what was delivered, and how many objects were not."""
         if not self.audit.enabled:
@@ -244,7 +245,8 @@ class Sender:
             ae_title, host, url = None, urlsplit(dest.url).hostname or "", dest.url
         else:
             ae_title, host, url = dest.ae_title, dest.host, None
-        self.audit.instances_sent(destination_ae=ae_title, host=host, url=url, calling_ae=calling,
+        self.audit.instances_sent(destination_ae=ae_title, host=host, url=url,
+                                  calling_ae=calling or self.config.dicom.ae_title,
                                   studies=studies_of(o.item.path for o in outcomes if o.delivered),
                                   failed=failed, error=reason)
 
