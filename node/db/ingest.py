@@ -1,6 +1,8 @@
 """Recording what the SCP receives: associations, studies, series (with revisions) and instances.
 
-Each call is one short transaction; the SCP answers success only after it committed.
+Each call is one short transaction; the SCP answers success only after it committed. An instance whose file the
+retention rule deleted is stored again when it is received again: its row is updated, and its series opens a new
+revision, so the PACS can send a study again to have it analysed again.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Recorded:
     existing_path: str | None = None  # a duplicate: where the ledger already holds this instance
     existing_size: int | None = None  # ... and its size in bytes
     patient_id: str | None = None  # the study's PatientID as recorded
+    restored: bool = False  # stored again: its row existed, its file had been deleted by retention
 
 
 @dataclass(frozen=True)
@@ -124,22 +127,23 @@ class IngestLedger:
             return int(getattr(result, "rowcount", 0) or 0)
 
     # -- instances ----------------------------------------------------------------------------
-    def forget_instance(self, sop_instance_uid: str) -> None:
-        """Undo a row whose file could not be made durable (the instance was not acknowledged)."""
+    def forget_instance(self, sop_instance_uid: str, *, restored: bool = False) -> None:
+        """Undo a row whose file could not be made durable (the instance was not acknowledged). A ``restored`` row
+        is the instance's history: it stays, its file marked gone again."""
         with self.sessions.begin() as s:
             row = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
             if row is None:
                 return
+            if restored:
+                row.purged_at = utcnow()
+                return
             s.execute(update(Series).where(Series.id == row.series_id).values(instance_count=Series.instance_count - 1))
             s.delete(row)
 
-    def series_purged(self, series_id: int) -> bool:
-        with self.sessions() as s:
-            return s.scalar(select(Series.purged_at).where(Series.id == series_id)) is not None
-
     def known_paths(self) -> set[str]:
+        """Paths of the instances whose files the spool holds (not those retention deleted)."""
         with self.sessions() as s:
-            return set(s.scalars(select(Instance.path)))
+            return set(s.scalars(select(Instance.path).where(Instance.purged_at.is_(None))))
 
     def record_instance(
         self,
@@ -179,8 +183,10 @@ class IngestLedger:
                 # concurrently: look again.
                 with self.sessions() as s:
                     existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid))
-                    if existing is not None:
+                    if existing is not None and existing.purged_at is None:
                         return _duplicate(existing)
+                    if existing is not None:  # received again after retention: the full path restores it
+                        series_id = None
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
@@ -230,8 +236,9 @@ class IngestLedger:
         own_output: bool,
         now: dt.datetime,
     ) -> Recorded:
-        existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid))
-        if existing is not None:
+        existing = s.scalar(
+            select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid).with_for_update())
+        if existing is not None and existing.purged_at is None:
             return _duplicate(existing)
 
         study = s.scalar(select(Study).where(Study.study_instance_uid == h.study_instance_uid))
@@ -251,6 +258,7 @@ class IngestLedger:
         if series is not None and series.study_id != study.id:
             raise _other_study(h)
         new_revision = False
+        opened = "series_revision_opened"  # or series_restored: what the new revision is
         superseded = 0
         if series is None:
             origin = origin_of(h, own_output=own_output)
@@ -277,30 +285,36 @@ class IngestLedger:
             series.state = SeriesState.receiving
             series.completed_at = None
             new_revision = True
-            s.add(Event(kind="series_revision_opened", series_id=series.id, association_id=association_id,
-                        message=f"late instance after completion opens revision {series.revision}"))
+            message = f"late instance after completion opens revision {series.revision}"
+            if series.purged_at is not None:  # its images had been deleted: those sent again are held again
+                series.purged_at = None
+                opened = "series_restored"
+                message = (f"received again after retention deleted its images: revision {series.revision} opens "
+                           "with the instances sent again")
+            s.add(Event(kind=opened, series_id=series.id, association_id=association_id, message=message))
             superseded = supersede_queued_jobs(s, series_id=series.id, revision=series.revision, now=now)
 
-        s.add(
-            Instance(
-                series_id=series.id,
-                association_id=association_id,
-                sop_instance_uid=h.sop_instance_uid,
-                sop_class_uid=h.sop_class_uid,
-                transfer_syntax_uid=h.transfer_syntax_uid,
-                instance_number=h.instance_number,
-                revision=series.revision,
-                path=str(path),
-                size_bytes=size_bytes,
-                received_at=now,
-            )
-        )
-        series.instance_count += 1
+        values = {"association_id": association_id, "sop_class_uid": h.sop_class_uid,
+                  "transfer_syntax_uid": h.transfer_syntax_uid, "instance_number": h.instance_number,
+                  "revision": series.revision, "path": str(path), "size_bytes": size_bytes, "received_at": now}
+        if existing is None:
+            s.add(Instance(series_id=series.id, sop_instance_uid=h.sop_instance_uid, **values))
+            series.instance_count += 1
+        else:  # its file was deleted by retention: this copy is the one held now
+            if existing.series_id != series.id:  # the PACS has filed it in another series since
+                s.execute(update(Series).where(Series.id == existing.series_id)
+                          .values(instance_count=Series.instance_count - 1))
+                series.instance_count += 1
+                existing.series_id = series.id
+            for key, value in values.items():
+                setattr(existing, key, value)
+            existing.purged_at = None
         series.last_received_at = now
         if new_revision:
-            log.info(kv("series_revision_opened", series=h.series_instance_uid, revision=series.revision,
+            log.info(kv(opened, series=h.series_instance_uid, revision=series.revision,
                         jobs_superseded=superseded or None))
-        return Recorded(Outcome.stored, series.id, series.revision, new_revision, patient_id=study.patient_id)
+        return Recorded(Outcome.stored, series.id, series.revision, new_revision, patient_id=study.patient_id,
+                        restored=existing is not None)
 
 
 def _duplicate(existing: Instance) -> Recorded:

@@ -211,9 +211,8 @@ def requeue_for_reanalysis(sessions: sessionmaker[Session], job_id: int) -> str:
                                 f"{series.revision} has come since: reanalyse the newest revision's job")
         if series.purged_at is not None:
             raise LungnodeError(f"the images of job {job_id}'s series were deleted by the retention rule "
-                                "(retention.received_days) and the node holds no copy; sending them again does not "
-                                "help (instances already received are acknowledged and not stored again): export "
-                                "the series from the PACS and run lungnode process on it")
+                                "(retention.received_days) and the node holds no copy: send the series from the PACS "
+                                "again; the node stores it again and analyses it as a new revision")
         before = job.state.value
         job.state, job.error, job.worker, job.attempts = JobState.queued, None, None, 0
         job.started_at = job.finished_at = job.heartbeat_at = None

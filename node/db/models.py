@@ -145,6 +145,8 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(String(512))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Its file deleted by the retention rule; cleared when the instance is received again (the row is its history).
+    purged_at: Mapped[dt.datetime | None]
     __table_args__ = (Index("ix_instances_series_revision", "series_id", "revision"),)
 
 

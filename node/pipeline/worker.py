@@ -80,7 +80,9 @@ def _sibling_series_files(sessions: sessionmaker[Session], series_id: int) -> li
             )
         ).all()
         return [
-            [Path(p) for p in s.scalars(select(Instance.path).where(Instance.series_id == sid))] for sid in siblings
+            [Path(p) for p in s.scalars(select(Instance.path).where(Instance.series_id == sid,
+                                                                    Instance.purged_at.is_(None)))]
+            for sid in siblings
         ]
 
 
@@ -89,7 +91,9 @@ def _series_files(sessions: sessionmaker[Session], job: Claimed) -> tuple[str, l
         series = s.get(Series, job.series_id)
         assert series is not None
         paths = s.scalars(
-            select(Instance.path).where(Instance.series_id == job.series_id, Instance.revision <= job.revision)
+            # Instances that retention deleted and the PACS did not send again are not read.
+            select(Instance.path).where(Instance.series_id == job.series_id, Instance.revision <= job.revision,
+                                        Instance.purged_at.is_(None))
         ).all()
         return series.series_instance_uid, [Path(p) for p in paths]
 

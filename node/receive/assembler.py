@@ -110,7 +110,8 @@ class Assembler:
             ):
                 return False  # completed elsewhere, or an instance arrived since it was found due
             present = s.scalar(
-                select(func.count(Instance.id)).where(Instance.series_id == series.id, Instance.revision == series.revision)
+                select(func.count(Instance.id)).where(Instance.series_id == series.id, Instance.revision == series.revision,
+                                                      Instance.purged_at.is_(None))
             )
             if not present:
                 return self._close_empty_revision(s, series)
@@ -148,6 +149,9 @@ class Assembler:
             restore_superseded(s, series_id=series.id, revision=series.revision)
         series.state = SeriesState.complete
         series.completed_at = utcnow()
+        if not s.scalar(select(exists().where(Instance.series_id == series.id, Instance.purged_at.is_(None)))):
+            # A series that retention had emptied, whose images sent again were not acknowledged after all.
+            series.purged_at = s.scalar(select(func.max(Instance.purged_at)).where(Instance.series_id == series.id))
         s.add(Event(kind="series_revision_empty", level="warning", series_id=series.id,
                     message=f"revision {empty} has no instances left (none was acknowledged): no job"))
         log.warning(kv("series_revision_empty", series=series.series_instance_uid, revision=empty))

@@ -84,8 +84,7 @@ def _drop_rows_without_file(sessions: sessionmaker[Session]) -> int:
     with sessions.begin() as s:
         rows = s.execute(
             select(Instance.id, Instance.path, Instance.series_id, Instance.sop_instance_uid)
-            .join(Series, Series.id == Instance.series_id)
-            .where(Series.purged_at.is_(None))
+            .where(Instance.purged_at.is_(None))
         ).all()
         for instance_id, path, series_id, sop in rows:
             if Path(path).is_file():

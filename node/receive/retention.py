@@ -2,19 +2,20 @@
 after it completed, then deletes its files (the ledger rows stay, with ``purged_at`` set). A series
 whose job is still queued or running is never purged. The results of its jobs (``results/job-N/``)
 go with it, or later, once every destination has them: a result still waiting to be sent, failed
-(``lungnode retry`` may send it again) or waiting for storage commitment is kept."""
+(``lungnode retry`` may send it again) or waiting for storage commitment is kept. A purged series that the
+PACS sends again is stored again (see ``IngestLedger``)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
 
-from sqlalchemy import and_, exists, or_, select
+from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit import AuditTrail
 from node.audit.studies import studies_of
-from node.db.models import Event, Job, JobState, OutboxItem, SendState, Series, SeriesState, utcnow
+from node.db.models import Event, Instance, Job, JobState, OutboxItem, SendState, Series, SeriesState, utcnow
 from node.logs import kv
 from node.receive.spool import Spool
 
@@ -52,6 +53,8 @@ def purge_expired(spool: Spool, sessions: sessionmaker[Session], *, days: float,
             if series is None:
                 continue
             series.purged_at = utcnow()
+            s.execute(update(Instance).where(Instance.series_id == series_id, Instance.purged_at.is_(None))
+                      .values(purged_at=series.purged_at))
             s.add(Event(kind="series_purged", series_id=series_id,
                         message=f"{removed} received files deleted after {days:g} days (retention)"))
         log.info(kv("series_purged", series=series_uid, files=removed))

@@ -461,7 +461,7 @@ class StorageSCP:
             if created:
                 final.unlink(missing_ok=True)
             if recorded.outcome == Outcome.stored:
-                self.ledger.forget_instance(sop_uid)
+                self.ledger.forget_instance(sop_uid, restored=recorded.restored)
             raise
         if recorded.outcome == Outcome.duplicate:
             self._handler.duplicate = True
@@ -473,11 +473,6 @@ class StorageSCP:
                                note="this SOP Instance UID is already held under another series; the copy "
                                     "held first is kept"))
                 return STATUS_SUCCESS
-            if created and self.ledger.series_purged(recorded.series_id):
-                # Known to the ledger, its series' files deleted by retention: keep them deleted. (Any
-                # other duplicate that created the file raced a concurrent store of the same instance,
-                # whose row now points at this very file.)
-                final.unlink(missing_ok=True)
             if recorded.existing_size is not None and recorded.existing_size != size:
                 # DICOM: one SOP Instance UID, one content. A corrected image must come with a new UID.
                 log.warning(kv("store_duplicate", assoc=assoc_id, sop=sop_uid,

@@ -56,6 +56,45 @@ def test_serve_runs_workers_that_analyse_a_received_series(node_factory: NodeFac
     assert run_cli("reanalyse", str(job["id"] + 99), "--config", node.config_path).returncode == 2
 
 
+def test_a_series_the_pacs_sends_again_after_retention_is_stored_and_analysed_again(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    models = make_models_dir(tmp_path / "models")
+    node = node_factory(settings={
+        "inference": {"models_dir": str(models), "device": "cpu", "threads": 1},
+        "workers": {"count": 1, "poll_interval_s": 0.2},
+        "selection": {"min_slices": 10},
+        "retention": {"received_days": 8 / 86400, "check_interval_s": 0.5},  # images kept 8 s after analysis
+    })
+    node.wait_for_log(r"event=workers_started count=1", timeout=30)
+    series = make_series(tmp_path / "ct", slices=40, matrix=96)
+    uid = series.series_uid
+
+    def job_done(revision: int) -> dict[str, object] | None:
+        jobs = [j for j in node.jobs(uid) if j["revision"] == revision]
+        return jobs[0] if jobs and jobs[0]["state"] in ("done", "rejected", "failed") else None
+
+    assert storescu(node.port, series.folder).returncode == 0
+    assert wait_until(lambda: job_done(1), timeout=90, what="revision 1's job")["state"] == "done"
+    node.wait_for_log(rf"event=series_purged series={uid} files=40", timeout=60)
+    assert node.spool_files(uid) == []
+    refused = run_cli("reanalyse", str(node.jobs(uid)[0]["id"]), "--config", node.config_path)
+    assert refused.returncode != 0 and "send the series from the PACS again" in refused.stderr
+
+    # The radiologist has the PACS send the study again: every image is held again (a series is not purged while
+    # it is received or analysed), and revision 2 is analysed from them.
+    assert storescu(node.port, series.folder).returncode == 0
+    assert len(node.spool_files(uid)) == 40
+    node.wait_for_log(rf"event=series_restored series={uid} revision=2", timeout=10)
+    job = wait_until(lambda: job_done(2), timeout=90, what="revision 2's job")
+    assert job["state"] == "done", job
+    result = json.loads((node.spool_dir / "results" / f"job-{job['id']}" / "result.json").read_text())
+    assert result["status"] == "ok" and result["series_instance_uid"] == uid
+    assert [i["purged_at"] for i in node.instances(uid)] == [None] * 40
+    assert node.count("instances") == 40, "the rows are the instances' history: updated, not added"
+    trace = run_cli("status", "--series", uid, "--config", node.config_path)
+    assert "received again after retention deleted its images" in trace.stdout, trace.stdout
+
+
 def test_serve_without_models_keeps_receiving_says_why_and_starts_once_they_are_fixed(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     models = tmp_path / "no-models"

@@ -77,3 +77,27 @@ def test_downgrade_to_base_and_up_again(engine: Engine) -> None:
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     upgrade_schema(engine)
     assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables) | {"alembic_version"}
+
+
+def test_0004_marks_the_instances_of_purged_series_purged(engine: Engine) -> None:
+    """A ledger from before 0004 recorded retention on the series only: its instances take the series' time."""
+    cfg = alembic_cfg()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+    stamp = "2026-11-20 03:00:00.000000"
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO studies (id, study_instance_uid, created_at) VALUES (1, '1.2', ?)", (stamp,))
+        for sid, purged in ((1, stamp), (2, None)):
+            conn.exec_driver_sql(
+                "INSERT INTO series (id, study_id, series_instance_uid, origin, state, revision, instance_count, "
+                "first_received_at, last_received_at, purged_at) VALUES (?, 1, ?, 'modality', 'complete', 1, 1, ?, ?, ?)",
+                (sid, f"1.2.{sid}", stamp, stamp, purged))
+            conn.exec_driver_sql(
+                "INSERT INTO instances (series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, revision, "
+                "path, size_bytes, received_at) VALUES (?, ?, '1.2.840.10008.5.1.4.1.1.2', '1.2.840.10008.1.2.1', 1, "
+                "'x', 1, ?)", (sid, f"1.2.{sid}.1", stamp))
+    upgrade_schema(engine)
+    with engine.connect() as conn:
+        rows = dict(conn.exec_driver_sql("SELECT series_id, purged_at FROM instances").all())
+    assert rows[2] is None and str(rows[1]).startswith("2026-11-20 03:00:00")
