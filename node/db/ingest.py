@@ -59,6 +59,7 @@ class Recorded:
     new_revision: bool = False
     existing_path: str | None = None  # a duplicate: where the ledger already holds this instance
     existing_size: int | None = None  # ... and its size in bytes
+    existing_transfer_syntax: str | None = None  # ... and the transfer syntax it was received in
     patient_id: str | None = None  # the study's PatientID as recorded
     restored: bool = False  # stored again: its row existed, its file had been deleted by retention
 
@@ -319,7 +320,7 @@ class IngestLedger:
 
 def _duplicate(existing: Instance) -> Recorded:
     return Recorded(Outcome.duplicate, existing.series_id, existing.revision, existing_path=existing.path,
-                    existing_size=existing.size_bytes)
+                    existing_size=existing.size_bytes, existing_transfer_syntax=existing.transfer_syntax_uid)
 
 
 def _other_study(h: InstanceHeader) -> InstanceRejected:

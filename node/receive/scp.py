@@ -44,7 +44,7 @@ from sqlalchemy.exc import DataError, SQLAlchemyError
 from node import MANUFACTURER
 from node.audit import AuditTrail, StudyRecord, no_audit
 from node.config import DicomSettings
-from node.db.ingest import IngestLedger, Outcome, unrecordable
+from node.db.ingest import IngestLedger, Outcome, Recorded, unrecordable
 from node.db.models import AssociationState
 from node.dicom_ae import node_ae
 from node.errors import InstanceRejected, LungnodeError
@@ -57,6 +57,7 @@ from node.receive.inspect import (
     inspect_instance,
 )
 from node.receive.spool import Spool
+from node.receive.walk import same_dataset
 from node.tls import LoggedServerContext, listener_tls, peer_certificate_subject, peer_common_name
 
 log = logging.getLogger(__name__)
@@ -362,6 +363,16 @@ class StorageSCP:
         released = getattr(event.assoc, _RELEASE_REQUESTED, False)
         self._close(event, AssociationState.released if released else AssociationState.aborted)
 
+    @staticmethod
+    def _same_as_held(created: bool, received: Path, recorded: Recorded, size: int) -> bool:
+        """Whether a duplicate holds the data set already held: compared byte for byte after the File Meta (written
+        on receipt, by the node version then running). Only re-sends read the held file. ``created``: the held file
+        is the one just linked."""
+        if created:
+            return True
+        same = same_dataset(received, Path(recorded.existing_path)) if recorded.existing_path else None
+        return recorded.existing_size == size if same is None else same
+
     # -- DIMSE ----------------------------------------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
@@ -473,7 +484,12 @@ class StorageSCP:
                                note="this SOP Instance UID is already held under another series; the copy "
                                     "held first is kept"))
                 return STATUS_SUCCESS
-            if recorded.existing_size is not None and recorded.existing_size != size:
+            held_syntax = recorded.existing_transfer_syntax
+            if held_syntax not in (None, header.transfer_syntax_uid):
+                log.info(kv("store_duplicate", assoc=assoc_id, sop=sop_uid,
+                            note=f"sent again in another transfer syntax ({header.transfer_syntax_uid}; held: "
+                                 f"{held_syntax}); the copy held first is kept"))
+            elif not self._same_as_held(created, received, recorded, size):
                 # DICOM: one SOP Instance UID, one content. A corrected image must come with a new UID.
                 log.warning(kv("store_duplicate", assoc=assoc_id, sop=sop_uid,
                                note=f"content differs from the instance already held ({size} against "

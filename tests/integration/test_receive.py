@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import MRImageStorage, generate_uid
+from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from tests.conftest import NodeFactory
@@ -321,6 +321,34 @@ def test_an_instance_resent_with_other_content_is_kept_as_first_held_and_said(no
     node.wait_for_log(r"WARNING .*event=store_duplicate .*content differs from the instance already held")
     held = pydicom.dcmread(node.spool_path(series.series_uid, series.sop_uids[0]))
     assert held.ImageComments == pydicom.dcmread(series.files[0]).ImageComments != "corrected after the first send"
+
+
+def test_a_resent_instance_is_compared_by_its_content_not_its_size(node: NodeProcess, tmp_path: Path) -> None:
+    """One pixel changed keeps the size: still told apart. The same data set from another sender, or in another
+    transfer syntax, is the same instance and no warning."""
+    series = make_series(tmp_path / "ct", slices=2, matrix=32)
+    original = series.files[0]
+    assert store_status(node.port, original, calling="CT1") == SUCCESS
+    assert store_status(node.port, original, calling="PACS") == SUCCESS
+    implicit = tmp_path / "implicit.dcm"
+    ds = pydicom.dcmread(original)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(implicit, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    assert store_status(node.port, implicit) == SUCCESS
+    node.wait_for_log(r"INFO .*event=store_duplicate .*sent again in another transfer syntax \(1\.2\.840\.10008\.1\.2;")
+    assert "content differs" not in node.log
+    ds = pydicom.dcmread(original)
+    pixels = ds.pixel_array.copy()
+    pixels[0, 0] += 1
+    ds.PixelData = pixels.tobytes()
+    one_pixel = tmp_path / "one-pixel.dcm"
+    ds.save_as(one_pixel, enforce_file_format=True)
+    assert one_pixel.stat().st_size == original.stat().st_size
+    assert store_status(node.port, one_pixel) == SUCCESS
+    node.wait_for_log(r"WARNING .*event=store_duplicate .*content differs from the instance already held")
+    assert node.log.count("content differs") == 1
+    held = node.spool_path(series.series_uid, series.sop_uids[0])
+    assert pydicom.dcmread(held).pixel_array[0, 0] == pydicom.dcmread(original).pixel_array[0, 0]
 
 
 def test_an_instance_resent_under_another_series_leaves_no_orphan_file(node: NodeProcess, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 from node.errors import InstanceRejected
 from node.receive.inspect import InstanceHeader, _pydicom_header, _walked_header
+from node.receive.walk import same_dataset
 from tests.helpers.series import make_ct_dataset, write_ct_series
 
 
@@ -161,3 +162,19 @@ def test_files_the_first_64k_do_not_settle(tmp_path: Path, layout: str) -> None:
     truncated = tmp_path / "cut.dcm"
     truncated.write_bytes(path.read_bytes()[:-3])
     assert _walked_header(truncated) is None
+
+
+def test_same_dataset_compares_the_data_set_not_the_file_meta(tmp_path: Path) -> None:
+    ds = make_ct_dataset(study_uid=generate_uid(), series_uid=generate_uid(), matrix=16)
+    first, upgraded, changed = tmp_path / "first.dcm", tmp_path / "upgraded.dcm", tmp_path / "changed.dcm"
+    ds.save_as(first, enforce_file_format=True)
+    ds.file_meta.ImplementationVersionName = "LATER_RELEASE_2"  # received again after an upgrade: other meta
+    ds.save_as(upgraded, enforce_file_format=True)
+    assert first.read_bytes() != upgraded.read_bytes()
+    assert same_dataset(first, upgraded) is True
+    ds.PixelData = bytes([ds.PixelData[0] ^ 1]) + ds.PixelData[1:]  # one bit, same size
+    ds.save_as(changed, enforce_file_format=True)
+    assert same_dataset(first, changed) is False
+    not_dicom = tmp_path / "not.dcm"
+    not_dicom.write_bytes(b"x" * 200)
+    assert same_dataset(first, not_dicom) is None and same_dataset(first, tmp_path / "gone.dcm") is None
