@@ -69,9 +69,10 @@ def make_engine(url: str) -> Engine:
 def open_database(url: str, *, must_exist: bool = False) -> Engine:
     """The engine, schema brought up to date, or a LungnodeError that says what to check.
 
-    ``must_exist``: for operator commands (status, retry, worker), which must read the node's own
-    database; run from another folder with the default SQLite URL they would otherwise create an
-    empty one there and report an empty node.
+    ``must_exist``: for operator commands (status, retry, reanalyse, worker), which must read the node's own
+    database: run from another folder with the default SQLite URL they would otherwise create an empty one there
+    and report an empty node. They never change its schema either (the metrics timer runs ``status`` every
+    minute, beside a node that may still be the older version): only the node upgrades it, at its start.
     """
     parsed = make_url(url)
     if must_exist and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
@@ -83,23 +84,59 @@ def open_database(url: str, *, must_exist: bool = False) -> Engine:
             )
     engine = make_engine(url)
     try:
-        upgrade_schema(engine)
+        if must_exist:
+            _check_schema(engine)
+        else:
+            upgrade_schema(engine)
     except SQLAlchemyError as exc:
         engine.dispose()
         raise LungnodeError(
             f"cannot open the database {engine.url.render_as_string(hide_password=True)}: "
             f"{exc.__class__.__name__}: {getattr(exc, 'orig', None) or exc}. Check storage.database_url."
         ) from exc
+    except LungnodeError:
+        engine.dispose()
+        raise
     return engine
+
+
+def _check_schema(engine: Engine) -> None:
+    """Refuse a database whose schema is not the one this version writes, saying which version fixes it."""
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config())
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    head = script.get_current_head()
+    if current == head:
+        return
+    where = engine.url.render_as_string(hide_password=True)
+    if current is None:
+        raise LungnodeError(f"the database {where} holds no lungnode ledger yet: start the node (lungnode serve "
+                            "creates it), or give the node's configuration with --config FILE")
+    known = {rev.revision for rev in script.walk_revisions()}
+    if current in known:
+        raise LungnodeError(f"the database {where} is at schema revision {current}; this lungnode needs {head}. "
+                            "Start the upgraded node (lungnode serve brings the ledger up to date at start), then "
+                            "run this again")
+    raise LungnodeError(f"the database {where} is at schema revision {current}, which this lungnode does not know: "
+                        "it was written by a newer version. Run this command with that version")
+
+
+def _alembic_config() -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
 
 
 def upgrade_schema(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (no-op when already there)."""
     from alembic import command
-    from alembic.config import Config as AlembicConfig
 
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg = _alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")

@@ -101,3 +101,32 @@ def test_0004_marks_the_instances_of_purged_series_purged(engine: Engine) -> Non
     with engine.connect() as conn:
         rows = dict(conn.exec_driver_sql("SELECT series_id, purged_at FROM instances").all())
     assert rows[2] is None and str(rows[1]).startswith("2026-11-20 03:00:00")
+
+
+def test_operator_commands_never_change_the_schema_and_say_what_to_do(engine: Engine, tmp_path: Path) -> None:
+    """status (run every minute by the metrics timer), retry, reanalyse and worker read the node's ledger as it
+    is: an older schema is refused with the fix, never upgraded under a node that may still be the old version."""
+    from node.db.session import open_database
+    from node.errors import LungnodeError
+
+    url = str(engine.url)
+    engine.connect().close()  # an empty database file
+    with pytest.raises(LungnodeError, match="holds no lungnode ledger yet: start the node"):
+        open_database(url, must_exist=True)
+    cfg = alembic_cfg()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+    with pytest.raises(LungnodeError, match="is at schema revision 0003; this lungnode needs 0004. Start the upgraded "
+                                            "node"):
+        open_database(url, must_exist=True)
+    assert current_revision(engine) == "0003"
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+    with pytest.raises(LungnodeError, match="0099, which this lungnode does not know: it was written by a newer"):
+        open_database(url, must_exist=True)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0003'")
+    open_database(url).dispose()  # the node itself upgrades
+    open_database(url, must_exist=True).dispose()
+    assert current_revision(engine) == ScriptDirectory.from_config(alembic_cfg()).get_current_head()
