@@ -113,6 +113,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     setup_logging("WARNING")
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # each finding below says what happened, and why
     if args.audit:
         from node.audit.trail import check_repository
 

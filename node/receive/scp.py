@@ -7,6 +7,7 @@ ledger. pynetdicom writes each incoming dataset straight to a file (chunked rece
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import tempfile
@@ -56,6 +57,7 @@ from node.receive.inspect import (
     InstanceHeader,
     inspect_instance,
 )
+from node.receive.selfcheck import CALLING_AE as CHECK_AE
 from node.receive.spool import Spool
 from node.receive.walk import same_dataset
 from node.tls import LoggedServerContext, listener_tls, peer_certificate_subject, peer_common_name
@@ -275,17 +277,21 @@ class StorageSCP:
         host = str(assoc.requestor.address)
         sock = assoc.dul.socket.socket if assoc.dul.socket else None
         if not self._caller_allowed(calling, host, peer_common_name(sock)):
-            log.warning(kv("association_rejected", calling_ae=calling, host=host,
-                           tls_peer=peer_certificate_subject(sock),
-                           reason="calling AE title (or its host or certificate) not in dicom.allowed_callers"))
+            # The node's own health check (lungnode echo, every 30 s in the container) is refused like any
+            # caller not on the list, which answers its question; it is no security event to log or audit.
+            own_check = calling == CHECK_AE and _is_loopback(host)
+            log.log(logging.DEBUG if own_check else logging.WARNING,
+                    kv("association_rejected", calling_ae=calling, host=host, tls_peer=peer_certificate_subject(sock),
+                       reason="calling AE title (or its host or certificate) not in dicom.allowed_callers"))
             # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-AE-title-not-recognized. Then stop
             # as pynetdicom does for its own rejections: kill() waits until the DUL has sent the RJ, so the
             # caller reads a refusal and not a connection torn down under it (an abort).
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             assoc.kill()
-            self.audit.node_authentication_failed(
-                host=host, calling_ae=calling, reason="association rejected: calling AE title (or its host or "
-                "certificate) not in dicom.allowed_callers")
+            if not own_check:
+                self.audit.node_authentication_failed(
+                    host=host, calling_ae=calling, reason="association rejected: calling AE title (or its host or "
+                    "certificate) not in dicom.allowed_callers")
 
     def _on_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own refusals (wrong called AE title, too many associations): say so in the log."""
@@ -500,3 +506,10 @@ class StorageSCP:
         elif log.isEnabledFor(logging.DEBUG):  # the hot path: format only when it is written
             log.debug(kv("store_ok", assoc=assoc_id, sop=sop_uid, series=header.series_instance_uid))
         return STATUS_SUCCESS
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.removeprefix("::ffff:")).is_loopback
+    except ValueError:
+        return False

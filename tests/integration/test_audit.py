@@ -85,6 +85,8 @@ def test_serve_audits_start_images_received_a_refused_caller_and_stop_over_mutua
     node.start()
     try:
         assert storescu(node.port, *series.files).returncode == 0
+        # the node's own health check is refused too (not on the list), and is no security alert
+        assert run_cli("echo", "--config", node.config_path, "--timeout", "5").returncode == 0
         assert echoscu(node.port, calling="INTRUDER").returncode != 0  # not in allowed_callers: rejected
         node.wait_for_log(r"event=association_rejected calling_ae=INTRUDER")
     finally:

@@ -76,7 +76,10 @@ def test_lungnode_echo_says_whether_the_listener_answers(node_factory: NodeFacto
     node = node_factory(settings={"dicom": {"allowed_callers": ["PACS"]}})
     proc = run_cli("echo", "--config", node.config_path, "--timeout", "5")
     assert proc.returncode == 0 and "is listening; it refused the calling AE title LUNGNODE-CHECK" in proc.stdout
-    node.wait_for_log(r"event=association_rejected calling_ae=LUNGNODE-CHECK")
+    assert proc.stderr == "", "the finding says it all: no toolkit warnings beside it"
+    assert echoscu(node.port, calling="STRANGER").returncode != 0
+    node.wait_for_log(r"WARNING .*event=association_rejected calling_ae=STRANGER")
+    assert "calling_ae=LUNGNODE-CHECK" not in node.log, "the health check every 30 s is no warning"
     open_node = node_factory(name="open")
     proc = run_cli("echo", "--config", open_node.config_path, "--timeout", "5")
     assert proc.returncode == 0 and f"LUNGNODE at 127.0.0.1:{open_node.port} answered C-ECHO" in proc.stdout
