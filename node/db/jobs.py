@@ -214,10 +214,22 @@ def requeue_for_reanalysis(sessions: sessionmaker[Session], job_id: int) -> str:
                                 "(retention.received_days) and the node holds no copy: send the series from the PACS "
                                 "again; the node stores it again and analyses it as a new revision")
         before = job.state.value
+        unsent = s.execute(update(OutboxItem).where(OutboxItem.job_id == job.id, OutboxItem.state.in_(
+            [SendState.pending, SendState.failed])).values(
+                state=SendState.superseded, updated_at=utcnow(),
+                last_error="not sent: the job is analysed again (lungnode reanalyse); it sends its new results"))
+        withdrawn = int(getattr(unsent, "rowcount", 0) or 0)
+        if withdrawn:
+            s.add(Event(kind="send_superseded", job_id=job.id,
+                        message=f"{withdrawn} results not yet delivered are withdrawn: the job is analysed again"))
         job.state, job.error, job.worker, job.attempts = JobState.queued, None, None, 0
         job.started_at = job.finished_at = job.heartbeat_at = None
         s.add(Event(kind="job_requeued", job_id=job.id, series_id=series.id,
                     message=f"reanalysis asked by an operator (it was {before})"))
-    log.info(kv("job_requeued", job=job_id, reason="reanalysis asked by an operator", was=before))
-    return f"job {job_id} ({before}) is queued again: a running node analyses it within workers.poll_interval_s"
+    log.info(kv("job_requeued", job=job_id, reason="reanalysis asked by an operator", was=before,
+                sends_withdrawn=withdrawn or None))
+    withdrawn_note = (f"; {withdrawn} of its results not yet delivered are withdrawn (the new results go out "
+                      "instead)") if withdrawn else ""
+    return (f"job {job_id} ({before}) is queued again: a running node analyses it within workers.poll_interval_s"
+            f"{withdrawn_note}")
 

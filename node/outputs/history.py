@@ -1,27 +1,34 @@
-"""The SR of a series' previous revision, which a new revision's SR names as its predecessor."""
+"""The SR a new SR names as its predecessor: that of the series' previous revision, or the one a job published
+before it was analysed again."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Job, JobState, OutboxItem, SendState
-from node.outputs.write import predecessor_from
+from node.outputs.sr import predecessor_reference
+from node.outputs.write import predecessor_from, read_manifest
 
 
 def previous_sr(sessions: sessionmaker[Session], *, series_id: int, revision: int,
-                results_dir: Callable[[int], Path]) -> Dataset | None:
-    """The SR published for the newest earlier revision of the series that has one (None: first SR).
+                results_dir: Callable[[int], Path], job_id: int | None = None) -> Dataset | None:
+    """The SR published for the newest earlier revision of the series that has one (None: first SR); with
+    ``job_id``, first the SR that job published before it was analysed again (``lungnode reanalyse``).
 
     Only an SR the destinations received can be a predecessor: that of a finished (done) job whose SR went out
     to at least one destination, or that has none configured (no outbox row). A superseded or still running
     job's SR, or one that was never delivered, is nobody's predecessor."""
     sr_rows = select(OutboxItem.id).where(OutboxItem.job_id == Job.id, OutboxItem.kind == "sr")
     delivered = sr_rows.where(OutboxItem.state.in_([SendState.sent, SendState.committed]))
+    if job_id is not None and (own := _published_before(sessions, job_id, results_dir(job_id))) is not None:
+        return own
     with sessions() as s:
         earlier = s.scalars(
             select(Job.id).where(Job.series_id == series_id, Job.revision < revision, Job.state == JobState.done,
@@ -32,3 +39,29 @@ def previous_sr(sessions: sessionmaker[Session], *, series_id: int, revision: in
         if found is not None:
             return found
     return None
+
+
+def _published_before(sessions: sessionmaker[Session], job_id: int, out: Path) -> Dataset | None:
+    """The SR a job published before it was analysed again: its last SR if that was delivered (or there is no
+    destination), else the SR that one named, which it would have replaced."""
+    own = predecessor_from(out)
+    if own is None:
+        return None
+    rows = select(OutboxItem.id).where(OutboxItem.job_id == job_id, OutboxItem.kind == "sr")
+    delivered = rows.where(OutboxItem.sop_instance_uid == str(own.SOPInstanceUID),
+                           OutboxItem.state.in_([SendState.sent, SendState.committed]))
+    with sessions() as s:
+        if s.scalar(select(or_(~exists(rows), exists(delivered)))):
+            return own
+    sr = next((out / o.file for o in read_manifest(out) if o.kind == "sr"), None)
+    try:
+        named = dcmread(sr, stop_before_pixels=True).get("PredecessorDocumentsSequence") if sr else None
+    except (OSError, InvalidDicomError):
+        return None
+    if not named:
+        return None
+    study = named[0]
+    series = study.ReferencedSeriesSequence[0]
+    ref = series.ReferencedSOPSequence[0]
+    return predecessor_reference(study_uid=study.StudyInstanceUID, series_uid=series.SeriesInstanceUID,
+                                 sop_class_uid=ref.ReferencedSOPClassUID, sop_instance_uid=ref.ReferencedSOPInstanceUID)

@@ -237,6 +237,8 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
                              template.model_dump(mode="json") if template is not None else None)
     uids = OutputUIDs.for_analysis(source_series_uid=analysis.series_instance_uid, revision=revision,
                                    models=analysis.models, content=content)
+    if predecessor is not None and str(predecessor.SOPInstanceUID) == uids.sr_instance:
+        predecessor = None  # the same analysis run again: this is that very SR, not its successor
     models = models_by_role(analysis, manifests)
     specs = segment_specs(manifests, models)
     made = creation_moment(next(iter(headers.values())))  # one moment for all, in the study's time zone

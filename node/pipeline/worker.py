@@ -164,7 +164,7 @@ class Worker:
         out = results_dir(self.config, job.job_id)
         staged = analysis.write(out.with_name(f"{out.name}.attempt-{job.attempt}"))
         _, paths = _series_files(self.sessions, job)
-        predecessor = previous_sr(self.sessions, series_id=job.series_id, revision=job.revision,
+        predecessor = previous_sr(self.sessions, series_id=job.series_id, revision=job.revision, job_id=job.job_id,
                                   results_dir=lambda job_id: results_dir(self.config, job_id))
         objects = write_outputs(analysis, out_dir=staged.parent, source_paths=paths, settings=self.config.outputs,
                                 revision=job.revision, manifests=manifests_for(self.config.inference, analysis),
@@ -184,6 +184,9 @@ class Worker:
         for name in names:
             (staged.parent / name).replace(out / name)
         staged.parent.rmdir()
+        for old in out.iterdir():  # objects of an earlier run of this job (reanalysis) that this run did not make
+            if old.name not in names and old.is_file():
+                old.unlink()
 
         def queue_for_sending(session: Session) -> None:
             if self.config.destinations and (out / OUTPUTS_FILE).is_file():

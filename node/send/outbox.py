@@ -90,6 +90,20 @@ def _insert_ignoring_duplicates(s: Session, rows: list[dict[str, Any]]) -> int:
     return inserted
 
 
+def _revive_withdrawn(s: Session, job_id: int, rows: list[dict[str, Any]]) -> int:
+    """Rows of this job withdrawn when it was queued for reanalysis (superseded) whose object the new run made
+    again, the same instance (same models and content give the same UIDs): queued again, as new."""
+    revived = 0
+    for row in rows:
+        result = s.execute(update(OutboxItem).where(
+            OutboxItem.job_id == job_id, OutboxItem.destination == row["destination"],
+            OutboxItem.sop_instance_uid == row["sop_instance_uid"], OutboxItem.state == SendState.superseded,
+        ).values(state=SendState.pending, attempts=0, next_attempt_at=row["next_attempt_at"], last_error=None,
+                 last_status=None, path=row["path"], updated_at=row["updated_at"]))
+        revived += int(getattr(result, "rowcount", 0) or 0)
+    return revived
+
+
 def enqueue_results(
     sessions: sessionmaker[Session] | Session,
     *,
@@ -117,10 +131,10 @@ def enqueue_results(
         if obj.kind in dest.objects
     ]
     if isinstance(sessions, Session):
-        added = _insert_ignoring_duplicates(sessions, rows)
+        added = _insert_ignoring_duplicates(sessions, rows) + _revive_withdrawn(sessions, job_id, rows)
     else:
         with sessions.begin() as s:
-            added = _insert_ignoring_duplicates(s, rows)
+            added = _insert_ignoring_duplicates(s, rows) + _revive_withdrawn(s, job_id, rows)
     log.info(kv("send_enqueued", job=job_id, objects=len(objects), destinations=len(destinations), new=added,
                 already_queued=len(rows) - added))
     return added

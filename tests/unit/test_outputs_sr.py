@@ -332,11 +332,11 @@ def device_observer_uid(ds: pydicom.Dataset) -> str:
     raise AssertionError("no Device Observer UID")
 
 
-def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
-        analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
+def worker_with_series(synth: Synth, tmp_path: Path, **settings: Any) -> tuple[Config, Worker, int]:
+    """A worker on a fresh ledger holding ``synth`` as a complete series (revision 1); returns its id too."""
     config = Config.model_validate({"storage": {"spool_dir": str(tmp_path / "spool"),
                                                 "database_url": f"sqlite:///{tmp_path / 'ledger.sqlite'}"},
-                                    "outputs": {"key_image_count": 2}})
+                                    "outputs": {"key_image_count": 2}, **settings})
     from node.db.session import upgrade_schema
 
     worker = Worker(config, name="test")
@@ -351,6 +351,12 @@ def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
             s.add(Instance(series_id=series.id, sop_instance_uid=f"1.2.3.{i}", sop_class_uid="1.2", revision=1,
                            transfer_syntax_uid="1.2", path=str(f), size_bytes=f.stat().st_size))
         series_id = series.id
+    return config, worker, series_id
+
+
+def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
+        analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
+    config, worker, series_id = worker_with_series(synth, tmp_path)
     add_job(worker.sessions, series_id=series_id, revision=1)
     published = []
     for revision in (1, 2):
@@ -419,3 +425,69 @@ def test_series_skipped_by_selection_get_an_sr_only_when_asked(synth: Synth, tmp
                          settings=OutputsSettings(sr_for_skipped_series=True))
     info = groups_by_tracking_id(pydicom.dcmread(tmp_path / "b" / sr.file))[TEMPLATE.information_group]
     assert texts(info, code_of(TEMPLATE.statements.reason)) == [reason]
+
+
+def test_reanalysis_withdraws_what_was_not_delivered_names_the_sr_that_was_and_leaves_no_stale_object(
+        analysis: Analysis, synth: Synth, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from node.db.jobs import requeue_for_reanalysis
+    from node.db.models import OutboxItem, SendState
+
+    pacs = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+    config, worker, series_id = worker_with_series(synth, tmp_path, destinations=[pacs])
+    add_job(worker.sessions, series_id=series_id, revision=1)
+
+    def run(result: Analysis) -> Path:
+        job = worker.queue.claim()
+        assert job is not None
+        worker._finish(job, result)
+        return results_dir(config, job.job_id)
+
+    def sends() -> dict[str, list[str]]:
+        with worker.sessions() as s:
+            rows = s.query(OutboxItem).order_by(OutboxItem.id).all()
+            return {state: sorted(r.kind for r in rows if r.state.value == state)
+                    for state in sorted({r.state.value for r in rows})}
+
+    out = run(analysis)
+    first_sr = {o.kind: o for o in read_manifest(out)}["sr"].sop_instance_uid
+    with worker.sessions.begin() as s:  # the SR reached the PACS, the SEG was refused, the rest still waits
+        s.query(OutboxItem).filter(OutboxItem.kind == "sr").update({OutboxItem.state: SendState.sent})
+        s.query(OutboxItem).filter(OutboxItem.kind == "seg").update({OutboxItem.state: SendState.failed})
+    with worker.sessions() as s:
+        job_id = s.query(Job).one().id
+    told = requeue_for_reanalysis(worker.sessions, job_id)
+    assert "4 of its results not yet delivered are withdrawn" in told, told
+    assert sends() == {"sent": ["sr"], "superseded": ["key_image", "key_image", "kos", "seg"]}
+
+    # Nothing changed (same models, same result): the same objects again. Those withdrawn go out after all;
+    # the SR the PACS has is not sent again, and is not its own predecessor.
+    run(analysis)
+    sr = pydicom.dcmread(out / "sr.dcm")
+    assert sr.SOPInstanceUID == first_sr and "PredecessorDocumentsSequence" not in sr
+    assert sends() == {"pending": ["key_image", "key_image", "kos", "seg"], "sent": ["sr"]}
+
+    # A new result (after a model update, say): new objects, and the new SR names the one the PACS holds.
+    requeue_for_reanalysis(worker.sessions, job_id)
+    run(replace(analysis, probabilities={k: round(v / 2, 4) for k, v in (analysis.probabilities or {}).items()}))
+    sr = pydicom.dcmread(out / "sr.dcm")
+    assert sr.SOPInstanceUID != first_sr
+    assert sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == first_sr
+    assert sends() == {"pending": ["key_image", "key_image", "kos", "seg", "sr"], "sent": ["sr"],
+                       "superseded": ["key_image", "key_image", "kos", "seg"]}
+
+    # Refused when run again: nothing of the earlier runs is left to be sent or found in its folder.
+    requeue_for_reanalysis(worker.sessions, job_id)
+    run(Analysis(status="rejected", series_instance_uid=synth.series_uid, reason="a better series of the study"))
+    names = sorted(p.name for p in out.iterdir())
+    assert [n for n in names if n.endswith(".dcm") and n != "sr.dcm"] == [], names  # a refusal has its short SR
+    assert sends()["pending"] == ["sr"]  # only the refusal's short SR, which names the SR before it
+    refusal = pydicom.dcmread(out / "sr.dcm")
+    assert refusal.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == first_sr, "the SR the PACS holds; the withdrawn one passed its reference on"
+    with worker.sessions() as s:
+        assert s.query(OutboxItem).filter(OutboxItem.state == SendState.pending).one().sop_instance_uid \
+            == refusal.SOPInstanceUID
+    worker.engine.dispose()
