@@ -52,7 +52,7 @@ def node_config(workdir: Path, *, node_port: int, pacs: OrthancServer) -> dict[s
                   "allowed_callers": [{"ae_title": PACS_AE, "host": "127.0.0.1"}]},
         "storage": {"spool_dir": str(workdir / "spool"), "database_url": f"sqlite:///{workdir / 'lungnode.db'}",
                     "min_free_disk_mb": 64},
-        "assembly": {"quiet_period_s": 5.0, "release_grace_s": 1.0},
+        "assembly": {"quiet_period_s": 5.0, "release_grace_s": 1.0, "study_settle_s": 2.0},  # one series
         "destinations": [{"name": "pacs", "ae_title": PACS_AE, "host": "127.0.0.1", "port": pacs.dicom_port}],
     }
 

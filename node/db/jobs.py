@@ -16,10 +16,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import exists, or_, select, update
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from node.db.models import Event, Job, JobState, OutboxItem, SendState, Series, utcnow
+from node.db.models import Event, Job, JobState, OutboxItem, SendState, Series, SeriesOrigin, SeriesState, utcnow
 from node.errors import LungnodeError
 from node.logs import kv
 
@@ -35,25 +35,35 @@ class Claimed:
 
 
 class JobQueue:
-    def __init__(self, sessions: sessionmaker[Session], *, worker: str, lease_s: float = 60.0, max_attempts: int = 3) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, worker: str, lease_s: float = 60.0, max_attempts: int = 3,
+                 study_settle_s: float = 0.0) -> None:
         self.sessions = sessions
         self.worker = worker
         self.lease_s = lease_s
         self.max_attempts = max_attempts
+        self.study_settle_s = study_settle_s
 
     def claim(self) -> Claimed | None:
-        """Take the oldest queued job, or None when the queue is empty."""
+        """Take the oldest queued job whose study has settled (``study_settle_s``: no image for that long, no CT series
+        still being received), or None when there is none: the worker then picks the best series among all of the
+        study's, not among those that happened to arrive first."""
+        now = utcnow()
+        mine, other = aliased(Series), aliased(Series)
+        unsettled = select(other.id).where(
+            other.study_id == mine.study_id, other.origin == SeriesOrigin.modality,
+            or_(other.state == SeriesState.receiving,
+                other.last_received_at > now - dt.timedelta(seconds=self.study_settle_s)))
         with self.sessions.begin() as s:
             job = s.scalar(
                 select(Job)
-                .where(Job.state == JobState.queued)
+                .join(mine, Job.series_id == mine.id)
+                .where(Job.state == JobState.queued, ~exists(unsettled))
                 .order_by(Job.id)
                 .limit(1)
-                .with_for_update(skip_locked=True)
+                .with_for_update(skip_locked=True, of=Job)
             )
             if job is None:
                 return None
-            now = utcnow()
             job.state = JobState.running
             job.worker = self.worker
             job.started_at = now

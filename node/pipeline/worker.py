@@ -105,7 +105,8 @@ class Worker:
         self.engine = make_engine(config.storage.database_url)  # the node (or `lungnode worker`) opened it
         self.sessions = make_sessionmaker(self.engine)
         w = config.workers
-        self.queue = JobQueue(self.sessions, worker=self.name, lease_s=w.lease_s, max_attempts=w.max_attempts)
+        self.queue = JobQueue(self.sessions, worker=self.name, lease_s=w.lease_s, max_attempts=w.max_attempts,
+                              study_settle_s=config.assembly.study_settle_s)
         self.stop = threading.Event()
         self.device_uid = installation_device_uid(config.storage.spool_dir)  # the SR's and KOS's observer
 

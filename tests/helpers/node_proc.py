@@ -71,7 +71,7 @@ class NodeProcess:
         defaults: dict[str, Any] = {
             "dicom": {"ae_title": "LUNGNODE", "bind_address": "127.0.0.1", "port": self.port},
             "storage": {"spool_dir": str(self.spool_dir), "database_url": self.db_url, "min_free_disk_mb": 0},
-            "assembly": {"quiet_period_s": 2.0, "release_grace_s": 0.5, "poll_interval_s": 0.1},
+            "assembly": {"quiet_period_s": 2.0, "release_grace_s": 0.5, "poll_interval_s": 0.1, "study_settle_s": 0.5},
             # No analysis unless a test asks for workers: receive tests look at queued jobs.
             "workers": {"count": 0},
             "logging": {"level": "INFO"},

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
 import onnxruntime
 import pytest
 import yaml
+from pydicom.uid import generate_uid
 
 from node.pipeline.infer import _probe_cuda
 from tests.conftest import NodeFactory
 from tests.helpers.dcmtk import storescu
+from tests.helpers.faults import phantom, synth_series
 from tests.helpers.net import free_port
 from tests.helpers.node_proc import run_cli
 from tests.helpers.onnx_models import make_models_dir
@@ -93,6 +96,40 @@ def test_a_series_the_pacs_sends_again_after_retention_is_stored_and_analysed_ag
     assert node.count("instances") == 40, "the rows are the instances' history: updated, not added"
     trace = run_cli("status", "--series", uid, "--config", node.config_path)
     assert "received again after retention deleted its images" in trace.stdout, trace.stdout
+
+
+def test_a_study_sent_series_by_series_gets_one_result_for_its_best_series(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    """The PACS sends the thick series, then, in a second association after the first one's release grace, the
+    thin sharp one: the first series waits for its study to settle, so the two are compared before either is
+    analysed, and only the best one's results are made."""
+    models = make_models_dir(tmp_path / "models")
+    node = node_factory(settings={
+        "inference": {"models_dir": str(models), "device": "cpu", "threads": 1},
+        "workers": {"count": 1, "poll_interval_s": 0.2},
+        "selection": {"min_slices": 10},
+        "assembly": {"release_grace_s": 0.5, "study_settle_s": 5.0},
+    })
+    node.wait_for_log(r"event=workers_started count=1", timeout=30)
+    study_uid = generate_uid()
+    thick = synth_series(tmp_path / "thick", phantom(slices=24, matrix=64, seed=5, slice_thickness_mm=5.0,
+                                                     kernel="smooth"), study_instance_uid=study_uid, series_number=2)
+    thin = synth_series(tmp_path / "thin", phantom(slices=24, matrix=64, seed=5, slice_thickness_mm=1.25,
+                                                   kernel="sharp"), study_instance_uid=study_uid, series_number=3)
+    assert storescu(node.port, *thick.files).returncode == 0
+    node.wait_complete(thick.series_uid)  # complete, its job queued: a worker would take it now without the rule
+    time.sleep(1.0)
+    assert node.jobs(thick.series_uid)[0]["state"] == "queued", "waits for the study to settle"
+    assert storescu(node.port, *thin.files).returncode == 0
+
+    def finished(uid: str) -> dict[str, object] | None:
+        jobs = node.jobs(uid)
+        return jobs[0] if jobs and jobs[0]["state"] in ("done", "rejected", "failed") else None
+
+    thin_job = wait_until(lambda: finished(thin.series_uid), timeout=90, what="the thin series' job")
+    thick_job = wait_until(lambda: finished(thick.series_uid), timeout=90, what="the thick series' job")
+    assert (thin_job["state"], thick_job["state"]) == ("done", "rejected"), (thin_job, thick_job)
+    assert thin.series_uid in str(thick_job["error"])
 
 
 def test_serve_without_models_keeps_receiving_says_why_and_starts_once_they_are_fixed(

@@ -74,3 +74,44 @@ def test_a_job_of_a_worker_process_gone_from_this_machine_is_requeued_at_once(se
     assert JobQueue(sessions, worker="w", lease_s=120).requeue_stalled() == 1
     with sessions() as s:
         assert {w: s.get(Job, i).state for w, i in ids.items()} == workers  # type: ignore[union-attr]
+
+
+def test_a_job_waits_until_its_study_has_settled(sessions: sessionmaker[Session]) -> None:
+    """A PACS sending a study series by series: the first series' job is not claimed while another CT series of the
+    study is still being received, nor until the study has had no image for study_settle_s, so the worker chooses
+    the best series among all of them. Objects of other kinds arriving (results coming back) do not hold it."""
+    import datetime as dt
+
+    now = utcnow()
+    with sessions.begin() as s:
+        study = Study(study_instance_uid=generate_uid())
+        first = Series(study=study, series_instance_uid=generate_uid(), modality="CT", origin=SeriesOrigin.modality,
+                       state=SeriesState.complete, revision=1, last_received_at=now - dt.timedelta(seconds=60))
+        second = Series(study=study, series_instance_uid=generate_uid(), modality="CT", origin=SeriesOrigin.modality,
+                        state=SeriesState.receiving, revision=1, last_received_at=now - dt.timedelta(seconds=30))
+        returned = Series(study=study, series_instance_uid=generate_uid(), modality="SR",
+                          origin=SeriesOrigin.own_output, state=SeriesState.receiving, revision=1, last_received_at=now)
+        other_study = Series(study=Study(study_instance_uid=generate_uid()), series_instance_uid=generate_uid(),
+                             modality="CT", origin=SeriesOrigin.modality, state=SeriesState.complete, revision=1,
+                             last_received_at=now - dt.timedelta(seconds=60))
+        s.add_all([Job(series=first, revision=1, state=JobState.queued),
+                   Job(series=other_study, revision=1, state=JobState.queued)])
+        s.flush()
+        first_id, second_id, returned_id = first.id, second.id, returned.id
+    queue = JobQueue(sessions, worker="w", study_settle_s=10)
+    other = queue.claim()
+    assert other is not None and other.series_id != first_id, "another, settled study's job goes first"
+    assert queue.claim() is None, "the second series is still being received"
+    with sessions.begin() as s:
+        row = s.get(Series, second_id)
+        assert row is not None
+        row.state, row.last_received_at = SeriesState.complete, utcnow() - dt.timedelta(seconds=3)
+    assert queue.claim() is None, "the study received an image 3 s ago"
+    with sessions.begin() as s:
+        row = s.get(Series, second_id)
+        assert row is not None
+        row.last_received_at = utcnow() - dt.timedelta(seconds=11)
+    claimed = queue.claim()
+    assert claimed is not None and claimed.series_id == first_id
+    with sessions() as s:
+        assert s.get(Series, returned_id).state == SeriesState.receiving  # type: ignore[union-attr]

@@ -3,6 +3,7 @@ outputs are still written, with those attributes empty, and no value reaches the
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def test_a_job_whose_outputs_could_not_be_built_is_failed_and_sends_nothing(odd:
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: 'done' with an empty outputs.json, and nothing said why the PACS got no results."""
     from node.config import Config, Destination
-    from node.db.models import Instance, Job, JobState, OutboxItem, Series, SeriesOrigin, SeriesState, Study
+    from node.db.models import Instance, Job, JobState, OutboxItem, Series, SeriesOrigin, SeriesState, Study, utcnow
     from node.db.session import upgrade_schema
     from node.pipeline.worker import Worker
 
@@ -88,7 +89,8 @@ def test_a_job_whose_outputs_could_not_be_built_is_failed_and_sends_nothing(odd:
     upgrade_schema(worker.engine)
     with worker.sessions.begin() as s:
         series = Series(study=Study(study_instance_uid=odd.study_uid), series_instance_uid=odd.series_uid,
-                        origin=SeriesOrigin.modality, state=SeriesState.complete, revision=1)
+                        origin=SeriesOrigin.modality, state=SeriesState.complete, revision=1,
+                        last_received_at=utcnow() - dt.timedelta(hours=1))  # its study has settled
         s.add(series)
         s.flush()
         for i, f in enumerate(odd.files):

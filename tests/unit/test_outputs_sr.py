@@ -4,6 +4,7 @@ templates are validated strictly, and the worker publishes every object with out
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import random
 from pathlib import Path
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node import MANUFACTURER
 from node.config import Config, OutputsSettings, load_config
-from node.db.models import Instance, Job, JobState, Series, SeriesOrigin, SeriesState, Study
+from node.db.models import Instance, Job, JobState, Series, SeriesOrigin, SeriesState, Study, utcnow
 from node.errors import ConfigError
 from node.outputs.history import previous_sr
 from node.outputs.sr import FAILED_STATEMENT
@@ -344,7 +345,8 @@ def worker_with_series(synth: Synth, tmp_path: Path, **settings: Any) -> tuple[C
     with worker.sessions() as s, s.begin():
         study = Study(study_instance_uid=synth.study_uid)
         series = Series(study=study, series_instance_uid=synth.series_uid, origin=SeriesOrigin.modality,
-                        state=SeriesState.complete, revision=1)
+                        state=SeriesState.complete, revision=1,
+                        last_received_at=utcnow() - dt.timedelta(hours=1))  # its study has settled
         s.add_all([study, series])
         s.flush()
         for i, f in enumerate(synth.files):
