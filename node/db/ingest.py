@@ -185,7 +185,7 @@ class IngestLedger:
                 with self.sessions() as s:
                     existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid))
                     if existing is not None and existing.purged_at is None:
-                        return _duplicate(existing)
+                        return _duplicate(s, existing, header)
                     if existing is not None:  # received again after retention: the full path restores it
                         series_id = None
                 if attempt == 2:
@@ -240,7 +240,9 @@ class IngestLedger:
         existing = s.scalar(
             select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid).with_for_update())
         if existing is not None and existing.purged_at is None:
-            return _duplicate(existing)
+            return _duplicate(s, existing, h)
+        if existing is not None:
+            _same_study(s, existing, h)
 
         study = s.scalar(select(Study).where(Study.study_instance_uid == h.study_instance_uid))
         if study is None:
@@ -318,7 +320,22 @@ class IngestLedger:
                         restored=existing is not None)
 
 
-def _duplicate(existing: Instance) -> Recorded:
+def _same_study(s: Session, existing: Instance, h: InstanceHeader) -> None:
+    """An instance known already must come for the same study and patient. Otherwise it is not the same image but a
+    UID collision (a faulty UID generator): refused, since acknowledging it would drop an image the sender thinks
+    delivered, or file it with another patient's."""
+    study_uid, patient_id = s.execute(select(Study.study_instance_uid, Study.patient_id).join(Series).where(
+        Series.id == existing.series_id)).one()
+    if study_uid != h.study_instance_uid or (patient_id and h.patient_id and patient_id != _cut(h.patient_id, 64)):
+        raise InstanceRejected(
+            STATUS_OTHER_STUDY,
+            f"SOP Instance UID {h.sop_instance_uid} is already known here for another study or PatientID: two "
+            "different images with one UID (the sender's UIDs are not unique); refused, not acknowledged")
+
+
+def _duplicate(s: Session, existing: Instance, h: InstanceHeader) -> Recorded:
+    """An instance held already (the same study's): acknowledged again, not stored again."""
+    _same_study(s, existing, h)
     return Recorded(Outcome.duplicate, existing.series_id, existing.revision, existing_path=existing.path,
                     existing_size=existing.size_bytes, existing_transfer_syntax=existing.transfer_syntax_uid)
 

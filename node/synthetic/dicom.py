@@ -192,7 +192,9 @@ def write_series(outdir: Path, phantom: Phantom, options: SeriesOptions = Series
     study_uid = options.study_instance_uid or _uid(options, phantom, "study")
     series_uid = options.series_instance_uid or _uid(options, phantom, "series")
     for_uid = options.frame_of_reference_uid or _uid(options, phantom, "for")
-    sops = [_uid(options, phantom, f"sop{k}") for k in range(n)]
+    # A series UID given by hand names another series: its images need their own UIDs, even from the same seed.
+    given = f"{options.series_instance_uid}|" if options.series_instance_uid else ""
+    sops = [_uid(options, phantom, f"{given}sop{k}") for k in range(n)]
     # acquisition order: instance 1 at the head end by default (a cranio-caudal chest scan)
     order = list(range(n - 1, -1, -1)) if options.instance_order == "head_to_feet" else list(range(n))
     intercept = float(options.rescale_intercept)

@@ -370,6 +370,19 @@ def test_an_instance_resent_under_another_series_leaves_no_orphan_file(node: Nod
     assert "adopted=0" in node.log.rsplit("event=reconcile_done", 1)[1].splitlines()[0]
 
 
+def test_an_instance_uid_held_for_another_study_is_refused_not_dropped(node: NodeProcess, tmp_path: Path) -> None:
+    """Two different images with one SOP Instance UID (a sender's faulty UID generator): acknowledging the second
+    would drop it while the sender thinks it delivered; it is refused (0xC224) so the sender's queue shows it."""
+    series = make_series(tmp_path / "ct", slices=2, matrix=32)
+    assert store_status(node.port, series.files[0]) == SUCCESS
+    collision = _rewritten(series.files[0], tmp_path / "collision.dcm", StudyInstanceUID=generate_uid(),
+                           SeriesInstanceUID=generate_uid(), PatientID="SOMEONE_ELSE")
+    assert store_status(node.port, collision) == 0xC224
+    node.wait_for_log(r"event=store_refused .*status=0xC224 .*already known here for another study or PatientID")
+    assert [p.stem for p in node.spool_files()] == [series.sop_uids[0]]
+    assert node.count("series") == 1 and "SOMEONE_ELSE" not in node.log
+
+
 # -- idempotence and revisions -----------------------------------------------------------------------
 def test_resending_the_whole_series_changes_nothing(node: NodeProcess, tmp_path: Path) -> None:
     series = make_series(tmp_path / "ct", slices=20, matrix=64)

@@ -277,6 +277,9 @@ def test_uids_deterministic_or_given(tmp_path: Path) -> None:
     c = write_series(tmp_path / "c", ph, SeriesOptions(seed=None, study_instance_uid="1.2.3.4", write_truth=False))
     assert c.study_instance_uid == "1.2.3.4" and c.sop_instance_uids != a.sop_instance_uids
     assert pydicom.dcmread(c.files[0]).StudyInstanceUID == "1.2.3.4"
+    # the same seed with a series UID given by hand is another series: its images have their own UIDs
+    d = write_series(tmp_path / "d", ph, SeriesOptions(seed=3, series_instance_uid="1.2.3.5", write_truth=False))
+    assert d.series_instance_uid == "1.2.3.5" and not set(d.sop_instance_uids) & set(a.sop_instance_uids)
 
 
 def patient_points(ds: pydicom.Dataset, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
