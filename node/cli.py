@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -43,9 +44,15 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
+#: Received images, results, the ledger and logs hold patient data: no access for other users of the machine
+#: (the node's group may read, for backups), whatever umask the node was started with.
+PRIVATE_UMASK = 0o027
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.app import serve
 
+    os.umask(PRIVATE_UMASK)
     return serve(_load(args), args.config)
 
 
@@ -204,6 +211,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from node.db.session import open_database
     from node.pipeline.worker import worker_process_main
 
+    os.umask(PRIVATE_UMASK)
     cfg = _load(args)
     open_database(cfg.storage.database_url, must_exist=True).dispose()  # the node's queue, not a new empty one
     worker_process_main(cfg)

@@ -383,6 +383,18 @@ def test_an_instance_uid_held_for_another_study_is_refused_not_dropped(node: Nod
     assert node.count("series") == 1 and "SOMEONE_ELSE" not in node.log
 
 
+def test_what_the_node_keeps_is_closed_to_other_users_of_the_machine(node: NodeProcess, tmp_path: Path) -> None:
+    """Images and the ledger hold patient data: whatever the umask the node was started with (the test runner's is
+    usually 022), nothing it writes is readable by other users."""
+    series = make_series(tmp_path / "ct", slices=3, matrix=32)
+    assert storescu(node.port, series.folder).returncode == 0
+    node.wait_complete(series.series_uid)
+    kept = [node.db_path, *node.spool_files(), *(p for p in node.spool_dir.rglob("*"))]
+    assert len(kept) > 5
+    opened = [f"{p} {p.stat().st_mode & 0o777:o}" for p in kept if p.stat().st_mode & 0o007]
+    assert opened == [], "readable or searchable by other users"
+
+
 # -- idempotence and revisions -----------------------------------------------------------------------
 def test_resending_the_whole_series_changes_nothing(node: NodeProcess, tmp_path: Path) -> None:
     series = make_series(tmp_path / "ct", slices=20, matrix=64)
