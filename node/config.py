@@ -153,6 +153,17 @@ class DicomSettings(Strict):
                              "(only then do callers present a verified certificate)")
         return self
 
+    @field_validator("bind_address")
+    @classmethod
+    def _an_address(cls, v: str) -> str:
+        if v:
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IP address: use 0.0.0.0 (all interfaces), :: (all, IPv6 too) or "
+                                 "the address of one of this machine's interfaces (names are not resolved)") from None
+        return v
+
     @field_validator("max_pdu_size")
     @classmethod
     def _pdu(cls, v: int) -> int:

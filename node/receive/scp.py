@@ -7,6 +7,7 @@ ledger. pynetdicom writes each incoming dataset straight to a file (chunked rece
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -213,15 +214,24 @@ class StorageSCP:
             server = ae.start_server(address, block=False, evt_handlers=handlers,
                                      ssl_context=tls)  # type: ignore[arg-type]
         except OSError as exc:
+            hint = {errno.EADDRINUSE: "another service (another node, a DICOM server) is using the port: stop it or "
+                                      "change dicom.port",
+                    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE (the systemd unit grants it): "
+                                  "grant it or use a port above 1023",
+                    errno.EADDRNOTAVAIL: "no interface of this machine has that address: change dicom.bind_address"}
             raise LungnodeError(
-                f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}. Is another DICOM service using "
-                f"the port? Change dicom.port or dicom.bind_address."
+                f"cannot listen on {address[0]}:{address[1]}: {exc.strerror or exc}. "
+                f"{hint.get(exc.errno or 0, 'Check dicom.port and dicom.bind_address')}."
             ) from exc
         assert server is not None  # block=False always returns the server
         self._server = server
         port = int(server.server_address[1])
         log.info(kv("scp_listening", ae_title=self.settings.ae_title, address=self.settings.bind_address, port=port,
                     allow_list=len(self._allowed) or "any", tls="on" if self.settings.tls.enabled else "off"))
+        if not self._allowed and not _is_loopback(self.settings.bind_address):
+            log.warning(kv("allow_list_open", address=self.settings.bind_address, port=port,
+                           note="any host that reaches this port may send images and have results written for them",
+                           fix="list the PACS (and scanners) in dicom.allowed_callers, with their host addresses"))
         return port
 
     def stop(self) -> None:

@@ -178,6 +178,8 @@ def test_serve_that_cannot_start_says_why_in_its_log_and_exits_2(tmp_path: Path,
     assert proc.returncode == 2, proc.stderr
     expected = "inference.device is cuda but" if problem == "gpu" else "cannot listen on 127.0.0.1"
     assert expected in proc.stderr
+    if problem == "port":
+        assert "another service (another node, a DICOM server) is using the port" in proc.stderr
     line = next(ln for ln in log_file.read_text().splitlines() if "event=node_start_failed" in ln)
     assert "ERROR" in line and expected in line
 

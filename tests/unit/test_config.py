@@ -379,3 +379,15 @@ def test_allowed_callers_may_be_bare_ae_titles(tmp_path: Path) -> None:
                                                                                           "host": "10.0.0.5"}]}}))
     assert cfg.dicom.allowed_callers == [AllowedCaller(ae_title="PACS"), AllowedCaller(ae_title="CT1", host="10.0.0.5")]
     assert _error(write_yaml(tmp_path / "bad.yaml", {"dicom": {"allowed_callers": ["WAY_TOO_LONG_AE_TITLE"]}}))
+
+
+@pytest.mark.parametrize("address", ["pacs-lan", "10.0.0.300", "localhost"])
+def test_a_bind_address_that_is_not_an_ip_address_is_named(tmp_path: Path, address: str) -> None:
+    msg = _error(write_yaml(tmp_path / "c.yaml", {"dicom": {"bind_address": address}}))
+    assert f"dicom.bind_address: Value error, '{address}' is not an IP address" in msg
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "127.0.0.1", "10.1.2.3", "fe80::1"])
+def test_ip_addresses_are_accepted_as_bind_address(tmp_path: Path, address: str) -> None:
+    assert load_config(write_yaml(tmp_path / "c.yaml", {"dicom": {"bind_address": address}})).dicom.bind_address \
+        == address
