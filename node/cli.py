@@ -420,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     except LungnodeError as exc:
         print(f"lungnode: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `lungnode status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":

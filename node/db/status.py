@@ -84,7 +84,10 @@ def storage_summary(s: Session, spool_dir: Path, min_free_mb: int) -> dict[str, 
 
 
 def _gb(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    """A size the way people read it: 0 B, 640 MiB, 12.3 GiB (never "0.0 GiB" for 10 MB)."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} B"
 
 
 def render_storage(storage: dict[str, Any]) -> str:

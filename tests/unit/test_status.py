@@ -1,11 +1,18 @@
-"""`lungnode status` text on a real SQLite ledger: a refused, failed or superseded job shows its reason."""
+"""`lungnode status` text on a real SQLite ledger: a refused, failed or superseded job shows its reason; sizes read
+as people read them; a pipe closed early is no error."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Job, JobState, Series, SeriesOrigin, SeriesState, Study
-from node.db.status import render_text, summary
+from node.db.status import render_storage, render_text, summary
 
 
 def test_a_job_that_did_not_finish_well_shows_why(sessions: sessionmaker[Session]) -> None:
@@ -23,3 +30,25 @@ def test_a_job_that_did_not_finish_well_shows_why(sessions: sessionmaker[Session
         if error:
             assert f": {error}" in text, text
     assert text.count(": ") >= 2 and "job #3:" not in text  # the done job has nothing to explain
+
+
+def test_the_spool_line_reads_sizes_as_people_do() -> None:
+    storage = {"spool_dir": "/var/lib/lungnode/spool", "images_bytes": 0, "disk_free_bytes": 37 * 2**30 + 2**29,
+               "refuse_below_bytes": 10 * 2**20}
+    line = render_storage(storage)
+    assert "0 B of received images held" in line and "disk free 37.5 GiB (C-STORE refused below 10 MiB)" in line
+    assert "LOW" not in line
+    assert "LOW: C-STORE is being refused" in render_storage({**storage, "disk_free_bytes": 5 * 2**20})
+
+
+def test_status_into_a_pipe_closed_early_ends_quietly(engine: Engine, tmp_path: Path) -> None:
+    """`lungnode status | head -1`: the reader went away; no traceback after the lines it wanted."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"database_url": str(engine.url),
+                                                  "spool_dir": str(tmp_path / "spool")}}), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "status", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it writes a line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
