@@ -81,12 +81,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from node.db.session import make_sessionmaker, open_database
-    from node.db.status import render_metrics, render_text, storage_summary, summary
+    from node.db.status import render_text, storage_summary, summary
     from node.db.trace import render_trace, trace
 
     cfg = load_config(args.config)
     setup_logging("WARNING")
     criteria = {k: getattr(args, k) for k in TRACE_KEYS if getattr(args, k, None) is not None}
+    if getattr(args, "metrics", False) and not criteria:
+        return _metrics(cfg)
     engine = open_database(cfg.storage.database_url, must_exist=True)
     with make_sessionmaker(engine)() as s:
         data = trace(s, **criteria) if criteria else summary(s, limit=args.limit)
@@ -101,12 +103,33 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{cfg.dicom.ae_title} and the sender's log)",
               file=sys.stderr)
         return 1
-    if getattr(args, "metrics", False) and not criteria:
-        print(render_metrics(data, __version__), end="")
-        return 0
     text = render_trace(data) if criteria else render_text(data)
     print(json.dumps(data, indent=2) if args.json else f"database: {data['database']}\n" + text)
     return 0
+
+
+def _metrics(cfg: Config) -> int:
+    """``status --metrics``: always a complete file, also when the ledger cannot be read (exit 1, the reason on
+    stderr), so the collector never keeps showing an old, healthy picture."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from node.db.session import make_sessionmaker, open_database
+    from node.db.status import render_metrics, storage_summary, summary
+    from node.receive.selfcheck import listener_accepts
+
+    data: dict[str, object] | None = None
+    try:
+        engine = open_database(cfg.storage.database_url, must_exist=True)
+        try:
+            with make_sessionmaker(engine)() as s:
+                data = summary(s, limit=0)
+                data["storage"] = storage_summary(s, cfg.storage.spool_dir, cfg.storage.min_free_disk_mb)
+        finally:
+            engine.dispose()
+    except (LungnodeError, SQLAlchemyError) as exc:
+        print(f"lungnode: {exc}", file=sys.stderr)
+    print(render_metrics(data, __version__, listener_up=listener_accepts(cfg.dicom)), end="")
+    return 0 if data is not None else 1
 
 
 def _told(answered: bool, message: str) -> bool:

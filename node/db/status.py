@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ def summary(s: Session, *, limit: int = 20) -> dict[str, Any]:
             "series": s.scalar(select(func.count(Series.id))) or 0,
             "jobs": {state.value: n for state, n in jobs_by_state.items()},
             "open_associations": open_assocs,
+            "last_received_at": iso_seconds(s.scalar(select(func.max(Series.last_received_at)))),
+            "oldest_queued_at": iso_seconds(s.scalar(select(func.min(Job.created_at)).where(
+                Job.state == JobState.queued))),
         },
         "series": series,
         "outbox": outbox_summary(s),
@@ -144,14 +148,29 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_metrics(data: dict[str, Any], version: str) -> str:
+def _gauge(name: str, help_text: str, value: float | int) -> list[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+
+
+def render_metrics(data: dict[str, Any] | None, version: str, *, listener_up: bool) -> str:
     """The summary in Prometheus' text format, for node_exporter's textfile collector (or any scraper that
     reads it): run ``lungnode status --metrics`` from a timer into the collector's folder. Every job state and
-    send state is listed, at 0 when empty, so an alert on a rising count starts from a series."""
-    c = data["counts"]
+    send state is listed, at 0 when empty, so an alert on a rising count starts from a series. ``data`` None: the
+    ledger could not be read; the file then says so (lungnode_ledger_up 0) instead of going stale."""
     lines = ["# HELP lungnode_info The lungnode version that wrote these metrics.", "# TYPE lungnode_info gauge",
              f'lungnode_info{{version="{_label(version)}"}} 1',
-             "# HELP lungnode_studies Studies in the ledger.", "# TYPE lungnode_studies gauge",
+             *_gauge("lungnode_listener_up", "1 while the DICOM listener accepts connections.", int(listener_up)),
+             *_gauge("lungnode_ledger_up", "1 when the ledger (database) could be read.", int(data is not None))]
+    if data is None:
+        return "\n".join(lines) + "\n"
+    c = data["counts"]
+    for key, name, help_text in (("last_received_at", "lungnode_last_received_timestamp_seconds",
+                                  "When the newest image was received (Unix time)."),
+                                 ("oldest_queued_at", "lungnode_oldest_queued_job_timestamp_seconds",
+                                  "When the oldest job still waiting for a worker was queued (Unix time).")):
+        if c.get(key):
+            lines += _gauge(name, help_text, int(dt.datetime.fromisoformat(c[key]).timestamp()))
+    lines += ["# HELP lungnode_studies Studies in the ledger.", "# TYPE lungnode_studies gauge",
              f"lungnode_studies {c['studies']}",
              "# HELP lungnode_series Series in the ledger.", "# TYPE lungnode_series gauge",
              f"lungnode_series {c['series']}",

@@ -28,6 +28,16 @@ def listener_host(dicom: DicomSettings) -> str:
     return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(dicom.bind_address, dicom.bind_address)
 
 
+def listener_accepts(dicom: DicomSettings, *, timeout_s: float = 3.0) -> bool:
+    """Whether the listener accepts TCP connections: the metrics' probe, every minute, so it opens no association
+    (nothing for the node to record or log)."""
+    try:
+        with socket.create_connection((listener_host(dicom), dicom.port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def echo_listener(dicom: DicomSettings, *, timeout_s: float = 10.0) -> tuple[bool, str]:
     """(answered, what was found) for the listener ``dicom`` describes."""
     host, port = listener_host(dicom), dicom.port

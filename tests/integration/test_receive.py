@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.conftest import NodeFactory
 from tests.helpers.dcmtk import echoscu, run_dcmtk, storescu
 from tests.helpers.faults import write_legacy_converted_ct
 from tests.helpers.node_proc import NodeProcess, run_cli
+from tests.helpers.prometheus import assert_prometheus_text
 from tests.helpers.scu import SUCCESS, associate, echo, send_files, store_status
 from tests.helpers.series import (
     TRANSFER_SYNTAXES,
@@ -86,6 +88,34 @@ def test_lungnode_echo_says_whether_the_listener_answers(node_factory: NodeFacto
     assert open_node.stop() == 0
     proc = run_cli("echo", "--config", open_node.config_path, "--timeout", "2")
     assert proc.returncode == 1 and f"no DICOM listener answered at 127.0.0.1:{open_node.port}" in proc.stderr
+
+
+def test_metrics_say_whether_the_listener_and_the_ledger_are_up(node: NodeProcess, tmp_path: Path) -> None:
+    """The metrics timer's file is complete whatever happens: with the node down, or its ledger unreadable, it says
+    so instead of the collector keeping the last healthy picture. Its probe opens no association."""
+    series = make_series(tmp_path / "ct", slices=3, matrix=32)
+    assert storescu(node.port, series.folder).returncode == 0
+    node.wait_complete(series.series_uid)
+
+    def metrics() -> tuple[int, dict[str, float]]:
+        proc = run_cli("status", "--metrics", "--config", node.config_path)
+        assert_prometheus_text(proc.stdout)
+        return proc.returncode, {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in proc.stdout.splitlines()
+                                 if not ln.startswith("#")}
+
+    rc, up = metrics()
+    assert rc == 0 and up["lungnode_listener_up"] == 1 and up["lungnode_ledger_up"] == 1
+    assert abs(up["lungnode_last_received_timestamp_seconds"] - time.time()) < 120
+    assert up['lungnode_jobs{state="queued"}'] == 1 and "lungnode_oldest_queued_job_timestamp_seconds" in up
+    assert node.count("associations") == 1, "the probe is no association"
+    assert node.stop() == 0
+    rc, down = metrics()
+    assert rc == 0 and down["lungnode_listener_up"] == 0 and down["lungnode_ledger_up"] == 1
+    node.db_path.rename(node.db_path.with_suffix(".moved"))
+    proc = run_cli("status", "--metrics", "--config", node.config_path)
+    assert proc.returncode == 1 and "no database at" in proc.stderr
+    assert "lungnode_ledger_up 0\n" in proc.stdout and "lungnode_listener_up 0\n" in proc.stdout
+    assert_prometheus_text(proc.stdout)
 
 
 def test_environment_overrides_the_config_file(node_factory: NodeFactory) -> None:

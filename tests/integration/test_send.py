@@ -23,6 +23,7 @@ from tests.helpers.dcmtk import storescp_running
 from tests.helpers.net import free_port
 from tests.helpers.orthanc import Modality, OrthancFactory, OrthancServer, orthanc, orthanc_factory  # noqa: F401
 from tests.helpers.outbox import RecordingSCP, make_job, write_results
+from tests.helpers.prometheus import assert_prometheus_text
 from tests.helpers.wait import wait_until
 
 FAST_RETRY = {"retry_base_s": 0.2, "retry_factor": 2.0, "retry_max_delay_s": 1.0, "poll_interval_s": 0.1,
@@ -151,24 +152,6 @@ def test_giving_up_on_a_destination_is_an_error_in_the_log(
     retries = [r for r in caplog.records if "event=send_association_failed" in r.getMessage()]
     assert len(retries) == 2 and {r.levelname for r in retries} == {"WARNING"}
     assert all(f"jobs={job} " in r.getMessage() for r in retries)
-
-
-def assert_prometheus_text(text: str) -> None:
-    """Prometheus' text exposition format, as node_exporter's textfile collector parses it: every sample's
-    metric declared (HELP, TYPE) before it, names and labels well formed, values numbers."""
-    import re
-
-    sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_]\w*="[^"\\\n]*"(,[a-zA-Z_]\w*="[^"\\\n]*")*\})? '
-                        r'(-?[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?)$')
-    declared: dict[str, set[str]] = {}
-    assert text.endswith("\n")
-    for line in text.splitlines():
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
-            declared.setdefault(line.split()[2], set()).add(line.split()[1])
-            continue
-        m = sample.match(line)
-        assert m is not None, line
-        assert declared.get(m.group(1)) == {"HELP", "TYPE"}, line
 
 
 def test_refused_objects_fail_with_the_reason_and_retry_failed_delivers(

@@ -40,7 +40,8 @@ def test_metrics_timer_and_service_verify(tmp_path: Path) -> None:
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
     service = (DEPLOY / "lungnode-metrics.service").read_text()
     assert "lungnode status --metrics --config /etc/lungnode/config.yaml" in service
-    assert "lungnode.prom.tmp && mv" in service  # renamed into place: the collector never reads half a file
+    # renamed into place, also when the ledger could not be read: the collector never reads half a file or an old one
+    assert "lungnode.prom.tmp; rc=$$?; mv" in service and "exit $$rc" in service
 
 
 def test_systemd_unit_runs_serve_with_a_checked_config() -> None:
