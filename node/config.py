@@ -431,7 +431,11 @@ class SendingSettings(Strict):
     max_attempts: int = Field(default=8, ge=1, description="attempts before an object is marked failed")
     batch_size: int = Field(default=100, ge=1, le=1000, description="objects sent in one association at most")
     poll_interval_s: float = Field(default=1.0, gt=0, description="how often the sender looks for due objects")
-    connect_timeout_s: float = Field(default=15.0, gt=0, description="association negotiation and DIMSE timeout")
+    connect_timeout_s: float = Field(default=15.0, gt=0,
+                                     description="TCP connect, TLS handshake and association negotiation")
+    response_timeout_s: float = Field(
+        default=120.0, gt=0, description="wait for each answer of the destination (a C-STORE response, say): a PACS "
+        "busy filing a large SEG may take long; past it the association is aborted and the objects retried")
     commitment_port: int = Field(
         default=11113, ge=0, le=65535,
         description="port (on dicom.bind_address) where storage commitment reports are received; 0: any free port",

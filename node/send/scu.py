@@ -117,12 +117,14 @@ def _status_text(status: int) -> str:
 
 
 def associate(dest: Destination, contexts: Sequence[PresentationContext], *, calling_ae: str,
-              timeout_s: float) -> Association | str:
-    """An established association with ``dest`` proposing ``contexts``, or why there is none (what to check)."""
+              timeout_s: float, response_timeout_s: float | None = None) -> Association | str:
+    """An established association with ``dest`` proposing ``contexts``, or why there is none (what to check).
+    ``timeout_s`` bounds getting there; ``response_timeout_s`` (default: the same) each answer afterwards."""
     ae = node_ae(calling_ae)
     # connection_timeout bounds the TCP connect and, with TLS, the handshake (unbounded otherwise: a
     # destination that accepts and stays silent would hold the sender, and every destination, forever).
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = ae.acse_timeout = timeout_s
+    ae.dimse_timeout = ae.network_timeout = response_timeout_s or timeout_s
     try:
         tls = destination_tls(dest)
     except LungnodeError as exc:
@@ -161,7 +163,8 @@ def store_batch(
     """
     commitment = dest.storage_commitment and on_commitment is not None
     assoc = associate(dest, propose_contexts([*items, *commitment_items], commitment=commitment),
-                      calling_ae=calling_ae, timeout_s=settings.connect_timeout_s)
+                      calling_ae=calling_ae, timeout_s=settings.connect_timeout_s,
+                      response_timeout_s=settings.response_timeout_s)
     if isinstance(assoc, str):
         return assoc
     delivered: list[Claimed] = []

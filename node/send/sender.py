@@ -199,7 +199,9 @@ class Sender:
 
         try:
             if isinstance(dest, WebDestination):
-                error = stow_batch(dest, items, timeout_s=self.settings.connect_timeout_s, on_outcome=on_outcome,
+                # one socket timeout covers the connect and every read: the longer of the two settings
+                timeout_s = max(self.settings.connect_timeout_s, self.settings.response_timeout_s)
+                error = stow_batch(dest, items, timeout_s=timeout_s, on_outcome=on_outcome,
                                    should_stop=self._stop.is_set)
             else:
                 assert calling is not None

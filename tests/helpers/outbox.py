@@ -5,6 +5,7 @@ format, and a job row for them to belong to."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,11 +126,13 @@ def write_results(results_dir: Path, *, kinds: tuple[str, ...] = ("seg", "sr", "
 
 
 class RecordingSCP:
-    """A pynetdicom C-STORE SCP that answers ``self.status`` and counts what it received per SOP Instance UID."""
+    """A pynetdicom C-STORE SCP that answers ``self.status`` (after ``delay_s``: a PACS busy filing) and counts what
+    it received per SOP Instance UID."""
 
-    def __init__(self, port: int, *, status: int = 0x0000, ae_title: str = "PEER") -> None:
+    def __init__(self, port: int, *, status: int = 0x0000, ae_title: str = "PEER", delay_s: float = 0.0) -> None:
         self.port = port
         self.status = status
+        self.delay_s = delay_s
         self.ae_title = ae_title
         self.received: Counter[str] = Counter()
         self.stored: Counter[str] = Counter()
@@ -137,6 +140,7 @@ class RecordingSCP:
         self._lock = threading.Lock()
 
     def _on_store(self, event: evt.Event) -> int:
+        time.sleep(self.delay_s)
         ds = event.dataset
         with self._lock:
             self.received[str(ds.SOPInstanceUID)] += 1

@@ -132,6 +132,26 @@ def test_peer_down_then_up_is_retried_and_delivered_exactly_once(
     assert all(r.last_error is None and r.last_status == 0 for r in rows)
 
 
+def test_a_slow_pacs_is_waited_for_up_to_the_response_timeout_not_the_connect_timeout(
+    sessions: sessionmaker[Session], sender_factory: Any, scp_factory: Any, tmp_path: Path,
+) -> None:
+    """The PACS takes 1.5 s to answer each C-STORE: with a 1 s connect timeout the results still arrive once each;
+    past response_timeout_s the association is given up and the objects wait for their retry."""
+    port = free_port()
+    objects = write_results(tmp_path / "results")
+    dest = Destination(name="peer", ae_title="PEER", host="127.0.0.1", port=port)
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=tmp_path / "results", destinations=[dest])
+    scp = scp_factory(port, delay_s=1.5).start()
+    sender = sender_factory(make_config(dest, connect_timeout_s=1, response_timeout_s=0.5, max_attempts=30))
+    wait_until(lambda: any("no C-STORE response" in (r.last_error or "") for r in outbox_rows(sessions)),
+               timeout=20, what="an attempt given up for want of an answer")
+    sender.stop()
+    assert all(r.state == SendState.pending for r in outbox_rows(sessions)), "waiting for their retry"
+    sender_factory(make_config(dest, connect_timeout_s=1, response_timeout_s=5, max_attempts=30))
+    wait_states(sessions, SendState.sent, count=3)
+    assert set(scp.stored) == {o.sop_instance_uid for o in objects}
+
+
 def test_giving_up_on_a_destination_is_an_error_in_the_log(
     sessions: sessionmaker[Session], sender_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
