@@ -119,7 +119,7 @@ def main() -> int:
         pacs = OrthancServer(work / "orthanc", ae_title=PACS_AE, modalities={"lungnode": Modality(NODE_AE, node_port)})
         pacs.start()
         cfg = node_config(work, node_port=node_port, pacs=pacs)
-        cfg["assembly"] = {}  # the node's defaults: complete 2 s after release, analysed once the study settled 10 s
+        cfg["assembly"] = {}  # the node's defaults: complete 2 s after release, analysed once the study settled 5 s
         (work / "lungnode.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
         node = _start_node(work / "lungnode.yaml", work / "lungnode.log")
         try:

@@ -200,7 +200,7 @@ class AssemblySettings(Strict):
     )
     poll_interval_s: float = Field(default=0.5, gt=0)
     study_settle_s: float = Field(
-        default=10.0, ge=0, description="a series is analysed only once its study received no image for this long "
+        default=5.0, ge=0, description="a series is analysed only once its study received no image for this long "
         "and none of its CT series is still being received, so the best series of the study is chosen among all")
 
 
