@@ -250,6 +250,9 @@ class SelectionSettings(Strict):
         default_factory=lambda: PatternRule(exclude=[r"(?i)^(head|brain|neck|abdomen|pelvis|extremity|knee|ankle|foot|hand)$"])
     )
     convolution_kernel: PatternRule = Field(default_factory=PatternRule)
+    max_study_age_days: int | None = Field(
+        default=None, ge=0, description="analyse only studies at most this many days old by their Study Date (a PACS "
+        "that forwards prior studies with a new one does not get the priors analysed); null: any age")
     prefer_kernel: list[str] = Field(
         default_factory=lambda: [r"(?i)lung|^b[67]\d|^br6|^bl\d|^i70|^fc(5[0-9]|8[0-9])|^y[a-d]$|^l$|sharp"],
         description="kernels preferred when a study has several candidate series (lung/sharp kernels)",

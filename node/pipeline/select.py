@@ -7,6 +7,7 @@ the rule that skipped it, in words.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import re
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class SeriesHeader:
     body_part: str
     convolution_kernel: str
     normal_z: float | None  # |z component| of the slice normal, 1.0 for a true axial series
+    study_date: dt.date | None = None  # Study Date (else Series or Acquisition Date); None: absent or not a date
 
     @classmethod
     def from_dataset(cls, ds: Dataset, *, slice_count: int) -> SeriesHeader:
@@ -78,7 +80,17 @@ class SeriesHeader:
             body_part=text("BodyPartExamined"),
             convolution_kernel=text("ConvolutionKernel"),
             normal_z=normal_z,
+            study_date=next((d for d in map(_date, (ds.get(k) for k in ("StudyDate", "SeriesDate", "AcquisitionDate")))
+                             if d is not None), None),
         )
+
+
+def _date(value: object) -> dt.date | None:
+    """A DICOM DA value (YYYYMMDD) as a date, or None."""
+    try:
+        return dt.datetime.strptime(str(value).strip(), "%Y%m%d").date() if value else None
+    except ValueError:
+        return None
 
 
 def _first_finite(value: object) -> float | None:
@@ -108,8 +120,9 @@ def _match_any(patterns: Sequence[str], value: str) -> bool:
     return any(re.search(p, value) for p in patterns)
 
 
-def check(header: SeriesHeader, rules: SelectionSettings) -> Verdict:
-    """Apply the rules in a fixed order; the first one that fails is reported."""
+def check(header: SeriesHeader, rules: SelectionSettings, *, today: dt.date | None = None) -> Verdict:
+    """Apply the rules in a fixed order; the first one that fails is reported. ``today``: the date study ages count
+    to (default: today, in the node's time zone, as the hospital dates its studies)."""
     uid = header.series_instance_uid
 
     def skip(rule: str, reason: str) -> Verdict:
@@ -117,6 +130,11 @@ def check(header: SeriesHeader, rules: SelectionSettings) -> Verdict:
 
     if header.modality not in rules.modalities:
         return skip("modality", f"modality {header.modality or '(none)'} is not one of {', '.join(rules.modalities)}")
+    if rules.max_study_age_days is not None and header.study_date is not None:
+        age = ((today or dt.date.today()) - header.study_date).days
+        if age > rules.max_study_age_days:
+            return skip("study_age", f"the study is dated {header.study_date.isoformat()}, {age} days ago: older than "
+                                     f"selection.max_study_age_days ({rules.max_study_age_days})")
     missing = [t for t in rules.image_type_required if t not in header.image_type]
     if missing:
         return skip("image_type", f"ImageType {'/'.join(header.image_type) or '(none)'} lacks {'/'.join(missing)}")
@@ -159,12 +177,13 @@ def rank_key(header: SeriesHeader, rules: SelectionSettings) -> tuple[int, float
     return (lung, header.slice_thickness_mm or math.inf, -header.slice_count, primary)
 
 
-def choose(headers: Sequence[SeriesHeader], rules: SelectionSettings) -> tuple[SeriesHeader | None, list[Verdict]]:
+def choose(headers: Sequence[SeriesHeader], rules: SelectionSettings,
+           *, today: dt.date | None = None) -> tuple[SeriesHeader | None, list[Verdict]]:
     """The best eligible series of a study (or None) and a verdict for every series.
 
     Eligible series that lose to a better one get the rule ``not_best`` naming the chosen series.
     """
-    verdicts = {h.series_instance_uid: check(h, rules) for h in headers}
+    verdicts = {h.series_instance_uid: check(h, rules, today=today) for h in headers}
     eligible = sorted((h for h in headers if verdicts[h.series_instance_uid].eligible), key=lambda h: rank_key(h, rules))
     best = eligible[0] if eligible else None
     out = []

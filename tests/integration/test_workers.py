@@ -60,14 +60,16 @@ class Ledger:
         return self.root / "ledger.sqlite"
 
     def add_series(self, s: Synth, files: list[Path] | None = None) -> None:
-        """Record every instance as the SCP would (header read from the real file)."""
+        """Record every instance as the SCP would (header read from the real file), received a minute ago: the
+        study has settled (assembly.study_settle_s) by the time a worker looks."""
         ledger = IngestLedger(self.sessions)
+        received = utcnow() - dt.timedelta(minutes=1)
         for path in files if files is not None else s.files:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             header = inspect_instance(path, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
                                       check_request=False)
             ledger.record_instance(header, path=path, size_bytes=path.stat().st_size, association_id=None,
-                                   own_output=False)
+                                   own_output=False, received_at=received)
 
     def complete(self) -> dict[str, int]:
         """Close every receiving series (quiet period over); returns SeriesInstanceUID -> job id."""

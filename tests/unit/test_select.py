@@ -221,3 +221,25 @@ def test_enhanced_ct_header_is_eligible(written: Path, tmp_path: Path) -> None:
     assert h.slice_count == 40 and h.normal_z == pytest.approx(1.0)
     assert h.slice_thickness_mm == pytest.approx(float(pydicom.dcmread(written).SliceThickness))
     eligible(h)
+
+
+def test_a_prior_study_forwarded_with_a_new_one_is_skipped_by_age(base: Dataset) -> None:
+    """selection.max_study_age_days: a PACS forwarding priors does not get them analysed; off by default."""
+    import datetime as dt
+
+    today = dt.date(2026, 11, 27)
+    rules = SelectionSettings(max_study_age_days=30)
+    prior = header(base, StudyDate="20250102")
+    v = check(prior, rules, today=today)
+    assert (v.eligible, v.rule) == (False, "study_age")
+    assert "dated 2025-01-02, 694 days ago: older than selection.max_study_age_days (30)" in (v.reason or "")
+    assert check(header(base, StudyDate="20261028"), rules, today=today).eligible  # 30 days: still analysed
+    assert not check(header(base, StudyDate="20261027"), rules, today=today).eligible
+    # no Study Date: the Series Date decides; no date at all, or no valid one: the age is unknown, not a reason
+    assert not check(header(base, StudyDate=None, SeriesDate="20200101"), rules, today=today).eligible
+    assert check(header(base, StudyDate=None, SeriesDate=None, AcquisitionDate=None), rules, today=today).eligible
+    assert check(header(base, StudyDate="2026-11-01", SeriesDate=None, AcquisitionDate=None), rules,
+                 today=today).eligible
+    assert check(prior, DEFAULTS, today=today).eligible
+    best, verdicts = choose([prior, header(base, StudyDate="20261127")], rules, today=today)
+    assert best is not None and best.study_date == today and verdicts[0].rule == "study_age"
