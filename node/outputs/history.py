@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import exists, or_, select
+from sqlalchemy import ColumnElement, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Job, JobState, OutboxItem, SendState
@@ -25,14 +26,12 @@ def previous_sr(sessions: sessionmaker[Session], *, series_id: int, revision: in
     Only an SR the destinations received can be a predecessor: that of a finished (done) job whose SR went out
     to at least one destination, or that has none configured (no outbox row). A superseded or still running
     job's SR, or one that was never delivered, is nobody's predecessor."""
-    sr_rows = select(OutboxItem.id).where(OutboxItem.job_id == Job.id, OutboxItem.kind == "sr")
-    delivered = sr_rows.where(OutboxItem.state.in_([SendState.sent, SendState.committed]))
     if job_id is not None and (own := _published_before(sessions, job_id, results_dir(job_id))) is not None:
         return own
     with sessions() as s:
         earlier = s.scalars(
             select(Job.id).where(Job.series_id == series_id, Job.revision < revision, Job.state == JobState.done,
-                                 or_(~exists(sr_rows), exists(delivered))).order_by(Job.revision.desc())
+                                 _published(Job.id)).order_by(Job.revision.desc())
         ).all()
     for job_id in earlier:
         found = predecessor_from(results_dir(job_id))
@@ -41,17 +40,23 @@ def previous_sr(sessions: sessionmaker[Session], *, series_id: int, revision: in
     return None
 
 
+def _published(job_id: Any, sop_instance_uid: str | None = None) -> ColumnElement[bool]:
+    """The job's SR (that one, with ``sop_instance_uid``) reached a destination, or the job has no SR to send."""
+    rows = select(OutboxItem.id).where(OutboxItem.job_id == job_id, OutboxItem.kind == "sr")
+    delivered = rows.where(OutboxItem.state.in_([SendState.sent, SendState.committed]))
+    if sop_instance_uid is not None:
+        delivered = delivered.where(OutboxItem.sop_instance_uid == sop_instance_uid)
+    return or_(~exists(rows), exists(delivered))
+
+
 def _published_before(sessions: sessionmaker[Session], job_id: int, out: Path) -> Dataset | None:
     """The SR a job published before it was analysed again: its last SR if that was delivered (or there is no
     destination), else the SR that one named, which it would have replaced."""
     own = predecessor_from(out)
     if own is None:
         return None
-    rows = select(OutboxItem.id).where(OutboxItem.job_id == job_id, OutboxItem.kind == "sr")
-    delivered = rows.where(OutboxItem.sop_instance_uid == str(own.SOPInstanceUID),
-                           OutboxItem.state.in_([SendState.sent, SendState.committed]))
     with sessions() as s:
-        if s.scalar(select(or_(~exists(rows), exists(delivered)))):
+        if s.scalar(select(_published(job_id, str(own.SOPInstanceUID)))):
             return own
     sr = next((out / o.file for o in read_manifest(out) if o.kind == "sr"), None)
     try:
