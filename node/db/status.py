@@ -170,13 +170,10 @@ def render_metrics(data: dict[str, Any] | None, version: str, *, listener_up: bo
                                   "When the oldest job still waiting for a worker was queued (Unix time).")):
         if c.get(key):
             lines += _gauge(name, help_text, int(dt.datetime.fromisoformat(c[key]).timestamp()))
-    lines += ["# HELP lungnode_studies Studies in the ledger.", "# TYPE lungnode_studies gauge",
-             f"lungnode_studies {c['studies']}",
-             "# HELP lungnode_series Series in the ledger.", "# TYPE lungnode_series gauge",
-             f"lungnode_series {c['series']}",
-             "# HELP lungnode_open_associations DICOM associations open now.",
-             "# TYPE lungnode_open_associations gauge", f"lungnode_open_associations {c['open_associations']}",
-             "# HELP lungnode_jobs Analysis jobs by state.", "# TYPE lungnode_jobs gauge"]
+    lines += [*_gauge("lungnode_studies", "Studies in the ledger.", c["studies"]),
+              *_gauge("lungnode_series", "Series in the ledger.", c["series"]),
+              *_gauge("lungnode_open_associations", "DICOM associations open now.", c["open_associations"]),
+              "# HELP lungnode_jobs Analysis jobs by state.", "# TYPE lungnode_jobs gauge"]
     lines += [f'lungnode_jobs{{state="{st.value}"}} {c["jobs"].get(st.value, 0)}' for st in JobState]
     lines += ["# HELP lungnode_sends Result objects to send, by destination and state.", "# TYPE lungnode_sends gauge"]
     for dest, entry in sorted(data.get("outbox", {}).items()):
@@ -184,13 +181,10 @@ def render_metrics(data: dict[str, Any] | None, version: str, *, listener_up: bo
                   for st in SendState]
     storage = data.get("storage")
     if storage is not None:
-        lines += ["# HELP lungnode_spool_images_bytes Received images held in the spool.",
-                  "# TYPE lungnode_spool_images_bytes gauge", f"lungnode_spool_images_bytes {storage['images_bytes']}",
-                  "# HELP lungnode_spool_refuse_below_bytes Free space under which C-STORE is refused.",
-                  "# TYPE lungnode_spool_refuse_below_bytes gauge",
-                  f"lungnode_spool_refuse_below_bytes {storage['refuse_below_bytes']}"]
+        lines += [*_gauge("lungnode_spool_images_bytes", "Received images held in the spool.", storage["images_bytes"]),
+                  *_gauge("lungnode_spool_refuse_below_bytes", "Free space under which C-STORE is refused.",
+                          storage["refuse_below_bytes"])]
         if storage["disk_free_bytes"] is not None:
-            lines += ["# HELP lungnode_spool_disk_free_bytes Free space on the spool's disk.",
-                      "# TYPE lungnode_spool_disk_free_bytes gauge",
-                      f"lungnode_spool_disk_free_bytes {storage['disk_free_bytes']}"]
+            lines += _gauge("lungnode_spool_disk_free_bytes", "Free space on the spool's disk.",
+                            storage["disk_free_bytes"])
     return "\n".join(lines) + "\n"
