@@ -34,6 +34,7 @@ from node.receive.retention import purge_expired
 from node.receive.scp import StorageSCP
 from node.receive.spool import Spool
 from node.send.sender import Sender
+from node.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +194,10 @@ def serve(config: Config, config_path: Path | None = None) -> int:
         raise
     stop = threading.Event()
 
-    def _signal(signum: int, _frame: FrameType | None) -> None:
-        log.info(kv("signal_received", signal=signal.Signals(signum).name))
-        stop.set()
-
     def _hangup(signum: int, _frame: FrameType | None) -> None:
         log.info(kv("signal_received", signal="SIGHUP", action=HANGUP_ACTION))
 
-    signal.signal(signal.SIGTERM, _signal)
-    signal.signal(signal.SIGINT, _signal)
+    stop_on_signals(stop, said=lambda signum: log.info(kv("signal_received", signal=signal.Signals(signum).name)))
     signal.signal(signal.SIGHUP, _hangup)
     log.info(kv("node_ready", ae_title=config.dicom.ae_title, port=node.port))
     audit.application_activity(started=True)

@@ -15,7 +15,6 @@ import socket
 import threading
 import traceback
 from pathlib import Path
-from types import FrameType
 
 import pydicom
 from sqlalchemy import select
@@ -37,6 +36,7 @@ from node.pipeline.volume import QAFlag
 from node.receive.inspect import ANALYSABLE_SOP_CLASSES
 from node.receive.spool import results_path
 from node.send.outbox import enqueue_results
+from node.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -239,12 +239,7 @@ def worker_process_main(config: Config, parent_pid: int | None = None) -> None:
     """Entry point of a worker process (``lungnode worker``, or one started by ``serve`` with its pid)."""
     setup_logging(config.logging.level, config.logging.file, config.logging.include_phi)
     worker = Worker(config)
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        worker.stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop_on_signals(worker.stop)
     if parent_pid is not None:
         # serve's workers: SIGHUP is logrotate's habit, and serve outlives it (the log file is watched). A worker
         # run from a terminal keeps the default, ending with its session.
