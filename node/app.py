@@ -76,7 +76,8 @@ class Node:
         settings = self.config.retention
         while not self._stop.wait(settings.check_interval_s):
             try:
-                purge_expired(self.spool, self.sessions, days=settings.received_days, audit=self.audit)
+                purge_expired(self.spool, self.sessions, days=settings.received_days, audit=self.audit,
+                              identifiers_days=settings.identifiers_days)
             except Exception:  # retention must never stop the node; the error is logged in full
                 log.exception(kv("retention_error"))
 

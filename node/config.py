@@ -454,6 +454,10 @@ class RetentionSettings(Strict):
         "many days after their series completed; a series still being analysed is kept; 0 keeps everything"
     )
     check_interval_s: float = Field(default=3600.0, gt=0)
+    identifiers_days: float | None = Field(
+        default=None, ge=0, description="blank the Patient ID and accession number the ledger keeps for a study this "
+        "many days after retention deleted the last of its images (its UIDs, states and times stay: the node's "
+        "history); null: keep them")
 
 
 class LoggingSettings(Strict):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit import AuditTrail
 from node.audit.studies import studies_of
-from node.db.models import Event, Instance, Job, JobState, OutboxItem, SendState, Series, SeriesState, utcnow
+from node.db.models import Event, Instance, Job, JobState, OutboxItem, SendState, Series, SeriesState, Study, utcnow
 from node.logs import kv
 from node.receive.spool import Spool
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def purge_expired(spool: Spool, sessions: sessionmaker[Session], *, days: float, now: dt.datetime | None = None,
-                  audit: AuditTrail | None = None) -> int:
+                  audit: AuditTrail | None = None, identifiers_days: float | None = None) -> int:
     """Delete the spool files of expired series; returns how many series were purged."""
     if days <= 0:
         return 0
@@ -59,7 +59,28 @@ def purge_expired(spool: Spool, sessions: sessionmaker[Session], *, days: float,
                         message=f"{removed} received files deleted after {days:g} days (retention)"))
         log.info(kv("series_purged", series=series_uid, files=removed))
     purge_results(spool, sessions)
+    if identifiers_days is not None:
+        forget_identifiers(sessions, days=identifiers_days, now=now)
     return len(due)
+
+
+def forget_identifiers(sessions: sessionmaker[Session], *, days: float, now: dt.datetime | None = None) -> int:
+    """Blank the Patient ID and accession number of studies whose images all went ``days`` ago or longer: the
+    ledger then keeps no patient identifier for them (data minimisation); returns how many studies."""
+    cutoff = (now or utcnow()) - dt.timedelta(days=days)
+    held = select(Series.id).where(Series.study_id == Study.id, Series.purged_at.is_(None))
+    newest_purge = select(func.max(Series.purged_at)).where(Series.study_id == Study.id).scalar_subquery()
+    with sessions.begin() as s:
+        ids = list(s.scalars(select(Study.id).where(
+            or_(Study.patient_id.is_not(None), Study.accession_number.is_not(None)),
+            ~exists(held), newest_purge <= cutoff)))
+        if ids:
+            s.execute(update(Study).where(Study.id.in_(ids)).values(patient_id=None, accession_number=None))
+            s.add(Event(kind="identifiers_forgotten", message=f"Patient ID and accession number blanked for "
+                                                              f"{len(ids)} studies, {days:g} days after their images"))
+    if ids:
+        log.info(kv("identifiers_forgotten", studies=len(ids), days=f"{days:g}"))
+    return len(ids)
 
 
 def purge_results(spool: Spool, sessions: sessionmaker[Session]) -> int:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Event, Job, JobState, OutboxItem, SendState, Series, SeriesOrigin, SeriesState, Study, utcnow
 from node.errors import LungnodeError
-from node.receive.retention import purge_expired
+from node.receive.retention import forget_identifiers, purge_expired
 from node.receive.spool import Spool
 from node.send.outbox import requeue_failed
 
@@ -91,3 +91,29 @@ def test_a_running_job_keeps_its_series(sessions: sessionmaker[Session], spool: 
     assert purge_expired(spool, sessions, days=7) == 0
     assert (spool.instances / uid).is_dir() and spool.results_dir(job_id).is_dir()
     assert purge_expired(spool, sessions, days=0) == 0  # 0 keeps everything
+
+
+def test_patient_identifiers_go_some_days_after_the_last_image_of_their_study(sessions: sessionmaker[Session],
+                                                                              spool: Spool) -> None:
+    """retention.identifiers_days: once every image of a study is gone, the ledger's Patient ID and accession
+    number follow after that many days; a study with any image still held keeps them (the node needs them to keep
+    patients apart)."""
+    gone, _ = _series_with_job(sessions, spool, age_days=8, job_state=JobState.done, sends=[])
+    held, _ = _series_with_job(sessions, spool, age_days=1, job_state=JobState.done, sends=[])
+    with sessions.begin() as s:
+        for series in s.scalars(select(Series)):
+            series.study.patient_id, series.study.accession_number = "P-1", "A-1"
+    assert purge_expired(spool, sessions, days=7, identifiers_days=30) == 1
+
+    def identifiers() -> dict[str, tuple[str | None, str | None]]:
+        with sessions() as s:
+            return {ser.series_instance_uid: (ser.study.patient_id, ser.study.accession_number)
+                    for ser in s.scalars(select(Series))}
+    assert identifiers() == {gone: ("P-1", "A-1"), held: ("P-1", "A-1")}, "the images went just now"
+    later = utcnow() + dt.timedelta(days=31)
+    assert forget_identifiers(sessions, days=30, now=later) == 1
+    assert identifiers() == {gone: (None, None), held: ("P-1", "A-1")}
+    assert forget_identifiers(sessions, days=30, now=later) == 0, "once"
+    with sessions() as s:
+        assert s.scalars(select(Event.kind).where(Event.kind == "identifiers_forgotten")).all() == \
+            ["identifiers_forgotten"]
