@@ -328,7 +328,7 @@ class _Receiver(Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     objects: list[OutputKind] = Field(
-        default_factory=lambda: list(_ALL_KINDS),
+        default_factory=lambda: list(_ALL_KINDS), min_length=1,
         description="which result objects this destination receives (e.g. [key_image] for viewers without SEG support)",
     )
 

@@ -391,3 +391,9 @@ def test_a_bind_address_that_is_not_an_ip_address_is_named(tmp_path: Path, addre
 def test_ip_addresses_are_accepted_as_bind_address(tmp_path: Path, address: str) -> None:
     assert load_config(write_yaml(tmp_path / "c.yaml", {"dicom": {"bind_address": address}})).dicom.bind_address \
         == address
+
+
+def test_a_destination_that_would_receive_nothing_is_named(tmp_path: Path) -> None:
+    data = {"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104, "objects": []}]}
+    msg = _error(write_yaml(tmp_path / "c.yaml", data))
+    assert "destinations.0" in msg and "objects" in msg and "at least 1 item" in msg, msg
