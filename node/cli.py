@@ -73,10 +73,31 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if args.strict:
             raise LungnodeError(message)
         print(f"warning: {message}", file=sys.stderr)
+    for problem in _unwritable(cfg):  # relative paths count from here, which may not be the node's folder: a warning
+        print(f"warning: {path}: {problem}", file=sys.stderr)
     print(f"{path}: valid")
     if args.show:
         print(json.dumps(cfg.redacted(), indent=2, sort_keys=True))
     return 0
+
+
+def _unwritable(cfg: Config) -> list[str]:
+    """The folders the node writes (spool, SQLite ledger, log file) that this user could not create or write."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(cfg.storage.database_url)
+    folders = {"storage.spool_dir": cfg.storage.spool_dir}
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        folders["storage.database_url"] = Path(str(url.database)).parent
+    if cfg.logging.file is not None:
+        folders["logging.file"] = cfg.logging.file.parent
+    problems = []
+    for key, folder in folders.items():
+        existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+        if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+            problems.append(f"{key}: {folder.absolute()} cannot be {'written' if existing == folder.absolute() else 'created'} "
+                            f"by this user ({existing} is not writable): run the node as a user who can, or change it")
+    return problems
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -397,3 +397,17 @@ def test_a_destination_that_would_receive_nothing_is_named(tmp_path: Path) -> No
     data = {"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104, "objects": []}]}
     msg = _error(write_yaml(tmp_path / "c.yaml", data))
     assert "destinations.0" in msg and "objects" in msg and "at least 1 item" in msg, msg
+
+
+def test_check_config_warns_of_folders_the_node_could_not_write(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A spool or ledger folder that cannot be made (here: below a file; for another user, one without write
+    permission) is said before the node starts and fails; a folder still to be made under a writable one is fine."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    path = write_yaml(tmp_path / "c.yaml", {"storage": {"spool_dir": str(blocker / "spool"),
+                                                        "database_url": f"sqlite:///{tmp_path / 'new' / 'ln.db'}"}})
+    assert cli_main(["check-config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert f"storage.spool_dir: {blocker / 'spool'} cannot be created by this user" in err
+    assert "storage.database_url" not in err, "its folder can be made"
