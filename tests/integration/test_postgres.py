@@ -186,3 +186,49 @@ def test_values_postgresql_cannot_hold_are_cleaned_before_they_reach_the_ledger(
     assert rec.outcome == Outcome.stored
     assert dcmread(path).PatientID == "P\x00X"  # the file keeps what was sent
     engine.dispose()
+
+
+def test_retention_a_series_sent_again_and_the_settled_claim_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    """This session's ledger statements on PostgreSQL's SQL: retention marks instances purged, an instance sent again
+    restores its row under a row lock and opens a new revision, a job waits for its study to settle, a UID known
+    for another study is refused, and the patient identifiers are blanked after their days."""
+    from node.errors import InstanceRejected
+    from node.receive.retention import forget_identifiers, purge_expired
+    from node.receive.spool import Spool
+
+    engine = make_engine(pg_url)
+    upgrade_schema(engine)
+    sessions = make_sessionmaker(engine)
+    ledger = IngestLedger(sessions)
+    for i in range(3):
+        ledger.record_instance(_header("1.2.3.20", f"1.2.3.20.{i}"), path=tmp_path / f"{i}.dcm", size_bytes=1,
+                               association_id=None, own_output=False)
+    assembler = Assembler(AssemblySettings(quiet_period_s=1, release_grace_s=0), sessions)
+    now = dt.datetime.now(dt.timezone.utc)
+    assert assembler.complete_due(now=now + dt.timedelta(seconds=5)) == 1
+    queue = JobQueue(sessions, worker="w", study_settle_s=3600)
+    assert queue.claim() is None, "its study received an image a moment ago"
+    claimed = JobQueue(sessions, worker="w", study_settle_s=0).claim()
+    assert claimed is not None
+    assert queue.finish(claimed.job_id, JobState.done)
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    assert purge_expired(spool, sessions, days=1, now=now + dt.timedelta(days=2)) == 1
+    again = ledger.record_instance(_header("1.2.3.20", "1.2.3.20.1"), path=tmp_path / "1.dcm", size_bytes=1,
+                                   association_id=None, own_output=False)
+    assert (again.outcome, again.restored, again.revision, again.new_revision) == (Outcome.stored, True, 2, True)
+    with pytest.raises(InstanceRejected):
+        ledger.record_instance(_header("1.2.3.21", "1.2.3.20.0", study="1.2.3.9"), path=tmp_path / "x.dcm",
+                               size_bytes=1, association_id=None, own_output=False)
+    with sessions() as s:
+        assert s.query(Series).filter(Series.series_instance_uid == "1.2.3.21").count() == 0
+    assert assembler.complete_due(now=now + dt.timedelta(seconds=10)) == 1
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE jobs SET state = 'done'")
+    assert purge_expired(spool, sessions, days=1, now=now + dt.timedelta(days=4)) == 1
+    assert forget_identifiers(sessions, days=1, now=now + dt.timedelta(hours=12)) == 0, "its images went just now"
+    assert forget_identifiers(sessions, days=1, now=now + dt.timedelta(days=6)) == 1
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT patient_id, accession_number FROM studies").all() == [(None, None)]
+        purged = conn.exec_driver_sql("SELECT count(*) FROM instances WHERE purged_at IS NOT NULL").scalar()
+    assert purged == 3
+    engine.dispose()
