@@ -331,6 +331,13 @@ class _Receiver(Strict):
         default_factory=lambda: list(_ALL_KINDS), min_length=1,
         description="which result objects this destination receives (e.g. [key_image] for viewers without SEG support)",
     )
+    reject_replaced: bool = Field(
+        default=False,
+        description="when a later analysis of a series replaces results this destination received (late images, "
+                    "lungnode reanalyse), send it an IHE IOCM rejection note for them: a KOS titled Rejected for "
+                    "Quality Reasons (DCM 113001), which an archive supporting IOCM acts on by hiding the replaced "
+                    "objects; leave off for archives without IOCM, which would file the note as one more document",
+    )
 
 
 class Destination(_Receiver):
@@ -491,6 +498,10 @@ class OutputsSettings(Strict):
                       "(series with lesions only)")
     kos_series_number: int = Field(default=9704, ge=1, le=2**31 - 1)
     kos_series_description: DicomLO = "Key slices (lungnode, not for clinical use)"
+    rejection_series_number: int = Field(
+        default=9705, ge=1, le=2**31 - 1,
+        description="series of the IOCM rejection notes sent to destinations with reject_replaced")
+    rejection_series_description: DicomLO = "Replaced lungnode results withdrawn"
     sr_for_skipped_series: bool = Field(
         default=False,
         description="also write an SR for series the selection rules skip (scouts, other reconstructions); "

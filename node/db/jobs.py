@@ -19,7 +19,18 @@ from typing import Any, Callable
 from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from node.db.models import Event, Job, JobState, OutboxItem, SendState, Series, SeriesOrigin, SeriesState, utcnow
+from node.db.models import (
+    REJECTION_NOTE,
+    Event,
+    Job,
+    JobState,
+    OutboxItem,
+    SendState,
+    Series,
+    SeriesOrigin,
+    SeriesState,
+    utcnow,
+)
 from node.errors import LungnodeError
 from node.logs import kv
 
@@ -224,8 +235,8 @@ def requeue_for_reanalysis(sessions: sessionmaker[Session], job_id: int) -> str:
                                 "(retention.received_days) and the node holds no copy: send the series from the PACS "
                                 "again; the node stores it again and analyses it as a new revision")
         before = job.state.value
-        unsent = s.execute(update(OutboxItem).where(OutboxItem.job_id == job.id, OutboxItem.state.in_(
-            [SendState.pending, SendState.failed])).values(
+        unsent = s.execute(update(OutboxItem).where(OutboxItem.job_id == job.id, OutboxItem.kind != REJECTION_NOTE,
+                                                    OutboxItem.state.in_([SendState.pending, SendState.failed])).values(
                 state=SendState.superseded, updated_at=utcnow(),
                 last_error="not sent: the job is analysed again (lungnode reanalyse); it sends its new results"))
         withdrawn = int(getattr(unsent, "rowcount", 0) or 0)

@@ -194,6 +194,10 @@ class SendState(str, enum.Enum):
     superseded = "superseded"  # not sent: a newer revision of the series arrived first (its job sends its own)
 
 
+#: The outbox kind of an IOCM rejection note (``node.send.rejections``); the others are the OutputKinds.
+REJECTION_NOTE = "rejection"
+
+
 class OutboxItem(Base):
     """One result object to deliver to one destination (the sender's queue and its record)."""
 
@@ -206,6 +210,10 @@ class OutboxItem(Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))  # the object's series (null before 0005)
+    # The row (kind "rejection") of the IOCM rejection note that withdrew this object from its destination, once a
+    # later analysis of the series replaced it (destinations with reject_replaced)
+    rejected_by: Mapped[int | None] = mapped_column(Integer)
     state: Mapped[SendState] = mapped_column(_enum(SendState, "send_state"))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -63,7 +63,8 @@ def _sends(s: Session, job_id: int) -> list[dict[str, Any]]:
     return [{"destination": o.destination, "kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
              "state": o.state.value, "attempts": o.attempts,
              "last_status": None if o.last_status is None else f"0x{o.last_status:04X}",
-             "sent_at": iso_seconds(o.sent_at), "committed_at": iso_seconds(o.committed_at), "last_error": o.last_error}
+             "sent_at": iso_seconds(o.sent_at), "committed_at": iso_seconds(o.committed_at), "last_error": o.last_error,
+             "withdrawn": o.rejected_by is not None}  # a rejection note (reject_replaced) withdrew it
             for o in rows]
 
 
@@ -120,8 +121,9 @@ def render_trace(data: dict[str, Any]) -> str:
                     if o["committed_at"] or o["sent_at"]:
                         status += f" at {o['committed_at'] or o['sent_at']}"
                     error = f": {o['last_error']}" if o["last_error"] and o["state"] not in ("sent", "committed") else ""
+                    withdrawn = ", withdrawn by a rejection note" if o["withdrawn"] else ""
                     lines.append(f"      {o['destination']:12} {o['kind']:9} {o['state']:10} attempts {o['attempts']}"
-                                 f"{status}{error}")
+                                 f"{status}{error}{withdrawn}")
                 if not j["sends"]:
                     lines.append("      no result sends (no destination, no objects, or not analysed)")
     return "\n".join(lines)

@@ -157,16 +157,20 @@ def segment_specs(manifests: Mapping[str, ModelManifest] | None, models: Mapping
     return specs
 
 
-def _save(ds: Dataset, out_dir: Path, name: str, kind: Kind, made: tuple[dt.datetime, str | None]) -> WrittenObject:
-    """Write one object; ``made``: its creation moment and the source's UTC offset (``creation_moment``)."""
-    path = out_dir / name
-    tmp = path.with_name(f".{name}.tmp")
-    stamp_creation(ds, *made)
-    settle_character_set(ds)
-    ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)  # the writer of the file is lungnode
+def save_dataset(ds: Dataset, path: Path) -> None:
+    """Write a DICOM file atomically (a reader never sees half of it), naming lungnode as its writer."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     ds.save_as(tmp, enforce_file_format=True)
     os.replace(tmp, path)
+
+
+def _save(ds: Dataset, out_dir: Path, name: str, kind: Kind, made: tuple[dt.datetime, str | None]) -> WrittenObject:
+    """Write one object; ``made``: its creation moment and the source's UTC offset (``creation_moment``)."""
+    stamp_creation(ds, *made)
+    settle_character_set(ds)
+    save_dataset(ds, out_dir / name)
     return WrittenObject(kind=kind, file=name, sop_class_uid=str(ds.SOPClassUID),
                          sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
                          study_instance_uid=str(ds.StudyInstanceUID),

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Config
 from node.db.jobs import Claimed, JobQueue
-from node.db.models import Instance, Job, JobState, Series, SeriesOrigin, SeriesState
+from node.db.models import REJECTION_NOTE, Instance, Job, JobState, Series, SeriesOrigin, SeriesState
 from node.db.session import make_engine, make_sessionmaker
 from node.errors import LungnodeError
 from node.logs import kv, setup_logging
@@ -36,6 +36,7 @@ from node.pipeline.volume import QAFlag
 from node.receive.inspect import ANALYSABLE_SOP_CLASSES
 from node.receive.spool import results_path
 from node.send.outbox import enqueue_results
+from node.send.rejections import queue_rejections
 from node.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -186,12 +187,15 @@ class Worker:
             (staged.parent / name).replace(out / name)
         staged.parent.rmdir()
         for old in out.iterdir():  # objects of an earlier run of this job (reanalysis) that this run did not make
-            if old.name not in names and old.is_file():
-                old.unlink()
+            if old.name not in names and old.is_file() and not old.name.startswith(REJECTION_NOTE):
+                old.unlink()  # (its rejection notes stay: what they withdrew is still replaced)
 
         def queue_for_sending(session: Session) -> None:
             if self.config.destinations and (out / OUTPUTS_FILE).is_file():
                 enqueue_results(session, job_id=job.job_id, results_dir=out, destinations=self.config.destinations)
+                if state == JobState.done:
+                    queue_rejections(session, job_id=job.job_id, results_dir=out, destinations=self.config.destinations,
+                                     settings=self.config.outputs, device_uid=self.device_uid)
 
         timings = {**self._waits(job), **analysis.result_json()["timings_s"]}
         self.queue.finish(job.job_id, state, error=error, timings=timings, also=queue_for_sending)

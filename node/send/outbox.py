@@ -26,7 +26,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Destination, OutputKind, SendingSettings, WebDestination
-from node.db.models import Event, Job, OutboxItem, SendState, Series, utcnow
+from node.db.models import REJECTION_NOTE, Event, Job, OutboxItem, SendState, Series, utcnow
 from node.errors import LungnodeError
 from node.logs import kv
 
@@ -72,7 +72,7 @@ def read_outputs(results_dir: Path) -> list[OutputObject]:
     return manifest.objects
 
 
-def _insert_ignoring_duplicates(s: Session, rows: list[dict[str, Any]]) -> int:
+def insert_outbox_rows(s: Session, rows: list[dict[str, Any]]) -> int:
     """INSERT .. ON CONFLICT DO NOTHING (SQLite and PostgreSQL); the number of new rows."""
     if not rows:
         return 0
@@ -124,17 +124,17 @@ def enqueue_results(
             "job_id": job_id, "destination": dest.name, "kind": obj.kind,
             "path": str((results_dir / obj.file).resolve()), "sop_instance_uid": obj.sop_instance_uid,
             "sop_class_uid": obj.sop_class_uid, "transfer_syntax_uid": obj.transfer_syntax_uid,
-            "state": SendState.pending, "attempts": 0, "next_attempt_at": now, "created_at": now, "updated_at": now,
+            "series_instance_uid": obj.series_instance_uid, "state": SendState.pending, "attempts": 0, "next_attempt_at": now, "created_at": now, "updated_at": now,
         }
         for dest in destinations
         for obj in objects
         if obj.kind in dest.objects
     ]
     if isinstance(sessions, Session):
-        added = _insert_ignoring_duplicates(sessions, rows) + _revive_withdrawn(sessions, job_id, rows)
+        added = insert_outbox_rows(sessions, rows) + _revive_withdrawn(sessions, job_id, rows)
     else:
         with sessions.begin() as s:
-            added = _insert_ignoring_duplicates(s, rows) + _revive_withdrawn(s, job_id, rows)
+            added = insert_outbox_rows(s, rows) + _revive_withdrawn(s, job_id, rows)
     log.info(kv("send_enqueued", job=job_id, objects=len(objects), destinations=len(destinations), new=added,
                 already_queued=len(rows) - added))
     return added
@@ -196,6 +196,7 @@ class Outbox:
 
         Rows of a job whose series has a newer revision by now are marked ``superseded`` instead: the newer
         revision's job sends its own results, and a PACS holding both would show two answers for one series.
+        Rejection notes are the exception: what one withdraws stays replaced whatever revision comes later.
         """
         now = now or utcnow()
         with self.sessions.begin() as s:
@@ -209,8 +210,9 @@ class Outbox:
                 .limit(limit)
                 .with_for_update(skip_locked=True, of=OutboxItem)
             ).all()
-            items = [item for item, job_rev, series_rev in found if series_rev <= job_rev]
-            stale = [(item, series_rev) for item, job_rev, series_rev in found if series_rev > job_rev]
+            current = [series_rev <= job_rev or item.kind == REJECTION_NOTE for item, job_rev, series_rev in found]
+            items = [item for (item, _, _), ok in zip(found, current) if ok]
+            stale = [(item, series_rev) for (item, _, series_rev), ok in zip(found, current) if not ok]
             for job_id in sorted({item.job_id for item, _ in stale}):
                 rows = [(item, rev) for item, rev in stale if item.job_id == job_id]
                 newer = rows[0][1]
@@ -378,10 +380,12 @@ def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None
             if paths and not any(Path(p).is_file() for p in paths):
                 raise LungnodeError(f"the result files of job {job_id} were deleted with its series' images by the "
                                     "retention rule (retention.received_days): there is nothing left to send")
-        query = select(OutboxItem).where(OutboxItem.state.in_(states))
+        query = select(OutboxItem).where(OutboxItem.state.in_(states), OutboxItem.rejected_by.is_(None))
         if job_id is not None:
             query = query.where(OutboxItem.job_id == job_id)
-        items = s.scalars(query.with_for_update()).all()
+        # Not resent: what a rejection note withdrew, and what the job's reanalysis no longer makes (file gone).
+        items = [item for item in s.scalars(query.with_for_update()).all()
+                 if item.state in (SendState.failed, SendState.pending) or Path(item.path).is_file()]
         counts: dict[str, int] = {}
         for item in items:
             item.state = SendState.pending

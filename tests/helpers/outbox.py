@@ -136,6 +136,7 @@ class RecordingSCP:
         self.ae_title = ae_title
         self.received: Counter[str] = Counter()
         self.stored: Counter[str] = Counter()
+        self.datasets: dict[str, Dataset] = {}  # the last one received per SOP Instance UID
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
 
@@ -144,6 +145,7 @@ class RecordingSCP:
         ds = event.dataset
         with self._lock:
             self.received[str(ds.SOPInstanceUID)] += 1
+            self.datasets[str(ds.SOPInstanceUID)] = ds
             if self.status == 0x0000 or self.status & 0xF000 == 0xB000:  # success or warning: stored
                 self.stored[str(ds.SOPInstanceUID)] += 1
         return self.status

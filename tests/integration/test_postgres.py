@@ -189,7 +189,7 @@ def test_values_postgresql_cannot_hold_are_cleaned_before_they_reach_the_ledger(
 
 
 def test_retention_a_series_sent_again_and_the_settled_claim_on_postgresql(pg_url: str, tmp_path: Path) -> None:
-    """This session's ledger statements on PostgreSQL's SQL: retention marks instances purged, an instance sent again
+    """Retention and resend statements on PostgreSQL's SQL: retention marks instances purged, an instance sent again
     restores its row under a row lock and opens a new revision, a job waits for its study to settle, a UID known
     for another study is refused, and the patient identifiers are blanked after their days."""
     from node.errors import InstanceRejected
@@ -231,4 +231,27 @@ def test_retention_a_series_sent_again_and_the_settled_claim_on_postgresql(pg_ur
         assert conn.exec_driver_sql("SELECT patient_id, accession_number FROM studies").all() == [(None, None)]
         purged = conn.exec_driver_sql("SELECT count(*) FROM instances WHERE purged_at IS NOT NULL").scalar()
     assert purged == 3
+    engine.dispose()
+
+
+def test_rejection_notes_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    """Replaced results found, noted once and never superseded, with PostgreSQL's row locks and NOT IN."""
+    from tests.helpers.outbox import make_job, write_results
+    from tests.unit.test_rejections import deliver, finish, next_revision, notes
+
+    engine = make_engine(pg_url)
+    upgrade_schema(engine)
+    sessions = make_sessionmaker(engine)
+    first = make_job(sessions, study_uid="1.2.826.0.1.3680043.8.498.9")
+    old = write_results(tmp_path / "r1", study_uid="1.2.826.0.1.3680043.8.498.9")
+    assert finish(sessions, first, tmp_path / "r1") == 0
+    deliver(sessions, first)
+    second = next_revision(sessions, first)
+    write_results(tmp_path / "r2", study_uid="1.2.826.0.1.3680043.8.498.9")
+    assert finish(sessions, second, tmp_path / "r2") == 1
+    assert finish(sessions, second, tmp_path / "r2") == 0
+    [note] = notes(sessions)
+    with engine.connect() as conn:
+        named = conn.exec_driver_sql(f"SELECT sop_instance_uid FROM outbox WHERE rejected_by = {note.id}").scalars()
+        assert set(named) == {o.sop_instance_uid for o in old}
     engine.dispose()

@@ -165,3 +165,82 @@ def test_a_series_sent_in_two_parts_puts_only_the_whole_series_results_in_the_pa
     assert {o["state"] for o in traced["jobs"][1]["sends"]} == {"sent"}
     missing = run_cli("status", "--config", node.config_path, "--accession", "NOT-HERE")
     assert missing.returncode == 1 and "nothing received matches --accession" in missing.stderr
+
+
+def test_late_images_withdraw_the_results_the_pacs_had_with_an_iocm_rejection_note(
+        node_factory: NodeFactory, tmp_path: Path, peer_port: int) -> None:
+    """The first part of a series is analysed and its results reach the PACS; the rest comes later. The whole
+    series' results follow, and, since this PACS acts on IOCM (reject_replaced), a rejection note withdrawing
+    exactly what it had of the first answer; it is a valid KOS in the same study."""
+    import json
+    import shutil
+    import subprocess
+
+    from tests.helpers.dcmtk import storescu
+    from tests.helpers.onnx_models import make_models_dir
+    from tests.helpers.series import make_series
+
+    models = make_models_dir(tmp_path / "models")
+    node = node_factory(settings={
+        "destinations": [{"name": "pacs", "ae_title": "PEER", "host": "127.0.0.1", "port": peer_port,
+                          "reject_replaced": True}],
+        "inference": {"models_dir": str(models), "device": "cpu", "threads": 1},
+        "workers": {"count": 1, "poll_interval_s": 0.2}, "selection": {"min_slices": 10},
+        "sending": {"retry_base_s": 0.2, "retry_max_delay_s": 0.5, "poll_interval_s": 0.1},
+    })
+    series = make_series(tmp_path / "ct", slices=40, matrix=96)
+    files = sorted(series.folder.rglob("*.dcm"))
+    scp = RecordingSCP(peer_port).start()
+    try:
+        def results_of(revision: int) -> tuple[dict, set[str]]:
+            def done() -> dict | None:
+                jobs = [j for j in node.jobs(series.series_uid) if j["revision"] == revision]
+                return jobs[0] if jobs and jobs[0]["state"] in ("done", "rejected", "failed") else None
+            job = wait_until(done, timeout=90, what=f"the job of revision {revision} to finish")
+            assert job["state"] == "done", job
+            out = node.spool_dir / "results" / f"job-{job['id']}" / "outputs.json"
+            return job, {o["sop_instance_uid"] for o in json.loads(out.read_text())["objects"]}
+
+        assert storescu(node.port, *files[:20]).returncode == 0
+        first, first_uids = results_of(1)
+        wait_until(lambda: first_uids <= set(scp.received), timeout=30, what="revision 1's results at the PACS")
+        assert storescu(node.port, *files[20:]).returncode == 0
+        second, second_uids = results_of(2)
+
+        def note() -> pydicom.Dataset | None:
+            found = [ds for uid, ds in scp.datasets.items() if uid not in first_uids | second_uids]
+            return found[0] if found and second_uids <= set(scp.received) else None
+        rejection = wait_until(note, timeout=30, what="revision 2's results and the rejection note at the PACS")
+    finally:
+        scp.stop()
+    title = rejection.ConceptNameCodeSequence[0]
+    assert (rejection.Modality, title.CodeValue, title.CodingSchemeDesignator) == ("KO", "113001", "DCM")
+    assert rejection.StudyInstanceUID == series.study_uid and rejection.SeriesNumber == 9705
+    withdrawn = {str(i.ReferencedSOPInstanceUID) for st in rejection.CurrentRequestedProcedureEvidenceSequence
+                 for se in st.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+    assert withdrawn == first_uids  # all of the first answer, none of the second
+    assert len(scp.received) == len(first_uids) + len(second_uids) + 1
+    rows = node.query("SELECT id, job_id, kind, state, rejected_by FROM outbox")
+    [note_row] = [r for r in rows if r["kind"] == "rejection"]
+    assert note_row["job_id"] == second["id"] and note_row["state"] == "sent"
+    assert {r["rejected_by"] for r in rows if r["job_id"] == first["id"]} == {note_row["id"]}
+    assert {r["rejected_by"] for r in rows if r["job_id"] == second["id"]} == {None}
+    assert "event=rejection_queued" in node.log
+    trace = run_cli("status", "--config", node.config_path, "--job", str(first["id"])).stdout
+    first_block = trace.split(f"job #{first['id']} (revision 1)")[1].split(f"job #{second['id']} (revision 2)")[0]
+    second_block = trace.split(f"job #{second['id']} (revision 2)")[1]
+    assert first_block.count("withdrawn by a rejection note") == len(first_uids)
+    assert "withdrawn" not in second_block and "rejection" in second_block
+    if shutil.which("dciodvfy"):
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRLittleEndian
+
+        path = tmp_path / "rejection.dcm"
+        rejection.file_meta = FileMetaDataset()
+        rejection.file_meta.MediaStorageSOPClassUID = rejection.SOPClassUID
+        rejection.file_meta.MediaStorageSOPInstanceUID = rejection.SOPInstanceUID
+        rejection.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        rejection.save_as(path, enforce_file_format=True)
+        report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, report.stdout + report.stderr

@@ -1,0 +1,211 @@
+"""IOCM rejection notes on a real SQLite ledger: results a later analysis replaced are withdrawn, once, from the
+destinations that received them and ask for it; the note is a valid KOS titled Rejected for Quality Reasons."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Destination, OutputsSettings, SendingSettings
+from node.db.jobs import requeue_for_reanalysis
+from node.db.models import REJECTION_NOTE, Event, Job, JobState, OutboxItem, SendState, Series
+from node.outputs.rejection import Replaced, build_rejection_note
+from node.send.outbox import Outbox, enqueue_results
+from node.send.rejections import queue_rejections
+from tests.helpers.outbox import make_job, write_results
+
+PACS = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104, reject_replaced=True)
+PLAIN = Destination(name="plain", ae_title="PLAIN", host="127.0.0.1", port=105)
+OUTPUTS = OutputsSettings()
+
+
+def next_revision(sessions: sessionmaker[Session], job_id: int) -> int:
+    """A done job for the next revision of ``job_id``'s series (late images came); its id."""
+    with sessions.begin() as s:
+        first = s.get(Job, job_id)
+        assert first is not None
+        series = s.get(Series, first.series_id)
+        assert series is not None
+        series.revision += 1
+        job = Job(series_id=series.id, revision=series.revision, state=JobState.done)
+        s.add(job)
+        s.flush()
+        return int(job.id)
+
+
+def finish(sessions: sessionmaker[Session], job_id: int, results: Path) -> int:
+    """What the worker does when a job is done: queue its results, then the rejection notes; the notes queued."""
+    with sessions.begin() as s:
+        enqueue_results(s, job_id=job_id, results_dir=results, destinations=[PACS, PLAIN])
+        return queue_rejections(s, job_id=job_id, results_dir=results, destinations=[PACS, PLAIN], settings=OUTPUTS)
+
+
+def deliver(sessions: sessionmaker[Session], job_id: int, *, kinds: tuple[str, ...] = ("seg", "sr", "key_image"),
+            state: SendState = SendState.sent) -> None:
+    with sessions.begin() as s:
+        s.execute(update(OutboxItem).where(OutboxItem.job_id == job_id, OutboxItem.kind.in_(kinds))
+                  .values(state=state))
+
+
+def notes(sessions: sessionmaker[Session]) -> list[OutboxItem]:
+    with sessions() as s:
+        return list(s.scalars(select(OutboxItem).where(OutboxItem.kind == REJECTION_NOTE).order_by(OutboxItem.id)))
+
+
+def listed(path: str | Path) -> set[str]:
+    """The SOP Instance UIDs a note's evidence names."""
+    ds = pydicom.dcmread(path)
+    return {str(i.ReferencedSOPInstanceUID) for st in ds.CurrentRequestedProcedureEvidenceSequence
+            for se in st.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+
+
+def uids(objects: list) -> set[str]:
+    return {o.sop_instance_uid for o in objects}
+
+
+def test_the_note_is_a_rejection_kos_in_the_study_naming_each_object(tmp_path: Path) -> None:
+    old = write_results(tmp_path / "old", study_uid="1.2.826.0.1.3680043.8.498.1")
+    new = write_results(tmp_path / "new", study_uid="1.2.826.0.1.3680043.8.498.1")
+    like = pydicom.dcmread(new[1].path)
+    replaced = [Replaced(o.sop_class_uid, o.sop_instance_uid,
+                         str(pydicom.dcmread(o.path, stop_before_pixels=True).SeriesInstanceUID)) for o in old]
+    note = build_rejection_note(like=like, replaced=replaced, sop_instance_uid="2.25.1", series_instance_uid="2.25.2",
+                                series_number=9705, series_description="Replaced lungnode results withdrawn",
+                                reason="Replaced by a later analysis.")
+    assert note.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59" and note.Modality == "KO"
+    title = note.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("113001", "DCM")
+    assert (note.StudyInstanceUID, note.PatientID, note.PatientName) == (like.StudyInstanceUID, like.PatientID,
+                                                                         like.PatientName)
+    assert note.SeriesNumber == 9705 and note.SeriesInstanceUID == "2.25.2"
+    path = tmp_path / "note.dcm"
+    note.save_as(path, enforce_file_format=True)
+    assert listed(path) == uids(old)
+    kinds = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID): i.ValueType
+             for i in note.ContentSequence if "ReferencedSOPSequence" in i}
+    assert kinds == {old[0].sop_instance_uid: "IMAGE", old[1].sop_instance_uid: "COMPOSITE",
+                     old[2].sop_instance_uid: "IMAGE"}  # SEG and key image are images, the SR is a document
+    with pytest.raises(ValueError, match="at least one object"):
+        build_rejection_note(like=like, replaced=[], sop_instance_uid="2.25.3", series_instance_uid="2.25.2",
+                             series_number=9705, series_description="x", reason="x")
+    if shutil.which("dciodvfy"):
+        proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        report = proc.stdout + proc.stderr
+        assert "KeyObjectSelectionDocument" in report
+        assert not [line for line in report.splitlines() if line.startswith("Error")], report
+
+
+def test_a_new_revision_withdraws_what_the_destination_received_once(sessions: sessionmaker[Session],
+                                                                      tmp_path: Path) -> None:
+    study = "1.2.826.0.1.3680043.8.498.2"
+    first = make_job(sessions, study_uid=study)
+    old = write_results(tmp_path / "r1", study_uid=study)
+    assert finish(sessions, first, tmp_path / "r1") == 0  # nothing was replaced
+    deliver(sessions, first, kinds=("seg", "sr"))  # the key image is still pending: the PACS does not have it
+
+    second = next_revision(sessions, first)
+    new = write_results(tmp_path / "r2", study_uid=study)
+    assert finish(sessions, second, tmp_path / "r2") == 1
+    [note] = notes(sessions)
+    assert note.destination == "pacs" and note.job_id == second and note.state == SendState.pending
+    assert listed(note.path) == {old[0].sop_instance_uid, old[1].sop_instance_uid}
+    assert Path(note.path).parent == tmp_path / "r2" and note.series_instance_uid
+    with sessions() as s:
+        marked = s.scalars(select(OutboxItem).where(OutboxItem.rejected_by == note.id)).all()
+        assert {(r.destination, r.job_id, r.kind) for r in marked} == {("pacs", first, "seg"), ("pacs", first, "sr")}
+        event = s.scalars(select(Event).where(Event.kind == "rejection_queued")).one()
+        assert event.job_id == second and event.data == {"destination": "pacs", "replaced_jobs": [first], "objects": 2}
+
+    # The same finish again (a worker re-running it): nothing new; the plain destination never gets a note.
+    assert finish(sessions, second, tmp_path / "r2") == 0
+    assert len(notes(sessions)) == 1
+
+    # Revision 3 withdraws revision 2's results only: revision 1's were withdrawn already.
+    deliver(sessions, second)
+    third = next_revision(sessions, first)
+    write_results(tmp_path / "r3", study_uid=study)
+    assert finish(sessions, third, tmp_path / "r3") == 1
+    later = notes(sessions)[-1]
+    assert listed(later.path) == uids(new)
+
+
+def test_the_same_objects_made_again_are_not_withdrawn(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    """Reanalysis with the same models gives the same UIDs: the destination has the right objects already."""
+    job = make_job(sessions)
+    write_results(tmp_path / "r1")
+    finish(sessions, job, tmp_path / "r1")
+    deliver(sessions, job)
+    assert finish(sessions, job, tmp_path / "r1") == 0 and notes(sessions) == []
+
+
+def test_a_note_is_never_superseded_nor_withdrawn_by_reanalysis(sessions: sessionmaker[Session],
+                                                                 tmp_path: Path) -> None:
+    study = "1.2.826.0.1.3680043.8.498.3"
+    first = make_job(sessions, study_uid=study)
+    write_results(tmp_path / "r1", study_uid=study)
+    finish(sessions, first, tmp_path / "r1")
+    deliver(sessions, first)
+    second = next_revision(sessions, first)
+    write_results(tmp_path / "r2", study_uid=study)
+    finish(sessions, second, tmp_path / "r2")
+    [note] = notes(sessions)
+
+    requeue_for_reanalysis(sessions, second)  # an operator asks for revision 2 again: its pending results go
+    with sessions() as s:
+        states = {r.kind: r.state for r in s.scalars(select(OutboxItem).where(OutboxItem.job_id == second,
+                                                                              OutboxItem.destination == "pacs"))}
+    assert states == {"seg": SendState.superseded, "sr": SendState.superseded, "key_image": SendState.superseded,
+                      REJECTION_NOTE: SendState.pending}
+
+    next_revision(sessions, first)  # revision 3 opens: revision 2's sends would be stale, its note is not
+    claimed = Outbox(sessions, SendingSettings()).claim("pacs", limit=10)
+    assert [(c.kind, c.sop_instance_uid) for c in claimed] == [(REJECTION_NOTE, note.sop_instance_uid)]
+
+
+def test_an_object_whose_series_is_unknown_is_left_out_with_a_warning(sessions: sessionmaker[Session],
+                                                                      tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Rows queued before the ledger kept the series: it is read from the file, and a row whose file is gone
+    cannot be named (the others still are)."""
+    study = "1.2.826.0.1.3680043.8.498.4"
+    first = make_job(sessions, study_uid=study)
+    old = write_results(tmp_path / "r1", study_uid=study)
+    finish(sessions, first, tmp_path / "r1")
+    deliver(sessions, first)
+    with sessions.begin() as s:
+        s.execute(update(OutboxItem).values(series_instance_uid=None))
+    old[0].path.unlink()
+    second = next_revision(sessions, first)
+    write_results(tmp_path / "r2", study_uid=study)
+    with caplog.at_level("WARNING"):
+        assert finish(sessions, second, tmp_path / "r2") == 1
+    [note] = notes(sessions)
+    assert listed(note.path) == {old[1].sop_instance_uid, old[2].sop_instance_uid}
+    assert "event=rejection_incomplete" in caplog.text and "missing=1" in caplog.text
+
+
+def test_reanalysis_with_other_models_withdraws_the_jobs_own_results_and_resend_skips_them(
+        sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    """``lungnode reanalyse`` with a new model: the same job makes new objects; the ones the PACS had are withdrawn,
+    and ``retry --resend`` sends only what the job makes now (not what was withdrawn, nor files it no longer has)."""
+    from node.send.outbox import requeue_failed
+
+    study = "1.2.826.0.1.3680043.8.498.5"
+    job = make_job(sessions, study_uid=study)
+    old = write_results(tmp_path / "before", study_uid=study)
+    finish(sessions, job, tmp_path / "before")
+    deliver(sessions, job)
+    for o in old:  # the worker removes from the job's folder what the new run no longer makes
+        o.path.unlink()
+    write_results(tmp_path / "after", study_uid=study)
+    assert finish(sessions, job, tmp_path / "after") == 1
+    [note] = notes(sessions)
+    assert note.job_id == job and listed(note.path) == uids(old)
+    deliver(sessions, job)
+    assert requeue_failed(sessions, job_id=job, resend=True) == [("pacs", 4), ("plain", 3)]  # 3 new objects + note
