@@ -201,6 +201,7 @@ def test_sighup_keeps_the_node_running_and_a_moved_log_file_is_reopened(node_fac
     assert node.running
     series = make_series(tmp_path / "ct", slices=3, matrix=32)
     assert storescu(node.port, series.folder).returncode == 0
-    node.wait_complete(series.series_uid)
-    assert "event=series_complete" in log_file.read_text()
+    node.wait_complete(series.series_uid)  # the ledger says so first; the log line follows the commit
+    wait_until(lambda: "event=series_complete" in log_file.read_text(), timeout=10, what="series_complete in the "
+               "reopened log file")
     assert "event=series_complete" not in log_file.with_name("lungnode.log.1").read_text()
