@@ -202,6 +202,11 @@ class AssemblySettings(Strict):
     study_settle_s: float = Field(
         default=5.0, ge=0, description="a series is analysed only once its study received no image for this long "
         "and none of its CT series is still being received, so the best series of the study is chosen among all")
+    priority_by_caller: dict[AETitle, Literal["high", "medium", "low"]] = Field(
+        default_factory=dict,
+        description="calling AE titles whose series are analysed before (high) or after (low) the others, e.g. "
+        "{ED_CT: high, RESEARCH: low}; a series from any other caller takes the C-STORE Priority its images came "
+        "with (most PACS send MEDIUM)")
 
 
 class PatternRule(Strict):

@@ -108,6 +108,11 @@ class IngestLedger:
             ).scalar_one()
             return int(row_id)
 
+    def note_priority(self, assoc_id: int, level: int) -> None:
+        """The association's most urgent C-STORE Priority so far (``node.receive.priority`` level)."""
+        with self._engine.begin() as conn:
+            conn.execute(update(Association).where(Association.id == assoc_id).values(priority=level))
+
     def close_association(self, assoc_id: int, state: AssociationState) -> None:
         with self.sessions.begin() as s:
             received = select(func.count(Instance.id)).where(Instance.association_id == assoc_id).scalar_subquery()

@@ -55,9 +55,10 @@ class JobQueue:
         self.study_settle_s = study_settle_s
 
     def claim(self) -> Claimed | None:
-        """Take the oldest queued job whose study has settled (``study_settle_s``: no image for that long, no CT series
-        still being received), or None when there is none: the worker then picks the best series among all of the
-        study's, not among those that happened to arrive first."""
+        """Take the most urgent queued job whose study has settled (``study_settle_s``: no image for that long, no CT
+        series still being received), the oldest of its priority (``node.receive.priority``), or None when there is
+        none: the worker then picks the best series among all of the study's, not among those that happened to
+        arrive first."""
         now = utcnow()
         mine, other = aliased(Series), aliased(Series)
         unsettled = select(other.id).where(
@@ -69,7 +70,7 @@ class JobQueue:
                 select(Job)
                 .join(mine, Job.series_id == mine.id)
                 .where(Job.state == JobState.queued, ~exists(unsettled))
-                .order_by(Job.id)
+                .order_by(Job.priority.desc(), Job.id)
                 .limit(1)
                 .with_for_update(skip_locked=True, of=Job)
             )

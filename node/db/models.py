@@ -129,6 +129,8 @@ class Association(Base):
     opened_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     closed_at: Mapped[dt.datetime | None]
     instances_received: Mapped[int] = mapped_column(Integer, default=0)
+    # The most urgent C-STORE Priority of its requests (node.receive.priority levels); null: MEDIUM
+    priority: Mapped[int | None] = mapped_column(Integer)
     __table_args__ = (Index("ix_associations_state", "state"),)
 
 
@@ -162,6 +164,7 @@ class Job(Base):
     heartbeat_at: Mapped[dt.datetime | None]
     worker: Mapped[str | None] = mapped_column(String(128))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # 1 high, 0 medium, -1 low
     error: Mapped[str | None] = mapped_column(Text)
     timings: Mapped[dict[str, Any] | None]
     series: Mapped[Series] = relationship()

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Association, AssociationState, Instance, Job, JobState, SendState, Series, Study
+from node.receive.priority import priority_name
 from node.send.outbox import outbox_summary
 
 
@@ -47,6 +48,7 @@ def summary(s: Session, *, limit: int = 20) -> dict[str, Any]:
                     "id": j.id,
                     "revision": j.revision,
                     "state": j.state.value,
+                    "priority": priority_name(j.priority),
                     "created_at": iso_seconds(j.created_at),
                     "finished_at": iso_seconds(j.finished_at),
                     "error": j.error,
@@ -109,14 +111,16 @@ def render_text(data: dict[str, Any]) -> str:
     lines = [
         f"studies {c['studies']}  series {c['series']}  open associations {c['open_associations']}  jobs: {jobs}",
         "",
-        f"{'last received (UTC)':20} {'state':10} {'rev':>3} {'inst':>5} {'origin':10} {'job':14} series",
+        f"{'last received (UTC)':20} {'state':10} {'rev':>3} {'inst':>5} {'origin':10} {'job':19} series",
     ]
     for ser in data["series"]:
         job = ser["jobs"][-1] if ser["jobs"] else None
         job_text = f"#{job['id']} {job['state']}" if job else "-"
+        if job and job["priority"] != "medium":
+            job_text += f" {job['priority']}"
         lines.append(
             f"{(ser['last_received_at'] or '')[:19]:20} {ser['state']:10} {ser['revision']:>3} {ser['instances']:>5} "
-            f"{ser['origin']:10} {job_text:14} {ser['series_instance_uid']}"
+            f"{ser['origin']:10} {job_text:19} {ser['series_instance_uid']}"
         )
         if ser["note"]:
             lines.append(f"{'':20} note: {ser['note']}")

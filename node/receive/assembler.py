@@ -32,6 +32,7 @@ from node.db.models import (
 )
 from node.logs import kv
 from node.receive.inspect import ANALYSABLE_SOP_CLASSES
+from node.receive.priority import priority_name, series_priority
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +125,22 @@ class Assembler:
                 series.origin = SeriesOrigin.modality
                 series.note = "holds CT images although its first instance was not one"
             job_id: int | None = None
+            level = 0
             if series.origin == SeriesOrigin.modality:
-                job = Job(series_id=series.id, revision=series.revision, state=JobState.queued)
+                level = series_priority(s, series, self.settings.priority_by_caller)
+                job = Job(series_id=series.id, revision=series.revision, state=JobState.queued, priority=level)
                 s.add(job)
                 s.flush()
                 job_id = job.id
-                message = f"revision {series.revision} complete with {series.instance_count} instances: job queued"
+                urgency = f" ({priority_name(level)} priority)" if level else ""
+                message = (f"revision {series.revision} complete with {series.instance_count} instances: "
+                           f"job queued{urgency}")
             else:
                 message = f"revision {series.revision} complete with {series.instance_count} instances: not analysed ({series.note})"
             s.add(Event(kind="series_complete", series_id=series.id, job_id=job_id, message=message))
         log.info(kv("series_complete", series=series.series_instance_uid, revision=series.revision,
-                    instances=series.instance_count, job=job_id, origin=series.origin.value))
+                    instances=series.instance_count, job=job_id, origin=series.origin.value,
+                    priority=priority_name(level) if level else None))
         return True
 
     @staticmethod

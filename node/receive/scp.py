@@ -58,6 +58,7 @@ from node.receive.inspect import (
     InstanceHeader,
     inspect_instance,
 )
+from node.receive.priority import from_cstore, priority_name
 from node.receive.selfcheck import CALLING_AE as CHECK_AE
 from node.receive.spool import Spool
 from node.receive.walk import same_dataset
@@ -103,6 +104,7 @@ class _AssocStats:
     refused: int = 0
     handler_s: float = 0.0
     bytes: int = 0
+    priority: int | None = None  # the most urgent C-STORE Priority of its stored instances (None: none yet)
     studies: dict[str, StudyRecord] = field(default_factory=dict)  # what the audit trail reports at the close
 
     def saw(self, header: InstanceHeader) -> None:
@@ -350,6 +352,7 @@ class StorageSCP:
             n = stats.stored + stats.duplicates + stats.refused
             log.info(kv(f"association_{state.value}", assoc=assoc_id, stored=stats.stored,
                         duplicates=stats.duplicates or None, refused=stats.refused,
+                        priority=priority_name(stats.priority) if stats.priority else None,
                         seconds=f"{wall:.2f}", per_s=f"{n / wall:.0f}", mb_per_s=f"{stats.bytes / 1e6 / wall:.0f}",
                         handler_ms_each=f"{1000 * stats.handler_s / n:.2f}"))
         else:
@@ -409,9 +412,28 @@ class StorageSCP:
             elif status == STATUS_SUCCESS:
                 stats.stored += 1
                 stats.bytes += size
+                self._note_priority(event, stats)
             else:
                 stats.refused += 1
         return status
+
+    def _note_priority(self, event: evt.Event, stats: _AssocStats) -> None:
+        """Record the association's most urgent C-STORE Priority when it rises (at most three writes; none for the
+        usual MEDIUM): the series' job takes it when queued (``node.receive.priority``). Before the answer, so a
+        series completed at the release sees it; a failure only costs the priority."""
+        level = from_cstore(getattr(event.request, "Priority", 0))
+        before = stats.priority
+        if before is not None and level <= before:
+            return
+        stats.priority = level
+        assoc_id = getattr(event.assoc, _ASSOC_ID, None)
+        if assoc_id is None or (before is None and level == 0):
+            return
+        try:
+            self.ledger.note_priority(assoc_id, level)
+        except SQLAlchemyError as exc:
+            log.error(kv("priority_not_recorded", assoc=assoc_id, error=exc.__class__.__name__,
+                         effect="its series are queued at medium priority"))
 
     def _handle_store(self, event: evt.Event, size: int) -> int:
         req = cast(C_STORE, event.request)

@@ -62,10 +62,12 @@ def send_files(
     on_sent: Callable[[Sent], None] | None = None,
     abort: bool = False,
     source_host: str = "127.0.0.1",
+    priority: int = 0x0000,
 ) -> list[Sent]:
     """Send ``files`` in one association; returns one Sent per attempted file (stops when the link dies).
 
-    The association is released at the end (aborted with ``abort=True``)."""
+    The association is released at the end (aborted with ``abort=True``). ``priority``: the C-STORE Priority
+    (0 MEDIUM, 1 HIGH, 2 LOW)."""
     files = list(files)
     assoc = associate(port, files, calling=calling, called=called, source_host=source_host)
     assert assoc.is_established, f"association to port {port} not established"
@@ -75,7 +77,7 @@ def send_files(
             meta = read_file_meta_info(path)
             sop = str(meta.MediaStorageSOPInstanceUID)
             try:
-                rsp = assoc.send_c_store(path)
+                rsp = assoc.send_c_store(path, priority=priority)
             except (RuntimeError, OSError):
                 results.append(Sent(path, sop, None))
                 break

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from node.config import AssemblySettings
 from node.db.ingest import IngestLedger, Outcome
@@ -254,4 +255,26 @@ def test_rejection_notes_on_postgresql(pg_url: str, tmp_path: Path) -> None:
     with engine.connect() as conn:
         named = conn.exec_driver_sql(f"SELECT sop_instance_uid FROM outbox WHERE rejected_by = {note.id}").scalars()
         assert set(named) == {o.sop_instance_uid for o in old}
+    engine.dispose()
+
+
+def test_priorities_on_postgresql(pg_url: str) -> None:
+    """A job's priority from its associations, and the claim order, with PostgreSQL's IN and ORDER BY ... DESC."""
+    from tests.unit.test_assembler import at
+    from tests.unit.test_priority import send_series
+
+    engine = make_engine(pg_url)
+    upgrade_schema(engine)
+    sessions = make_sessionmaker(engine)
+    ledger = IngestLedger(sessions)
+    rules = AssemblySettings(quiet_period_s=10, priority_by_caller={"RESEARCH": "low"})
+    low = send_series(ledger, 0, caller="RESEARCH")
+    medium = send_series(ledger, 1, caller="PACS")
+    high = send_series(ledger, 2, caller="PACS", cstore_level=1)
+    assert Assembler(rules, sessions).complete_due(now=at(60)) == 3
+    queue = JobQueue(sessions, worker="w", study_settle_s=0)
+    with sessions() as s:
+        ids = [s.scalar(select(Series.id).where(Series.series_instance_uid == x.series_uid)) for x in (high, medium, low)]
+    claimed = [job.series_id for job in iter(queue.claim, None)]
+    assert claimed == ids
     engine.dispose()

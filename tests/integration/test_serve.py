@@ -205,3 +205,44 @@ def test_sighup_keeps_the_node_running_and_a_moved_log_file_is_reopened(node_fac
     wait_until(lambda: "event=series_complete" in log_file.read_text(), timeout=10, what="series_complete in the "
                "reopened log file")
     assert "event=series_complete" not in log_file.with_name("lungnode.log.1").read_text()
+
+
+def test_a_backlog_is_analysed_most_urgent_first(node_factory: NodeFactory, tmp_path: Path) -> None:
+    """Three series wait while no worker runs (maintenance): one from a research archive (rule: low), one from the
+    PACS (C-STORE Priority MEDIUM) and one the PACS sent with Priority HIGH. Once workers start they take the
+    HIGH one first, then MEDIUM, then low; the log and `lungnode status` say which was which."""
+    from tests.helpers.scu import send_files
+
+    models = make_models_dir(tmp_path / "models")
+    node = node_factory(settings={
+        "assembly": {"priority_by_caller": {"RESEARCH": "low"}},
+        "inference": {"models_dir": str(models), "device": "cpu", "threads": 1},
+        "selection": {"min_slices": 10},
+    })
+    low, medium, high = (make_series(tmp_path / name, slices=12, matrix=64) for name in ("low", "medium", "high"))
+    assert storescu(node.port, low.folder, calling="RESEARCH").returncode == 0
+    assert storescu(node.port, medium.folder).returncode == 0
+    sent = send_files(node.port, sorted(high.folder.rglob("*.dcm")), priority=0x0001)
+    assert [s.status for s in sent] == [0] * 12
+    for series in (low, medium, high):
+        node.wait_complete(series.series_uid)
+    assert [node.jobs(s.series_uid)[0]["priority"] for s in (low, medium, high)] == [-1, 0, 1]
+    assert [r["priority"] for r in node.query("SELECT priority FROM associations ORDER BY id")] == [None, None, 1]
+    wait_until(lambda: node.log.count("event=series_complete") == 3, timeout=10, what="three series_complete lines")
+    assert f"series={high.series_uid} revision=1 instances=12" in node.log
+    assert "priority=high" in node.wait_for_log(r"event=association_released assoc=3 .*").group(0)
+    assert "priority=low" in node.wait_for_log(rf"event=series_complete series={low.series_uid} .*").group(0)
+    listing = run_cli("status", "--config", node.config_path).stdout
+    assert "queued high" in listing and "queued low" in listing
+
+    node.stop()
+    node.reconfigure({"workers": {"count": 1, "poll_interval_s": 0.2}})
+    node.start()
+
+    def started() -> list[str] | None:
+        rows = [(node.jobs(s.series_uid)[0], s.series_uid) for s in (low, medium, high)]
+        if any(job["state"] not in ("done", "rejected", "failed") for job, _ in rows):
+            return None
+        return [uid for job, uid in sorted(rows, key=lambda r: (r[0]["started_at"], r[0]["id"]))]
+    assert wait_until(started, timeout=120, what="the three jobs to finish") == [
+        high.series_uid, medium.series_uid, low.series_uid]

@@ -1,0 +1,89 @@
+"""Job priority on a real SQLite ledger: a series' job takes the most urgent level of the associations that sent
+its images (calling AE rule first, then the C-STORE Priority), and workers take high before medium before low,
+the oldest first within a level."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import AssemblySettings
+from node.db.ingest import IngestLedger
+from node.db.jobs import JobQueue
+from node.db.models import Job, Series
+from node.receive.assembler import Assembler
+from node.receive.priority import from_cstore, priority_name
+from tests.unit.test_assembler import Sender, at
+
+
+def test_cstore_priority_levels() -> None:
+    assert [from_cstore(p) for p in (0x0000, 0x0001, 0x0002, None, 7)] == [0, 1, -1, 0, 0]
+    assert [priority_name(level) for level in (1, 0, -1)] == ["high", "medium", "low"]
+
+
+def send_series(ledger: IngestLedger, t: float, *, caller: str | None, cstore_level: int | None = None,
+                images: int = 2) -> Sender:
+    """A series of ``images`` images sent at ``t`` over one association from ``caller`` (None: adopted at start-up,
+    no association); ``cstore_level`` as the SCP records it (None: only MEDIUM requests, nothing written)."""
+    sender = Sender(ledger)
+    assoc = None
+    if caller is not None:
+        assoc = ledger.open_association(calling_ae=caller, called_ae="LUNGNODE", host="127.0.0.1", port=40000)
+        if cstore_level is not None:
+            ledger.note_priority(assoc, cstore_level)
+    for i in range(images):
+        sender.send(t + i * 0.1, assoc=assoc)
+    return sender
+
+
+def job_priority(sessions: sessionmaker[Session], sender: Sender) -> int:
+    with sessions() as s:
+        level = s.scalar(select(Job.priority).join(Series).where(Series.series_instance_uid == sender.series_uid))
+        assert level is not None
+        return int(level)
+
+
+@pytest.mark.parametrize(("caller", "cstore_level", "expected"), [
+    ("PACS", None, 0),        # MEDIUM requests, no rule
+    ("PACS", 1, 1),           # a HIGH C-STORE
+    ("PACS", -1, -1),         # a LOW C-STORE
+    ("ED_CT", None, 1),       # the rule for its calling AE title
+    ("RESEARCH", 1, -1),      # a rule wins over the C-STORE Priority
+    (None, None, 0),          # adopted at start-up: no association, medium
+])
+def test_a_job_takes_the_level_of_the_associations_that_sent_its_images(
+        sessions: sessionmaker[Session], ledger: IngestLedger, caller: str | None, cstore_level: int | None,
+        expected: int) -> None:
+    rules = AssemblySettings(quiet_period_s=10, priority_by_caller={"ED_CT": "high", "RESEARCH": "low"})
+    sender = send_series(ledger, 0, caller=caller, cstore_level=cstore_level)
+    assert Assembler(rules, sessions).complete_due(now=at(60)) == 1
+    assert job_priority(sessions, sender) == expected
+
+
+def test_the_most_urgent_association_of_the_revision_decides(sessions: sessionmaker[Session],
+                                                              ledger: IngestLedger) -> None:
+    rules = AssemblySettings(quiet_period_s=10, priority_by_caller={"RESEARCH": "low"})
+    sender = send_series(ledger, 0, caller="RESEARCH")
+    urgent = ledger.open_association(calling_ae="PACS", called_ae="LUNGNODE", host="127.0.0.1", port=40001)
+    ledger.note_priority(urgent, 1)
+    sender.send(1, assoc=urgent)
+    Assembler(rules, sessions).complete_due(now=at(60))
+    assert job_priority(sessions, sender) == 1
+
+
+def test_workers_take_high_then_medium_then_low_the_oldest_first(sessions: sessionmaker[Session],
+                                                                 ledger: IngestLedger) -> None:
+    rules = AssemblySettings(quiet_period_s=10, priority_by_caller={"ED_CT": "high", "RESEARCH": "low"})
+    order = [("RESEARCH", 0), ("PACS", 1), ("ED_CT", 2), ("PACS", 3), ("ED_CT", 4), ("RESEARCH", 5)]
+    senders = [send_series(ledger, t, caller=caller) for caller, t in order]
+    assert Assembler(rules, sessions).complete_due(now=at(60)) == len(order)
+    queue = JobQueue(sessions, worker="w", study_settle_s=0)
+    claimed = []
+    while (job := queue.claim()) is not None:
+        claimed.append(job.series_id)
+    with sessions() as s:
+        ids = {sender.series_uid: s.scalar(select(Series.id).where(Series.series_instance_uid == sender.series_uid))
+               for sender in senders}
+    expected = [senders[i] for i in (2, 4, 1, 3, 0, 5)]  # ED_CT at 2 and 4, PACS at 1 and 3, RESEARCH at 0 and 5
+    assert claimed == [ids[sender.series_uid] for sender in expected]
