@@ -205,8 +205,8 @@ class AssemblySettings(Strict):
     priority_by_caller: dict[AETitle, Literal["high", "medium", "low"]] = Field(
         default_factory=dict,
         description="calling AE titles whose series are analysed before (high) or after (low) the others, e.g. "
-        "{ED_CT: high, RESEARCH: low}; a series from any other caller takes the C-STORE Priority its images came "
-        "with (most PACS send MEDIUM)")
+        "{ED_CT: high, RESEARCH: low}; a series from any other caller is high when its images came with C-STORE "
+        "Priority HIGH, else medium")
 
 
 class PatternRule(Strict):

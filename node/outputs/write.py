@@ -207,13 +207,15 @@ def predecessor_from(out_dir: Path) -> Dataset | None:
 def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[Path], settings: OutputsSettings,
                   revision: int = 1, manifests: Mapping[str, ModelManifest] | None = None,
                   predecessor: Dataset | None = None, template: SRTemplate | None = None,
-                  device_uid: str | None = None) -> list[WrittenObject]:
+                  device_uid: str | None = None, withdrawals: int = 0) -> list[WrittenObject]:
     """Build and write the SEG, SR, key images and KOS of ``analysis`` into ``out_dir`` and list them in outputs.json.
 
     ``source_paths``: the files of the analysed series (headers are read for references and the
     patient/study modules); ``manifests``: the models by role (lung, lesion, diagnosis), for codes
     and algorithm identification; ``predecessor``: the previous revision's SR, referenced by this one;
-    ``device_uid``: the installation's Device UID for the SR and KOS observer (``node.outputs.device``).
+    ``device_uid``: the installation's Device UID for the SR and KOS observer (``node.outputs.device``);
+    ``withdrawals``: rejection notes queued for the series so far (``node.send.rejections``), part of the UIDs, so
+    objects made again after an archive withdrew them (reanalysis with models A, B, then A again) are new instances.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -238,7 +240,8 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
     if settings.sr:
         template = template or load_template(settings.sr_template, settings.sr_templates_dir)
     content = content_digest({k: v for k, v in result.items() if k != "timings_s"}, settings.model_dump(mode="json"),
-                             template.model_dump(mode="json") if template is not None else None)
+                             template.model_dump(mode="json") if template is not None else None,
+                             *([{"withdrawals": withdrawals}] if withdrawals else []))
     uids = OutputUIDs.for_analysis(source_series_uid=analysis.series_instance_uid, revision=revision,
                                    models=analysis.models, content=content)
     if predecessor is not None and str(predecessor.SOPInstanceUID) == uids.sr_instance:

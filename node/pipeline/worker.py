@@ -36,7 +36,7 @@ from node.pipeline.volume import QAFlag
 from node.receive.inspect import ANALYSABLE_SOP_CLASSES
 from node.receive.spool import results_path
 from node.send.outbox import enqueue_results
-from node.send.rejections import queue_rejections
+from node.send.rejections import queue_rejections, withdrawals
 from node.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,11 @@ class Worker:
         _, paths = _series_files(self.sessions, job)
         predecessor = previous_sr(self.sessions, series_id=job.series_id, revision=job.revision, job_id=job.job_id,
                                   results_dir=lambda job_id: results_dir(self.config, job_id))
+        with self.sessions() as s:
+            withdrawn = withdrawals(s, job.series_id)
         objects = write_outputs(analysis, out_dir=staged.parent, source_paths=paths, settings=self.config.outputs,
                                 revision=job.revision, manifests=manifests_for(self.config.inference, analysis),
-                                predecessor=predecessor, device_uid=self.device_uid)
+                                predecessor=predecessor, device_uid=self.device_uid, withdrawals=withdrawn)
         error = analysis.reason
         if analysis.output_errors and state == JobState.done:
             # The radiologist would get less than the analysis found: a person must look (the reason names the
@@ -193,7 +195,7 @@ class Worker:
         def queue_for_sending(session: Session) -> None:
             if self.config.destinations and (out / OUTPUTS_FILE).is_file():
                 enqueue_results(session, job_id=job.job_id, results_dir=out, destinations=self.config.destinations)
-                if state == JobState.done:
+                if state == JobState.done and not analysis.output_errors:  # only whole results replace the old ones
                     queue_rejections(session, job_id=job.job_id, results_dir=out, destinations=self.config.destinations,
                                      settings=self.config.outputs, device_uid=self.device_uid)
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from node.config import Destination, OutputKind, SendingSettings, WebDestination
 from node.db.models import REJECTION_NOTE, Event, Job, OutboxItem, SendState, Series, utcnow
@@ -140,6 +140,26 @@ def enqueue_results(
     return added
 
 
+def _drop_notes_without_replacements(s: Session, destination: str, now: dt.datetime) -> None:
+    """Pending rejection notes whose job's results for the destination were superseded (a newer revision came
+    first, or the job is analysed again) are superseded too, and what they named is no longer withdrawn: the next
+    results of the series withdraw it, once they are there. A note made again by a reanalysis is revived."""
+    sibling = aliased(OutboxItem)
+    notes = s.scalars(select(OutboxItem).where(
+        OutboxItem.destination == destination, OutboxItem.kind == REJECTION_NOTE, OutboxItem.state == SendState.pending,
+        exists().where(sibling.job_id == OutboxItem.job_id, sibling.destination == destination,
+                       sibling.kind != REJECTION_NOTE, sibling.state == SendState.superseded))
+        .with_for_update(skip_locked=True)).all()
+    for note in notes:
+        note.state, note.updated_at = SendState.superseded, now
+        note.last_error = "not sent: the results it made way for were not sent (superseded)"
+        s.execute(update(OutboxItem).where(OutboxItem.rejected_by == note.id).values(rejected_by=None, updated_at=now))
+        s.add(Event(kind="rejection_superseded", job_id=note.job_id, data={"destination": destination},
+                    message=f"rejection note for {destination} not sent: the results it made way for were superseded; "
+                            "what it named stays until the series' next results are delivered"))
+        log.info(kv("rejection_superseded", job=note.job_id, destination=destination))
+
+
 # -- retry policy ---------------------------------------------------------------------------------
 def backoff_delay(attempts: int, settings: SendingSettings) -> float:
     """Seconds to wait after the ``attempts``-th failed attempt: base * factor^(attempts-1), capped."""
@@ -195,21 +215,37 @@ class Outbox:
         """Take up to ``limit`` due rows of one destination (oldest first) and mark them ``sending``.
 
         Rows of a job whose series has a newer revision by now are marked ``superseded`` instead: the newer
-        revision's job sends its own results, and a PACS holding both would show two answers for one series.
-        Rejection notes are the exception: what one withdraws stays replaced whatever revision comes later.
+        revision's job sends its own results, and a PACS holding both would show two answers for one series. So
+        are rows a rejection note withdrew (a retry after all). A rejection note waits until its job's results
+        reached the destination, so the archive never hides the old answer before it holds the new one; it is
+        never superseded by a newer revision (what it withdraws stays replaced), only when the results it makes
+        way for were not sent (``_drop_notes_without_replacements``).
         """
         now = now or utcnow()
         with self.sessions.begin() as s:
+            sibling = aliased(OutboxItem)
+            replacements_pending = exists().where(
+                sibling.job_id == OutboxItem.job_id, sibling.destination == OutboxItem.destination,
+                sibling.kind != REJECTION_NOTE, sibling.state.not_in([SendState.sent, SendState.committed]))
             found = s.execute(
                 select(OutboxItem, Job.revision, Series.revision)
                 .join(Job, OutboxItem.job_id == Job.id)
                 .join(Series, Job.series_id == Series.id)
                 .where(OutboxItem.destination == destination, OutboxItem.state == SendState.pending,
-                       OutboxItem.next_attempt_at <= now)
+                       OutboxItem.next_attempt_at <= now,
+                       or_(OutboxItem.kind != REJECTION_NOTE, ~replacements_pending))
                 .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True, of=OutboxItem)
             ).all()
+            withdrawn = [item for item, _, _ in found if item.rejected_by is not None]
+            for item in withdrawn:
+                item.state, item.updated_at = SendState.superseded, now
+                item.last_error = "not sent again: a rejection note withdrew it (a later analysis replaced it)"
+            if withdrawn:
+                log.info(kv("send_superseded", destination=destination, count=len(withdrawn),
+                            reason="withdrawn by a rejection note"))
+            found = [row for row in found if row[0].rejected_by is None]
             current = [series_rev <= job_rev or item.kind == REJECTION_NOTE for item, job_rev, series_rev in found]
             items = [item for (item, _, _), ok in zip(found, current) if ok]
             stale = [(item, series_rev) for (item, _, series_rev), ok in zip(found, current) if not ok]
@@ -225,6 +261,8 @@ class Outbox:
                                     f"arrived first (its job sends its own)", data={"destination": destination}))
                 log.info(kv("send_superseded", job=job_id, destination=destination, count=len(rows),
                             newer_revision=newer))
+            s.flush()
+            _drop_notes_without_replacements(s, destination, now)
             claimed = []
             for item in items:
                 item.state = SendState.sending

@@ -1,10 +1,12 @@
 """Withdraw replaced results: an IOCM rejection note per destination that received them (``reject_replaced``).
 
-When a job's results are recorded, every object of the same series that a destination received (sent, committed,
-or being sent) and that the new results did not make again has been replaced. For each destination that asks for
+When a job's results are recorded, every object of the same series that a destination received (sent or
+committed) and that the new results did not make again has been replaced. For each destination that asks for
 it, one note (``node.outputs.rejection``) lists those objects; it is written next to the job's results and queued
-like them, and the rows it names remember it (``rejected_by``), so the next revision withdraws only what came
-after. A rejection note is never superseded: what it withdraws stays replaced whatever comes later.
+like them, and the rows it names remember it (``rejected_by``), so the next results withdraw only what came
+after. The sender holds a note back until the job's results reached that destination, and drops it (the rows
+it named free again) if they never will (``node.send.outbox``). Objects an archive withdrew are never sent
+again under their UIDs: the count of notes is part of the next results' UIDs (``withdrawals``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, KeyObjectSelectionDocumentStorage
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from node.config import Destination, OutputsSettings, WebDestination
@@ -29,8 +31,15 @@ from node.send.outbox import OutputObject, insert_outbox_rows, read_outputs
 
 log = logging.getLogger(__name__)
 
-#: States of an object the destination has, or is being given (a send under way when the results change).
-_RECEIVED = (SendState.sent, SendState.committed, SendState.sending)
+#: States of an object the destination has. One still being sent is withdrawn by the series' next results.
+_RECEIVED = (SendState.sent, SendState.committed)
+
+
+def withdrawals(s: Session, series_id: int) -> int:
+    """Rejection notes queued for the series so far (not dropped): part of its next results' UIDs."""
+    return int(s.scalar(select(func.count(OutboxItem.id)).join(Job, OutboxItem.job_id == Job.id).where(
+        Job.series_id == series_id, OutboxItem.kind == REJECTION_NOTE,
+        OutboxItem.state != SendState.superseded)) or 0)
 
 
 def _replaced(row: OutboxItem) -> Replaced | None:
@@ -77,11 +86,12 @@ def queue_rejections(s: Session, *, job_id: int, results_dir: Path,
         if not found:
             continue
         uids = sorted(obj.sop_instance_uid for _, obj in found)
-        path = results_dir / f"{REJECTION_NOTE}-{dest.name}.dcm"
+        note_uid = uuid_uid("\n".join(["rejection", dest.name, anchor, *uids]))
+        path = results_dir / f"{REJECTION_NOTE}-{dest.name}-{note_uid}.dcm"  # one file per note: rows keep theirs
         try:
             note = build_rejection_note(
                 like=like, replaced=[obj for _, obj in found],
-                sop_instance_uid=uuid_uid("\n".join(["rejection", dest.name, anchor, *uids])),
+                sop_instance_uid=note_uid,
                 series_instance_uid=uuid_uid(f"rejection/series\n{anchor}"),
                 series_number=settings.rejection_series_number,
                 series_description=settings.rejection_series_description,
@@ -101,8 +111,13 @@ def queue_rejections(s: Session, *, job_id: int, results_dir: Path,
             "transfer_syntax_uid": ExplicitVRLittleEndian, "series_instance_uid": str(note.SeriesInstanceUID),
             "state": SendState.pending, "attempts": 0, "next_attempt_at": now, "created_at": now, "updated_at": now,
         }])
+        # The same note again (its job analysed again after the note was dropped): queued anew.
+        s.execute(update(OutboxItem).where(
+            OutboxItem.destination == dest.name, OutboxItem.sop_instance_uid == note_uid,
+            OutboxItem.state == SendState.superseded).values(
+                state=SendState.pending, attempts=0, next_attempt_at=now, last_error=None, updated_at=now))
         note_id = s.scalar(select(OutboxItem.id).where(OutboxItem.destination == dest.name,
-                                                       OutboxItem.sop_instance_uid == str(note.SOPInstanceUID)))
+                                                       OutboxItem.sop_instance_uid == note_uid))
         s.execute(update(OutboxItem).where(OutboxItem.id.in_([row.id for row, _ in found]))
                   .values(rejected_by=note_id, updated_at=now))
         jobs = sorted({row.job_id for row, _ in found})

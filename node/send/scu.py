@@ -211,7 +211,7 @@ def _store_one(assoc: Association, item: Claimed) -> StoreOutcome:
                                 f"decompressed ({type(exc).__name__}: {exc}); install the pydicom decoder plugin",
                                 permanent=True)
     try:
-        rsp = assoc.send_c_store(ds)
+        rsp = assoc.send_c_store(ds, priority=0x0000)  # MEDIUM (pynetdicom's default is LOW)
     except (RuntimeError, OSError, ValueError) as exc:
         return StoreOutcome(item, None, False, f"C-STORE not sent: {type(exc).__name__}: {exc}")
     if "Status" not in rsp:

@@ -1,5 +1,5 @@
 """Job priority on a real SQLite ledger: a series' job takes the most urgent level of the associations that sent
-its images (calling AE rule first, then the C-STORE Priority), and workers take high before medium before low,
+its images (calling AE rule first, then C-STORE Priority HIGH), and workers take high before medium before low,
 the oldest first within a level."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.unit.test_assembler import Sender, at
 
 
 def test_cstore_priority_levels() -> None:
-    assert [from_cstore(p) for p in (0x0000, 0x0001, 0x0002, None, 7)] == [0, 1, -1, 0, 0]
+    assert [from_cstore(p) for p in (0x0000, 0x0001, 0x0002, None, 7)] == [0, 1, 0, 0, 0]  # LOW: medium
     assert [priority_name(level) for level in (1, 0, -1)] == ["high", "medium", "low"]
 
 
@@ -47,7 +47,6 @@ def job_priority(sessions: sessionmaker[Session], sender: Sender) -> int:
 @pytest.mark.parametrize(("caller", "cstore_level", "expected"), [
     ("PACS", None, 0),        # MEDIUM requests, no rule
     ("PACS", 1, 1),           # a HIGH C-STORE
-    ("PACS", -1, -1),         # a LOW C-STORE
     ("ED_CT", None, 1),       # the rule for its calling AE title
     ("RESEARCH", 1, -1),      # a rule wins over the C-STORE Priority
     (None, None, 0),          # adopted at start-up: no association, medium

@@ -73,6 +73,7 @@ def test_the_note_is_a_rejection_kos_in_the_study_naming_each_object(tmp_path: P
     old = write_results(tmp_path / "old", study_uid="1.2.826.0.1.3680043.8.498.1")
     new = write_results(tmp_path / "new", study_uid="1.2.826.0.1.3680043.8.498.1")
     like = pydicom.dcmread(new[1].path)
+    like.IssuerOfPatientID = "HOSPITAL-A"  # archives that match patients on ID and issuer
     replaced = [Replaced(o.sop_class_uid, o.sop_instance_uid,
                          str(pydicom.dcmread(o.path, stop_before_pixels=True).SeriesInstanceUID)) for o in old]
     note = build_rejection_note(like=like, replaced=replaced, sop_instance_uid="2.25.1", series_instance_uid="2.25.2",
@@ -83,6 +84,7 @@ def test_the_note_is_a_rejection_kos_in_the_study_naming_each_object(tmp_path: P
     assert (title.CodeValue, title.CodingSchemeDesignator) == ("113001", "DCM")
     assert (note.StudyInstanceUID, note.PatientID, note.PatientName) == (like.StudyInstanceUID, like.PatientID,
                                                                          like.PatientName)
+    assert note.IssuerOfPatientID == "HOSPITAL-A"
     assert note.SeriesNumber == 9705 and note.SeriesInstanceUID == "2.25.2"
     path = tmp_path / "note.dcm"
     note.save_as(path, enforce_file_format=True)
@@ -144,28 +146,85 @@ def test_the_same_objects_made_again_are_not_withdrawn(sessions: sessionmaker[Se
     assert finish(sessions, job, tmp_path / "r1") == 0 and notes(sessions) == []
 
 
-def test_a_note_is_never_superseded_nor_withdrawn_by_reanalysis(sessions: sessionmaker[Session],
-                                                                 tmp_path: Path) -> None:
-    study = "1.2.826.0.1.3680043.8.498.3"
+def two_revisions(sessions: sessionmaker[Session], tmp_path: Path, study: str) -> tuple[int, int, list, list]:
+    """Revision 1's results delivered to both destinations, revision 2's queued with a note for ``pacs``."""
     first = make_job(sessions, study_uid=study)
-    write_results(tmp_path / "r1", study_uid=study)
+    old = write_results(tmp_path / "r1", study_uid=study)
     finish(sessions, first, tmp_path / "r1")
     deliver(sessions, first)
     second = next_revision(sessions, first)
-    write_results(tmp_path / "r2", study_uid=study)
-    finish(sessions, second, tmp_path / "r2")
-    [note] = notes(sessions)
+    new = write_results(tmp_path / "r2", study_uid=study)
+    assert finish(sessions, second, tmp_path / "r2") == 1
+    return first, second, old, new
 
-    requeue_for_reanalysis(sessions, second)  # an operator asks for revision 2 again: its pending results go
+
+def claim(sessions: sessionmaker[Session]) -> list[tuple[str, str]]:
+    return [(c.kind, c.sop_instance_uid) for c in Outbox(sessions, SendingSettings()).claim("pacs", limit=10)]
+
+
+def rejected_by(sessions: sessionmaker[Session], job_id: int) -> set[int | None]:
     with sessions() as s:
-        states = {r.kind: r.state for r in s.scalars(select(OutboxItem).where(OutboxItem.job_id == second,
-                                                                              OutboxItem.destination == "pacs"))}
-    assert states == {"seg": SendState.superseded, "sr": SendState.superseded, "key_image": SendState.superseded,
-                      REJECTION_NOTE: SendState.pending}
+        return set(s.scalars(select(OutboxItem.rejected_by).where(OutboxItem.job_id == job_id,
+                                                                  OutboxItem.destination == "pacs")))
 
-    next_revision(sessions, first)  # revision 3 opens: revision 2's sends would be stale, its note is not
-    claimed = Outbox(sessions, SendingSettings()).claim("pacs", limit=10)
-    assert [(c.kind, c.sop_instance_uid) for c in claimed] == [(REJECTION_NOTE, note.sop_instance_uid)]
+
+def test_a_note_waits_until_the_new_results_are_delivered(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    """The archive must not hide the old answer before it holds the new one."""
+    _, second, _, new = two_revisions(sessions, tmp_path, "1.2.826.0.1.3680043.8.498.3")
+    [note] = notes(sessions)
+    assert sorted(claim(sessions)) == sorted((o.kind, o.sop_instance_uid) for o in new)  # the results, not the note
+    assert claim(sessions) == []  # they are being sent: the note still waits
+    outbox = Outbox(sessions, SendingSettings())
+    with sessions() as s:
+        sending = s.scalars(select(OutboxItem.id).where(OutboxItem.job_id == second, OutboxItem.destination == "pacs",
+                                                        OutboxItem.kind != REJECTION_NOTE)).all()
+    for item_id in sending:
+        outbox.mark_sent(item_id, status=0)
+    assert claim(sessions) == [(REJECTION_NOTE, note.sop_instance_uid)]
+
+
+def test_a_note_whose_results_were_superseded_is_dropped_and_the_next_results_withdraw(
+        sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    """Revision 3 arrives before revision 2's results went out: they and their note are not sent, and revision 3's
+    note withdraws revision 1's objects (revision 2's never reached the archive)."""
+    study = "1.2.826.0.1.3680043.8.498.6"
+    first, second, old, _ = two_revisions(sessions, tmp_path, study)
+    third = next_revision(sessions, first)
+    assert claim(sessions) == []
+    [dropped] = notes(sessions)
+    assert dropped.state == SendState.superseded and "made way for were not sent" in (dropped.last_error or "")
+    assert rejected_by(sessions, first) == {None}
+    with sessions() as s:
+        assert s.scalars(select(Event).where(Event.kind == "rejection_superseded")).one().job_id == second
+    write_results(tmp_path / "r3", study_uid=study)
+    assert finish(sessions, third, tmp_path / "r3") == 1
+    later = notes(sessions)[-1]
+    assert later.job_id == third and listed(later.path) == uids(old)
+
+
+def test_reanalysis_drops_the_note_until_its_rerun_makes_it_again(sessions: sessionmaker[Session],
+                                                                  tmp_path: Path) -> None:
+    first, second, _, _ = two_revisions(sessions, tmp_path, "1.2.826.0.1.3680043.8.498.7")
+    [note] = notes(sessions)
+    requeue_for_reanalysis(sessions, second)  # an operator asks for revision 2 again: its pending results go
+    assert claim(sessions) == []
+    assert notes(sessions)[0].state == SendState.superseded and rejected_by(sessions, first) == {None}
+    assert finish(sessions, second, tmp_path / "r2") == 1  # the rerun makes the same objects: the same note
+    [again] = notes(sessions)
+    assert (again.id, again.state) == (note.id, SendState.pending) and rejected_by(sessions, first) == {note.id}
+
+
+def test_a_withdrawn_object_is_never_sent_again(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    """A storage commitment that failed would put it back in the queue: it is superseded instead."""
+    first, _, _, _ = two_revisions(sessions, tmp_path, "1.2.826.0.1.3680043.8.498.8")
+    with sessions.begin() as s:
+        s.execute(update(OutboxItem).where(OutboxItem.job_id == first).values(state=SendState.pending))
+    sent = claim(sessions)
+    assert sent and all(kind != REJECTION_NOTE for kind, _ in sent)
+    with sessions() as s:
+        rows = s.scalars(select(OutboxItem).where(OutboxItem.job_id == first, OutboxItem.destination == "pacs")).all()
+    assert {r.state for r in rows} == {SendState.superseded}
+    assert all("a rejection note withdrew it" in (r.last_error or "") for r in rows)
 
 
 def test_an_object_whose_series_is_unknown_is_left_out_with_a_warning(sessions: sessionmaker[Session],
@@ -209,3 +268,34 @@ def test_reanalysis_with_other_models_withdraws_the_jobs_own_results_and_resend_
     assert note.job_id == job and listed(note.path) == uids(old)
     deliver(sessions, job)
     assert requeue_failed(sessions, job_id=job, resend=True) == [("pacs", 4), ("plain", 3)]  # 3 new objects + note
+
+
+def test_objects_made_again_after_a_withdrawal_get_new_uids(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    """Reanalysis with models A, then B (its note withdraws A's objects), then A again: an archive keeps a withdrawn
+    UID withdrawn, so A's objects must come back as new instances. The notes queued so far are part of the UIDs."""
+    from node.outputs.truth import analysis_from_series
+    from node.outputs.write import write_outputs
+    from node.send.rejections import withdrawals
+    from tests.helpers.faults import phantom, synth_series
+
+    synth = synth_series(tmp_path / "series", phantom("covid", slices=20, matrix=64, seed=3))
+    files = list(synth.files)
+    analysis = analysis_from_series(files, lungs=synth.phantom.lungs, lesions=synth.phantom.lesions,
+                                    series_instance_uid=synth.series_uid)
+    only_sr = OutputsSettings(seg=False, key_images=False, kos=False)
+
+    def sr_uid(out: str, count: int) -> str:
+        [obj] = write_outputs(analysis, out_dir=tmp_path / out, source_paths=files, settings=only_sr, withdrawals=count)
+        return obj.sop_instance_uid
+
+    assert sr_uid("a", 0) == sr_uid("a-again", 0)  # the same analysis, nothing withdrawn: the same instance
+    assert sr_uid("after-one", 1) != sr_uid("a", 0)
+
+    first, second, _, _ = two_revisions(sessions, tmp_path, "1.2.826.0.1.3680043.8.498.10")
+    with sessions() as s:
+        series_id = s.get(Job, first).series_id  # type: ignore[union-attr]
+        assert withdrawals(s, series_id) == 1
+    requeue_for_reanalysis(sessions, second)
+    claim(sessions)  # the note is dropped: nothing was withdrawn
+    with sessions() as s:
+        assert withdrawals(s, series_id) == 0
