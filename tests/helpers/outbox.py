@@ -50,6 +50,24 @@ def make_job(sessions: sessionmaker[Session], *, study_uid: str | None = None) -
         return int(job.id)
 
 
+def open_next_revision(sessions: sessionmaker[Session], job_id: int, *, analysed: bool = False) -> int | None:
+    """Late images opened the next revision of the job's series (what the ingest ledger does); with ``analysed``,
+    that revision is complete and its job done: the new job's id."""
+    with sessions.begin() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        series = s.get(Series, job.series_id)
+        assert series is not None
+        series.revision += 1
+        if not analysed:
+            series.state = SeriesState.receiving
+            return None
+        new = Job(series_id=series.id, revision=series.revision, state=JobState.done)
+        s.add(new)
+        s.flush()
+        return int(new.id)
+
+
 def _seg(path: Path, study_uid: str) -> ResultObject:
     import highdicom as hd
     from pydicom.sr.codedict import codes

@@ -16,7 +16,7 @@ from node.db.jobs import JobQueue
 from node.db.models import Event, Job, JobState, OutboxItem, SendState, Series, SeriesState, utcnow
 from node.errors import LungnodeError
 from node.send.outbox import Outbox, backoff_delay, enqueue_results, outbox_summary, requeue_failed
-from tests.helpers.outbox import make_job, write_results
+from tests.helpers.outbox import make_job, open_next_revision, write_results
 
 PACS = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)
 VIEWER = Destination(name="viewer", ae_title="VIEWER", host="127.0.0.1", port=105, objects=["key_image"])
@@ -171,16 +171,6 @@ def test_destination_names_must_be_unique() -> None:
         Config(destinations=[PACS, PACS.model_copy(update={"ae_title": "OTHER"})])
 
 
-def _open_revision_two(sessions: sessionmaker[Session], job_id: int) -> None:
-    """A late image opened revision 2 of the job's series (what the ingest ledger does)."""
-    with sessions.begin() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        series = s.get(Series, job.series_id)
-        assert series is not None
-        series.revision, series.state = 2, SeriesState.receiving
-
-
 def test_results_of_a_superseded_revision_are_not_sent(sessions: sessionmaker[Session], results: Path,
                                                        tmp_path: Path) -> None:
     outbox = Outbox(sessions, SendingSettings())
@@ -188,7 +178,7 @@ def test_results_of_a_superseded_revision_are_not_sent(sessions: sessionmaker[Se
     write_results(tmp_path)  # other objects (other UIDs) for the other series
     enqueue_results(sessions, job_id=old, results_dir=results, destinations=[PACS])
     enqueue_results(sessions, job_id=current, results_dir=tmp_path, destinations=[PACS])
-    _open_revision_two(sessions, old)  # e.g. the PACS sent the rest of the series after revision 1 was analysed
+    open_next_revision(sessions, old)  # e.g. the PACS sent the rest of the series after revision 1 was analysed
     claimed = outbox.claim("pacs", limit=10)
     assert {c.job_id for c in claimed} == {current} and len(claimed) == 3
     states = {(r.job_id, r.state) for r in rows(sessions)}
@@ -209,7 +199,7 @@ def test_a_job_whose_series_moved_on_while_it_ran_queues_nothing(sessions: sessi
         row.state = JobState.queued
     claimed = queue.claim()
     assert claimed is not None and claimed.job_id == job_id
-    _open_revision_two(sessions, job_id)
+    open_next_revision(sessions, job_id)
     called: list[bool] = []
     assert queue.finish(job_id, JobState.done, also=lambda s: called.append(True))
     assert called == []  # nothing queued for sending
@@ -239,7 +229,7 @@ def test_results_superseded_by_a_revision_that_came_to_nothing_go_out_after_all(
     outbox = Outbox(sessions, SendingSettings())
     job = make_job(sessions)
     enqueue_results(sessions, job_id=job, results_dir=results, destinations=[VIEWER])
-    _open_revision_two(sessions, job)
+    open_next_revision(sessions, job)
     assert outbox.claim("viewer", limit=10) == []  # superseded
     with sessions.begin() as s:  # revision 2's only image was never acknowledged: back to revision 1
         row = s.get(Job, job)
@@ -264,6 +254,6 @@ def test_resend_starts_a_fresh_delivery_and_refuses_a_superseded_revision(sessio
     assert row.state == SendState.pending and (row.commitment_uid, row.commitment_requested_at, row.sent_at) == (
         None, None, None)
     assert outbox.expire_commitments(now=utcnow() + dt.timedelta(days=1)) == 0  # no stale request to time out
-    _open_revision_two(sessions, job)
+    open_next_revision(sessions, job)
     with pytest.raises(LungnodeError, match="revision 2 has superseded"):
         requeue_failed(sessions, job_id=job, resend=True)

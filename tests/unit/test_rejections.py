@@ -14,11 +14,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Destination, OutputsSettings, SendingSettings
 from node.db.jobs import requeue_for_reanalysis
-from node.db.models import REJECTION_NOTE, Event, Job, JobState, OutboxItem, SendState, Series
+from node.db.models import REJECTION_NOTE, Event, Job, OutboxItem, SendState
 from node.outputs.rejection import Replaced, build_rejection_note
 from node.send.outbox import Outbox, enqueue_results
 from node.send.rejections import queue_rejections
-from tests.helpers.outbox import make_job, write_results
+from tests.helpers.outbox import make_job, open_next_revision, write_results
 
 PACS = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104, reject_replaced=True)
 PLAIN = Destination(name="plain", ae_title="PLAIN", host="127.0.0.1", port=105)
@@ -27,16 +27,9 @@ OUTPUTS = OutputsSettings()
 
 def next_revision(sessions: sessionmaker[Session], job_id: int) -> int:
     """A done job for the next revision of ``job_id``'s series (late images came); its id."""
-    with sessions.begin() as s:
-        first = s.get(Job, job_id)
-        assert first is not None
-        series = s.get(Series, first.series_id)
-        assert series is not None
-        series.revision += 1
-        job = Job(series_id=series.id, revision=series.revision, state=JobState.done)
-        s.add(job)
-        s.flush()
-        return int(job.id)
+    new = open_next_revision(sessions, job_id, analysed=True)
+    assert new is not None
+    return new
 
 
 def finish(sessions: sessionmaker[Session], job_id: int, results: Path) -> int:
