@@ -124,7 +124,8 @@ def enqueue_results(
             "job_id": job_id, "destination": dest.name, "kind": obj.kind,
             "path": str((results_dir / obj.file).resolve()), "sop_instance_uid": obj.sop_instance_uid,
             "sop_class_uid": obj.sop_class_uid, "transfer_syntax_uid": obj.transfer_syntax_uid,
-            "series_instance_uid": obj.series_instance_uid, "state": SendState.pending, "attempts": 0, "next_attempt_at": now, "created_at": now, "updated_at": now,
+            "series_instance_uid": obj.series_instance_uid, "state": SendState.pending, "attempts": 0,
+            "next_attempt_at": now, "created_at": now, "updated_at": now,
         }
         for dest in destinations
         for obj in objects
@@ -143,7 +144,8 @@ def enqueue_results(
 def _drop_notes_without_replacements(s: Session, destination: str, now: dt.datetime) -> None:
     """Pending rejection notes whose job's results for the destination were superseded (a newer revision came
     first, or the job is analysed again) are superseded too, and what they named is no longer withdrawn: the next
-    results of the series withdraw it, once they are there. A note made again by a reanalysis is revived."""
+    results of the series withdraw it, once they are there (``queue_rejections`` revives a note that a rerun of
+    its job makes again)."""
     sibling = aliased(OutboxItem)
     notes = s.scalars(select(OutboxItem).where(
         OutboxItem.destination == destination, OutboxItem.kind == REJECTION_NOTE, OutboxItem.state == SendState.pending,
