@@ -69,6 +69,8 @@ def summary(s: Session, *, limit: int = 20) -> dict[str, Any]:
             "last_received_at": iso_seconds(s.scalar(select(func.max(Series.last_received_at)))),
             "oldest_queued_at": iso_seconds(s.scalar(select(func.min(Job.created_at)).where(
                 Job.state == JobState.queued))),
+            "queued_by_priority": {priority_name(level): n for level, n in s.execute(
+                select(Job.priority, func.count()).where(Job.state == JobState.queued).group_by(Job.priority)).all()},
         },
         "series": series,
         "outbox": outbox_summary(s),
@@ -179,6 +181,10 @@ def render_metrics(data: dict[str, Any] | None, version: str, *, listener_up: bo
               *_gauge("lungnode_open_associations", "DICOM associations open now.", c["open_associations"]),
               "# HELP lungnode_jobs Analysis jobs by state.", "# TYPE lungnode_jobs gauge"]
     lines += [f'lungnode_jobs{{state="{st.value}"}} {c["jobs"].get(st.value, 0)}' for st in JobState]
+    lines += ["# HELP lungnode_queued_jobs Jobs waiting for a worker, by priority (an urgent one waiting is worth "
+              "an alert).", "# TYPE lungnode_queued_jobs gauge"]
+    lines += [f'lungnode_queued_jobs{{priority="{p}"}} {c.get("queued_by_priority", {}).get(p, 0)}'
+              for p in ("high", "medium", "low")]
     lines += ["# HELP lungnode_sends Result objects to send, by destination and state.", "# TYPE lungnode_sends gauge"]
     for dest, entry in sorted(data.get("outbox", {}).items()):
         lines += [f'lungnode_sends{{destination="{_label(dest)}",state="{st.value}"}} {entry["counts"].get(st.value, 0)}'

@@ -107,6 +107,7 @@ def test_metrics_say_whether_the_listener_and_the_ledger_are_up(node: NodeProces
     assert rc == 0 and up["lungnode_listener_up"] == 1 and up["lungnode_ledger_up"] == 1
     assert abs(up["lungnode_last_received_timestamp_seconds"] - time.time()) < 120
     assert up['lungnode_jobs{state="queued"}'] == 1 and "lungnode_oldest_queued_job_timestamp_seconds" in up
+    assert [up[f'lungnode_queued_jobs{{priority="{p}"}}'] for p in ("high", "medium", "low")] == [0, 1, 0]
     assert node.count("associations") == 1, "the probe is no association"
     assert node.stop() == 0
     rc, down = metrics()

@@ -234,6 +234,9 @@ def test_a_backlog_is_analysed_most_urgent_first(node_factory: NodeFactory, tmp_
     assert "priority=low" in node.wait_for_log(rf"event=series_complete series={low.series_uid} .*").group(0)
     listing = run_cli("status", "--config", node.config_path).stdout
     assert "queued high" in listing and "queued low" in listing
+    metrics = run_cli("status", "--metrics", "--config", node.config_path).stdout
+    for p in ("high", "medium", "low"):
+        assert f'lungnode_queued_jobs{{priority="{p}"}} 1' in metrics.splitlines()
 
     node.stop()
     node.reconfigure({"workers": {"count": 1, "poll_interval_s": 0.2}})
