@@ -108,6 +108,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     setup_logging("WARNING")
     criteria = {k: getattr(args, k) for k in TRACE_KEYS if getattr(args, k, None) is not None}
+    if getattr(args, "queue", False):
+        if criteria or getattr(args, "metrics", False):
+            print("lungnode status: --queue lists the whole queue: give it without --metrics or a study option",
+                  file=sys.stderr)
+            return 2
+        return _queue(cfg, as_json=args.json)
     if getattr(args, "metrics", False) and not criteria:
         return _metrics(cfg)
     engine = open_database(cfg.storage.database_url, must_exist=True)
@@ -126,6 +132,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     text = render_trace(data) if criteria else render_text(data)
     print(json.dumps(data, indent=2) if args.json else f"database: {data['database']}\n" + text)
+    return 0
+
+
+def _queue(cfg: Config, *, as_json: bool) -> int:
+    """``status --queue``: the waiting jobs in the order workers take them."""
+    from node.db.session import make_sessionmaker, open_database
+    from node.db.status import queue, render_queue
+
+    engine = open_database(cfg.storage.database_url, must_exist=True)
+    with make_sessionmaker(engine)() as s:
+        data = queue(s, study_settle_s=cfg.assembly.study_settle_s)
+    engine.dispose()
+    print(json.dumps(data, indent=2) if as_json else render_queue(data))
     return 0
 
 
@@ -373,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the counts in Prometheus' text format (jobs and sends by state, open associations, spool "
                           "headroom), e.g. from a timer into node_exporter's textfile collector folder")
     p.add_argument("--limit", type=_positive, default=20, help="how many recent series to list (default 20)")
+    p.add_argument("--queue", action="store_true",
+                   help="the jobs waiting for a worker instead, in the order workers take them (most urgent first: "
+                        "assembly.priority_by_caller, C-STORE Priority HIGH), with how long each has waited")
     one = p.add_argument_group(
         "what happened to one study (instead of the list; exit 1 when nothing matches)",
         "who sent each series and when, whether it was analysed or refused and why, every event of its jobs, and "

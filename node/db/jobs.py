@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import ColumnElement, exists, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from node.db.models import (
@@ -45,6 +45,19 @@ class Claimed:
     attempt: int
 
 
+#: The order in which workers take queued jobs: the most urgent first (``node.receive.priority``), then the oldest.
+QUEUE_ORDER = (Job.priority.desc(), Job.id)
+
+
+def study_settling(series: Any, now: dt.datetime, settle_s: float) -> ColumnElement[bool]:
+    """The study of ``series`` (an aliased Series) is still arriving: one of its CT series is being received, or
+    got an image less than ``settle_s`` ago. Its jobs wait, so the best series is chosen among all."""
+    other = aliased(Series)
+    return exists(select(other.id).where(
+        other.study_id == series.study_id, other.origin == SeriesOrigin.modality,
+        or_(other.state == SeriesState.receiving, other.last_received_at > now - dt.timedelta(seconds=settle_s))))
+
+
 class JobQueue:
     def __init__(self, sessions: sessionmaker[Session], *, worker: str, lease_s: float = 60.0, max_attempts: int = 3,
                  study_settle_s: float = 0.0) -> None:
@@ -60,17 +73,13 @@ class JobQueue:
         none: the worker then picks the best series among all of the study's, not among those that happened to
         arrive first."""
         now = utcnow()
-        mine, other = aliased(Series), aliased(Series)
-        unsettled = select(other.id).where(
-            other.study_id == mine.study_id, other.origin == SeriesOrigin.modality,
-            or_(other.state == SeriesState.receiving,
-                other.last_received_at > now - dt.timedelta(seconds=self.study_settle_s)))
+        mine = aliased(Series)
         with self.sessions.begin() as s:
             job = s.scalar(
                 select(Job)
                 .join(mine, Job.series_id == mine.id)
-                .where(Job.state == JobState.queued, ~exists(unsettled))
-                .order_by(Job.priority.desc(), Job.id)
+                .where(Job.state == JobState.queued, ~study_settling(mine, now, self.study_settle_s))
+                .order_by(*QUEUE_ORDER)
                 .limit(1)
                 .with_for_update(skip_locked=True, of=Job)
             )

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
-from node.db.models import Association, AssociationState, Instance, Job, JobState, SendState, Series, Study
+from node.db.jobs import QUEUE_ORDER, study_settling
+from node.db.models import Association, AssociationState, Instance, Job, JobState, SendState, Series, Study, utcnow
 from node.receive.priority import priority_name
 from node.send.outbox import outbox_summary
 
@@ -96,6 +97,42 @@ def _gb(n: int) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.1f} GiB"
     return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} B"
+
+
+def queue(s: Session, *, study_settle_s: float, now: dt.datetime | None = None) -> dict[str, Any]:
+    """The jobs waiting for a worker, in the order workers take them (``JobQueue.claim``): what stands before an
+    urgent study. A job whose study is still arriving waits out of turn (``settling``)."""
+    now = now or utcnow()
+    series = aliased(Series)
+    settling = study_settling(series, now, study_settle_s).label("settling")
+    rows = s.execute(select(Job, series.series_instance_uid, Study.study_instance_uid, settling)
+                     .join(series, Job.series_id == series.id).join(Study, Study.id == series.study_id)
+                     .where(Job.state == JobState.queued).order_by(*QUEUE_ORDER)).all()
+    jobs = [{"position": n, "id": job.id, "priority": priority_name(job.priority), "revision": job.revision,
+             "queued_at": iso_seconds(job.created_at), "waiting_s": round((now - job.created_at).total_seconds()),
+             "settling": bool(waiting), "series_instance_uid": series_uid, "study_instance_uid": study_uid}
+            for n, (job, series_uid, study_uid, waiting) in enumerate(rows, start=1)]
+    running = s.scalar(select(func.count(Job.id)).where(Job.state == JobState.running)) or 0
+    return {"queued": jobs, "running": running}
+
+
+def _duration(seconds: int) -> str:
+    minutes, sec = divmod(max(0, seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+
+
+def render_queue(data: dict[str, Any]) -> str:
+    jobs = data["queued"]
+    if not jobs:
+        return f"queue: empty ({data['running']} running)"
+    lines = [f"queue: {len(jobs)} waiting, {data['running']} running; workers take them in this order",
+             f"{'#':>3} {'job':>6} {'priority':8} {'waiting':>8}  {'':8} series"]
+    for j in jobs:
+        note = "settling" if j["settling"] else ""  # its study is still arriving: taken once it is complete
+        lines.append(f"{j['position']:>3} {'#' + str(j['id']):>6} {j['priority']:8} {_duration(j['waiting_s']):>8}  "
+                     f"{note:8} {j['series_instance_uid']}")
+    return "\n".join(lines)
 
 
 def render_storage(storage: dict[str, Any]) -> str:

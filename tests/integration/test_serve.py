@@ -234,6 +234,17 @@ def test_a_backlog_is_analysed_most_urgent_first(node_factory: NodeFactory, tmp_
     assert "priority=low" in node.wait_for_log(rf"event=series_complete series={low.series_uid} .*").group(0)
     listing = run_cli("status", "--config", node.config_path).stdout
     assert "queued high" in listing and "queued low" in listing
+    waiting = run_cli("status", "--queue", "--config", node.config_path)
+    assert waiting.returncode == 0, waiting.stderr
+    lines = waiting.stdout.splitlines()
+    assert lines[0].startswith("queue: 3 waiting, 0 running")
+    assert [line.split()[2] for line in lines[2:]] == ["high", "medium", "low"]
+    assert [line.split()[-1] for line in lines[2:]] == [high.series_uid, medium.series_uid, low.series_uid]
+    as_json = json.loads(run_cli("status", "--queue", "--json", "--config", node.config_path).stdout)
+    assert [j["priority"] for j in as_json["queued"]] == ["high", "medium", "low"]
+    assert all(j["waiting_s"] >= 0 and not j["settling"] for j in as_json["queued"])
+    mixed = run_cli("status", "--queue", "--metrics", "--config", node.config_path)
+    assert mixed.returncode == 2 and "--queue lists the whole queue" in mixed.stderr
     metrics = run_cli("status", "--metrics", "--config", node.config_path).stdout
     for p in ("high", "medium", "low"):
         assert f'lungnode_queued_jobs{{priority="{p}"}} 1' in metrics.splitlines()

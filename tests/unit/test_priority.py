@@ -86,3 +86,26 @@ def test_workers_take_high_then_medium_then_low_the_oldest_first(sessions: sessi
                for sender in senders}
     expected = [senders[i] for i in (2, 4, 1, 3, 0, 5)]  # ED_CT at 2 and 4, PACS at 1 and 3, RESEARCH at 0 and 5
     assert claimed == [ids[sender.series_uid] for sender in expected]
+
+
+def test_the_queue_listing_shows_the_order_workers_take(sessions: sessionmaker[Session],
+                                                        ledger: IngestLedger) -> None:
+    """`lungnode status --queue`: most urgent first, oldest first within a level; a study still arriving waits
+    out of turn and says so."""
+    from node.db.status import queue, render_queue
+
+    rules = AssemblySettings(quiet_period_s=10, priority_by_caller={"ED_CT": "high", "RESEARCH": "low"})
+    senders = [send_series(ledger, t, caller=caller) for caller, t in (("RESEARCH", 0), ("PACS", 1), ("ED_CT", 2))]
+    Assembler(rules, sessions).complete_due(now=at(60))
+    with sessions() as s:
+        listed = queue(s, study_settle_s=30, now=at(30))  # every study had an image less than 30 s before
+        later = queue(s, study_settle_s=30, now=at(300))
+    assert [j["series_instance_uid"] for j in listed["queued"]] == [senders[i].series_uid for i in (2, 1, 0)]
+    assert [(j["position"], j["priority"]) for j in listed["queued"]] == [(1, "high"), (2, "medium"), (3, "low")]
+    assert [j["settling"] for j in listed["queued"]] == [True, True, True]
+    assert [j["settling"] for j in later["queued"]] == [False, False, False]
+    assert later["running"] == 0  # (waiting_s counts from the job's real creation time: see the serve test)
+    text = render_queue(later)
+    assert text.splitlines()[0] == "queue: 3 waiting, 0 running; workers take them in this order"
+    assert text.splitlines()[2].split()[:3] == ["1", f"#{later['queued'][0]['id']}", "high"]
+    assert render_queue({"queued": [], "running": 2}) == "queue: empty (2 running)"
