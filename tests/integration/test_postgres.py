@@ -238,7 +238,7 @@ def test_retention_a_series_sent_again_and_the_settled_claim_on_postgresql(pg_ur
 def test_rejection_notes_on_postgresql(pg_url: str, tmp_path: Path) -> None:
     """Replaced results found, noted once and never superseded, with PostgreSQL's row locks and NOT IN."""
     from tests.helpers.outbox import make_job, write_results
-    from tests.unit.test_rejections import deliver, finish, next_revision, notes
+    from tests.unit.test_rejections import claim, deliver, finish, next_revision, notes
 
     engine = make_engine(pg_url)
     upgrade_schema(engine)
@@ -255,6 +255,16 @@ def test_rejection_notes_on_postgresql(pg_url: str, tmp_path: Path) -> None:
     with engine.connect() as conn:
         named = conn.exec_driver_sql(f"SELECT sop_instance_uid FROM outbox WHERE rejected_by = {note.id}").scalars()
         assert set(named) == {o.sop_instance_uid for o in old}
+    # The claim's EXISTS under FOR UPDATE SKIP LOCKED: the results go, the note waits; a newer revision drops it.
+    assert {kind for kind, _ in claim(sessions)} == {"seg", "sr", "key_image"}
+    assert claim(sessions) == []
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE outbox SET state = 'pending' WHERE job_id = {second} AND kind <> 'rejection'")
+    next_revision(sessions, first)
+    assert claim(sessions) == []
+    assert notes(sessions)[0].state.value == "superseded"
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM outbox WHERE rejected_by IS NOT NULL").scalar() == 0
     engine.dispose()
 
 
