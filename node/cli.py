@@ -7,12 +7,19 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node import __version__
 from node.config import Config, load_config
 from node.errors import LungnodeError
 from node.logs import setup_logging
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("node.cli")
 #: ``lungnode status`` options that ask what happened to one study (node.db.trace), as argparse names them
@@ -25,6 +32,19 @@ By default everything the node keeps (received images, results, the ledger datab
 ./var of the folder it runs in (storage.spool_dir, storage.database_url).
 Reference models, not cleared for clinical use.
 """
+
+
+@contextmanager
+def _ledger(cfg: Config) -> Iterator[tuple[Engine, sessionmaker[Session]]]:
+    """The node's ledger as it is (refused with the fix when absent or at another schema), closed after use: what
+    the operator commands read and change."""
+    from node.db.session import make_sessionmaker, open_database
+
+    engine = open_database(cfg.storage.database_url, must_exist=True)
+    try:
+        yield engine, make_sessionmaker(engine)
+    finally:
+        engine.dispose()
 
 
 def _positive(text: str) -> int:
@@ -101,7 +121,6 @@ def _unwritable(cfg: Config) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from node.db.session import make_sessionmaker, open_database
     from node.db.status import render_text, storage_summary, summary
     from node.db.trace import render_trace, trace
 
@@ -116,13 +135,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _queue(cfg, as_json=args.json)
     if getattr(args, "metrics", False) and not criteria:
         return _metrics(cfg)
-    engine = open_database(cfg.storage.database_url, must_exist=True)
-    with make_sessionmaker(engine)() as s:
+    with _ledger(cfg) as (engine, sessions), sessions() as s:
         data = trace(s, **criteria) if criteria else summary(s, limit=args.limit)
         if not criteria:
             data["storage"] = storage_summary(s, cfg.storage.spool_dir, cfg.storage.min_free_disk_mb)
-    data["database"] = engine.url.render_as_string(hide_password=True)
-    engine.dispose()
+        data["database"] = engine.url.render_as_string(hide_password=True)
     if criteria and not data["studies"]:
         what = ", ".join(f"--{k.replace('_', '-')}" for k in criteria)
         print(f"database: {data['database']}\nnothing received matches {what}: the node never stored it (its log's "
@@ -137,13 +154,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _queue(cfg: Config, *, as_json: bool) -> int:
     """``status --queue``: the waiting jobs in the order workers take them."""
-    from node.db.session import make_sessionmaker, open_database
     from node.db.status import queue, render_queue
 
-    engine = open_database(cfg.storage.database_url, must_exist=True)
-    with make_sessionmaker(engine)() as s:
+    with _ledger(cfg) as (_, sessions), sessions() as s:
         data = queue(s, study_settle_s=cfg.assembly.study_settle_s)
-    engine.dispose()
     print(json.dumps(data, indent=2) if as_json else render_queue(data))
     return 0
 
@@ -153,19 +167,14 @@ def _metrics(cfg: Config) -> int:
     stderr), so the collector never keeps showing an old, healthy picture."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from node.db.session import make_sessionmaker, open_database
     from node.db.status import render_metrics, storage_summary, summary
     from node.receive.selfcheck import listener_accepts
 
     data: dict[str, object] | None = None
     try:
-        engine = open_database(cfg.storage.database_url, must_exist=True)
-        try:
-            with make_sessionmaker(engine)() as s:
-                data = summary(s, limit=0)
-                data["storage"] = storage_summary(s, cfg.storage.spool_dir, cfg.storage.min_free_disk_mb)
-        finally:
-            engine.dispose()
+        with _ledger(cfg) as (_, sessions), sessions() as s:
+            data = summary(s, limit=0)
+            data["storage"] = storage_summary(s, cfg.storage.spool_dir, cfg.storage.min_free_disk_mb)
     except (LungnodeError, SQLAlchemyError) as exc:
         print(f"lungnode: {exc}", file=sys.stderr)
     print(render_metrics(data, __version__, listener_up=listener_accepts(cfg.dicom)), end="")
@@ -203,21 +212,16 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_reanalyse(args: argparse.Namespace) -> int:
     from node.db.jobs import requeue_for_reanalysis
-    from node.db.session import make_sessionmaker, open_database
 
     cfg = load_config(args.config)
     setup_logging("WARNING")
-    engine = open_database(cfg.storage.database_url, must_exist=True)
-    try:
-        print(requeue_for_reanalysis(make_sessionmaker(engine), args.job))
-    finally:
-        engine.dispose()
+    with _ledger(cfg) as (_, sessions):
+        print(requeue_for_reanalysis(sessions, args.job))
     return 0
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     from node.db.models import Job
-    from node.db.session import make_sessionmaker, open_database
     from node.send.outbox import requeue_failed
 
     if (args.job is None) == (not args.failed):
@@ -228,9 +232,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return 2
     cfg = load_config(args.config)
     setup_logging("WARNING")
-    engine = open_database(cfg.storage.database_url, must_exist=True)
-    sessions = make_sessionmaker(engine)
-    try:
+    with _ledger(cfg) as (_, sessions):
         if args.job is not None:
             with sessions() as s:
                 if s.get(Job, args.job) is None:
@@ -238,8 +240,6 @@ def cmd_retry(args: argparse.Namespace) -> int:
                           file=sys.stderr)
                     return 2
         requeued = requeue_failed(sessions, job_id=args.job, resend=args.resend)
-    finally:
-        engine.dispose()
     scope = f"job {args.job}" if args.job is not None else "all jobs"
     if not requeued:
         print(f"no failed or waiting sends for {scope}: nothing requeued")
