@@ -27,13 +27,10 @@ from node.outputs.sr import device_observer
 
 REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons  # (113001, DCM), CID 7011
 
-#: Header fields the note copies from the new results: the patient and the study it belongs to.
-_PATIENT_AND_STUDY = ("SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
-                      "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
-                      "ReferringPhysicianName", "TimezoneOffsetFromUTC")
-
-_TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
-           "AccessionNumber", "ReferringPhysicianName")
+#: What highdicom's KOS reads from its first evidence item (present, empty here): the note then copies the values
+#: from the new results, with the other identity attributes (``IDENTITY_KEYWORDS``).
+_READ_BY_HIGHDICOM = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                      "StudyID", "AccessionNumber", "ReferringPhysicianName")
 
 
 @dataclass(frozen=True)
@@ -53,11 +50,11 @@ def _is_image(sop_class_uid: str) -> bool:
 
 def _evidence(like: Dataset, obj: Replaced) -> Dataset:
     ds = Dataset()
-    for keyword in _PATIENT_AND_STUDY:
-        if keyword in like:
-            setattr(ds, keyword, getattr(like, keyword))
-        elif keyword in _TYPE_2:
-            setattr(ds, keyword, "")  # present and empty, as the patient and study modules want them
+    for keyword in _READ_BY_HIGHDICOM:
+        setattr(ds, keyword, "")
+    ds.StudyInstanceUID = like.StudyInstanceUID
+    if "SpecificCharacterSet" in like:
+        ds.SpecificCharacterSet = like.SpecificCharacterSet
     ds.SeriesInstanceUID, ds.SOPClassUID, ds.SOPInstanceUID = (
         obj.series_instance_uid, obj.sop_class_uid, obj.sop_instance_uid)
     if _is_image(obj.sop_class_uid):
