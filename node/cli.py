@@ -157,7 +157,8 @@ def _queue(cfg: Config, *, as_json: bool) -> int:
     from node.db.status import queue, render_queue
 
     with _ledger(cfg) as (_, sessions), sessions() as s:
-        data = queue(s, study_settle_s=cfg.assembly.study_settle_s)
+        a = cfg.assembly
+        data = queue(s, study_settle_s=a.study_settle_s, low_max_wait_s=a.low_priority_max_wait_s)
     print(json.dumps(data, indent=2) if as_json else render_queue(data))
     return 0
 

@@ -207,6 +207,9 @@ class AssemblySettings(Strict):
         description="calling AE titles whose series are analysed before (high) or after (low) the others, e.g. "
         "{ED_CT: high, RESEARCH: low}; a series from any other caller is high when its images came with C-STORE "
         "Priority HIGH, else medium")
+    low_priority_max_wait_s: float = Field(
+        default=3600.0, ge=0, description="a low-priority job that has waited this long is taken as medium (never as "
+        "high), so that a steady flow of routine studies cannot hold a low-priority backlog back for ever; 0: never")
 
 
 class PatternRule(Strict):

@@ -16,8 +16,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sqlalchemy import ColumnElement, exists, or_, select, update
-from sqlalchemy.orm import Session, aliased, sessionmaker
+from sqlalchemy import ColumnElement, and_, case, exists, or_, select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, sessionmaker
 
 from node.db.models import (
     REJECTION_NOTE,
@@ -33,6 +33,7 @@ from node.db.models import (
 )
 from node.errors import LungnodeError
 from node.logs import kv
+from node.receive.priority import priority_name
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,19 @@ class Claimed:
     attempt: int
 
 
-#: The order in which workers take queued jobs: the most urgent first (``node.receive.priority``), then the oldest.
-QUEUE_ORDER = (Job.priority.desc(), Job.id)
+def taken_as(now: dt.datetime, low_max_wait_s: float) -> ColumnElement[int] | InstrumentedAttribute[int]:
+    """A queued job's level as workers see it: its priority (``node.receive.priority``), except that a low job
+    that has waited ``low_max_wait_s`` or more counts as medium (0: never), so routine traffic cannot hold a
+    research backlog back for ever. Nothing is ever lifted to high: that stays for the urgent callers."""
+    if low_max_wait_s <= 0:
+        return Job.priority
+    waited = Job.created_at <= now - dt.timedelta(seconds=low_max_wait_s)
+    return case((and_(Job.priority < 0, waited), 0), else_=Job.priority)
+
+
+def queue_order(now: dt.datetime, low_max_wait_s: float) -> tuple[Any, ...]:
+    """The order in which workers take queued jobs: the most urgent first (``taken_as``), then the oldest."""
+    return (taken_as(now, low_max_wait_s).desc(), Job.id)
 
 
 def study_settling(series: Any, now: dt.datetime, settle_s: float) -> ColumnElement[bool]:
@@ -60,31 +72,34 @@ def study_settling(series: Any, now: dt.datetime, settle_s: float) -> ColumnElem
 
 class JobQueue:
     def __init__(self, sessions: sessionmaker[Session], *, worker: str, lease_s: float = 60.0, max_attempts: int = 3,
-                 study_settle_s: float = 0.0) -> None:
+                 study_settle_s: float = 0.0, low_max_wait_s: float = 0.0) -> None:
         self.sessions = sessions
         self.worker = worker
         self.lease_s = lease_s
         self.max_attempts = max_attempts
         self.study_settle_s = study_settle_s
+        self.low_max_wait_s = low_max_wait_s
 
     def claim(self) -> Claimed | None:
         """Take the most urgent queued job whose study has settled (``study_settle_s``: no image for that long, no CT
-        series still being received), the oldest of its priority (``node.receive.priority``), or None when there is
-        none: the worker then picks the best series among all of the study's, not among those that happened to
-        arrive first."""
+        series still being received), the oldest of its priority (``node.receive.priority``; a low job that waited
+        ``low_max_wait_s`` counts as medium), or None when there is none: the worker then picks the best series among
+        all of the study's, not among those that happened to arrive first."""
         now = utcnow()
         mine = aliased(Series)
         with self.sessions.begin() as s:
-            job = s.scalar(
-                select(Job)
+            row = s.execute(
+                select(Job, taken_as(now, self.low_max_wait_s))
                 .join(mine, Job.series_id == mine.id)
                 .where(Job.state == JobState.queued, ~study_settling(mine, now, self.study_settle_s))
-                .order_by(*QUEUE_ORDER)
+                .order_by(*queue_order(now, self.low_max_wait_s))
                 .limit(1)
                 .with_for_update(skip_locked=True, of=Job)
-            )
-            if job is None:
+            ).first()
+            if row is None:
                 return None
+            job, level = row
+            nominal, waited_s = job.priority, round((now - job.created_at).total_seconds())
             job.state = JobState.running
             job.worker = self.worker
             job.started_at = now
@@ -94,7 +109,9 @@ class JobQueue:
             s.add(Event(kind="job_started", job_id=job.id, series_id=job.series_id,
                         message=f"attempt {job.attempts} on {self.worker}"))
             claimed = Claimed(job.id, job.series_id, job.revision, job.attempts)
-        log.info(kv("job_started", job=claimed.job_id, attempt=claimed.attempt, worker=self.worker))
+        aged = {"taken_as": priority_name(level)} if level != nominal else {}
+        log.info(kv("job_started", job=claimed.job_id, attempt=claimed.attempt, worker=self.worker,
+                    priority=priority_name(nominal), waited_s=waited_s, **aged))
         return claimed
 
     def heartbeat(self, job_id: int) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
-from node.db.jobs import QUEUE_ORDER, study_settling
+from node.db.jobs import queue_order, study_settling, taken_as
 from node.db.models import Association, AssociationState, Instance, Job, JobState, SendState, Series, Study, utcnow
 from node.receive.priority import priority_name
 from node.send.outbox import outbox_summary
@@ -99,19 +99,23 @@ def _gb(n: int) -> str:
     return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} B"
 
 
-def queue(s: Session, *, study_settle_s: float, now: dt.datetime | None = None) -> dict[str, Any]:
+def queue(s: Session, *, study_settle_s: float, low_max_wait_s: float = 0.0,
+          now: dt.datetime | None = None) -> dict[str, Any]:
     """The jobs waiting for a worker, in the order workers take them (``JobQueue.claim``): what stands before an
-    urgent study. A job whose study is still arriving waits out of turn (``settling``)."""
+    urgent study. A job whose study is still arriving waits out of turn (``settling``); a low job that has waited
+    ``low_max_wait_s`` is taken as medium (``taken_as``)."""
     now = now or utcnow()
     series = aliased(Series)
     settling = study_settling(series, now, study_settle_s).label("settling")
-    rows = s.execute(select(Job, series.series_instance_uid, Study.study_instance_uid, settling)
+    rows = s.execute(select(Job, series.series_instance_uid, Study.study_instance_uid, settling,
+                            taken_as(now, low_max_wait_s))
                      .join(series, Job.series_id == series.id).join(Study, Study.id == series.study_id)
-                     .where(Job.state == JobState.queued).order_by(*QUEUE_ORDER)).all()
-    jobs = [{"position": n, "id": job.id, "priority": priority_name(job.priority), "revision": job.revision,
-             "queued_at": iso_seconds(job.created_at), "waiting_s": round((now - job.created_at).total_seconds()),
-             "settling": bool(waiting), "series_instance_uid": series_uid, "study_instance_uid": study_uid}
-            for n, (job, series_uid, study_uid, waiting) in enumerate(rows, start=1)]
+                     .where(Job.state == JobState.queued).order_by(*queue_order(now, low_max_wait_s))).all()
+    jobs = [{"position": n, "id": job.id, "priority": priority_name(job.priority), "taken_as": priority_name(level),
+             "revision": job.revision, "queued_at": iso_seconds(job.created_at),
+             "waiting_s": round((now - job.created_at).total_seconds()), "settling": bool(waiting),
+             "series_instance_uid": series_uid, "study_instance_uid": study_uid}
+            for n, (job, series_uid, study_uid, waiting, level) in enumerate(rows, start=1)]
     running = s.scalar(select(func.count(Job.id)).where(Job.state == JobState.running)) or 0
     return {"queued": jobs, "running": running}
 
@@ -127,11 +131,12 @@ def render_queue(data: dict[str, Any]) -> str:
     if not jobs:
         return f"queue: empty ({data['running']} running)"
     lines = [f"queue: {len(jobs)} waiting, {data['running']} running; workers take them in this order",
-             f"{'#':>3} {'job':>6} {'priority':8} {'waiting':>8}  {'':8} series"]
+             f"{'#':>3} {'job':>6} {'priority':8} {'waiting':>8}  {'':9} series"]
     for j in jobs:
-        note = "settling" if j["settling"] else ""  # its study is still arriving: taken once it is complete
+        # settling: its study is still arriving, taken once it is complete; "as medium": a low job that waited long
+        note = "settling" if j["settling"] else (f"as {j['taken_as']}" if j["taken_as"] != j["priority"] else "")
         lines.append(f"{j['position']:>3} {'#' + str(j['id']):>6} {j['priority']:8} {_duration(j['waiting_s']):>8}  "
-                     f"{note:8} {j['series_instance_uid']}")
+                     f"{note:9} {j['series_instance_uid']}")
     return "\n".join(lines)
 
 

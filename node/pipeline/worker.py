@@ -107,7 +107,8 @@ class Worker:
         self.sessions = make_sessionmaker(self.engine)
         w = config.workers
         self.queue = JobQueue(self.sessions, worker=self.name, lease_s=w.lease_s, max_attempts=w.max_attempts,
-                              study_settle_s=config.assembly.study_settle_s)
+                              study_settle_s=config.assembly.study_settle_s,
+                              low_max_wait_s=config.assembly.low_priority_max_wait_s)
         self.stop = threading.Event()
         self.device_uid = installation_device_uid(config.storage.spool_dir)  # the SR's and KOS's observer
 

@@ -269,7 +269,8 @@ def test_rejection_notes_on_postgresql(pg_url: str, tmp_path: Path) -> None:
 
 
 def test_priorities_on_postgresql(pg_url: str) -> None:
-    """A job's priority from its associations, and the claim order, with PostgreSQL's IN and ORDER BY ... DESC."""
+    """A job's priority from its associations, and the claim order, with PostgreSQL's IN and ORDER BY ... DESC; a low
+    job that waited past the limit comes before the medium one (CASE in ORDER BY under FOR UPDATE SKIP LOCKED)."""
     from tests.unit.test_assembler import at
     from tests.unit.test_priority import send_series
 
@@ -287,4 +288,10 @@ def test_priorities_on_postgresql(pg_url: str) -> None:
         ids = [s.scalar(select(Series.id).where(Series.series_instance_uid == x.series_uid)) for x in (high, medium, low)]
     claimed = [job.series_id for job in iter(queue.claim, None)]
     assert claimed == ids
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE jobs SET state = 'queued', created_at = created_at - interval '2 hours' "
+                             "WHERE series_id = %s", (ids[2],))
+        conn.exec_driver_sql("UPDATE jobs SET state = 'queued' WHERE series_id = %s", (ids[1],))
+    aged = JobQueue(sessions, worker="w", study_settle_s=0, low_max_wait_s=3600)
+    assert [job.series_id for job in iter(aged.claim, None)] == [ids[2], ids[1]]
     engine.dispose()

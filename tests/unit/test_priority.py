@@ -4,6 +4,8 @@ the oldest first within a level."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -44,6 +46,13 @@ def job_priority(sessions: sessionmaker[Session], sender: Sender) -> int:
         return int(level)
 
 
+def claim_all(queue: JobQueue) -> list[int]:
+    claimed = []
+    while (job := queue.claim()) is not None:
+        claimed.append(job.series_id)
+    return claimed
+
+
 @pytest.mark.parametrize(("caller", "cstore_level", "expected"), [
     ("PACS", None, 0),        # MEDIUM requests, no rule
     ("PACS", 1, 1),           # a HIGH C-STORE
@@ -77,10 +86,7 @@ def test_workers_take_high_then_medium_then_low_the_oldest_first(sessions: sessi
     order = [("RESEARCH", 0), ("PACS", 1), ("ED_CT", 2), ("PACS", 3), ("ED_CT", 4), ("RESEARCH", 5)]
     senders = [send_series(ledger, t, caller=caller) for caller, t in order]
     assert Assembler(rules, sessions).complete_due(now=at(60)) == len(order)
-    queue = JobQueue(sessions, worker="w", study_settle_s=0)
-    claimed = []
-    while (job := queue.claim()) is not None:
-        claimed.append(job.series_id)
+    claimed = claim_all(JobQueue(sessions, worker="w", study_settle_s=0))
     with sessions() as s:
         ids = {sender.series_uid: s.scalar(select(Series.id).where(Series.series_instance_uid == sender.series_uid))
                for sender in senders}
@@ -109,3 +115,35 @@ def test_the_queue_listing_shows_the_order_workers_take(sessions: sessionmaker[S
     assert text.splitlines()[0] == "queue: 3 waiting, 0 running; workers take them in this order"
     assert text.splitlines()[2].split()[:3] == ["1", f"#{later['queued'][0]['id']}", "high"]
     assert render_queue({"queued": [], "running": 2}) == "queue: empty (2 running)"
+
+
+@pytest.mark.parametrize("low_max_wait_s", [3600.0, 0.0])
+def test_a_low_job_that_waited_long_is_taken_as_medium_never_as_high(
+        sessions: sessionmaker[Session], ledger: IngestLedger, low_max_wait_s: float) -> None:
+    """Routine traffic must not hold a research backlog back for ever: past ``low_priority_max_wait_s`` a low job
+    competes as medium (oldest first), still after any high one; 0 turns this off."""
+    from node.db.status import queue, render_queue
+
+    rules = AssemblySettings(quiet_period_s=10, priority_by_caller={"ED_CT": "high", "RESEARCH": "low"})
+    order = [("RESEARCH", 0), ("PACS", 1), ("ED_CT", 2), ("RESEARCH", 3)]
+    senders = [send_series(ledger, t, caller=caller) for caller, t in order]
+    Assembler(rules, sessions).complete_due(now=at(60))
+    with sessions.begin() as s:
+        ids = [s.scalar(select(Series.id).where(Series.series_instance_uid == x.series_uid)) for x in senders]
+        old = s.scalar(select(Job).where(Job.series_id == ids[0]))
+        assert old is not None
+        old.created_at -= dt.timedelta(hours=2)  # the first research job has waited two hours
+        old_medium = s.scalar(select(Job).where(Job.series_id == ids[1]))
+        assert old_medium is not None
+        old_medium.created_at -= dt.timedelta(hours=3)  # a medium job is never lifted above the high one
+    with sessions() as s:
+        listed = queue(s, study_settle_s=0, low_max_wait_s=low_max_wait_s)
+    aged = low_max_wait_s > 0
+    assert [(j["priority"], j["taken_as"]) for j in listed["queued"]] == (
+        [("high", "high"), ("low", "medium"), ("medium", "medium"), ("low", "low")] if aged
+        else [("high", "high"), ("medium", "medium"), ("low", "low"), ("low", "low")])
+    assert ("as medium" in render_queue(listed)) is aged
+    claimed = claim_all(JobQueue(sessions, worker="w", study_settle_s=0, low_max_wait_s=low_max_wait_s))
+    assert claimed == [ids[i] for i in ((2, 0, 1, 3) if aged else (2, 1, 0, 3))]
+    by_uid = {x.series_uid: series_id for x, series_id in zip(senders, ids)}
+    assert claimed == [by_uid[j["series_instance_uid"]] for j in listed["queued"]]  # the order the listing showed
