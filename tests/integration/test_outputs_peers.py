@@ -1,6 +1,6 @@
 """The outputs against independent readers and a real PACS: dciodvfy (dicom3tools) validates every
-object, dcmqi converts the SEG to images and reads the TID 1500 SR with volumes equal to ours,
-Orthanc accepts all of them over C-STORE and renders the key image as PNG.
+object (the IOCM rejection note too), dcmqi converts the SEG to images and reads the TID 1500 SR with
+volumes equal to ours, Orthanc accepts all of them over C-STORE and renders the key image as PNG.
 
 Each peer that is not installed skips its test with the reason.
 """
@@ -26,8 +26,9 @@ from pynetdicom import AE
 from models.train.lung_labels import label_lungs
 from node.config import OutputsSettings
 from node.outputs.codes import STRUCTURES
+from node.outputs.rejection import Replaced, build_rejection_note
 from node.outputs.truth import analysis_from_series
-from node.outputs.write import WrittenObject, write_outputs
+from node.outputs.write import WrittenObject, save_dataset, write_outputs
 from node.pipeline.runner import Analysis
 from node.pipeline.volume import QAFlag, load_volume
 from tests.helpers.faults import phantom, synth_series
@@ -51,13 +52,15 @@ class Outputs:
     folder: Path
     fractional: WrittenObject
     rejected_sr: WrittenObject
+    rejection_note: Path  # withdraws every binary object, as the node's note does after a newer revision
 
     def path(self, obj: WrittenObject, sub: str) -> Path:
         return self.folder / sub / obj.file
 
     def all_files(self) -> list[Path]:
         files = [self.path(o, "binary") for objs in self.binary.values() for o in objs]
-        return files + [self.path(self.fractional, "fractional"), self.path(self.rejected_sr, "rejected")]
+        return files + [self.path(self.fractional, "fractional"), self.path(self.rejected_sr, "rejected"),
+                        self.rejection_note]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,14 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Outputs:
     [rejected_sr] = write_outputs(rejected, out_dir=root / "rejected", source_paths=synth.files,
                                   settings=OutputsSettings())
     assert sorted(binary) == ["key_image", "kos", "seg", "sr"]
-    return Outputs(analysis, binary, root, fractional, rejected_sr)
+    withdrawn = [Replaced(o.sop_class_uid, o.sop_instance_uid, o.series_instance_uid)
+                 for objs in binary.values() for o in objs]
+    note = build_rejection_note(like=pydicom.dcmread(root / "binary" / binary["sr"][0].file), replaced=withdrawn,
+                                sop_instance_uid=hd.UID(), series_instance_uid=hd.UID(), series_number=9705,
+                                series_description="lungnode rejection note", reason="Replaced by a later analysis.")
+    (root / "rejection").mkdir()
+    save_dataset(note, root / "rejection" / "rejection.dcm")
+    return Outputs(analysis, binary, root, fractional, rejected_sr, root / "rejection" / "rejection.dcm")
 
 
 # -- dicom3tools ---------------------------------------------------------------------------------
@@ -94,7 +104,7 @@ def test_dciodvfy_finds_no_error_in_any_object(outputs: Outputs) -> None:
         report[f"{path.parent.name}/{path.name}"] = errors
         assert lines and lines[0] in ("Segmentation", "EnhancedSR", "SCImage", "KeyObjectSelectionDocument"), lines[:3]
     assert all(not errors for errors in report.values()), json.dumps(report, indent=1)
-    assert len(report) == 8  # seg, sr, 3 key images, kos, fractional seg, rejected sr
+    assert len(report) == 9  # seg, sr, 3 key images, kos, fractional seg, rejected sr, rejection note
 
 
 # -- dcmqi ---------------------------------------------------------------------------------------
@@ -206,11 +216,13 @@ def store(pacs: OrthancServer, files: list[Path]) -> dict[str, int | None]:
 def test_orthanc_accepts_every_object_and_renders_the_key_image(outputs: Outputs,
                                                                 orthanc: OrthancServer) -> None:  # noqa: F811
     files = [outputs.path(o, "binary") for objs in outputs.binary.values() for o in objs]
-    files.append(outputs.path(outputs.rejected_sr, "rejected"))
+    files += [outputs.path(outputs.rejected_sr, "rejected"), outputs.rejection_note]
     statuses = store(orthanc, files)
     assert statuses == {f"{f.parent.name}/{f.name}": 0x0000 for f in files}, orthanc.log[-3000:]
     for obj in [o for objs in outputs.binary.values() for o in objs]:
         assert orthanc.find_instance(obj.sop_instance_uid) is not None, obj.kind
+    # Orthanc does not act on IOCM: it files the note as one more document (why reject_replaced is off by default)
+    assert orthanc.find_instance(str(pydicom.dcmread(outputs.rejection_note).SOPInstanceUID)) is not None
     key = outputs.binary["key_image"][0]
     png = orthanc.get_bytes(f"/instances/{orthanc.find_instance(key.sop_instance_uid)}/preview")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
