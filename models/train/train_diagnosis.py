@@ -108,6 +108,17 @@ class DiagNet(nn.Module):
         return torch.softmax(z, dim=1) if self.softmax else z
 
 
+class MeanOfNets(nn.Module):
+    """[N, C, D, H, W] -> [N, 3]: the mean of several DiagNets' softmax outputs (``ensemble_diagnosis``)."""
+
+    def __init__(self, members: list[DiagNet]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -218,10 +229,10 @@ def parity(model: DiagNet, onnx_path: Path, xs: list[np.ndarray], tol: float = 1
     return err
 
 
-def torch_from_onnx(path: Path) -> DiagNet:
-    """The DiagNet holding the weights of an exported model.onnx, so the shipped file can be checked
-    against torch without shipping weights.pt (export folds each BatchNorm into its conv's bias; here
-    the BatchNorm becomes the identity that adds that bias)."""
+def torch_from_onnx(path: Path) -> DiagNet | MeanOfNets:
+    """The DiagNet (or, for a graph of several, their ``MeanOfNets``) holding the weights of an exported
+    model.onnx, so the shipped file can be checked against torch without shipping weights.pt (export folds
+    each BatchNorm into its conv's bias; here the BatchNorm becomes the identity that adds that bias)."""
     import onnx
     from onnx import numpy_helper
 
@@ -235,12 +246,21 @@ def torch_from_onnx(path: Path) -> DiagNet:
         return torch.from_numpy(init[name].copy())
 
     convs = [n for n in graph.node if n.op_type == "Conv"]
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]  # one head per member, in the members' order
+    per = len(convs) // max(1, len(gemms))
+    if not gemms or per * len(gemms) != len(convs):
+        raise ValueError(f"{path}: {len(convs)} Conv and {len(gemms)} Gemm nodes are not whole DiagNets")
+    members = [_diagnet_from(convs[k * per:(k + 1) * per], gemm, tensor, path) for k, gemm in enumerate(gemms)]
+    return members[0] if len(members) == 1 else MeanOfNets(members).eval()
+
+
+def _diagnet_from(convs: list[Any], gemm: Any, tensor: Callable[[str], torch.Tensor], path: Path) -> DiagNet:
     w0 = tensor(convs[0].input[1])
     model = DiagNet(channels=int(w0.shape[1]), base=int(w0.shape[0])).eval()
     mods = [m for m in model.modules() if isinstance(m, (nn.Conv3d, nn.BatchNorm3d))]
     pairs = list(zip(mods[0::2], mods[1::2]))
     if len(pairs) != len(convs):
-        raise ValueError(f"{path}: {len(convs)} Conv nodes, DiagNet has {len(pairs)} conv layers")
+        raise ValueError(f"{path}: {len(convs)} Conv nodes per member, DiagNet has {len(pairs)} conv layers")
     with torch.no_grad():
         for (conv, bn), node in zip(pairs, convs):
             conv.weight.copy_(tensor(node.input[1]))
@@ -249,7 +269,6 @@ def torch_from_onnx(path: Path) -> DiagNet:
             bn.load_state_dict({"weight": torch.ones(n), "bias": bias, "running_mean": torch.zeros(n),
                                 "running_var": torch.full((n,), 1.0 - BN_EPS),
                                 "num_batches_tracked": torch.tensor(0)})
-        gemm = next(n for n in graph.node if n.op_type == "Gemm")
         w = tensor(gemm.input[1])
         trans_b = any(a.name == "transB" and a.i == 1 for a in gemm.attribute)
         model.head.weight.copy_(w if trans_b else w.T)
