@@ -26,7 +26,7 @@ from node.db.ingest import IngestLedger
 from node.db.session import make_sessionmaker, open_database
 from node.errors import LungnodeError
 from node.logs import kv
-from node.pipeline.infer import choose_providers, clear_model_cache, models_problem
+from node.pipeline.infer import choose_providers, clear_model_cache, models_problem, pairing_warnings
 from node.pipeline.worker import start_workers
 from node.receive.assembler import Assembler
 from node.receive.reconcile import reconcile
@@ -127,6 +127,9 @@ class WorkerPool:
         # and load their own): free them, and on a GPU their device memory.
         clear_model_cache()
         self.models_broken_since = time.monotonic() if problem else None
+        if problem is None:
+            for warning in pairing_warnings(self.config.inference):
+                log.warning(kv("model_pairing", problem=warning))
         return problem
 
     def _start_workers(self, count: int) -> None:

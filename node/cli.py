@@ -77,7 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from node.pipeline.infer import manifests_problem
+    from node.pipeline.infer import manifests_problem, pairing_warnings
     from node.tls import check_tls
 
     path = args.file or args.config
@@ -93,6 +93,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if args.strict:
             raise LungnodeError(message)
         print(f"warning: {message}", file=sys.stderr)
+    for problem in pairing_warnings(cfg.inference) if cfg.workers.count else []:
+        print(f"warning: {path}: inference: {problem}", file=sys.stderr)
     for problem in _unwritable(cfg):  # relative paths count from here, which may not be the node's folder: a warning
         print(f"warning: {path}: {problem}", file=sys.stderr)
     print(f"{path}: valid")

@@ -33,8 +33,10 @@ def load_member(folder: Path) -> tuple[DiagNet, dict[str, Any]]:
     return net.eval(), training
 
 
-def build(members: list[Path], out: Path, version: str, tol: float = 1e-4) -> dict[str, Any]:
-    """Write ``out``/model.onnx and model.yaml for the mean of ``members``; returns the training section."""
+def build(members: list[Path], out: Path, version: str, paired_lesion_model: Path | None = None,
+          tol: float = 1e-4) -> dict[str, Any]:
+    """Write ``out``/model.onnx and model.yaml for the mean of ``members``; returns the training section.
+    ``paired_lesion_model``: the lesion model whose chain maps the members learnt from (``paired_with``)."""
     import onnxruntime as ort
 
     nets, trainings = zip(*(load_member(m) for m in members))
@@ -60,7 +62,8 @@ def build(members: list[Path], out: Path, version: str, tol: float = 1e-4) -> di
         "seconds": round(sum(float(t["seconds"]) for t in trainings), 1),
     }
     training["validation"] = {k: v for k, v in training["validation"].items() if k != "accuracy_last_epoch"}
-    write_manifest(out, training, {"onnx_parity_max_abs": float(f"{err:.3g}")}, version)
+    paired = {"lesion": file_sha256(paired_lesion_model / "model.onnx")} if paired_lesion_model else None
+    write_manifest(out, training, {"onnx_parity_max_abs": float(f"{err:.3g}")}, version, paired)
     return training
 
 
@@ -69,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", type=Path, nargs="+", required=True, help="train_diagnosis --out folders")
     ap.add_argument("--out", type=Path, required=True, help="the model folder to write (named diagnosis)")
     ap.add_argument("--version", default="0.2.0")
+    ap.add_argument("--paired-lesion-model", type=Path, default=None,
+                    help="the lesion model folder whose chain maps the members learnt from (written as paired_with: "
+                         "the node warns when the diagnosis model runs beside another)")
     a = ap.parse_args(argv)
-    training = build(a.members, a.out, a.version)
+    training = build(a.members, a.out, a.version, a.paired_lesion_model)
     print(json.dumps(training["ensemble"], indent=1))
     return 0
 

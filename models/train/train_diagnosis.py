@@ -276,8 +276,10 @@ def _diagnet_from(convs: list[Any], gemm: Any, tensor: Callable[[str], torch.Ten
     return model
 
 
-def manifest(sha: str, training: dict[str, Any], metrics: dict[str, Any], version: str = VERSION) -> dict[str, Any]:
-    """The model.yaml content (validated by node.pipeline.manifest when the node loads it)."""
+def manifest(sha: str, training: dict[str, Any], metrics: dict[str, Any], version: str = VERSION,
+             paired_with: dict[str, str] | None = None) -> dict[str, Any]:
+    """The model.yaml content (validated by node.pipeline.manifest when the node loads it). ``paired_with``:
+    the lesion model whose maps it was trained on, by role, so the node warns when it runs beside another."""
     return {
         "name": "diagnosis",
         "version": version,
@@ -295,6 +297,7 @@ def manifest(sha: str, training: dict[str, Any], metrics: dict[str, Any], versio
         "output": {"name": OUTPUT_NAME, "activation": "softmax", "labels": [
             {"index": i, "name": name, "snomed": SNOMED[name]} for i, name in enumerate(CLASSES)]},
         "preprocessing": {"crop_to_lung_box": True},
+        **({"paired_with": paired_with} if paired_with else {}),
         "metrics": metrics,
         "training": training,
     }
@@ -372,9 +375,11 @@ def train(out: Path, *, cache: Path = CACHE, epochs: int = 12, seed: int = 0, n_
     return {"history": history, "parity": err, "model": model, "val_x": val_x, "val_y": val_y}
 
 
-def write_manifest(out: Path, training: dict[str, Any], metrics: dict[str, Any], version: str = VERSION) -> None:
+def write_manifest(out: Path, training: dict[str, Any], metrics: dict[str, Any], version: str = VERSION,
+                   paired_with: dict[str, str] | None = None) -> None:
     """(Re)write model.yaml for the model.onnx in ``out`` (hash taken from the file)."""
-    text = yaml.safe_dump(manifest(file_sha256(out / "model.onnx"), training, metrics, version), sort_keys=False)
+    text = yaml.safe_dump(manifest(file_sha256(out / "model.onnx"), training, metrics, version, paired_with),
+                          sort_keys=False)
     (out / "model.yaml").write_text(text, encoding="utf-8")
 
 

@@ -448,6 +448,29 @@ def manifests_problem(settings: InferenceSettings) -> str | None:
     return None
 
 
+def pairing_warnings(settings: InferenceSettings) -> list[str]:
+    """The configured models that were trained and measured on the outputs of another model than the one configured
+    in a role they read (``paired_with``; a site's drop-in lesion model under the shipped diagnosis model): they
+    run, but their card's figures do not hold for this pair. Manifests only; a broken folder is
+    ``manifests_problem``'s to report."""
+    roles: tuple[Which, ...] = ("lung", "lesion", "diagnosis")
+    try:
+        manifests = {role: load_manifest(settings.models_dir / model_name(settings, role), check_hash=False)
+                     for role in roles}
+    except LungnodeError:
+        return []
+    out = []
+    for role, m in manifests.items():
+        for other, sha in (m.paired_with or {}).items():
+            got = manifests[other]
+            if got.sha256 != sha:
+                out.append(f"the {role} model {m.name} {m.version} was trained and measured on the outputs of the "
+                           f"{other} model with sha256 {sha[:12]}, but {got.name} {got.version} (sha256 "
+                           f"{got.sha256[:12]}) is configured: its results may differ from its model card; measure "
+                           f"this pair (models/{m.name}/CARD.md says how) or retrain it on this {other} model")
+    return out
+
+
 def models_problem(settings: InferenceSettings) -> str | None:
     """Why the configured models cannot run, or None when all three load."""
     try:

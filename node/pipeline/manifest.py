@@ -13,6 +13,10 @@ the node never applies it again:
 * ``sigmoid``: independent probabilities in [0, 1], one channel per label;
 * ``none``: the tensor is final as it is (scores or logits that the model's post-processing reads).
 
+``paired_with`` names, by role (``lung``, ``lesion``), the SHA-256 of the model whose outputs this model was
+trained and measured on (the diagnosis model reads the lesion model's map): the node still runs another, but
+warns at start that the figures in the model card do not hold for that pair.
+
 ``preprocessing`` and ``postprocessing`` are model-specific settings (numbers, strings, booleans),
 e.g. ``crop_to_lung_box: true``, ``batch_size: 16`` (slices per run on the CPU), ``cuda_batch_size: 64``
 (on the GPU), ``keep_largest_components: 2``, ``min_component_ml: 5``, ``threshold: 0.5``; the pipeline
@@ -223,8 +227,17 @@ class ModelManifest(_Strict):
     output: OutputSpec
     preprocessing: dict[str, Scalar] = Field(default_factory=dict)
     postprocessing: dict[str, Scalar] = Field(default_factory=dict)
+    paired_with: dict[Literal["lung", "lesion"], str] | None = None
     metrics: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
+
+    @field_validator("paired_with")
+    @classmethod
+    def _paired_hashes(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for role, sha in (v or {}).items():
+            if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha):
+                raise ValueError(f"{role}: must be the SHA-256 (64 hex digits) of that model's model.onnx")
+        return {role: sha.lower() for role, sha in v.items()} if v else v
 
     @field_validator("preprocessing", "postprocessing", mode="before")
     @classmethod

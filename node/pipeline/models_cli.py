@@ -20,7 +20,7 @@ import numpy as np
 
 from node.config import InferenceSettings
 from node.errors import LungnodeError
-from node.pipeline.infer import Model, Which, check_role, load_model
+from node.pipeline.infer import Model, Which, check_role, load_model, pairing_warnings
 from node.pipeline.manifest import (
     MANIFEST_FILE,
     ONNX_FILE,
@@ -218,12 +218,15 @@ def models_main(argv: list[str], settings: InferenceSettings, *, out: TextIO | N
         _check_one(settings, name, roles.get(name, ""), run=args.action == "verify")
         for name in _candidates(settings, names)
     ]
+    pairing = pairing_warnings(settings)  # a warning, not a failure: the pair runs, its card's figures may not hold
     if args.json:
-        report = {"models_dir": str(settings.models_dir), "models": [asdict(r) for r in rows]}
+        report = {"models_dir": str(settings.models_dir), "models": [asdict(r) for r in rows],
+                  "pairing_warnings": pairing}
         stream.write(json.dumps(report, indent=2) + "\n")
     else:
         stream.write(f"models_dir: {settings.models_dir}  device: {settings.device}\n")
         stream.write(_table(rows))
+        stream.writelines(f"warning: {w}\n" for w in pairing)
     return EXIT_OK if rows and all(r.ok for r in rows) else EXIT_BAD
 
 

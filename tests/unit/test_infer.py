@@ -28,7 +28,7 @@ from node.pipeline.infer import (
     load_model,
     window,
 )
-from node.pipeline.manifest import ManifestError
+from node.pipeline.manifest import ManifestError, load_manifest
 from node.pipeline.models_cli import DEVICE_PATTERN, models_main
 from tests.helpers.onnx_models import (
     cls3d_reference,
@@ -377,6 +377,42 @@ def test_models_list_and_verify_ok(models_dir: Path) -> None:
     rc, text = run_models(["verify", "diagnosis", "--json"], settings)
     data = json.loads(text)
     assert rc == 0 and [m["name"] for m in data["models"]] == ["diagnosis"] and data["models"][0]["ok"]
+
+
+def test_a_model_measured_with_another_lesion_model_is_run_with_a_warning(
+        models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """paired_with: the diagnosis model names the lesion model it was trained on; another one still runs (a site's
+    drop-in), but list, verify and check-config say the card's figures do not hold for that pair."""
+    import hashlib
+
+    import yaml
+
+    from node.cli import main as cli_main
+    from node.pipeline.infer import pairing_warnings
+
+    settings = InferenceSettings(models_dir=models_dir, device="cpu")
+    lesion_sha = hashlib.sha256((models_dir / "lesion_seg" / "model.onnx").read_bytes()).hexdigest()
+    manifest_path = models_dir / "diagnosis" / "model.yaml"
+    manifest = yaml.safe_load(manifest_path.read_text(encoding="utf-8"))
+    manifest["paired_with"] = {"lesion": lesion_sha.upper()}
+    manifest_path.write_text(yaml.safe_dump(manifest), encoding="utf-8")
+    assert pairing_warnings(settings) == []  # the pair it was measured with (the hash in either case)
+    manifest["paired_with"] = {"lesion": "ab" * 32}
+    manifest_path.write_text(yaml.safe_dump(manifest), encoding="utf-8")
+    [warning] = pairing_warnings(settings)
+    assert "diagnosis" in warning and "abababababab" in warning and lesion_sha[:12] in warning
+    rc, text = run_models(["verify"], settings)
+    assert rc == 0 and text.count(" OK ") == 3 and f"warning: {warning}" in text
+    rc, text = run_models(["list", "--json"], settings)
+    assert json.loads(text)["pairing_warnings"] == [warning]
+    config = models_dir.parent / "pair.yaml"
+    config.write_text(yaml.safe_dump({"inference": {"models_dir": str(models_dir)}}), encoding="utf-8")
+    assert cli_main(["check-config", "--strict", str(config)]) == 0  # it runs: a warning, never a refusal
+    assert f"warning: {config}: inference: {warning}" in capsys.readouterr().err
+    manifest["paired_with"] = {"lesion": "not a hash"}
+    manifest_path.write_text(yaml.safe_dump(manifest), encoding="utf-8")
+    with pytest.raises(ManifestError, match="paired_with: lesion: must be the SHA-256"):
+        load_manifest(models_dir / "diagnosis")
 
 
 def test_models_verify_bad_hash_exits_2(models_dir: Path) -> None:

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from node.config import InferenceSettings
-from node.pipeline.infer import check_role, load_model, model_name
+from node.pipeline.infer import check_role, load_model, model_name, pairing_warnings
 from node.pipeline.manifest import MANIFEST_FILE, ONNX_FILE, load_manifest
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -28,6 +28,8 @@ def test_the_default_configuration_finds_a_shipped_model_for_every_role() -> Non
         assert (folder / MANIFEST_FILE).is_file(), f"no shipped model for the {role} role in {folder}"
         model = load_model(folder, device="cpu", threads=1)  # hash, tensors and manifest checked on load
         check_role(model.manifest, role)
+    assert pairing_warnings(settings) == [], "the shipped models are the pairs their cards were measured with"
+    assert load_manifest(MODELS / "diagnosis").paired_with  # it reads the lesion map: says which model's
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=[f.name for f in FOLDERS])
