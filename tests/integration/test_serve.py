@@ -4,6 +4,7 @@ worker process the node started, analysed with (tiny, real) ONNX models, and its
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -145,9 +146,15 @@ def test_serve_without_models_keeps_receiving_says_why_and_starts_once_they_are_
     assert storescu(node.port, series.folder).returncode == 0
     node.wait_complete(series.series_uid)
     assert [j["state"] for j in node.jobs(series.series_uid)] == ["queued"]
-    # the administrator installs the models: the running node finds them and analyses, without a restart
-    make_models_dir(models)
+    # the administrator installs the models: the running node finds them and analyses, without a restart; its
+    # diagnosis model was measured with another lesion model than this folder's, which runs with a warning
+    staging = make_models_dir(tmp_path / "staging")
+    manifest = yaml.safe_load((staging / "diagnosis" / "model.yaml").read_text(encoding="utf-8"))
+    manifest["paired_with"] = {"lesion": "ab" * 32}
+    (staging / "diagnosis" / "model.yaml").write_text(yaml.safe_dump(manifest), encoding="utf-8")
+    staging.rename(models)
     node.wait_for_log(r"event=analysis_enabled", timeout=30)
+    assert re.search(r"WARNING .*event=model_pairing problem=\"the diagnosis model .* abababababab", node.log)
     job = wait_until(lambda: (j := node.jobs(series.series_uid)) and j[0]["state"] not in ("queued", "running")
                      and j[0], timeout=120, what="the waiting job to be analysed")
     assert job["state"] in ("done", "rejected"), job
