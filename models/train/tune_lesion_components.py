@@ -37,23 +37,19 @@ LIDC_23_BAR_ML = 63.4  # 0.3.0's false lesion on LIDC-IDRI-0002 and -0003 togeth
 RECALL_MIN_ML = 1.0
 
 
-def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Face-connected component labels of a boolean mask, and how many there are."""
-    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)))
-    arr = sitk.GetArrayFromImage(cc)
-    return arr, int(arr.max())
-
-
-def lesion_recall(pred: np.ndarray, truth: np.ndarray, voxel_ml: float) -> tuple[int, int]:
-    """(found, all): truth lesion components of at least ``RECALL_MIN_ML`` that touch a predicted lesion voxel."""
-    labels, n = components(truth > 0)
-    if n == 0:
-        return 0, 0
-    sizes = np.bincount(labels.ravel(), minlength=n + 1) * voxel_ml
-    hit = np.bincount(labels[pred > 0].ravel(), minlength=n + 1) > 0
-    big = sizes >= RECALL_MIN_ML
+def truth_components(truth: np.ndarray, voxel_ml: float) -> tuple[np.ndarray, np.ndarray]:
+    """Face-connected component labels of a truth lesion mask, and which labels are lesions of at least
+    ``RECALL_MIN_ML`` (index 0, the background, never)."""
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((truth > 0).astype(np.uint8))))
+    big = np.bincount(labels.ravel()) * voxel_ml >= RECALL_MIN_ML
     big[0] = False
-    return int((big & hit).sum()), int(big.sum())
+    return labels, big
+
+
+def found(pred: np.ndarray, labels: np.ndarray, big: np.ndarray) -> int:
+    """How many of the ``big`` truth lesions touch a predicted lesion voxel."""
+    hit = np.bincount(labels[pred > 0].ravel(), minlength=big.size) > 0
+    return int((big & hit).sum())
 
 
 class Chain:
@@ -88,7 +84,7 @@ def phantoms(lesion_dir: Path, minima: list[float], n: int, log=print) -> dict[s
 
     model = load_model(lesion_dir, device="cpu", threads=2)
     sums = {m: DiceSum() for m in minima}
-    found = {m: 0 for m in minima}
+    hits = {m: 0 for m in minima}
     total = 0
     false_ml = {m: 0.0 for m in minima}
     for i, (seed, kind) in enumerate(val_seeds(n)):
@@ -96,18 +92,18 @@ def phantoms(lesion_dir: Path, minima: list[float], n: int, log=print) -> dict[s
         v = args["voxel_ml"]
         probs, placement = phantom_series_probs(lambda x: model.run_batched(x, 16), hu, lungs, model.manifest)
         raw = labels_from_probs(probs, placement, hu.shape)
+        labels, big = truth_components(truth, v)  # once per phantom, for every minimum
+        total += int(big.sum())
         for m in minima:
             pred = clean_lesions(raw, lungs, min_ml=m, voxel_ml=v)
             sums[m].add(pred, truth)
-            f, t = lesion_recall(pred, truth, v)
-            found[m] += f
+            hits[m] += found(pred, labels, big)
             if kind == "normal":
                 false_ml[m] += float((pred > 0).sum() * v)
-        total += lesion_recall(raw, truth, v)[1]
         if (i + 1) % 5 == 0:
             log(f"  validation phantoms {i + 1}/{n}")
     return {str(m): {"infection_dice": round(sums[m].dice()["infection"], 4),
-                     "lesion_recall": round(found[m] / total, 4) if total else None,
+                     "lesion_recall": round(hits[m] / total, 4) if total else None,
                      "false_ml_normal_series": round(false_ml[m], 1)} for m in minima} | {"truth_components": total}
 
 
