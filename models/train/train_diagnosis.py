@@ -178,7 +178,7 @@ def predict_pooled(model: DiagNet, xs: list[np.ndarray], batch: int = 16) -> np.
     return np.concatenate(out)
 
 
-def predict(model: DiagNet, xs: list[np.ndarray]) -> np.ndarray:
+def predict(model: nn.Module, xs: list[np.ndarray]) -> np.ndarray:
     """Softmax probabilities [N, 3] in eval mode from full-size inputs (the ONNX model's input)."""
     model.eval()
     with torch.no_grad():
@@ -207,7 +207,7 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((probs.argmax(1) == labels).mean())
 
 
-def export_onnx(model: DiagNet, path: Path) -> None:
+def export_onnx(model: nn.Module, path: Path) -> None:
     """ONNX opset 17, dynamic batch, softmax inside the graph."""
     model = model.eval()
     dummy = torch.zeros(1, len(CHANNELS), *SIZE)
@@ -217,7 +217,7 @@ def export_onnx(model: DiagNet, path: Path) -> None:
                           dynamo=False)
 
 
-def parity(model: DiagNet, onnx_path: Path, xs: list[np.ndarray], tol: float = 1e-4) -> float:
+def parity(model: nn.Module, onnx_path: Path, xs: list[np.ndarray], tol: float = 1e-4) -> float:
     """max |onnxruntime - torch| over ``xs``; raises when above ``tol``."""
     import onnxruntime as ort
 
