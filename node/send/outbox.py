@@ -292,25 +292,36 @@ class Outbox:
     def mark_retry(self, item_id: int, *, error: str, status: int | None = None, permanent: bool = False) -> SendState:
         """A failed attempt: back to ``pending`` after the backoff delay, or ``failed`` when attempts
         are used up (or ``permanent``). Returns the new state."""
+        return self.mark_retry_all([item_id], error=error, status=status, permanent=permanent)[0]
+
+    def mark_retry_all(self, item_ids: Sequence[int], *, error: str, status: int | None = None,
+                       permanent: bool = False) -> list[SendState]:
+        """``mark_retry`` for rows that failed together (an association that could not be made): one transaction and
+        one retry time, so they are tried again together and given up together (one ``send_failed``, not one per
+        row that the sender's poll happened to split off). Returns the new states in ``item_ids``' order."""
         now = utcnow()
+        states = []
         with self.sessions.begin() as s:
-            item = s.get(OutboxItem, item_id)
-            assert item is not None
-            item.last_error = error
-            item.last_status = status
-            item.updated_at = now
-            item.commitment_uid = None
-            item.commitment_requested_at = None
-            if permanent or item.attempts >= self.settings.max_attempts:
-                item.state = SendState.failed
-                s.add(Event(kind="send_failed", level="error", job_id=item.job_id,
-                            message=f"{item.kind} to {item.destination} failed after {item.attempts} attempts: {error}",
-                            data={"destination": item.destination, "sop_instance_uid": item.sop_instance_uid,
-                                  "status": status}))
-            else:
-                item.state = SendState.pending
-                item.next_attempt_at = now + dt.timedelta(seconds=backoff_delay(item.attempts, self.settings))
-            return item.state
+            for item_id in item_ids:
+                item = s.get(OutboxItem, item_id)
+                assert item is not None
+                item.last_error = error
+                item.last_status = status
+                item.updated_at = now
+                item.commitment_uid = None
+                item.commitment_requested_at = None
+                if permanent or item.attempts >= self.settings.max_attempts:
+                    item.state = SendState.failed
+                    s.add(Event(kind="send_failed", level="error", job_id=item.job_id,
+                                message=f"{item.kind} to {item.destination} failed after {item.attempts} attempts: "
+                                        f"{error}",
+                                data={"destination": item.destination, "sop_instance_uid": item.sop_instance_uid,
+                                      "status": status}))
+                else:
+                    item.state = SendState.pending
+                    item.next_attempt_at = now + dt.timedelta(seconds=backoff_delay(item.attempts, self.settings))
+                states.append(item.state)
+        return states
 
     def mark_commitment_requested(self, item_ids: Sequence[int], transaction_uid: str) -> None:
         now = utcnow()

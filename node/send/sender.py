@@ -217,8 +217,7 @@ class Sender:
             log.warning(kv("send_association_failed", destination=dest.name, objects=len(left),
                            jobs=_jobs(left), reason=error))
             given_up: list[Claimed] = []
-            for item in left:
-                state = self.outbox.mark_retry(item.id, error=error)
+            for item, state in zip(left, self.outbox.mark_retry_all([item.id for item in left], error=error)):
                 stats["failed" if state == SendState.failed else "retry"] += 1
                 if state == SendState.failed:
                     given_up.append(item)

@@ -109,6 +109,22 @@ def test_retry_with_backoff_then_failed_then_requeued(sessions: sessionmaker[Ses
     assert len(outbox.claim("viewer", limit=10)) == 1
 
 
+def test_rows_that_failed_together_are_tried_again_and_given_up_together(sessions: sessionmaker[Session],
+                                                                        results: Path) -> None:
+    """An association that could not be made fails every row of its batch at once: one retry time for all, so the
+    next poll cannot split them and IT gets one send_failed for the batch, not one per split."""
+    outbox = Outbox(sessions, SendingSettings(retry_base_s=60, max_attempts=2))
+    enqueue_results(sessions, job_id=make_job(sessions), results_dir=results, destinations=[PACS])
+    batch = outbox.claim("pacs", limit=10)
+    assert len(batch) == 3
+    assert outbox.mark_retry_all([c.id for c in batch], error="peer down") == [SendState.pending] * 3
+    due = {r.next_attempt_at for r in rows(sessions)}
+    assert len(due) == 1
+    again = outbox.claim("pacs", limit=10, now=due.pop())
+    assert sorted(c.id for c in again) == sorted(c.id for c in batch)
+    assert outbox.mark_retry_all([c.id for c in again], error="peer down") == [SendState.failed] * 3
+
+
 def test_sent_warning_and_permanent_failure(sessions: sessionmaker[Session], results: Path) -> None:
     outbox = Outbox(sessions, SendingSettings(max_attempts=5))
     enqueue_results(sessions, job_id=make_job(sessions), results_dir=results, destinations=[PACS])
