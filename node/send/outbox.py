@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,15 @@ class Claimed:
     attempt: int
 
 
+@dataclass
+class CommitmentOutcome:
+    """What one storage commitment report did: objects committed, refused, and the refused ones given up."""
+
+    committed: int = 0
+    refused: int = 0
+    given_up: list[tuple[str, int]] = field(default_factory=list)  # (destination, job id)
+
+
 class Outbox:
     """Queue operations on the ``outbox`` table, one short transaction each."""
 
@@ -300,28 +309,31 @@ class Outbox:
         one retry time, so they are tried again together and given up together (one ``send_failed``, not one per
         row that the sender's poll happened to split off). Returns the new states in ``item_ids``' order."""
         now = utcnow()
-        states = []
         with self.sessions.begin() as s:
-            for item_id in item_ids:
-                item = s.get(OutboxItem, item_id)
-                assert item is not None
-                item.last_error = error
-                item.last_status = status
-                item.updated_at = now
-                item.commitment_uid = None
-                item.commitment_requested_at = None
-                if permanent or item.attempts >= self.settings.max_attempts:
-                    item.state = SendState.failed
-                    s.add(Event(kind="send_failed", level="error", job_id=item.job_id,
-                                message=f"{item.kind} to {item.destination} failed after {item.attempts} attempts: "
-                                        f"{error}",
-                                data={"destination": item.destination, "sop_instance_uid": item.sop_instance_uid,
-                                      "status": status}))
-                else:
-                    item.state = SendState.pending
-                    item.next_attempt_at = now + dt.timedelta(seconds=backoff_delay(item.attempts, self.settings))
-                states.append(item.state)
-        return states
+            items = [s.get(OutboxItem, item_id) for item_id in item_ids]
+            return [self._retry_or_fail(s, item, error=error, status=status, now=now, permanent=permanent)
+                    for item in items if item is not None]
+
+    def _retry_or_fail(self, s: Session, item: OutboxItem, *, error: str, now: dt.datetime, status: int | None = None,
+                       permanent: bool = False, retry_at: dt.datetime | None = None) -> SendState:
+        """The one place a delivery fails (a refused C-STORE, no association, a refused or missing storage
+        commitment): ``pending`` again at ``retry_at`` (default: after the backoff delay), or ``failed`` with a
+        ``send_failed`` event once attempts are used up, so every give-up reaches ``status`` and the audit alike."""
+        item.last_error = error
+        item.last_status = status
+        item.updated_at = now
+        item.commitment_uid = None
+        item.commitment_requested_at = None
+        if permanent or item.attempts >= self.settings.max_attempts:
+            item.state = SendState.failed
+            s.add(Event(kind="send_failed", level="error", job_id=item.job_id,
+                        message=f"{item.kind} to {item.destination} failed after {item.attempts} attempts: {error}",
+                        data={"destination": item.destination, "sop_instance_uid": item.sop_instance_uid,
+                              "status": status}))
+        else:
+            item.state = SendState.pending
+            item.next_attempt_at = retry_at or now + dt.timedelta(seconds=backoff_delay(item.attempts, self.settings))
+        return item.state
 
     def mark_commitment_requested(self, item_ids: Sequence[int], transaction_uid: str) -> None:
         now = utcnow()
@@ -342,11 +354,11 @@ class Outbox:
                             i.sop_class_uid, i.transfer_syntax_uid, i.attempts) for i in items]
 
     def record_commitment(self, transaction_uid: str, *, committed: Sequence[str],
-                          failed: dict[str, int]) -> tuple[int, int]:
+                          failed: dict[str, int]) -> CommitmentOutcome:
         """Apply a storage commitment report: ``committed`` SOP Instance UIDs are delivered; ``failed``
-        (UID -> Failure Reason) are sent again (or failed after max attempts). Returns the counts."""
+        (UID -> Failure Reason) are sent again, or failed after max attempts."""
         now = utcnow()
-        ok = bad = 0
+        outcome = CommitmentOutcome()
         with self.sessions.begin() as s:
             items = s.scalars(select(OutboxItem).where(OutboxItem.commitment_uid == transaction_uid,
                                                        OutboxItem.state == SendState.sent)).all()
@@ -355,47 +367,29 @@ class Outbox:
                     item.state = SendState.committed
                     item.committed_at = now
                     item.updated_at = now
-                    ok += 1
+                    outcome.committed += 1
                 elif item.sop_instance_uid in failed:
-                    bad += 1
-                    reason = failed[item.sop_instance_uid]
-                    error = f"storage commitment refused by the destination (Failure Reason 0x{reason:04X})"
-                    item.last_error = error
+                    outcome.refused += 1
+                    error = (f"storage commitment refused by the destination "
+                             f"(Failure Reason 0x{failed[item.sop_instance_uid]:04X})")
                     s.add(Event(kind="commitment_failed", level="warning", job_id=item.job_id, message=error,
                                 data={"destination": item.destination, "sop_instance_uid": item.sop_instance_uid,
                                       "transaction_uid": transaction_uid}))
-                    item.commitment_uid = None
-                    item.commitment_requested_at = None
-                    item.updated_at = now
-                    if item.attempts >= self.settings.max_attempts:
-                        item.state = SendState.failed
-                        s.add(Event(kind="send_failed", level="error", job_id=item.job_id, message=error,
-                                    data={"destination": item.destination, "sop_instance_uid": item.sop_instance_uid}))
-                    else:
-                        item.state = SendState.pending
-                        item.next_attempt_at = now + dt.timedelta(seconds=backoff_delay(item.attempts, self.settings))
-        return ok, bad
+                    if self._retry_or_fail(s, item, error=error, now=now) == SendState.failed:
+                        outcome.given_up.append((item.destination, item.job_id))
+        return outcome
 
-    def expire_commitments(self, *, now: dt.datetime | None = None) -> int:
-        """Commitment requests without a report after ``commitment_timeout_s``: send the objects again."""
+    def expire_commitments(self, *, now: dt.datetime | None = None) -> list[tuple[str, int, SendState]]:
+        """Commitment requests without a report after ``commitment_timeout_s``: send the objects again now, or
+        give them up after max attempts. Returns (destination, job id, new state) per timed-out row."""
         now = now or utcnow()
         cutoff = now - dt.timedelta(seconds=self.settings.commitment_timeout_s)
+        error = f"no storage commitment report within {self.settings.commitment_timeout_s:g} s"
         with self.sessions.begin() as s:
             items = s.scalars(select(OutboxItem).where(OutboxItem.state == SendState.sent,
                                                        OutboxItem.commitment_requested_at < cutoff)).all()
-            for item in items:
-                item.last_error = f"no storage commitment report within {self.settings.commitment_timeout_s:g} s"
-                item.commitment_uid = None
-                item.commitment_requested_at = None
-                item.updated_at = now
-                if item.attempts >= self.settings.max_attempts:
-                    item.state = SendState.failed
-                else:
-                    item.state = SendState.pending
-                    item.next_attempt_at = now
-        if items:
-            log.warning(kv("commitment_timeout", count=len(items), action="sending again"))
-        return len(items)
+            return [(item.destination, item.job_id, self._retry_or_fail(s, item, error=error, now=now, retry_at=now))
+                    for item in items]
 
     def orphaned(self, known: Sequence[str]) -> dict[str, int]:
         """Undelivered rows of destinations no longer in the configuration (they wait until it has them again)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
 from pydicom.dataset import Dataset
@@ -86,17 +86,19 @@ class CommitmentListener:
         failed = {str(r.ReferencedSOPInstanceUID): int(r.get("FailureReason", 0x0110))
                   for r in info.get("FailedSOPSequence", [])}
         try:
-            ok, bad = self.outbox.record_commitment(uid, committed=committed, failed=failed)
+            outcome = self.outbox.record_commitment(uid, committed=committed, failed=failed)
         except SQLAlchemyError as exc:
             log.error(kv("commitment_not_recorded", transaction=uid, error=exc.__class__.__name__))
             return 0x0110, None  # processing failure: the PACS keeps the report and retries
         calling = str(event.assoc.requestor.ae_title).strip()
-        if ok + bad == 0:
+        if outcome.committed + outcome.refused == 0:
             log.warning(kv("commitment_report_unknown", transaction=uid, calling_ae=calling,
                            reason="no sent object waits for this transaction (already recorded, or expired)"))
         else:
-            level = logging.WARNING if bad else logging.INFO
-            log.log(level, kv("commitment_report", transaction=uid, calling_ae=calling, committed=ok, failed=bad))
+            level = logging.WARNING if outcome.refused else logging.INFO
+            log.log(level, kv("commitment_report", transaction=uid, calling_ae=calling, committed=outcome.committed,
+                              failed=outcome.refused))
+        _log_given_up(outcome.given_up, reason="storage commitment refused by the destination")
         return 0x0000, None
 
 
@@ -173,7 +175,12 @@ class Sender:
 
     def run_once(self) -> int:
         """One pass over every destination; the number of objects attempted."""
-        self.outbox.expire_commitments()
+        expired = self.outbox.expire_commitments()
+        if expired:
+            log.warning(kv("commitment_timeout", objects=len(expired), jobs=_job_list(j for _, j, _ in expired),
+                           sent_again=sum(state == SendState.pending for *_, state in expired)))
+            _log_given_up([(d, j) for d, j, state in expired if state == SendState.failed],
+                          reason="no storage commitment report in time")
         total = 0
         for dest in self.destinations.values():
             if self._stop.is_set():
@@ -216,16 +223,12 @@ class Sender:
         if error is not None:
             log.warning(kv("send_association_failed", destination=dest.name, objects=len(left),
                            jobs=_jobs(left), reason=error))
-            given_up: list[Claimed] = []
+            given_up: list[tuple[str, int]] = []
             for item, state in zip(left, self.outbox.mark_retry_all([item.id for item in left], error=error)):
                 stats["failed" if state == SendState.failed else "retry"] += 1
                 if state == SendState.failed:
-                    given_up.append(item)
-            if given_up:  # the end of the retries: what IT alerts on
-                jobs = _jobs(given_up)
-                log.error(kv("send_failed", destination=dest.name, objects=len(given_up), jobs=jobs, reason=error,
-                             fix=f"lungnode retry {jobs} once the destination is back" if "," not in jobs
-                             else "lungnode retry --failed once the destination is back"))
+                    given_up.append((dest.name, item.job_id))
+            _log_given_up(given_up, reason=error)
         elif left:  # stopped between objects: not an attempt
             self.outbox.release([item.id for item in left])
         if items:
@@ -273,12 +276,28 @@ class Sender:
             log.info(kv("commitment_requested", destination=items[0].destination, transaction=transaction_uid,
                         objects=len(items)))
             return
+        error = error or "storage commitment request failed"
         log.warning(kv("commitment_request_failed", destination=items[0].destination, objects=len(items), reason=error))
-        for item in items:
-            self.outbox.mark_retry(item.id, error=error or "storage commitment request failed")
+        states = self.outbox.mark_retry_all([i.id for i in items], error=error)
+        _log_given_up([(i.destination, i.job_id) for i, state in zip(items, states) if state == SendState.failed],
+                      reason=error)
 
 
 def _jobs(items: Sequence[Claimed]) -> str:
     """The job ids of ``items`` for a log line ("12" or "12,13"): what `lungnode status` and `retry JOB` take."""
-    return ",".join(str(j) for j in sorted({item.job_id for item in items}))
+    return _job_list(item.job_id for item in items)
+
+
+def _job_list(job_ids: Iterable[int]) -> str:
+    return ",".join(str(j) for j in sorted(set(job_ids)))
+
+
+def _log_given_up(given_up: Sequence[tuple[str, int]], *, reason: str) -> None:
+    """The end of the retries, one ERROR line per destination: what IT alerts on (``event=send_failed``)."""
+    for destination in sorted({d for d, _ in given_up}):
+        jobs = _job_list(j for d, j in given_up if d == destination)
+        log.error(kv("send_failed", destination=destination, objects=sum(d == destination for d, _ in given_up),
+                     jobs=jobs, reason=reason,
+                     fix=f"lungnode retry {jobs} once the destination is back" if "," not in jobs
+                     else "lungnode retry --failed once the destination is back"))
 

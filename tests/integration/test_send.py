@@ -252,6 +252,31 @@ def test_storage_commitment_with_orthanc(
     assert "Failure Reason 0x0112" in failed[0].message  # no such object instance
 
 
+def test_a_destination_that_cannot_commit_ends_in_send_failed(
+    sessions: sessionmaker[Session], sender_factory: Any, scp_factory: Any, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Storage commitment asked of a peer that stores but does not commit: the objects are sent again until the
+    attempts are used up, and the give-up is the same ERROR line and ``send_failed`` event as a refused C-STORE."""
+    port = free_port()
+    write_results(tmp_path / "results")
+    dest = Destination(name="peer", ae_title="PEER", host="127.0.0.1", port=port, storage_commitment=True)
+    job = make_job(sessions)
+    enqueue_results(sessions, job_id=job, results_dir=tmp_path / "results", destinations=[dest])
+    scp = scp_factory(port).start()
+    with caplog.at_level(logging.INFO, logger="node"):
+        sender_factory(make_config(dest, max_attempts=2, commitment_port=0))
+        rows = wait_states(sessions, SendState.failed, count=3)
+        wait_until(lambda: any("event=send_failed" in r.getMessage() for r in caplog.records), timeout=10,
+                   what="event=send_failed in the log")
+    assert all(r.attempts == 2 and "commitment" in (r.last_error or "") for r in rows)
+    assert set(scp.received.values()) == {2}, "stored twice: the commitment failure sends them again"
+    failed = [r for r in caplog.records if "event=send_failed" in r.getMessage()]
+    assert [r.levelname for r in failed] == ["ERROR"] and f"objects=3 jobs={job} " in failed[0].getMessage()
+    with sessions() as s:
+        assert len(s.scalars(select(Event).where(Event.kind == "send_failed")).all()) == 3
+
+
 def test_orthanc_helper_stores_serves_and_pushes(orthanc_factory: OrthancFactory, scp_factory: Any,  # noqa: F811
                                                  tmp_path: Path) -> None:
     """The Orthanc helper other tests rely on: upload, find, file download and a push to a modality."""

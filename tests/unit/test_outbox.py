@@ -15,7 +15,7 @@ from node.config import Destination, SendingSettings
 from node.db.jobs import JobQueue
 from node.db.models import Event, Job, JobState, OutboxItem, SendState, Series, SeriesState, utcnow
 from node.errors import LungnodeError
-from node.send.outbox import Outbox, backoff_delay, enqueue_results, outbox_summary, requeue_failed
+from node.send.outbox import CommitmentOutcome, Outbox, backoff_delay, enqueue_results, outbox_summary, requeue_failed
 from tests.helpers.outbox import make_job, open_next_revision, write_results
 
 PACS = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)
@@ -160,15 +160,40 @@ def test_commitment_report_and_timeout(sessions: sessionmaker[Session], results:
     assert {i.id for i in outbox.commitment_due("pacs", limit=10)} == {a.id, b.id, c.id}
     outbox.mark_commitment_requested([a.id, b.id], "1.2.3.4")
     assert [i.id for i in outbox.commitment_due("pacs", limit=10)] == [c.id]
-    assert outbox.record_commitment("1.2.3.4", committed=[a.sop_instance_uid], failed={b.sop_instance_uid: 0x0112}) == (1, 1)
-    assert outbox.record_commitment("9.9.9", committed=[a.sop_instance_uid], failed={}) == (0, 0)  # unknown transaction
+    assert outbox.record_commitment("1.2.3.4", committed=[a.sop_instance_uid],
+                                    failed={b.sop_instance_uid: 0x0112}) == CommitmentOutcome(1, 1, [])
+    assert outbox.record_commitment("9.9.9", committed=[a.sop_instance_uid], failed={}) == CommitmentOutcome()
     outbox.mark_commitment_requested([c.id], "1.2.3.5")
-    assert outbox.expire_commitments(now=utcnow() + dt.timedelta(seconds=10)) == 0
-    assert outbox.expire_commitments(now=utcnow() + dt.timedelta(seconds=60)) == 1
+    assert outbox.expire_commitments(now=utcnow() + dt.timedelta(seconds=10)) == []
+    assert outbox.expire_commitments(now=utcnow() + dt.timedelta(seconds=60)) == [("pacs", c.job_id, SendState.pending)]
     got = {r.id: r for r in rows(sessions)}
     assert got[a.id].state == SendState.committed and got[a.id].committed_at is not None
     assert got[b.id].state == SendState.pending and "0x0112" in (got[b.id].last_error or "")
     assert got[c.id].state == SendState.pending and "no storage commitment report" in (got[c.id].last_error or "")
+
+
+def test_commitment_give_ups_are_send_failed_events(sessions: sessionmaker[Session], results: Path) -> None:
+    """A commitment refused or never reported on the last attempt ends the delivery like a refused C-STORE: a
+    ``send_failed`` event that ``status`` and the alerting see, not a row quietly turned ``failed``."""
+    outbox = Outbox(sessions, SendingSettings(max_attempts=1, commitment_timeout_s=30))
+    job = make_job(sessions)
+    enqueue_results(sessions, job_id=job, results_dir=results, destinations=[PACS])
+    a, b, c = outbox.claim("pacs", limit=10)
+    for item in (a, b, c):
+        outbox.mark_sent(item.id, status=0)
+    outbox.mark_commitment_requested([a.id, b.id], "1.2.3.4")
+    outbox.mark_commitment_requested([c.id], "1.2.3.5")
+    assert outbox.record_commitment("1.2.3.4", committed=[a.sop_instance_uid],
+                                    failed={b.sop_instance_uid: 0x0112}) == CommitmentOutcome(1, 1, [("pacs", job)])
+    assert outbox.expire_commitments(now=utcnow() + dt.timedelta(seconds=60)) == [("pacs", job, SendState.failed)]
+    got = {r.id: r for r in rows(sessions)}
+    assert [got[i.id].state for i in (a, b, c)] == [SendState.committed, SendState.failed, SendState.failed]
+    with sessions() as s:
+        messages = s.scalars(select(Event.message).where(Event.kind == "send_failed")).all()
+    assert len(messages) == 2
+    assert any("0x0112" in m for m in messages) and any("no storage commitment report within 30 s" in m
+                                                           for m in messages)
+    assert all("failed after 1 attempts" in m for m in messages)
 
 
 def test_rows_of_unconfigured_destinations_are_reported(sessions: sessionmaker[Session], results: Path) -> None:
@@ -269,7 +294,7 @@ def test_resend_starts_a_fresh_delivery_and_refuses_a_superseded_revision(sessio
     (row,) = rows(sessions)
     assert row.state == SendState.pending and (row.commitment_uid, row.commitment_requested_at, row.sent_at) == (
         None, None, None)
-    assert outbox.expire_commitments(now=utcnow() + dt.timedelta(days=1)) == 0  # no stale request to time out
+    assert outbox.expire_commitments(now=utcnow() + dt.timedelta(days=1)) == []  # no stale request to time out
     open_next_revision(sessions, job)
     with pytest.raises(LungnodeError, match="revision 2 has superseded"):
         requeue_failed(sessions, job_id=job, resend=True)
