@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
         "process",
         help="analyse a folder of DICOM files offline and write OUT/result.json",
         description="Run selection, QA and the models on a folder holding a series or a study. "
-        "Exit status: 0 analysed, 3 rejected (the reason is in result.json), 1 failed, 2 usage or set-up error "
+        "Exit status: 0 analysed, 3 rejected (the reason is in result.json), 1 failed (the analysis, or a DICOM "
+        "output that could not be built: result.json's output_errors), 2 usage or set-up error "
         "(missing input, bad configuration, models that cannot run; nothing is written).",
     )
     p.add_argument("input", type=Path, help="folder (searched recursively) or file of DICOM images")

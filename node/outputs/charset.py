@@ -9,6 +9,9 @@ set lacks: pydicom would then write '?' in their place, silently. Such an object
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from highdicom.valuerep import _check_specific_character_set
 from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
 
@@ -55,3 +58,37 @@ def settle_character_set(ds: Dataset) -> bool:
         return False
     ds.SpecificCharacterSet = UTF8
     return True
+
+
+def writable_character_set(value: str | list[str] | None) -> str | list[str] | None:
+    """``value`` (a Specific Character Set) in the form highdicom takes, or UTF-8 where it takes none; None for
+    the default repertoire."""
+    if value in (None, ""):
+        return None
+    names = [value] if isinstance(value, str) else list(value)
+    if names[0] == "":
+        names[0] = "ISO 2022 IR 6"  # PS3.3 C.12.1.1.2: an empty value 1 is the default repertoire
+    if len(names) == 1 and names[0].startswith("ISO 2022 IR "):  # one code-extension term: no extension to switch to
+        number = names[0].removeprefix("ISO 2022 IR ")
+        if number == "6":
+            return None
+        names = [f"ISO_IR {number}"]
+    try:
+        checked = _check_specific_character_set(names if len(names) > 1 else names[0])
+    except ValueError:
+        return UTF8
+    return checked if isinstance(checked, str) else list(checked)
+
+
+def prepare_source_character_sets(headers: Iterable[Dataset]) -> None:
+    """Decode these in-memory source headers and give each a Specific Character Set highdicom takes (the values,
+    now text, are written in it, or in UTF-8 where they do not fit: ``settle_character_set``)."""
+    for ds in headers:
+        if "SpecificCharacterSet" not in ds:
+            continue
+        ds.decode()
+        writable = writable_character_set(ds.SpecificCharacterSet)
+        if writable is None:
+            del ds.SpecificCharacterSet
+        else:
+            ds.SpecificCharacterSet = writable

@@ -3,7 +3,8 @@
 DICOM dates and times are local times without a zone, unless the object carries Timezone Offset
 From UTC (0008,0201), which then holds for all of them. The objects copy the study's date and time
 from the source images, so the node's own times (Instance Creation, Content, Date/Time of Secondary
-Capture) must be in the same zone: the source's offset when it names one (copied with it), else the
+Capture, and the Contribution DateTime highdicom writes when it names itself as contributing equipment)
+must be in the same zone: the source's offset when it names one (copied with it), else the
 node's local time zone. The node must therefore run in the hospital's time zone (TZ; the Docker
 image defaults to UTC): a node on UTC in Berlin would date its results an hour or two early.
 """
@@ -56,5 +57,9 @@ def stamp_creation(ds: Dataset, moment: dt.datetime, offset: str | None) -> None
             setattr(ds, date_kw, moment.strftime("%Y%m%d"))
         if time_kw in ds:
             setattr(ds, time_kw, moment.strftime("%H%M%S.%f"))
+    for item in ds.get("ContributingEquipmentSequence", []):
+        # highdicom names itself as contributor, dated in the machine's zone without saying so
+        if item.get("ManufacturerModelName") == "highdicom" and "ContributionDateTime" in item:
+            item.ContributionDateTime = moment.strftime("%Y%m%d%H%M%S.%f") + (offset or "")
     if offset is not None:
         ds.TimezoneOffsetFromUTC = offset

@@ -10,7 +10,6 @@ not-for-clinical-use statement. Burned In Annotation is YES: these images carry 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from copy import deepcopy
 from functools import lru_cache
 
 import highdicom as hd
@@ -22,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from node import MANUFACTURER, __version__
 from node.outputs.codes import STRUCTURES
-from node.outputs.seg import COPIED_KEYWORDS, MODEL_NAME
+from node.outputs.identity import copy_identity, name_equipment
 from node.outputs.uids import OutputUIDs
 from node.pipeline.runner import NOT_FOR_CLINICAL_USE
 from node.pipeline.volume import Volume
@@ -30,11 +29,6 @@ from node.synthetic.preview import outline
 
 LUNG_WINDOW = (-600.0, 1500.0)  # level, width
 ALPHA = 0.45
-#: Patient and study attributes copied from the source: the values the SEG and SR copy (highdicom's Secondary
-#: Capture takes only some), and the issuer sequences, so an archive that matches on ID and issuer files the key
-#: images with them.
-IDENTITY_KEYWORDS = (*COPIED_KEYWORDS, "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence",
-                     "IssuerOfAccessionNumberSequence")
 
 
 def pick_slices(lungs: np.ndarray, lesions: np.ndarray, count: int) -> list[int]:
@@ -154,7 +148,8 @@ def source_label(volume: Volume, z: int, headers: Mapping[str, Dataset]) -> str:
 
 def build_key_images(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, result: Mapping[str, object],
                      reference: Dataset, uids: OutputUIDs, series_number: int, series_description: str,
-                     count: int, headers: Mapping[str, Dataset] | None = None) -> list[hd.sc.SCImage]:
+                     count: int, headers: Mapping[str, Dataset] | None = None,
+                     device_serial_number: str = "1") -> list[hd.sc.SCImage]:
     """Secondary Capture images of the most involved slices (none when there are no lungs).
 
     ``headers``: the source images' headers by SOP Instance UID, for the Instance Number each image names.
@@ -179,12 +174,9 @@ def build_key_images(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, 
             patient_orientation=("L", "P"),
             transfer_syntax_uid=ExplicitVRLittleEndian,
         )
-        for keyword in IDENTITY_KEYWORDS:
-            if keyword in reference and reference[keyword].value not in (None, ""):
-                setattr(sc, keyword, deepcopy(reference[keyword].value))
+        copy_identity(sc, reference)  # highdicom's Secondary Capture copies only some of it
+        name_equipment(sc, device_serial_number)
         sc.SeriesDescription = series_description
-        sc.ManufacturerModelName = MODEL_NAME
-        sc.SoftwareVersions = __version__
         sc.BurnedInAnnotation = "YES"
         sc.ConversionType = "WSD"  # rendered by software (workstation), not taken from a digital interface (DI)
         # A chest is not a paired body part: with it named, General Series needs no Laterality.

@@ -4,13 +4,16 @@ Many PACS viewers show a KOS as key-image marks on the source images themselves,
 scrolls the original series and finds the slices the node found most involved, at full quality and
 with the viewer's own tools. It flags the same slices as the Secondary Capture key images
 (``pick_slices``), references the source images (and their frames, for Enhanced CT), and is titled
-"Of Interest" (DCM 113000, CID 7010). Only series with lesions get one: on a series without lesions
-no slice is of interest, and a mark would suggest a finding.
+"Of Interest" (DCM 113000, CID 7010). Only series the node calls pneumonia get one, by the 3D model's most
+probable class or by the slice rule, and only where it found lesions: viewers show these marks as the
+study's key images, so on a series called no pneumonia (where the lesion model's few millilitres are
+most likely false) a mark would announce a finding the report does not make.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -19,6 +22,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node import MANUFACTURER
+from node.outputs.identity import copy_identity, name_equipment
 from node.outputs.keyimage import pick_slices, source_label
 from node.outputs.sr import device_observer
 from node.outputs.uids import OutputUIDs
@@ -26,6 +30,17 @@ from node.pipeline.runner import NOT_FOR_CLINICAL_USE
 from node.pipeline.volume import Volume
 
 OF_INTEREST = codes.DCM.OfInterest  # (113000, DCM, "Of Interest")
+
+
+def calls_pneumonia(result: Mapping[str, Any]) -> bool:
+    """Whether the analysis (its ``result.json`` dict) calls the series pneumonia: the diagnosis model's most
+    probable class, or the slice rule's decision; True when it has neither (no way to say no)."""
+    probabilities: dict[str, float] = result.get("probabilities") or {}
+    decision = (result.get("slice_rule") or {}).get("decision")
+    if not probabilities and decision is None:
+        return True
+    most_probable = max(probabilities, key=lambda name: probabilities[name]) if probabilities else None
+    return decision == "pneumonia" or (most_probable is not None and most_probable != "no_pneumonia")
 
 
 def build_kos(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, headers: Mapping[str, Dataset],
@@ -61,6 +76,8 @@ def build_kos(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, headers
         sop_instance_uid=uids.kos_instance, instance_number=1, manufacturer=MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
+    copy_identity(kos, evidence[0])  # highdicom's KOS copies only some of it
+    name_equipment(kos, device_serial_number)
     kos.SeriesDescription = series_description
     return kos
 

@@ -11,7 +11,6 @@ which is why only destinations with ``reject_replaced`` get one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from copy import deepcopy
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -22,7 +21,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from node import MANUFACTURER
 from node.outputs.charset import settle_character_set
 from node.outputs.clock import creation_moment, stamp_creation
-from node.outputs.keyimage import IDENTITY_KEYWORDS
+from node.outputs.identity import copy_identity, name_equipment
 from node.outputs.sr import device_observer
 
 REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons  # (113001, DCM), CID 7011
@@ -78,9 +77,10 @@ def build_rejection_note(*, like: Dataset, replaced: Sequence[Replaced], sop_ins
         sop_instance_uid=sop_instance_uid, instance_number=1, manufacturer=MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian)
     note.SeriesDescription = series_description
-    for keyword in (*IDENTITY_KEYWORDS, "TimezoneOffsetFromUTC"):  # the patient as the withdrawn objects name it
-        if keyword in like and like[keyword].value not in (None, ""):
-            setattr(note, keyword, deepcopy(like[keyword].value))
+    copy_identity(note, like)  # the patient as the withdrawn objects name it
+    if like.get("TimezoneOffsetFromUTC"):
+        note.TimezoneOffsetFromUTC = like.TimezoneOffsetFromUTC
+    name_equipment(note, device_serial_number)
     stamp_creation(note, *creation_moment(like))
     settle_character_set(note)
     return note

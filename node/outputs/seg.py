@@ -31,6 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 from node import MANUFACTURER, __version__
 from node.errors import LungnodeError
 from node.outputs.codes import LESION_REGION, Structure
+from node.outputs.identity import MODEL_NAME
 from node.outputs.uids import OutputUIDs
 from node.pipeline.volume import Volume
 
@@ -56,12 +57,6 @@ def _cached_is_attribute_in_iod(attribute: str, sop_class_uid: str,
 highdicom._standard_utils.is_attribute_in_iod = _cached_is_attribute_in_iod
 
 SegEncoding = Literal["binary", "fractional_jpeg_ls"]
-MODEL_NAME = "lungnode"
-#: Patient and study values the outputs copy from the source images (highdicom's patient, study and
-#: general-study modules). One the standard's value representation does not allow stops highdicom.
-COPIED_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime",
-                   "PatientSex", "PatientAge", "PatientSize", "PatientWeight", "StudyDate", "StudyTime", "StudyID",
-                   "AccessionNumber", "ReferringPhysicianName", "StudyDescription")
 
 
 class OutputError(LungnodeError):

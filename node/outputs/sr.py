@@ -21,9 +21,10 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from node import MANUFACTURER, __version__
+from node import MANUFACTURER
 from node.outputs.codes import STRUCTURES, segment_number
-from node.outputs.seg import MODEL_NAME, SegmentSpec
+from node.outputs.identity import MODEL_NAME, name_equipment
+from node.outputs.seg import SegmentSpec
 from node.outputs.sr_template import CodingScheme, GroupSpec, SRTemplate, lookup
 from node.outputs.uids import OutputUIDs, uuid_uid
 from node.pipeline.runner import NOT_FOR_CLINICAL_USE
@@ -238,7 +239,5 @@ def build_sr(*, result: dict[str, Any], template: SRTemplate, evidence: Sequence
     if template.coding_schemes:
         sr.CodingSchemeIdentificationSequence = [_scheme_item(c) for c in template.coding_schemes]
     sr.SeriesDescription = series_description
-    sr.ManufacturerModelName = MODEL_NAME
-    sr.SoftwareVersions = __version__
-    sr.DeviceSerialNumber = device_serial_number
+    name_equipment(sr, device_serial_number)
     return sr

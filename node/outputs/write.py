@@ -35,12 +35,13 @@ from pydicom.valuerep import DA, DT, TM, validate_value
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.config import InferenceSettings, OutputsSettings
 from node.logs import kv, phi
-from node.outputs.charset import settle_character_set
+from node.outputs.charset import prepare_source_character_sets, settle_character_set
 from node.outputs.clock import creation_moment, stamp_creation
 from node.outputs.codes import STRUCTURES, ModelRole
+from node.outputs.identity import COPIED_KEYWORDS
 from node.outputs.keyimage import build_key_images
-from node.outputs.kos import build_kos
-from node.outputs.seg import COPIED_KEYWORDS, AlgorithmInfo, OutputError, SegmentSpec, build_seg, read_source_headers
+from node.outputs.kos import build_kos, calls_pneumonia
+from node.outputs.seg import AlgorithmInfo, OutputError, SegmentSpec, build_seg, read_source_headers
 from node.outputs.sr import build_sr, predecessor_reference
 from node.outputs.sr_template import SRTemplate, load_template
 from node.outputs.uids import OutputUIDs, content_digest
@@ -221,6 +222,7 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
     timings: dict[str, float] = {}
     headers = {uid: ds for uid, ds in read_source_headers(source_paths).items()
                if str(ds.get("SeriesInstanceUID", "")) == analysis.series_instance_uid}
+    prepare_source_character_sets(headers.values())
     if dropped := clean_copied_values(headers):  # the values themselves are patient data: names only
         log.warning(kv("source_values_left_empty", series=analysis.series_instance_uid, attributes=",".join(dropped),
                        reason="not valid for their value representation in the source images"))
@@ -291,13 +293,14 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
             images = build_key_images(volume=volume, lungs=analysis.lungs, lesions=analysis.lesions, result=result,
                                       reference=reference, uids=uids, series_number=settings.key_image_series_number,
                                       series_description=revised(settings.key_image_series_description, revision),
-                                      count=settings.key_image_count, headers=headers)
+                                      count=settings.key_image_count, headers=headers,
+                                      device_serial_number=settings.device_serial_number)
             objects.extend(_save(sc, out_dir, f"key_image_{n}.dcm", "key_image", made)
                            for n, sc in enumerate(images, 1))
         except Exception as exc:  # see the SEG above
             _failed(analysis, "key_image", exc)
         timings["key_images"] = time.perf_counter() - t0
-    if settings.kos and masks_ready:
+    if settings.kos and masks_ready and calls_pneumonia(result):
         assert volume is not None and analysis.lungs is not None and analysis.lesions is not None
         t0 = time.perf_counter()
         try:

@@ -161,4 +161,9 @@ def process(input_path: Path, out_dir: Path, config: Config) -> int:
         print(f"  wrote {obj.kind} {out_dir / obj.file}", file=sys.stderr)
     log.info(kv("process_done", status=analysis.status, result=path, objects=len(objects)))
     print(f"{analysis.status}{': ' + analysis.reason if analysis.reason else ''} -> {path}", file=sys.stderr)
+    if analysis.output_errors:  # as a worker would fail the job: the PACS would miss these objects
+        analysis.write(out_dir)
+        print(f"failed: DICOM outputs not built ({'; '.join(analysis.output_errors)}); the reason is in the "
+              "event=output_failed log line above", file=sys.stderr)
+        return EXIT_FAILED
     return {"ok": EXIT_OK, "rejected": EXIT_REJECTED, "failed": EXIT_FAILED}[analysis.status]

@@ -63,6 +63,9 @@ class Analysis:
 
     def result_json(self) -> dict[str, Any]:
         m = self.measurements.as_dict() if self.measurements else {}
+        # output_errors only when there are some: result.json is written again after the outputs, and the
+        # outputs' UIDs derive from this dict as it was before them (node.outputs.uids)
+        errors = {"output_errors": list(self.output_errors)} if self.output_errors else {}
         return {
             "status": self.status,
             "reason": self.reason,
@@ -77,6 +80,7 @@ class Analysis:
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "software": {"name": "lungnode", "version": __version__},
             "disclaimer": NOT_FOR_CLINICAL_USE,
+            **errors,
         }
 
     def write(self, out_dir: Path) -> Path:

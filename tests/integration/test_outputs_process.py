@@ -11,7 +11,8 @@ from typing import Any
 import pydicom
 import pytest
 
-from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, MANUFACTURER
+from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, MANUFACTURER, __version__
+from node.outputs.identity import IDENTITY_KEYWORDS
 from node.outputs.write import OUTPUTS_FILE
 from tests.helpers.conformance import UID_RE, table
 from tests.helpers.faults import phantom, synth_series, write_scout
@@ -110,3 +111,59 @@ def test_a_description_outside_the_source_character_set_is_written_unchanged(tmp
     assert written["seg"].SeriesDescription == "Lunge – Läsionen 肺"
     assert {str(ds.SpecificCharacterSet) for kind, ds in written.items() if kind != "seg"} == {"ISO_IR 100"}
     assert {str(ds.PatientName) for ds in written.values()} == {"Müller^Jürgen"}
+
+
+def test_every_object_carries_the_source_identity_and_names_the_node(tmp_path: Path, models: Path) -> None:
+    """A Japanese ISO 2022 source (PS3.5 annex H's form, empty first value) with issuers, other IDs and
+    de-identification marks, in a stated time zone: all objects are built, each with the same patient and study
+    values and the same equipment, and no time in another zone."""
+    series = synth_series(tmp_path / "in", phantom(slices=40, matrix=96, seed=2, variant="mixed"))
+    issuer, other, accession = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+    issuer.UniversalEntityID, issuer.UniversalEntityIDType = "1.2.3.4.5", "ISO"
+    other.PatientID, other.IssuerOfPatientID = "OLD-7", "HOSP-B"
+    accession.LocalNamespaceEntityID = "RIS-A"
+    for f in sorted(series.folder.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SpecificCharacterSet, ds.PatientName = ["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"
+        ds.IssuerOfPatientID, ds.IssuerOfPatientIDQualifiersSequence = "HOSP-A", [issuer]
+        ds.OtherPatientIDsSequence, ds.IssuerOfAccessionNumberSequence = [other], [accession]
+        ds.PatientIdentityRemoved, ds.DeidentificationMethod = "YES", "pseudonymised by the site"
+        ds.TimezoneOffsetFromUTC = "+0900"
+        ds.save_as(f)
+    source = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    rc, result, objects = process(series.folder, tmp_path / "out", models,
+                                  LUNGNODE_OUTPUTS__DEVICE_SERIAL_NUMBER="LN-0042")
+    assert rc == 0 and "output_errors" not in result
+    assert sorted({o["kind"] for o in objects}) == ["key_image", "kos", "seg", "sr"]
+    for obj in objects:
+        ds = pydicom.dcmread(tmp_path / "out" / obj["file"], stop_before_pixels=True)
+        assert list(ds.SpecificCharacterSet) == ["ISO 2022 IR 6", "ISO 2022 IR 87"], obj["kind"]
+        for keyword in IDENTITY_KEYWORDS:
+            assert ds.get(keyword) == source.get(keyword), (obj["kind"], keyword)
+        assert (ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions, ds.DeviceSerialNumber) == (
+            MANUFACTURER, "lungnode", __version__, "LN-0042"), obj["kind"]
+        assert ds.TimezoneOffsetFromUTC == "+0900"
+        contributed = [str(i.ContributionDateTime) for i in ds.get("ContributingEquipmentSequence", [])
+                       if "ContributionDateTime" in i and i.get("Manufacturer") != source.Manufacturer]
+        assert all(v.endswith("+0900") for v in contributed), (obj["kind"], contributed)
+    assert str(pydicom.dcmread(tmp_path / "out" / "kos.dcm").PatientName) == "Yamada^Tarou=山田^太郎"
+
+
+def test_an_output_that_cannot_be_built_fails_process(tmp_path: Path, models: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a worker fails the job, process exits 1 and result.json names what is missing, not "ok" and 0."""
+    from node.config import Config
+    from node.outputs import write
+    from node.pipeline.process import EXIT_FAILED
+    from node.pipeline.process import process as run_process
+
+    def broken(**_: object) -> None:
+        raise ValueError("cannot build")
+
+    monkeypatch.setattr(write, "build_seg", broken)
+    series = synth_series(tmp_path / "in", phantom(slices=40, matrix=96, seed=2, variant="mixed"))
+    config = Config.model_validate({"inference": {"models_dir": str(models), "device": "cpu"}})
+    assert run_process(series.folder, tmp_path / "out", config) == EXIT_FAILED
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["status"] == "ok" and result["output_errors"] == ["seg: ValueError"]
+    assert "seg" not in {o["kind"] for o in json.loads((tmp_path / "out" / OUTPUTS_FILE).read_text())["objects"]}

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from node.outputs.charset import UTF8, settle_character_set
+from node.outputs.charset import UTF8, settle_character_set, writable_character_set
 
 
 def _object(charset: str | list[str] | None, **values: object) -> Dataset:
@@ -68,3 +69,18 @@ def test_japanese_iso_2022_names_stay_in_their_set(tmp_path: Path) -> None:
 
 def test_utf8_objects_are_left_alone() -> None:
     assert settle_character_set(_object(UTF8, PatientName="肺^太郎", SeriesDescription="Лёгкие")) is False
+
+
+@pytest.mark.parametrize(("source", "written"), [
+    (["", "ISO 2022 IR 87"], ["ISO 2022 IR 6", "ISO 2022 IR 87"]),  # an empty value 1 is ISO 2022 IR 6
+    ("ISO 2022 IR 100", "ISO_IR 100"),  # one code-extension term: the plain one
+    ("ISO 2022 IR 6", None),
+    ("ISO_IR 100", "ISO_IR 100"),
+    (["ISO 2022 IR 6", "ISO 2022 IR 149"], UTF8),  # Korean: highdicom does not take it, UTF-8 holds it
+    ("ISO 2022 IR 58", UTF8),
+    ("GB18030", "GB18030"),
+    (None, None),
+])
+def test_the_source_character_set_is_written_in_a_form_highdicom_takes(source: str | list[str] | None,
+                                                                        written: str | list[str] | None) -> None:
+    assert writable_character_set(source) == written

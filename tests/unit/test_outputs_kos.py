@@ -14,6 +14,7 @@ from pydicom.multival import MultiValue
 
 from node.config import OutputsSettings
 from node.outputs.keyimage import pick_slices
+from node.outputs.kos import calls_pneumonia
 from node.outputs.truth import analysis_from_series
 from node.outputs.write import write_outputs
 from tests.helpers.faults import Synth, phantom, synth_series, write_enhanced_ct
@@ -86,6 +87,34 @@ def test_enhanced_ct_frames_are_named(synth: Synth, tmp_path: Path) -> None:
 
 def test_no_kos_without_lesions(synth: Synth, tmp_path: Path) -> None:
     assert _write(list(synth.files), synth, tmp_path / "out", lesions=np.zeros_like(synth.phantom.lesions)) == []
+
+
+def test_no_kos_for_a_series_called_no_pneumonia(synth: Synth, tmp_path: Path) -> None:
+    """A few false millilitres on a normal CT must not put key-image marks on the study the report calls normal."""
+    files = list(synth.files)
+    speck = np.zeros_like(synth.phantom.lesions)
+    z = int(np.argmax((synth.phantom.lesions > 0).sum(axis=(1, 2))))
+    speck[z] = synth.phantom.lesions[z]  # one slice of lesion: the slice rule says no pneumonia
+    analysis = analysis_from_series(files, lungs=synth.phantom.lungs, lesions=speck,
+                                    series_instance_uid=synth.series_uid,
+                                    probabilities={"covid19": 0.05, "other_pneumonia": 0.1, "no_pneumonia": 0.85})
+    assert analysis.slice_rule is not None and analysis.slice_rule.decision == "no_pneumonia"
+    assert write_outputs(analysis, out_dir=tmp_path / "normal", source_paths=files, settings=ONLY_KOS) == []
+    analysis.probabilities = {"covid19": 0.2, "other_pneumonia": 0.45, "no_pneumonia": 0.35}  # the model disagrees
+    [kos] = write_outputs(analysis, out_dir=tmp_path / "called", source_paths=files, settings=ONLY_KOS)
+    assert kos.kind == "kos"
+
+
+@pytest.mark.parametrize(("result", "expected"), [
+    ({"probabilities": {"covid19": 0.6, "other_pneumonia": 0.1, "no_pneumonia": 0.3}}, True),
+    ({"probabilities": {"covid19": 0.1, "other_pneumonia": 0.1, "no_pneumonia": 0.8},
+      "slice_rule": {"decision": "no_pneumonia"}}, False),
+    ({"probabilities": {"covid19": 0.1, "other_pneumonia": 0.1, "no_pneumonia": 0.8},
+      "slice_rule": {"decision": "pneumonia"}}, True),
+    ({"probabilities": None, "slice_rule": None}, True),  # neither model nor rule ran: lesions alone decide
+])
+def test_calls_pneumonia(result: dict[str, object], expected: bool) -> None:
+    assert calls_pneumonia(result) is expected
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian package dicom3tools) is not installed")
