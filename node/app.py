@@ -19,11 +19,13 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from node import __version__
 from node.audit import AuditTrail, no_audit
 from node.config import Config
 from node.db.ingest import IngestLedger
-from node.db.session import make_sessionmaker, open_database
+from node.db.session import db_reason, make_sessionmaker, open_database
 from node.errors import LungnodeError
 from node.logs import kv
 from node.pipeline.infer import choose_providers, clear_model_cache, models_problem, pairing_warnings
@@ -188,6 +190,13 @@ def serve(config: Config, config_path: Path | None = None) -> int:
             audit.start()
             node.start()
             sender.start()
+        except SQLAlchemyError as exc:  # e.g. the ledger's disk full when start-up reconciliation writes
+            sender.stop()
+            node.stop()
+            audit.stop()
+            raise LungnodeError(f"the database could not be brought up to date at start ({db_reason(exc)}). "
+                                f"Check storage.database_url, and the free space and permissions where it "
+                                f"lives") from exc
         except BaseException:
             sender.stop()
             node.stop()

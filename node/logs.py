@@ -84,3 +84,43 @@ def kv(event: str, **fields: Any) -> str:
 def phi(value: Any) -> str:
     """Patient-identifying value for a log line: shown only when include_phi is enabled."""
     return str(value) if _PHI["enabled"] else "[redacted]"
+
+
+def error_reason(exc: BaseException) -> str:
+    """An error in a few words for a log line: a database error by its driver's message (never the statement and
+    its values), anything else by its class and, where logging.include_phi allows, its message."""
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, BaseException):
+        lines = str(orig).strip().splitlines()
+        return f"{type(orig).__name__}: {lines[0][:160]}" if lines else type(orig).__name__
+    return f"{type(exc).__name__}: {phi(exc)}"
+
+
+class LoopErrors:
+    """The failures of a loop that runs every few seconds (a database gone, a disk full): the first in full, with
+    its traceback; the same failure again only once a minute, with how often it repeated; and one line when the
+    loop works again. One error must not become a screen of tracebacks every poll."""
+
+    def __init__(self, logger: logging.Logger, event: str, every_s: float = 60.0) -> None:
+        self.logger, self.event, self.every_s = logger, event, every_s
+        self._reason: str | None = None
+        self._logged_at = 0.0
+        self._repeated = 0
+
+    def failed(self, exc: BaseException) -> None:
+        reason = error_reason(exc)
+        now = time.monotonic()
+        if reason != self._reason:
+            self._reason, self._logged_at, self._repeated = reason, now, 0
+            self.logger.error(kv(self.event, reason=reason), exc_info=exc)
+        elif now - self._logged_at >= self.every_s:
+            self.logger.error(kv(self.event, reason=reason, repeated=self._repeated + 1,
+                                 seconds=f"{now - self._logged_at:.0f}"))
+            self._logged_at, self._repeated = now, 0
+        else:
+            self._repeated += 1
+
+    def ok(self) -> None:
+        if self._reason is not None:
+            self.logger.info(kv(f"{self.event}_cleared", reason=self._reason))
+            self._reason, self._repeated = None, 0

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.errors import LungnodeError
@@ -66,6 +66,16 @@ def make_engine(url: str) -> Engine:
         ) from exc
 
 
+def db_reason(exc: SQLAlchemyError) -> str:
+    """A database error in a few words for a log line: the driver's message for an operational fault (a full
+    disk, a server down, a lock), else the error's class; never a statement or its values (patient data)."""
+    orig = getattr(exc, "orig", None)
+    if isinstance(exc, OperationalError) and orig is not None:
+        lines = str(orig).strip().splitlines()
+        return (lines[0][:160] if lines else "") or type(orig).__name__
+    return type(exc).__name__
+
+
 def open_database(url: str, *, must_exist: bool = False) -> Engine:
     """The engine, schema brought up to date, or a LungnodeError that says what to check.
 
@@ -92,7 +102,8 @@ def open_database(url: str, *, must_exist: bool = False) -> Engine:
         engine.dispose()
         raise LungnodeError(
             f"cannot open the database {engine.url.render_as_string(hide_password=True)}: "
-            f"{exc.__class__.__name__}: {getattr(exc, 'orig', None) or exc}. Check storage.database_url."
+            f"{exc.__class__.__name__}: {getattr(exc, 'orig', None) or exc}. Check storage.database_url, and the "
+            f"free space and permissions where the database lives."
         ) from exc
     except LungnodeError:
         engine.dispose()

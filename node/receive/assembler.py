@@ -30,7 +30,7 @@ from node.db.models import (
     SeriesState,
     utcnow,
 )
-from node.logs import kv
+from node.logs import LoopErrors, kv
 from node.receive.inspect import ANALYSABLE_SOP_CLASSES
 from node.receive.priority import priority_name, series_priority
 
@@ -60,11 +60,13 @@ class Assembler:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        errors = LoopErrors(log, "assembler_error")
         while not self._stop.is_set():
             try:
                 self.complete_due()
-            except Exception:  # keep assembling after a transient database error; it is logged in full
-                log.exception(kv("assembler_error"))
+                errors.ok()
+            except Exception as exc:  # keep assembling after a transient database error
+                errors.failed(exc)
             self._wake.wait(self.settings.poll_interval_s)
             self._wake.clear()
 

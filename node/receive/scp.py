@@ -48,6 +48,7 @@ from node.audit import AuditTrail, StudyRecord, no_audit
 from node.config import DicomSettings
 from node.db.ingest import IngestLedger, Outcome, Recorded, unrecordable
 from node.db.models import AssociationState
+from node.db.session import db_reason
 from node.dicom_ae import node_ae
 from node.errors import InstanceRejected, LungnodeError
 from node.logs import kv
@@ -65,6 +66,9 @@ from node.receive.walk import same_dataset
 from node.tls import LoggedServerContext, listener_tls, peer_certificate_subject, peer_common_name
 
 log = logging.getLogger(__name__)
+#: What to do when the spool cannot take an instance (full, below its free-space floor, or not writable).
+SPOOL_FIX = ("free space under storage.spool_dir (retention.received_days deletes processed images) or lower "
+             "storage.min_free_disk_mb; it must be writable by the node's user")
 
 #: Uncompressed first (preferred when a peer offers several), then the usual lossless and lossy
 #: compressions: we store whatever the modality sends, decoding happens later in the pipeline.
@@ -166,7 +170,7 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=settings.max_associations, thread_name_prefix="spool-io")
         self._handler = threading.local()  # per association thread: was the instance just handled a duplicate?
-        self._disk_full_alerted = -60.0  # monotonic time of the last full-disk ERROR
+        self._resource_alerted = -60.0  # monotonic time of the last store_refused ERROR (a full spool, ...)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -398,10 +402,16 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int:
         t0 = time.perf_counter()
-        size = Path(event.dataset_path).stat().st_size
         self._handler.duplicate = False
         self._handler.header = None
-        status = self._handle_store(event, size)
+        unwritten = tuning.incoming_error(event.dataset_path)
+        if unwritten is not None:
+            size = 0
+            status = self._refuse_for_resources(event, f"the received data could not be written to the spool "
+                                                       f"({unwritten})")
+        else:
+            size = Path(event.dataset_path).stat().st_size
+            status = self._handle_store(event, size)
         stats: _AssocStats | None = getattr(event.assoc, _ASSOC_STATS, None)
         if stats is not None:
             stats.handler_s += time.perf_counter() - t0
@@ -435,6 +445,20 @@ class StorageSCP:
             log.error(kv("priority_not_recorded", assoc=assoc_id, error=exc.__class__.__name__,
                          effect="its series are queued at medium priority"))
 
+    def _refuse_for_resources(self, event: evt.Event, reason: str, *, fix: str = SPOOL_FIX,
+                              status: int = STATUS_OUT_OF_RESOURCES) -> int:
+        """Refuse an instance for a fault of the node's own (a full or unwritable spool, a ledger that cannot
+        write): a person must act, so it is an ERROR, once a minute; the other refusals meanwhile are WARNINGs."""
+        now = time.monotonic()
+        alert = now - self._resource_alerted >= 60.0
+        if alert:
+            self._resource_alerted = now
+        log.log(logging.ERROR if alert else logging.WARNING,
+                kv("store_refused", assoc=getattr(event.assoc, _ASSOC_ID, None),
+                   sop=str(cast(C_STORE, event.request).AffectedSOPInstanceUID), status=f"0x{status:04X}",
+                   reason=reason, fix=fix))
+        return status
+
     def _handle_store(self, event: evt.Event, size: int) -> int:
         req = cast(C_STORE, event.request)
         sop_uid = str(req.AffectedSOPInstanceUID)
@@ -445,15 +469,7 @@ class StorageSCP:
             try:
                 self.spool.check_space()
             except InstanceRejected as full:  # ours to fix, not the sender's: a person must free space
-                now = time.monotonic()
-                alert = now - self._disk_full_alerted >= 60.0  # one ERROR a minute, not one per image
-                if alert:
-                    self._disk_full_alerted = now
-                log.log(logging.ERROR if alert else logging.WARNING,
-                        kv("store_refused", assoc=assoc_id, sop=sop_uid, status=f"0x{full.status:04X}",
-                           reason=full.reason, fix="free space under storage.spool_dir (retention.received_days "
-                           "deletes processed images) or lower storage.min_free_disk_mb"))
-                return full.status
+                return self._refuse_for_resources(event, full.reason, status=full.status)
             # The content fsync needs nothing from the checks and works through a descriptor: start
             # it now, it overlaps the checks and the commit.
             data_synced = self._io.submit(self.spool.sync_data, self.spool.open_received(received))
@@ -464,10 +480,11 @@ class StorageSCP:
             log.warning(kv("store_refused", assoc=assoc_id, sop=sop_uid, status=f"0x{rej.status:04X}", reason=rej.reason))
             return rej.status
         except SQLAlchemyError as exc:
-            # Not acknowledged. A file that reached the spool is adopted by start-up reconciliation.
-            log.error(kv("store_not_recorded", assoc=assoc_id, sop=sop_uid, error=exc.__class__.__name__,
-                         reason="database unavailable"))
-            return STATUS_OUT_OF_RESOURCES
+            # Not acknowledged; the file just linked was removed (``_store``), so a refused image is not
+            # analysed behind the sender's back: the sender sends it again.
+            return self._refuse_for_resources(event, f"the ledger database could not record it ({db_reason(exc)})",
+                                              fix="check the database in storage.database_url (disk space, "
+                                                  "server running)")
         finally:
             if data_synced is not None:
                 wait([data_synced])  # never leave work on a file pynetdicom deletes after we answer
@@ -501,6 +518,8 @@ class StorageSCP:
             raise
         except BaseException:
             wait([file_done])
+            if file_done.exception() is None and file_done.result() is not None:
+                final.unlink(missing_ok=True)  # linked here, not recorded: not the node's to keep
             raise
         created = False
         try:

@@ -69,19 +69,70 @@ _WAKE = "_lungnode_wake"
 _counter = itertools.count()
 
 
+#: Incoming files that could not be written (the spool full or not writable), by name: the reason, until the
+#: C-STORE handler takes it (``incoming_error``) and refuses the instance.
+_FAILED: dict[str, str] = {}
+
+
 class _IncomingFile:
-    """What pynetdicom uses of a NamedTemporaryFile (name, write, file.flush, close), in the spool."""
+    """What pynetdicom uses of a NamedTemporaryFile (name, write, file.flush, close), in the spool.
+
+    A write error must not escape: raised in pynetdicom's DUL thread it aborts the association with no status
+    for the sender, and no release for the ledger. The file then takes the rest of the dataset without writing
+    it, and the handler answers Out of Resources with the reason (``incoming_error``).
+    """
 
     def __init__(self, **_ignored: Any) -> None:
         folder: Path = _state["incoming"]
         self.name = str(folder / f"{os.getpid()}-{time.monotonic_ns()}-{next(_counter)}.part")
-        self.file: BinaryIO = open(self.name, "xb")  # noqa: SIM115 - closed by pynetdicom
+        self.file = self  # pynetdicom flushes ``.file`` after each fragment
+        self._fp: BinaryIO | None = None
+        try:
+            self._fp = open(self.name, "xb")  # noqa: SIM115 - closed by pynetdicom
+        except OSError as exc:
+            self._fail(exc)
 
     def write(self, data: bytes) -> int:
-        return self.file.write(data)
+        if self._fp is not None:
+            try:
+                self._fp.write(data)
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self._fp is not None:
+            try:
+                self._fp.flush()
+            except OSError as exc:
+                self._fail(exc)
 
     def close(self) -> None:
-        self.file.close()
+        if self._fp is not None:
+            try:
+                self._fp.close()
+            except OSError as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        fp, self._fp = self._fp, None
+        if fp is not None:
+            try:
+                fp.close()
+            except OSError:
+                pass
+        try:
+            os.unlink(self.name)
+        except OSError:
+            pass
+        if len(_FAILED) > 1000:  # entries of aborted associations nobody took
+            _FAILED.clear()
+        _FAILED[self.name] = exc.strerror or type(exc).__name__
+
+
+def incoming_error(path: str | os.PathLike[str]) -> str | None:
+    """Why the received dataset at ``path`` could not be written (taken once), or None when it was."""
+    return _FAILED.pop(str(path), None)
 
 
 class _FileMeta(NamedTuple):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -80,8 +81,14 @@ def propose_contexts(items: Sequence[Claimed], *, commitment: bool) -> list[Pres
     return contexts
 
 
-def _association_error(assoc: Association, dest: Destination, *, connected: bool) -> str:
+def _association_error(assoc: Association, dest: Destination, *, connected: bool, timed_out: bool) -> str:
+    """Why no association was made, and what to check. ``timed_out``: the ACSE timeout ran out, so an abort is
+    pynetdicom's own after a silent peer, not the peer's answer."""
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+    if connected and timed_out and not assoc.is_rejected:
+        return (f"no association with {where}: it accepted the connection but did not answer the association "
+                f"request within sending.connect_timeout_s; check that the port is the destination's DICOM port and "
+                f"that the service is not hung")
     if not connected:
         return f"no association with {where}: cannot connect (peer down, wrong host or port, or a firewall)"
     if assoc.is_rejected:
@@ -130,6 +137,7 @@ def associate(dest: Destination, contexts: Sequence[PresentationContext], *, cal
     except LungnodeError as exc:
         return str(exc)
     opened: list[bool] = []
+    started = time.monotonic()
     assoc = ae.associate(dest.host, dest.port, contexts=list(contexts), ae_title=dest.ae_title, tls_args=tls,
                          evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_CONN_OPEN, lambda _e: opened.append(True))])
     if not assoc.is_established:
@@ -138,7 +146,8 @@ def associate(dest: Destination, contexts: Sequence[PresentationContext], *, cal
             if why is not None:
                 return (f"no association with {dest.ae_title}@{dest.host}:{dest.port}: TLS failed ({why}); check "
                         f"destinations[{dest.name}].tls and that the destination listens with TLS on that port")
-        return _association_error(assoc, dest, connected=bool(opened))
+        return _association_error(assoc, dest, connected=bool(opened),
+                                  timed_out=time.monotonic() - started >= 0.95 * timeout_s)
     return assoc
 
 

@@ -30,7 +30,7 @@ from node.config import Config, Destination, WebDestination
 from node.db.models import SendState
 from node.dicom_ae import node_ae
 from node.errors import LungnodeError
-from node.logs import kv
+from node.logs import LoopErrors, kv
 from node.send.outbox import Claimed, Outbox
 from node.send.scu import UNCOMPRESSED, StoreOutcome, store_batch
 from node.send.stow import stow_batch
@@ -163,11 +163,13 @@ class Sender:
         log.info(kv("sender_stopped"))
 
     def _loop(self) -> None:
+        errors = LoopErrors(log, "sender_error")
         while not self._stop.is_set():
             try:
                 busy = self.run_once()
-            except Exception:  # the sender must keep running; the error is logged in full
-                log.exception(kv("sender_error"))
+                errors.ok()
+            except Exception as exc:  # the sender must keep running
+                errors.failed(exc)
                 busy = 0
             if not busy:
                 self._wake.wait(self.settings.poll_interval_s)

@@ -588,6 +588,48 @@ def test_out_of_disk_answers_a700_and_records_nothing(node_factory: NodeFactory,
     assert "LOW: C-STORE is being refused" in text, text
 
 
+def test_a_spool_that_cannot_be_written_answers_a700_and_the_association_ends_cleanly(
+    node: NodeProcess, tmp_path: Path,
+) -> None:
+    """Before: the write error escaped in pynetdicom's thread, the association was aborted with no status for the
+    sender, nothing said why at ERROR, and the ledger kept it open. Here the incoming folder is made unusable
+    (a file in its place: as root, permission bits would not stop the node)."""
+    incoming = node.spool_dir / "incoming"
+    for leftover in incoming.iterdir():
+        leftover.unlink()
+    incoming.rmdir()
+    incoming.write_bytes(b"")
+    series = make_series(tmp_path / "ct", slices=3, matrix=32)
+    sent = send_files(node.port, series.files)
+    assert [s.status for s in sent] == [0xA700] * 3
+    refusals = [ln for ln in node.log.splitlines() if "event=store_refused" in ln]
+    assert len(refusals) == 3 and all("could not be written to the spool" in ln and "fix=" in ln for ln in refusals)
+    assert [" ERROR " in ln for ln in refusals] == [True, False, False]  # IT alerts on the first, not on each
+    wait_until(lambda: "event=association_released" in node.log, what="the association released, not aborted")
+    assert node.query("SELECT state FROM associations")[-1]["state"] == "released"
+    assert node.count("instances") == 0 and node.spool_files() == []
+    incoming.unlink()
+    incoming.mkdir()  # the spool repaired: the same images are taken without a restart
+    assert [s.status for s in send_files(node.port, series.files)] == [SUCCESS] * 3
+
+
+def test_an_image_the_ledger_cannot_record_is_refused_and_not_kept(node: NodeProcess, tmp_path: Path) -> None:
+    """Refused (0xA700) means not taken: before, the file linked into the spool stayed there and the next start
+    adopted an image its sender had been told was refused. The ledger fails for real here: its table is renamed
+    under the running node."""
+    import sqlite3
+
+    series = make_series(tmp_path / "ct", slices=2, matrix=32)
+    with sqlite3.connect(node.db_path) as db:
+        db.execute("ALTER TABLE instances RENAME TO instances_away")
+    sent = send_files(node.port, series.files)
+    assert [s.status for s in sent] == [0xA700] * 2
+    refusals = [ln for ln in node.log.splitlines() if "event=store_refused" in ln]
+    assert len(refusals) == 2 and all("the ledger database could not record it" in ln for ln in refusals)
+    assert "no such table" in refusals[0] and "fix=" in refusals[0]
+    assert node.spool_files() == [] and node.incoming_files() == []
+
+
 # -- real CT ----------------------------------------------------------------------------------------------
 def test_real_lidc_series(node: NodeProcess, lidc_0001: Path) -> None:
     files = sorted(lidc_0001.rglob("*.dcm"))

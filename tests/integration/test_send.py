@@ -333,3 +333,28 @@ def test_lungnode_echo_checks_the_way_to_each_destination(orthanc: OrthancServer
     assert "cannot connect (peer down, wrong host or port, or a firewall)" in both.stderr
     unknown = run_cli("echo", "--destination", "nope", "--config", config)
     assert unknown.returncode == 2 and "no destination named 'nope'" in unknown.stderr and "pacs, gone" in unknown.stderr
+
+
+def test_a_destination_that_accepts_and_stays_silent_is_named_as_such(tmp_path: Path) -> None:
+    """Before: "aborted by the peer during negotiation; check its AE configuration", though the peer never said a
+    word (the abort was our own, at the timeout): IT looked at the wrong thing."""
+    import socket
+    import threading
+
+    from pynetdicom.presentation import build_context
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from node.send.scu import associate
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        held: list[socket.socket] = []
+        threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
+        dest = Destination(name="hung", ae_title="HUNG", host="127.0.0.1", port=silent.getsockname()[1])
+        answer = associate(dest, [build_context(Verification, ["1.2.840.10008.1.2"])], calling_ae="LUNGNODE",
+                           timeout_s=1.0)
+        for conn in held:
+            conn.close()
+    assert isinstance(answer, str)
+    assert "accepted the connection but did not answer the association request" in answer, answer

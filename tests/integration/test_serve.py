@@ -160,10 +160,12 @@ def test_serve_without_models_keeps_receiving_says_why_and_starts_once_they_are_
     assert job["state"] in ("done", "rejected"), job
 
 
-@pytest.mark.parametrize("problem", ["gpu", "port"])
+@pytest.mark.parametrize("problem", ["gpu", "port", "ledger"])
 def test_serve_that_cannot_start_says_why_in_its_log_and_exits_2(tmp_path: Path, problem: str) -> None:
-    """A GPU named in inference.device that is not there, or a port already taken: exit 2 at once, with the reason
-    on stderr and as event=node_start_failed in the log file (where systemd users look)."""
+    """A GPU named in inference.device that is not there, a port already taken, or a ledger that fails when start-up
+    reconciliation writes to it (here a table renamed away; a full disk did it in the field, with a traceback and
+    exit 1): exit 2 at once, with the reason on stderr and as event=node_start_failed in the log file (where
+    systemd users look)."""
     if problem == "gpu" and "CUDAExecutionProvider" in onnxruntime.get_available_providers() and _probe_cuda(0) is None:
         pytest.skip("a GPU answers here: device cuda works")
     log_file = tmp_path / "node.log"
@@ -175,6 +177,14 @@ def test_serve_that_cannot_start_says_why_in_its_log_and_exits_2(tmp_path: Path,
         "workers": {"count": 1},
         "inference": {"device": "cuda" if problem == "gpu" else "cpu"},
     }
+    if problem == "ledger":
+        import sqlite3
+
+        from node.db.session import open_database
+
+        open_database(settings["storage"]["database_url"]).dispose()
+        with sqlite3.connect(tmp_path / "db.sqlite") as db:
+            db.execute("ALTER TABLE associations RENAME TO associations_away")
     with socket.socket() as taken:
         if problem == "port":
             taken.bind(("127.0.0.1", settings["dicom"]["port"]))
@@ -183,7 +193,8 @@ def test_serve_that_cannot_start_says_why_in_its_log_and_exits_2(tmp_path: Path,
         cfg.write_text(yaml.safe_dump(settings), encoding="utf-8")
         proc = run_cli("serve", "--config", cfg, timeout=60)
     assert proc.returncode == 2, proc.stderr
-    expected = "inference.device is cuda but" if problem == "gpu" else "cannot listen on 127.0.0.1"
+    expected = {"gpu": "inference.device is cuda but", "port": "cannot listen on 127.0.0.1",
+                "ledger": "the database could not be brought up to date at start (no such table"}[problem]
     assert expected in proc.stderr
     if problem == "port":
         assert "another service (another node, a DICOM server) is using the port" in proc.stderr

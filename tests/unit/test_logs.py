@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,3 +41,40 @@ def test_a_multi_line_value_stays_on_one_line() -> None:
     assert line == ("event=node_start_failed reason=\"connection refused\\n\\tIs the server running on 'db'?"
                     "\\r\\x07\"")
     assert kv("x", ae="Ünïcode") == "event=x ae=Ünïcode"  # printable text is left alone
+
+
+def test_a_loop_that_keeps_failing_logs_once_a_minute_and_says_when_it_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before: the assembler logged a 40-line traceback every 0.5 s while the ledger's disk was full. A real SQLite
+    error here (a write to a read-only connection), with the driver's message as the reason."""
+    import logging
+    import sqlite3
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    from node.db.session import db_reason
+    from node.logs import LoopErrors
+
+    path = tmp_path / "x.sqlite"
+    sqlite3.connect(path).execute("CREATE TABLE t (x)").connection.commit()
+    engine = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+    with pytest.raises(OperationalError) as caught, engine.begin() as conn:
+        conn.execute(text("INSERT INTO t VALUES (1)"))
+    assert db_reason(caught.value) == "attempt to write a readonly database"
+    logger = logging.getLogger("node.test_loop")
+    errors = LoopErrors(logger, "thing_error", every_s=3600)
+    with caplog.at_level(logging.INFO, logger="node.test_loop"):
+        for _ in range(20):
+            errors.failed(caught.value)
+        errors.ok()
+        errors.ok()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ['event=thing_error reason="OperationalError: attempt to write a readonly database"',
+                     'event=thing_error_cleared reason="OperationalError: attempt to write a readonly database"']
+    assert caplog.records[0].exc_info is not None and caplog.records[0].levelname == "ERROR"
+    errors.every_s = 0  # a minute later: the same failure again, with how often it repeated meanwhile
+    errors.failed(caught.value)
+    errors.failed(caught.value)
+    assert "repeated=1" in caplog.records[-1].getMessage() and caplog.records[-1].exc_info is None
