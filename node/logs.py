@@ -15,6 +15,8 @@ from typing import Any
 
 import pydicom.config
 
+from node.errors import LungnodeError
+
 _PHI = {"enabled": False}
 
 
@@ -29,10 +31,15 @@ def setup_logging(level: str = "INFO", file: Path | None = None, include_phi: bo
     fmt = _UTCFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        # Watched: when logrotate (or an admin) moves the file away, every process opens a new one by itself,
-        # with no signal needed and none of the node's processes writing on into the moved file.
-        handlers.append(logging.handlers.WatchedFileHandler(file, encoding="utf-8"))
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            # Watched: when logrotate (or an admin) moves the file away, every process opens a new one by itself,
+            # with no signal needed and none of the node's processes writing on into the moved file.
+            handlers.append(logging.handlers.WatchedFileHandler(file, encoding="utf-8"))
+        except OSError as exc:
+            why = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+            raise LungnodeError(f"cannot write the log file {file} (logging.file): {why}. Make its "
+                                f"folder writable by the node's user, or set logging.file to another path") from None
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

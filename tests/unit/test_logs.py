@@ -78,3 +78,17 @@ def test_a_loop_that_keeps_failing_logs_once_a_minute_and_says_when_it_recovers(
     errors.failed(caught.value)
     errors.failed(caught.value)
     assert "repeated=1" in caplog.records[-1].getMessage() and caplog.records[-1].exc_info is None
+
+
+def test_a_log_file_that_cannot_be_written_is_a_start_error_not_a_traceback(tmp_path: Path) -> None:
+    """serve used to die in setup_logging with a traceback and exit 1; now exit 2 and what to change."""
+    from tests.helpers.node_proc import run_cli
+
+    (tmp_path / "a-file").write_text("")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"logging:\n  file: {tmp_path / 'a-file' / 'node.log'}\nstorage:\n  spool_dir: {tmp_path / 'spool'}\n"
+                   f"  database_url: sqlite:///{tmp_path / 'db.sqlite'}\n", encoding="utf-8")
+    proc = run_cli("serve", "--config", cfg, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot write the log file" in proc.stderr and "(logging.file)" in proc.stderr
+    assert "Traceback" not in proc.stderr
