@@ -222,6 +222,7 @@ class OutboxItem(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_status: Mapped[int | None] = mapped_column(Integer)  # DIMSE status of the last C-STORE, e.g. 0xB000
     last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[dt.datetime | None]  # when last_error happened (null before 0007)
     commitment_uid: Mapped[str | None] = mapped_column(String(64))  # Transaction UID of the pending N-ACTION
     commitment_requested_at: Mapped[dt.datetime | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

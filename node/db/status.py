@@ -186,7 +186,8 @@ def render_outbox(outbox: dict[str, Any]) -> str:
              f"{'superseded':>10}  last error"]
     for dest, entry in sorted(outbox.items()):
         c = entry["counts"]
-        error = f"{entry['last_error_at']} {entry['last_error']}" if entry["last_error"] else "-"
+        when = f"{entry['last_error_at']} " if entry["last_error_at"] else ""
+        error = f"{when}{entry['last_error']}" if entry["last_error"] else "-"
         lines.append(f"{dest:20} {c['pending']:>7} {c['sending']:>7} {c['sent']:>6} {c['committed']:>9} {c['failed']:>6} "
                      f"{c['superseded']:>10}  {error}")
     return "\n".join(lines)

@@ -320,6 +320,7 @@ class Outbox:
         commitment): ``pending`` again at ``retry_at`` (default: after the backoff delay), or ``failed`` with a
         ``send_failed`` event once attempts are used up, so every give-up reaches ``status`` and the audit alike."""
         item.last_error = error
+        item.last_error_at = now
         item.last_status = status
         item.updated_at = now
         item.commitment_uid = None
@@ -460,14 +461,14 @@ def outbox_summary(s: Session) -> dict[str, Any]:
         entry["counts"][state.value] = n
     for dest, entry in per_dest.items():
         row = s.execute(
-            select(OutboxItem.last_error, OutboxItem.updated_at)
+            select(OutboxItem.last_error, OutboxItem.last_error_at)
             .where(OutboxItem.destination == dest, OutboxItem.last_error.is_not(None),
                    OutboxItem.state.in_([SendState.pending, SendState.failed, SendState.sending]))
-            .order_by(OutboxItem.updated_at.desc()).limit(1)
+            .order_by(OutboxItem.last_error_at.desc().nulls_last()).limit(1)
         ).first()
         if row is not None:
             entry["last_error"] = row.last_error
-            entry["last_error_at"] = row.updated_at.isoformat(timespec="seconds")
+            entry["last_error_at"] = row.last_error_at.isoformat(timespec="seconds") if row.last_error_at else None
     return per_dest
 
 

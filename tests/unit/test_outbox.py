@@ -107,6 +107,11 @@ def test_retry_with_backoff_then_failed_then_requeued(sessions: sessionmaker[Ses
     (row,) = rows(sessions)
     assert row.state == SendState.pending and row.attempts == 0
     assert len(outbox.claim("viewer", limit=10)) == 1
+    # the error keeps the time it happened, not that of the requeue or of the attempt now in flight
+    with sessions() as s:
+        summary = outbox_summary(s)
+    assert summary["viewer"]["last_error_at"] == row.last_error_at.isoformat(timespec="seconds")
+    assert row.last_error_at is not None and row.last_error_at < row.updated_at
 
 
 def test_rows_that_failed_together_are_tried_again_and_given_up_together(sessions: sessionmaker[Session],
