@@ -95,30 +95,44 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"warning: {message}", file=sys.stderr)
     for problem in pairing_warnings(cfg.inference) if cfg.workers.count else []:
         print(f"warning: {path}: inference: {problem}", file=sys.stderr)
-    for problem in _unwritable(cfg):  # relative paths count from here, which may not be the node's folder: a warning
-        print(f"warning: {path}: {problem}", file=sys.stderr)
+    problems = _unwritable(cfg)
+    # relative paths count from here, which may not be the node's folder: a warning; but serve stops at once on a
+    # log file it cannot open (before it could log why), so that one is an error, as the unit's ExecStartPre needs
+    for key, problem in problems.items():
+        if key != "logging.file":
+            print(f"warning: {path}: {problem}", file=sys.stderr)
+    if "logging.file" in problems:
+        raise LungnodeError(f"{path}: {problems['logging.file']} (the node would not start)")
     print(f"{path}: valid")
     if args.show:
         print(json.dumps(cfg.redacted(), indent=2, sort_keys=True))
     return 0
 
 
-def _unwritable(cfg: Config) -> list[str]:
-    """The folders the node writes (spool, SQLite ledger, log file) that this user could not create or write."""
+def _unwritable(cfg: Config) -> dict[str, str]:
+    """The folders the node writes (spool, SQLite ledger, log file) that this user could not create or write, and a
+    log file it could not append to, by key."""
     from sqlalchemy.engine import make_url
 
     url = make_url(cfg.storage.database_url)
     folders = {"storage.spool_dir": cfg.storage.spool_dir}
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         folders["storage.database_url"] = Path(str(url.database)).parent
-    if cfg.logging.file is not None:
-        folders["logging.file"] = cfg.logging.file.parent
-    problems = []
+    log_file = cfg.logging.file.absolute() if cfg.logging.file is not None else None
+    if log_file is not None:
+        folders["logging.file"] = log_file.parent
+    fix = "run the node as a user who can, or change it"
+    problems = {}
     for key, folder in folders.items():
         existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
         if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
-            problems.append(f"{key}: {folder.absolute()} cannot be {'written' if existing == folder.absolute() else 'created'} "
-                            f"by this user ({existing} is not writable): run the node as a user who can, or change it")
+            why = "is not writable" if existing.is_dir() else "is not a folder"
+            what = log_file if key == "logging.file" else folder.absolute()  # the log file: the path IT wrote
+            verb = "written" if existing == what else "created"
+            problems[key] = f"{key}: {what} cannot be {verb} by this user ({existing} {why}): {fix}"
+    if log_file is not None and "logging.file" not in problems and log_file.exists() \
+            and not (log_file.is_file() and os.access(log_file, os.W_OK)):
+        problems["logging.file"] = f"logging.file: {log_file} cannot be written by this user: {fix}"
     return problems
 
 
@@ -135,7 +149,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         return _queue(cfg, as_json=args.json)
-    if getattr(args, "metrics", False) and not criteria:
+    if getattr(args, "metrics", False):
+        if criteria:
+            print("lungnode status: --metrics counts the whole node: give it without a study option",
+                  file=sys.stderr)
+            return 2
         return _metrics(cfg)
     with _ledger(cfg) as (engine, sessions), sessions() as s:
         data = trace(s, **criteria) if criteria else summary(s, limit=args.limit)
@@ -261,6 +279,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return synth_main(args.rest)
 
 
+def _models_parser() -> argparse.ArgumentParser:
+    """models_cli's parser with the --config option cmd_models takes before or after the action, for --help."""
+    from node.pipeline.models_cli import build_parser as models_parser
+
+    parser = models_parser()
+    _config_arg(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_parser in action.choices.values():
+                _config_arg(sub_parser)
+    return parser
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from node.pipeline.models_cli import models_main
 
@@ -268,6 +299,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     _config_arg(pre)
     known, rest = pre.parse_known_args(args.rest)
+    if {"-h", "--help"} & set(rest):  # before reading the configuration: help needs none
+        _models_parser().parse_args(rest)  # prints the help and exits 0
     cfg = load_config(known.config or args.config)
     setup_logging("WARNING")
     return models_main(rest, cfg.inference)
@@ -295,8 +328,12 @@ def cmd_process(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from node.demo import run_demo
 
-    run_demo(args.dir, slices=args.slices, matrix=args.matrix, seed=args.seed, keep_running=not args.exit,
-             timeout_s=args.timeout)
+    try:
+        run_demo(args.dir, slices=args.slices, matrix=args.matrix, seed=args.seed, keep_running=not args.exit,
+                 timeout_s=args.timeout)
+    except KeyboardInterrupt:  # run_demo has stopped both servers on its way out
+        print("lungnode demo: interrupted before the results were in", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -324,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
         "worker", help="run analysis workers only (they take jobs from the database in storage.database_url)",
         description="Run one analysis worker in the foreground, on another machine or beside serve, taking queued "
         "jobs from the node's database (storage.database_url, which must already exist: start serve first) and "
-        "writing results under storage.spool_dir, which it must share with the node.",
+        "writing results under storage.spool_dir, which it must share with the node. Exit status: 0 stopped by "
+        "SIGTERM or Ctrl-C, 2 could not start (invalid configuration, no database or one at another schema "
+        "version, a log file it cannot write; the reason is printed).",
     )
     _config_arg(p)
     p.set_defaults(func=cmd_worker)
@@ -459,7 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and gets SEG, SR and key image back",
         description="Starts a private Orthanc (Debian package orthanc) and a node on free local ports, uploads a "
         "synthetic COVID-19 chest CT to Orthanc, has Orthanc send it to the node and waits for the results to come "
-        "back into Orthanc; prints Orthanc's web viewer URL and the result instances. Ctrl-C stops both.",
+        "back into Orthanc; prints Orthanc's web viewer URL and the result instances. Ctrl-C stops both. "
+        "Exit status: 0 the results came back (stopped by --exit or Ctrl-C after that), 1 the node stopped or the "
+        "results did not come back within --timeout (the reason and the node's log file are printed), 2 Orthanc is "
+        "not installed or failed (the reason is printed), 130 Ctrl-C before the results were in.",
     )
     p.add_argument("--dir", type=Path, help="folder for Orthanc, the node's spool, config and logs (default: a new "
                    "temporary folder)")

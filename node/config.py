@@ -2,7 +2,9 @@
 
 The model is strict on purpose: an unknown key or a bad value stops start-up with a message
 that names the key (``dicom.port: Input should be less than or equal to 65535``), because a
-typo in a hospital's config must not be silently ignored.
+typo in a hospital's config must not be silently ignored. So is what YAML makes of an unquoted value: ``port: yes``
+(true) or ``ae_title: 12345`` (a number) is refused with the fix; a section whose keys are all commented out
+(null in YAML) means its defaults, as if left out.
 
 Environment overrides use ``LUNGNODE_<SECTION>__<KEY>`` (double underscore between levels; a whole
 section as ``LUNGNODE_<SECTION>``, e.g. ``LUNGNODE_DESTINATIONS='[{name: pacs, ...}]'``),
@@ -13,9 +15,12 @@ mappings are written in YAML flow style: ``LUNGNODE_DICOM__ALLOWED_CALLERS='[{ae
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -29,9 +34,11 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticUndefined
 
 from node.errors import ConfigError
 from node.yamlfile import read_yaml_mapping
@@ -50,8 +57,45 @@ def _check_ae(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_check_ae)]
 
 
+def _kinds(annotation: Any) -> set[Any]:
+    """The plain types a field admits: ``int | None`` -> {int, NoneType}, ``list[str]`` -> {list}."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    out: set[Any] = set()
+    for arg in args:
+        if typing.get_origin(arg) is Annotated:
+            arg = typing.get_args(arg)[0]
+        out.add(typing.get_origin(arg) or arg)
+    return out
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_values(cls, value: Any, info: ValidationInfo) -> Any:
+        """What YAML makes of what IT writes: ``port: yes`` is true, ``ae_title: 12345`` a number, a section whose
+        keys are all commented out null. Refused with the fix, or (an empty section) taken as left out."""
+        field = cls.model_fields[str(info.field_name)]
+        kinds = _kinds(field.annotation)
+        if value is None and type(None) not in kinds:
+            if str in kinds:  # LUNGNODE_DICOM__AE_TITLE='' is an empty text: the field says what it needs
+                return ""
+            default = field.get_default(call_default_factory=True)
+            if any(isinstance(k, type) and issubclass(k, BaseModel) for k in kinds):
+                return {} if default is PydanticUndefined else default  # an empty section: its defaults
+            if isinstance(default, (list, dict)) and not default:
+                return default  # destinations: with every entry commented out
+            raise ValueError("empty: give a value, or leave the key out for its default")
+        if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
+            raise ValueError("a number is needed, not true/false (YAML reads yes, no, on and off as true/false)")
+        if isinstance(value, (bool, int, float, datetime.date)) and str in kinds and not kinds & {bool, int, float}:
+            read = ("true/false" if isinstance(value, bool) else "a date" if isinstance(value, datetime.date)
+                    else "a number")
+            raise ValueError(f"text is needed: quote the value in YAML ({info.field_name}: \"...\"); unquoted, YAML "
+                             f"reads it as {read}")
+        return value
 
 
 def _host(value: str) -> str:
@@ -89,7 +133,8 @@ class AllowedCaller(Strict):
     @classmethod
     def _bare_title(cls, data: Any) -> Any:
         """``allowed_callers: [PACS, CT1]``: a bare AE title is a caller from any host, as an admin would write it."""
-        return {"ae_title": data} if isinstance(data, str) else data
+        # a number or true/false too, for the ae_title field to say what to quote
+        return {"ae_title": data} if isinstance(data, (str, int, float)) else data
 
 
 def _existing_file(path: Path | None) -> Path | None:
@@ -183,13 +228,33 @@ class StorageSettings(Strict):
     @field_validator("database_url")
     @classmethod
     def _is_a_url(cls, url: str) -> str:
+        """A database the node runs on, with its driver installed: else serve would fail only at start."""
         from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+        use = "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
         try:
-            make_url(url)
+            parsed = make_url(url)
         except ArgumentError:
-            raise ValueError("not a database URL: use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB") from None
+            raise ValueError(f"not a database URL: {use}") from None
+        backend = parsed.get_backend_name()
+        if backend == "postgres":
+            raise ValueError(f"SQLAlchemy spells it postgresql, not postgres: {use}")
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"lungnode keeps its ledger in SQLite or PostgreSQL, not {backend}: {use}")
+        try:
+            dialect = parsed.get_dialect()
+        except NoSuchModuleError:
+            raise ValueError(f"{parsed.drivername} is not a database driver SQLAlchemy knows: {use}") from None
+        if dialect.is_async:
+            raise ValueError(f"{parsed.drivername} is an asyncio driver, which the node cannot use: {use}")
+        if backend == "postgresql":
+            try:
+                dialect.import_dbapi()
+            except ImportError as exc:
+                raise ValueError(f"the driver of {parsed.drivername} cannot be loaded ({exc}): install psycopg "
+                                 "(.venv/bin/pip install -e '.[postgres]') and use postgresql+psycopg://USER@HOST/DB"
+                                 ) from None
         return url
 
 
@@ -230,8 +295,16 @@ class PatternRule(Strict):
 
 
 class Range(Strict):
-    min: float = Field(ge=0)
-    max: float = Field(gt=0)
+    """Slice thickness in mm; each bound has its default, so that one of them can be given alone."""
+
+    min: float = Field(default=0.5, ge=0)
+    max: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.min > self.max:  # nothing lies between: every series would be skipped
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}: give min <= max")
+        return self
 
 
 class SelectionSettings(Strict):
@@ -247,7 +320,7 @@ class SelectionSettings(Strict):
         description="values ImageType must not hold (scout views)",
     )
     axial_tolerance_deg: float = Field(default=10.0, ge=0, le=45)
-    slice_thickness_mm: Range = Field(default_factory=lambda: Range(min=0.5, max=5.0))
+    slice_thickness_mm: Range = Field(default_factory=Range)
     min_slices: int = Field(default=40, ge=2)
     series_description: PatternRule = Field(
         default_factory=lambda: PatternRule(
@@ -624,9 +697,20 @@ def _format_error(exc: ValidationError, source: str, env_names: dict[tuple[str, 
                     if not (i == 2 and err["loc"][0] == "destinations" and p in ("dicom", "dicomweb")))
         where = ".".join(loc) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        var = next((env_names[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in env_names), None)
-        lines.append(f"  {where}: {msg}" + (f" (set by environment variable {var})" if var else ""))
+        lines.append(f"  {where}: {msg}{_env_cause(loc, env_names)}")
     return "\n".join(lines)
+
+
+def _env_cause(loc: tuple[str, ...], env_names: dict[tuple[str, ...], str]) -> str:
+    """The environment variable that set the key in error or a section above it; else those that set keys below
+    it (an unknown section LUNGNODE_DICMO__PORT, a TLS section that LUNGNODE_DICOM__TLS__ENABLED made invalid)."""
+    var = next((env_names[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in env_names), None)
+    if var is not None:
+        return f" (set by environment variable {var})"
+    below = sorted(name for path, name in env_names.items() if loc and path[:len(loc)] == loc)
+    if below:
+        return f" (from environment variable{'s' if len(below) > 1 else ''} {', '.join(below)})"
+    return ""
 
 
 def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:

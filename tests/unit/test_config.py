@@ -411,3 +411,167 @@ def test_check_config_warns_of_folders_the_node_could_not_write(tmp_path: Path,
     err = capsys.readouterr().err
     assert f"storage.spool_dir: {blocker / 'spool'} cannot be created by this user" in err
     assert "storage.database_url" not in err, "its folder can be made"
+
+
+# -- what YAML makes of what IT writes ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("dicom:\n  port: yes\n", "dicom.port"),  # YAML 1.1: yes is true, which int() would take as 1
+        ("workers:\n  count: yes\n", "workers.count"),
+        ("destinations:\n  - {name: pacs, ae_title: PACS, host: 10.0.0.5, port: on}\n", "destinations.0.port"),
+        ("selection:\n  max_study_age_days: true\n", "selection.max_study_age_days"),  # int | None
+        ("assembly:\n  quiet_period_s: on\n", "assembly.quiet_period_s"),  # a float would take it as 1.0
+    ],
+)
+def test_true_or_false_is_not_a_number(tmp_path: Path, text: str, key: str) -> None:
+    msg = _error(write_yaml(tmp_path / "c.yaml", text))
+    assert f"{key}: Value error, a number is needed, not true/false" in msg, msg
+
+
+def test_numbers_from_the_environment_are_still_numbers() -> None:
+    cfg = load_config(None, environ={"LUNGNODE_DICOM__PORT": "104", "LUNGNODE_WORKERS__COUNT": "2",
+                                     "LUNGNODE_SELECTION__MAX_STUDY_AGE_DAYS": "30"})
+    assert (cfg.dicom.port, cfg.workers.count, cfg.selection.max_study_age_days) == (104, 2, 30)
+    assert "dicom.port:" in _error(None, {"LUNGNODE_DICOM__PORT": "true"})
+
+
+def test_a_range_with_min_above_max_is_refused(tmp_path: Path) -> None:
+    """min 5, max 1 would skip every series, silently."""
+    msg = _error(write_yaml(tmp_path / "c.yaml", "selection:\n  slice_thickness_mm: {min: 5, max: 1}\n"))
+    assert "selection.slice_thickness_mm: Value error, min 5 is above max 1" in msg, msg
+    same = load_config(write_yaml(tmp_path / "ok.yaml", {"selection": {"slice_thickness_mm": {"min": 2, "max": 2}}}))
+    assert (same.selection.slice_thickness_mm.min, same.selection.slice_thickness_mm.max) == (2, 2)
+
+
+def test_one_bound_of_a_range_keeps_the_other_default(tmp_path: Path) -> None:
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", {"selection": {"slice_thickness_mm": {"min": 1}}}), environ={})
+    assert (cfg.selection.slice_thickness_mm.min, cfg.selection.slice_thickness_mm.max) == (1.0, 5.0)
+    cfg = load_config(None, environ={"LUNGNODE_SELECTION__SLICE_THICKNESS_MM__MAX": "3"})
+    assert (cfg.selection.slice_thickness_mm.min, cfg.selection.slice_thickness_mm.max) == (0.5, 3.0)
+    msg = _error(None, {"LUNGNODE_SELECTION__SLICE_THICKNESS_MM__MIN": "9"})  # above the default max
+    assert "selection.slice_thickness_mm: Value error, min 9 is above max 5" in msg
+    assert "LUNGNODE_SELECTION__SLICE_THICKNESS_MM__MIN" in msg
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("mysql://node@db/ln", "SQLite or PostgreSQL, not mysql"),
+        ("oracle://node@db/ln", "SQLite or PostgreSQL, not oracle"),
+        ("postgres://node@db/ln", "spells it postgresql"),
+        ("postgresql+asyncpg://node@db/ln", "asyncio driver"),
+    ],
+)
+def test_a_database_the_node_cannot_use_is_refused_by_check_config(tmp_path: Path, url: str, words: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: valid for check-config, then serve failed at start for want of a driver."""
+    path = write_yaml(tmp_path / "c.yaml", {"storage": {"database_url": url}})
+    assert cli_main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "storage.database_url: Value error," in err and words in err, err
+    assert "postgresql+psycopg://" in err  # what to use instead
+
+
+def test_a_postgresql_driver_that_is_not_installed_is_named() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pg8000") is not None:
+        pytest.skip("pg8000 is installed here")
+    msg = _error(None, {"LUNGNODE_STORAGE__DATABASE_URL": "postgresql+pg8000://node@db/ln"})
+    assert "storage.database_url: Value error, the driver of postgresql+pg8000 cannot be loaded" in msg
+    assert "pip install -e '.[postgres]'" in msg
+
+
+def test_supported_databases_pass() -> None:
+    for url in ("sqlite:///var/ln.db", "sqlite://", "postgresql://node@db/ln", "postgresql+psycopg://node:pw@db/ln"):
+        assert load_config(None, environ={"LUNGNODE_STORAGE__DATABASE_URL": url}).storage.database_url == url
+
+
+def test_sections_left_empty_mean_their_defaults(tmp_path: Path) -> None:
+    """Every key of a section commented out leaves the section null in YAML: the same as leaving it out."""
+    text = ("dicom:\n  ae_title: NODE\n  allowed_callers:\n  tls:\n    # enabled: true\n"
+            "storage:\n  # spool_dir: /srv/spool\naudit:\n"
+            "selection:\n  slice_thickness_mm:\n  series_description:\n"
+            "inference:\n  slice_rule:\n"
+            "destinations:\n#  - name: pacs\n")
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", text), environ={})
+    defaults = Config()
+    assert cfg.dicom.ae_title == "NODE"
+    assert cfg.dicom.tls == defaults.dicom.tls and cfg.dicom.allowed_callers == []
+    assert cfg.storage == defaults.storage and cfg.audit == defaults.audit
+    assert cfg.selection == defaults.selection and cfg.inference.slice_rule == defaults.inference.slice_rule
+    assert cfg.destinations == []
+
+
+def test_an_empty_value_that_has_no_empty_meaning_is_named(tmp_path: Path) -> None:
+    msg = _error(write_yaml(tmp_path / "c.yaml", "dicom:\n  port:\nselection:\n  modalities:\n"))
+    assert "dicom.port: Value error, empty: give a value, or leave the key out for its default" in msg
+    assert "selection.modalities: Value error, empty" in msg  # [] (none) or the default [CT]? IT says which
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "read_as"),
+    [
+        ("dicom:\n  ae_title: 12345\n", "dicom.ae_title", "a number"),
+        ("dicom:\n  ae_title: NO\n", "dicom.ae_title", "true/false"),
+        ("dicom:\n  allowed_callers: [12345]\n", "dicom.allowed_callers.0.ae_title", "a number"),
+        ("outputs:\n  device_serial_number: 12345\n", "outputs.device_serial_number", "a number"),
+        ("audit:\n  source_id: 2024-01-05\n", "audit.source_id", "a date"),
+    ],
+)
+def test_a_text_value_yaml_read_as_something_else_says_to_quote_it(tmp_path: Path, text: str, key: str,
+                                                                    read_as: str) -> None:
+    msg = _error(write_yaml(tmp_path / "c.yaml", text))
+    field = key.rsplit(".", 1)[1]
+    assert f"{key}: Value error, text is needed: quote the value in YAML ({field}: \"...\")" in msg, msg
+    assert f"reads it as {read_as}" in msg
+    quoted = text.replace("12345", "'12345'").replace("NO", "'NO'").replace("2024-01-05", "'2024-01-05'")
+    load_config(write_yaml(tmp_path / "quoted.yaml", quoted), environ={})
+
+
+def test_an_empty_ae_title_from_the_environment_says_what_an_ae_title_is() -> None:
+    msg = _error(None, {"LUNGNODE_DICOM__AE_TITLE": ""})
+    assert "dicom.ae_title: Value error, an AE title is 1 to 16 printable characters" in msg
+    assert "(set by environment variable LUNGNODE_DICOM__AE_TITLE)" in msg
+    assert load_config(None, environ={"LUNGNODE_AUDIT__HOST": ""}).audit.host is None  # '' unsets optional keys
+
+
+# -- errors caused by environment variables name them ---------------------------------------------
+def test_an_unknown_section_from_the_environment_names_the_variable() -> None:
+    msg = _error(None, {"LUNGNODE_DICMO__PORT": "104"})
+    assert "dicmo: unknown key (from environment variable LUNGNODE_DICMO__PORT)" in msg, msg
+
+
+def test_a_section_the_environment_made_invalid_names_the_variable(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error is the TLS section's (enabled without certificate), the cause a variable that set a key in it."""
+    path = write_yaml(tmp_path / "c.yaml", {"dicom": {"port": 11120}})
+    monkeypatch.setenv("LUNGNODE_DICOM__TLS__ENABLED", "true")
+    assert cli_main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "dicom.tls: Value error, enabled: true needs certificate and private_key" in err
+    assert "(from environment variable LUNGNODE_DICOM__TLS__ENABLED)" in err, err
+    msg = _error(path, {"LUNGNODE_DICMO__PORT": "1", "LUNGNODE_DICOM__PORT": "x"})
+    assert "dicom.port:" in msg and "LUNGNODE_DICMO__PORT" not in msg.split("dicom.port:")[1].splitlines()[0]
+
+
+# -- check-config and the log file ----------------------------------------------------------------
+def test_check_config_refuses_a_log_file_the_node_could_not_open(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """serve stops at once on such a log file: check-config (the unit's ExecStartPre) must say so with exit 2, not a
+    warning. A path below a regular file fails for every user, root included."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    log_file = blocker / "node.log"
+    path = write_yaml(tmp_path / "c.yaml", {"logging": {"file": str(log_file)}})
+    assert cli_main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"logging.file: {log_file} cannot be created by this user ({blocker} is not a folder)" in err, err
+    a_folder = write_yaml(tmp_path / "d.yaml", {"logging": {"file": str(tmp_path)}})  # the file is a folder
+    assert cli_main(["check-config", str(a_folder)]) == 2
+    assert f"logging.file: {tmp_path} cannot be written" in capsys.readouterr().err
+    fine = write_yaml(tmp_path / "ok.yaml", {"logging": {"file": str(tmp_path / "new" / "node.log")}})
+    assert cli_main(["check-config", str(fine)]) == 0  # a folder still to be made under a writable one
+    assert "logging.file" not in capsys.readouterr().err
