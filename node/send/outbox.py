@@ -318,7 +318,7 @@ class Outbox:
                        permanent: bool = False, retry_at: dt.datetime | None = None) -> SendState:
         """The one place a delivery fails (a refused C-STORE, no association, a refused or missing storage
         commitment): ``pending`` again at ``retry_at`` (default: after the backoff delay), or ``failed`` with a
-        ``send_failed`` event once attempts are used up, so every give-up reaches ``status`` and the audit alike."""
+        ``send_failed`` event once attempts are used up, so every give-up reaches ``status`` and the alerting alike."""
         item.last_error = error
         item.last_error_at = now
         item.last_status = status
