@@ -507,19 +507,16 @@ class StorageSCP:
             recorded = self.ledger.record_instance(
                 header, path=final, size_bytes=size, association_id=assoc_id, own_output=is_own_output(header)
             )
-        except (InstanceRejected, DataError) as exc:
-            # Refused by the ledger (another study's series), or a header value the database cannot hold (the file
-            # would fail again at every start-up reconciliation): leave no file behind.
+        except BaseException as exc:
+            # Not recorded, so not acknowledged: refused by the ledger (another study's series), a header value the
+            # database cannot hold (it would fail again at every start-up reconciliation), or a database down.
+            # The file linked here is not the node's to keep: reconciliation would adopt what the sender was told
+            # was refused.
             wait([file_done])
             if file_done.exception() is None and file_done.result() is not None:
                 final.unlink(missing_ok=True)
             if isinstance(exc, DataError):
                 raise unrecordable(exc) from None
-            raise
-        except BaseException:
-            wait([file_done])
-            if file_done.exception() is None and file_done.result() is not None:
-                final.unlink(missing_ok=True)  # linked here, not recorded: not the node's to keep
             raise
         created = False
         try:
