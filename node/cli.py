@@ -279,20 +279,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return synth_main(args.rest)
 
 
-def _models_parser() -> argparse.ArgumentParser:
-    """models_cli's parser with the --config option cmd_models takes before or after the action, for --help."""
-    from node.pipeline.models_cli import build_parser as models_parser
-
-    parser = models_parser()
-    _config_arg(parser)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub_parser in action.choices.values():
-                _config_arg(sub_parser)
-    return parser
-
-
 def cmd_models(args: argparse.Namespace) -> int:
+    from node.pipeline.models_cli import build_parser as models_parser
     from node.pipeline.models_cli import models_main
 
     # --config may also come after list/verify (lungnode models verify --config F)
@@ -300,7 +288,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     _config_arg(pre)
     known, rest = pre.parse_known_args(args.rest)
     if {"-h", "--help"} & set(rest):  # before reading the configuration: help needs none
-        _models_parser().parse_args(rest)  # prints the help and exits 0
+        models_parser().parse_args(rest)  # prints the help and exits 0
     cfg = load_config(known.config or args.config)
     setup_logging("WARNING")
     return models_main(rest, cfg.inference)

@@ -14,6 +14,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TextIO, cast
 
 import numpy as np
@@ -188,10 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = sub.add_parser("list", help="read every manifest and check each model.onnx hash (fast, no session)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    configs = [parser, p]
     p = sub.add_parser(
         "verify",
         help="hash check, build the inference session, run one dummy input; exit 2 when any model is BAD",
     )
+    configs.append(p)
+    for with_config in configs:  # `lungnode models` reads it before the action or after it
+        with_config.add_argument("--config", "-c", type=Path, metavar="FILE",
+                                 help="YAML configuration (default: embedded defaults)")
     p.add_argument(
         "names", nargs="*", metavar="NAME", help="model folder names (default: all folders and the configured models)"
     )
