@@ -190,17 +190,14 @@ def serve(config: Config, config_path: Path | None = None) -> int:
             audit.start()
             node.start()
             sender.start()
-        except SQLAlchemyError as exc:  # e.g. the ledger's disk full when start-up reconciliation writes
+        except BaseException as exc:
             sender.stop()
             node.stop()
             audit.stop()
-            raise LungnodeError(f"the database could not be brought up to date at start ({db_reason(exc)}). "
-                                f"Check storage.database_url, and the free space and permissions where it "
-                                f"lives") from exc
-        except BaseException:
-            sender.stop()
-            node.stop()
-            audit.stop()
+            if isinstance(exc, SQLAlchemyError):  # e.g. the ledger's disk full when start-up reconciliation writes
+                raise LungnodeError(f"the database could not be brought up to date at start ({db_reason(exc)}). "
+                                    f"Check storage.database_url, and the free space and permissions where it "
+                                    f"lives") from exc
             raise
     except LungnodeError as exc:  # the reason belongs in the node's log too, not only on stderr
         log.error(kv("node_start_failed", reason=str(exc)))

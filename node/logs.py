@@ -94,12 +94,14 @@ def phi(value: Any) -> str:
 
 
 def error_reason(exc: BaseException) -> str:
-    """An error in a few words for a log line: a database error by its driver's message (never the statement and
+    """An error in a few words for a log line: a database error as ``db_reason`` gives it (never the statement and
     its values), anything else by its class and, where logging.include_phi allows, its message."""
-    orig = getattr(exc, "orig", None)
-    if isinstance(orig, BaseException):
-        lines = str(orig).strip().splitlines()
-        return f"{type(orig).__name__}: {lines[0][:160]}" if lines else type(orig).__name__
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from node.db.session import db_reason
+
+    if isinstance(exc, SQLAlchemyError):
+        return f"{type(exc).__name__}: {db_reason(exc)}"
     return f"{type(exc).__name__}: {phi(exc)}"
 
 

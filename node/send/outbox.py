@@ -310,9 +310,12 @@ class Outbox:
         row that the sender's poll happened to split off). Returns the new states in ``item_ids``' order."""
         now = utcnow()
         with self.sessions.begin() as s:
-            items = [s.get(OutboxItem, item_id) for item_id in item_ids]
-            return [self._retry_or_fail(s, item, error=error, status=status, now=now, permanent=permanent)
-                    for item in items if item is not None]
+            states = []
+            for item_id in item_ids:
+                item = s.get(OutboxItem, item_id)
+                assert item is not None
+                states.append(self._retry_or_fail(s, item, error=error, status=status, now=now, permanent=permanent))
+            return states
 
     def _retry_or_fail(self, s: Session, item: OutboxItem, *, error: str, now: dt.datetime, status: int | None = None,
                        permanent: bool = False, retry_at: dt.datetime | None = None) -> SendState:
