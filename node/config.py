@@ -462,6 +462,9 @@ class AuditSettings(Strict):
 
 def _web_url(value: str) -> str:
     parts = urlsplit(value)
+    if "@" in parts.netloc:  # checked first: the messages below quote the url
+        raise ValueError("put no user or password in the url (they would appear in logs and audit messages): use "
+                         "username with password_file, or token_file")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ValueError(f"{value!r} is not the http(s) URL of a DICOMweb service (e.g. "
                          "https://pacs.hospital.example/dicom-web)")

@@ -29,6 +29,31 @@ EXPIRY_WARNING_DAYS = 30
 # OpenSSL's verify codes for a chain that ends at no trusted CA: self-signed leaf, self-signed root in
 # the chain, unknown issuer (of the leaf or of an intermediate).
 UNTRUSTED_ISSUER = frozenset({18, 19, 20, 2})
+#: TLS 1.2 suites: forward secrecy and AEAD only, as BCP 195 (RFC 9325 4.2) recommends. Python's default list adds
+#: CBC suites (ECDHE-RSA-AES128-SHA256 ...) that security scanners flag; TLS 1.3's suites are all AEAD already.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!aDSS"
+
+
+def _harden(ctx: ssl.SSLContext) -> None:
+    """TLS 1.2 or later with the cipher suites above, for every context the node makes."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+
+
+def check_secret_file(path: Path, setting: str) -> None:
+    """Warn (once per file) when a private key, password or token file is readable by every local user: anyone
+    on the machine could then impersonate the node. Group-readable is fine (the service's group, mode 0640)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # loading it reports the problem
+    if mode & 0o004 and (setting, str(path)) not in _SECRETS_WARNED:
+        _SECRETS_WARNED.add((setting, str(path)))
+        log.warning(kv("secret_file_readable_by_all", setting=setting, file=path, mode=f"{mode & 0o777:04o}",
+                       fix=f"chmod 600 {path} (or 640 with the service's group)"))
+
+
+_SECRETS_WARNED: set[tuple[str, str]] = set()
 
 
 def _load_chain(ctx: ssl.SSLContext, certificate: Path, private_key: Path, where: str) -> None:
@@ -38,6 +63,7 @@ def _load_chain(ctx: ssl.SSLContext, certificate: Path, private_key: Path, where
         raise LungnodeError(f"{where}: cannot load certificate {certificate} with key {private_key}: {_reason(exc)}. "
                             f"Both must be PEM files, the key unencrypted and matching the certificate.") from exc
     _check_dates(certificate, where)
+    check_secret_file(private_key, f"{where}.private_key")
 
 
 def _check_dates(certificate: Path, where: str) -> None:
@@ -85,6 +111,11 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc)
 
 
+def tls_reason(exc: BaseException) -> str:
+    """Why a TLS connection failed, in words (for the other senders' error messages)."""
+    return _reason(exc)
+
+
 def _fix(exc: BaseException) -> str:
     """What to change when a caller's handshake with one of our listeners failed."""
     reason = _reason(exc)
@@ -101,7 +132,7 @@ def _fix(exc: BaseException) -> str:
     if "alert" in reason and ("unknown ca" in reason or "bad certificate" in reason or "certificate unknown" in reason):
         return "the caller does not trust our certificate (dicom.tls.certificate): give it the CA that signed it"
     if "protocol" in reason or "cipher" in reason:
-        return "the caller must offer TLS 1.2 or later with current ciphers"
+        return "the caller must offer TLS 1.2 or later with an AEAD cipher suite (e.g. ECDHE-RSA-AES128-GCM-SHA256)"
     return "check the caller's TLS settings against dicom.tls"
 
 
@@ -149,7 +180,7 @@ def server_context(certificate: Path, private_key: Path, ca_certificates: Path |
                    crl: Path | None = None) -> ssl.SSLContext:
     """For a listener: present ``certificate``; with ``ca_certificates``, require callers' certificates."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _harden(ctx)
     _load_chain(ctx, certificate, private_key, "dicom.tls")
     if ca_certificates is not None:
         _load_cas(ctx, ca_certificates, "dicom.tls.ca_certificates")
@@ -163,7 +194,7 @@ def client_context(ca_certificates: Path | None, certificate: Path | None, priva
     """For sending to a destination: trust only ``ca_certificates`` (None: the system's CAs, for a DICOMweb server
     with a public certificate); present ours when the peer asks."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _harden(ctx)
     ctx.check_hostname = check_hostname
     if ca_certificates is None:
         ctx.load_default_certs()

@@ -8,6 +8,7 @@ next write and opened again. Errors are raised to the caller (``node.audit.trail
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import select
 import socket
@@ -35,6 +36,11 @@ def frame(xml: str, *, hostname: str) -> bytes:
     return header.encode("ascii") + b" " + _BOM + xml.encode("utf-8")
 
 
+class Undeliverable(Exception):
+    """A message this transport can never carry (a UDP datagram over the size limit): retrying it would hold up
+    every message queued behind it."""
+
+
 class Transport(Protocol):
     def send(self, message: bytes) -> None: ...
     def close(self) -> None: ...
@@ -52,7 +58,12 @@ class UdpTransport:
             info = socket.getaddrinfo(*self.address, type=socket.SOCK_DGRAM)[0]
             self._sock = socket.socket(info[0], socket.SOCK_DGRAM)
             self._sock.connect(info[4])
-        self._sock.send(message)
+        try:
+            self._sock.send(message)
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                raise Undeliverable(f"{len(message)} bytes do not fit in one UDP datagram") from exc
+            raise
 
     def close(self) -> None:
         if self._sock is not None:

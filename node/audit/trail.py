@@ -2,7 +2,8 @@
 
 Events are queued and sent from one background thread, so no DICOM handler ever waits on the repository. While the
 repository cannot be reached, messages wait in the queue (``audit.queue_size``) and are sent once it is back; the
-outage is logged once when it starts and once when it ends. A full queue drops new messages, counted in the log.
+outage is logged once when it starts and once when it ends. A full queue drops new messages, counted in the log; so
+is a message the transport can never carry (over UDP's size limit), which would otherwise hold up all the others.
 The ledger records every step whether or not audit messages are sent.
 """
 
@@ -18,7 +19,7 @@ import time
 from dataclasses import replace
 
 from node.audit import messages as m
-from node.audit.syslog import StreamTransport, Transport, UdpTransport, frame
+from node.audit.syslog import StreamTransport, Transport, UdpTransport, Undeliverable, frame
 from node.config import AuditSettings
 from node.errors import LungnodeError
 from node.logs import kv
@@ -152,6 +153,12 @@ class AuditTrail:
                     try:
                         transport.send(message)
                         break
+                    except Undeliverable as exc:
+                        self._dropped += 1
+                        log.error(kv("audit_message_dropped", host=self.settings.host, port=self.settings.port,
+                                     transport=self.settings.transport, reason=str(exc),
+                                     fix="use audit.transport tls or tcp, which carry messages of any size"))
+                        break
                     except (OSError, ValueError) as exc:
                         if failing_since is None:
                             failing_since = time.monotonic()
@@ -182,21 +189,23 @@ class AuditTrail:
                    event_type=m.APPLICATION_START if started else m.APPLICATION_STOP)
 
     def instances_received(self, *, calling_ae: str, host: str, studies: list[m.StudyRecord], refused: int) -> None:
-        """One association's images, per study (DICOM Instances Transferred, A.5.3.4); refusals make it a minor
-        failure."""
+        """One association's images, one message per patient with its studies (DICOM Instances Transferred,
+        A.5.3.4); refusals make each a minor failure (a refused instance's patient is not known)."""
         if not self.enabled or not (studies or refused):
             return
         source = self._peer(calling_ae, host, requestor=True, role=m.ROLE_SOURCE)
         us = replace(self.node, role=m.ROLE_DESTINATION)
-        self._emit(event=m.INSTANCES_TRANSFERRED, action="C", outcome=m.MINOR_FAILURE if refused else m.SUCCESS,
-                   outcome_description=f"{refused} instance(s) refused" if refused else None,
-                   participants=[source, us], studies=studies)
+        for group in _per_patient(studies):
+            self._emit(event=m.INSTANCES_TRANSFERRED, action="C", outcome=m.MINOR_FAILURE if refused else m.SUCCESS,
+                       outcome_description=f"{refused} instance(s) refused" if refused else None,
+                       participants=[source, us], studies=group)
 
     def instances_sent(self, *, destination_ae: str | None, host: str, calling_ae: str, studies: list[m.StudyRecord],
                        failed: int, error: str | None, url: str | None = None) -> None:
         """Results sent to a destination in one association, or by STOW-RS to ``url`` (DICOM Instances
-        Transferred): new objects for the receiver, hence action C. Nothing delivered is a serious failure, some of
-        it a minor one."""
+        Transferred), one message per patient: new objects for the receiver, hence action C. Nothing delivered is
+        a serious failure, some of it a minor one (said in each message: failed objects are not told apart by
+        patient)."""
         if not self.enabled or not (studies or failed):
             return
         delivered = sum(sum(s.sop_classes.values()) for s in studies)
@@ -206,9 +215,10 @@ class AuditTrail:
         dest = self._peer(destination_ae, host, requestor=False, role=m.ROLE_DESTINATION)
         if url is not None:
             dest = replace(dest, user_id=url)
-        self._emit(event=m.INSTANCES_TRANSFERRED, action="C", outcome=outcome,
-                   outcome_description=f"{failed} object(s) not delivered: {error}" if failed else None,
-                   participants=[us, dest], studies=studies)
+        for group in _per_patient(studies):
+            self._emit(event=m.INSTANCES_TRANSFERRED, action="C", outcome=outcome,
+                       outcome_description=f"{failed} object(s) not delivered: {error}" if failed else None,
+                       participants=[us, dest], studies=group)
 
     def instances_deleted(self, *, study: m.StudyRecord, reason: str) -> None:
         """Received images deleted (DICOM Instances Accessed, action D, A.5.3.2)."""
@@ -225,6 +235,15 @@ class AuditTrail:
             return
         self._emit(event=m.SECURITY_ALERT, action="E", outcome=m.MINOR_FAILURE, event_type=m.NODE_AUTHENTICATION,
                    outcome_description=reason, participants=[self._peer(calling_ae, host, requestor=True), self.node])
+
+
+def _per_patient(studies: list[m.StudyRecord]) -> list[list[m.StudyRecord]]:
+    """The studies grouped by patient, in the order first seen; one empty group when there are none. IHE ATNA wants
+    one patient per message: a repository files a message under its patient, and one naming two misfiles one."""
+    groups: dict[tuple[str | None, str | None], list[m.StudyRecord]] = {}
+    for study in studies:
+        groups.setdefault((study.patient_id, study.patient_name), []).append(study)
+    return list(groups.values()) or [[]]
 
 
 #: The trail of a process that sends no audit messages (tests, commands other than ``serve``).

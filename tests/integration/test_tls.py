@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -412,3 +413,71 @@ def test_lungnode_echo_checks_a_tls_listener_without_noise_in_its_log(tls_node: 
     assert proc.returncode == 0 and "accepts connections (a TLS listener" in proc.stdout, proc.stderr
     time.sleep(1.0)
     assert "tls_handshake_failed" not in tls_node.log, tls_node.log[-2000:]
+
+
+# -- cipher suites and key files ---------------------------------------------------------------------
+def _tls12_client(pki: Pki, cipher: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(cipher)
+    ctx.load_verify_locations(str(pki.ca))
+    ctx.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    return ctx
+
+
+def test_the_listener_offers_only_aead_suites_with_forward_secrecy(tls_node: NodeProcess, pki: Pki) -> None:
+    """BCP 195: a TLS 1.2 caller offering only a CBC suite is refused (Python's default list took it), and told
+    what to offer; one offering AES-GCM gets through."""
+    start = len(tls_node.log)
+    with socket.create_connection(("127.0.0.1", tls_node.port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLError):
+            _tls12_client(pki, "ECDHE-RSA-AES128-SHA256").wrap_socket(raw, server_hostname="127.0.0.1")
+    tls_node.wait_for_log(r'event=tls_handshake_failed .*reason="no shared cipher" fix="the caller must offer TLS 1.2 '
+                          r"or later with an AEAD cipher suite", start=start)
+    with socket.create_connection(("127.0.0.1", tls_node.port), timeout=10) as raw:
+        with _tls12_client(pki, "ECDHE-RSA-AES128-GCM-SHA256").wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.cipher()[0] == "ECDHE-RSA-AES128-GCM-SHA256"
+
+
+def test_a_destination_offering_only_cbc_suites_is_refused(pki: Pki) -> None:
+    """The sending side holds to the same suites: a TLS 1.2 server with only a CBC suite fails the handshake."""
+    from node.tls import client_context, diagnose
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    server_ctx.set_ciphers("ECDHE-RSA-AES128-SHA256")
+    server_ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                try:
+                    server_ctx.wrap_socket(conn, server_side=True).close()
+                except (OSError, ssl.SSLError):
+                    pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        ctx = client_context(pki.ca, None, None, True, "destinations[pacs].tls")
+        why = diagnose(ctx, "127.0.0.1", server.getsockname()[1], "127.0.0.1", 5.0)
+        thread.join(10)
+    assert why is not None and "handshake failure" in why, why
+
+
+def test_a_private_key_readable_by_every_user_is_named_with_the_fix(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import shutil
+
+    from node.tls import server_context
+
+    key = tmp_path / "node.key"
+    shutil.copy(pki.server_key, key)
+    key.chmod(0o640)  # the service's group may read it: fine
+    server_context(pki.server_cert, key, pki.ca)
+    assert "secret_file_readable_by_all" not in caplog.text
+    key.chmod(0o644)
+    server_context(pki.server_cert, key, pki.ca)
+    assert re.search(rf"WARNING .*event=secret_file_readable_by_all setting=dicom.tls.private_key file={key} "
+                     rf'mode=0644 fix="chmod 600 {key}', caplog.text), caplog.text

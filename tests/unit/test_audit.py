@@ -223,3 +223,60 @@ def test_a_stow_rs_destination_is_named_by_its_url() -> None:
     (dest,) = [p for p in doc.findall("ActiveParticipant") if p.find("RoleIDCode").get("csd-code") == "110152"]
     assert (dest.get("UserID"), dest.get("AlternativeUserID")) == (url, None)
     assert (dest.get("NetworkAccessPointID"), dest.get("NetworkAccessPointTypeCode")) == ("vna.hospital.example", "1")
+
+
+def test_one_message_per_patient_each_with_its_own_studies() -> None:
+    """IHE ATNA: one patient per message. An association (or a send batch) with two patients' studies gave one
+    message naming both, which a repository files under one of them."""
+    from collections import Counter
+
+    from node.audit import StudyRecord
+    from tests.helpers.audit import CT
+
+    def record(uid: str, patient: str) -> StudyRecord:
+        return StudyRecord(uid, patient_id=patient, patient_name=f"{patient}^Name", sop_classes=Counter({CT: 2}))
+
+    studies = [record("1.2.3.1", "P-1"), record("1.2.3.2", "P-2"), record("1.2.3.3", "P-1")]
+    rng = schema()
+    with udp_repository() as (port, sock):
+        trail = _trail(port)
+        trail.start()
+        try:
+            trail.instances_received(calling_ae="CT1", host="10.1.2.3", studies=studies, refused=0)
+            trail.instances_sent(destination_ae="PACS", host="10.1.2.4", calling_ae="LUNGNODE", studies=studies,
+                                 failed=0, error=None)
+            docs = [parse(xml_of(sock.recv(65535))) for _ in range(4)]
+        finally:
+            trail.stop()
+    found = []
+    for doc in docs:
+        assert rng.validate(doc), rng.error_log.last_error
+        objects = doc.findall("ParticipantObjectIdentification")
+        patients = [o.get("ParticipantObjectID") for o in objects if o.get("ParticipantObjectTypeCode") == "1"]
+        found.append((sorted(set(patients)),
+                      [o.get("ParticipantObjectID") for o in objects if o.get("ParticipantObjectTypeCode") == "2"]))
+    expected = [(["P-1"], ["1.2.3.1", "1.2.3.3"]), (["P-2"], ["1.2.3.2"])]
+    assert found == expected * 2
+
+
+def test_a_message_too_large_for_udp_is_dropped_with_an_error_and_holds_up_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A datagram over 64 KiB can never go: retried forever, it blocked every audit message behind it."""
+    from collections import Counter
+
+    from node.audit import StudyRecord
+
+    huge = StudyRecord("1.2.3.9", patient_id="P-9", sop_classes=Counter({f"1.2.840.99.{i}": 1 for i in range(3000)}))
+    with udp_repository() as (port, sock):
+        trail = _trail(port)
+        trail.start()
+        try:
+            trail.instances_received(calling_ae="CT1", host="10.1.2.3", studies=[huge], refused=0)
+            trail.application_activity(started=False)
+            doc = parse(xml_of(sock.recv(65535)))
+        finally:
+            trail.stop()
+    assert doc.find("EventIdentification/EventTypeCode").get("originalText") == "Application Stop"
+    assert re.search(r"ERROR .*event=audit_message_dropped .*reason=\"\d+ bytes do not fit in one UDP datagram\" "
+                     r"fix=\"use audit.transport tls or tcp", caplog.text), caplog.text

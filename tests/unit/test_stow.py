@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from node.config import Config, Destination, WebDestination
+from node.config import Config, ConfigError, Destination, WebDestination, load_config
 from node.send.outbox import Claimed
 from node.send.scu import StoreOutcome
 from node.send.stow import auth_header, stow_batch
@@ -67,16 +67,23 @@ def test_credentials_come_from_their_files(tmp_path: Path) -> None:
     assert auth_header(WebDestination(name="x", url="https://vna.example/dw")) is None
 
 
+Reply = tuple[int, dict[str, object] | None] | tuple[int, dict[str, object] | None, dict[str, str]]
+
+
 class _Server(BaseHTTPRequestHandler):
-    answers: list[tuple[int, dict[str, object] | None]] = []
+    answers: list[Reply] = []
     seen: list[tuple[str, str, bytes]] = []
+    authorizations: list[str | None] = []
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.seen.append((self.path, self.headers["Content-Type"], body))
-        status, doc = self.answers.pop(0)
+        self.authorizations.append(self.headers["Authorization"])
+        status, doc, *extra = self.answers.pop(0)
         payload = json.dumps(doc).encode() if doc is not None else b""
         self.send_response(status)
+        for name, value in (extra[0] if extra else {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/dicom+json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -87,8 +94,8 @@ class _Server(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def _server(answers: list[tuple[int, dict[str, object] | None]]) -> Iterator[str]:
-    _Server.answers, _Server.seen = list(answers), []
+def _server(answers: list[Reply]) -> Iterator[str]:
+    _Server.answers, _Server.seen, _Server.authorizations = list(answers), [], []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Server)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -145,3 +152,62 @@ def test_a_service_problem_stops_the_batch_with_what_to_check(tmp_path: Path) ->
                            on_outcome=outcomes.append)
     assert [o.delivered for o in outcomes] == [True], "the object after the 503 is left for the retry"
     assert error is not None and "HTTP 503" in error and "destinations[d]" in error
+
+
+def test_a_server_error_with_a_failure_reason_is_tried_again(tmp_path: Path) -> None:
+    """5xx is the server's trouble, not the object's: retried later, whatever Failure Reason it names."""
+    outcomes: list[StoreOutcome] = []
+    with _server([(500, _failed(0x0110)), (409, _failed(0x0110))]) as url:
+        assert stow_batch(WebDestination(name="d", url=url), _items(tmp_path, 2), timeout_s=5,
+                          on_outcome=outcomes.append) is None
+    assert [(o.status, o.delivered, o.permanent) for o in outcomes] == [(0x0110, False, False), (0x0110, False, True)]
+
+
+def test_a_redirect_is_not_followed_and_the_error_names_where_it_points(tmp_path: Path) -> None:
+    outcomes: list[StoreOutcome] = []
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret")
+    secret.chmod(0o600)
+    target = "https://pacs.example/dicom-web/studies?session=abc"
+    with _server([(301, None, {"Location": target})]) as url:
+        dest = WebDestination(name="d", url=url, username="u", password_file=secret)
+        error = stow_batch(dest, _items(tmp_path, 2), timeout_s=5, on_outcome=outcomes.append)
+        seen = len(_Server.seen)
+    assert outcomes == [] and seen == 1, "one request, the redirect not followed with our credentials"
+    assert error is not None and "HTTP 301" in error and "redirects to https://pacs.example/dicom-web/studies:" in error
+    assert "session=abc" not in error
+
+
+def test_a_token_a_header_cannot_carry_is_refused_without_showing_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """http.client's own error quoted the whole header (the token) into the log and the outbox's last_error."""
+    token = tmp_path / "token"
+    token.write_text("eyJhbGciOi.secret-part\nsecond-line\n")
+    token.chmod(0o644)
+    outcomes: list[StoreOutcome] = []
+    with _server([(200, None)]) as url:
+        error = stow_batch(WebDestination(name="d", url=url, token_file=token), _items(tmp_path, 1), timeout_s=5,
+                           on_outcome=outcomes.append)
+        seen = len(_Server.seen)
+    assert outcomes == [] and seen == 0
+    assert error is not None and "destinations[d].token_file" in error and "one line of printable ASCII" in error
+    assert "secret-part" not in error and "second-line" not in error
+    assert "secret_file_readable_by_all setting=destinations[d].token_file" in caplog.text, "mode 0644: said once"
+
+
+def test_a_password_in_the_url_is_refused_without_being_shown(tmp_path: Path) -> None:
+    """It would reach every error message, the outbox and the audit messages: the configuration refuses it."""
+    config = tmp_path / "config.yaml"
+    config.write_text("destinations:\n  - {name: d, url: 'https://user:pw-in-url@vna.example/dicom-web'}\n")
+    with pytest.raises(ConfigError, match="put no user or password in the url") as refused:
+        load_config(config)
+    assert "pw-in-url" not in str(refused.value)
+
+
+def test_https_to_a_plain_http_port_says_so(tmp_path: Path) -> None:
+    with _server([(200, None)]) as url:
+        dest = WebDestination(name="d", url=url.replace("http://", "https://"))
+        error = stow_batch(dest, _items(tmp_path, 1), timeout_s=5, on_outcome=lambda _o: None)
+    assert error is not None and "TLS failed (the server did not speak TLS" in error, error
+    assert "destinations[d].ca_certificates" in error
