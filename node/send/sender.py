@@ -131,7 +131,8 @@ class Sender:
         if committing:
             self.listener = CommitmentListener(self.outbox, bind_address=self.config.dicom.bind_address,
                                                port=self.settings.commitment_port, ae_title=self.config.dicom.ae_title,
-                                               tls=listener_tls(self.config.dicom, "commitment"))
+                                               tls=listener_tls(self.config.dicom, "commitment",
+                                                                on_failure=self._tls_failed))
             self.listener.start()
             for d in committing:  # the one set-up step the PACS side needs; say it where IT looks
                 log.info(kv("commitment_setup", destination=d.name,
@@ -141,6 +142,10 @@ class Sender:
         self._thread.start()
         log.info(kv("sender_started", destinations=",".join(self.destinations) or "none",
                     commitment_port=self.commitment_port))
+
+    def _tls_failed(self, peer: str, reason: str) -> None:
+        """A caller of the commitment listener refused at the TLS handshake: a security alert, as on dicom.port."""
+        self.audit.node_authentication_failed(host=peer, calling_ae=None, reason=reason)
 
     def wake(self) -> None:
         """Look for due objects now (e.g. right after results were queued)."""

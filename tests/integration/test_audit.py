@@ -235,6 +235,37 @@ def test_a_caller_refused_at_the_tls_handshake_is_a_security_alert(
     assert (caller.get("UserID"), caller.get("NetworkAccessPointID")) == ("127.0.0.1", "127.0.0.1")
 
 
+def test_a_caller_refused_at_the_commitment_listener_s_handshake_is_a_security_alert(
+    sessions: sessionmaker[Session], pki: Pki, repository: Repository,
+) -> None:
+    """The storage commitment listener takes dicom.tls too; a caller it refuses is audited as on dicom.port."""
+    if not have_dcmtk("echoscu"):
+        pytest.skip("dcmtk's echoscu is not installed")
+    audit = AuditTrail(AuditSettings(host="127.0.0.1", port=repository.udp, transport="udp"), ae_title="LUNGNODE")
+    config = Config.model_validate({
+        "dicom": {"ae_title": "LUNGNODE", "bind_address": "127.0.0.1",
+                  "tls": {"enabled": True, "certificate": str(pki.server_cert), "private_key": str(pki.server_key),
+                          "ca_certificates": str(pki.ca)}},
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port(),
+                          "storage_commitment": True}],
+        "sending": {**FAST, "commitment_port": 0}})
+    audit.start()
+    sender = Sender(config, sessions, audit)
+    sender.start()
+    try:
+        assert sender.listener is not None
+        plain = run_dcmtk("echoscu", "-aec", "LUNGNODE", "127.0.0.1", str(sender.listener.port), timeout=30)
+        messages = wait_received(repository, 1)
+    finally:
+        sender.stop()
+        audit.stop()
+    assert plain.returncode != 0
+    _valid(messages)
+    ident = parse(messages[0].xml).find("EventIdentification")
+    assert ident.find("EventTypeCode").get("originalText") == "Node Authentication"
+    assert ident.findtext("EventOutcomeDescription").startswith("TLS handshake failed")
+
+
 def test_echo_audit_checks_the_way_to_the_repository(tmp_path: Path, pki: Pki, repository: Repository) -> None:
     config_file = tmp_path / "config.yaml"
     tls = {"ca_certificates": str(pki.ca), "certificate": str(pki.client_cert), "private_key": str(pki.client_key)}
