@@ -183,7 +183,8 @@ def serve(config: Config, config_path: Path | None = None) -> int:
     log.info("event=effective_config config=%s", json.dumps(config.redacted(), sort_keys=True))
     try:
         check_device(config)
-        audit = AuditTrail(config.audit, ae_title=config.dicom.ae_title)
+        audit = AuditTrail(config.audit, ae_title=config.dicom.ae_title,
+                           backlog_dir=config.storage.spool_dir / "audit")
         node = Node(config, audit)
         sender = Sender(config, node.sessions, audit)
         try:

@@ -1,10 +1,11 @@
 """The node's audit trail for the hospital's audit record repository (IHE ATNA): one method per audited event.
 
-Events are queued and sent from one background thread, so no DICOM handler ever waits on the repository. While the
-repository cannot be reached, messages wait in the queue (``audit.queue_size``) and are sent once it is back; the
-outage is logged once when it starts and once when it ends. A full queue drops new messages, counted in the log; so
-is a message the transport can never carry (over UDP's size limit), which would otherwise hold up all the others.
-The ledger records every step whether or not audit messages are sent.
+Events are handed to one background thread, so no DICOM handler ever waits on the repository. That thread keeps
+them in a backlog (``node.audit.backlog``: files under the spool folder for ``serve``) until the repository has
+taken them, oldest first. While it cannot be reached they wait (up to ``audit.queue_size``) and are sent once it is
+back, or at the next start; the outage is logged once when it starts and once when it ends. A full backlog drops
+new messages, counted in the log; so is a message the transport can never carry (over UDP's size limit), which
+would otherwise hold up all the others. The ledger records every step whether or not audit messages are sent.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import socket
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from node.audit import messages as m
+from node.audit.backlog import Backlog, FolderBacklog, MemoryBacklog
 from node.audit.syslog import StreamTransport, Transport, UdpTransport, Undeliverable, frame
 from node.config import AuditSettings
 from node.errors import LungnodeError
@@ -67,12 +70,15 @@ def check_repository(settings: AuditSettings) -> tuple[bool, str]:
 class AuditTrail:
     """Audit messages of one node process; every method is a no-op when ``audit.host`` is not set."""
 
-    def __init__(self, settings: AuditSettings, *, ae_title: str) -> None:
+    def __init__(self, settings: AuditSettings, *, ae_title: str, backlog_dir: Path | None = None) -> None:
+        """``backlog_dir``: where messages wait for the repository across restarts; None: in memory."""
         self.settings = settings
         self.enabled = settings.host is not None
         self.ae_title = ae_title
         self.hostname = socket.gethostname()
-        self._queue: queue.Queue[bytes] = queue.Queue(maxsize=settings.queue_size)
+        self.backlog_dir = backlog_dir
+        self._queue: queue.Queue[bytes] = queue.Queue(maxsize=settings.queue_size)  # handlers to the thread
+        self._backlog: Backlog = MemoryBacklog(settings.queue_size)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dropped = 0
@@ -94,23 +100,36 @@ class AuditTrail:
             log.info(kv("audit_off", reason="audit.host is not set: no audit messages are sent (the ledger records "
                                             "every step)"))
             return
-        self._thread = threading.Thread(target=self._loop, args=(transport_for(self.settings),), name="audit",
-                                        daemon=True)
+        if self.backlog_dir is not None:
+            try:
+                self._backlog = FolderBacklog(self.backlog_dir, self.settings.queue_size)
+            except OSError as exc:
+                raise LungnodeError(f"the audit backlog folder {self.backlog_dir} cannot be used ({exc}); it lives "
+                                    f"under storage.spool_dir, which the node's user must be able to write") from exc
+        transport = transport_for(self.settings)
+        self._thread = threading.Thread(target=self._loop, args=(transport,), name="audit", daemon=True)
         self._thread.start()
         log.info(kv("audit_on", host=self.settings.host, port=self.settings.port, transport=self.settings.transport,
-                    source_id=self.source_id))
+                    source_id=self.source_id, backlog=self.backlog_dir or "memory"))
+        if len(self._backlog):
+            log.info(kv("audit_backlog", messages=len(self._backlog), folder=self.backlog_dir,
+                        effect="messages the repository had not taken before the last stop are sent first"))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Send what is queued (the Application Stop message last), waiting at most ``timeout`` seconds."""
         if self._thread is None:
             return
         deadline = time.monotonic() + timeout
-        while not self._queue.empty() and time.monotonic() < deadline and self._thread.is_alive():
+        while ((not self._queue.empty() or len(self._backlog)) and time.monotonic() < deadline
+               and self._thread.is_alive()):
             time.sleep(0.02)
         self._stop.set()
         self._thread.join(max(0.1, deadline - time.monotonic()))
-        left = self._queue.qsize()
-        if left:
+        left = len(self._backlog) + self._queue.qsize()
+        if left and self._backlog.durable:
+            log.warning(kv("audit_kept", messages=left, folder=self.backlog_dir, reason="the audit repository did "
+                           "not take them before the node stopped", effect="sent first at the next start"))
+        elif left:
             log.warning(kv("audit_unsent", messages=left, reason="the audit repository did not take them before "
                            "the node stopped"))
         self._thread = None
@@ -129,54 +148,83 @@ class AuditTrail:
         try:
             self._queue.put_nowait(frame(xml, hostname=self.hostname))
         except queue.Full:
-            self._dropped += 1
-            now = time.monotonic()
-            if now - self._dropped_logged >= 60.0:
-                self._dropped_logged = now
-                log.error(kv("audit_dropped", messages=self._dropped, queue_size=self.settings.queue_size,
-                             reason="the audit repository has not taken messages for a while",
-                             fix=f"check that {self.settings.host}:{self.settings.port} accepts "
-                                 f"{self.settings.transport} syslog"))
+            self._drop()
+
+    def _drop(self) -> None:
+        """A message that found the backlog full: counted, and said once a minute."""
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._dropped_logged >= 60.0:
+            self._dropped_logged = now
+            log.error(kv("audit_dropped", messages=self._dropped, queue_size=self.settings.queue_size,
+                         reason="the audit repository has not taken messages for a while",
+                         fix=f"check that {self.settings.host}:{self.settings.port} accepts "
+                             f"{self.settings.transport} syslog"))
+
+    def _take_handed(self) -> None:
+        """Move the messages the handlers handed over into the backlog, in order."""
+        while True:
+            try:
+                message = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                kept = self._backlog.add(message)
+            except OSError as exc:
+                self._dropped += 1
+                log.error(kv("audit_message_dropped", folder=self.backlog_dir, reason=f"{type(exc).__name__}: {exc}",
+                             fix="free space or permissions under storage.spool_dir"))
+                continue
+            if not kept:
+                self._drop()
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait before trying the repository again, taking handed messages meanwhile; True when stopping."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self._take_handed()
+            if self._stop.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+                return True
+        return False
 
     def _loop(self, transport: Transport) -> None:
         failing_since: float | None = None
         wait_s = _RETRY_FIRST_S
         try:
             while True:
-                try:
-                    message = self._queue.get(timeout=0.1)
-                except queue.Empty:
+                self._take_handed()
+                message = self._backlog.oldest()
+                if message is None:
                     if self._stop.is_set():
                         return
+                    self._pause(0.1)
                     continue
-                while True:
-                    try:
-                        transport.send(message)
-                        break
-                    except Undeliverable as exc:
-                        self._dropped += 1
-                        log.error(kv("audit_message_dropped", host=self.settings.host, port=self.settings.port,
-                                     transport=self.settings.transport, reason=str(exc),
-                                     fix="use audit.transport tls or tcp, which carry messages of any size"))
-                        break
-                    except (OSError, ValueError) as exc:
-                        if failing_since is None:
-                            failing_since = time.monotonic()
-                            log.warning(kv("audit_send_failed", host=self.settings.host, port=self.settings.port,
-                                           transport=self.settings.transport, reason=f"{type(exc).__name__}: {exc}",
-                                           effect="audit messages wait in the queue and are sent once it answers"))
-                        if self._stop.wait(wait_s):
-                            try:
-                                self._queue.put_nowait(message)  # counted as unsent by stop()
-                            except queue.Full:
-                                self._dropped += 1
-                            return
-                        wait_s = min(wait_s * 2, _RETRY_MAX_S)
+                try:
+                    transport.send(message)
+                except Undeliverable as exc:
+                    self._dropped += 1
+                    self._backlog.remove_oldest()
+                    log.error(kv("audit_message_dropped", host=self.settings.host, port=self.settings.port,
+                                 transport=self.settings.transport, reason=str(exc),
+                                 fix="use audit.transport tls or tcp, which carry messages of any size"))
+                    continue
+                except (OSError, ValueError) as exc:
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        log.warning(kv("audit_send_failed", host=self.settings.host, port=self.settings.port,
+                                       transport=self.settings.transport, reason=f"{type(exc).__name__}: {exc}",
+                                       effect="audit messages wait in the backlog and are sent once it answers"))
+                    if self._pause(wait_s):
+                        return
+                    wait_s = min(wait_s * 2, _RETRY_MAX_S)
+                    continue
+                self._backlog.remove_oldest()
                 if failing_since is not None:
                     log.info(kv("audit_restored", host=self.settings.host,
-                                seconds=f"{time.monotonic() - failing_since:.0f}", queued=self._queue.qsize()))
+                                seconds=f"{time.monotonic() - failing_since:.0f}", queued=len(self._backlog)))
                     failing_since, wait_s = None, _RETRY_FIRST_S
         finally:
+            self._take_handed()
             transport.close()
 
     # -- the audited events ------------------------------------------------------------------------

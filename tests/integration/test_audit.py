@@ -124,6 +124,35 @@ def test_serve_audits_start_images_received_a_refused_caller_and_stop_over_mutua
     assert _participants(alert)["INTRUDER"]["UserIsRequestor"] == "true"
 
 
+def test_audit_messages_survive_a_crash_while_the_repository_is_down(
+    tmp_path: Path, pki: Pki, repository: Repository,
+) -> None:
+    """kill -9 while the repository is down: the messages wait under the spool folder and the next start sends
+    them first, in the order they happened."""
+    if not have_dcmtk("storescu"):
+        pytest.skip("dcmtk's storescu is not installed")
+    series = write_ct_series(tmp_path / "ct", slices=3, matrix=32)
+    node = NodeProcess(tmp_path / "node", settings={
+        "audit": {"host": "127.0.0.1", "port": free_port(), "transport": "tcp"}})
+    node.start()
+    try:
+        assert storescu(node.port, *series.files).returncode == 0
+        node.wait_for_log(r"event=audit_send_failed")
+        kept = node.spool_dir / "audit"
+        wait_until(lambda: len(list(kept.glob("*.syslog"))) == 2, what="start and transfer messages on disk")
+        node.kill()
+        node.reconfigure({"audit": {"port": repository.tcp}})
+        node.start()
+        node.wait_for_log(r"event=audit_backlog messages=2")
+        messages = wait_received(repository, 3)
+    finally:
+        node.stop()
+    _valid(messages)
+    assert [_event(m) for m in messages] == ["Application Activity", "DICOM Instances Transferred",
+                                             "Application Activity"]
+    assert list(kept.iterdir()) == [], "all sent, the Application Stop of the clean stop included"
+
+
 def _send(sessions: sessionmaker[Session], dest: Destination, audit: AuditTrail, results: Path,
           repository: Repository, *, messages: int) -> list[Received]:
     """Queue ``results`` for ``dest``, run a sender until the repository holds ``messages`` audit messages."""

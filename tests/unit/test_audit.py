@@ -9,20 +9,22 @@ import re
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from node.audit import AuditTrail
 from node.config import AuditSettings, Config
+from node.errors import LungnodeError
 from tests.helpers.audit import every_event, parse, schema, study, udp_repository, xml_of
 from tests.helpers.net import free_port
 from tests.helpers.wait import wait_until
 
 
-def _trail(port: int, transport: str = "udp", **kw: object) -> AuditTrail:
+def _trail(port: int, transport: str = "udp", backlog_dir: Path | None = None, **kw: object) -> AuditTrail:
     return AuditTrail(AuditSettings.model_validate({"host": "127.0.0.1", "port": port, "transport": transport, **kw}),
-                      ae_title="LUNGNODE")
+                      ae_title="LUNGNODE", backlog_dir=backlog_dir)
 
 
 def test_every_event_is_one_rfc5424_datagram_whose_xml_the_dicom_schema_accepts() -> None:
@@ -190,6 +192,51 @@ def test_stop_gives_up_on_a_repository_that_stays_down_and_counts_what_was_not_s
     trail.stop(timeout=1.0)
     assert time.monotonic() - started < 5
     assert re.search(r"event=audit_unsent messages=4\b", caplog.text), caplog.text
+
+
+def test_messages_the_repository_did_not_take_are_kept_on_disk_and_sent_first_at_the_next_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A repository down across a stop, and across a process that ended without stopping (a crash): no message is
+    lost, none is sent twice, and the older ones go first."""
+    caplog.set_level(logging.INFO, logger="node.audit")
+    port, backlog = free_port(), tmp_path / "spool" / "audit"
+    first = _trail(port, "tcp", backlog_dir=backlog)
+    first.start()
+    for i in range(3):
+        first.node_authentication_failed(host=f"10.0.0.{i}", calling_ae=None, reason="before the stop")
+    first.stop(timeout=1.0)
+    assert re.search(rf"event=audit_kept messages=3 folder={re.escape(str(backlog))}", caplog.text), caplog.text
+    assert len(list(backlog.glob("*.syslog"))) == 3
+    assert {f.stat().st_mode & 0o777 for f in backlog.iterdir()} == {0o600}, "they name patients"
+
+    crashed = _trail(port, "tcp", backlog_dir=backlog)  # never stopped: its thread is left behind, as by a crash
+    crashed.start()
+    crashed.node_authentication_failed(host="10.0.0.3", calling_ae=None, reason="before the crash")
+    wait_until(lambda: len(list(backlog.glob("*.syslog"))) == 4, what="the fourth message on disk")
+    crashed._stop.set()  # the abandoned thread must not send: the repository is not up yet anyway
+    crashed._thread.join(5)
+
+    repo = _TcpRepository(port)
+    last = _trail(port, "tcp", backlog_dir=backlog)
+    try:
+        last.start()
+        assert "event=audit_backlog messages=4" in caplog.text
+        last.node_authentication_failed(host="10.0.0.4", calling_ae=None, reason="after the restart")
+        wait_until(lambda: len(repo.messages) == 5, timeout=20, what="the kept messages and the new one")
+        last.stop()
+    finally:
+        repo.close()
+    hosts = [parse(xml_of(m)).find("ActiveParticipant").get("NetworkAccessPointID") for m in repo.messages]
+    assert hosts == [f"10.0.0.{i}" for i in range(5)]
+    assert list(backlog.iterdir()) == []
+
+
+def test_a_backlog_folder_that_cannot_be_made_stops_the_start_with_what_to_fix(tmp_path: Path) -> None:
+    (tmp_path / "spool").write_text("a file where the folder goes")
+    trail = _trail(free_port(), "tcp", backlog_dir=tmp_path / "spool" / "audit")
+    with pytest.raises(LungnodeError, match="audit backlog folder .* cannot be used .*storage.spool_dir"):
+        trail.start()
 
 
 def test_audit_off_sends_nothing_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
