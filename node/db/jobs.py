@@ -161,10 +161,12 @@ class JobQueue:
                 kv(f"job_{state.value}", job=job_id, worker=self.worker, reason=error))
         return True
 
-    def requeue_stalled(self, now: dt.datetime | None = None) -> int:
+    def requeue_stalled(self, now: dt.datetime | None = None, *, idle: bool = False) -> int:
         """Jobs whose worker stopped sending heartbeats go back to the queue (or fail after max_attempts); so do, at
         once, jobs of a worker on this machine whose process is gone (a node killed and restarted: no need to wait
-        out the lease)."""
+        out the lease). ``idle``: the caller runs no job now, so one still running under its own name was lost to a
+        database error (a claim whose commit never answered, an outcome the database did not take): it goes back
+        at once too, instead of sitting out the lease."""
         cutoff = (now or utcnow()) - dt.timedelta(seconds=self.lease_s)
         count = 0
         with self.sessions.begin() as s:
@@ -179,22 +181,41 @@ class JobQueue:
                        Job.worker.like(f"{socket.gethostname()}:%"))
                 .with_for_update(skip_locked=True)
             ) if _process_gone(job.worker)})
+            if idle:
+                stalled.update({job: "lost it to a database error" for job in s.scalars(
+                    select(Job)
+                    .where(Job.state == JobState.running, Job.heartbeat_at >= cutoff, Job.worker == self.worker)
+                    .with_for_update(skip_locked=True)
+                )})
             for job, why in stalled.items():
                 count += 1
-                stalled_worker = job.worker
-                if job.attempts >= self.max_attempts:
-                    job.state = JobState.failed
-                    job.finished_at = utcnow()
-                    job.error = f"worker {job.worker} {why} on {job.attempts} attempts"
-                    s.add(Event(kind="job_failed", level="error", job_id=job.id, series_id=job.series_id, message=job.error))
-                else:
-                    s.add(Event(kind="job_requeued", level="warning", job_id=job.id, series_id=job.series_id,
-                                message=f"worker {job.worker} {why}: back in the queue"))
-                    job.state = JobState.queued
-                    job.worker = None
-                log.log(logging.ERROR if job.state == JobState.failed else logging.WARNING,
-                        kv("job_stalled", job=job.id, worker=stalled_worker, new_state=job.state.value))
+                self._give_back(s, job, why)
         return count
+
+    def _give_back(self, s: Session, job: Job, why: str) -> None:
+        """End or requeue a running job its worker no longer runs: failed once it has had ``max_attempts`` (a job
+        that kills every worker must not loop for ever), superseded when a newer revision of its series arrived
+        meanwhile (that revision's job answers for the series: running this one again would be wasted), else back
+        in the queue."""
+        stalled_worker = job.worker
+        newer = s.scalar(select(Series.revision).where(Series.id == job.series_id))
+        if newer is not None and newer > job.revision:
+            job.state, job.finished_at = JobState.superseded, utcnow()
+            job.error = (f"worker {stalled_worker} {why}, and revision {newer} of the series has arrived since: "
+                         "not run again (the job of that revision answers for the series)")
+            s.add(Event(kind="job_superseded", job_id=job.id, series_id=job.series_id, message=job.error))
+        elif job.attempts >= self.max_attempts:
+            job.state = JobState.failed
+            job.finished_at = utcnow()
+            job.error = f"worker {stalled_worker} {why} on {job.attempts} attempts"
+            s.add(Event(kind="job_failed", level="error", job_id=job.id, series_id=job.series_id, message=job.error))
+        else:
+            s.add(Event(kind="job_requeued", level="warning", job_id=job.id, series_id=job.series_id,
+                        message=f"worker {stalled_worker} {why}: back in the queue"))
+            job.state = JobState.queued
+            job.worker = None
+        log.log(logging.ERROR if job.state == JobState.failed else logging.WARNING,
+                kv("job_stalled", job=job.id, worker=stalled_worker, reason=why, new_state=job.state.value))
 
 
 def _process_gone(worker: str | None) -> bool:

@@ -115,7 +115,9 @@ class Series(Base):
     purged_at: Mapped[dt.datetime | None]  # received images deleted by the retention rule
     note: Mapped[str | None] = mapped_column(Text)
     study: Mapped[Study] = relationship(back_populates="series")
-    __table_args__ = (Index("ix_series_state", "state"),)
+    # by study: every poll's study_settling; by last image: status' newest series (migration 0008)
+    __table_args__ = (Index("ix_series_state", "state"), Index("ix_series_study", "study_id"),
+                      Index("ix_series_last_received", "last_received_at"))
 
 
 class Association(Base):

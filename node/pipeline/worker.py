@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pydicom
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Config
@@ -25,7 +26,7 @@ from node.db.jobs import Claimed, JobQueue
 from node.db.models import REJECTION_NOTE, Instance, Job, JobState, Series, SeriesOrigin, SeriesState
 from node.db.session import make_engine, make_sessionmaker
 from node.errors import LungnodeError
-from node.logs import kv, setup_logging
+from node.logs import LoopErrors, kv, setup_logging
 from node.outputs.device import installation_device_uid
 from node.outputs.history import previous_sr
 from node.outputs.write import OUTPUTS_FILE, manifests_for, write_outputs
@@ -40,6 +41,15 @@ from node.send.rejections import queue_rejections, withdrawals
 from node.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
+#: The longest wait between two tries while the database cannot be reached (the wait doubles from the poll interval).
+DB_RETRY_MAX_S = 30.0
+
+
+def _db_unreachable(exc: BaseException) -> bool:
+    """The database cannot be reached now (down, restarting, its connection cut, locked): not the job's fault, so
+    the job is not failed for it (it goes back to the queue once the database answers)."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
 def results_dir(config: Config, job_id: int) -> Path:
@@ -118,8 +128,9 @@ class Worker:
             get_model(self.config.inference, role)
 
     def run_one(self) -> bool:
-        """Claim and run one job; False when the queue was empty."""
-        self.queue.requeue_stalled()
+        """Claim and run one job; False when the queue was empty. A database error that is not the job's fault
+        (``_db_unreachable``) is raised, leaving the job to ``requeue_stalled`` once the database answers."""
+        self.queue.requeue_stalled(idle=True)  # none of ours runs now: one left running was lost to a database error
         job = self.queue.claim()
         if job is None:
             return False
@@ -136,6 +147,8 @@ class Worker:
                 analysis = analyse_series(paths, self.config.inference, series_instance_uid=series_uid)
             self._finish(job, analysis)
         except Exception as exc:  # any failure of one job is recorded on it; the worker goes on
+            if _db_unreachable(exc):
+                raise  # recording it would fail too; the loop waits for the database
             log.error(kv("job_error", job=job.job_id, error=f"{type(exc).__name__}: {exc}"))
             log.debug(traceback.format_exc())
             self.queue.finish(job.job_id, JobState.failed, error=f"{type(exc).__name__}: {exc}")
@@ -215,16 +228,40 @@ class Worker:
             return {k: round(v, 3) for k, v in out.items()}
 
     def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
+        """Extend the job's lease every quarter lease until ``stop``, or until the job is no longer ours. A failed
+        beat (the database restarting) is tried again at the next: a thread that died of it would let the lease run
+        out once the database is back, and the job would be run twice."""
         interval = max(0.05, self.config.workers.lease_s / 4)
+        errors = LoopErrors(log, "heartbeat_error")
         while not stop.wait(interval):
-            if not self.queue.heartbeat(job_id):
-                return
+            try:
+                if not self.queue.heartbeat(job_id):
+                    return
+            except SQLAlchemyError as exc:
+                errors.failed(exc)
+                continue
+            errors.ok()
 
     def loop(self) -> None:
+        """Run jobs until ``stop``. While the database cannot be reached the worker waits and tries again, the wait
+        doubling from the poll interval up to ``DB_RETRY_MAX_S`` (no busy loop against a server that is restarting);
+        the error is logged once in full, then once a minute, and once more when it clears."""
         log.info(kv("worker_ready", worker=self.name))
+        poll = self.config.workers.poll_interval_s
+        errors = LoopErrors(log, "worker_error")
+        delay = poll
         while not self.stop.is_set():
-            if not self.run_one():
-                self.stop.wait(self.config.workers.poll_interval_s)
+            try:
+                busy = self.run_one()
+            except SQLAlchemyError as exc:
+                errors.failed(exc)
+                delay = min(max(delay * 2, poll), DB_RETRY_MAX_S)
+                self.stop.wait(delay)
+                continue
+            errors.ok()
+            delay = poll
+            if not busy:
+                self.stop.wait(poll)
         self.engine.dispose()
         log.info(kv("worker_stopped", worker=self.name))
 

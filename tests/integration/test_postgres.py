@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass
+class PgServer:
+    bindir: Path
+    port: int
+    data: Path
+    pg_ctl: list[str]  # pg_ctl as the cluster's owner, with the folder and options
+    options: str
+
+    def stop(self) -> None:
+        """Stop the server the way a restart by systemd does (connections are cut)."""
+        _run([*self.pg_ctl, "-m", "fast", "stop"])
+
+    def start(self) -> None:
+        _run([*self.pg_ctl, "-o", self.options, "-l", str(self.data.parent / "log"), "-w", "start"])
+
+
 @pytest.fixture(scope="module")
-def pg_server() -> Iterator[tuple[Path, int]]:
+def pg_server() -> Iterator[PgServer]:
     if not PG_BIN:
         pytest.skip("PostgreSQL server binaries not installed (Debian package postgresql)")
     pytest.importorskip("psycopg", reason="psycopg not installed (pip install -e '.[postgres]')")
@@ -59,18 +76,19 @@ def pg_server() -> Iterator[tuple[Path, int]]:
     _run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "lungnode"])
     port = _free_port()
     opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    _run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"])
+    server = PgServer(bindir, port, data, [*run_as, str(bindir / "pg_ctl"), "-D", str(data)], opts)
+    server.start()
     try:
-        yield bindir, port
+        yield server
     finally:
         subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
-def pg_url(pg_server: tuple[Path, int], request: pytest.FixtureRequest) -> str:
+def pg_url(pg_server: PgServer, request: pytest.FixtureRequest) -> str:
     """A fresh, empty database for each test."""
-    bindir, port = pg_server
+    bindir, port = pg_server.bindir, pg_server.port
     name = request.node.name.lower()[:60]
     _run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "lungnode", name])
     return f"postgresql+psycopg://lungnode@127.0.0.1:{port}/{name}"
@@ -295,3 +313,79 @@ def test_priorities_on_postgresql(pg_url: str) -> None:
     aged = JobQueue(sessions, worker="w", study_settle_s=0, low_max_wait_s=3600)
     assert [job.series_id for job in iter(aged.claim, None)] == [ids[2], ids[1]]
     engine.dispose()
+
+
+def test_a_worker_waits_out_a_database_restart_and_runs_the_job_it_lost_again(
+        pg_server: PgServer, pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL restarted while a worker analysed a series: the worker neither exited (the error escaped its
+    loop) nor recorded the job failed for it; it waited, said so once, and once the server was back put the job
+    it could not record back in the queue and ran it again."""
+    import contextlib
+    import logging
+
+    import pydicom
+
+    from node.config import Config, InferenceSettings, SelectionSettings, StorageSettings, WorkerSettings
+    from node.pipeline.worker import Worker
+    from node.receive.inspect import inspect_instance
+    from tests.helpers.faults import FifoTrap
+    from tests.helpers.onnx_models import make_models_dir
+    from tests.helpers.wait import wait_until
+    from tests.integration.test_workers import MIN_SLICES, chest
+
+    engine = make_engine(pg_url)
+    upgrade_schema(engine)
+    sessions = make_sessionmaker(engine)
+    series = chest(tmp_path, "chest")
+    ledger = IngestLedger(sessions)
+    received = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)
+    for path in series.files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        header = inspect_instance(path, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
+                                  check_request=False)
+        ledger.record_instance(header, path=path, size_bytes=1, association_id=None, own_output=False,
+                               received_at=received)
+    assert Assembler(AssemblySettings(quiet_period_s=1), sessions).complete_due(
+        now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5)) == 1
+    config = Config(storage=StorageSettings(spool_dir=tmp_path / "spool", database_url=pg_url, min_free_disk_mb=0),
+                    inference=InferenceSettings(models_dir=make_models_dir(tmp_path / "models"), device="cpu", threads=1),
+                    workers=WorkerSettings(lease_s=120, poll_interval_s=0.05, max_attempts=3),
+                    selection=SelectionSettings(min_slices=MIN_SLICES))
+    trap = FifoTrap(series.files[len(series.files) // 2])  # the worker blocks reading this file, mid-job
+    worker = Worker(config, name="w")
+    caplog.set_level(logging.INFO, logger="node.pipeline.worker")
+    thread = threading.Thread(target=worker.loop)
+    thread.start()
+    try:
+        def job() -> dict:
+            with engine.connect() as conn:
+                return dict(conn.exec_driver_sql("SELECT state, attempts, error FROM jobs").mappings().one())
+
+        wait_until(lambda: job()["state"] == "running", timeout=30, what="the worker to claim the job")
+        engine.dispose()
+        pg_server.stop()
+        try:
+            # The blocked reader gets the file through the pipe; the analysis goes on, and recording its outcome
+            # meets the stopped server.
+            data = trap.saved.read_bytes()
+            with contextlib.suppress(BrokenPipeError), open(trap.path, "wb") as fifo:
+                fifo.write(data)
+            trap.release()
+            wait_until(lambda: "event=worker_error " in caplog.text, timeout=30, what="the worker to say the database "
+                       "is down")
+            time.sleep(2)
+            assert thread.is_alive(), "the worker must wait for the database, not exit"
+            assert caplog.text.count("event=worker_error ") == 1, "said once, not at every try"
+        finally:
+            pg_server.start()
+        final = wait_until(lambda: (j := job())["state"] not in ("queued", "running") and j, timeout=60,
+                           what="the job to run again and finish")
+        assert final == {"state": "done", "attempts": 2, "error": None}
+        with engine.connect() as conn:
+            kinds = conn.exec_driver_sql("SELECT kind FROM events WHERE job_id IS NOT NULL ORDER BY id").scalars().all()
+        assert kinds == ["series_complete", "job_started", "job_requeued", "job_started", "job_done"]
+        assert "event=worker_error_cleared" in caplog.text
+    finally:
+        worker.stop.set()
+        thread.join(30)
+        engine.dispose()

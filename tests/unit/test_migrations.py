@@ -53,7 +53,9 @@ def test_upgrade_on_empty_db_matches_models(engine: Engine) -> None:
 def test_indexes_and_unique_constraints_exist(engine: Engine) -> None:
     upgrade_schema(engine)
     insp = inspect(engine)
-    assert {"ix_series_state"} <= {i["name"] for i in insp.get_indexes("series")}
+    # study_id: every worker's poll (node.db.jobs.study_settling); last_received_at: status' newest series
+    assert {"ix_series_state", "ix_series_study", "ix_series_last_received"} <= {
+        i["name"] for i in insp.get_indexes("series")}
     assert {"ix_instances_series_revision"} <= {i["name"] for i in insp.get_indexes("instances")}
     assert {"ix_events_at", "ix_events_job_kind"} <= {i["name"] for i in insp.get_indexes("events")}
     uniques = {tuple(u["column_names"]) for u in insp.get_unique_constraints("jobs")}
