@@ -42,6 +42,15 @@ def _sqlite_pragmas(engine: Engine) -> None:
         conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
 
 
+#: libpq settings of every PostgreSQL connection. Without a connect timeout, a server host that is switched off (no
+#: refusal, only silence) holds each try, and a job's heartbeat, for about two minutes; keepalives find a
+#: connection a firewall dropped while idle; the application name tells the DBA whose sessions these are.
+POSTGRES_CONNECT: dict[str, str | int] = {
+    "connect_timeout": 10, "application_name": "lungnode",
+    "keepalives": 1, "keepalives_idle": 60, "keepalives_interval": 10, "keepalives_count": 3,
+}
+
+
 def make_engine(url: str) -> Engine:
     """Create the process's engine; makes the SQLite file's folder when needed."""
     parsed = make_url(url)
@@ -57,8 +66,10 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         _sqlite_pragmas(engine)
         return engine
+    # A url's own query (?connect_timeout=5) wins over these defaults.
+    connect_args = {k: v for k, v in POSTGRES_CONNECT.items() if k not in parsed.query}
     try:
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     except ModuleNotFoundError as exc:
         raise LungnodeError(
             f"the database driver for {parsed.drivername} is not installed ({exc.name}). For PostgreSQL: "

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from node.config import AssemblySettings
 from node.db.ingest import IngestLedger, Outcome
 from node.db.jobs import JobQueue
 from node.db.models import AssociationState, Job, JobState, Series, SeriesState
-from node.db.session import make_engine, make_sessionmaker, upgrade_schema
+from node.db.session import POSTGRES_CONNECT, make_engine, make_sessionmaker, upgrade_schema
 from node.db.status import storage_summary
 from node.db.trace import trace
 from node.receive.assembler import Assembler
@@ -109,6 +110,36 @@ def _header(series: str, sop: str, study: str = "1.2.3.1") -> InstanceHeader:
         instance_number=1, patient_id="P", accession_number="A" * 20, study_date="2026.01.01", manufacturer="x",
         software_versions=None,
     )
+
+
+def test_connections_name_the_node_and_a_silent_server_is_given_up_on(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The DBA sees whose sessions these are; a server that accepts TCP and never answers (a host switched off
+    behind a proxy, a hung server) fails the connection after connect_timeout instead of holding it."""
+    engine = make_engine(pg_url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT current_setting('application_name')").scalar() == "lungnode"
+    engine.dispose()
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nothing ever answers
+        port = silent.getsockname()[1]
+        monkeypatch.setitem(POSTGRES_CONNECT, "connect_timeout", 2)  # the node's default is 10 s
+        outcome: list[BaseException | None] = []
+
+        def connect() -> None:
+            try:
+                make_engine(f"postgresql+psycopg://lungnode@127.0.0.1:{port}/x").connect()
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+                outcome.append(exc)
+
+        thread = threading.Thread(target=connect, daemon=True)
+        thread.start()
+        thread.join(30)
+    assert outcome and isinstance(outcome[0], OperationalError), "the connection was still waiting after 30 s"
 
 
 def test_ledger_on_postgresql(pg_url: str, tmp_path: Path) -> None:
