@@ -16,6 +16,8 @@ from collections import deque
 from pathlib import Path
 from typing import Protocol
 
+from node.receive.spool import fsync_dir
+
 _SUFFIX, _PARTIAL = ".syslog", ".partial"  # a whole message, one being written
 
 
@@ -85,7 +87,7 @@ class FolderBacklog:
         finally:
             os.close(fd)
         os.replace(partial, self.folder / name)
-        _fsync_folder(self.folder)
+        fsync_dir(self.folder)
         self._names.append(name)
         return True
 
@@ -103,10 +105,3 @@ class FolderBacklog:
     def __len__(self) -> int:
         return len(self._names)
 
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

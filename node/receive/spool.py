@@ -102,9 +102,9 @@ class Spool:
                 return None
             os.unlink(received)
             if self.fsync:
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
                 if new_dir:
-                    _fsync_dir(self.instances)
+                    fsync_dir(self.instances)
         except OSError as exc:
             raise _write_error(exc) from exc
         return final
@@ -158,7 +158,8 @@ def _write_error(exc: OSError) -> InstanceRejected:
     return InstanceRejected(STATUS_OUT_OF_RESOURCES, f"cannot write to spool: {exc.strerror}")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (the folder's entry, not only the file's data)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
