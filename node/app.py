@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node import __version__
 from node.audit import AuditTrail, no_audit
+from node.audit.backlog import SPOOL_FOLDER
 from node.config import Config
 from node.db.ingest import IngestLedger
 from node.db.session import db_reason, make_sessionmaker, open_database
@@ -184,7 +185,7 @@ def serve(config: Config, config_path: Path | None = None) -> int:
     try:
         check_device(config)
         audit = AuditTrail(config.audit, ae_title=config.dicom.ae_title,
-                           backlog_dir=config.storage.spool_dir / "audit")
+                           backlog_dir=config.storage.spool_dir / SPOOL_FOLDER)
         node = Node(config, audit)
         sender = Sender(config, node.sessions, audit)
         try:

@@ -19,6 +19,16 @@ from typing import Protocol
 from node.receive.spool import fsync_dir
 
 _SUFFIX, _PARTIAL = ".syslog", ".partial"  # a whole message, one being written
+#: The backlog's folder under storage.spool_dir.
+SPOOL_FOLDER = "audit"
+
+
+def waiting(spool_dir: Path) -> int:
+    """Messages in ``serve``'s backlog now (for ``lungnode status``; 0 when there is no backlog folder)."""
+    try:
+        return sum(1 for _ in (spool_dir / SPOOL_FOLDER).glob(f"*{_SUFFIX}"))
+    except OSError:
+        return 0
 
 
 class Backlog(Protocol):

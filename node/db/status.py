@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
+from node.audit.backlog import waiting
 from node.db.jobs import queue_order, study_settling, taken_as
 from node.db.models import Association, AssociationState, Instance, Job, JobState, SendState, Series, Study, utcnow
 from node.receive.priority import priority_name
@@ -84,7 +85,8 @@ def storage_summary(s: Session, spool_dir: Path, min_free_mb: int) -> dict[str, 
     held = s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0)).join(Series, Series.id == Instance.series_id)
                     .where(Series.purged_at.is_(None))) or 0
     out: dict[str, Any] = {"spool_dir": str(spool_dir), "images_bytes": int(held),
-                           "refuse_below_bytes": min_free_mb * 2**20, "disk_free_bytes": None}
+                           "refuse_below_bytes": min_free_mb * 2**20, "disk_free_bytes": None,
+                           "audit_waiting": waiting(spool_dir)}
     try:
         out["disk_free_bytes"] = shutil.disk_usage(spool_dir).free
     except OSError:
@@ -145,8 +147,12 @@ def render_storage(storage: dict[str, Any]) -> str:
     if storage["disk_free_bytes"] is None:
         return line + "; the folder is not here (run status where the node runs, or give absolute paths)"
     low = "  LOW: C-STORE is being refused" if storage["disk_free_bytes"] < storage["refuse_below_bytes"] else ""
-    return (line + f"; disk free {_gb(storage['disk_free_bytes'])} (C-STORE refused below "
-            f"{_gb(storage['refuse_below_bytes'])}){low}")
+    line += (f"; disk free {_gb(storage['disk_free_bytes'])} (C-STORE refused below "
+             f"{_gb(storage['refuse_below_bytes'])}){low}")
+    if storage.get("audit_waiting"):
+        line += (f"\n{storage['audit_waiting']} audit messages waiting for the audit repository "
+                 f"(see event=audit_send_failed in the node's log)")
+    return line
 
 
 def render_text(data: dict[str, Any]) -> str:
@@ -240,4 +246,6 @@ def render_metrics(data: dict[str, Any] | None, version: str, *, listener_up: bo
         if storage["disk_free_bytes"] is not None:
             lines += _gauge("lungnode_spool_disk_free_bytes", "Free space on the spool's disk.",
                             storage["disk_free_bytes"])
+        lines += _gauge("lungnode_audit_messages_waiting", "Audit messages the audit repository has not taken yet.",
+                        storage["audit_waiting"])
     return "\n".join(lines) + "\n"

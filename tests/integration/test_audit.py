@@ -141,6 +141,10 @@ def test_audit_messages_survive_a_crash_while_the_repository_is_down(
         kept = node.spool_dir / "audit"
         wait_until(lambda: len(list(kept.glob("*.syslog"))) == 2, what="start and transfer messages on disk")
         node.kill()
+        status = run_cli("status", "--config", node.config_path)
+        assert "2 audit messages waiting for the audit repository" in status.stdout, status.stdout
+        metrics = run_cli("status", "--metrics", "--config", node.config_path)
+        assert "lungnode_audit_messages_waiting 2" in metrics.stdout, metrics.stdout
         node.reconfigure({"audit": {"port": repository.tcp}})
         node.start()
         node.wait_for_log(r"event=audit_backlog messages=2")
