@@ -96,6 +96,12 @@ class Node:
         log.info(kv("node_stopped"))
 
 
+#: A worker that dies within this many seconds of its start waits before its restart, the wait doubling from
+#: 2 s up to RESTART_MAX_WAIT_S: one that crashes at start would otherwise load the models every 2 s and take
+#: the CPU the listener needs. A worker that lived longer is restarted at once.
+CRASH_LOOP_S, RESTART_MAX_WAIT_S = 60.0, 300.0
+
+
 class WorkerPool:
     """The analysis worker processes of ``lungnode serve``; a worker that dies is restarted."""
 
@@ -103,6 +109,9 @@ class WorkerPool:
         self.config = config
         self.config_path = config_path
         self.procs: list[multiprocessing.process.BaseProcess] = []
+        self._started_at: list[float] = []  # monotonic, per slot
+        self._restart_at: list[float | None] = []  # when a dead worker's slot starts again
+        self._waits: list[float] = []
         self.models_broken_since: float | None = None  # monotonic time of the last failed check
         self._problem: str | None = None
 
@@ -137,6 +146,7 @@ class WorkerPool:
 
     def _start_workers(self, count: int) -> None:
         self.procs = start_workers(self.config, count)
+        self._started_at, self._restart_at, self._waits = [time.monotonic()] * count, [None] * count, [0.0] * count
         log.info(kv("workers_started", count=count, pids=",".join(str(p.pid) for p in self.procs)))
 
     def watch(self) -> None:
@@ -149,10 +159,21 @@ class WorkerPool:
                 elif problem != self._problem:  # another reason now: say it once, as at start
                     self._disabled(problem)
             return
+        now = time.monotonic()
         for i, proc in enumerate(self.procs):
-            if not proc.is_alive():
-                log.error(kv("worker_died", pid=proc.pid, exitcode=proc.exitcode, action="restarting"))
+            if proc.is_alive():
+                continue
+            restart_at = self._restart_at[i]
+            if restart_at is None:  # found dead just now
+                lived = now - self._started_at[i]
+                self._waits[i] = min(max(2 * self._waits[i], 2.0), RESTART_MAX_WAIT_S) if lived < CRASH_LOOP_S else 0.0
+                restart_at = self._restart_at[i] = now + self._waits[i]
+                log.error(kv("worker_died", pid=proc.pid, exitcode=proc.exitcode, lived_s=f"{lived:.0f}",
+                             action="restarting", restart_in_s=f"{self._waits[i]:g}",
+                             fix="the lines of this pid before this one say why" if self._waits[i] else None))
+            if now >= restart_at:
                 self.procs[i] = start_workers(self.config, 1)[0]
+                self._started_at[i], self._restart_at[i] = now, None
 
     def stop(self) -> None:
         for proc in self.procs:

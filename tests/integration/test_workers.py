@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -23,6 +24,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.app import WorkerPool
 from node.config import (
     AssemblySettings,
     Config,
@@ -411,3 +413,25 @@ def test_selection_reads_a_ct_image_of_a_series_with_a_stray_image(tmp_path: Pat
     header = _series_header([mr, *series.files])
     assert (header.modality, header.series_instance_uid, header.slice_count) == ("CT", series.series_uid, 3)
     assert _series_header([mr]).modality == "MR"
+
+
+def test_a_worker_that_dies_at_start_is_restarted_after_a_growing_wait(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker that cannot open the ledger dies at once: restarted every 2 s, it would load the models again and
+    again and take the CPU the listener needs. The wait doubles while it keeps dying young."""
+    data = ledger.config.model_dump(mode="json")
+    data["storage"]["database_url"] = "sqlite:////proc/lungnode-absent/ledger.sqlite"  # its folder cannot be made
+    data["workers"]["count"] = 1
+    pool = WorkerPool(Config.model_validate(data))
+    caplog.set_level("INFO", logger="node.app")
+    pool.start()
+    try:
+        def died_twice() -> bool:
+            pool.watch()
+            return caplog.text.count("event=worker_died") >= 2
+
+        wait_until(died_twice, timeout=60, interval=0.1, what="the worker dead, restarted, dead again")
+    finally:
+        pool.stop()
+    assert re.findall(r"event=worker_died .*restart_in_s=(\S+)", caplog.text)[:2] == ["2", "4"], caplog.text
