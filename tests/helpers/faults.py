@@ -10,10 +10,13 @@ reads it blocks mid-job until the test lets it go (or kills it).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,6 +371,28 @@ class FifoTrap:
         self.saved = path.with_name(path.name + ".real")
         os.replace(path, self.saved)
         os.mkfifo(path)
+
+    def wait_for_reader(self, timeout: float = 30.0) -> int:
+        """Wait until someone opens the pipe for reading; return our writing end. The reader's open() then
+        returns and it waits in read() for ``feed``: a point in its work the test knows it has reached."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while nobody reads
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"nobody opened {self.path} for reading within {timeout:g} s") from None
+                time.sleep(0.02)
+                continue
+            os.set_blocking(fd, True)
+            return fd
+
+    def feed(self, fd: int) -> None:
+        """Give the reader the real file's bytes through ``fd`` (from ``wait_for_reader``), then close it."""
+        with contextlib.suppress(BrokenPipeError), open(fd, "wb") as pipe:
+            pipe.write(self.saved.read_bytes())
 
     def release(self) -> None:
         os.replace(self.saved, self.path)

@@ -351,7 +351,6 @@ def test_a_worker_waits_out_a_database_restart_and_runs_the_job_it_lost_again(
     """PostgreSQL restarted while a worker analysed a series: the worker neither exited (the error escaped its
     loop) nor recorded the job failed for it; it waited, said so once, and once the server was back put the job
     it could not record back in the queue and ran it again."""
-    import contextlib
     import logging
 
     import pydicom
@@ -393,14 +392,13 @@ def test_a_worker_waits_out_a_database_restart_and_runs_the_job_it_lost_again(
                 return dict(conn.exec_driver_sql("SELECT state, attempts, error FROM jobs").mappings().one())
 
         wait_until(lambda: job()["state"] == "running", timeout=30, what="the worker to claim the job")
+        pipe = trap.wait_for_reader()  # the worker has its files from the ledger and is reading them: mid-job
         engine.dispose()
         pg_server.stop()
         try:
             # The blocked reader gets the file through the pipe; the analysis goes on, and recording its outcome
             # meets the stopped server.
-            data = trap.saved.read_bytes()
-            with contextlib.suppress(BrokenPipeError), open(trap.path, "wb") as fifo:
-                fifo.write(data)
+            trap.feed(pipe)
             trap.release()
             wait_until(lambda: "event=worker_error " in caplog.text, timeout=30, what="the worker to say the database "
                        "is down")
