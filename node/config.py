@@ -19,6 +19,7 @@ import datetime
 import ipaddress
 import os
 import re
+import ssl
 import types
 import typing
 from pathlib import Path
@@ -146,6 +147,21 @@ def _existing_file(path: Path | None) -> Path | None:
 PemFile = Annotated[Path, AfterValidator(_existing_file)]
 
 
+def _cipher_list(value: str) -> str:
+    """An OpenSSL cipher list that selects at least one suite (checked here, not at the first handshake)."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).set_ciphers(value)
+    except ssl.SSLError:
+        raise ValueError(f"{value!r} selects no cipher suite OpenSSL knows (an OpenSSL cipher list, e.g. "
+                         "'ECDHE+AESGCM:ECDHE+AES')") from None
+    return value
+
+
+CipherList = Annotated[str, AfterValidator(_cipher_list)]
+_CIPHERS_HELP = ("OpenSSL cipher list for TLS 1.2; null: forward-secret AEAD suites only (BCP 195). Widen it only "
+                 "for a peer that offers nothing better, e.g. 'ECDHE+AESGCM:ECDHE+AES'")
+
+
 class TlsSettings(Strict):
     """DICOM over TLS on the node's listeners (images in, storage commitment reports): TLS 1.2 or later."""
 
@@ -158,6 +174,7 @@ class TlsSettings(Strict):
     crl: PemFile | None = Field(
         default=None, description="PEM revocation list(s) of those CAs: a revoked caller certificate is refused"
     )
+    ciphers: CipherList | None = Field(default=None, description=_CIPHERS_HELP)
 
     @model_validator(mode="after")
     def _complete(self) -> TlsSettings:
@@ -396,6 +413,7 @@ class DestinationTls(Strict):
     crl: PemFile | None = Field(
         default=None, description="PEM revocation list of that CA: a revoked destination certificate is refused"
     )
+    ciphers: CipherList | None = Field(default=None, description=_CIPHERS_HELP)
 
     @model_validator(mode="after")
     def _pair(self) -> DestinationTls:

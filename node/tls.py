@@ -34,10 +34,11 @@ UNTRUSTED_ISSUER = frozenset({18, 19, 20, 2})
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!aDSS"
 
 
-def _harden(ctx: ssl.SSLContext) -> None:
-    """TLS 1.2 or later with the cipher suites above, for every context the node makes."""
+def _harden(ctx: ssl.SSLContext, ciphers: str | None = None) -> None:
+    """TLS 1.2 or later with the cipher suites above (or the configured ``ciphers``), for every context the node
+    makes."""
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.set_ciphers(ciphers or TLS12_CIPHERS)
 
 
 def check_secret_file(path: Path, setting: str) -> None:
@@ -177,10 +178,10 @@ def _load_crl(ctx: ssl.SSLContext, crl: Path | None, where: str) -> None:
 
 
 def server_context(certificate: Path, private_key: Path, ca_certificates: Path | None,
-                   crl: Path | None = None) -> ssl.SSLContext:
+                   crl: Path | None = None, ciphers: str | None = None) -> ssl.SSLContext:
     """For a listener: present ``certificate``; with ``ca_certificates``, require callers' certificates."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _harden(ctx)
+    _harden(ctx, ciphers)
     _load_chain(ctx, certificate, private_key, "dicom.tls")
     if ca_certificates is not None:
         _load_cas(ctx, ca_certificates, "dicom.tls.ca_certificates")
@@ -190,11 +191,12 @@ def server_context(certificate: Path, private_key: Path, ca_certificates: Path |
 
 
 def client_context(ca_certificates: Path | None, certificate: Path | None, private_key: Path | None,
-                   check_hostname: bool, where: str, crl: Path | None = None) -> ssl.SSLContext:
+                   check_hostname: bool, where: str, crl: Path | None = None,
+                   ciphers: str | None = None) -> ssl.SSLContext:
     """For sending to a destination: trust only ``ca_certificates`` (None: the system's CAs, for a DICOMweb server
     with a public certificate); present ours when the peer asks."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    _harden(ctx)
+    _harden(ctx, ciphers)
     ctx.check_hostname = check_hostname
     if ca_certificates is None:
         ctx.load_default_certs()
@@ -318,7 +320,7 @@ def listener_tls(settings: DicomSettings, listener: str,
     if not tls.enabled:
         return None
     assert tls.certificate is not None and tls.private_key is not None  # the settings' validator insists
-    ctx = server_context(tls.certificate, tls.private_key, tls.ca_certificates, tls.crl)
+    ctx = server_context(tls.certificate, tls.private_key, tls.ca_certificates, tls.crl, tls.ciphers)
     return LoggedServerContext(ctx, listener, on_failure)
 
 
@@ -328,7 +330,7 @@ def destination_tls(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
         return None
     t = dest.tls
     ctx = client_context(t.ca_certificates, t.certificate, t.private_key, t.check_hostname,
-                         f"destinations[{dest.name}].tls", t.crl)
+                         f"destinations[{dest.name}].tls", t.crl, t.ciphers)
     return ctx, dest.host  # sent as SNI (not for an IP address); checked only with check_hostname
 
 
@@ -345,7 +347,8 @@ def audit_tls(settings: AuditSettings) -> ssl.SSLContext | None:
     t = settings.tls
     if settings.host is None or settings.transport != "tls" or t is None:
         return None
-    return client_context(t.ca_certificates, t.certificate, t.private_key, t.check_hostname, "audit.tls", t.crl)
+    return client_context(t.ca_certificates, t.certificate, t.private_key, t.check_hostname, "audit.tls", t.crl,
+                          t.ciphers)
 
 
 def check_tls(cfg: Config) -> None:

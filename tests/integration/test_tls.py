@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Config, Destination
@@ -439,9 +440,10 @@ def test_the_listener_offers_only_aead_suites_with_forward_secrecy(tls_node: Nod
             assert tls.cipher()[0] == "ECDHE-RSA-AES128-GCM-SHA256"
 
 
-def test_a_destination_offering_only_cbc_suites_is_refused(pki: Pki) -> None:
-    """The sending side holds to the same suites: a TLS 1.2 server with only a CBC suite fails the handshake."""
-    from node.tls import client_context, diagnose
+def _legacy_handshake(pki: Pki, dest: Destination) -> str | None:
+    """What the node's check of ``dest`` finds when it is a TLS 1.2 server offering only a CBC suite, which closes
+    the connection once the handshake is done."""
+    from node.tls import destination_tls, diagnose
 
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -459,10 +461,26 @@ def test_a_destination_offering_only_cbc_suites_is_refused(pki: Pki) -> None:
 
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
-        ctx = client_context(pki.ca, None, None, True, "destinations[pacs].tls")
-        why = diagnose(ctx, "127.0.0.1", server.getsockname()[1], "127.0.0.1", 5.0)
+        tls = destination_tls(dest)
+        assert tls is not None
+        why = diagnose(tls[0], "127.0.0.1", server.getsockname()[1], "127.0.0.1", 5.0)
         thread.join(10)
+    return why
+
+
+def test_a_destination_offering_only_cbc_suites_is_refused_unless_its_ciphers_are_widened(pki: Pki) -> None:
+    """The sending side holds to the same suites: a TLS 1.2 server with only a CBC suite fails the handshake. A
+    site with such a legacy peer widens that destination's ``tls.ciphers``, and only that one's."""
+    def old_pacs(**tls: str) -> Destination:
+        return Destination.model_validate({"name": "old", "ae_title": "OLD", "host": "127.0.0.1", "port": 104,
+                                           "tls": {"ca_certificates": str(pki.ca), **tls}})
+
+    why = _legacy_handshake(pki, old_pacs())
     assert why is not None and "handshake failure" in why, why
+    why = _legacy_handshake(pki, old_pacs(ciphers="ECDHE+AESGCM:ECDHE+AES"))
+    assert why is not None and "closed the connection after the handshake" in why, why  # the test server's close
+    with pytest.raises(ValidationError, match="selects no cipher suite"):
+        old_pacs(ciphers="NO-SUCH-SUITE")
 
 
 def test_a_private_key_readable_by_every_user_is_named_with_the_fix(
