@@ -125,6 +125,8 @@ class AuditTrail:
             time.sleep(0.02)
         self._stop.set()
         self._thread.join(max(0.1, deadline - time.monotonic()))
+        if self._thread.is_alive():  # held in a send to a silent repository: keep what it has not taken yet
+            self._take_handed()
         left = len(self._backlog) + self._queue.qsize()
         if left and self._backlog.durable:
             log.warning(kv("audit_kept", messages=left, folder=self.backlog_dir, reason="the audit repository did "

@@ -18,6 +18,7 @@ from node.audit import AuditTrail
 from node.config import AuditSettings, Config
 from node.errors import LungnodeError
 from tests.helpers.audit import every_event, parse, schema, study, udp_repository, xml_of
+from tests.helpers.certs import Pki
 from tests.helpers.net import free_port
 from tests.helpers.wait import wait_until
 
@@ -230,6 +231,22 @@ def test_messages_the_repository_did_not_take_are_kept_on_disk_and_sent_first_at
     hosts = [parse(xml_of(m)).find("ActiveParticipant").get("NetworkAccessPointID") for m in repo.messages]
     assert hosts == [f"10.0.0.{i}" for i in range(5)]
     assert list(backlog.iterdir()) == []
+
+
+def test_messages_handed_over_while_a_send_hangs_are_kept_at_stop(tmp_path: Path, pki: Pki) -> None:
+    """A repository that accepts TCP and never answers the TLS handshake holds the sending thread past stop()'s
+    wait: the messages it had not taken yet (the Application Stop among them) still go to the backlog folder."""
+    backlog = tmp_path / "audit"
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        trail = _trail(silent.getsockname()[1], "tls", backlog_dir=backlog, tls={"ca_certificates": str(pki.ca)})
+        trail.start()
+        trail.application_activity(started=True)
+        wait_until(lambda: len(list(backlog.glob("*.syslog"))) == 1, what="the first message taken")
+        trail.application_activity(started=False)  # handed over while the thread waits on the handshake
+        trail.stop(timeout=1.0)
+    assert len(list(backlog.glob("*.syslog"))) == 2
 
 
 def test_a_backlog_folder_that_cannot_be_made_stops_the_start_with_what_to_fix(tmp_path: Path) -> None:
