@@ -5,6 +5,7 @@ rsyslog and validate against the DICOM audit message schema (PS3.15 A.5.1)."""
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,10 @@ def test_audit_messages_survive_a_crash_while_the_repository_is_down(
     if not have_dcmtk("storescu"):
         pytest.skip("dcmtk's storescu is not installed")
     series = write_ct_series(tmp_path / "ct", slices=3, matrix=32)
+    down = socket.socket()  # bound, not listening: refused, and no other program can take the port meanwhile
+    down.bind(("127.0.0.1", 0))
     node = NodeProcess(tmp_path / "node", settings={
-        "audit": {"host": "127.0.0.1", "port": free_port(), "transport": "tcp"}})
+        "audit": {"host": "127.0.0.1", "port": down.getsockname()[1], "transport": "tcp"}})
     node.start()
     try:
         assert storescu(node.port, *series.files).returncode == 0
@@ -151,6 +154,7 @@ def test_audit_messages_survive_a_crash_while_the_repository_is_down(
         messages = wait_received(repository, 3)
     finally:
         node.stop()
+        down.close()
     _valid(messages)
     assert [_event(m) for m in messages] == ["Application Activity", "DICOM Instances Transferred",
                                              "Application Activity"]

@@ -201,7 +201,11 @@ def test_messages_the_repository_did_not_take_are_kept_on_disk_and_sent_first_at
     """A repository down across a stop, and across a process that ended without stopping (a crash): no message is
     lost, none is sent twice, and the older ones go first."""
     caplog.set_level(logging.INFO, logger="node.audit")
-    port, backlog = free_port(), tmp_path / "spool" / "audit"
+    # The port stays bound, not listening, while the repository is down: connections are refused, and no other
+    # program on the machine can take the port and accept the messages meanwhile.
+    reserved = socket.socket()
+    reserved.bind(("127.0.0.1", 0))
+    port, backlog = reserved.getsockname()[1], tmp_path / "spool" / "audit"
     first = _trail(port, "tcp", backlog_dir=backlog)
     first.start()
     for i in range(3):
@@ -218,6 +222,7 @@ def test_messages_the_repository_did_not_take_are_kept_on_disk_and_sent_first_at
     crashed._stop.set()  # the abandoned thread must not send: the repository is not up yet anyway
     crashed._thread.join(5)
 
+    reserved.close()
     repo = _TcpRepository(port)
     last = _trail(port, "tcp", backlog_dir=backlog)
     try:
