@@ -71,7 +71,8 @@ class MemoryBacklog:
 class FolderBacklog:
     """The backlog as one file per message in ``folder``, named so that name order is arrival order.
 
-    Only the trail's sending thread uses it. Raises OSError when the folder cannot be written (the caller counts
+    The trail's sending thread uses it (and ``AuditTrail.stop`` when that thread hangs in a send: names are unique
+    per process, and list appends are atomic). Raises OSError when the folder cannot be written (the caller counts
     the message as dropped and says so)."""
 
     durable = True
