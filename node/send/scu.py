@@ -138,8 +138,14 @@ def associate(dest: Destination, contexts: Sequence[PresentationContext], *, cal
         return str(exc)
     opened: list[bool] = []
     started = time.monotonic()
-    assoc = ae.associate(dest.host, dest.port, contexts=list(contexts), ae_title=dest.ae_title, tls_args=tls,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_CONN_OPEN, lambda _e: opened.append(True))])
+    try:
+        assoc = ae.associate(dest.host, dest.port, contexts=list(contexts), ae_title=dest.ae_title, tls_args=tls,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay),
+                                           (evt.EVT_CONN_OPEN, lambda _e: opened.append(True))])
+    except (socket.gaierror, UnicodeError) as exc:  # the name lookup, before any connection
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid host name"
+        return (f"no association with {dest.ae_title}@{dest.host}:{dest.port}: cannot resolve host {dest.host!r} "
+                f"({reason}); check destinations[{dest.name}].host, or this machine's DNS")
     if not assoc.is_established:
         if tls is not None and not assoc.is_rejected:
             why = diagnose(tls[0], dest.host, dest.port, tls[1], timeout_s)

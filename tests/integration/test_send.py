@@ -322,6 +322,8 @@ def test_lungnode_echo_checks_the_way_to_each_destination(orthanc: OrthancServer
         {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port,
          "calling_ae_title": "LUNGNODE_SC"},
         {"name": "gone", "ae_title": "GONE", "host": "127.0.0.1", "port": closed},
+        # refused by the name lookup itself, without a DNS query (an empty label): a traceback before
+        {"name": "typo", "ae_title": "TYPO", "host": "pacs..hospital", "port": 104},
     ]}))
     ok = run_cli("echo", "--destination", "pacs", "--config", config)
     assert ok.returncode == 0, ok.stderr
@@ -331,6 +333,9 @@ def test_lungnode_echo_checks_the_way_to_each_destination(orthanc: OrthancServer
     assert both.returncode == 1 and "destination pacs" in both.stdout
     assert f"destination gone (GONE@127.0.0.1:{closed}, called as LUNGNODE)" in both.stderr
     assert "cannot connect (peer down, wrong host or port, or a firewall)" in both.stderr
+    assert ("destination typo (TYPO@pacs..hospital:104, called as LUNGNODE): no association with "
+            "TYPO@pacs..hospital:104: cannot resolve host 'pacs..hospital'") in both.stderr, both.stderr
+    assert "destinations[typo].host" in both.stderr and "Traceback" not in both.stderr
     unknown = run_cli("echo", "--destination", "nope", "--config", config)
     assert unknown.returncode == 2 and "no destination named 'nope'" in unknown.stderr and "pacs, gone" in unknown.stderr
 
