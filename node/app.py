@@ -76,13 +76,17 @@ class Node:
         self._housekeeping.start()
 
     def _retention_loop(self) -> None:
+        """A pass at start, then every ``check_interval_s``: a node restarted with a shorter ``received_days`` (the
+        fix its disk-full error names) frees the space now, not an hour later."""
         settings = self.config.retention
-        while not self._stop.wait(settings.check_interval_s):
+        while True:
             try:
                 purge_expired(self.spool, self.sessions, days=settings.received_days, audit=self.audit,
                               identifiers_days=settings.identifiers_days)
             except Exception:  # retention must never stop the node; the error is logged in full
                 log.exception(kv("retention_error"))
+            if self._stop.wait(settings.check_interval_s):
+                return
 
     def stop_receiving(self) -> None:
         """Stop the listener first at shutdown: no image is accepted while the rest winds down."""

@@ -562,7 +562,7 @@ class RetentionSettings(Strict):
         default=7.0, ge=0, description="delete received images (and, once every destination has them, their results) this "
         "many days after their series completed; a series still being analysed is kept; 0 keeps everything"
     )
-    check_interval_s: float = Field(default=3600.0, gt=0)
+    check_interval_s: float = Field(default=3600.0, gt=0, description="a retention pass at start, then this often")
     identifiers_days: float | None = Field(
         default=None, ge=0, description="blank the Patient ID and accession number the ledger keeps for a study this "
         "many days after retention deleted the last of its images (its UIDs, states and times stay: the node's "

@@ -60,6 +60,25 @@ def test_serve_runs_workers_that_analyse_a_received_series(node_factory: NodeFac
     assert run_cli("reanalyse", str(job["id"] + 99), "--config", node.config_path).returncode == 2
 
 
+def test_retention_runs_at_start_so_a_restart_with_fewer_days_frees_space_now(node_factory: NodeFactory) -> None:
+    """The disk-full error says to lower retention.received_days; the restart that applies it must free the space at
+    once, not after check_interval_s (an hour by default)."""
+    from node.db.models import JobState
+    from node.db.session import make_engine, make_sessionmaker, upgrade_schema
+    from node.receive.spool import Spool
+    from tests.unit.test_retention import _series_with_job
+
+    node = node_factory(settings={"retention": {"received_days": 1, "check_interval_s": 3600}}, start=False)
+    engine = make_engine(node.db_url)
+    upgrade_schema(engine)
+    uid, _ = _series_with_job(make_sessionmaker(engine), Spool(node.spool_dir, min_free_bytes=0), age_days=2,
+                              job_state=JobState.done, sends=[])
+    engine.dispose()
+    node.start()
+    node.wait_for_log(rf"event=series_purged series={uid}", timeout=15)
+    assert node.spool_files(uid) == []
+
+
 def test_a_series_the_pacs_sends_again_after_retention_is_stored_and_analysed_again(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     models = make_models_dir(tmp_path / "models")
