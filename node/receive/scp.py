@@ -88,6 +88,8 @@ TRANSFER_SYNTAXES = [
 ]
 
 _ASSOC_ID = "_lungnode_assoc_id"
+#: An association that sent no C-STORE for this long has finished its batch: a stop does not wait for it.
+_IDLE_AT_STOP_S = 2.0
 _ASSOC_STATS = "_lungnode_assoc_stats"
 #: (result source, diagnostic) of an A-ASSOCIATE-RJ that pynetdicom sends itself -> the reason IT reads in the log
 _REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
@@ -107,6 +109,7 @@ class _AssocStats:
     duplicates: int = 0  # acknowledged again: already held (a re-sent study), nothing new stored
     refused: int = 0
     handler_s: float = 0.0
+    last_store: float = field(default_factory=time.monotonic)  # when its latest C-STORE came (the drain at stop)
     bytes: int = 0
     priority: int | None = None  # the most urgent C-STORE Priority of its stored instances (None: none yet)
     studies: dict[str, StudyRecord] = field(default_factory=dict)  # what the audit trail reports at the close
@@ -240,12 +243,36 @@ class StorageSCP:
                            fix="list the PACS (and scanners) in dicom.allowed_callers, with their host addresses"))
         return port
 
+    def _drain(self) -> None:
+        """Let transfers in progress finish (up to ``dicom.stop_drain_s``) with the listening socket closed, so a
+        planned restart does not cut a series in two: the part received would be analysed as the whole once the
+        quiet period passed, unless the PACS sent the rest again. An association that sent nothing for
+        ``_IDLE_AT_STOP_S`` has finished its batch (Orthanc keeps one open for seconds after): it is not waited for."""
+        assert self._server is not None
+        deadline = time.monotonic() + self.settings.stop_drain_s
+
+        def busy() -> list[PnAssociation]:
+            now = time.monotonic()
+            return [a for a in self._server.active_associations if a.is_established  # type: ignore[union-attr]
+                    and now - getattr(a, _ASSOC_STATS, _AssocStats()).last_store < _IDLE_AT_STOP_S]
+
+        receiving = busy()
+        if receiving and self.settings.stop_drain_s > 0:
+            log.info(kv("stop_draining", associations=len(receiving), max_wait_s=f"{self.settings.stop_drain_s:g}",
+                        note="new associations are refused; transfers in progress may finish"))
+            while receiving and time.monotonic() < deadline:
+                time.sleep(0.1)
+                receiving = busy()
+            log.info(kv("stop_drained", still_receiving=len(receiving)))
+
     def stop(self) -> None:
-        """Stop listening; associations still open are aborted (their unanswered instances were
-        not acknowledged, so the sender keeps them and re-sends)."""
+        """Stop listening, let transfers in progress finish (``_drain``), then abort associations still open
+        (their unanswered instances were not acknowledged, so the sender keeps them and re-sends)."""
         if self._server is not None:
             if self._tls is not None:
-                self._tls.stop()
+                self._tls.stop()  # handshakes still pending are cut: no new association is wanted now
+            self._server.shutdown()  # no new connections (the accept loop ends, the socket closes); open ones go on
+            self._drain()
             waits: dict[PnAssociation, float] = {}
             for assoc in list(self._server.active_associations):
                 if assoc.is_established:
@@ -264,7 +291,6 @@ class StorageSCP:
                 if assoc.ident is None:  # accepted an instant ago, its thread not started: nothing runs to wait for
                     continue
                 assoc.join(timeout=max(0.0, started + wait_s - time.monotonic()))
-            self._server.shutdown()
             self._server = None
             self._io.shutdown(wait=True)
             log.info(kv("scp_stopped"))
@@ -414,6 +440,7 @@ class StorageSCP:
             status = self._handle_store(event, size)
         stats: _AssocStats | None = getattr(event.assoc, _ASSOC_STATS, None)
         if stats is not None:
+            stats.last_store = time.monotonic()
             stats.handler_s += time.perf_counter() - t0
             if status == STATUS_SUCCESS and self._handler.header is not None:
                 stats.saw(self._handler.header)

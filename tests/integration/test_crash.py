@@ -121,6 +121,46 @@ def test_kill_then_resend_gives_all_instances_and_one_job(
     assert_acked_survived(node, big_series, big_series.sop_uids)
 
 
+def test_sigterm_mid_transfer_lets_the_transfer_finish_and_refuses_new_ones(
+    node_factory: NodeFactory, big_series: SeriesInfo,
+) -> None:
+    """A planned restart while the PACS sends a series: the node waits for the transfer (dicom.stop_drain_s) with
+    its port closed, instead of cutting the series in two. Before, the part received was analysed as the whole
+    once the quiet period passed, unless the PACS sent the rest again (Orthanc does not, by itself)."""
+    node = node_factory()
+    acked: list[str] = []
+    reached = threading.Event()
+
+    def on_sent(sent: Sent) -> None:
+        if sent.status == SUCCESS:
+            acked.append(sent.sop_uid)
+            if len(acked) == 20:
+                reached.set()
+
+    sent: list[Sent] = []
+    sender = threading.Thread(target=lambda: sent.extend(send_files(node.port, big_series.files, on_sent=on_sent)))
+    sender.start()
+    assert reached.wait(60), "20 instances acknowledged"
+    node.send_signal(signal.SIGTERM)
+    node.wait_for_log(r"event=stop_draining associations=1", timeout=10)
+    late = associate_refused(node.port)
+    sender.join(60)
+    assert node.wait_exit(timeout=30) == 0
+    assert [r.status for r in sent] == [SUCCESS] * SLICES, "every instance of the series was acknowledged"
+    assert late, "a new association during the drain is refused"
+    assert "still_receiving=0" in node.log and "association_aborted_at_stop" not in node.log
+    node.start()
+    assert len(node.instances(big_series.series_uid)) == SLICES
+
+
+def associate_refused(port: int) -> bool:
+    """True when nothing accepts a connection on ``port`` (the listening socket is closed)."""
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
 def test_sigterm_with_an_open_association(node_factory: NodeFactory, tmp_path: Path) -> None:
     """An orderly stop while a sender holds an association open (Orthanc keeps one open for 5 s, a
     PACS may keep one for a whole study): the node must end the association (the sender retries the
