@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from node import __version__
 from node.audit import AuditTrail, no_audit
@@ -27,6 +28,7 @@ from node.audit.backlog import SPOOL_FOLDER
 from node.config import Config
 from node.db.ingest import IngestLedger
 from node.db.session import db_reason, make_sessionmaker, open_database
+from node.db.status import record_analysis_state
 from node.errors import LungnodeError
 from node.logs import kv
 from node.pipeline.infer import choose_providers, clear_model_cache, models_problem, pairing_warnings
@@ -109,9 +111,12 @@ CRASH_LOOP_S, RESTART_MAX_WAIT_S = 60.0, 300.0
 class WorkerPool:
     """The analysis worker processes of ``lungnode serve``; a worker that dies is restarted."""
 
-    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None,
+                 sessions: sessionmaker[Session] | None = None) -> None:
+        """``sessions``: the ledger where whether analysis runs is recorded, for ``lungnode status``."""
         self.config = config
         self.config_path = config_path
+        self.sessions = sessions
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self._started_at: list[float] = []  # monotonic, per slot
         self._restart_at: list[float | None] = []  # when a dead worker's slot starts again
@@ -130,8 +135,18 @@ class WorkerPool:
             return
         self._start_workers(count)
 
+    def _record(self, problem: str | None) -> None:
+        if self.sessions is None:
+            return
+        try:
+            with self.sessions.begin() as s:
+                record_analysis_state(s, problem=problem)
+        except SQLAlchemyError as exc:  # the log line says it anyway; status then shows the last state it knew
+            log.error(kv("analysis_state_not_recorded", reason=db_reason(exc)))
+
     def _disabled(self, problem: str) -> None:
         self._problem = problem
+        self._record(problem)
         log.error(kv("analysis_disabled", reason=problem,
                      effect="images are received and series assembled; jobs wait in the queue",
                      fix=f"{verify_command(self.config_path)}; the node checks the models again every "
@@ -149,6 +164,7 @@ class WorkerPool:
         return problem
 
     def _start_workers(self, count: int) -> None:
+        self._record(None)
         self.procs = start_workers(self.config, count)
         self._started_at, self._restart_at, self._waits = [time.monotonic()] * count, [None] * count, [0.0] * count
         log.info(kv("workers_started", count=count, pids=",".join(str(p.pid) for p in self.procs)))
@@ -238,7 +254,7 @@ def serve(config: Config, config_path: Path | None = None) -> int:
     signal.signal(signal.SIGHUP, _hangup)
     log.info(kv("node_ready", ae_title=config.dicom.ae_title, port=node.port))
     audit.application_activity(started=True)
-    workers = WorkerPool(config, config_path)
+    workers = WorkerPool(config, config_path, node.sessions)
     workers.start()
     while not stop.wait(2.0):
         workers.watch()

@@ -12,7 +12,18 @@ from sqlalchemy.orm import Session, aliased
 
 from node.audit.backlog import waiting
 from node.db.jobs import queue_order, study_settling, taken_as
-from node.db.models import Association, AssociationState, Instance, Job, JobState, SendState, Series, Study, utcnow
+from node.db.models import (
+    Association,
+    AssociationState,
+    Event,
+    Instance,
+    Job,
+    JobState,
+    SendState,
+    Series,
+    Study,
+    utcnow,
+)
 from node.receive.priority import priority_name
 from node.send.outbox import outbox_summary
 
@@ -20,6 +31,29 @@ from node.send.outbox import outbox_summary
 def iso_seconds(value: Any) -> str | None:
     """A ledger time as ISO 8601 to the second (None stays None), as status and its trace print them."""
     return value.isoformat(timespec="seconds") if value is not None else None
+
+
+#: Events ``serve`` records when analysis stops or starts (models missing or broken, then fixed).
+ANALYSIS_DISABLED, ANALYSIS_ENABLED = "analysis_disabled", "analysis_enabled"
+
+
+def analysis_state(s: Session) -> dict[str, Any]:
+    """Whether the node analyses, from the latest analysis event: a node whose models are broken still answers
+    C-ECHO and queues jobs, so its health check alone would say all is well."""
+    last = s.scalars(select(Event).where(Event.kind.in_((ANALYSIS_DISABLED, ANALYSIS_ENABLED)))
+                     .order_by(Event.id.desc()).limit(1)).first()
+    if last is None or last.kind == ANALYSIS_ENABLED:
+        return {"enabled": True, "since": iso_seconds(last.at) if last else None, "reason": None}
+    return {"enabled": False, "since": iso_seconds(last.at), "reason": last.message}
+
+
+def record_analysis_state(s: Session, *, problem: str | None) -> None:
+    """Record that analysis is disabled (``problem``) or enabled, when that differs from the last record."""
+    state = analysis_state(s)
+    if problem is not None and (state["enabled"] or state["reason"] != problem):
+        s.add(Event(kind=ANALYSIS_DISABLED, level="error", message=problem))
+    elif problem is None and not state["enabled"]:
+        s.add(Event(kind=ANALYSIS_ENABLED, message="the models pass their checks"))
 
 
 def summary(s: Session, *, limit: int = 20) -> dict[str, Any]:
@@ -74,6 +108,7 @@ def summary(s: Session, *, limit: int = 20) -> dict[str, Any]:
             "queued_by_priority": {priority_name(level): n for level, n in s.execute(
                 select(Job.priority, func.count()).where(Job.state == JobState.queued).group_by(Job.priority)).all()},
         },
+        "analysis": analysis_state(s),
         "series": series,
         "outbox": outbox_summary(s),
     }
@@ -160,6 +195,13 @@ def render_text(data: dict[str, Any]) -> str:
     jobs = ", ".join(f"{k} {v}" for k, v in sorted(c["jobs"].items())) or "none"
     lines = [
         f"studies {c['studies']}  series {c['series']}  open associations {c['open_associations']}  jobs: {jobs}",
+    ]
+    analysis = data.get("analysis") or {"enabled": True}
+    if not analysis["enabled"]:
+        lines.append(f"ANALYSIS DISABLED since {analysis['since']}: {analysis['reason']}. Images are received and "
+                     f"jobs wait in the queue; fix the models (lungnode models verify), the node checks them again "
+                     f"every workers.models_recheck_s")
+    lines += [
         "",
         f"{'last received (UTC)':20} {'state':10} {'rev':>3} {'inst':>5} {'origin':10} {'job':19} series",
     ]
@@ -225,7 +267,10 @@ def render_metrics(data: dict[str, Any] | None, version: str, *, listener_up: bo
                                   "When the oldest job still waiting for a worker was queued (Unix time).")):
         if c.get(key):
             lines += _gauge(name, help_text, int(dt.datetime.fromisoformat(c[key]).timestamp()))
-    lines += [*_gauge("lungnode_studies", "Studies in the ledger.", c["studies"]),
+    analysis = data.get("analysis") or {"enabled": True}
+    lines += [*_gauge("lungnode_analysis_enabled", "0 while serve cannot analyse (models missing or broken; "
+                      "jobs wait in the queue).", int(analysis["enabled"])),
+              *_gauge("lungnode_studies", "Studies in the ledger.", c["studies"]),
               *_gauge("lungnode_series", "Series in the ledger.", c["series"]),
               *_gauge("lungnode_open_associations", "DICOM associations open now.", c["open_associations"]),
               "# HELP lungnode_jobs Analysis jobs by state.", "# TYPE lungnode_jobs gauge"]

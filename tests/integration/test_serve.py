@@ -165,6 +165,11 @@ def test_serve_without_models_keeps_receiving_says_why_and_starts_once_they_are_
     assert storescu(node.port, series.folder).returncode == 0
     node.wait_complete(series.series_uid)
     assert [j["state"] for j in node.jobs(series.series_uid)] == ["queued"]
+    # the on-call person sees it without reading the log: the listener answers, the queue only grows
+    status = run_cli("status", "--config", node.config_path)
+    assert re.search(r"ANALYSIS DISABLED since \S+: model folder .* does not exist", status.stdout), status.stdout
+    metrics = run_cli("status", "--metrics", "--config", node.config_path).stdout
+    assert "lungnode_analysis_enabled 0" in metrics and "lungnode_listener_up 1" in metrics
     # the administrator installs the models: the running node finds them and analyses, without a restart; its
     # diagnosis model was measured with another lesion model than this folder's, which runs with a warning
     staging = make_models_dir(tmp_path / "staging")
@@ -177,6 +182,8 @@ def test_serve_without_models_keeps_receiving_says_why_and_starts_once_they_are_
     job = wait_until(lambda: (j := node.jobs(series.series_uid)) and j[0]["state"] not in ("queued", "running")
                      and j[0], timeout=120, what="the waiting job to be analysed")
     assert job["state"] in ("done", "rejected"), job
+    assert "ANALYSIS DISABLED" not in run_cli("status", "--config", node.config_path).stdout
+    assert "lungnode_analysis_enabled 1" in run_cli("status", "--metrics", "--config", node.config_path).stdout
 
 
 @pytest.mark.parametrize("problem", ["gpu", "port", "ledger"])
