@@ -187,7 +187,9 @@ class Event(Base):
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None]
-    __table_args__ = (Index("ix_events_at", "at"), Index("ix_events_job_kind", "job_id", "kind"))
+    # by kind: status' latest analysis state (migration 0009)
+    __table_args__ = (Index("ix_events_at", "at"), Index("ix_events_job_kind", "job_id", "kind"),
+                      Index("ix_events_kind", "kind", "id"))
 
 
 class SendState(str, enum.Enum):

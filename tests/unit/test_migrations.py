@@ -57,7 +57,7 @@ def test_indexes_and_unique_constraints_exist(engine: Engine) -> None:
     assert {"ix_series_state", "ix_series_study", "ix_series_last_received"} <= {
         i["name"] for i in insp.get_indexes("series")}
     assert {"ix_instances_series_revision"} <= {i["name"] for i in insp.get_indexes("instances")}
-    assert {"ix_events_at", "ix_events_job_kind"} <= {i["name"] for i in insp.get_indexes("events")}
+    assert {"ix_events_at", "ix_events_job_kind", "ix_events_kind"} <= {i["name"] for i in insp.get_indexes("events")}
     uniques = {tuple(u["column_names"]) for u in insp.get_unique_constraints("jobs")}
     assert ("series_id", "revision") in uniques
     assert ("sop_instance_uid",) in {tuple(u["column_names"]) for u in insp.get_unique_constraints("instances")}

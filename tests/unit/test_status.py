@@ -52,3 +52,52 @@ def test_status_into_a_pipe_closed_early_ends_quietly(engine: Engine, tmp_path: 
     proc.stdout.close()  # before it writes a line
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_the_analysis_state_is_recorded_on_change_and_read_by_index(sessions: sessionmaker[Session]) -> None:
+    """Disabled, the same reason again (no new row), another reason, enabled: status reads the latest by the
+    events' kind index, not by reading every event (the table grows with every association and job)."""
+    from typing import Any
+
+    from sqlalchemy import event, func, select
+
+    from node.db.models import Event
+    from node.db.status import analysis_state, record_analysis_state
+
+    def record(problem: str | None) -> dict[str, Any]:
+        with sessions.begin() as s:
+            record_analysis_state(s, problem=problem)
+        with sessions() as s:
+            return analysis_state(s)
+
+    with sessions() as s:
+        assert analysis_state(s)["enabled"] is True, "no record: a node that never failed analyses"
+    first = record("model folder /x does not exist")
+    assert (first["enabled"], first["reason"]) == (False, "model folder /x does not exist") and first["since"]
+    record("model folder /x does not exist")  # the same reason at the next check: no new row
+    second = record("lesion model: sha256 mismatch")
+    assert (second["enabled"], second["reason"]) == (False, "lesion model: sha256 mismatch")
+    assert record(None)["enabled"] is True
+    record(None)  # still enabled: no new row
+    with sessions() as s:
+        kinds = s.scalars(select(Event.kind).order_by(Event.id)).all()
+        assert kinds == ["analysis_disabled", "analysis_disabled", "analysis_enabled"]
+        assert s.scalar(select(func.count()).select_from(Event)) == 3
+        assert analysis_state(s)["enabled"] is True
+
+    engine = sessions.kw["bind"]
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, params: Any, _context: Any, _many: bool) -> None:
+        seen.append((statement, params))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        with sessions() as s:
+            analysis_state(s)
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    [(statement, params)] = seen
+    with engine.connect() as conn:
+        plan = " / ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params))
+    assert "ix_events_kind" in plan, plan
