@@ -261,15 +261,37 @@ def cmd_retry(args: argparse.Namespace) -> int:
                           file=sys.stderr)
                     return 2
         requeued = requeue_failed(sessions, job_id=args.job, resend=args.resend)
+        # Destinations configured after the job ran never got rows: --resend queues its results for them too.
+        added = _queue_for_new_destinations(cfg, sessions, args.job) if args.resend else {}
     scope = f"job {args.job}" if args.job is not None else "all jobs"
-    if not requeued:
-        print(f"no failed or waiting sends for {scope}: nothing requeued")
+    for dest, n in added.items():
+        print(f"queued {n} object(s) of {scope} for {dest}, which never had them (configured after the job ran)")
+    if not requeued and not added:
+        print(f"no failed or waiting sends for {scope}: nothing requeued" + (
+            "; it has no results to send (lungnode reanalyse JOB analyses it again)" if args.resend else ""))
         return 0
     what = "send(s), delivered ones included," if args.resend else "failed or waiting send(s)"
     for dest, n in requeued:
         print(f"requeued {n} {what} to {dest} ({scope}), with a fresh set of attempts; a running node sends them "
               f"within sending.poll_interval_s")
     return 0
+
+
+def _queue_for_new_destinations(cfg: Config, sessions: sessionmaker[Session], job_id: int) -> dict[str, int]:
+    """Queue ``job_id``'s results for each configured destination that has no row of it; (destination, count)."""
+    from node.outputs.write import OUTPUTS_FILE
+    from node.pipeline.worker import results_dir
+    from node.send.outbox import enqueue_results
+
+    out = results_dir(cfg, job_id)
+    if not (out / OUTPUTS_FILE).is_file():
+        return {}
+    added: dict[str, int] = {}
+    for dest in cfg.destinations:
+        n = enqueue_results(sessions, job_id=job_id, results_dir=out, destinations=[dest])
+        if n:
+            added[dest.name] = n
+    return added
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -450,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", type=int, nargs="?", help="requeue the failed or waiting sends of this job id")
     p.add_argument("--failed", action="store_true", help="requeue every failed or waiting send of every job")
     p.add_argument("--resend", action="store_true",
-                   help="with JOB: send all its results again, delivered ones too (a PACS that lost them)")
+                   help="with JOB: send all its results again, delivered ones too (a PACS that lost them), and to "
+                        "destinations configured since the job ran")
     p.set_defaults(func=cmd_retry)
 
     p = sub.add_parser(

@@ -12,6 +12,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import yaml
 from pydicom.uid import ImplicitVRLittleEndian, JPEGLSLossless
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -172,6 +173,29 @@ def test_giving_up_on_a_destination_is_an_error_in_the_log(
     retries = [r for r in caplog.records if "event=send_association_failed" in r.getMessage()]
     assert len(retries) == 2 and {r.levelname for r in retries} == {"WARNING"}
     assert all(f"jobs={job} " in r.getMessage() for r in retries)
+
+
+def test_resend_queues_a_job_s_results_for_a_destination_configured_after_it_ran(
+    sessions: sessionmaker[Session], tmp_path: Path,
+) -> None:
+    """The node analysed studies before IT added the PACS as a destination: retry JOB --resend sends them there
+    (it said "nothing requeued", and only a reanalysis, minutes of CPU, would do)."""
+    from node.pipeline.worker import results_dir
+    from tests.helpers.node_proc import run_cli
+
+    job = make_job(sessions)
+    config_file = tmp_path / "config.yaml"
+    spool = tmp_path / "spool"
+    config_file.write_text(yaml.safe_dump({
+        "storage": {"database_url": str(sessions.kw["bind"].url), "spool_dir": str(spool)},
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}]}))
+    write_results(results_dir(Config.model_validate({"storage": {"spool_dir": str(spool)}}), job))
+    proc = run_cli("retry", str(job), "--resend", "--config", config_file)
+    assert proc.returncode == 0, proc.stderr
+    assert f"queued 3 object(s) of job {job} for pacs, which never had them" in proc.stdout, proc.stdout
+    assert [r.state for r in outbox_rows(sessions)] == [SendState.pending] * 3
+    again = run_cli("retry", str(job), "--resend", "--config", config_file)
+    assert "which never had them" not in again.stdout and "requeued 3 send(s)" in again.stdout, again.stdout
 
 
 def test_refused_objects_fail_with_the_reason_and_retry_failed_delivers(
