@@ -253,8 +253,9 @@ class StorageSCP:
 
         def busy() -> list[PnAssociation]:
             now = time.monotonic()
-            return [a for a in self._server.active_associations if a.is_established  # type: ignore[union-attr]
-                    and now - getattr(a, _ASSOC_STATS, _AssocStats()).last_store < _IDLE_AT_STOP_S]
+            stats = [(a, getattr(a, _ASSOC_STATS, None)) for a in self._server.active_associations]  # type: ignore[union-attr]
+            return [a for a, st in stats
+                    if a.is_established and st is not None and now - st.last_store < _IDLE_AT_STOP_S]
 
         receiving = busy()
         if receiving and self.settings.stop_drain_s > 0:
