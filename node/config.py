@@ -713,16 +713,28 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _format_error(exc: ValidationError, source: str, env_names: dict[tuple[str, ...], str]) -> str:
+def _format_error(exc: ValidationError, source: str, env_names: dict[tuple[str, ...], str],
+                  data: dict[str, Any] | None = None) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
         # The destination kind pydantic chose (its union tag) is not a key IT wrote: leave it out of the path.
         loc = tuple(str(p) for i, p in enumerate(err["loc"])
                     if not (i == 2 and err["loc"][0] == "destinations" and p in ("dicom", "dicomweb")))
-        where = ".".join(loc) or "(top level)"
+        where = _where(loc, data or {}) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"  {where}: {msg}{_env_cause(loc, env_names)}")
     return "\n".join(lines)
+
+
+def _where(loc: tuple[str, ...], data: dict[str, Any]) -> str:
+    """A key's path as IT reads it: a destination by its name (``destinations[pacs].port``), not its index."""
+    if len(loc) >= 2 and loc[0] == "destinations" and loc[1].isdigit():
+        listed = data.get("destinations")
+        entry = listed[int(loc[1])] if isinstance(listed, list) and int(loc[1]) < len(listed) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        head = f"destinations[{name if isinstance(name, str) and name else loc[1]}]"
+        return ".".join((head, *loc[2:]))
+    return ".".join(loc)
 
 
 def _env_cause(loc: tuple[str, ...], env_names: dict[tuple[str, ...], str]) -> str:
@@ -751,4 +763,4 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, source, env_names)) from exc
+        raise ConfigError(_format_error(exc, source, env_names, data)) from exc

@@ -143,11 +143,11 @@ def test_unknown_key_from_environment_is_named() -> None:
         ({"storage": {"min_free_disk_mb": -5}}, "storage.min_free_disk_mb", "greater than or equal to 0"),
         ({"logging": {"level": "LOUD"}}, "logging.level", "DEBUG"),
         ({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "h", "port": 0}]},
-         "destinations.0.port", "greater than or equal to 1"),
+         "destinations[pacs].port", "greater than or equal to 1"),
         ({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "", "port": 104}]},
-         "destinations.0.host", "not a host name or IP address"),  # empty: the socket layer would pick this machine
+         "destinations[pacs].host", "not a host name or IP address"),  # empty: the socket layer would pick this machine
         ({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "pacs .local", "port": 104}]},
-         "destinations.0.host", "not a host name or IP address"),
+         "destinations[pacs].host", "not a host name or IP address"),
         ({"dicom": {"allowed_callers": [{"ae_title": "CT1", "host": "http://ct1"}]}},
          "dicom.allowed_callers.0.host", "not an IP address"),
         # compared with the caller's address as it is: a host name would refuse every association from that PACS
@@ -174,7 +174,7 @@ def test_errors_name_the_environment_variable_that_set_the_bad_value(tmp_path: P
     lines = {ln.strip().split(":")[0]: ln for ln in msg.splitlines()[1:]}
     assert lines["dicom.port"].endswith("(set by environment variable LUNGNODE_DICOM__PORT)")
     assert lines["assembly.quiet_period"].endswith("(set by environment variable LUNGNODE_ASSEMBLY__QUIET_PERIOD)")
-    assert lines["destinations.0.host"].endswith("(set by environment variable LUNGNODE_DESTINATIONS)")
+    assert lines["destinations[pacs].host"].endswith("(set by environment variable LUNGNODE_DESTINATIONS)")
     assert "environment variable" not in lines["dicom.max_pdu_size"]  # that one came from the file
 
 
@@ -396,7 +396,7 @@ def test_ip_addresses_are_accepted_as_bind_address(tmp_path: Path, address: str)
 def test_a_destination_that_would_receive_nothing_is_named(tmp_path: Path) -> None:
     data = {"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104, "objects": []}]}
     msg = _error(write_yaml(tmp_path / "c.yaml", data))
-    assert "destinations.0" in msg and "objects" in msg and "at least 1 item" in msg, msg
+    assert "destinations[pacs].objects" in msg and "objects" in msg and "at least 1 item" in msg, msg
 
 
 def test_check_config_warns_of_folders_the_node_could_not_write(tmp_path: Path,
@@ -419,7 +419,7 @@ def test_check_config_warns_of_folders_the_node_could_not_write(tmp_path: Path,
     [
         ("dicom:\n  port: yes\n", "dicom.port"),  # YAML 1.1: yes is true, which int() would take as 1
         ("workers:\n  count: yes\n", "workers.count"),
-        ("destinations:\n  - {name: pacs, ae_title: PACS, host: 10.0.0.5, port: on}\n", "destinations.0.port"),
+        ("destinations:\n  - {name: pacs, ae_title: PACS, host: 10.0.0.5, port: on}\n", "destinations[pacs].port"),
         ("selection:\n  max_study_age_days: true\n", "selection.max_study_age_days"),  # int | None
         ("assembly:\n  quiet_period_s: on\n", "assembly.quiet_period_s"),  # a float would take it as 1.0
     ],
