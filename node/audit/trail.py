@@ -107,13 +107,13 @@ class AuditTrail:
                 raise LungnodeError(f"the audit backlog folder {self.backlog_dir} cannot be used ({exc}); it lives "
                                     f"under storage.spool_dir, which the node's user must be able to write") from exc
         transport = transport_for(self.settings)
-        self._thread = threading.Thread(target=self._loop, args=(transport,), name="audit", daemon=True)
-        self._thread.start()
         log.info(kv("audit_on", host=self.settings.host, port=self.settings.port, transport=self.settings.transport,
                     source_id=self.source_id, backlog=self.backlog_dir or "memory"))
-        if len(self._backlog):
+        if len(self._backlog):  # counted before the thread starts sending them
             log.info(kv("audit_backlog", messages=len(self._backlog), folder=self.backlog_dir,
                         effect="messages the repository had not taken before the last stop are sent first"))
+        self._thread = threading.Thread(target=self._loop, args=(transport,), name="audit", daemon=True)
+        self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Send what is queued (the Application Stop message last), waiting at most ``timeout`` seconds."""
