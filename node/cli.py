@@ -156,7 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 2
         return _metrics(cfg)
     with _ledger(cfg) as (engine, sessions), sessions() as s:
-        data = trace(s, **criteria) if criteria else summary(s, limit=args.limit)
+        data = trace(s, spool_dir=cfg.storage.spool_dir, **criteria) if criteria else summary(s, limit=args.limit)
         if not criteria:
             data["storage"] = storage_summary(s, cfg.storage.spool_dir, cfg.storage.min_free_disk_mb)
         data["database"] = engine.url.render_as_string(hide_password=True)

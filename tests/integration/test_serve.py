@@ -116,6 +116,11 @@ def test_a_series_the_pacs_sends_again_after_retention_is_stored_and_analysed_ag
     assert node.count("instances") == 40, "the rows are the instances' history: updated, not added"
     trace = run_cli("status", "--series", uid, "--config", node.config_path)
     assert "received again after retention deleted its images" in trace.stdout, trace.stdout
+    # where the result is, and what "done" alone does not say (its QA flags)
+    result_json = node.spool_dir / "results" / f"job-{job['id']}" / "result.json"
+    assert f"result {result_json}\n" in trace.stdout, trace.stdout
+    for flag in (q for q in result["qa"] if q["severity"] == "flag"):
+        assert f"QA flag {flag['code']}: {flag['reason']}" in trace.stdout
 
 
 def test_a_study_sent_series_by_series_gets_one_result_for_its_best_series(
