@@ -204,7 +204,7 @@ class DicomSettings(Strict):
     network_timeout_s: float = Field(default=60.0, gt=0)
     stop_drain_s: float = Field(
         default=20.0, ge=0, description="at stop, how long transfers in progress may go on (new associations are "
-        "refused meanwhile) before the associations still open are aborted; one idle for 2 s is ended at once")
+        "refused meanwhile) before the associations still open are aborted; one idle for 1 s is ended at once")
     tcp_nodelay: bool = True
     fast_receive: bool = Field(
         default=True, description="use the tuned pynetdicom receive path (node/receive/tuning.py)"

@@ -89,7 +89,7 @@ TRANSFER_SYNTAXES = [
 
 _ASSOC_ID = "_lungnode_assoc_id"
 #: An association that sent no C-STORE for this long has finished its batch: a stop does not wait for it.
-_IDLE_AT_STOP_S = 2.0
+_IDLE_AT_STOP_S = 1.0
 _ASSOC_STATS = "_lungnode_assoc_stats"
 #: (result source, diagnostic) of an A-ASSOCIATE-RJ that pynetdicom sends itself -> the reason IT reads in the log
 _REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
