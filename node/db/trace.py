@@ -76,6 +76,7 @@ def _result(spool_dir: Path | None, job_id: int) -> dict[str, Any] | None:
     "done" alone does not say), when the file is on this machine."""
     if spool_dir is None:
         return None
+    # node.pipeline.runner.RESULT_FILE; not imported from there: it would load the models' runtime into status
     path = results_path(spool_dir, job_id) / "result.json"
     try:
         result = json.loads(path.read_text(encoding="utf-8"))

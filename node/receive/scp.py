@@ -248,12 +248,13 @@ class StorageSCP:
         planned restart does not cut a series in two: the part received would be analysed as the whole once the
         quiet period passed, unless the PACS sent the rest again. An association that sent nothing for
         ``_IDLE_AT_STOP_S`` has finished its batch (Orthanc keeps one open for seconds after): it is not waited for."""
-        assert self._server is not None
+        server = self._server
+        assert server is not None
         deadline = time.monotonic() + self.settings.stop_drain_s
 
         def busy() -> list[PnAssociation]:
             now = time.monotonic()
-            stats = [(a, getattr(a, _ASSOC_STATS, None)) for a in self._server.active_associations]  # type: ignore[union-attr]
+            stats = [(a, getattr(a, _ASSOC_STATS, None)) for a in server.active_associations]
             return [a for a, st in stats
                     if a.is_established and st is not None and now - st.last_store < _IDLE_AT_STOP_S]
 
