@@ -42,7 +42,7 @@ from pydantic import (
 from pydantic_core import PydanticUndefined
 
 from node.errors import ConfigError
-from node.yamlfile import read_yaml_mapping
+from node.yamlfile import did_you_mean, read_yaml_mapping
 
 ENV_PREFIX = "LUNGNODE_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash, no controls
@@ -721,7 +721,7 @@ def _format_error(exc: ValidationError, source: str, env_names: dict[tuple[str, 
         loc = tuple(str(p) for i, p in enumerate(err["loc"])
                     if not (i == 2 and err["loc"][0] == "destinations" and p in ("dicom", "dicomweb")))
         where = _where(loc, data or {}) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" + did_you_mean(Config, loc) if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"  {where}: {msg}{_env_cause(loc, env_names)}")
     return "\n".join(lines)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
+import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BaseModel
 
 from node.errors import LungnodeError
 
@@ -54,3 +57,34 @@ def error_location(parts: Sequence[int | str]) -> str:
     for part in parts:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "(top level)"
+
+
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    """The models a field holds: ``list[Destination | WebDestination]`` -> both, ``TlsSettings | None`` ->
+    TlsSettings."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _models(typing.get_args(annotation)[0])
+    if origin is not None:  # a union, list[...] or dict[...]: the models inside
+        return [m for arg in typing.get_args(annotation) for m in _models(arg)]
+    return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
+def keys_at(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
+    """The keys a mapping may have, found by following an error's path from ``model``. A list index, or a union's
+    tag (``dicomweb``), is not a key and is stepped over."""
+    models = [model]
+    for part in map(str, loc):
+        inner = [m for cls in models if part in cls.model_fields for m in _models(cls.model_fields[part].annotation)]
+        if inner:  # else a list index or a union's tag: stepped over
+            models = inner
+    return sorted({key for cls in models for key in cls.model_fields})
+
+
+def did_you_mean(model: type[BaseModel], loc: Sequence[int | str]) -> str:
+    """`` (did you mean port?)`` for a misspelt key (``prot``, ``quiet_period``), else nothing: the fix, not a
+    search through the documentation."""
+    if not loc:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]).lower(), keys_at(model, loc[:-1]), n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""

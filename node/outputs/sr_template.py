@@ -25,7 +25,7 @@ from pydicom.sr.coding import Code
 
 from node.errors import LungnodeError
 from node.outputs.codes import STRUCTURES
-from node.yamlfile import error_location, read_yaml_mapping
+from node.yamlfile import did_you_mean, error_location, read_yaml_mapping
 
 #: The templates shipped with the node.
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "sr_templates"
@@ -230,7 +230,8 @@ def parse_template(data: Any, source: Path) -> SRTemplate:
     except ValidationError as exc:
         lines = [f"invalid SR template {source}:"]
         for err in exc.errors():
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            msg = ("unknown key" + did_you_mean(SRTemplate, err["loc"]) if err["type"] == "extra_forbidden"
+                   else err["msg"].removeprefix("Value error, "))
             lines.append(f"  {error_location(err['loc'])}: {msg}")
         raise TemplateError("\n".join(lines)) from exc
 

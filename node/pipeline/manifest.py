@@ -41,7 +41,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from node.errors import LungnodeError
-from node.yamlfile import error_location, read_yaml_mapping
+from node.yamlfile import did_you_mean, error_location, read_yaml_mapping
 
 MANIFEST_FILE = "model.yaml"
 ONNX_FILE = "model.onnx"
@@ -271,7 +271,8 @@ def _format_error(exc: ValidationError, path: Path) -> str:
     lines = [f"invalid model manifest {path}:"]
     for err in exc.errors():
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; model.yaml accepts only documented keys)"
+            msg = "unknown key" + (did_you_mean(ModelManifest, err["loc"])
+                                   or " (check the spelling; model.yaml accepts only documented keys)")
         elif err["type"] == "string_type" and isinstance(err.get("input"), (int, float)):
             msg = f"{err['msg']} (got {err['input']!r}: quote it in YAML)"
         else:

@@ -8,6 +8,7 @@ import json
 import re
 import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -123,7 +124,26 @@ def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
 
 
 def test_unknown_section_is_named(tmp_path: Path) -> None:
-    assert "dicomm: unknown key" in _error(write_yaml(tmp_path / "c.yaml", {"dicomm": {"port": 1}}))
+    assert "dicomm: unknown key (did you mean dicom?)" in _error(write_yaml(tmp_path / "c.yaml", {"dicomm": {"port": 1}}))
+
+
+@pytest.mark.parametrize(("data", "said"), [
+    ({"dicom": {"prot": 11113}}, "dicom.prot: unknown key (did you mean port?)"),
+    ({"assembly": {"quiet_period": 5}}, "assembly.quiet_period: unknown key (did you mean quiet_period_s?)"),
+    ({"dicom": {"tls": {"enabled": False, "privatekey": "k.pem"}}},
+     "dicom.tls.privatekey: unknown key (did you mean private_key?)"),
+    ({"destinations": [{"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_titel": "PACS"}]},
+     "destinations[pacs].ae_titel: unknown key (did you mean ae_title?)"),
+    ({"destinations": [{"name": "web", "url": "https://127.0.0.1/dicom-web", "tokne_file": "/t"}]},
+     "destinations[web].tokne_file: unknown key (did you mean token_file?)"),
+])
+def test_a_misspelt_key_is_named_with_the_key_meant(tmp_path: Path, data: dict[str, Any], said: str) -> None:
+    assert said in _error(write_yaml(tmp_path / "c.yaml", data))
+
+
+def test_an_unknown_key_like_no_other_gets_no_guess(tmp_path: Path) -> None:
+    msg = _error(write_yaml(tmp_path / "c.yaml", {"dicom": {"colour": "red"}}))
+    assert "dicom.colour: unknown key" in msg and "did you mean" not in msg
 
 
 def test_unknown_key_from_environment_is_named() -> None:
@@ -540,7 +560,7 @@ def test_an_empty_ae_title_from_the_environment_says_what_an_ae_title_is() -> No
 # -- errors caused by environment variables name them ---------------------------------------------
 def test_an_unknown_section_from_the_environment_names_the_variable() -> None:
     msg = _error(None, {"LUNGNODE_DICMO__PORT": "104"})
-    assert "dicmo: unknown key (from environment variable LUNGNODE_DICMO__PORT)" in msg, msg
+    assert "dicmo: unknown key (did you mean dicom?) (from environment variable LUNGNODE_DICMO__PORT)" in msg, msg
 
 
 def test_a_section_the_environment_made_invalid_names_the_variable(tmp_path: Path,

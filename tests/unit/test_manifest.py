@@ -71,7 +71,7 @@ def test_unknown_top_level_key_refused() -> None:
 
 def test_unknown_nested_key_refused() -> None:
     text = manifest_error(edited(input={"windw": {"level": 0, "width": 1}}))
-    assert "input.windw: unknown key" in text
+    assert "input.windw: unknown key (did you mean window?)" in text
 
 
 def test_missing_field_named() -> None:

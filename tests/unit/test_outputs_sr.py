@@ -286,6 +286,8 @@ def shipped() -> dict[str, Any]:
 
 @pytest.mark.parametrize(("edit", "field", "words"), [
     (lambda d: d["groups"][0].update(colour="red"), "groups[0].colour", "unknown key"),
+    (lambda d: d["groups"][4]["measurements"][0].update(unti=None), "groups[4].measurements[0].unti",
+     "unknown key (did you mean unit?)"),
     (lambda d: d["groups"][4]["measurements"][0].update(value="lung_volume_ml.middle"),
      "groups[4].measurements[0].value", "unknown value"),
     (lambda d: d["groups"][4]["measurements"][0].update(concept={"keyword": "SCT.Volumen"}),
