@@ -398,6 +398,9 @@ class WorkerSettings(Strict):
     lease_s: float = Field(default=120.0, gt=0, description="a running job without heartbeat this long goes back to the queue")
     max_attempts: int = Field(default=3, ge=1)
     poll_interval_s: float = Field(default=1.0, gt=0)
+    max_job_s: float = Field(default=1800.0, ge=0, description="a job still running after this long (an analysis "
+                             "that hangs) is failed with that reason and its worker process restarted, so one bad "
+                             "series cannot hold a worker for ever; `lungnode reanalyse JOB` runs it again. 0: no limit")
     models_recheck_s: float = Field(default=60.0, gt=0, description="while the models fail their checks (analysis "
                                     "disabled), check them again this often; workers start once they pass")
 

@@ -12,7 +12,9 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -43,6 +45,8 @@ from node.signals import stop_on_signals
 log = logging.getLogger(__name__)
 #: The longest wait between two tries while the database cannot be reached (the wait doubles from the poll interval).
 DB_RETRY_MAX_S = 30.0
+#: Exit status of a worker that stopped itself because its job ran past ``workers.max_job_s`` (EX_TEMPFAIL).
+EXIT_JOB_TIMED_OUT = 75
 
 
 def _db_unreachable(exc: BaseException) -> bool:
@@ -135,7 +139,8 @@ class Worker:
         if job is None:
             return False
         beat_stop = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job.job_id, beat_stop), daemon=True)
+        beat = threading.Thread(target=self._heartbeat, args=(job.job_id, beat_stop, threading.get_ident()),
+                                daemon=True)
         beat.start()
         try:
             series_uid, paths = _series_files(self.sessions, job)
@@ -227,20 +232,43 @@ class Worker:
                 out["queue_wait"] = (row.started_at - row.created_at).total_seconds()
             return {k: round(v, 3) for k, v in out.items()}
 
-    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
+    def _heartbeat(self, job_id: int, stop: threading.Event, job_thread: int) -> None:
         """Extend the job's lease every quarter lease until ``stop``, or until the job is no longer ours. A failed
         beat (the database restarting) is tried again at the next: a thread that died of it would let the lease run
-        out once the database is back, and the job would be run twice."""
+        out once the database is back, and the job would be run twice. A job past ``workers.max_job_s`` is
+        ended here (``_time_out``): the thread running it may be stuck where Python cannot interrupt it."""
         interval = max(0.05, self.config.workers.lease_s / 4)
+        limit = self.config.workers.max_job_s
+        deadline = time.monotonic() + limit if limit else None
         errors = LoopErrors(log, "heartbeat_error")
-        while not stop.wait(interval):
+        while not stop.wait(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))):
             try:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._time_out(job_id, limit, job_thread)
+                    return
                 if not self.queue.heartbeat(job_id):
                     return
             except SQLAlchemyError as exc:
                 errors.failed(exc)
                 continue
             errors.ok()
+
+    def _time_out(self, job_id: int, limit: float, job_thread: int) -> None:
+        """Fail the job that ran past ``limit`` and end this process (the pool, or systemd for ``lungnode
+        worker``, starts a fresh one): a hung analysis must not hold a worker, its memory and its GPU for ever.
+        The log says where the job was stuck (code locations only, no patient data)."""
+        error = (f"analysis still running after workers.max_job_s ({limit:g} s): stopped, and its worker restarted; "
+                 f"`lungnode reanalyse {job_id}` runs it again (event=job_timed_out in the log says where it was stuck)")
+        if not self.queue.finish(job_id, JobState.failed, error=error):
+            return  # it finished or was taken over in the meantime: nothing to stop
+        frame = sys._current_frames().get(job_thread)
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                            for f in reversed(traceback.extract_stack(frame)[-4:])) if frame else "unknown"
+        log.error(kv("job_timed_out", job=job_id, worker=self.name, limit_s=f"{limit:g}", where=where,
+                     action=f"worker exits with status {EXIT_JOB_TIMED_OUT} to be restarted"))
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(EXIT_JOB_TIMED_OUT)  # the job's thread cannot be stopped from here; the process can
 
     def loop(self) -> None:
         """Run jobs until ``stop``. While the database cannot be reached the worker waits and tries again, the wait

@@ -34,9 +34,10 @@ from node.config import (
     WorkerSettings,
 )
 from node.db.ingest import IngestLedger
+from node.db.jobs import requeue_for_reanalysis
 from node.db.models import utcnow
 from node.db.session import make_engine, make_sessionmaker, upgrade_schema
-from node.pipeline.worker import Worker, results_dir
+from node.pipeline.worker import EXIT_JOB_TIMED_OUT, Worker, results_dir
 from node.receive.assembler import Assembler
 from node.receive.inspect import inspect_instance
 from tests.helpers.faults import FifoTrap, Synth, phantom, set_pixels, synth_series
@@ -103,6 +104,7 @@ class Ledger:
             "LUNGNODE_INFERENCE__THREADS": "1",
             "LUNGNODE_WORKERS__LEASE_S": str(w.lease_s),
             "LUNGNODE_WORKERS__POLL_INTERVAL_S": str(w.poll_interval_s),
+            "LUNGNODE_WORKERS__MAX_JOB_S": str(w.max_job_s),
             "LUNGNODE_SELECTION__MIN_SLICES": str(MIN_SLICES),
             "LUNGNODE_LOGGING__LEVEL": "INFO",
             **extra,
@@ -112,7 +114,7 @@ class Ledger:
 MIN_SLICES = 10
 
 
-def make_ledger(root: Path, *, lease_s: float = 120.0) -> Ledger:
+def make_ledger(root: Path, *, lease_s: float = 120.0, max_job_s: float = 1800.0) -> Ledger:
     root.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{root / 'ledger.sqlite'}"
     engine = make_engine(url)
@@ -121,7 +123,7 @@ def make_ledger(root: Path, *, lease_s: float = 120.0) -> Ledger:
     config = Config(
         storage=StorageSettings(spool_dir=root / "spool", database_url=url, min_free_disk_mb=0),
         inference=InferenceSettings(models_dir=models, device="cpu", threads=1),
-        workers=WorkerSettings(lease_s=lease_s, poll_interval_s=0.05, max_attempts=3),
+        workers=WorkerSettings(lease_s=lease_s, poll_interval_s=0.05, max_attempts=3, max_job_s=max_job_s),
         selection=SelectionSettings(min_slices=MIN_SLICES),  # the small test series have fewer than 40
     )
     return Ledger(root, engine, make_sessionmaker(engine), config, models)
@@ -366,6 +368,36 @@ def test_worker_killed_mid_job_is_requeued_and_finishes_once(tmp_path: Path, led
     assert led.result(job_id)["status"] == "ok"
     assert "job_stalled" in second.log
     assert second.stop() == 0
+
+
+def test_a_job_that_hangs_past_max_job_s_fails_with_where_it_hung_and_its_worker_exits(
+        tmp_path: Path, ledgers: Callable[..., Ledger], workers: list[WorkerProc]) -> None:
+    led = ledgers(lease_s=1.0, max_job_s=3.0)
+    s = chest(tmp_path, "hangs")
+    led.add_series(s)
+    [job_id] = led.complete().values()
+    trap = FifoTrap(s.files[0])  # reading this file blocks the worker for good: nobody writes to the pipe
+    stuck = WorkerProc(led, "stuck")
+    workers.append(stuck)
+    wait_until(lambda: led.job(job_id)["state"] == "running", timeout=30, what="the worker to claim the job")
+    beat = led.job(job_id)["heartbeat_at"]
+    wait_until(lambda: led.job(job_id)["heartbeat_at"] != beat, timeout=5, what="a heartbeat (the job looks alive)")
+
+    assert stuck.proc.wait(timeout=30) == EXIT_JOB_TIMED_OUT, stuck.log
+    job = led.job(job_id)
+    assert job["state"] == "failed" and "workers.max_job_s (3 s)" in job["error"], job
+    assert f"lungnode reanalyse {job_id}" in job["error"]
+    [line] = [x for x in stuck.log.splitlines() if "event=job_timed_out job=" in x]
+    assert "ERROR" in line and "dcmread" in line, line  # where it hung: reading the trapped file
+    assert led.events(job_id)[-1] == "job_failed"
+
+    trap.release()  # the file is readable again: the job runs again when asked, and finishes
+    assert "queued" in requeue_for_reanalysis(led.sessions, job_id)
+    again = WorkerProc(led, "again")
+    workers.append(again)
+    final = wait_until(lambda: (j := led.job(job_id))["state"] not in ("queued", "running") and j, timeout=60,
+                       what="the job run again to finish")
+    assert final["state"] == "done", (final, again.log)
 
 
 def test_two_workers_never_run_the_same_job(tmp_path: Path, ledgers: Callable[..., Ledger],
