@@ -178,7 +178,7 @@ class JobQueue:
             stalled.update({job: "is gone" for job in s.scalars(
                 select(Job)
                 .where(Job.state == JobState.running, Job.heartbeat_at >= cutoff,
-                       Job.worker.like(f"{socket.gethostname()}:%"))
+                       Job.worker.like(f"{this_machine()}:%"))
                 .with_for_update(skip_locked=True)
             ) if _process_gone(job.worker)})
             if idle:
@@ -218,11 +218,31 @@ class JobQueue:
                 kv("job_stalled", job=job.id, worker=stalled_worker, reason=why, new_state=job.state.value))
 
 
+#: The inode of a Linux boot's first PID namespace (PROC_PID_INIT_INO): a process that is not in a container.
+INIT_PID_NS = 4026531836
+
+
+def machine_name(hostname: str, pid_ns: int | None) -> str:
+    """Where a pid names one process: the hostname, with the PID namespace of a container (``host/ns4026532301``).
+    Two containers on one host with host networking share the hostname but not their pids: without it, one would
+    take the other's live worker for gone and run its job a second time."""
+    return hostname if pid_ns in (None, INIT_PID_NS) else f"{hostname}/ns{pid_ns}"
+
+
+def this_machine() -> str:
+    try:
+        pid_ns: int | None = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc (not Linux): the hostname alone
+        pid_ns = None
+    return machine_name(socket.gethostname(), pid_ns)
+
+
 def _process_gone(worker: str | None) -> bool:
-    """True when ``worker`` ("host:pid", the default worker name) names a process of this machine that no longer
-    exists. Another machine's worker, or a name of another form, is left to its lease."""
+    """True when ``worker`` ("machine:pid", the default worker name) names a process of this machine
+    (``this_machine``) that no longer exists. Another machine's worker, or a name of another form, is left to its
+    lease."""
     host, _, pid = (worker or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != this_machine() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)

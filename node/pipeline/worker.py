@@ -11,7 +11,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Config
-from node.db.jobs import Claimed, JobQueue
+from node.db.jobs import Claimed, JobQueue, this_machine
 from node.db.models import REJECTION_NOTE, Instance, Job, JobState, Series, SeriesOrigin, SeriesState
 from node.db.session import make_engine, make_sessionmaker
 from node.errors import LungnodeError
@@ -116,7 +115,7 @@ def _series_files(sessions: sessionmaker[Session], job: Claimed) -> tuple[str, l
 class Worker:
     def __init__(self, config: Config, *, name: str | None = None) -> None:
         self.config = config
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.name = name or f"{this_machine()}:{os.getpid()}"
         self.engine = make_engine(config.storage.database_url)  # the node (or `lungnode worker`) opened it
         self.sessions = make_sessionmaker(self.engine)
         w = config.workers

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
@@ -34,7 +33,7 @@ from node.config import (
     WorkerSettings,
 )
 from node.db.ingest import IngestLedger
-from node.db.jobs import requeue_for_reanalysis
+from node.db.jobs import requeue_for_reanalysis, this_machine
 from node.db.models import utcnow
 from node.db.session import make_engine, make_sessionmaker, upgrade_schema
 from node.pipeline.worker import EXIT_JOB_TIMED_OUT, Worker, results_dir
@@ -164,7 +163,7 @@ class WorkerProc:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([*NODE_CMD, "worker"], env=led.env(), cwd=REPO, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT)
-        self.name = f"{socket.gethostname()}:{self.proc.pid}"
+        self.name = f"{this_machine()}:{self.proc.pid}"
 
     @property
     def log(self) -> str:

@@ -9,7 +9,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.jobs import JobQueue, requeue_for_reanalysis
+from node.db.jobs import JobQueue, requeue_for_reanalysis, this_machine
 from node.db.models import Event, Job, JobState, Series, SeriesOrigin, SeriesState, Study, utcnow
 from node.errors import LungnodeError
 
@@ -55,13 +55,12 @@ def test_reanalysis_is_refused_with_the_reason(sessions: sessionmaker[Session], 
 def test_a_job_of_a_worker_process_gone_from_this_machine_is_requeued_at_once(sessions: sessionmaker[Session]) -> None:
     """After a node was killed and restarted its jobs went back to the queue only when the lease ran out (120 s)."""
     import os
-    import socket
     import subprocess
     import sys
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
-    host = socket.gethostname()
+    host = this_machine()
     workers = {f"{host}:{dead_pid}": JobState.queued,  # its process is gone: back in the queue now
                f"{host}:{os.getpid()}": JobState.running,  # alive: left alone
                f"elsewhere:{dead_pid}": JobState.running,  # another machine's: its lease decides
@@ -77,6 +76,34 @@ def test_a_job_of_a_worker_process_gone_from_this_machine_is_requeued_at_once(se
     assert JobQueue(sessions, worker="w", lease_s=120).requeue_stalled() == 1
     with sessions() as s:
         assert {w: s.get(Job, i).state for w, i in ids.items()} == workers  # type: ignore[union-attr]
+
+
+def test_a_worker_in_a_container_is_named_for_its_pid_namespace() -> None:
+    """Two containers with host networking share the hostname; their pids mean different processes."""
+    from node.db.jobs import INIT_PID_NS, machine_name
+
+    assert machine_name("pacs-ai", INIT_PID_NS) == "pacs-ai"  # not in a container: the name IT knows
+    assert machine_name("pacs-ai", None) == "pacs-ai"
+    assert machine_name("pacs-ai", 4026532301) != machine_name("pacs-ai", 4026532302)
+    assert machine_name("pacs-ai", 4026532301).startswith("pacs-ai/")
+
+
+def test_a_job_of_a_worker_in_another_pid_namespace_is_left_to_its_lease(sessions: sessionmaker[Session]) -> None:
+    """Its pid, not alive here, may be alive in the other container: only the lease says it is gone."""
+    import socket
+    import subprocess
+    import sys
+
+    from node.db.jobs import machine_name
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    other = f"{machine_name(socket.gethostname(), 4026532999)}:{int(gone.stdout)}"  # this host, not this namespace
+    job_id = _job(sessions, JobState.done)
+    with sessions.begin() as s:
+        row = s.get(Job, job_id)
+        assert row is not None
+        row.state, row.worker, row.heartbeat_at, row.attempts = JobState.running, other, utcnow(), 1
+    assert JobQueue(sessions, worker="w", lease_s=120).requeue_stalled() == 0
 
 
 def test_a_job_waits_until_its_study_has_settled(sessions: sessionmaker[Session]) -> None:
