@@ -27,7 +27,7 @@ from node.audit import AuditTrail, no_audit
 from node.audit.backlog import SPOOL_FOLDER
 from node.config import Config
 from node.db.ingest import IngestLedger
-from node.db.session import db_reason, make_sessionmaker, open_database
+from node.db.session import db_reason, make_sessionmaker, open_database, warn_on_clock_skew
 from node.db.status import record_analysis_state
 from node.errors import LungnodeError
 from node.logs import kv
@@ -54,6 +54,7 @@ class Node:
         self.config = config
         self.audit = audit or no_audit(config.dicom.ae_title)
         self.engine = open_database(config.storage.database_url)
+        warn_on_clock_skew(self.engine)
         self.sessions = make_sessionmaker(self.engine)
         self.spool = Spool(
             config.storage.spool_dir,

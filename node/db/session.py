@@ -10,19 +10,24 @@ failing with "database is locked".
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.db.models import utcnow
 from node.errors import LungnodeError
+from node.logs import kv
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: A machine whose clock is this far from the database server's is named at start (``clock_skew``).
+CLOCK_SKEW_WARN_S = 5.0
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
@@ -120,6 +125,31 @@ def open_database(url: str, *, must_exist: bool = False) -> Engine:
         engine.dispose()
         raise
     return engine
+
+
+def clock_skew_s(engine: Engine, now: dt.datetime | None = None) -> float | None:
+    """Seconds this machine's UTC clock (``now``) is behind the PostgreSQL server's; None for SQLite (one machine).
+
+    Leases, heartbeats and a study's settling compare times written by different machines: a worker whose clock
+    is two minutes off takes another's live job for stalled (``workers.lease_s``) and runs it twice."""
+    if engine.dialect.name != "postgresql":
+        return None
+    with engine.connect() as conn:
+        server = conn.scalar(text("SELECT now() AT TIME ZONE 'UTC'"))
+    local = (now or utcnow()).replace(tzinfo=None)
+    return (server - local).total_seconds()
+
+
+def warn_on_clock_skew(engine: Engine, now: dt.datetime | None = None) -> None:
+    """One WARNING at start when this machine's clock is off the database server's: the fix is NTP on both."""
+    try:
+        skew = clock_skew_s(engine, now)
+    except SQLAlchemyError:
+        return  # the caller's own use of the database says what is wrong with it
+    if skew is not None and abs(skew) > CLOCK_SKEW_WARN_S:
+        log.warning(kv("clock_skew", seconds=f"{skew:+.1f}", reference="the database server's clock",
+                       effect="leases, heartbeats and study settling compare times across machines",
+                       fix="synchronise both clocks (NTP/chrony)"))
 
 
 def _check_schema(engine: Engine) -> None:

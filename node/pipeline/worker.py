@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.config import Config
 from node.db.jobs import Claimed, JobQueue, this_machine
 from node.db.models import REJECTION_NOTE, Instance, Job, JobState, Series, SeriesOrigin, SeriesState
-from node.db.session import make_engine, make_sessionmaker
+from node.db.session import make_engine, make_sessionmaker, warn_on_clock_skew
 from node.errors import LungnodeError
 from node.logs import LoopErrors, kv, setup_logging
 from node.outputs.device import installation_device_uid
@@ -316,6 +316,8 @@ def worker_process_main(config: Config, parent_pid: int | None = None) -> None:
         # run from a terminal keeps the default, ending with its session.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         threading.Thread(target=_stop_when_orphaned, args=(worker, parent_pid), name="orphan-watch", daemon=True).start()
+    else:  # `lungnode worker`, perhaps on another machine than the node's (serve checks its own clock)
+        warn_on_clock_skew(worker.engine)
     worker.preload()
     worker.loop()
 

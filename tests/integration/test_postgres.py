@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import glob
+import logging
 import os
 import shutil
 import socket
@@ -26,8 +27,15 @@ from sqlalchemy.exc import OperationalError
 from node.config import AssemblySettings
 from node.db.ingest import IngestLedger, Outcome
 from node.db.jobs import JobQueue
-from node.db.models import AssociationState, Job, JobState, Series, SeriesState
-from node.db.session import POSTGRES_CONNECT, make_engine, make_sessionmaker, upgrade_schema
+from node.db.models import AssociationState, Job, JobState, Series, SeriesState, utcnow
+from node.db.session import (
+    POSTGRES_CONNECT,
+    clock_skew_s,
+    make_engine,
+    make_sessionmaker,
+    upgrade_schema,
+    warn_on_clock_skew,
+)
 from node.db.status import storage_summary
 from node.db.trace import trace
 from node.receive.assembler import Assembler
@@ -140,6 +148,24 @@ def test_connections_name_the_node_and_a_silent_server_is_given_up_on(
         thread.start()
         thread.join(30)
     assert outcome and isinstance(outcome[0], OperationalError), "the connection was still waiting after 30 s"
+
+
+def test_a_clock_off_the_database_servers_is_named_at_start(pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Workers on several machines compare their times through the ledger: the server's clock is the reference."""
+    engine = make_engine(pg_url)
+    try:
+        assert abs(clock_skew_s(engine) or 99) < 2  # this machine is the server's
+        behind = clock_skew_s(engine, now=utcnow() - dt.timedelta(minutes=3))
+        assert behind is not None and 178 < behind < 182, behind
+        with caplog.at_level(logging.WARNING, logger="node.db.session"):
+            warn_on_clock_skew(engine)
+        assert "clock_skew" not in caplog.text, "a synchronised clock is not named"
+        with caplog.at_level(logging.WARNING, logger="node.db.session"):
+            warn_on_clock_skew(engine, now=utcnow() - dt.timedelta(minutes=3))
+        assert "event=clock_skew seconds=+18" in caplog.text and "NTP" in caplog.text, caplog.text
+    finally:
+        engine.dispose()
+    assert clock_skew_s(make_engine("sqlite://")) is None, "SQLite: one machine, one clock"
 
 
 def test_ledger_on_postgresql(pg_url: str, tmp_path: Path) -> None:
