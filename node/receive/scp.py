@@ -92,8 +92,9 @@ _ASSOC_ID = "_lungnode_assoc_id"
 _IDLE_AT_STOP_S = 1.0
 _ASSOC_STATS = "_lungnode_assoc_stats"
 #: (result source, diagnostic) of an A-ASSOCIATE-RJ that pynetdicom sends itself -> the reason IT reads in the log
+_WRONG_CALLED_AE = (0x01, 0x07)  # A-ASSOCIATE-RJ source service-user, called-AE-title-not-recognized
 _REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
-    (0x01, 0x07): "called AE title is not dicom.ae_title",
+    _WRONG_CALLED_AE: "called AE title is not dicom.ae_title",
     (0x01, 0x03): "calling AE title not recognised",
     (0x03, 0x02): "too many associations at once (dicom.max_associations)",
 }
@@ -344,9 +345,15 @@ class StorageSCP:
         if rj is None:
             return
         reason = _REJECT_REASONS.get((rj.result_source, rj.diagnostic), str(rj.reason_str))
-        log.warning(kv("association_rejected", calling_ae=str(rq.calling_ae_title if rq else "").strip(),
-                       called_ae=str(rq.called_ae_title if rq else "").strip(), host=str(assoc.requestor.address),
-                       reason=reason))
+        calling, called = (str(rq.calling_ae_title if rq else "").strip(), str(rq.called_ae_title if rq else "").strip())
+        host = str(assoc.requestor.address)
+        log.warning(kv("association_rejected", calling_ae=calling, called_ae=called, host=host, reason=reason))
+        if (rj.result_source, rj.diagnostic) == _WRONG_CALLED_AE:
+            # A caller guessing AE titles, or a modality set up for another node: the security officer's to see. A
+            # full node (too many associations) is capacity, not security: the log says it.
+            self.audit.node_authentication_failed(
+                host=host, calling_ae=calling, reason=f"association rejected: called AE title {called!r} is not "
+                "dicom.ae_title")
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc: PnAssociation = event.assoc

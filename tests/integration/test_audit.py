@@ -90,14 +90,17 @@ def test_serve_audits_start_images_received_a_refused_caller_and_stop_over_mutua
         assert run_cli("echo", "--config", node.config_path, "--timeout", "5").returncode == 0
         assert echoscu(node.port, calling="INTRUDER").returncode != 0  # not in allowed_callers: rejected
         node.wait_for_log(r"event=association_rejected calling_ae=INTRUDER")
+        # an allowed caller that names another AE title is refused by pynetdicom itself, and audited the same way
+        assert echoscu(node.port, calling="STORESCU", called="OTHERNODE").returncode != 0
+        node.wait_for_log(r"event=association_rejected calling_ae=STORESCU called_ae=OTHERNODE")
     finally:
         assert node.stop() == 0
     assert "event=audit_on" in node.log and "audit_send_failed" not in node.log
-    messages = wait_received(repository, 4)
+    messages = wait_received(repository, 5)
     _valid(messages)
     assert [_event(m) for m in messages] == ["Application Activity", "DICOM Instances Transferred", "Security Alert",
-                                             "Application Activity"], "in the order they happened"
-    start, transferred, alert, stop = (parse(m.xml) for m in messages)
+                                             "Security Alert", "Application Activity"], "in the order they happened"
+    start, transferred, alert, wrong_called, stop = (parse(m.xml) for m in messages)
     assert start.find("EventIdentification/EventTypeCode").get("originalText") == "Application Start"
     assert stop.find("EventIdentification/EventTypeCode").get("originalText") == "Application Stop"
     assert start.find("AuditSourceIdentification").attrib == {"AuditSourceID": "LUNGNODE",
@@ -123,6 +126,8 @@ def test_serve_audits_start_images_received_a_refused_caller_and_stop_over_mutua
     assert ident.find("EventTypeCode").get("originalText") == "Node Authentication"
     assert ident.get("EventOutcomeIndicator") == "4" and "allowed_callers" in ident.findtext("EventOutcomeDescription")
     assert _participants(alert)["INTRUDER"]["UserIsRequestor"] == "true"
+    assert "called AE title 'OTHERNODE'" in wrong_called.find("EventIdentification").findtext("EventOutcomeDescription")
+    assert _participants(wrong_called)["STORESCU"]["UserIsRequestor"] == "true"
 
 
 def test_audit_messages_survive_a_crash_while_the_repository_is_down(
