@@ -31,8 +31,6 @@ from node.db.session import db_reason, make_sessionmaker, open_database, warn_on
 from node.db.status import record_analysis_state
 from node.errors import LungnodeError
 from node.logs import kv
-from node.pipeline.infer import choose_providers, clear_model_cache, models_problem, pairing_warnings
-from node.pipeline.worker import start_workers
 from node.receive.assembler import Assembler
 from node.receive.reconcile import reconcile
 from node.receive.retention import purge_expired
@@ -154,6 +152,10 @@ class WorkerPool:
                          f"{self.config.workers.models_recheck_s:g} s and starts analysing once they pass"))
 
     def _check_models(self) -> str | None:
+        # The analysis modules (onnxruntime, SimpleITK, highdicom) are imported where workers are started: the
+        # listener process never analyses, and a node started without workers neither loads nor holds them.
+        from node.pipeline.infer import clear_model_cache, models_problem, pairing_warnings
+
         problem = models_problem(self.config.inference)
         # The check built a session per model in this process, which never analyses (the workers are spawned
         # and load their own): free them, and on a GPU their device memory.
@@ -165,6 +167,8 @@ class WorkerPool:
         return problem
 
     def _start_workers(self, count: int) -> None:
+        from node.pipeline.worker import start_workers
+
         self._record(None)
         self.procs = start_workers(self.config, count)
         self._started_at, self._restart_at, self._waits = [time.monotonic()] * count, [None] * count, [0.0] * count
@@ -193,6 +197,8 @@ class WorkerPool:
                              action="restarting", restart_in_s=f"{self._waits[i]:g}",
                              fix="the lines of this pid before this one say why" if self._waits[i] else None))
             if now >= restart_at:
+                from node.pipeline.worker import start_workers
+
                 self.procs[i] = start_workers(self.config, 1)[0]
                 self._started_at[i], self._restart_at[i] = now, None
 
@@ -215,6 +221,8 @@ def verify_command(config_path: Path | None) -> str:
 def check_device(config: Config) -> None:
     """Refuse to start when ``inference.device`` names a GPU that cannot be used (auto and cpu never refuse)."""
     if config.workers.count > 0 and config.inference.device not in ("auto", "cpu"):
+        from node.pipeline.infer import choose_providers
+
         choose_providers(config.inference.device)
 
 
