@@ -240,7 +240,7 @@ class Worker:
         limit = self.config.workers.max_job_s
         deadline = time.monotonic() + limit if limit else None
         errors = LoopErrors(log, "heartbeat_error")
-        while not stop.wait(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))):
+        while not stop.wait(_until_next_beat(interval, deadline)):
             try:
                 if deadline is not None and time.monotonic() >= deadline:
                     self._time_out(job_id, limit, job_thread)
@@ -291,6 +291,13 @@ class Worker:
                 self.stop.wait(poll)
         self.engine.dispose()
         log.info(kv("worker_stopped", worker=self.name))
+
+
+def _until_next_beat(interval: float, deadline: float | None) -> float:
+    """The next beat comes after ``interval``, or at the job's deadline if that is sooner; past the deadline (its
+    job could not be failed yet: the database is down) a beat's interval again, not a busy loop."""
+    left = None if deadline is None else deadline - time.monotonic()
+    return min(interval, left) if left is not None and left > 0 else interval
 
 
 def _stop_when_orphaned(worker: Worker, parent_pid: int, interval_s: float = 1.0) -> None:
