@@ -139,6 +139,7 @@ def _unwritable(cfg: Config) -> dict[str, str]:
 def cmd_status(args: argparse.Namespace) -> int:
     from node.db.status import render_text, storage_summary, summary
     from node.db.trace import render_trace, trace
+    from node.db.workers import workers_summary
 
     cfg = load_config(args.config)
     setup_logging("WARNING")
@@ -159,6 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         data = trace(s, spool_dir=cfg.storage.spool_dir, **criteria) if criteria else summary(s, limit=args.limit)
         if not criteria:
             data["storage"] = storage_summary(s, cfg.storage.spool_dir, cfg.storage.min_free_disk_mb)
+            data["workers"] = workers_summary(s, alive_s=cfg.workers.lease_s)
         data["database"] = engine.url.render_as_string(hide_password=True)
     if criteria and not data["studies"]:
         what = ", ".join(f"--{k.replace('_', '-')}" for k in criteria)
@@ -189,6 +191,7 @@ def _metrics(cfg: Config) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from node.db.status import render_metrics, storage_summary, summary
+    from node.db.workers import workers_summary
     from node.receive.selfcheck import listener_accepts
 
     data: dict[str, object] | None = None
@@ -196,6 +199,7 @@ def _metrics(cfg: Config) -> int:
         with _ledger(cfg) as (_, sessions), sessions() as s:
             data = summary(s, limit=0)
             data["storage"] = storage_summary(s, cfg.storage.spool_dir, cfg.storage.min_free_disk_mb)
+            data["workers"] = workers_summary(s, alive_s=cfg.workers.lease_s)
     except (LungnodeError, SQLAlchemyError) as exc:
         print(f"lungnode: {exc}", file=sys.stderr)
     print(render_metrics(data, __version__, listener_up=listener_accepts(cfg.dicom)), end="")

@@ -28,6 +28,15 @@ LIDC_0001 = SHARED_DATA / "lidc-idri-0001-ct.tar.xz"
 NodeFactory = Callable[..., NodeProcess]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With pytest-xdist (the README's test command: ``-n 2 --dist loadgroup``) the integration tests run one after
+    another in one worker, as without it: they time real peers and kill nodes mid-transfer, and two of them at once
+    on a 2-core machine would disturb each other. The unit tests run beside them, in the other worker."""
+    for item in items:
+        if item.nodeid.startswith("tests/integration/"):
+            item.add_marker(pytest.mark.xdist_group("integration"))
+
+
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
     """A real SQLite ledger in tmp_path, migrated to the newest schema."""

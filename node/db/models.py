@@ -239,3 +239,18 @@ class OutboxItem(Base):
         Index("ix_outbox_job", "job_id"),
         Index("ix_outbox_commitment", "commitment_uid"),
     )
+
+
+class WorkerRecord(Base):
+    """An analysis worker process as it last reported itself. A queue that only grows tells IT late that no worker
+    runs (all crashed, a remote machine down); ``lungnode status`` and the metrics say it at once, and on which
+    device each worker runs the models."""
+
+    __tablename__ = "workers"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)  # machine:pid, as on its jobs
+    version: Mapped[str] = mapped_column(String(32))
+    provider: Mapped[str | None] = mapped_column(String(64))  # onnxruntime's provider of its models
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)  # alive while within workers.lease_s
+    job_id: Mapped[int | None] = mapped_column(Integer)  # the job it runs; None when idle
+    stopped_at: Mapped[dt.datetime | None]  # a clean stop; a crash leaves it None and seen_at ageing

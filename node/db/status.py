@@ -201,6 +201,8 @@ def render_text(data: dict[str, Any]) -> str:
         lines.append(f"ANALYSIS DISABLED since {analysis['since']}: {analysis['reason']}. Images are received and "
                      f"jobs wait in the queue; fix the models (lungnode models verify), the node checks them again "
                      f"every workers.models_recheck_s")
+    if "workers" in data:
+        lines.append(render_workers(data["workers"], queued=c["jobs"].get(JobState.queued.value, 0)))
     lines += [
         "",
         f"{'last received (UTC)':20} {'state':10} {'rev':>3} {'inst':>5} {'origin':10} {'job':19} series",
@@ -223,6 +225,24 @@ def render_text(data: dict[str, Any]) -> str:
     lines += ["", render_outbox(data.get("outbox", {}))]
     if "storage" in data:
         lines += ["", render_storage(data["storage"])]
+    return "\n".join(lines)
+
+
+#: The states of ``node.db.workers.workers_summary``, in the order status lists them.
+WORKER_STATES = ("busy", "idle", "lost", "stopped")
+
+
+def render_workers(workers: list[dict[str, Any]], *, queued: int) -> str:
+    """One line per worker seen today; a warning when jobs wait and no worker is alive to take them."""
+    alive = [w for w in workers if w["state"] in ("busy", "idle")]
+    counts = ", ".join(f"{n} {st}" for st in WORKER_STATES if (n := sum(w["state"] == st for w in workers)))
+    lines = [f"workers: {counts or 'none has run today'}"]
+    for w in workers:
+        doing = f"job #{w['job']}" if w["state"] == "busy" else w["state"]
+        lines.append(f"  {w['name']:28} {doing:12} {w['provider'] or '-':24} seen {_duration(w['seen_s_ago'])} ago")
+    if queued and not alive:
+        lines.append(f"NO WORKER ALIVE: {queued} jobs wait. Serve starts workers.count of them (its log says why "
+                     "one stopped: event=worker_died); `lungnode worker` runs more")
     return "\n".join(lines)
 
 
@@ -283,6 +303,11 @@ def render_metrics(data: dict[str, Any] | None, version: str, *, listener_up: bo
     for dest, entry in sorted(data.get("outbox", {}).items()):
         lines += [f'lungnode_sends{{destination="{_label(dest)}",state="{st.value}"}} {entry["counts"].get(st.value, 0)}'
                   for st in SendState]
+    if "workers" in data:
+        lines += ["# HELP lungnode_workers Analysis worker processes seen today, by state (lost: not seen for "
+                  "workers.lease_s; none busy or idle while jobs wait is worth an alert).", "# TYPE lungnode_workers gauge"]
+        lines += [f'lungnode_workers{{state="{st}"}} {sum(w["state"] == st for w in data["workers"])}'
+                  for st in WORKER_STATES]
     storage = data.get("storage")
     if storage is not None:
         lines += [*_gauge("lungnode_spool_images_bytes", "Received images held in the spool.", storage["images_bytes"]),

@@ -26,6 +26,7 @@ from node.config import Config
 from node.db.jobs import Claimed, JobQueue, this_machine
 from node.db.models import REJECTION_NOTE, Instance, Job, JobState, Series, SeriesOrigin, SeriesState
 from node.db.session import make_engine, make_sessionmaker, warn_on_clock_skew
+from node.db.workers import SEEN_EVERY_S, register, report
 from node.errors import LungnodeError
 from node.logs import LoopErrors, kv, setup_logging
 from node.outputs.device import installation_device_uid
@@ -124,11 +125,20 @@ class Worker:
                               low_max_wait_s=config.assembly.low_priority_max_wait_s)
         self.stop = threading.Event()
         self.device_uid = installation_device_uid(config.storage.spool_dir)  # the SR's and KOS's observer
+        self.provider: str | None = None  # of its models, once loaded (preload)
 
     def preload(self) -> None:
         """Load and check the three models now: a bad model stops the worker at start, not mid-job."""
         for role in ("lung", "lesion", "diagnosis"):
-            get_model(self.config.inference, role)
+            self.provider = get_model(self.config.inference, role).provider
+
+    def _report(self, job_id: int | None, *, stopped: bool = False) -> None:
+        """Tell the ledger this worker is alive (``node.db.workers``). Best effort: the next report, seconds later,
+        says it again, and a database that is down is the loop's to wait out."""
+        try:
+            report(self.sessions, self.name, job_id=job_id, stopped=stopped)
+        except SQLAlchemyError:
+            pass
 
     def run_one(self) -> bool:
         """Claim and run one job; False when the queue was empty. A database error that is not the job's fault
@@ -141,6 +151,7 @@ class Worker:
         beat = threading.Thread(target=self._heartbeat, args=(job.job_id, beat_stop, threading.get_ident()),
                                 daemon=True)
         beat.start()
+        self._report(job.job_id)
         try:
             series_uid, paths = _series_files(self.sessions, job)
             verdict = self._select(job, _series_header(paths))
@@ -159,6 +170,7 @@ class Worker:
         finally:
             beat_stop.set()
             beat.join()
+            self._report(None)
         return True
 
     def _select(self, job: Claimed, header: SeriesHeader) -> Verdict:
@@ -247,6 +259,7 @@ class Worker:
                     return
                 if not self.queue.heartbeat(job_id):
                     return
+                self._report(job_id)
             except SQLAlchemyError as exc:
                 errors.failed(exc)
                 continue
@@ -265,6 +278,7 @@ class Worker:
                             for f in reversed(traceback.extract_stack(frame)[-4:])) if frame else "unknown"
         log.error(kv("job_timed_out", job=job_id, worker=self.name, limit_s=f"{limit:g}", where=where,
                      action=f"worker exits with status {EXIT_JOB_TIMED_OUT} to be restarted"))
+        self._report(None, stopped=True)
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(EXIT_JOB_TIMED_OUT)  # the job's thread cannot be stopped from here; the process can
@@ -273,12 +287,19 @@ class Worker:
         """Run jobs until ``stop``. While the database cannot be reached the worker waits and tries again, the wait
         doubling from the poll interval up to ``DB_RETRY_MAX_S`` (no busy loop against a server that is restarting);
         the error is logged once in full, then once a minute, and once more when it clears."""
-        log.info(kv("worker_ready", worker=self.name))
+        log.info(kv("worker_ready", worker=self.name, provider=self.provider))
         poll = self.config.workers.poll_interval_s
         errors = LoopErrors(log, "worker_error")
         delay = poll
+        reported_at: float | None = None  # not registered yet
         while not self.stop.is_set():
             try:
+                if reported_at is None:
+                    register(self.sessions, self.name, provider=self.provider)
+                    reported_at = time.monotonic()
+                elif time.monotonic() - reported_at >= min(SEEN_EVERY_S, self.config.workers.lease_s / 4):
+                    self._report(None)
+                    reported_at = time.monotonic()
                 busy = self.run_one()
             except SQLAlchemyError as exc:
                 errors.failed(exc)
@@ -289,6 +310,7 @@ class Worker:
             delay = poll
             if not busy:
                 self.stop.wait(poll)
+        self._report(None, stopped=True)
         self.engine.dispose()
         log.info(kv("worker_stopped", worker=self.name))
 

@@ -36,6 +36,7 @@ from node.db.ingest import IngestLedger
 from node.db.jobs import requeue_for_reanalysis, this_machine
 from node.db.models import utcnow
 from node.db.session import make_engine, make_sessionmaker, upgrade_schema
+from node.db.workers import workers_summary
 from node.pipeline.worker import EXIT_JOB_TIMED_OUT, Worker, results_dir
 from node.receive.assembler import Assembler
 from node.receive.inspect import inspect_instance
@@ -351,6 +352,9 @@ def test_worker_killed_mid_job_is_requeued_and_finishes_once(tmp_path: Path, led
     assert first.proc.wait(timeout=10) == -signal.SIGKILL
     trap.release()
     assert led.job(job_id)["state"] == "running"  # nobody noticed yet
+    with led.sessions() as session:  # status: lost once it has not reported for the lease
+        wait_until(lambda: workers_summary(session, alive_s=led.config.workers.lease_s)[0]["state"] == "lost",
+                   timeout=10, what="the killed worker to be listed as lost")
 
     second = WorkerProc(led, "second")
     workers.append(second)
@@ -381,6 +385,10 @@ def test_a_job_that_hangs_past_max_job_s_fails_with_where_it_hung_and_its_worker
     wait_until(lambda: led.job(job_id)["state"] == "running", timeout=30, what="the worker to claim the job")
     beat = led.job(job_id)["heartbeat_at"]
     wait_until(lambda: led.job(job_id)["heartbeat_at"] != beat, timeout=5, what="a heartbeat (the job looks alive)")
+    with led.sessions() as session:  # what `lungnode status` says of it meanwhile: busy with the job, on the CPU
+        [seen] = workers_summary(session, alive_s=led.config.workers.lease_s)
+    assert (seen["name"], seen["state"], seen["job"], seen["provider"]) == (
+        stuck.name, "busy", job_id, "CPUExecutionProvider"), seen
 
     assert stuck.proc.wait(timeout=30) == EXIT_JOB_TIMED_OUT, stuck.log
     job = led.job(job_id)
@@ -389,6 +397,8 @@ def test_a_job_that_hangs_past_max_job_s_fails_with_where_it_hung_and_its_worker
     [line] = [x for x in stuck.log.splitlines() if "event=job_timed_out job=" in x]
     assert "ERROR" in line and "dcmread" in line, line  # where it hung: reading the trapped file
     assert led.events(job_id)[-1] == "job_failed"
+    with led.sessions() as session:
+        assert [w["state"] for w in workers_summary(session, alive_s=led.config.workers.lease_s)] == ["stopped"]
 
     trap.release()  # the file is readable again: the job runs again when asked, and finishes
     assert "queued" in requeue_for_reanalysis(led.sessions, job_id)

@@ -101,3 +101,41 @@ def test_the_analysis_state_is_recorded_on_change_and_read_by_index(sessions: se
     with engine.connect() as conn:
         plan = " / ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params))
     assert "ix_events_kind" in plan, plan
+
+
+def test_workers_are_listed_busy_idle_lost_or_stopped_and_none_alive_with_jobs_waiting_is_said(
+        sessions: sessionmaker[Session]) -> None:
+    """What each worker reported last, read against workers.lease_s: a killed one is lost once its lease would have
+    run out, like its job; one that stopped cleanly says so; a day-old one is no longer listed."""
+    import datetime as dt
+
+    from node.db.models import utcnow
+    from node.db.status import render_metrics
+    from node.db.workers import register, report, workers_summary
+
+    for name in ("a:1", "b:2", "c:3", "d:4", "e:5"):
+        register(sessions, name, provider="CPUExecutionProvider")
+    report(sessions, "a:1", job_id=7)
+    report(sessions, "c:3", job_id=8)
+    report(sessions, "d:4", job_id=None, stopped=True)
+    now = utcnow()
+    with sessions() as s:
+        listed = workers_summary(s, alive_s=120, now=now + dt.timedelta(seconds=60))
+        assert [(w["name"], w["state"], w["job"]) for w in listed] == [
+            ("a:1", "busy", 7), ("b:2", "idle", None), ("c:3", "busy", 8), ("d:4", "stopped", None),
+            ("e:5", "idle", None)]
+        later = workers_summary(s, alive_s=120, now=now + dt.timedelta(seconds=300))
+        assert [w["state"] for w in later] == ["lost", "lost", "lost", "stopped", "lost"]
+        assert workers_summary(s, alive_s=120, now=now + dt.timedelta(days=2)) == []
+
+        data = summary(s, limit=10)
+    data["workers"] = later
+    data["counts"]["jobs"] = {"queued": 3}
+    text = render_text(data)
+    assert "workers: 4 lost, 1 stopped" in text and "NO WORKER ALIVE: 3 jobs wait" in text, text
+    data["workers"] = listed
+    text = render_text(data)
+    assert "workers: 2 busy, 2 idle, 1 stopped" in text and "NO WORKER ALIVE" not in text, text
+    assert "a:1" in text and "job #7" in text and "CPUExecutionProvider" in text
+    metrics = render_metrics(data, "0.1.0", listener_up=True).splitlines()
+    assert 'lungnode_workers{state="busy"} 2' in metrics and 'lungnode_workers{state="lost"} 0' in metrics
