@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status", help="recent studies, series and jobs with their states",
         description="Read the node's database (storage.database_url; the node need not run) and list the most "
-        "recent series, newest first: when the last image came, the series state (receiving, complete), its "
+        "recent series, newest first (after the analysis workers seen today: busy with a job, idle, stopped, or "
+        "lost: not heard from for workers.lease_s): when the last image came, the series state (receiving, complete), its "
         "revision (late images open a new one), instances, origin (modality: analysed; own_output: our results "
         "coming back; other) and its latest job as #ID STATE (queued, running, done, rejected: refused by "
         "selection or QA with its reason, failed, superseded: a newer revision answers for the series). Then the "
@@ -446,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
     fmt.add_argument("--metrics", action="store_true",
-                     help="the counts in Prometheus' text format (jobs and sends by state, open associations, spool "
+                     help="the counts in Prometheus' text format (jobs, workers and sends by state, open associations, spool "
                           "headroom), e.g. from a timer into node_exporter's textfile collector folder")
     p.add_argument("--limit", type=_positive, default=20, help="how many recent series to list (default 20)")
     p.add_argument("--queue", action="store_true",
