@@ -377,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
         "jobs from the node's database (storage.database_url, which must already exist: start serve first) and "
         "writing results under storage.spool_dir, which it must share with the node. Exit status: 0 stopped by "
         "SIGTERM or Ctrl-C, 2 could not start (invalid configuration, no database or one at another schema "
-        "version, a log file it cannot write; the reason is printed).",
+        "version, a log file it cannot write; the reason is printed), 75 a job ran past workers.max_job_s (it is "
+        "failed, event=job_timed_out says where it hung; start the worker again, as deploy/lungnode-worker.service "
+        "does).",
     )
     _config_arg(p)
     p.set_defaults(func=cmd_worker)

@@ -44,6 +44,22 @@ def test_metrics_timer_and_service_verify(tmp_path: Path) -> None:
     assert "lungnode.prom.tmp; rc=$$?; mv" in service and "exit $$rc" in service
 
 
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_worker_unit_verifies_and_restarts_a_worker_that_ended_a_hung_job(tmp_path: Path) -> None:
+    from node.pipeline.worker import EXIT_JOB_TIMED_OUT
+
+    text = (DEPLOY / "lungnode-worker.service").read_text()
+    (tmp_path / "lungnode-worker.service").write_text(text.replace("/opt/lungnode", str(REPO)))
+    if not (REPO / ".venv" / "bin" / "lungnode").exists():
+        pytest.skip("no .venv/bin/lungnode in this checkout (run deploy/install.sh)")
+    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "lungnode-worker.service")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    assert "ExecStart=/opt/lungnode/.venv/bin/lungnode worker --config /etc/lungnode/config.yaml" in text
+    # exit 75 (workers.max_job_s) is a failure to systemd: Restart=on-failure starts a fresh worker
+    assert EXIT_JOB_TIMED_OUT != 0 and "Restart=on-failure" in text and "SuccessExitStatus" not in text
+
+
 def test_systemd_unit_runs_serve_with_a_checked_config() -> None:
     text = (DEPLOY / "lungnode.service").read_text()
     assert "ExecStartPre=/opt/lungnode/.venv/bin/lungnode check-config /etc/lungnode/config.yaml" in text
