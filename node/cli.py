@@ -157,7 +157,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 2
         return _metrics(cfg)
     with _ledger(cfg) as (engine, sessions), sessions() as s:
-        data = trace(s, spool_dir=cfg.storage.spool_dir, **criteria) if criteria else summary(s, limit=args.limit)
+        spool = cfg.storage.spool_dir
+        data = trace(s, spool_dir=spool, **criteria) if criteria else summary(s, limit=args.limit, spool_dir=spool)
         if not criteria:
             data["storage"] = storage_summary(s, cfg.storage.spool_dir, cfg.storage.min_free_disk_mb)
             data["workers"] = workers_summary(s, alive_s=cfg.workers.lease_s)

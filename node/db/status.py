@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,29 @@ from node.db.models import (
     utcnow,
 )
 from node.receive.priority import priority_name
+from node.receive.spool import results_path
 from node.send.outbox import outbox_summary
 
 
 def iso_seconds(value: Any) -> str | None:
     """A ledger time as ISO 8601 to the second (None stays None), as status and its trace print them."""
     return value.isoformat(timespec="seconds") if value is not None else None
+
+
+def job_result(spool_dir: Path | None, job_id: int) -> dict[str, Any] | None:
+    """Where a job's result.json is, its status and its QA flags (a partial lung coverage, a slice gap: what a
+    "done" alone does not say), when the file is on this machine."""
+    if spool_dir is None:
+        return None
+    # node.pipeline.runner.RESULT_FILE; not imported from there: it would load the models' runtime into status
+    path = results_path(spool_dir, job_id) / "result.json"
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    flags = [{"code": q.get("code"), "reason": q.get("reason")} for q in result.get("qa") or []
+             if q.get("severity") == "flag"]
+    return {"path": str(path), "status": result.get("status"), "qa_flags": flags}
 
 
 #: Events ``serve`` records when analysis stops or starts (models missing or broken, then fixed).
@@ -56,8 +74,9 @@ def record_analysis_state(s: Session, *, problem: str | None) -> None:
         s.add(Event(kind=ANALYSIS_ENABLED, message="the models pass their checks"))
 
 
-def summary(s: Session, *, limit: int = 20) -> dict[str, Any]:
-    """Recent series (newest first) with their study and jobs, plus counts by state."""
+def summary(s: Session, *, limit: int = 20, spool_dir: Path | None = None) -> dict[str, Any]:
+    """Recent series (newest first) with their study and jobs, plus counts by state. ``spool_dir``: read the QA
+    flags of each listed series' latest finished job from its result.json."""
     series_rows = s.execute(
         select(Series, Study).join(Study, Study.id == Series.study_id).order_by(Series.last_received_at.desc()).limit(limit)
     ).all()
@@ -66,7 +85,7 @@ def summary(s: Session, *, limit: int = 20) -> dict[str, Any]:
     if series_ids:
         for job in s.scalars(select(Job).where(Job.series_id.in_(series_ids)).order_by(Job.revision)):
             jobs_by_series.setdefault(job.series_id, []).append(job)
-    series = [
+    series: list[dict[str, Any]] = [
         {
             "study_instance_uid": study.study_instance_uid,
             "series_instance_uid": ser.series_instance_uid,
@@ -94,6 +113,10 @@ def summary(s: Session, *, limit: int = 20) -> dict[str, Any]:
         }
         for ser, study in series_rows
     ]
+    for entry in series:
+        if entry["jobs"] and entry["jobs"][-1]["state"] in (JobState.done.value, JobState.rejected.value):
+            result = job_result(spool_dir, entry["jobs"][-1]["id"])
+            entry["jobs"][-1]["qa_flags"] = [q["code"] for q in result["qa_flags"]] if result else []
     jobs_by_state = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
     open_assocs = s.scalar(select(func.count()).where(Association.state == AssociationState.open)) or 0
     return {
@@ -220,6 +243,8 @@ def render_text(data: dict[str, Any]) -> str:
             lines.append(f"{'':20} note: {ser['note']}")
         if job and job["error"]:  # why it was refused, failed or superseded: what the reader came for
             lines.append(f"{'':20} job #{job['id']}: {job['error']}")
+        if job and job.get("qa_flags"):  # a "done" from part of the lungs, say: the SR carries the same flags
+            lines.append(f"{'':20} job #{job['id']} QA flags: {', '.join(job['qa_flags'])}")
     if not data["series"]:
         lines.append("(nothing received yet)")
     lines += ["", render_outbox(data.get("outbox", {}))]

@@ -9,7 +9,6 @@ and error. The identifiers asked for are matched, never printed: the answer name
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Association, Event, Instance, Job, OutboxItem, Series, Study
-from node.db.status import iso_seconds
-from node.receive.spool import results_path
+from node.db.status import iso_seconds, job_result
 
 
 def matching_series(s: Session, *, job: int | None = None, study: str | None = None, series: str | None = None,
@@ -71,22 +69,6 @@ def _sends(s: Session, job_id: int) -> list[dict[str, Any]]:
             for o in rows]
 
 
-def _result(spool_dir: Path | None, job_id: int) -> dict[str, Any] | None:
-    """Where a job's result.json is, its status and its QA flags (a partial lung coverage, a slice gap: what a
-    "done" alone does not say), when the file is on this machine."""
-    if spool_dir is None:
-        return None
-    # node.pipeline.runner.RESULT_FILE; not imported from there: it would load the models' runtime into status
-    path = results_path(spool_dir, job_id) / "result.json"
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    flags = [{"code": q.get("code"), "reason": q.get("reason")} for q in result.get("qa") or []
-             if q.get("severity") == "flag"]
-    return {"path": str(path), "status": result.get("status"), "qa_flags": flags}
-
-
 def trace(s: Session, *, spool_dir: Path | None = None, **criteria: Any) -> dict[str, Any]:
     """Every matching series with its senders, jobs (with their result sends) and events, grouped by study.
     ``spool_dir``: where the results are, to name each job's result.json and its QA flags."""
@@ -105,7 +87,7 @@ def trace(s: Session, *, spool_dir: Path | None = None, **criteria: Any) -> dict
             "jobs": [{"id": j.id, "revision": j.revision, "state": j.state.value, "attempts": j.attempts,
                       "created_at": iso_seconds(j.created_at), "started_at": iso_seconds(j.started_at),
                       "finished_at": iso_seconds(j.finished_at), "worker": j.worker, "error": j.error,
-                      "sends": _sends(s, j.id), "result": _result(spool_dir, j.id)} for j in jobs],
+                      "sends": _sends(s, j.id), "result": job_result(spool_dir, j.id)} for j in jobs],
             "events": _events(s, ser.id, [j.id for j in jobs]),
         })
     return {"studies": list(studies.values())}

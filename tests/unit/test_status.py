@@ -139,3 +139,27 @@ def test_workers_are_listed_busy_idle_lost_or_stopped_and_none_alive_with_jobs_w
     assert "a:1" in text and "job #7" in text and "CPUExecutionProvider" in text
     metrics = render_metrics(data, "0.1.0", listener_up=True).splitlines()
     assert 'lungnode_workers{state="busy"} 2' in metrics and 'lungnode_workers{state="lost"} 0' in metrics
+
+
+def test_the_qa_flags_of_a_series_latest_result_are_listed(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    """A "done" analysed from part of the lungs says so in the list, not only in its trace and SR."""
+    import json
+
+    from node.receive.spool import results_path
+
+    with sessions.begin() as s:
+        study = Study(study_instance_uid="1.2.4")
+        for n in range(2):
+            series = Series(study=study, series_instance_uid=f"1.2.4.{n}", modality="CT",
+                            origin=SeriesOrigin.modality, state=SeriesState.complete)
+            s.add(Job(series=series, revision=1, state=JobState.done))
+    flagged = results_path(tmp_path, 1)
+    flagged.mkdir(parents=True)
+    (flagged / "result.json").write_text(json.dumps({"status": "ok", "qa": [
+        {"code": "partial_lung_coverage", "severity": "flag", "reason": "the lung apices are cut"},
+        {"code": "slice_spacing", "severity": "info", "reason": "1.25 mm"}]}))
+    with sessions() as s:
+        text = render_text(summary(s, limit=10, spool_dir=tmp_path))
+        assert "job #1 QA flags: partial_lung_coverage" in text and "slice_spacing" not in text, text
+        assert "job #2 QA flags" not in text  # its result.json is not on this machine: nothing to say
+        assert "QA flags" not in render_text(summary(s, limit=10))  # metrics: no spool reads
