@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
+from node import __version__
 from node.audit.backlog import waiting
 from node.db.jobs import queue_order, study_settling, taken_as
 from node.db.models import (
@@ -264,7 +265,11 @@ def render_workers(workers: list[dict[str, Any]], *, queued: int) -> str:
     lines = [f"workers: {counts or 'none has run today'}"]
     for w in workers:
         doing = f"job #{w['job']}" if w["state"] == "busy" else w["state"]
-        lines.append(f"  {w['name']:28} {doing:12} {w['provider'] or '-':24} seen {_duration(w['seen_s_ago'])} ago")
+        # a remote worker left running through an upgrade runs the old code on the new schema
+        other = (f"  version {w['version']}, not {__version__}: restart it" if w["state"] in ("busy", "idle")
+                 and w["version"] != __version__ else "")
+        lines.append(f"  {w['name']:28} {doing:12} {w['provider'] or '-':24} seen {_duration(w['seen_s_ago'])} ago"
+                     + other)
     if queued and not alive:
         lines.append(f"NO WORKER ALIVE: {queued} jobs wait. Serve starts workers.count of them (its log says why "
                      "one stopped: event=worker_died); `lungnode worker` runs more")

@@ -137,6 +137,9 @@ def test_workers_are_listed_busy_idle_lost_or_stopped_and_none_alive_with_jobs_w
     text = render_text(data)
     assert "workers: 2 busy, 2 idle, 1 stopped" in text and "NO WORKER ALIVE" not in text, text
     assert "a:1" in text and "job #7" in text and "CPUExecutionProvider" in text
+    assert "restart it" not in text
+    listed[1]["version"] = "0.0.9"  # b:2, left running through an upgrade
+    assert "version 0.0.9, not " in render_text(data).splitlines()[3]
     metrics = render_metrics(data, "0.1.0", listener_up=True).splitlines()
     assert 'lungnode_workers{state="busy"} 2' in metrics and 'lungnode_workers{state="lost"} 0' in metrics
 
