@@ -724,7 +724,7 @@ def _format_error(exc: ValidationError, source: str, env_names: dict[tuple[str, 
         loc = tuple(str(p) for i, p in enumerate(err["loc"])
                     if not (i == 2 and err["loc"][0] == "destinations" and p in ("dicom", "dicomweb")))
         where = _where(loc, data or {}) or "(top level)"
-        msg = "unknown key" + did_you_mean(Config, loc) if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" + did_you_mean(Config, err["loc"]) if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"  {where}: {msg}{_env_cause(loc, env_names)}")
     return "\n".join(lines)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, Tag
 
 from node.errors import LungnodeError
 
@@ -59,26 +59,28 @@ def error_location(parts: Sequence[int | str]) -> str:
     return text or "(top level)"
 
 
-def _models(annotation: Any) -> list[type[BaseModel]]:
-    """The models a field holds: ``list[Destination | WebDestination]`` -> both, ``TlsSettings | None`` ->
-    TlsSettings."""
+def _models(annotation: Any, tag: str | None = None) -> list[tuple[type[BaseModel], str | None]]:
+    """The models a field holds, each with its union tag: ``list[Destination | WebDestination]`` -> both,
+    ``TlsSettings | None`` -> TlsSettings."""
     origin = typing.get_origin(annotation)
     if origin is Annotated:
-        return _models(typing.get_args(annotation)[0])
+        inner, *meta = typing.get_args(annotation)
+        tags = [m.tag for m in meta if isinstance(m, Tag)]
+        return _models(inner, tags[0] if tags else tag)
     if origin is not None:  # a union, list[...] or dict[...]: the models inside
-        return [m for arg in typing.get_args(annotation) for m in _models(arg)]
-    return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+        return [m for arg in typing.get_args(annotation) for m in _models(arg, tag)]
+    return [(annotation, tag)] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
 
 
 def keys_at(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
-    """The keys a mapping may have, found by following an error's path from ``model``. A list index, or a union's
-    tag (``dicomweb``), is not a key and is stepped over."""
-    models = [model]
+    """The keys a mapping may have, found by following an error's path from ``model``. A list index is stepped
+    over; a union's tag (``dicomweb``, as pydantic puts it in the path) picks that member of the union."""
+    models: list[tuple[type[BaseModel], str | None]] = [(model, None)]
     for part in map(str, loc):
-        inner = [m for cls in models if part in cls.model_fields for m in _models(cls.model_fields[part].annotation)]
-        if inner:  # else a list index or a union's tag: stepped over
-            models = inner
-    return sorted({key for cls in models for key in cls.model_fields})
+        inner = [m for cls, _ in models if part in cls.model_fields for m in _models(cls.model_fields[part].annotation)]
+        tagged: list[tuple[type[BaseModel], str | None]] = [(cls, tag) for cls, tag in models if tag == part]
+        models = inner or tagged or models
+    return sorted({key for cls, _ in models for key in cls.model_fields})
 
 
 def did_you_mean(model: type[BaseModel], loc: Sequence[int | str]) -> str:

@@ -141,7 +141,8 @@ class JobQueue:
             )
             if not getattr(result, "rowcount", 0):
                 log.warning(kv("job_result_dropped", job=job_id, worker=self.worker,
-                               reason="the job was requeued while this worker ran it"))
+                               reason="the job is no longer this worker's: requeued after a stall, or failed by "
+                                      "workers.max_job_s, while it ran"))
                 return False
             job = s.get(Job, job_id)
             assert job is not None
@@ -180,7 +181,7 @@ class JobQueue:
                 .where(Job.state == JobState.running, Job.heartbeat_at >= cutoff,
                        Job.worker.like(f"{this_machine()}:%"))
                 .with_for_update(skip_locked=True)
-            ) if _process_gone(job.worker)})
+            ) if process_gone(job.worker)})
             if idle:
                 stalled.update({job: "lost it to a database error" for job in s.scalars(
                     select(Job)
@@ -237,7 +238,7 @@ def this_machine() -> str:
     return machine_name(socket.gethostname(), pid_ns)
 
 
-def _process_gone(worker: str | None) -> bool:
+def process_gone(worker: str | None) -> bool:
     """True when ``worker`` ("machine:pid", the default worker name) names a process of this machine
     (``this_machine``) that no longer exists. Another machine's worker, or a name of another form, is left to its
     lease."""

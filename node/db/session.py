@@ -147,7 +147,7 @@ def warn_on_clock_skew(engine: Engine, now: dt.datetime | None = None) -> None:
     except SQLAlchemyError:
         return  # the caller's own use of the database says what is wrong with it
     if skew is not None and abs(skew) > CLOCK_SKEW_WARN_S:
-        log.warning(kv("clock_skew", seconds=f"{skew:+.1f}", reference="the database server's clock",
+        log.warning(kv("clock_skew", database_ahead_s=f"{skew:+.1f}", reference="the database server's clock",
                        effect="leases, heartbeats and study settling compare times across machines",
                        fix="synchronise both clocks (NTP/chrony)"))
 

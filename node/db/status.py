@@ -47,8 +47,11 @@ def job_result(spool_dir: Path | None, job_id: int) -> dict[str, Any] | None:
         result = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    flags = [{"code": q.get("code"), "reason": q.get("reason")} for q in result.get("qa") or []
-             if q.get("severity") == "flag"]
+    if not isinstance(result, dict):  # not ours, or damaged: status must still answer
+        return None
+    qa = result.get("qa")
+    flags = [{"code": str(q["code"]), "reason": q.get("reason")} for q in (qa if isinstance(qa, list) else [])
+             if isinstance(q, dict) and q.get("severity") == "flag" and q.get("code")]
     return {"path": str(path), "status": result.get("status"), "qa_flags": flags}
 
 

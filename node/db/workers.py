@@ -10,10 +10,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node import __version__
+from node.db.jobs import process_gone
 from node.db.models import WorkerRecord, utcnow
 
 #: How often an idle worker says it is alive (one small UPDATE).
@@ -25,22 +26,36 @@ FORGOTTEN_AFTER = dt.timedelta(days=7)
 
 
 def register(sessions: sessionmaker[Session], name: str, *, provider: str | None) -> None:
-    """This worker starts: its row, fresh (a pid reused after a restart takes the old row over)."""
+    """This worker starts: its row, fresh (a pid reused after a restart takes the old row over). Rows of this
+    machine's workers whose process is gone go: a worker that died here was restarted (``event=worker_died``), and
+    ``lost`` is kept for what nobody replaced (another machine down, a worker cut off)."""
     now = utcnow()
     with sessions.begin() as s:
         s.execute(delete(WorkerRecord).where(WorkerRecord.seen_at < now - FORGOTTEN_AFTER))
-        row = s.get(WorkerRecord, name) or WorkerRecord(name=name)
-        row.version, row.provider, row.started_at, row.seen_at = __version__, provider, now, now
-        row.job_id, row.stopped_at = None, None
-        s.add(row)
+        for old in s.scalars(select(WorkerRecord).where(WorkerRecord.name != name, WorkerRecord.stopped_at.is_(None))):
+            if process_gone(old.name):
+                s.delete(old)
+        _write(s, name, provider=provider, job_id=None, now=now, started=True)
 
 
-def report(sessions: sessionmaker[Session], name: str, *, job_id: int | None, stopped: bool = False) -> None:
-    """Alive now, running ``job_id`` (None: idle); ``stopped``: a clean stop."""
-    now = utcnow()
+def report(sessions: sessionmaker[Session], name: str, *, provider: str | None, job_id: int | None,
+           stopped: bool = False) -> None:
+    """Alive now, running ``job_id`` (None: idle); ``stopped``: a clean stop. Writes the row again if it was
+    deleted meanwhile (by hand, or by another machine's clean-up), so a live worker is never unlisted."""
     with sessions.begin() as s:
-        s.execute(update(WorkerRecord).where(WorkerRecord.name == name)
-                  .values(seen_at=now, job_id=job_id, stopped_at=now if stopped else None))
+        _write(s, name, provider=provider, job_id=job_id, now=utcnow(), stopped=stopped)
+
+
+def _write(s: Session, name: str, *, provider: str | None, job_id: int | None, now: dt.datetime,
+           started: bool = False, stopped: bool = False) -> None:
+    row = s.get(WorkerRecord, name)
+    if row is None:
+        row = WorkerRecord(name=name, started_at=now)
+        s.add(row)
+    if started:
+        row.started_at = now
+    row.version, row.provider, row.seen_at, row.job_id = __version__, provider, now, job_id
+    row.stopped_at = now if stopped else None
 
 
 def workers_summary(s: Session, *, alive_s: float, now: dt.datetime | None = None) -> list[dict[str, Any]]:

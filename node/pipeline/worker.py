@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.config import Config
 from node.db.jobs import Claimed, JobQueue, this_machine
 from node.db.models import REJECTION_NOTE, Instance, Job, JobState, Series, SeriesOrigin, SeriesState
-from node.db.session import make_engine, make_sessionmaker, warn_on_clock_skew
+from node.db.session import db_reason, make_engine, make_sessionmaker, warn_on_clock_skew
 from node.db.workers import SEEN_EVERY_S, register, report
 from node.errors import LungnodeError
 from node.logs import LoopErrors, kv, setup_logging
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 DB_RETRY_MAX_S = 30.0
 #: Exit status of a worker that stopped itself because its job ran past ``workers.max_job_s`` (EX_TEMPFAIL).
 EXIT_JOB_TIMED_OUT = 75
+#: How long a worker whose job timed out waits for the database to record the failure before it exits anyway.
+FAIL_WAIT_S = 10.0
 
 
 def _db_unreachable(exc: BaseException) -> bool:
@@ -126,6 +128,7 @@ class Worker:
         self.stop = threading.Event()
         self.device_uid = installation_device_uid(config.storage.spool_dir)  # the SR's and KOS's observer
         self.provider: str | None = None  # of its models, once loaded (preload)
+        self.abandoned = threading.Event()  # set when the job ran past workers.max_job_s: its results are not published
 
     def preload(self) -> None:
         """Load and check the three models now: a bad model stops the worker at start, not mid-job."""
@@ -136,7 +139,7 @@ class Worker:
         """Tell the ledger this worker is alive (``node.db.workers``). Best effort: the next report, seconds later,
         says it again, and a database that is down is the loop's to wait out."""
         try:
-            report(self.sessions, self.name, job_id=job_id, stopped=stopped)
+            report(self.sessions, self.name, provider=self.provider, job_id=job_id, stopped=stopped)
         except SQLAlchemyError:
             pass
 
@@ -212,6 +215,8 @@ class Worker:
             log.error(kv("outputs_incomplete", job=job.job_id, built=len(objects),
                          failed=",".join(e.split(":")[0] for e in analysis.output_errors),
                          effect="the built ones are sent" if objects else "nothing to send: job failed"))
+        if self.abandoned.is_set():
+            return  # failed by workers.max_job_s while it ran: this process is ending; publish and record nothing
         last = [OUTPUTS_FILE, staged.name]
         names = sorted(f.name for f in staged.parent.iterdir() if f.name not in last) + last
         out.mkdir(parents=True, exist_ok=True)
@@ -247,41 +252,59 @@ class Worker:
         """Extend the job's lease every quarter lease until ``stop``, or until the job is no longer ours. A failed
         beat (the database restarting) is tried again at the next: a thread that died of it would let the lease run
         out once the database is back, and the job would be run twice. A job past ``workers.max_job_s`` is
-        ended here (``_time_out``): the thread running it may be stuck where Python cannot interrupt it."""
+        ended here (``_time_out``), also one that was given to another worker meanwhile: the thread running it may
+        be stuck where Python cannot interrupt it, holding the process, its memory and the GPU."""
         interval = max(0.05, self.config.workers.lease_s / 4)
         limit = self.config.workers.max_job_s
         deadline = time.monotonic() + limit if limit else None
         errors = LoopErrors(log, "heartbeat_error")
+        ours = True  # False once the job was given to another worker: no more beats, the deadline still holds
         while not stop.wait(_until_next_beat(interval, deadline)):
+            if deadline is not None and time.monotonic() >= deadline:
+                self._time_out(job_id, limit, job_thread, stop)
+                return
+            if not ours:
+                if deadline is None:
+                    return
+                continue
             try:
-                if deadline is not None and time.monotonic() >= deadline:
-                    self._time_out(job_id, limit, job_thread)
-                    return
-                if not self.queue.heartbeat(job_id):
-                    return
-                self._report(job_id)
+                ours = self.queue.heartbeat(job_id)
+                if ours:
+                    self._report(job_id)
             except SQLAlchemyError as exc:
                 errors.failed(exc)
                 continue
             errors.ok()
 
-    def _time_out(self, job_id: int, limit: float, job_thread: int) -> None:
-        """Fail the job that ran past ``limit`` and end this process (the pool, or systemd for ``lungnode
-        worker``, starts a fresh one): a hung analysis must not hold a worker, its memory and its GPU for ever.
-        The log says where the job was stuck (code locations only, no patient data)."""
-        error = (f"analysis still running after workers.max_job_s ({limit:g} s): stopped, and its worker restarted; "
-                 f"`lungnode reanalyse {job_id}` runs it again (event=job_timed_out in the log says where it was stuck)")
-        if not self.queue.finish(job_id, JobState.failed, error=error):
-            return  # it finished or was taken over in the meantime: nothing to stop
+    def _time_out(self, job_id: int, limit: float, job_thread: int, stop: threading.Event) -> None:
+        """End this process, whose job ran past ``limit``, after failing the job if the database takes it within
+        ``FAIL_WAIT_S`` (a database that is down, or a lock the stuck job holds, must not keep the process alive: the
+        job is then found gone and requeued, up to workers.max_attempts). Serve's pool, or systemd for ``lungnode
+        worker``, starts a new process. The log says where the job hung (code locations only, no patient data)."""
+        if stop.is_set():
+            return  # it finished at the deadline
+        self.abandoned.set()  # _finish publishes nothing from now on
         frame = sys._current_frames().get(job_thread)
         where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
                             for f in reversed(traceback.extract_stack(frame)[-4:])) if frame else "unknown"
         log.error(kv("job_timed_out", job=job_id, worker=self.name, limit_s=f"{limit:g}", where=where,
-                     action=f"worker exits with status {EXIT_JOB_TIMED_OUT} to be restarted"))
-        self._report(None, stopped=True)
+                     action=f"the job is failed and this worker process exits with status {EXIT_JOB_TIMED_OUT}"))
+        error = (f"analysis still running after workers.max_job_s ({limit:g} s): its worker process was ended "
+                 f"(serve, or systemd for lungnode worker, starts a new one); `lungnode reanalyse {job_id}` runs it "
+                 "again (event=job_timed_out in the log says where it hung)")
+        failing = threading.Thread(target=self._fail_timed_out, args=(job_id, error), name="job-timeout", daemon=True)
+        failing.start()
+        failing.join(FAIL_WAIT_S)
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(EXIT_JOB_TIMED_OUT)  # the job's thread cannot be stopped from here; the process can
+
+    def _fail_timed_out(self, job_id: int, error: str) -> None:
+        try:
+            self.queue.finish(job_id, JobState.failed, error=error)
+        except SQLAlchemyError as exc:
+            log.error(kv("job_timeout_not_recorded", job=job_id, error=db_reason(exc),
+                         effect="the job is found gone after this process exits, and queued again"))
 
     def loop(self) -> None:
         """Run jobs until ``stop``. While the database cannot be reached the worker waits and tries again, the wait

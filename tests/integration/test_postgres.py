@@ -162,7 +162,7 @@ def test_a_clock_off_the_database_servers_is_named_at_start(pg_url: str, caplog:
         assert "clock_skew" not in caplog.text, "a synchronised clock is not named"
         with caplog.at_level(logging.WARNING, logger="node.db.session"):
             warn_on_clock_skew(engine, now=utcnow() - dt.timedelta(minutes=3))
-        assert "event=clock_skew seconds=+18" in caplog.text and "NTP" in caplog.text, caplog.text
+        assert "event=clock_skew database_ahead_s=+18" in caplog.text and "NTP" in caplog.text, caplog.text
     finally:
         engine.dispose()
     assert clock_skew_s(make_engine("sqlite://")) is None, "SQLite: one machine, one clock"

@@ -397,8 +397,9 @@ def test_a_job_that_hangs_past_max_job_s_fails_with_where_it_hung_and_its_worker
     [line] = [x for x in stuck.log.splitlines() if "event=job_timed_out job=" in x]
     assert "ERROR" in line and "dcmread" in line, line  # where it hung: reading the trapped file
     assert led.events(job_id)[-1] == "job_failed"
-    with led.sessions() as session:
-        assert [w["state"] for w in workers_summary(session, alive_s=led.config.workers.lease_s)] == ["stopped"]
+    with led.sessions() as session:  # it ended mid-job: lost once not heard from for the lease (until replaced)
+        wait_until(lambda: [w["state"] for w in workers_summary(session, alive_s=led.config.workers.lease_s)] == [
+            "lost"], timeout=10, what="the ended worker to be listed as lost")
 
     trap.release()  # the file is readable again: the job runs again when asked, and finishes
     assert "queued" in requeue_for_reanalysis(led.sessions, job_id)

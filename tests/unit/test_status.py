@@ -115,9 +115,10 @@ def test_workers_are_listed_busy_idle_lost_or_stopped_and_none_alive_with_jobs_w
 
     for name in ("a:1", "b:2", "c:3", "d:4", "e:5"):
         register(sessions, name, provider="CPUExecutionProvider")
-    report(sessions, "a:1", job_id=7)
-    report(sessions, "c:3", job_id=8)
-    report(sessions, "d:4", job_id=None, stopped=True)
+    cpu = "CPUExecutionProvider"
+    report(sessions, "a:1", provider=cpu, job_id=7)
+    report(sessions, "c:3", provider=cpu, job_id=8)
+    report(sessions, "d:4", provider=cpu, job_id=None, stopped=True)
     now = utcnow()
     with sessions() as s:
         listed = workers_summary(s, alive_s=120, now=now + dt.timedelta(seconds=60))
@@ -166,3 +167,33 @@ def test_the_qa_flags_of_a_series_latest_result_are_listed(sessions: sessionmake
         assert "job #1 QA flags: partial_lung_coverage" in text and "slice_spacing" not in text, text
         assert "job #2 QA flags" not in text  # its result.json is not on this machine: nothing to say
         assert "QA flags" not in render_text(summary(s, limit=10))  # metrics: no spool reads
+    for odd in ("[1, 2]", '{"qa": "partial"}', '{"qa": [{"severity": "flag"}, 3]}', "{"):
+        (flagged / "result.json").write_text(odd)  # damaged or not ours: listed without flags, never a traceback
+        with sessions() as s:
+            assert "QA flags" not in render_text(summary(s, limit=10, spool_dir=tmp_path))
+
+
+def test_a_worker_row_deleted_meanwhile_comes_back_and_a_restart_here_replaces_the_dead_one(
+        sessions: sessionmaker[Session]) -> None:
+    """A live worker is never unlisted; one that died on this machine and was replaced is not left as lost."""
+    import os
+    import subprocess
+
+    from sqlalchemy import delete
+
+    from node.db.jobs import this_machine
+    from node.db.models import WorkerRecord
+    from node.db.workers import register, report, workers_summary
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive, elsewhere = (f"{this_machine()}:{int(gone.stdout)}", f"{this_machine()}:{os.getpid()}",
+                              f"other-machine:{int(gone.stdout)}")
+    for name in (dead, elsewhere):
+        register(sessions, name, provider=None)
+    with sessions.begin() as s:
+        s.execute(delete(WorkerRecord).where(WorkerRecord.name == elsewhere))
+    report(sessions, elsewhere, provider="CUDAExecutionProvider", job_id=3)
+    register(sessions, alive, provider="CPUExecutionProvider")
+    with sessions() as s:
+        listed = {w["name"]: (w["state"], w["job"], w["provider"]) for w in workers_summary(s, alive_s=120)}
+    assert listed == {elsewhere: ("busy", 3, "CUDAExecutionProvider"), alive: ("idle", None, "CPUExecutionProvider")}
