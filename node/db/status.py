@@ -26,6 +26,7 @@ from node.db.models import (
     Study,
     utcnow,
 )
+from node.db.workers import WORKER_STATES
 from node.receive.priority import priority_name
 from node.receive.spool import results_path
 from node.send.outbox import outbox_summary
@@ -255,10 +256,6 @@ def render_text(data: dict[str, Any]) -> str:
     if "storage" in data:
         lines += ["", render_storage(data["storage"])]
     return "\n".join(lines)
-
-
-#: The states of ``node.db.workers.workers_summary``, in the order status lists them.
-WORKER_STATES = ("busy", "idle", "lost", "stopped")
 
 
 def render_workers(workers: list[dict[str, Any]], *, queued: int) -> str:

@@ -21,6 +21,8 @@ from node.db.models import WorkerRecord, utcnow
 SEEN_EVERY_S = 10.0
 #: Workers seen within this long are listed by status (a crashed one stays visible as lost for a day).
 LISTED_FOR = dt.timedelta(days=1)
+#: The states ``workers_summary`` gives, in the order status lists them.
+WORKER_STATES = ("busy", "idle", "lost", "stopped")
 #: Rows older than this are deleted when a worker starts.
 FORGOTTEN_AFTER = dt.timedelta(days=7)
 
