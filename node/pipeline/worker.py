@@ -304,7 +304,8 @@ class Worker:
             self.queue.finish(job_id, JobState.failed, error=error)
         except SQLAlchemyError as exc:
             log.error(kv("job_timeout_not_recorded", job=job_id, error=db_reason(exc),
-                         effect="the job is found gone after this process exits, and queued again"))
+                         effect="the job goes back to the queue when its lease runs out (at once for a worker started "
+                                "on this machine)"))
 
     def loop(self) -> None:
         """Run jobs until ``stop``. While the database cannot be reached the worker waits and tries again, the wait
