@@ -35,7 +35,7 @@ from node.receive.assembler import Assembler
 from node.receive.reconcile import reconcile
 from node.receive.retention import purge_expired
 from node.receive.scp import StorageSCP
-from node.receive.spool import Spool
+from node.receive.spool import Spool, claim_spool
 from node.send.sender import Sender
 from node.signals import stop_on_signals
 
@@ -233,6 +233,7 @@ def serve(config: Config, config_path: Path | None = None) -> int:
     log.info(kv("node_starting", version=__version__, time_zone=now.tzname(), utc_offset=now.strftime("%z")))
     log.info("event=effective_config config=%s", json.dumps(config.redacted(), sort_keys=True))
     try:
+        spool_lock = claim_spool(config.storage.spool_dir)  # before anything reads or repairs the spool
         check_device(config)
         audit = AuditTrail(config.audit, ae_title=config.dicom.ae_title,
                            backlog_dir=config.storage.spool_dir / SPOOL_FOLDER)
@@ -273,4 +274,5 @@ def serve(config: Config, config_path: Path | None = None) -> int:
     node.stop()
     audit.application_activity(started=False)
     audit.stop()
+    os.close(spool_lock)
     return 0

@@ -6,6 +6,7 @@ Layout under ``storage.spool_dir``::
     instances/<SeriesUID>/<SOPUID>.dcm   committed instances
     quarantine/                     files found unreadable at start-up (never acknowledged)
     results/job-N/                  analysis results
+    serve.lock                      held by the one ``lungnode serve`` using the spool (``claim_spool``)
 
 An instance is committed by fsync of the file, an atomic link into ``instances/`` (then the
 temporary name is removed) and fsync of the directory; only then is its row inserted and the
@@ -15,9 +16,11 @@ success status sent.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 from node.errors import InstanceRejected, LungnodeError
@@ -30,6 +33,36 @@ log = logging.getLogger(__name__)
 def results_path(spool_dir: Path, job_id: int) -> Path:
     """Where job ``job_id`` writes its results (result.json, outputs.json and the DICOM objects)."""
     return spool_dir / "results" / f"job-{job_id}"
+
+
+#: The file ``serve`` holds a lock on while it runs, naming its host and pid.
+LOCK_FILE = "serve.lock"
+
+
+def claim_spool(spool_dir: Path) -> int:
+    """Lock the spool for this ``serve`` process (an open file descriptor to keep until it exits), or raise naming
+    the one that has it. A second node on the same spool (started by hand beside the service, say) would, at its
+    start, take the first one's transfers in progress for a crash's leftovers: its reconciliation would delete
+    their files and mark their associations aborted. Remote workers share the spool and take no lock."""
+    try:
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(spool_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
+    except OSError as exc:
+        raise LungnodeError(f"cannot create {spool_dir / LOCK_FILE}: {exc.strerror}. Check storage.spool_dir and "
+                            "its permissions") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise LungnodeError(f"cannot lock {spool_dir / LOCK_FILE}: {exc.strerror}") from exc
+        raise LungnodeError(f"another lungnode serve ({holder}) is using the spool {spool_dir}: stop it first "
+                            "(systemctl stop lungnode, docker stop), or give this node its own storage.spool_dir "
+                            "and storage.database_url") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
 
 
 class Spool:

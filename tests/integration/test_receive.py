@@ -119,6 +119,25 @@ def test_metrics_say_whether_the_listener_and_the_ledger_are_up(node: NodeProces
     assert_prometheus_text(proc.stdout)
 
 
+def test_a_second_node_on_the_same_spool_is_refused_before_it_touches_it(node_factory: NodeFactory,
+                                                                        tmp_path: Path) -> None:
+    """`lungnode serve` started by hand beside the service, on its configuration: refused at once, naming the node
+    that runs. Before, its start-up reconciliation took the running node's transfers in progress for a crash's
+    leftovers and deleted their files."""
+    first = node_factory()
+    in_flight = first.spool_dir / "incoming" / "being-received.dcm"  # what a transfer in progress looks like
+    in_flight.write_bytes(b"\0" * 128)
+    second = node_factory("second", settings={"storage": {"spool_dir": str(first.spool_dir),
+                                                          "database_url": first.db_url}}, start=False)
+    with pytest.raises(AssertionError, match=rf"another lungnode serve \(pid {first.proc.pid} on \S+\) is using the "
+                                             rf"spool {re.escape(str(first.spool_dir))}"):
+        second.start()
+    assert second.exit_codes == [2] and "event=node_start_failed" in second.log
+    assert in_flight.exists(), "the second node cleaned the first one's spool"
+    series = make_series(tmp_path / "ct", slices=3, matrix=32)
+    assert storescu(first.port, series.folder).returncode == 0 and first.running
+
+
 def test_environment_overrides_the_config_file(node_factory: NodeFactory) -> None:
     node = node_factory(env={"LUNGNODE_DICOM__AE_TITLE": "ENVNODE", "LUNGNODE_ASSEMBLY__QUIET_PERIOD_S": "7.5",
                              "TZ": "JST-9"})
