@@ -27,7 +27,14 @@ from node.audit import AuditTrail, no_audit
 from node.audit.backlog import SPOOL_FOLDER
 from node.config import Config
 from node.db.ingest import IngestLedger
-from node.db.session import db_reason, make_sessionmaker, open_database, warn_on_clock_skew
+from node.db.session import (
+    claim_ledger,
+    db_reason,
+    make_sessionmaker,
+    open_database,
+    release_ledger,
+    warn_on_clock_skew,
+)
 from node.db.status import record_analysis_state
 from node.errors import LungnodeError
 from node.logs import kv
@@ -52,6 +59,7 @@ class Node:
         self.config = config
         self.audit = audit or no_audit(config.dicom.ae_title)
         self.engine = open_database(config.storage.database_url)
+        self._ledger_lock = claim_ledger(self.engine)
         warn_on_clock_skew(self.engine)
         self.sessions = make_sessionmaker(self.engine)
         self.spool = Spool(
@@ -97,6 +105,8 @@ class Node:
         self._stop.set()
         self.scp.stop()
         self.assembler.stop()
+        if self._ledger_lock is not None:
+            release_ledger(self._ledger_lock)
         self.engine.dispose()
         log.info(kv("node_stopped"))
 

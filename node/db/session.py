@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -125,6 +125,44 @@ def open_database(url: str, *, must_exist: bool = False) -> Engine:
         engine.dispose()
         raise
     return engine
+
+
+#: The PostgreSQL advisory lock ``serve`` holds on its ledger (any 64-bit number: these bytes spell "lungnode").
+SERVE_LOCK_KEY = 0x6C756E676E6F6465
+
+
+def claim_ledger(engine: Engine) -> Connection | None:
+    """PostgreSQL: hold this ``serve``'s advisory lock on a connection of its own (``release_ledger`` when the
+    node stops), or raise when another node holds it. Two nodes on one ledger (with different spools) would each,
+    at start, take the other's open associations and running jobs for a crash's leftovers. None for SQLite: one
+    machine, whose spool lock (``node.receive.spool.claim_spool``) covers it."""
+    if engine.dialect.name != "postgresql":
+        return None
+    conn = engine.connect()
+    try:
+        held = conn.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": SERVE_LOCK_KEY})
+        conn.commit()  # the lock is the session's and stays; an open transaction would hold back VACUUM for days
+    except BaseException:
+        conn.close()
+        raise
+    if held:
+        return conn
+    conn.close()
+    raise LungnodeError(f"another lungnode serve is using the database {engine.url.render_as_string(hide_password=True)}"
+                        " (its session is in pg_stat_activity with application_name lungnode): stop it first, or give "
+                        "this node its own storage.database_url")
+
+
+def release_ledger(conn: Connection) -> None:
+    """Give the lock of ``claim_ledger`` back (its connection returns to the pool; a node that died loses it with
+    its session)."""
+    try:
+        conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SERVE_LOCK_KEY})
+        conn.commit()
+    except SQLAlchemyError:
+        conn.invalidate()  # the session is gone or unusable: so is its lock
+    finally:
+        conn.close()
 
 
 def clock_skew_s(engine: Engine, now: dt.datetime | None = None) -> float | None:

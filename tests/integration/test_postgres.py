@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 
 from node.config import AssemblySettings
@@ -30,14 +30,17 @@ from node.db.jobs import JobQueue
 from node.db.models import AssociationState, Job, JobState, Series, SeriesState, utcnow
 from node.db.session import (
     POSTGRES_CONNECT,
+    claim_ledger,
     clock_skew_s,
     make_engine,
     make_sessionmaker,
+    release_ledger,
     upgrade_schema,
     warn_on_clock_skew,
 )
 from node.db.status import storage_summary
 from node.db.trace import trace
+from node.errors import LungnodeError
 from node.receive.assembler import Assembler
 from node.receive.inspect import CT_IMAGE_STORAGE, InstanceHeader
 
@@ -166,6 +169,29 @@ def test_a_clock_off_the_database_servers_is_named_at_start(pg_url: str, caplog:
     finally:
         engine.dispose()
     assert clock_skew_s(make_engine("sqlite://")) is None, "SQLite: one machine, one clock"
+
+
+def test_a_second_node_on_the_same_ledger_is_refused_and_the_lock_holds_no_transaction_open(pg_url: str) -> None:
+    """Two nodes with their own spools on one PostgreSQL ledger would each take the other's open associations and
+    running jobs for a crash's leftovers at start. The lock is the session's: no transaction stays open for days."""
+    first, second = make_engine(pg_url), make_engine(pg_url)
+    try:
+        held = claim_ledger(first)
+        assert held is not None
+        backend = held.connection.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
+        with second.connect() as conn:
+            state = conn.scalar(text("SELECT state FROM pg_stat_activity WHERE pid = :pid"), {"pid": backend})
+        assert state == "idle", state
+        with pytest.raises(LungnodeError, match="another lungnode serve is using the database"):
+            claim_ledger(second)
+        release_ledger(held)  # the node stopped (or died: the server ends its session and the lock with it)
+        again = claim_ledger(second)
+        assert again is not None
+        release_ledger(again)
+    finally:
+        first.dispose()
+        second.dispose()
+    assert claim_ledger(make_engine("sqlite://")) is None  # one machine: the spool lock covers it
 
 
 def test_ledger_on_postgresql(pg_url: str, tmp_path: Path) -> None:
