@@ -43,6 +43,9 @@ from node.db.trace import trace
 from node.errors import LungnodeError
 from node.receive.assembler import Assembler
 from node.receive.inspect import CT_IMAGE_STORAGE, InstanceHeader
+from tests.conftest import NodeFactory
+from tests.helpers.dcmtk import have_dcmtk, storescu
+from tests.helpers.series import make_series
 
 PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 
@@ -192,6 +195,26 @@ def test_a_second_node_on_the_same_ledger_is_refused_and_the_lock_holds_no_trans
         first.dispose()
         second.dispose()
     assert claim_ledger(make_engine("sqlite://")) is None  # one machine: the spool lock covers it
+
+
+def test_serve_on_postgresql_receives_and_a_second_node_on_its_ledger_is_refused(
+        pg_url: str, tmp_path: Path, node_factory: NodeFactory) -> None:
+    """The whole node on PostgreSQL (`lungnode serve`, status from the CLI), and the ledger's lock in the real
+    start-up path: another node with its own spool but the same database stops before it repairs anything."""
+    if not have_dcmtk("storescu"):
+        pytest.skip("dcmtk's storescu is not installed")
+    node = node_factory(settings={"storage": {"database_url": pg_url}})
+    series = make_series(tmp_path / "ct", slices=5, matrix=32)
+    assert storescu(node.port, series.folder).returncode == 0
+    status = node.status()
+    assert status["database"].startswith("postgresql+psycopg://") and status["counts"]["series"] == 1
+    second = node_factory("second", settings={"storage": {"database_url": pg_url}}, start=False)
+    with pytest.raises(AssertionError, match="another lungnode serve is using the database"):
+        second.start()
+    assert second.exit_codes == [2] and node.running
+    assert node.stop() == 0  # its lock goes with it: the other node may now start on the ledger
+    second.start()
+    assert second.status()["counts"]["series"] == 1
 
 
 def test_ledger_on_postgresql(pg_url: str, tmp_path: Path) -> None:
