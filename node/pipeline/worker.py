@@ -151,9 +151,9 @@ class Worker:
         if job is None:
             return False
         beat_stop = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job.job_id, beat_stop, threading.get_ident()),
-                                daemon=True)
+        beat = threading.Thread(target=self._heartbeat, args=(job.job_id, beat_stop), daemon=True)
         beat.start()
+        watchdog = self._watchdog(job.job_id, beat_stop)
         self._report(job.job_id)
         try:
             series_uid, paths = _series_files(self.sessions, job)
@@ -172,6 +172,8 @@ class Worker:
             self.queue.finish(job.job_id, JobState.failed, error=f"{type(exc).__name__}: {exc}")
         finally:
             beat_stop.set()
+            if watchdog is not None:
+                watchdog.cancel()
             beat.join()
             self._report(None)
         return True
@@ -248,33 +250,32 @@ class Worker:
                 out["queue_wait"] = (row.started_at - row.created_at).total_seconds()
             return {k: round(v, 3) for k, v in out.items()}
 
-    def _heartbeat(self, job_id: int, stop: threading.Event, job_thread: int) -> None:
+    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
         """Extend the job's lease every quarter lease until ``stop``, or until the job is no longer ours. A failed
         beat (the database restarting) is tried again at the next: a thread that died of it would let the lease run
-        out once the database is back, and the job would be run twice. A job past ``workers.max_job_s`` is
-        ended here (``_time_out``), also one that was given to another worker meanwhile: the thread running it may
-        be stuck where Python cannot interrupt it, holding the process, its memory and the GPU."""
+        out once the database is back, and the job would be run twice."""
         interval = max(0.05, self.config.workers.lease_s / 4)
-        limit = self.config.workers.max_job_s
-        deadline = time.monotonic() + limit if limit else None
         errors = LoopErrors(log, "heartbeat_error")
-        ours = True  # False once the job was given to another worker: no more beats, the deadline still holds
-        while not stop.wait(_until_next_beat(interval, deadline)):
-            if deadline is not None and time.monotonic() >= deadline:
-                self._time_out(job_id, limit, job_thread, stop)
-                return
-            if not ours:
-                if deadline is None:
-                    return
-                continue
+        while not stop.wait(interval):
             try:
-                ours = self.queue.heartbeat(job_id)
-                if ours:
-                    self._report(job_id)
+                if not self.queue.heartbeat(job_id):
+                    return
+                self._report(job_id)
             except SQLAlchemyError as exc:
                 errors.failed(exc)
                 continue
             errors.ok()
+
+    def _watchdog(self, job_id: int, stop: threading.Event) -> threading.Timer | None:
+        """End the job at ``workers.max_job_s`` (``_time_out``) from a thread of its own: the job's thread may be
+        stuck where Python cannot interrupt it, and a heartbeat may be waiting on a lock that thread holds."""
+        limit = self.config.workers.max_job_s
+        if not limit:
+            return None
+        timer = threading.Timer(limit, self._time_out, args=(job_id, limit, threading.get_ident(), stop))
+        timer.daemon = True
+        timer.start()
+        return timer
 
     def _time_out(self, job_id: int, limit: float, job_thread: int, stop: threading.Event) -> None:
         """End this process, whose job ran past ``limit``, after failing the job if the database takes it within
@@ -337,13 +338,6 @@ class Worker:
         self._report(None, stopped=True)
         self.engine.dispose()
         log.info(kv("worker_stopped", worker=self.name))
-
-
-def _until_next_beat(interval: float, deadline: float | None) -> float:
-    """The next beat comes after ``interval``, or at the job's deadline if that is sooner; past the deadline (its
-    job could not be failed yet: the database is down) a beat's interval again, not a busy loop."""
-    left = None if deadline is None else deadline - time.monotonic()
-    return min(interval, left) if left is not None and left > 0 else interval
 
 
 def _stop_when_orphaned(worker: Worker, parent_pid: int, interval_s: float = 1.0) -> None:

@@ -11,6 +11,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from node.db.jobs import requeue_for_reanalysis, this_machine
 from node.db.models import utcnow
 from node.db.session import make_engine, make_sessionmaker, upgrade_schema
 from node.db.workers import workers_summary
-from node.pipeline.worker import EXIT_JOB_TIMED_OUT, Worker, results_dir
+from node.pipeline.worker import EXIT_JOB_TIMED_OUT, FAIL_WAIT_S, Worker, results_dir
 from node.receive.assembler import Assembler
 from node.receive.inspect import inspect_instance
 from tests.helpers.faults import FifoTrap, Synth, phantom, set_pixels, synth_series
@@ -408,6 +409,41 @@ def test_a_job_that_hangs_past_max_job_s_fails_with_where_it_hung_and_its_worker
     final = wait_until(lambda: (j := led.job(job_id))["state"] not in ("queued", "running") and j, timeout=60,
                        what="the job run again to finish")
     assert final["state"] == "done", (final, again.log)
+
+
+def test_a_hung_job_ends_its_worker_at_max_job_s_even_when_the_database_will_not_take_the_failure(
+        tmp_path: Path, ledgers: Callable[..., Ledger], workers: list[WorkerProc]) -> None:
+    """The ledger is locked (another writer holding it; on PostgreSQL, a row lock the stuck job holds): heartbeats
+    wait on it, the failure cannot be recorded, and still the worker ends at the limit, after a bounded wait. The
+    job, still running under the ended worker's name, goes back to the queue and is run again."""
+    led = ledgers(lease_s=1.0, max_job_s=3.0)
+    s = chest(tmp_path, "hangs-locked")
+    led.add_series(s)
+    [job_id] = led.complete().values()
+    trap = FifoTrap(s.files[0])
+    stuck = WorkerProc(led, "stuck")
+    workers.append(stuck)
+    wait_until(lambda: led.job(job_id)["state"] == "running", timeout=30, what="the worker to claim the job")
+    writer = sqlite3.connect(led.db_path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # nobody else writes until it ends (the node's busy timeout is 30 s)
+    try:
+        t0 = time.monotonic()
+        assert stuck.proc.wait(timeout=40) == EXIT_JOB_TIMED_OUT, stuck.log
+        took = time.monotonic() - t0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert took < 3.0 + FAIL_WAIT_S + 5, f"it waited {took:.0f} s for the database, not the bounded {FAIL_WAIT_S:g}"
+    assert "event=job_timed_out job=" in stuck.log
+    assert led.job(job_id)["state"] == "running"  # its failure was never recorded
+
+    trap.release()
+    again = WorkerProc(led, "again")
+    workers.append(again)
+    final = wait_until(lambda: (j := led.job(job_id))["state"] not in ("queued", "running") and j, timeout=60,
+                       what="the job to be found gone, queued again and finished")
+    assert final["state"] == "done" and final["attempts"] == 2, (final, again.log)
+    assert f"event=job_stalled job={job_id} worker={stuck.name}" in again.log
 
 
 def test_two_workers_never_run_the_same_job(tmp_path: Path, ledgers: Callable[..., Ledger],

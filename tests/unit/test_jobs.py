@@ -232,15 +232,3 @@ def test_the_claim_finds_a_study_s_other_series_by_index(sessions: sessionmaker[
         plan = " / ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params))
     assert "SCAN series" not in plan and "USING INDEX ix_series_study" in plan, plan
 
-
-def test_heartbeats_come_at_the_deadline_and_not_in_a_busy_loop_after_it() -> None:
-    """A job past workers.max_job_s whose failure the database did not take yet is tried again a beat later."""
-    import time
-
-    from node.pipeline.worker import _until_next_beat
-
-    now = time.monotonic()
-    assert _until_next_beat(30.0, None) == 30.0
-    assert 4.0 < _until_next_beat(30.0, now + 5.0) <= 5.0  # the deadline comes before the next beat
-    assert _until_next_beat(30.0, now + 100.0) == 30.0
-    assert _until_next_beat(30.0, now - 1.0) == 30.0  # past it: not 0 (a busy loop against a database that is down)
