@@ -176,11 +176,14 @@ class WorkerPool:
                 log.warning(kv("model_pairing", problem=warning))
         return problem
 
-    def _start_workers(self, count: int) -> None:
-        from node.pipeline.worker import start_workers
+    def _spawn(self, count: int) -> list[multiprocessing.process.BaseProcess]:
+        from node.pipeline.worker import start_workers  # see _check_models: not imported by the listener
 
+        return start_workers(self.config, count)
+
+    def _start_workers(self, count: int) -> None:
         self._record(None)
-        self.procs = start_workers(self.config, count)
+        self.procs = self._spawn(count)
         self._started_at, self._restart_at, self._waits = [time.monotonic()] * count, [None] * count, [0.0] * count
         log.info(kv("workers_started", count=count, pids=",".join(str(p.pid) for p in self.procs)))
 
@@ -207,9 +210,7 @@ class WorkerPool:
                              action="restarting", restart_in_s=f"{self._waits[i]:g}",
                              fix="the lines of this pid before this one say why" if self._waits[i] else None))
             if now >= restart_at:
-                from node.pipeline.worker import start_workers
-
-                self.procs[i] = start_workers(self.config, 1)[0]
+                self.procs[i] = self._spawn(1)[0]
                 self._started_at[i], self._restart_at[i] = now, None
 
     def stop(self) -> None:

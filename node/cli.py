@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from node import __version__
 from node.config import Config, load_config
@@ -137,9 +137,8 @@ def _unwritable(cfg: Config) -> dict[str, str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from node.db.status import render_text, storage_summary, summary
+    from node.db.status import render_text, summary
     from node.db.trace import render_trace, trace
-    from node.db.workers import workers_summary
 
     cfg = load_config(args.config)
     setup_logging("WARNING")
@@ -160,8 +159,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         spool = cfg.storage.spool_dir
         data = trace(s, spool_dir=spool, **criteria) if criteria else summary(s, limit=args.limit, spool_dir=spool)
         if not criteria:
-            data["storage"] = storage_summary(s, cfg.storage.spool_dir, cfg.storage.min_free_disk_mb)
-            data["workers"] = workers_summary(s, alive_s=cfg.workers.lease_s)
+            _add_node_state(data, s, cfg)
         data["database"] = engine.url.render_as_string(hide_password=True)
     if criteria and not data["studies"]:
         what = ", ".join(f"--{k.replace('_', '-')}" for k in criteria)
@@ -173,6 +171,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     text = render_trace(data) if criteria else render_text(data)
     print(json.dumps(data, indent=2) if args.json else f"database: {data['database']}\n" + text)
     return 0
+
+
+def _add_node_state(data: dict[str, Any], s: Session, cfg: Config) -> None:
+    """What status and its metrics add to the ledger's summary: the spool's headroom and the workers."""
+    from node.db.status import storage_summary
+    from node.db.workers import workers_summary
+
+    data["storage"] = storage_summary(s, cfg.storage.spool_dir, cfg.storage.min_free_disk_mb)
+    data["workers"] = workers_summary(s, alive_s=cfg.workers.lease_s)
 
 
 def _queue(cfg: Config, *, as_json: bool) -> int:
@@ -191,16 +198,14 @@ def _metrics(cfg: Config) -> int:
     stderr), so the collector never keeps showing an old, healthy picture."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from node.db.status import render_metrics, storage_summary, summary
-    from node.db.workers import workers_summary
+    from node.db.status import render_metrics, summary
     from node.receive.selfcheck import listener_accepts
 
     data: dict[str, object] | None = None
     try:
         with _ledger(cfg) as (_, sessions), sessions() as s:
             data = summary(s, limit=0)
-            data["storage"] = storage_summary(s, cfg.storage.spool_dir, cfg.storage.min_free_disk_mb)
-            data["workers"] = workers_summary(s, alive_s=cfg.workers.lease_s)
+            _add_node_state(data, s, cfg)
     except (LungnodeError, SQLAlchemyError) as exc:
         print(f"lungnode: {exc}", file=sys.stderr)
     print(render_metrics(data, __version__, listener_up=listener_accepts(cfg.dicom)), end="")

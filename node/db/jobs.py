@@ -10,6 +10,7 @@ to the queue, up to ``max_attempts`` times.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 import socket
@@ -230,7 +231,10 @@ def machine_name(hostname: str, pid_ns: int | None) -> str:
     return hostname if pid_ns in (None, INIT_PID_NS) else f"{hostname}/ns{pid_ns}"
 
 
+@functools.cache
 def this_machine() -> str:
+    """This process's ``machine_name``, once: it cannot change while the process runs, and every poll of the queue
+    asks for it."""
     try:
         pid_ns: int | None = os.stat("/proc/self/ns/pid").st_ino
     except OSError:  # no /proc (not Linux): the hostname alone
