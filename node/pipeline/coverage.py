@@ -60,9 +60,11 @@ def _outside_body(air: np.ndarray) -> np.ndarray:
     spaced = np.zeros((2 * z - 1, h, w), dtype=np.uint8)
     spaced[::2] = air
     labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(spaced)))[::2]
-    border = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
-                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
-    return np.isin(labels, border[border > 0])
+    border = np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+    touches = np.zeros(int(labels.max()) + 1, dtype=bool)  # by component label: a lookup, not np.isin's sort
+    touches[border] = True
+    touches[0] = False
+    return touches[labels]
 
 
 def check_coverage(volume: Volume) -> tuple[Coverage, list[QAFlag]]:

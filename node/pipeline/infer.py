@@ -26,7 +26,7 @@ import threading
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -334,8 +334,13 @@ class Model:
             out = self.session.run([self.output_name], {self.input_name: x})[0]
         return np.asarray(out, dtype=np.float32)
 
-    def run_batched(self, slices: np.ndarray, batch_size: int) -> np.ndarray:
+    def run_batched(
+        self, slices: np.ndarray, batch_size: int, reduce: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> np.ndarray:
         """Run a 2D model over many slices ``batch_size`` at a time (bounded memory, same result as one batch).
+
+        ``reduce`` turns each batch's output into what the caller keeps (a label map, say), so that the
+        whole series' probabilities (hundreds of MB for 300 slices) are never held at once.
 
         On CUDA every run gets exactly ``batch_size`` slices, the last batch padded with zeros: cuDNN
         picks its convolution algorithms per input shape, and a series whose last batch is shorter
@@ -356,12 +361,14 @@ class Model:
             count = batch.shape[0]
             if self.pad_batches and count < batch_size:
                 batch = np.concatenate([batch, np.zeros((batch_size - count, *batch.shape[1:]), dtype=batch.dtype)])
-            probs = self.run(batch)[:count]
+            kept = self.run(batch)[:count]
+            if reduce is not None:
+                kept = reduce(kept)
             if out is None:
                 if n <= batch_size:
-                    return probs
-                out = np.empty((n, *probs.shape[1:]), dtype=np.float32)
-            out[start : start + count] = probs
+                    return kept
+                out = np.empty((n, *kept.shape[1:]), dtype=kept.dtype)
+            out[start : start + count] = kept
         assert out is not None
         return out
 

@@ -206,11 +206,15 @@ def _planes_enhanced(ds: Dataset) -> list[_Plane]:
     return planes
 
 
-def read_planes(paths: Sequence[Path]) -> list[_Plane]:
-    """Headers of every image plane in the files (multi-frame files give one plane per frame)."""
+def read_planes(paths: Sequence[Path], *, pixels: bool = False) -> list[_Plane]:
+    """Headers of every image plane in the files (multi-frame files give one plane per frame).
+
+    ``pixels`` keeps each file's pixel data with its header, for a caller that decodes them next:
+    one parse of each file instead of two (a third of the time of reading a series).
+    """
     planes: list[_Plane] = []
     for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
         if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
             planes.extend(_planes_enhanced(ds))
         else:
@@ -326,14 +330,18 @@ def _frame_pixels(ds: Dataset, cache: dict[int, np.ndarray], frame_number: int |
 
 def _to_hu(raw: np.ndarray, plane: _Plane) -> np.ndarray:
     ds = plane.ds
-    hu = raw.astype(np.float32) * plane.slope + plane.intercept
+    if plane.slope == 1.0 and float(plane.intercept).is_integer() and raw.dtype.kind in "iu" and raw.itemsize <= 2:
+        # The usual CT case, in integers: the same values as the float path below, in a third of the time.
+        hu: np.ndarray = raw.astype(np.int32) + int(plane.intercept)
+    else:
+        hu = raw.astype(np.float32) * plane.slope + plane.intercept
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
         limit = ds.get("PixelPaddingRangeLimit")
         lo, hi = sorted((int(padding), int(limit if limit is not None else padding)))
         hu[(raw >= lo) & (raw <= hi)] = AIR_HU
     np.clip(hu, AIR_HU, 32767, out=hu)  # outside-FOV values (-2000, -3024) become air
-    return np.rint(hu).astype(np.int16)
+    return (hu if hu.dtype.kind == "i" else np.rint(hu)).astype(np.int16)
 
 
 def _check_hu(hu: np.ndarray) -> list[QAFlag]:
@@ -367,7 +375,7 @@ def _check_lossy(datasets: Sequence[Dataset]) -> list[QAFlag]:
 
 def load_volume(paths: Sequence[Path]) -> Volume:
     """Read a series (classic, Enhanced or Legacy Converted Enhanced CT) into a checked canonical HU volume."""
-    ordered, normal, gap, flags = _check_geometry(read_planes(paths))
+    ordered, normal, gap, flags = _check_geometry(read_planes(paths, pixels=True))
     first = ordered[0]
     row_dir = first.row_dir / np.linalg.norm(first.row_dir)
     col_dir = first.col_dir / np.linalg.norm(first.col_dir)
@@ -381,11 +389,9 @@ def load_volume(paths: Sequence[Path]) -> Volume:
     cache: dict[int, np.ndarray] = {}
     datasets: dict[int, Dataset] = {}
     for z, plane in enumerate(ordered):
-        if id(plane.ds) not in datasets:
-            datasets[id(plane.ds)] = pydicom.dcmread(plane.ds.filename) if plane.ds.filename else plane.ds
-        full = datasets[id(plane.ds)]
+        datasets[id(plane.ds)] = plane.ds
         try:
-            pixels = _frame_pixels(full, cache, plane.frame_number)
+            pixels = _frame_pixels(plane.ds, cache, plane.frame_number)
         except Exception as exc:  # pydicom/decoder errors vary by codec; all mean the pixels are unusable
             raise SeriesRefused(
                 "unreadable_pixels",

@@ -278,6 +278,17 @@ def test_run_batched_equals_one_batch(models_dir: Path) -> None:
         model.run_batched(x, 0)
 
 
+def test_run_batched_reduces_each_batch(models_dir: Path) -> None:
+    """With ``reduce`` only what it keeps of each batch is held: the same as reducing the whole output."""
+    model = load_model(models_dir / "lung_seg", device="cpu")
+    x = rng_slices(10, seed=3)
+    labels = np.argmax(model.run(x), axis=1).astype(np.uint8)
+    for batch_size in (1, 4, 10, 64):
+        out = model.run_batched(x, batch_size, reduce=lambda probs: np.argmax(probs, axis=1).astype(np.uint8))
+        assert out.dtype == np.uint8 and out.shape == labels.shape
+        np.testing.assert_array_equal(out, labels)
+
+
 def test_run_batched_refuses_3d_models(models_dir: Path) -> None:
     model = load_model(models_dir / "diagnosis", device="cpu")
     with pytest.raises(ValueError, match="NCDHW model"):

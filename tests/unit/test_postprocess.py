@@ -75,6 +75,22 @@ def test_clean_lesions_stay_inside_the_lungs() -> None:
     assert out.dtype == np.uint8
 
 
+def test_clean_lesions_on_a_box_equals_the_whole_volume() -> None:
+    """The node cleans lesions on the lung box only (the model sees nothing outside it): the same result."""
+    rng = np.random.default_rng(4)
+    lungs = np.zeros((30, 40, 40), dtype=np.uint8)
+    lungs[3:27, 5:35, 4:19] = 1
+    lungs[3:27, 5:35, 21:36] = 2
+    box = (slice(2, 28), slice(4, 36), slice(3, 37))
+    lesions = np.zeros_like(lungs)
+    lesions[box] = (rng.random(lungs[box].shape) < 0.3) * rng.integers(1, 3, lungs[box].shape)
+    whole = clean_lesions(lesions, lungs, min_ml=2.0, voxel_ml=0.5)
+    assert 0 < (whole > 0).sum() < (lesions > 0).sum()  # specks were dropped, components kept
+    on_box = clean_lesions(lesions[box], lungs[box], min_ml=2.0, voxel_ml=0.5)
+    np.testing.assert_array_equal(on_box, whole[box])
+    assert not whole[lungs == 0].any()
+
+
 def test_measure_by_hand() -> None:
     # voxel 10 x 10 x 5 mm = 0.5 ml
     lungs = np.zeros((4, 10, 10), dtype=np.uint8)

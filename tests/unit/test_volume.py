@@ -10,12 +10,13 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pydicom
 import pytest
 
-from node.pipeline.volume import AIR_HU, SeriesRefused, Volume, load_volume
+from node.pipeline.volume import AIR_HU, SeriesRefused, Volume, _to_hu, load_volume
 from tests.helpers.faults import (
     Synth,
     drop_rescale,
@@ -373,3 +374,15 @@ def test_slice_gaps_are_flagged_for_enhanced_ct_too(series: Synth, tmp_path: Pat
     for vol in (load_volume(series.files), load_volume([path])):
         (flag,) = [f for f in vol.qa if f.code == "slice_gap"]
         assert flag.reason.startswith("slices of 0.50 mm are")
+
+
+def test_integer_rescale_path_equals_the_float_path() -> None:
+    """Slope 1 and a whole intercept (most CT) take an integer path: the same HU as the float formula."""
+    raw = np.arange(-32768, 32768, dtype=np.int32).astype(np.int16).reshape(256, 256)
+    for intercept in (-1024.0, 0.0, -8192.0, 1000.0):
+        plane = SimpleNamespace(ds=pydicom.Dataset(), slope=1.0, intercept=intercept)
+        expected = np.rint(np.clip(raw.astype(np.float32) + intercept, AIR_HU, 32767)).astype(np.int16)
+        np.testing.assert_array_equal(_to_hu(raw, plane), expected)  # type: ignore[arg-type]
+        unsigned = (raw.astype(np.int32) + 32768).astype(np.uint16)
+        expected = np.rint(np.clip(unsigned.astype(np.float32) + intercept, AIR_HU, 32767)).astype(np.int16)
+        np.testing.assert_array_equal(_to_hu(unsigned, plane), expected)  # type: ignore[arg-type]
