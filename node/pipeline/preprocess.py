@@ -17,6 +17,8 @@ import SimpleITK as sitk
 from node.pipeline.infer import window
 from node.pipeline.manifest import ModelManifest
 
+Box = tuple[slice, slice, slice]  # a region of a volume, (z, y, x) index slices
+
 
 @dataclass(frozen=True)
 class Placement:

@@ -26,6 +26,7 @@ from node.pipeline import postprocess as post
 from node.pipeline.coverage import check_coverage
 from node.pipeline.infer import CUDA, Model, get_model
 from node.pipeline.preprocess import (
+    Box,
     Placement,
     Pointwise,
     full_box,
@@ -166,10 +167,13 @@ def segment_lungs(volume: Volume, model: Model) -> np.ndarray:
     return place_labels(labels, placement, volume.shape)
 
 
-def segment_lesions(volume: Volume, lungs: np.ndarray, model: Model) -> np.ndarray:
-    """Lesion label map (1 ground glass, 2 consolidation) inside the lungs, on the lung box by default."""
+def segment_lesions(volume: Volume, lungs: np.ndarray, model: Model, lungs_box: Box | None = None) -> np.ndarray:
+    """Lesion label map (1 ground glass, 2 consolidation) inside the lungs, on the lung box by default.
+
+    ``lungs_box`` is ``lung_box(lungs > 0)`` where the caller has it already.
+    """
     crop = bool(model.manifest.preprocessing.get("crop_to_lung_box", True))
-    box = lung_box(lungs > 0) if crop else full_box(volume.shape)
+    box = (lung_box(lungs > 0) if lungs_box is None else lungs_box) if crop else full_box(volume.shape)
     labels, placement = segment_on_grid(volume, model, ("ground_glass_opacity", "consolidation"), box)
     min_ml = float(model.manifest.postprocessing.get("min_component_ml", 0.1))
     # Cleaned on the box alone (the model saw nothing outside it): a third of a 512x512 volume's voxels.
@@ -179,9 +183,11 @@ def segment_lesions(volume: Volume, lungs: np.ndarray, model: Model) -> np.ndarr
     return out
 
 
-def classify(volume: Volume, lungs: np.ndarray, lesions: np.ndarray, model: Model) -> dict[str, float]:
-    """Series-level probabilities from the 3D model on the lung box."""
-    box = lung_box(lungs > 0)
+def classify(
+    volume: Volume, lungs: np.ndarray, lesions: np.ndarray, model: Model, lungs_box: Box | None = None
+) -> dict[str, float]:
+    """Series-level probabilities from the 3D model on the lung box (``lungs_box`` where known)."""
+    box = lung_box(lungs > 0) if lungs_box is None else lungs_box
     channels: list[np.ndarray] = []
     maps: list[Pointwise | None] = []  # windowed or thresholded after the resize's gather, on fewer voxels
     for name in model.manifest.input.channels:
@@ -223,16 +229,17 @@ def analyse_series(
         result.qa.extend(flags)
         with timer.step("lung_seg"):
             lungs = segment_lungs(volume, lung_model)
+            box = lung_box(lungs > 0)  # both maps are empty outside it: the later steps work on it alone
         result.lungs = lungs
         with timer.step("lesion_seg"):
-            lesions = segment_lesions(volume, lungs, lesion_model)
+            lesions = segment_lesions(volume, lungs, lesion_model, box)
         result.lesions = lesions
         with timer.step("diagnosis"):
-            result.probabilities = classify(volume, lungs, lesions, diagnosis_model)
+            result.probabilities = classify(volume, lungs, lesions, diagnosis_model, box)
         with timer.step("measure"):
-            result.measurements = post.measure(lungs, lesions, volume.voxel_ml)
+            result.measurements = post.measure(lungs[box], lesions[box], volume.voxel_ml)
             _, dy, dx = volume.spacing_mm
-            result.slice_rule = apply_slice_rule(lungs, lesions, pixel_mm2=dy * dx, rule=settings.slice_rule)
+            result.slice_rule = apply_slice_rule(lungs[box], lesions[box], pixel_mm2=dy * dx, rule=settings.slice_rule)
     except SeriesRefused as refused:
         result.status = "rejected"
         result.reason = refused.flag.reason
