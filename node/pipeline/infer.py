@@ -38,6 +38,12 @@ from node.pipeline.manifest import ONNX_FILE, ModelManifest, load_manifest
 
 log = logging.getLogger(__name__)
 
+# onnxruntime's own logger writes unstructured warnings to stderr (onnxruntime-gpu 1.31 prints "No
+# registered plugin EP device found for 'CUDAExecutionProvider'" for every CUDA session, and then
+# runs it on the GPU). Only its errors pass: which provider each model runs on is logged when it
+# loads (event=model_loaded).
+ort.set_default_logger_severity(3)
+
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 

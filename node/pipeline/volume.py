@@ -330,18 +330,32 @@ def _frame_pixels(ds: Dataset, cache: dict[int, np.ndarray], frame_number: int |
 
 def _to_hu(raw: np.ndarray, plane: _Plane) -> np.ndarray:
     ds = plane.ds
-    if plane.slope == 1.0 and float(plane.intercept).is_integer() and raw.dtype.kind in "iu" and raw.itemsize <= 2:
-        # The usual CT case, in integers: the same values as the float path below, in a third of the time.
-        hu: np.ndarray = raw.astype(np.int32) + int(plane.intercept)
-    else:
-        hu = raw.astype(np.float32) * plane.slope + plane.intercept
+    hu = raw.astype(np.float32) * plane.slope + plane.intercept
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
         limit = ds.get("PixelPaddingRangeLimit")
         lo, hi = sorted((int(padding), int(limit if limit is not None else padding)))
         hu[(raw >= lo) & (raw <= hi)] = AIR_HU
     np.clip(hu, AIR_HU, 32767, out=hu)  # outside-FOV values (-2000, -3024) become air
-    return (hu if hu.dtype.kind == "i" else np.rint(hu)).astype(np.int16)
+    return np.rint(hu).astype(np.int16)
+
+
+def _to_hu_by_table(raw: np.ndarray, plane: _Plane, tables: dict[tuple[str, ...], np.ndarray]) -> np.ndarray:
+    """``_to_hu`` for 8- and 16-bit images as one lookup per pixel in a table of every stored value.
+
+    ``_to_hu`` maps each stored value on its own (rescale, padding, clip, rounding), so its table gives
+    the same HU; one gather instead of five passes per slice. The table is built once per rescale.
+    """
+    if raw.dtype.kind not in "iu" or raw.itemsize > 2:
+        return _to_hu(raw, plane)
+    ds = plane.ds
+    index_type = np.dtype(f"u{raw.itemsize}")
+    key = (raw.dtype.str, repr(plane.slope), repr(plane.intercept),
+           repr(ds.get("PixelPaddingValue")), repr(ds.get("PixelPaddingRangeLimit")))
+    if key not in tables:
+        every_value = np.arange(2 ** (8 * raw.itemsize), dtype=index_type).view(raw.dtype)
+        tables[key] = _to_hu(every_value, plane)
+    return tables[key][raw.view(index_type)]
 
 
 def _check_hu(hu: np.ndarray) -> list[QAFlag]:
@@ -387,6 +401,7 @@ def load_volume(paths: Sequence[Path]) -> Volume:
     rows, cols = first.rows, first.cols
     hu = np.empty((len(ordered), rows, cols), dtype=np.int16)
     cache: dict[int, np.ndarray] = {}
+    tables: dict[tuple[str, ...], np.ndarray] = {}
     datasets: dict[int, Dataset] = {}
     for z, plane in enumerate(ordered):
         datasets[id(plane.ds)] = plane.ds
@@ -399,7 +414,7 @@ def load_volume(paths: Sequence[Path]) -> Volume:
                 f"({type(exc).__name__}: {exc})",
             ) from exc
         _check_stored_range(pixels, plane)
-        img = _to_hu(pixels, plane)
+        img = _to_hu_by_table(pixels, plane, tables)
         if flip_rows:
             img = img[::-1, :]
         if flip_cols:

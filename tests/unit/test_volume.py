@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.pipeline.volume import AIR_HU, SeriesRefused, Volume, _to_hu, load_volume
+from node.pipeline.volume import AIR_HU, SeriesRefused, Volume, _to_hu, _to_hu_by_table, load_volume
 from tests.helpers.faults import (
     Synth,
     drop_rescale,
@@ -376,13 +376,18 @@ def test_slice_gaps_are_flagged_for_enhanced_ct_too(series: Synth, tmp_path: Pat
         assert flag.reason.startswith("slices of 0.50 mm are")
 
 
-def test_integer_rescale_path_equals_the_float_path() -> None:
-    """Slope 1 and a whole intercept (most CT) take an integer path: the same HU as the float formula."""
-    raw = np.arange(-32768, 32768, dtype=np.int32).astype(np.int16).reshape(256, 256)
-    for intercept in (-1024.0, 0.0, -8192.0, 1000.0):
-        plane = SimpleNamespace(ds=pydicom.Dataset(), slope=1.0, intercept=intercept)
-        expected = np.rint(np.clip(raw.astype(np.float32) + intercept, AIR_HU, 32767)).astype(np.int16)
-        np.testing.assert_array_equal(_to_hu(raw, plane), expected)  # type: ignore[arg-type]
-        unsigned = (raw.astype(np.int32) + 32768).astype(np.uint16)
-        expected = np.rint(np.clip(unsigned.astype(np.float32) + intercept, AIR_HU, 32767)).astype(np.int16)
-        np.testing.assert_array_equal(_to_hu(unsigned, plane), expected)  # type: ignore[arg-type]
+def test_hu_by_table_equals_the_formula() -> None:
+    """8- and 16-bit images are converted by a table of every stored value: the same HU as the formula."""
+    tables: dict[tuple[str, ...], np.ndarray] = {}
+    every16 = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    padded = pydicom.Dataset()
+    padded.PixelPaddingValue = -2000
+    for raw in (every16, every16.view(np.int16), np.arange(256, dtype=np.uint8).reshape(16, 16)):
+        for slope, intercept, ds in ((1.0, -1024.0, pydicom.Dataset()), (0.5, -1500.25, pydicom.Dataset()),
+                                     (1.0, -1024.0, padded)):
+            plane = SimpleNamespace(ds=ds, slope=slope, intercept=intercept)
+            np.testing.assert_array_equal(_to_hu_by_table(raw, plane, tables), _to_hu(raw, plane))  # type: ignore[arg-type]
+    assert len(tables) == 9  # one table per stored type and rescale
+    wide = np.array([[70000, -5]], dtype=np.int32)  # other types take the formula
+    plane = SimpleNamespace(ds=pydicom.Dataset(), slope=1.0, intercept=-1024.0)
+    np.testing.assert_array_equal(_to_hu_by_table(wide, plane, tables), [[32767, AIR_HU]])  # type: ignore[arg-type]
