@@ -5,7 +5,9 @@ Writes a synthetic COVID-19 series as DICOM, then runs the node's whole analysis
 (``node.pipeline.runner.analyse_series``: read the series, coverage, lung model, lesion model,
 diagnosis model, measurements) on the CPU provider and, when onnxruntime has a working CUDA
 provider, on the GPU. The first run of each provider is a warm-up (model load, graph optimisation,
-CUDA kernels) and is reported apart; the figure is the median of the timed rounds.
+CUDA kernels) and is reported apart; the figure is the median of the timed rounds. A last, untimed
+round traces the analysis's peak memory (tracemalloc: numpy arrays and Python objects, not
+onnxruntime's own arena), reported against the size of the int16 volume it reads.
 
 Machines differ and are noisy, so every round also times a reference step in the same process:
 reading the same series into a volume (``load_volume``, pydicom decoding into int16), which every
@@ -25,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +85,22 @@ def one_round(files: list[Path], settings: InferenceSettings) -> dict[str, float
     return out
 
 
+def memory_round(files: list[Path], settings: InferenceSettings) -> dict[str, float]:
+    """Peak memory of one analysis as traced by tracemalloc (numpy arrays and Python objects; onnxruntime's
+    own arena is not seen), against the canonical int16 volume it reads: the ratio to compare."""
+    tracemalloc.start()
+    try:
+        result = analyse_series(files, settings, series_instance_uid="bench")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    if result.volume is None:
+        raise SystemExit(f"analysis did not succeed: {result.status}: {result.reason}")
+    volume_mb = result.volume.hu.nbytes / 2**20
+    return {"peak_mb": round(peak / 2**20, 1), "volume_mb": round(volume_mb, 1),
+            "ratio_to_volume": round(peak / result.volume.hu.nbytes, 2)}
+
+
 def bench_device(files: list[Path], device: str, args: argparse.Namespace) -> dict[str, Any]:
     settings = InferenceSettings(device=device, threads=args.threads,
                                  **({"models_dir": args.models} if args.models else {}))
@@ -95,9 +114,11 @@ def bench_device(files: list[Path], device: str, args: argparse.Namespace) -> di
               f"(series read {rounds[-1]['reference_read']:.2f} s)", file=sys.stderr, flush=True)
     med = {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]}
     steady = round(med["analysis"] - med["models"], 3)
+    print(f"[{device}] memory round (tracemalloc, untimed)...", file=sys.stderr, flush=True)
     return {"device": device, "threads": args.threads or os.cpu_count(), "warmup_s": round(warm["analysis"], 3),
             "median_s": med, "analysis_without_model_load_s": steady,
-            "ratio_to_series_read": round(steady / med["reference_read"], 2)}
+            "ratio_to_series_read": round(steady / med["reference_read"], 2),
+            "memory": memory_round(files, settings)}
 
 
 def main() -> int:
@@ -136,6 +157,9 @@ def main() -> int:
         print(f"  {'networks':<11} {med['networks']:7.3f}   (the three models' onnxruntime runs, copies included)")
         print(f"  reference: series read {med['reference_read']:.3f} s; ratio analysis / read = "
               f"{res['ratio_to_series_read']}")
+        mem = res["memory"]
+        print(f"  memory: peak {mem['peak_mb']:.0f} MB traced (numpy and Python; not onnxruntime's arena), "
+              f"{mem['ratio_to_volume']} times the {mem['volume_mb']:.0f} MB int16 volume")
     if args.json:
         args.json.write_text(json.dumps({"slices": args.slices, "matrix": args.matrix, "results": results}, indent=2)
                              + "\n", encoding="utf-8")
