@@ -132,7 +132,12 @@ def is_own_output(header: InstanceHeader) -> bool:
 def _guard_dimse_decoding() -> None:
     """A request pynetdicom cannot decode (e.g. a C-STORE without AffectedSOPInstanceUID) raises inside its
     DUL thread, which then dies and leaves the association hanging, open in the ledger. Abort it instead: the
-    sender sees an abort for an instance that was never acknowledged, and the node logs why."""
+    sender sees an abort for an instance that was never acknowledged, and the node logs why.
+
+    ``abort(block=False)`` queues the A-ABORT (this runs in the DUL thread, which must not wait for itself)
+    and fires EVT_ABORTED at once, so the ledger records the association aborted now. Sending the PDU
+    alone left that to the connection's close, which, when the node's side closed first, never came: the
+    association stayed open until network_timeout_s."""
     original = DIMSEMessage.decode_msg
     if getattr(original, "_lungnode_guard", False):
         return
@@ -144,7 +149,7 @@ def _guard_dimse_decoding() -> None:
             log.warning(kv("dimse_undecodable", reason=f"{type(exc).__name__}: {exc}",
                            action="association aborted; nothing of it was acknowledged"))
             if assoc is not None:
-                assoc.acse.send_abort(0x02)  # only queues the A-ABORT: this runs in the DUL thread
+                assoc.abort(block=False)
             return False
 
     decode_msg._lungnode_guard = True  # type: ignore[attr-defined]
