@@ -168,12 +168,12 @@ def segment_lungs(volume: Volume, model: Model) -> np.ndarray:
 
 
 def segment_lesions(volume: Volume, lungs: np.ndarray, model: Model, lungs_box: Box | None = None) -> np.ndarray:
-    """Lesion label map (1 ground glass, 2 consolidation) inside the lungs, on the lung box by default.
-
-    ``lungs_box`` is ``lung_box(lungs > 0)`` where the caller has it already.
-    """
-    crop = bool(model.manifest.preprocessing.get("crop_to_lung_box", True))
-    box = (lung_box(lungs > 0) if lungs_box is None else lungs_box) if crop else full_box(volume.shape)
+    """Lesion label map (1 ground glass, 2 consolidation) inside the lungs, on the lung box (``lungs_box``
+    where the caller has found it already) unless the manifest turns ``crop_to_lung_box`` off."""
+    if not model.manifest.preprocessing.get("crop_to_lung_box", True):
+        box = full_box(volume.shape)
+    else:
+        box = lung_box(lungs > 0) if lungs_box is None else lungs_box
     labels, placement = segment_on_grid(volume, model, ("ground_glass_opacity", "consolidation"), box)
     min_ml = float(model.manifest.postprocessing.get("min_component_ml", 0.1))
     # Cleaned on the box alone (the model saw nothing outside it): a third of a 512x512 volume's voxels.

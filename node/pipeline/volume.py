@@ -206,15 +206,13 @@ def _planes_enhanced(ds: Dataset) -> list[_Plane]:
     return planes
 
 
-def read_planes(paths: Sequence[Path], *, pixels: bool = False) -> list[_Plane]:
-    """Headers of every image plane in the files (multi-frame files give one plane per frame).
-
-    ``pixels`` keeps each file's pixel data with its header, for a caller that decodes them next:
-    one parse of each file instead of two (a third of the time of reading a series).
-    """
+def read_planes(paths: Sequence[Path]) -> list[_Plane]:
+    """Every image plane in the files (multi-frame files give one plane per frame), each with its file's
+    data set, pixel data included: the geometry is checked first, then the same data sets are decoded,
+    so each file is parsed once (a third of the time of reading a series)."""
     planes: list[_Plane] = []
     for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
+        ds = pydicom.dcmread(path)
         if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
             planes.extend(_planes_enhanced(ds))
         else:
@@ -397,7 +395,7 @@ def _check_lossy(datasets: Sequence[Dataset]) -> list[QAFlag]:
 
 def load_volume(paths: Sequence[Path]) -> Volume:
     """Read a series (classic, Enhanced or Legacy Converted Enhanced CT) into a checked canonical HU volume."""
-    ordered, normal, gap, flags = _check_geometry(read_planes(paths, pixels=True))
+    ordered, normal, gap, flags = _check_geometry(read_planes(paths))
     first = ordered[0]
     row_dir = first.row_dir / np.linalg.norm(first.row_dir)
     col_dir = first.col_dir / np.linalg.norm(first.col_dir)
