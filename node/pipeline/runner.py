@@ -138,6 +138,14 @@ def slice_batch(model: Model) -> int:
     return int(pre.get("batch_size", 16))
 
 
+def warm_up(model: Model) -> None:
+    """One run on zeros of the shape the analysis will give the model (a 2D model: one full batch), so that
+    onnxruntime's first-run work (on the GPU: CUDA kernels and cuDNN's algorithm search, about 1.3 s for
+    the three shipped models on an H200) is done before the first series, not during it."""
+    batch = slice_batch(model) if model.manifest.input.layout == "NCHW" else 1
+    model.run(np.zeros(model.input_shape(batch), dtype=np.float32))
+
+
 def segment_on_grid(
     volume: Volume, model: Model, names: tuple[str, str], box: tuple[slice, slice, slice]
 ) -> tuple[np.ndarray, Placement]:

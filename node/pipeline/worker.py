@@ -33,7 +33,7 @@ from node.outputs.device import installation_device_uid
 from node.outputs.history import previous_sr
 from node.outputs.write import OUTPUTS_FILE, manifests_for, write_outputs
 from node.pipeline.infer import get_model
-from node.pipeline.runner import Analysis, analyse_series
+from node.pipeline.runner import Analysis, analyse_series, warm_up
 from node.pipeline.select import SeriesHeader, Verdict, check, choose
 from node.pipeline.volume import QAFlag
 from node.receive.inspect import ANALYSABLE_SOP_CLASSES
@@ -128,12 +128,18 @@ class Worker:
         self.stop = threading.Event()
         self.device_uid = installation_device_uid(config.storage.spool_dir)  # the SR's and KOS's observer
         self.provider: str | None = None  # of its models, once loaded (preload)
+        self.preload_s: float | None = None  # seconds preload took: loading, checking and warming the models
         self.abandoned = threading.Event()  # set when the job ran past workers.max_job_s: its results are not published
 
     def preload(self) -> None:
-        """Load and check the three models now: a bad model stops the worker at start, not mid-job."""
+        """Load, check and warm the three models now: a bad model stops the worker at start, not mid-job, and
+        the first series does not pay for onnxruntime's first runs."""
+        started = time.perf_counter()
         for role in ("lung", "lesion", "diagnosis"):
-            self.provider = get_model(self.config.inference, role).provider
+            model = get_model(self.config.inference, role)
+            warm_up(model)
+            self.provider = model.provider
+        self.preload_s = time.perf_counter() - started
 
     def _report(self, job_id: int | None, *, stopped: bool = False) -> None:
         """Tell the ledger this worker is alive (``node.db.workers``). Best effort: the next report, seconds later,
@@ -312,7 +318,8 @@ class Worker:
         """Run jobs until ``stop``. While the database cannot be reached the worker waits and tries again, the wait
         doubling from the poll interval up to ``DB_RETRY_MAX_S`` (no busy loop against a server that is restarting);
         the error is logged once in full, then once a minute, and once more when it clears."""
-        log.info(kv("worker_ready", worker=self.name, provider=self.provider))
+        log.info(kv("worker_ready", worker=self.name, provider=self.provider,
+                    models_s=f"{self.preload_s:.2f}" if self.preload_s is not None else None))
         poll = self.config.workers.poll_interval_s
         errors = LoopErrors(log, "worker_error")
         delay = poll

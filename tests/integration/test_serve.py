@@ -33,6 +33,7 @@ def test_serve_runs_workers_that_analyse_a_received_series(node_factory: NodeFac
         "selection": {"min_slices": 10},
     })
     node.wait_for_log(r"event=workers_started count=1", timeout=30)
+    node.wait_for_log(r"event=worker_ready worker=\S+ provider=CPUExecutionProvider models_s=\d+\.\d\d", timeout=30)
     series = make_series(tmp_path / "ct", slices=40, matrix=96)
     assert storescu(node.port, series.folder).returncode == 0
 

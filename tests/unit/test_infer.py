@@ -289,6 +289,21 @@ def test_run_batched_reduces_each_batch(models_dir: Path) -> None:
         np.testing.assert_array_equal(out, labels)
 
 
+def test_warm_up_runs_each_model_at_the_shape_the_analysis_gives_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped models, on the CPU: one full batch of 16 slices at 192 x 192, and the 3D model's grid."""
+    from node.pipeline.runner import warm_up
+
+    shipped = Path(__file__).resolve().parents[2] / "models"
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    for name in ("lung_seg", "lesion_seg", "diagnosis"):
+        model = load_model(shipped / name, device="cpu")
+        plain = model.run
+        monkeypatch.setattr(model, "run", lambda x, plain=plain, name=name: seen.append((name, x.shape)) or plain(x))
+        warm_up(model)
+    assert seen == [("lung_seg", (16, 1, 192, 192)), ("lesion_seg", (16, 1, 192, 192)),
+                    ("diagnosis", (1, 2, 64, 256, 256))]
+
+
 def test_run_batched_refuses_3d_models(models_dir: Path) -> None:
     model = load_model(models_dir / "diagnosis", device="cpu")
     with pytest.raises(ValueError, match="NCDHW model"):
