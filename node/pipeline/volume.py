@@ -327,8 +327,9 @@ def _frame_pixels(ds: Dataset, cache: dict[int, np.ndarray], frame_number: int |
 
 
 def _release_pixels(ds: Dataset, cache: dict[int, np.ndarray]) -> None:
-    """Drop a decoded file's pixel data (its bytes and pydicom's cached array) once the volume holds it:
-    with both kept to the end, reading a 300-slice series peaked at three times the volume's size."""
+    """Drop a decoded file's pixel data (its bytes and pydicom's cached array) once the volume holds all of
+    its frames: with both kept to the end, reading a 300-slice series peaked at three times the volume's
+    size, and the volume's ``reference`` data set would hold an Enhanced CT's pixels for the whole job."""
     cache.pop(id(ds), None)
     if "PixelData" in ds:
         del ds.PixelData
@@ -409,6 +410,7 @@ def load_volume(paths: Sequence[Path]) -> Volume:
     cache: dict[int, np.ndarray] = {}
     tables: dict[tuple[str, ...], np.ndarray] = {}
     datasets: dict[int, Dataset] = {}
+    frames_left = Counter(id(plane.ds) for plane in ordered)
     for z, plane in enumerate(ordered):
         datasets[id(plane.ds)] = plane.ds
         try:
@@ -426,7 +428,8 @@ def load_volume(paths: Sequence[Path]) -> Volume:
         if flip_cols:
             img = img[:, ::-1]
         hu[z] = img
-        if plane.frame_number is None:  # a single-frame file: its pixels are in the volume now
+        frames_left[id(plane.ds)] -= 1
+        if not frames_left[id(plane.ds)]:  # every frame of this file is in the volume now
             _release_pixels(plane.ds, cache)
     flags += _check_hu(hu)
     flags += _check_lossy(list(datasets.values()))

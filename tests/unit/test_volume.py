@@ -272,6 +272,8 @@ def test_enhanced_ct_multiframe_gives_the_classic_volume(series: Synth, tmp_path
     np.testing.assert_array_equal(vol.hu, classic.hu)
     assert vol.origin_lps == pytest.approx(classic.origin_lps, abs=1e-3)
     assert vol.spacing_mm == pytest.approx(classic.spacing_mm)
+    # the volume keeps a header for the outputs, not a second copy of the pixels for the whole job
+    assert "PixelData" not in vol.reference and "PixelData" not in classic.reference
 
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     assert {f.sop_instance_uid for f in vol.frames} == {str(ds.SOPInstanceUID)}
