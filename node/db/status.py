@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -137,9 +138,53 @@ def summary(s: Session, *, limit: int = 20, spool_dir: Path | None = None) -> di
                 select(Job.priority, func.count()).where(Job.state == JobState.queued).group_by(Job.priority)).all()},
         },
         "analysis": analysis_state(s),
+        "recent": recent_jobs(s),
         "series": series,
         "outbox": outbox_summary(s),
     }
+
+
+#: The window of ``recent_jobs``: a day, the span over which a department reads its turnaround.
+RECENT_HOURS = 24
+_FINISHED = (JobState.done, JobState.rejected, JobState.failed)
+
+
+def recent_jobs(s: Session, *, now: dt.datetime | None = None, hours: float = RECENT_HOURS) -> dict[str, Any]:
+    """Jobs finished in the last ``hours``, by state, and for the done ones how long the analysis took and how
+    long from the series' last image to its results being written (median, 90th percentile, max): what a
+    turnaround target is checked against. From each job's recorded timings; nothing is read from the spool."""
+    since = (now or utcnow()) - dt.timedelta(hours=hours)
+    finished: dict[str, int] = {state.value: 0 for state in _FINISHED}
+    analysis: list[float] = []
+    to_result: list[float] = []
+    rows = s.execute(select(Job.state, Job.created_at, Job.finished_at, Job.timings)
+                     .where(Job.state.in_(_FINISHED), Job.finished_at >= since)).all()
+    for state, created_at, finished_at, timings in rows:
+        finished[state.value] += 1
+        if state != JobState.done:
+            continue
+        t = timings if isinstance(timings, dict) else {}
+        if isinstance(t.get("total"), (int, float)):
+            analysis.append(float(t["total"]))
+        complete = t.get("series_complete")  # last image -> series complete, before the job existed
+        to_result.append((float(complete) if isinstance(complete, (int, float)) else 0.0)
+                         + max(0.0, (finished_at - created_at).total_seconds()))
+    return {"hours": hours, "finished": finished, "analysis_s": _spread(analysis),
+            "last_image_to_result_s": _spread(to_result)}
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    """Median, 90th percentile (nearest rank), max, sum and count of some durations; None for none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def rank(q: float) -> float:
+        return round(ordered[min(n - 1, max(1, math.ceil(q * n)) - 1)], 2)
+
+    return {"count": n, "median": rank(0.5), "p90": rank(0.9), "max": round(ordered[-1], 2),
+            "sum": round(sum(ordered), 2)}
 
 
 def storage_summary(s: Session, spool_dir: Path, min_free_mb: int) -> dict[str, Any]:
@@ -231,6 +276,8 @@ def render_text(data: dict[str, Any]) -> str:
                      f"every workers.models_recheck_s")
     if "workers" in data:
         lines.append(render_workers(data["workers"], queued=c["jobs"].get(JobState.queued.value, 0)))
+    if "recent" in data:
+        lines.append(render_recent(data["recent"]))
     lines += [
         "",
         f"{'last received (UTC)':20} {'state':10} {'rev':>3} {'inst':>5} {'origin':10} {'job':19} series",
@@ -256,6 +303,19 @@ def render_text(data: dict[str, Any]) -> str:
     if "storage" in data:
         lines += ["", render_storage(data["storage"])]
     return "\n".join(lines)
+
+
+def render_recent(recent: dict[str, Any]) -> str:
+    """One line: what finished in the window, and the turnaround of the done jobs."""
+    head = f"last {recent['hours']:g} h: "
+    if not any(recent["finished"].values()):
+        return head + "no job finished"
+    parts = [", ".join(f"{state} {n}" for state, n in recent["finished"].items())]
+    for key, what in (("analysis_s", "analysis"), ("last_image_to_result_s", "last image to result")):
+        spread = recent[key]
+        if spread:
+            parts.append(f"{what} median {spread['median']:.1f} s (90 % {spread['p90']:.1f} s, max {spread['max']:.1f} s)")
+    return head + "; ".join(parts)
 
 
 def render_workers(workers: list[dict[str, Any]], *, queued: int) -> str:
@@ -299,6 +359,14 @@ def _gauge(name: str, help_text: str, value: float | int) -> list[str]:
     return [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
 
 
+def _summary(name: str, help_text: str, spread: dict[str, float] | None) -> list[str]:
+    """A Prometheus summary over a window: quantiles 0.5, 0.9 and 1, with _sum and _count (0 when empty)."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} summary"]
+    if spread:
+        lines += [f'{name}{{quantile="{q}"}} {spread[key]}' for q, key in (("0.5", "median"), ("0.9", "p90"), ("1", "max"))]
+    return lines + [f"{name}_sum {spread['sum'] if spread else 0}", f"{name}_count {spread['count'] if spread else 0}"]
+
+
 def render_metrics(data: dict[str, Any] | None, version: str, *, listener_up: bool) -> str:
     """The summary in Prometheus' text format, for node_exporter's textfile collector (or any scraper that
     reads it): run ``lungnode status --metrics`` from a timer into the collector's folder. Every job state and
@@ -329,6 +397,16 @@ def render_metrics(data: dict[str, Any] | None, version: str, *, listener_up: bo
               "an alert).", "# TYPE lungnode_queued_jobs gauge"]
     lines += [f'lungnode_queued_jobs{{priority="{p}"}} {c.get("queued_by_priority", {}).get(p, 0)}'
               for p in ("high", "medium", "low")]
+    recent = data.get("recent")
+    if recent is not None:
+        window = f"the last {recent['hours']:g} h"
+        lines += [f"# HELP lungnode_jobs_finished_recent Jobs finished in {window}, by state.",
+                  "# TYPE lungnode_jobs_finished_recent gauge"]
+        lines += [f'lungnode_jobs_finished_recent{{state="{st}"}} {n}' for st, n in recent["finished"].items()]
+        for key, name, what in (("analysis_s", "lungnode_analysis_seconds", "Analysis time"),
+                                ("last_image_to_result_s", "lungnode_last_image_to_result_seconds",
+                                 "Time from a series' last image to its results written")):
+            lines += _summary(name, f"{what} of the jobs done in {window} (quantile 1 is the longest).", recent[key])
     lines += ["# HELP lungnode_sends Result objects to send, by destination and state.", "# TYPE lungnode_sends gauge"]
     for dest, entry in sorted(data.get("outbox", {}).items()):
         lines += [f'lungnode_sends{{destination="{_label(dest)}",state="{st.value}"}} {entry["counts"].get(st.value, 0)}'

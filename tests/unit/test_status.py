@@ -197,3 +197,58 @@ def test_a_worker_row_deleted_meanwhile_comes_back_and_a_restart_here_replaces_t
     with sessions() as s:
         listed = {w["name"]: (w["state"], w["job"], w["provider"]) for w in workers_summary(s, alive_s=120)}
     assert listed == {elsewhere: ("busy", 3, "CUDAExecutionProvider"), alive: ("idle", None, "CPUExecutionProvider")}
+
+
+def test_the_last_day_s_turnaround_is_summed_up_in_status_and_metrics(sessions: sessionmaker[Session]) -> None:
+    """Done jobs of the last 24 h: analysis time and last image to result (the series' wait to complete plus
+    the job's own time), median, 90th percentile and max; older and unfinished jobs are left out."""
+    import datetime as dt
+
+    from node.db.models import utcnow
+    from node.db.status import recent_jobs, render_metrics
+
+    now = utcnow()
+    jobs = [  # (state, finished hours ago, analysis total s, series complete s, job created -> finished s)
+        *[(JobState.done, 1, float(a), 5.0, 10.0 + a) for a in range(1, 11)],  # analysis 1..10 s
+        (JobState.rejected, 2, 0.5, 5.0, 3.0),
+        (JobState.failed, 3, None, None, 4.0),
+        (JobState.done, 30, 99.0, 5.0, 120.0),  # yesterday's: outside the window
+        (JobState.running, None, None, None, None),
+    ]
+    with sessions.begin() as s:
+        study = Study(study_instance_uid="1.2.9")
+        for n, (state, ago, total, complete, took) in enumerate(jobs):
+            series = Series(study=study, series_instance_uid=f"1.2.9.{n}", modality="CT",
+                            origin=SeriesOrigin.modality, state=SeriesState.complete)
+            finished = now - dt.timedelta(hours=ago) if ago is not None else None
+            created = finished - dt.timedelta(seconds=took) if finished is not None and took is not None else now
+            timings = {k: v for k, v in (("total", total), ("series_complete", complete)) if v is not None}
+            s.add(Job(series=series, revision=1, state=state, created_at=created, finished_at=finished,
+                      timings=timings or None))
+    with sessions() as s:
+        recent = recent_jobs(s, now=now)
+        text = render_text(summary(s, limit=20))
+        data = summary(s, limit=20)
+    assert recent["finished"] == {"done": 10, "rejected": 1, "failed": 1}
+    assert recent["analysis_s"] == {"count": 10, "median": 5.0, "p90": 9.0, "max": 10.0, "sum": 55.0}
+    # last image to result = 5 s to complete + (10 + a) s in the queue, analysis and outputs: 16..25 s
+    assert recent["last_image_to_result_s"] == {"count": 10, "median": 20.0, "p90": 24.0, "max": 25.0, "sum": 205.0}
+    assert ("last 24 h: done 10, rejected 1, failed 1; analysis median 5.0 s (90 % 9.0 s, max 10.0 s); "
+            "last image to result median 20.0 s (90 % 24.0 s, max 25.0 s)") in text
+    metrics = render_metrics(data, "0.1.0", listener_up=True).splitlines()
+    assert 'lungnode_jobs_finished_recent{state="done"} 10' in metrics
+    assert "# TYPE lungnode_analysis_seconds summary" in metrics
+    assert 'lungnode_analysis_seconds{quantile="0.9"} 9.0' in metrics and "lungnode_analysis_seconds_count 10" in metrics
+    assert 'lungnode_last_image_to_result_seconds{quantile="1"} 25.0' in metrics
+    assert "lungnode_last_image_to_result_seconds_sum 205.0" in metrics
+
+
+def test_a_quiet_day_says_no_job_finished_and_keeps_the_summaries(sessions: sessionmaker[Session]) -> None:
+    from node.db.status import render_metrics
+
+    with sessions() as s:
+        data = summary(s, limit=5)
+    assert "last 24 h: no job finished" in render_text(data)
+    metrics = render_metrics(data, "0.1.0", listener_up=True).splitlines()
+    assert "lungnode_analysis_seconds_count 0" in metrics and "lungnode_analysis_seconds_sum 0" in metrics
+    assert not any(line.startswith("lungnode_analysis_seconds{") for line in metrics)
