@@ -50,6 +50,10 @@ def test_serve_runs_workers_that_analyse_a_received_series(node_factory: NodeFac
     assert set(result["probabilities"]) == {"covid19", "other_pneumonia", "no_pneumonia"}
     assert [m["name"] for m in result["models"]] == ["lung_seg", "lesion_seg", "diagnosis"]
     assert json.loads(job["timings"])["total"] > 0
+    recent = node.status()["recent"]  # the day's turnaround, as `lungnode status` and its metrics give it
+    assert recent["finished"]["done"] == 1 and recent["analysis_s"]["count"] == 1
+    assert recent["analysis_s"]["max"] == round(json.loads(job["timings"])["total"], 2)
+    assert recent["last_image_to_result_s"]["max"] >= recent["analysis_s"]["max"]
 
     # An operator has it analysed again (after a model update, say): the running node takes it up.
     first_finish = job["finished_at"]
