@@ -318,6 +318,9 @@ def requeue_for_reanalysis(sessions: sessionmaker[Session], job_id: int) -> str:
                         message=f"{withdrawn} results not yet delivered are withdrawn: the job is analysed again"))
         job.state, job.error, job.worker, job.attempts = JobState.queued, None, None, 0
         job.started_at = job.finished_at = job.heartbeat_at = None
+        # Queued now: its wait, the oldest-queued metric (an alert) and the day's turnaround count from here,
+        # not from the series' first arrival days ago. The job's events keep its history.
+        job.created_at = utcnow()
         s.add(Event(kind="job_requeued", job_id=job.id, series_id=series.id,
                     message=f"reanalysis asked by an operator (it was {before})"))
     log.info(kv("job_requeued", job=job_id, reason="reanalysis asked by an operator", was=before,

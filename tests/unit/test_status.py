@@ -252,3 +252,24 @@ def test_a_quiet_day_says_no_job_finished_and_keeps_the_summaries(sessions: sess
     metrics = render_metrics(data, "0.1.0", listener_up=True).splitlines()
     assert "lungnode_analysis_seconds_count 0" in metrics and "lungnode_analysis_seconds_sum 0" in metrics
     assert not any(line.startswith("lungnode_analysis_seconds{") for line in metrics)
+
+
+def test_a_job_queued_again_for_reanalysis_waits_from_now(sessions: sessionmaker[Session]) -> None:
+    """After `lungnode reanalyse`, the oldest-queued metric (an alert on a job waiting too long) and the job's wait
+    count from the requeue, not from the series' arrival days ago."""
+    import datetime as dt
+
+    from node.db.jobs import requeue_for_reanalysis
+    from node.db.models import utcnow
+
+    long_ago = utcnow() - dt.timedelta(days=3)
+    with sessions.begin() as s:
+        series = Series(study=Study(study_instance_uid="1.2.8"), series_instance_uid="1.2.8.1", modality="CT",
+                        origin=SeriesOrigin.modality, state=SeriesState.complete)
+        job = Job(series=series, revision=1, state=JobState.done, created_at=long_ago,
+                  finished_at=long_ago + dt.timedelta(seconds=30))
+        s.add(job)
+    requeue_for_reanalysis(sessions, job.id)
+    with sessions() as s:
+        oldest = dt.datetime.fromisoformat(summary(s)["counts"]["oldest_queued_at"])
+    assert abs((oldest - utcnow()).total_seconds()) < 60, oldest
