@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Job, JobState, Series, SeriesOrigin, SeriesState, Study
 from node.db.status import render_storage, render_text, summary
+from tests.helpers.prometheus import assert_prometheus_text
 
 
 def test_a_job_that_did_not_finish_well_shows_why(sessions: sessionmaker[Session]) -> None:
@@ -235,7 +236,9 @@ def test_the_last_day_s_turnaround_is_summed_up_in_status_and_metrics(sessions: 
     assert recent["last_image_to_result_s"] == {"count": 10, "median": 20.0, "p90": 24.0, "max": 25.0, "sum": 205.0}
     assert ("last 24 h: done 10, rejected 1, failed 1; analysis median 5.0 s (90 % 9.0 s, max 10.0 s); "
             "last image to result median 20.0 s (90 % 24.0 s, max 25.0 s)") in text
-    metrics = render_metrics(data, "0.1.0", listener_up=True).splitlines()
+    text_format = render_metrics(data, "0.1.0", listener_up=True)
+    assert_prometheus_text(text_format)
+    metrics = text_format.splitlines()
     assert 'lungnode_jobs_finished_recent{state="done"} 10' in metrics
     assert "# TYPE lungnode_analysis_seconds summary" in metrics
     assert 'lungnode_analysis_seconds{quantile="0.9"} 9.0' in metrics and "lungnode_analysis_seconds_count 10" in metrics
@@ -249,6 +252,7 @@ def test_a_quiet_day_says_no_job_finished_and_keeps_the_summaries(sessions: sess
     with sessions() as s:
         data = summary(s, limit=5)
     assert "last 24 h: no job finished" in render_text(data)
+    assert_prometheus_text(render_metrics(data, "0.1.0", listener_up=True))
     metrics = render_metrics(data, "0.1.0", listener_up=True).splitlines()
     assert "lungnode_analysis_seconds_count 0" in metrics and "lungnode_analysis_seconds_sum 0" in metrics
     assert not any(line.startswith("lungnode_analysis_seconds{") for line in metrics)
