@@ -38,6 +38,9 @@ from node.receive.priority import priority_name
 
 log = logging.getLogger(__name__)
 
+#: The states a job ends in (``JobQueue.finish``).
+FINISHED_STATES = (JobState.done, JobState.rejected, JobState.failed)
+
 
 @dataclass(frozen=True)
 class Claimed:
@@ -132,7 +135,7 @@ class JobQueue:
         ``also`` runs in the same transaction once the job is known to be ours (e.g. queueing the
         results for sending), so the outcome and what follows from it are committed together or not at all.
         """
-        if state not in (JobState.done, JobState.rejected, JobState.failed):
+        if state not in FINISHED_STATES:
             raise ValueError(f"not a final state: {state}")
         with self.sessions.begin() as s:
             result = s.execute(

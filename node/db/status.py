@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, aliased
 
 from node import __version__
 from node.audit.backlog import waiting
-from node.db.jobs import queue_order, study_settling, taken_as
+from node.db.jobs import FINISHED_STATES, queue_order, study_settling, taken_as
 from node.db.models import (
     Association,
     AssociationState,
@@ -146,7 +146,6 @@ def summary(s: Session, *, limit: int = 20, spool_dir: Path | None = None) -> di
 
 #: The window of ``recent_jobs``: a day, the span over which a department reads its turnaround.
 RECENT_HOURS = 24
-_FINISHED = (JobState.done, JobState.rejected, JobState.failed)
 
 
 def recent_jobs(s: Session, *, now: dt.datetime | None = None, hours: float = RECENT_HOURS) -> dict[str, Any]:
@@ -154,11 +153,11 @@ def recent_jobs(s: Session, *, now: dt.datetime | None = None, hours: float = RE
     long from the series' last image to its results being written (median, 90th percentile, max): what a
     turnaround target is checked against. From each job's recorded timings; nothing is read from the spool."""
     since = (now or utcnow()) - dt.timedelta(hours=hours)
-    finished: dict[str, int] = {state.value: 0 for state in _FINISHED}
+    finished: dict[str, int] = {state.value: 0 for state in FINISHED_STATES}
     analysis: list[float] = []
     to_result: list[float] = []
     rows = s.execute(select(Job.state, Job.created_at, Job.finished_at, Job.timings)
-                     .where(Job.state.in_(_FINISHED), Job.finished_at >= since)).all()
+                     .where(Job.state.in_(FINISHED_STATES), Job.finished_at >= since)).all()
     for state, created_at, finished_at, timings in rows:
         finished[state.value] += 1
         if state != JobState.done:
