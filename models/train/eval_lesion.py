@@ -140,14 +140,17 @@ def medseg_predict(run: Runner, item: MedsegItem, gmap: GrayMap, size: int) -> n
     return labels_from_probs(probs, placement, shape)[0]
 
 
-def medseg_metrics(run: Runner, items: list[MedsegItem], gmap: GrayMap, size: int) -> dict[str, float]:
-    """Mean-over-images and pooled Dice on MedSeg slices."""
+def medseg_metrics(run: Runner, items: list[MedsegItem], gmap: GrayMap, size: int,
+                   per_image_out: dict[str, float] | None = None) -> dict[str, float]:
+    """Mean-over-images and pooled Dice on MedSeg slices; ``per_image_out`` gets each slice's infection Dice."""
     pooled = DiceSum()
     per_image = []
     for it in items:
         pred = medseg_predict(run, it, gmap, size)
         pooled.add(pred, it.labels)
         per_image.append(dice(pred, it.labels))
+        if per_image_out is not None:
+            per_image_out[it.name] = round(per_image[-1]["infection"], 4)
     p = pooled.dice()
     return {"infection_dice_mean": _mean(per_image, "infection"), "infection_dice_global": p["infection"],
             "ggo_dice_mean": _mean(per_image, "ggo"), "ggo_dice_global": p["ggo"],

@@ -20,6 +20,7 @@ Export: ONNX opset 17, dynamic batch, softmax in the graph; onnxruntime and torc
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -30,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import yaml
+from torch import nn
 from torch.nn import functional as F
 
 from models.train.data_lesion import (
@@ -168,6 +170,34 @@ def fit(phantom: SliceSet, med: SliceSet, val: SliceSet, *, epochs: int, seed: i
     return model.cpu(), history
 
 
+def whole_box_batchnorm(model: UNet2D, phantom: SliceSet, med: SliceSet, *, reps: int, n_ph: int, batch: int,
+                        seed: int, device: str = "cpu", elastic: float = 0.0, gamma: float = 0.0) -> UNet2D:
+    """A copy of ``model`` whose BatchNorm statistics are measured on whole lung boxes; its weights are unchanged.
+
+    Training feeds 128-pixel crops (60 % centred on a lesion) and keeps running averages that follow the
+    last ten or so batches, while the node feeds whole 192-pixel boxes. Here the statistics are measured
+    once, with equal weight per batch, over one epoch's draw of the training mix (every MedSeg slice
+    ``reps`` times and ``n_ph`` phantom slices), augmented as in training but not cropped. The draw has
+    its own random stream, so training is unchanged.
+    """
+    tuned = copy.deepcopy(model).to(device)
+    norms = [m for m in tuned.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    rng = np.random.default_rng(seed + 7_000_003)
+    order = epoch_indices(phantom, len(med), reps, n_ph, rng)
+    tuned.train()
+    with torch.no_grad():
+        for i in range(0, len(order), batch):
+            xs = [augment_lesion(*_sample(phantom, med, s, k, 0.0, rng), rng, 0, elastic, gamma)[0]
+                  for s, k in order[i:i + batch]]
+            tuned(torch.from_numpy(np.stack(xs)[:, None]).to(device))
+    for m in norms:
+        m.momentum = 0.1
+    return tuned.eval().cpu()
+
+
 def flip_averaged(run):
     """A runner that averages the probabilities of each slice and its left-right mirror image."""
     return lambda x: 0.5 * (run(x) + run(np.ascontiguousarray(x[..., ::-1]))[..., ::-1])
@@ -189,6 +219,7 @@ def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, va
     """
     size = cfg["size"]
     rows = []
+    per_image_rows: dict[int, dict[str, dict[str, float]]] = {}
     for f, held in enumerate(folds(len(items), k, cfg["seed"])):
         if cfg["fold"] and f + 1 != cfg["fold"]:
             continue
@@ -201,18 +232,30 @@ def cross_validate(items: list[MedsegItem], gmap: GrayMap, phantom: SliceSet, va
                        depth=cfg["depth"], init=cfg["init"], device=cfg["device"], normal_share=cfg["normal_share"],
                        dice=cfg["dice"], paste=cfg["paste"], elastic=cfg["elastic"], gamma=cfg["gamma"],
                        negatives=negatives, n_neg=cfg["real_negatives"], fold_eval=lambda m: medseg_metrics(torch_runner(m), test_items, gmap, size))
+        tuned = whole_box_batchnorm(model, phantom, med, reps=cfg["reps"], n_ph=cfg["n_ph"], batch=cfg["batch"],
+                                    seed=cfg["seed"], device=cfg["device"], elastic=cfg["elastic"],
+                                    gamma=cfg["gamma"]) if cfg["bn_whole"] else None
         if keep is not None:
             export_onnx(model, keep / f"fold{f + 1}.onnx", size)
+            if tuned is not None:
+                export_onnx(tuned, keep / f"fold{f + 1}-bn-whole.onnx", size)
             (keep / f"fold{f + 1}.json").write_text(json.dumps({"held_out": [it.name for it in test_items]}),
                                                     encoding="utf-8")
-        res = medseg_metrics(torch_runner(model), test_items, gmap, size)
+        per_image: dict[str, float] = {}
+        res = medseg_metrics(torch_runner(model), test_items, gmap, size, per_image)
         flipped = medseg_metrics(flip_averaged(torch_runner(model)), test_items, gmap, size)
         rows.append({"fold": f + 1, **{k2: round(v, 4) for k2, v in res.items()},
                      **{f"flip_averaged_{k2}": round(v, 4) for k2, v in flipped.items() if k2 != "images"}})
+        per_image_rows[f + 1] = {"infection_dice": per_image}
+        if tuned is not None:
+            per_image_bn: dict[str, float] = {}
+            res_bn = medseg_metrics(torch_runner(tuned), test_items, gmap, size, per_image_bn)
+            rows[-1].update({f"bn_whole_{k2}": round(v, 4) for k2, v in res_bn.items() if k2 != "images"})
+            per_image_rows[f + 1]["bn_whole_infection_dice"] = per_image_bn
         log(f"fold {f + 1}: {rows[-1]}")
     mean = fold_means(rows)
     log(f"{k}-fold CV mean: {mean}")
-    return {"folds": rows, "mean": mean}
+    return {"folds": rows, "mean": mean, "per_image": per_image_rows}
 
 
 DESCRIPTION = ("Small 2D U-Net: ground-glass opacity and consolidation on each axial slice of the lung box of a chest "
@@ -288,18 +331,20 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
           medseg: bool = True, cv: int = 0, fold: int = 0, depth: int = 3, slices: int | None = None,
           matrix: int | None = None, init: Path | None = None, device: str = "cpu", keep_folds: bool = False,
           normal_share: float = 0.0, dice: str = "batch", paste: float = 0.0, elastic: float = 0.0,
-          gamma: float = 0.0, real_negatives: int = 0, log=print) -> dict[str, Any]:
+          gamma: float = 0.0, real_negatives: int = 0, bn_whole: bool = False, log=print) -> dict[str, Any]:
     """Cross-validate (``cv`` > 0) or train, export and describe the model in ``out``.
 
     ``slices`` / ``matrix`` fix the phantoms' size (small, fast test runs); by default each seed draws them.
     ``keep_folds``: in cross-validation, also write each fold's network to ``out`` (``fold<i>.onnx``).
     ``real_negatives``: LIDC-IDRI-0001 lung-box slices (no pneumonia, all background) drawn per epoch.
+    ``bn_whole``: BatchNorm statistics measured on whole lung boxes after training (``whole_box_batchnorm``);
+    the network as trained is written beside it to ``out/last-epoch/lesion_seg`` (in CV, both are scored per fold).
     """
     cfg = dict(epochs=epochs, seed=seed, phantoms=phantoms, val_phantoms=val_phantoms, size=size, base=base,
                batch=batch, lr=lr, reps=reps, n_ph=n_ph, crop=crop, medseg=medseg, cv=cv, fold=fold, depth=depth,
                slices=slices, matrix=matrix, init=None if init is None else str(init), device=device,
                normal_share=normal_share, dice=dice, paste=paste, elastic=elastic, gamma=gamma,
-               real_negatives=real_negatives)
+               real_negatives=real_negatives, bn_whole=bn_whole)
     t0 = time.perf_counter()
     items, gmap, phantom, val = load_data(cfg, log)
     negatives = real_negative_slices(size) if real_negatives else None
@@ -321,10 +366,6 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
                          n_ph=n_ph, crop=crop, depth=depth, init=init, device=device, normal_share=normal_share,
                          dice=dice, paste=paste, elastic=elastic, gamma=gamma, negatives=negatives,
                          n_neg=real_negatives, log=log)
-    onnx_path = out / "model.onnx"
-    export_onnx(model, onnx_path, size)
-    err = parity(model, onnx_path, val.x[:16])
-    log(f"export parity: max |onnxruntime - torch| = {err:.2e}")
     drawn = training_phantom_seeds(seed, phantoms)
     training = {
         "data": {"phantoms": phantoms, "phantom_seeds": [drawn[0], drawn[-1]],
@@ -354,13 +395,36 @@ def train(out: Path, *, epochs: int = 12, seed: int = 0, phantoms: int = 80, val
                         + (f"; gamma contrast (|log g| <= {gamma})" if gamma else ""),
         "torch": str(torch.__version__), "seconds": round(time.perf_counter() - t0, 1), "history": history,
     }
-    metrics = {"val_phantom_grid_dice": {k.removeprefix("val_phantom_"): v for k, v in history[-1].items()
-                                         if k.startswith("val_phantom_")},
-               "onnx_parity_max_abs": float(f"{err:.3g}")}
+    last = {"val_phantom_grid_dice": {k.removeprefix("val_phantom_"): v for k, v in history[-1].items()
+                                      if k.startswith("val_phantom_")}}
+    if not bn_whole:
+        err = write_model_folder(out, model, size, val, training, last, log)
+        return {"history": history, "parity": err, "model": model, "val": val}
+    write_model_folder(out / "last-epoch" / "lesion_seg", model, size, val, training, last, log)
+    tuned = whole_box_batchnorm(model, phantom, med, reps=reps, n_ph=n_ph, batch=batch, seed=seed, device=device,
+                                elastic=elastic, gamma=gamma)
+    training["batchnorm_statistics"] = ("measured after training on whole lung boxes: one epoch's draw of the "
+                                        "training mix, augmented, not cropped, equal weight per batch")
+    err = write_model_folder(out, tuned, size, val, training,
+                             {"val_phantom_grid_dice": {k: round(v, 4) for k, v in grid_dice(tuned, val).items()},
+                              "val_phantom_grid_dice_last_epoch":
+                              last["val_phantom_grid_dice"]}, log)
+    return {"history": history, "parity": err, "model": tuned, "val": val}
+
+
+def write_model_folder(out: Path, model: UNet2D, size: int, val: SliceSet, training: dict[str, Any],
+                       metrics: dict[str, Any], log=print) -> float:
+    """``out``/model.onnx (parity-checked against torch), model.yaml and weights.pt; returns the parity error."""
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "model.onnx"
+    export_onnx(model, onnx_path, size)
+    err = parity(model, onnx_path, val.x[:16])
+    log(f"export parity ({out.name}): max |onnxruntime - torch| = {err:.2e}")
+    metrics = {**metrics, "onnx_parity_max_abs": float(f"{err:.3g}")}
     (out / "model.yaml").write_text(yaml.safe_dump(manifest(size, file_sha256(onnx_path), training, metrics),
                                                    sort_keys=False), encoding="utf-8")
     torch.save(model.state_dict(), out / "weights.pt")
-    return {"history": history, "parity": err, "model": model, "val": val}
+    return err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-negatives", type=int, default=0, metavar="N",
                     help="LIDC-IDRI-0001 lung-box slices (real CT without pneumonia, all background) drawn per epoch "
                          "(0: none; needs ../shared/data)")
+    ap.add_argument("--bn-whole", action="store_true",
+                    help="measure BatchNorm statistics on whole lung boxes after training (the network as trained "
+                         "goes to OUT/last-epoch/lesion_seg; in CV both are scored)")
     ap.add_argument("--keep-fold-models", action="store_true",
                     help="with --cv: write each fold's network to --out as fold<i>.onnx (out-of-fold tuning)")
     a = ap.parse_args(argv)
@@ -411,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
           base=a.base, batch=a.batch, lr=a.lr, reps=a.medseg_reps, n_ph=a.phantom_slices, crop=a.crop, medseg=not a.no_medseg,
           cv=a.cv, fold=a.fold, depth=a.depth, init=a.init, device=a.device, keep_folds=a.keep_fold_models,
           normal_share=a.normal_share, dice=a.dice, paste=a.paste, elastic=a.elastic, gamma=a.gamma,
-          real_negatives=a.real_negatives, log=lambda s: print(s, flush=True))
+          real_negatives=a.real_negatives, bn_whole=a.bn_whole, log=lambda s: print(s, flush=True))
     return 0
 
 

@@ -382,3 +382,61 @@ def test_lesion_image_dice_leaves_lesion_free_crops_to_cross_entropy() -> None:
     assert loss_fn(logits[1:], y[1:], "lesion-image").item() == pytest.approx(F.cross_entropy(logits[1:], y[1:]).item())
     with pytest.raises(ValueError, match="unknown Dice mode"):
         loss_fn(logits, y, "per-image")
+
+
+def test_whole_box_batchnorm_measures_population_statistics_and_keeps_the_weights(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch
+                                                                                  ) -> None:
+    torch = pytest.importorskip("torch", reason="torch is not installed (training-only dependency; CI does not install it)")
+    import models.train.data_lesion as data_lesion
+    from models.train.data_lung import SliceSet
+    from models.train.train_lesion import whole_box_batchnorm
+    from models.train.unet2d import UNet2D
+
+    monkeypatch.setattr(data_lesion, "CACHE", tmp_path / "cache")
+    phantom = data_lesion.phantom_lung_slices(3, 32, slices=8, matrix=96)
+    med = SliceSet(np.zeros((0, 32, 32), np.float32), np.zeros((0, 32, 32), np.uint8), [])
+    torch.manual_seed(0)
+    model = UNet2D(4, depth=3)
+    first_bn = model.enc1[1]
+    first_bn.running_mean.fill_(5.0)  # what a crop-trained network might carry
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned = whole_box_batchnorm(model, phantom, med, reps=0, n_ph=8, batch=4, seed=0)
+
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+    after = tuned.state_dict()
+    for k, v in before.items():
+        if "running" in k or "num_batches" in k:
+            continue
+        assert torch.equal(v, after[k]), k  # weights and affine terms unchanged
+    assert not torch.equal(after["enc1.1.running_mean"], before["enc1.1.running_mean"])
+    assert tuned.enc1[1].momentum == 0.1 and not tuned.training
+
+    # Equal weight per batch over the draw: the first BN's mean is the mean of its input over the two batches,
+    # which are rebuilt here from the same random stream.
+    from models.train.data_lesion import augment_lesion, epoch_indices
+    rng = np.random.default_rng(0 + 7_000_003)
+    order = epoch_indices(phantom, 0, 0, 8, rng)
+    xs = np.stack([augment_lesion(phantom.x[k], phantom.y[k], rng, 0)[0] for _, k in order])[:, None]
+    with torch.no_grad():
+        conv_out = model.enc1[0](torch.from_numpy(xs))
+    expected = conv_out.mean(dim=(0, 2, 3))  # two batches of 4: the mean of batch means is the overall mean
+    assert torch.allclose(after["enc1.1.running_mean"], expected, atol=1e-5)
+
+
+def test_training_with_whole_box_batchnorm_writes_both_networks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    pytest.importorskip("torch", reason="torch is not installed (training-only dependency; CI does not install it)")
+    import models.train.data_lesion as data_lesion
+    from models.train.train_lesion import train
+    from node.pipeline.manifest import load_manifest
+
+    monkeypatch.setattr(data_lesion, "CACHE", tmp_path / "cache")
+    out = tmp_path / "lesion_seg"
+    train(out, epochs=1, phantoms=1, val_phantoms=1, size=64, base=4, batch=4, reps=0, n_ph=8, crop=32,
+          medseg=False, slices=8, matrix=96, bn_whole=True, log=lambda s: None)
+    tuned, last = load_manifest(out), load_manifest(out / "last-epoch" / "lesion_seg")  # both schema- and sha256-checked
+    assert tuned.sha256 != last.sha256
+    assert "whole lung boxes" in tuned.training["batchnorm_statistics"]
+    assert "batchnorm_statistics" not in last.training
+    assert tuned.metrics["val_phantom_grid_dice_last_epoch"] == last.metrics["val_phantom_grid_dice"]
