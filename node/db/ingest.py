@@ -151,6 +151,12 @@ class IngestLedger:
         with self.sessions() as s:
             return set(s.scalars(select(Instance.path).where(Instance.purged_at.is_(None))))
 
+    def purged_paths(self) -> dict[str, dt.datetime]:
+        """Paths of the instances retention deleted (their rows stay, marked purged), with when."""
+        with self.sessions() as s:
+            return {path: at for path, at in s.execute(
+                select(Instance.path, Instance.purged_at).where(Instance.purged_at.is_not(None))) if at is not None}
+
     def record_instance(
         self,
         header: InstanceHeader,

@@ -6,6 +6,9 @@ So after a crash:
 - a committed file without a row was not acknowledged either, but it is a valid instance, so it is
   adopted (a sender that retries then gets a duplicate, which is harmless); one that does not parse
   (cut short by a power loss) is moved to ``quarantine/``;
+- a file whose row retention marked purged, and older than that mark, was left by a stop in the middle
+  of a retention pass (rows first, then files): deleted, as retention meant to. One written after the
+  mark is a copy sent again whose row was not restored yet: adopted like any file without a row;
 - a row whose file is missing was never acknowledged either (the row and the file are made durable
   in parallel, and the answer waits for both): the row is removed, with an event saying so;
 - associations left open were cut: marked aborted, so their series wait for the quiet period and the
@@ -14,6 +17,7 @@ So after a crash:
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +45,21 @@ class ReconcileReport:
     unreadable: int
     rows_without_file: int
     duplicates: int = 0  # files of an instance the ledger holds at another path: quarantined
+    purged: int = 0  # files of rows retention had marked purged when the node stopped: deleted
 
 
 def reconcile(spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session]) -> ReconcileReport:
     discarded = spool.discard_incoming()
     aborted = ledger.abort_open_associations()
     known = ledger.known_paths()
-    adopted = unreadable = duplicates = 0
+    purged_rows = ledger.purged_paths()
+    adopted = unreadable = duplicates = purged = 0
     for path in spool.committed_files():
         if str(path) in known:
+            continue
+        if _left_by_retention(path, purged_rows.get(str(path))):
+            spool.remove_files([path])
+            purged += 1
             continue
         try:
             header = inspect_instance(path, sop_class_uid="", sop_instance_uid=path.stem, check_request=False)
@@ -73,10 +83,20 @@ def reconcile(spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session
             continue
         adopted += 1
     missing = _drop_rows_without_file(sessions)
-    report = ReconcileReport(discarded, aborted, adopted, unreadable, missing, duplicates)
+    report = ReconcileReport(discarded, aborted, adopted, unreadable, missing, duplicates, purged)
     log.info(kv("reconcile_done", discarded_partial=discarded, aborted_associations=aborted, adopted=adopted,
-                unreadable=unreadable, duplicates=duplicates, rows_without_file=missing))
+                unreadable=unreadable, duplicates=duplicates, rows_without_file=missing, retention_finished=purged))
     return report
+
+
+def _left_by_retention(path: Path, purged_at: dt.datetime | None) -> bool:
+    """A file retention meant to delete: its row is marked purged, and the file was written before that."""
+    if purged_at is None:
+        return False
+    try:
+        return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc) <= purged_at
+    except FileNotFoundError:
+        return False
 
 
 def _drop_rows_without_file(sessions: sessionmaker[Session]) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,46 +24,63 @@ from node.receive.spool import Spool
 log = logging.getLogger(__name__)
 
 
+#: How long retention waits for stores of a series in flight before leaving it for the next pass.
+GATE_WAIT_S = 10.0
+
+
 def purge_expired(spool: Spool, sessions: sessionmaker[Session], *, days: float, now: dt.datetime | None = None,
                   audit: AuditTrail | None = None, identifiers_days: float | None = None) -> int:
     """Delete the spool files of expired series; returns how many series were purged."""
     if days <= 0:
         return 0
     cutoff = (now or utcnow()) - dt.timedelta(days=days)
-    active = select(Job.id).where(Job.series_id == Series.id, Job.state.in_([JobState.queued, JobState.running]))
     with sessions() as s:
-        due = list(
-            s.execute(
-                select(Series.id, Series.series_instance_uid).where(
-                    Series.state == SeriesState.complete,
-                    Series.purged_at.is_(None),
-                    Series.completed_at <= cutoff,
-                    ~exists(active),
-                )
-            )
-        )
+        due = list(s.execute(select(Series.id, Series.series_instance_uid).where(_due(cutoff))))
+    purged = 0
     for series_id, series_uid in due:
-        # Read before the files go: the audit message names the study and patient whose images were deleted.
-        audited = audit is not None and audit.enabled
-        studies = studies_of(sorted((spool.instances / series_uid).glob("*.dcm"))) if audited else []
-        removed = spool.remove_series(series_uid)
-        if audit is not None:
-            for study in studies:
-                audit.instances_deleted(study=study, reason=f"received images kept {days:g} days (retention)")
-        with sessions.begin() as s:
-            series = s.get(Series, series_id)
-            if series is None:
+        with spool.gate.deleting(series_uid, timeout_s=GATE_WAIT_S) as held:
+            if not held:
+                log.info(kv("series_purge_deferred", series=series_uid,
+                            reason="images of this series are being received; next retention pass"))
                 continue
-            series.purged_at = utcnow()
-            s.execute(update(Instance).where(Instance.series_id == series_id, Instance.purged_at.is_(None))
-                      .values(purged_at=series.purged_at))
-            s.add(Event(kind="series_purged", series_id=series_id,
-                        message=f"{removed} received files deleted after {days:g} days (retention)"))
-        log.info(kv("series_purged", series=series_uid, files=removed))
+            purged += _purge_series(spool, sessions, series_id, series_uid, cutoff=cutoff, days=days, audit=audit)
     purge_results(spool, sessions)
     if identifiers_days is not None:
         forget_identifiers(sessions, days=identifiers_days, now=now)
-    return len(due)
+    return purged
+
+
+def _due(cutoff: dt.datetime) -> Any:
+    """A series whose images may go: complete since ``cutoff`` or longer, still held, and no job queued or running."""
+    active = select(Job.id).where(Job.series_id == Series.id, Job.state.in_([JobState.queued, JobState.running]))
+    return and_(Series.state == SeriesState.complete, Series.purged_at.is_(None), Series.completed_at <= cutoff,
+                ~exists(active))
+
+
+def _purge_series(spool: Spool, sessions: sessionmaker[Session], series_id: int, series_uid: str, *,
+                  cutoff: dt.datetime, days: float, audit: AuditTrail | None) -> int:
+    """Purge one series under its gate: checked again (an image may have come since the due list was read, opening
+    a new revision), rows marked purged first, then exactly their files deleted. A crash between the two leaves
+    files whose rows are purged; start-up reconciliation deletes those. Returns 1 if purged, else 0."""
+    with sessions.begin() as s:
+        if s.scalar(select(Series.id).where(Series.id == series_id, _due(cutoff)).with_for_update()) is None:
+            return 0
+        paths = [Path(p) for p in s.scalars(select(Instance.path).where(Instance.series_id == series_id,
+                                                                       Instance.purged_at.is_(None)))]
+        # Read before the files go: the audit message names the study and patient whose images were deleted.
+        studies = studies_of(sorted(p for p in paths if p.is_file())) if audit is not None and audit.enabled else []
+        at = utcnow()
+        s.execute(update(Series).where(Series.id == series_id).values(purged_at=at))
+        s.execute(update(Instance).where(Instance.series_id == series_id, Instance.purged_at.is_(None))
+                  .values(purged_at=at))
+        s.add(Event(kind="series_purged", series_id=series_id,
+                    message=f"{len(paths)} received files deleted after {days:g} days (retention)"))
+    removed = spool.remove_files(paths)
+    if audit is not None:
+        for study in studies:
+            audit.instances_deleted(study=study, reason=f"received images kept {days:g} days (retention)")
+    log.info(kv("series_purged", series=series_uid, files=removed))
+    return 1
 
 
 def forget_identifiers(sessions: sessionmaker[Session], *, days: float, now: dt.datetime | None = None) -> int:

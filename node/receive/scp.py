@@ -533,6 +533,13 @@ class StorageSCP:
     def _store(
         self, header: InstanceHeader, received: Path, size: int, assoc_id: int | None, data_synced: Future[None]
     ) -> int:
+        """``_store_held`` while retention is held off this series (``SeriesGate``)."""
+        with self.spool.gate.storing(header.series_instance_uid):
+            return self._store_held(header, received, size, assoc_id, data_synced)
+
+    def _store_held(
+        self, header: InstanceHeader, received: Path, size: int, assoc_id: int | None, data_synced: Future[None]
+    ) -> int:
         """Make the file durable and record its row, then answer.
 
         The fsync-bound steps overlap the rest and each other: the content fsync (started before

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from node.errors import InstanceRejected, LungnodeError
 from node.logs import kv
+from node.receive.gate import SeriesGate
 from node.receive.inspect import STATUS_OUT_OF_RESOURCES
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Spool:
         self.instances = self.root / "instances"
         self.min_free_bytes = min_free_bytes
         self.fsync = fsync
+        self.gate = SeriesGate()  # the receive path's stores against retention's deletions
         try:
             self.incoming.mkdir(parents=True, exist_ok=True)
             self.instances.mkdir(parents=True, exist_ok=True)
@@ -175,14 +177,22 @@ class Spool:
         shutil.rmtree(folder)
         return count
 
-    def remove_series(self, series_uid: str) -> int:
-        """Delete a series' files (retention); returns how many were removed."""
-        folder = self.instances / series_uid
-        if not folder.is_dir():
-            return 0
-        count = sum(1 for _ in folder.glob("*.dcm"))
-        shutil.rmtree(folder)
-        return count
+    def remove_files(self, paths: list[Path]) -> int:
+        """Delete these instance files (retention; the caller holds the series' gate), and their series folder once
+        it is empty; returns how many were removed."""
+        removed = 0
+        for path in paths:
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+        for folder in {p.parent for p in paths}:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (a file the ledger does not name: left for reconciliation) or gone
+                pass
+        return removed
 
 
 def _write_error(exc: OSError) -> InstanceRejected:

@@ -5,6 +5,7 @@ ones that did not come back stay recorded as deleted, not mistaken for lost ackn
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,136 @@ def test_a_copy_sent_again_whose_row_a_crash_left_unwritten_is_adopted_at_start(
     assert (row.revision, row.purged_at) == (2, None)
     assert assembler.complete_due(now=LATER + dt.timedelta(hours=1)) == 1
     assert jobs(sessions) == [(1, JobState.done), (2, JobState.queued)]
+
+
+def test_an_image_sent_while_retention_deletes_its_series_is_kept(
+        spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session], assembler: Assembler,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PACS sends a slice again just as retention deletes the series. The store waits for the deletion (the
+    series' gate), then restores the slice as a new revision: acknowledged and kept, not deleted with the rest."""
+    pacs = Pacs()
+    for i in range(3):
+        pacs.send(spool, ledger, i)
+    assert assembler.complete_due(now=LATER) == 1
+    with sessions.begin() as s:
+        s.scalars(select(Job)).one().state = JobState.done
+
+    delete_files = spool.remove_files
+    stored: list[Recorded] = []
+
+    def store_like_the_scp() -> None:
+        with spool.gate.storing(pacs.series_uid):
+            stored.append(pacs.send(spool, ledger, 1))
+
+    def remove_files_while_a_store_comes(paths: list[Path]) -> int:
+        sender = threading.Thread(target=store_like_the_scp)
+        sender.start()
+        sender.join(1.0)  # without the gate the store would be done (and its file deleted below) by now
+        removing_threads.append(sender)
+        return delete_files(paths)
+
+    removing_threads: list[threading.Thread] = []
+    monkeypatch.setattr(spool, "remove_files", remove_files_while_a_store_comes)
+    assert purge_expired(spool, sessions, days=7, now=utcnow() + dt.timedelta(days=8)) == 1
+    removing_threads[0].join(10)
+    assert not removing_threads[0].is_alive()
+
+    assert stored and (stored[0].outcome, stored[0].restored, stored[0].revision) == (Outcome.stored, True, 2)
+    kept = spool.path_for(pacs.series_uid, pacs.slices[1].SOPInstanceUID)
+    assert kept.is_file(), "an acknowledged image was deleted"
+    with sessions() as s:
+        held = {i.sop_instance_uid: i.purged_at is None for i in s.scalars(select(Instance))}
+    assert held[pacs.slices[1].SOPInstanceUID] and not held[pacs.slices[0].SOPInstanceUID]
+    row = series_row(sessions)
+    assert (row.state, row.revision, row.purged_at) == (SeriesState.receiving, 2, None)
+
+
+def test_retention_leaves_a_series_that_an_image_reached_after_its_due_list(
+        spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session], assembler: Assembler) -> None:
+    """A store in flight when retention reaches the series: retention waits for it, checks again, and finds the
+    series receiving a new revision, so it deletes nothing."""
+    pacs = Pacs()
+    for i in range(2):
+        pacs.send(spool, ledger, i)
+    assert assembler.complete_due(now=LATER) == 1
+    with sessions.begin() as s:
+        s.scalars(select(Job)).one().state = JobState.done
+    in_flight, release = threading.Event(), threading.Event()
+
+    def late_store() -> None:
+        with spool.gate.storing(pacs.series_uid):
+            in_flight.set()
+            release.wait(10)
+            pacs.send(spool, ledger, 2)  # a late slice: revision 2 opens
+
+    sender = threading.Thread(target=late_store)
+    sender.start()
+    assert in_flight.wait(10)
+    purged: list[int] = []
+    retention = threading.Thread(target=lambda: purged.append(
+        purge_expired(spool, sessions, days=7, now=utcnow() + dt.timedelta(days=8))))
+    retention.start()
+    retention.join(0.5)
+    assert retention.is_alive(), "retention must wait for the store in flight"
+    release.set()
+    sender.join(10)
+    retention.join(10)
+    assert purged == [0]
+    assert all(spool.path_for(pacs.series_uid, ds.SOPInstanceUID).is_file() for ds in pacs.slices)
+    assert (series_row(sessions).state, series_row(sessions).revision) == (SeriesState.receiving, 2)
+
+
+def test_files_a_stop_left_in_the_middle_of_retention_are_deleted_at_start(
+        spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session], assembler: Assembler,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention marks the rows first, then deletes the files: after a stop between the two, start-up reconciliation
+    finishes the deletion instead of taking the files for images sent again (which would analyse them again)."""
+    pacs = Pacs()
+    for i in range(3):
+        pacs.send(spool, ledger, i)
+    assert assembler.complete_due(now=LATER) == 1
+    with sessions.begin() as s:
+        s.scalars(select(Job)).one().state = JobState.done
+
+    def stopped(paths: list[Path]) -> int:
+        raise KeyboardInterrupt("the node stopped here")
+
+    monkeypatch.setattr(spool, "remove_files", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        purge_expired(spool, sessions, days=7, now=utcnow() + dt.timedelta(days=8))
+    monkeypatch.undo()
+    assert len(list(spool.instances.rglob("*.dcm"))) == 3
+
+    report = reconcile(spool, ledger, sessions)
+    assert (report.purged, report.adopted, report.rows_without_file) == (3, 0, 0)
+    assert not list(spool.instances.rglob("*.dcm")) and not (spool.instances / pacs.series_uid).exists()
+    row = series_row(sessions)
+    assert (row.state, row.revision) == (SeriesState.complete, 1) and row.purged_at is not None
+    assert jobs(sessions) == [(1, JobState.done)]
+
+
+def test_the_listener_stores_an_image_only_while_retention_is_not_deleting_its_series(
+        spool: Spool, ledger: IngestLedger, port: int, tmp_path: Path) -> None:
+    """The real C-STORE path takes the series' gate: while retention holds it, the answer waits."""
+    from node.config import DicomSettings
+    from node.receive.scp import StorageSCP
+    from tests.helpers.scu import store_status
+
+    pacs = Pacs()
+    path = tmp_path / "slice.dcm"
+    pacs.slices[0].save_as(path, enforce_file_format=True)
+    scp = StorageSCP(DicomSettings(bind_address="127.0.0.1", port=port), spool=spool, ledger=ledger)
+    scp.start()
+    try:
+        answers: list[int | None] = []
+        with spool.gate.deleting(pacs.series_uid, timeout_s=1) as held:
+            assert held
+            sender = threading.Thread(target=lambda: answers.append(store_status(port, path)))
+            sender.start()
+            sender.join(1.5)
+            assert sender.is_alive() and not answers, "stored while retention was deleting the series"
+        sender.join(30)
+        assert answers == [0x0000]
+        assert spool.path_for(pacs.series_uid, pacs.slices[0].SOPInstanceUID).is_file()
+    finally:
+        scp.stop()

@@ -11,7 +11,19 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.models import Event, Job, JobState, OutboxItem, SendState, Series, SeriesOrigin, SeriesState, Study, utcnow
+from node.db.models import (
+    Event,
+    Instance,
+    Job,
+    JobState,
+    OutboxItem,
+    SendState,
+    Series,
+    SeriesOrigin,
+    SeriesState,
+    Study,
+    utcnow,
+)
 from node.errors import LungnodeError
 from node.receive.retention import forget_identifiers, purge_expired
 from node.receive.spool import Spool
@@ -27,8 +39,12 @@ def _series_with_job(sessions: sessionmaker[Session], spool: Spool, *, age_days:
     image.write_bytes(b"image")
     with sessions.begin() as s:
         series = Series(study=Study(study_instance_uid=generate_uid()), series_instance_uid=uid, modality="CT",
-                        origin=SeriesOrigin.modality, state=SeriesState.complete, revision=1,
+                        origin=SeriesOrigin.modality, state=SeriesState.complete, revision=1, instance_count=1,
                         completed_at=utcnow() - dt.timedelta(days=age_days))
+        s.add(series)
+        s.flush()
+        s.add(Instance(series_id=series.id, sop_instance_uid=image.stem, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                       transfer_syntax_uid="1.2.840.10008.1.2.1", revision=1, path=str(image), size_bytes=5))
         job = Job(series=series, revision=1, state=job_state)
         s.add(job)
         s.flush()

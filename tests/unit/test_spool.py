@@ -147,11 +147,12 @@ def test_discard_incoming(spool: Spool) -> None:
     assert spool.discard_incoming() == 0
 
 
-def test_remove_series(spool: Spool) -> None:
-    for i in range(3):
-        spool.commit(received(spool, f"{i}.part"), SERIES, f"{SOP}.{i}")
+def test_remove_files_deletes_the_named_files_then_their_emptied_folder(spool: Spool) -> None:
+    held = [spool.commit(received(spool, f"{i}.part"), SERIES, f"{SOP}.{i}") for i in range(3)]
     other = spool.commit(received(spool, "o.part"), "9.9", "9.9.1")
-    assert spool.remove_series(SERIES) == 3
+    assert all(p is not None for p in held) and other is not None
+    assert spool.remove_files([p for p in held[:2] if p is not None]) == 2
+    assert (spool.instances / SERIES).is_dir(), "a file not named stays, and so does its folder"
+    assert spool.remove_files([p for p in held if p is not None]) == 1
     assert not (spool.instances / SERIES).exists()
-    assert other is not None and other.is_file()
-    assert spool.remove_series(SERIES) == 0
+    assert other.is_file()
