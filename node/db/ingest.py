@@ -177,6 +177,8 @@ class IngestLedger:
                 known.patient_id and header.patient_id and known.patient_id != _cut(header.patient_id, 64))):
             raise _other_study(header)
         series_id = known.series_id if known is not None else None
+        if known is not None and not known.patient_id and header.patient_id:
+            series_id = None  # the full path: the first instance that names the patient names it for the study
         for attempt in range(3):
             try:
                 if series_id is not None:
@@ -255,7 +257,7 @@ class IngestLedger:
         if existing is not None:
             _same_study(s, existing, h)
 
-        study = s.scalar(select(Study).where(Study.study_instance_uid == h.study_instance_uid))
+        study = s.scalar(select(Study).where(Study.study_instance_uid == h.study_instance_uid).with_for_update())
         if study is None:
             study = Study(
                 study_instance_uid=h.study_instance_uid,
@@ -268,6 +270,10 @@ class IngestLedger:
 
         if study.patient_id and h.patient_id and study.patient_id != _cut(h.patient_id, 64):
             raise _other_study(h)
+        if not study.patient_id and h.patient_id:
+            # A study whose first images came without a PatientID takes the first one given: a later different one
+            # is then another patient, refused as above, not mixed into the series.
+            study.patient_id = _cut(h.patient_id, 64)
         series = s.scalar(select(Series).where(Series.series_instance_uid == h.series_instance_uid))
         if series is not None and series.study_id != study.id:
             raise _other_study(h)
@@ -331,22 +337,30 @@ class IngestLedger:
                         restored=existing is not None)
 
 
-def _same_study(s: Session, existing: Instance, h: InstanceHeader) -> None:
-    """An instance known already must come for the same study and patient. Otherwise it is not the same image but a
-    UID collision (a faulty UID generator): refused, since acknowledging it would drop an image the sender thinks
-    delivered, or file it with another patient's."""
-    study_uid, patient_id = s.execute(select(Study.study_instance_uid, Study.patient_id).join(Series).where(
-        Series.id == existing.series_id)).one()
+def _same_study(s: Session, existing: Instance, h: InstanceHeader, *, held: bool = False) -> None:
+    """An instance known already must come for the same study and patient, and while its file is ``held``, for the
+    same series. Otherwise it is not the same image but a UID collision (a faulty UID generator): refused, since
+    acknowledging it would drop an image the sender thinks delivered, or file it with another patient's. (A purged
+    instance may come back in another series: the PACS may have filed it there since.)"""
+    study_uid, patient_id, series_uid = s.execute(
+        select(Study.study_instance_uid, Study.patient_id, Series.series_instance_uid).join(Series).where(
+            Series.id == existing.series_id)).one()
     if study_uid != h.study_instance_uid or (patient_id and h.patient_id and patient_id != _cut(h.patient_id, 64)):
         raise InstanceRejected(
             STATUS_OTHER_STUDY,
             f"SOP Instance UID {h.sop_instance_uid} is already known here for another study or PatientID: two "
             "different images with one UID (the sender's UIDs are not unique); refused, not acknowledged")
+    if held and series_uid != h.series_instance_uid:
+        raise InstanceRejected(
+            STATUS_OTHER_STUDY,
+            f"SOP Instance UID {h.sop_instance_uid} is already held here in another series of this study "
+            f"({series_uid}): two different images with one UID (the sender's UIDs are not unique); refused, not "
+            "acknowledged, so the sender's queue shows it")
 
 
 def _duplicate(s: Session, existing: Instance, h: InstanceHeader) -> Recorded:
-    """An instance held already (the same study's): acknowledged again, not stored again."""
-    _same_study(s, existing, h)
+    """An instance held already (the same series'): acknowledged again, not stored again."""
+    _same_study(s, existing, h, held=True)
     return Recorded(Outcome.duplicate, existing.series_id, existing.revision, existing_path=existing.path,
                     existing_size=existing.size_bytes, existing_transfer_syntax=existing.transfer_syntax_uid)
 

@@ -404,12 +404,15 @@ def test_a_resent_instance_is_compared_by_its_content_not_its_size(node: NodePro
     assert pydicom.dcmread(held).pixel_array[0, 0] == pydicom.dcmread(original).pixel_array[0, 0]
 
 
-def test_an_instance_resent_under_another_series_leaves_no_orphan_file(node: NodeProcess, tmp_path: Path) -> None:
+def test_an_instance_uid_held_in_another_series_is_refused_and_leaves_no_orphan_file(node: NodeProcess,
+                                                                                    tmp_path: Path) -> None:
+    """One SOP Instance UID in two series of a study is two images with one UID: acknowledging the second would drop
+    it (its series would then wait for a slice that can never come); refused (0xC224), its file removed."""
     series = make_series(tmp_path / "ct", slices=2, matrix=32)
     assert store_status(node.port, series.files[0]) == SUCCESS
     moved = _rewritten(series.files[0], tmp_path / "moved.dcm", SeriesInstanceUID=generate_uid())
-    assert store_status(node.port, moved) == SUCCESS  # the instance is held (acknowledging it loses nothing)
-    node.wait_for_log(r"event=store_duplicate .*already held under another series")
+    assert store_status(node.port, moved) == 0xC224
+    node.wait_for_log(r"event=store_refused .*status=0xC224 .*already held here in another series of this study")
     assert [p.stem for p in node.spool_files()] == [series.sop_uids[0]]  # one instance, one file
     # the other series' own next instance opens that series; it is not filed under the first one
     sibling = _rewritten(series.files[1], tmp_path / "sibling.dcm", SeriesInstanceUID=str(pydicom.dcmread(moved)
