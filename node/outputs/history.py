@@ -13,9 +13,12 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import ColumnElement, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.models import Job, JobState, OutboxItem, SendState
+from node.db.models import Job, JobState, OutboxItem, SendState, Series, Study
 from node.outputs.sr import predecessor_reference
 from node.outputs.write import predecessor_from, read_manifest
+
+#: Finished jobs whose SR (results, a refusal or a failure) may have gone out; superseded ones never send theirs.
+_FINISHED_WITH_SR = (JobState.done, JobState.rejected, JobState.failed)
 
 
 def previous_sr(sessions: sessionmaker[Session], *, series_id: int, revision: int,
@@ -23,21 +26,46 @@ def previous_sr(sessions: sessionmaker[Session], *, series_id: int, revision: in
     """The SR published for the newest earlier revision of the series that has one (None: first SR); with
     ``job_id``, first the SR that job published before it was analysed again (``lungnode reanalyse``).
 
-    Only an SR the destinations received can be a predecessor: that of a finished (done) job whose SR went out
-    to at least one destination, or that has none configured (no outbox row). A superseded or still running
-    job's SR, or one that was never delivered, is nobody's predecessor."""
+    Only an SR the destinations received can be a predecessor: that of a finished job (its results, or the SR
+    saying why it was refused or failed) whose SR went out to at least one destination, or, with no destination
+    configured (no outbox row), the one in its results folder. The reference comes from the ledger's outbox row,
+    so an SR whose files retention deleted is still named. A superseded or still running job's SR, or one that
+    was never delivered, is nobody's predecessor."""
     if job_id is not None and (own := _published_before(sessions, job_id, results_dir(job_id))) is not None:
         return own
     with sessions() as s:
         earlier = s.scalars(
-            select(Job.id).where(Job.series_id == series_id, Job.revision < revision, Job.state == JobState.done,
-                                 _published(Job.id)).order_by(Job.revision.desc())
+            select(Job.id).where(Job.series_id == series_id, Job.revision < revision,
+                                 Job.state.in_(_FINISHED_WITH_SR)).order_by(Job.revision.desc(), Job.id.desc())
         ).all()
-    for job_id in earlier:
-        found = predecessor_from(results_dir(job_id))
-        if found is not None:
-            return found
+        for earlier_id in earlier:
+            found = _delivered_sr(s, earlier_id)
+            if found is not None:
+                return found
+            if not s.scalar(select(exists().where(OutboxItem.job_id == earlier_id, OutboxItem.kind == "sr"))):
+                local = predecessor_from(results_dir(earlier_id))  # no destination: the SR it wrote
+                if local is not None:
+                    return local
     return None
+
+
+def _delivered_sr(s: Session, job_id: int) -> Dataset | None:
+    """The job's SR as a destination received it, from its outbox row (None: none delivered)."""
+    row = s.execute(
+        select(OutboxItem.sop_instance_uid, OutboxItem.sop_class_uid, OutboxItem.series_instance_uid,
+               Study.study_instance_uid)
+        .join(Job, OutboxItem.job_id == Job.id).join(Series, Job.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
+        .where(OutboxItem.job_id == job_id, OutboxItem.kind == "sr", OutboxItem.series_instance_uid.is_not(None),
+               OutboxItem.state.in_([SendState.sent, SendState.committed]))
+        .order_by(OutboxItem.id.desc()).limit(1)).first()
+    if row is None:
+        return None
+    sop_uid, sop_class, series_uid, study_uid = row
+    if series_uid is None:  # a row from before migration 0005 does not say: not named
+        return None
+    return predecessor_reference(study_uid=study_uid, series_uid=series_uid, sop_class_uid=sop_class,
+                                 sop_instance_uid=sop_uid)
 
 
 def _published(job_id: Any, sop_instance_uid: str | None = None) -> ColumnElement[bool]:

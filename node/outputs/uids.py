@@ -3,7 +3,7 @@
 Every UID is a name-based (version 5) UUID in the 2.25 form of PS3.5 B.2, named by the source series
 UID, its revision, the models (name, version, sha256) that made the results and a digest of what
 else decides the objects' content (the result itself, the node's version, the output settings, the
-SR template). (pydicom's ``generate_uid(prefix=None, entropy_srcs=...)`` would ignore the sources and
+SR template, the installation's Device UID). (pydicom's ``generate_uid(prefix=None, entropy_srcs=...)`` would ignore the sources and
 return a random UUID.) Re-running the same input gives the same UIDs, so a receiver that already has
 an object recognises the resend as the same instance; anything that changes an object's content (a
 new revision, a new model, a failed analysis run again with success, other settings) gives new UIDs,

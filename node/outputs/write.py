@@ -243,7 +243,9 @@ def write_outputs(analysis: Analysis, *, out_dir: Path, source_paths: Sequence[P
         template = template or load_template(settings.sr_template, settings.sr_templates_dir)
     content = content_digest({k: v for k, v in result.items() if k != "timings_s"}, settings.model_dump(mode="json"),
                              template.model_dump(mode="json") if template is not None else None,
-                             *([{"withdrawals": withdrawals}] if withdrawals else []))
+                             *([{"withdrawals": withdrawals}] if withdrawals else []),
+                             # the SR's and KOS's observer: two installations never give one UID to two contents
+                             *([{"device_uid": device_uid}] if device_uid else []))
     uids = OutputUIDs.for_analysis(source_series_uid=analysis.series_instance_uid, revision=revision,
                                    models=analysis.models, content=content)
     if predecessor is not None and str(predecessor.SOPInstanceUID) == uids.sr_instance:

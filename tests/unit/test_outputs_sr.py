@@ -264,9 +264,9 @@ def test_objects_with_other_content_get_other_uids(analysis: Analysis, synth: Sy
     output settings, must not reuse the UIDs of what was sent before; the same run again must."""
     settings = OutputsSettings(key_images=False, kos=False, seg=False)
 
-    def sr_uid(a: Analysis, out: str, s: OutputsSettings = settings) -> str:
-        (sr,) = [o for o in write_outputs(a, out_dir=tmp_path / out, source_paths=synth.files, settings=s)
-                 if o.kind == "sr"]
+    def sr_uid(a: Analysis, out: str, s: OutputsSettings = settings, device: str | None = None) -> str:
+        (sr,) = [o for o in write_outputs(a, out_dir=tmp_path / out, source_paths=synth.files, settings=s,
+                                          device_uid=device) if o.kind == "sr"]
         return sr.sop_instance_uid
 
     ok = sr_uid(analysis, "ok")
@@ -276,6 +276,10 @@ def test_objects_with_other_content_get_other_uids(analysis: Analysis, synth: Sy
     assert sr_uid(failed, "failed") != ok
     assert sr_uid(analysis, "described", OutputsSettings(key_images=False, kos=False, seg=False,
                                                         sr_series_description="AI results")) != ok
+    # Two installations (their own Device UID, the SR's observer) write two contents: never under one UID.
+    here, there = sr_uid(analysis, "here", device="2.25.1"), sr_uid(analysis, "there", device="2.25.2")
+    assert len({ok, here, there}) == 3
+    assert sr_uid(analysis, "here-again", device="2.25.1") == here
 
 
 # -- templates -------------------------------------------------------------------------------------
@@ -415,6 +419,12 @@ def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
     assert predecessor_uid() is None
     with worker.sessions.begin() as s:
         s.query(OutboxItem).filter(OutboxItem.kind == "sr").update({OutboxItem.state: SendState.sent})
+    assert predecessor_uid() == sr1.sop_instance_uid
+    import shutil
+    shutil.rmtree(first)  # retention deleted revision 1's results: the ledger still knows the SR the PACS holds
+    assert predecessor_uid() == sr1.sop_instance_uid
+    with worker.sessions.begin() as s:  # a refused revision's SR (saying why) went out too: it is named as well
+        s.query(Job).filter(Job.revision == 1).update({Job.state: JobState.rejected})
     assert predecessor_uid() == sr1.sop_instance_uid
     worker.engine.dispose()
 
