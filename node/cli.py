@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from node.pipeline.infer import manifests_problem, pairing_warnings
+    from node.pipeline.infer import pairing_warnings
     from node.tls import check_tls
 
     path = args.file or args.config
@@ -85,14 +86,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         raise LungnodeError("check-config needs the file to check: lungnode check-config FILE")
     cfg = load_config(path)
     check_tls(cfg)
-    if cfg.workers.count and (problem := manifests_problem(cfg.inference)):
+    if cfg.workers.count and (model_problems := _model_problems(cfg)):
         # serve still receives and assembles without models (nothing acknowledged is refused for it), so this
         # alone does not stop a unit's ExecStartPre; --strict makes it an error.
-        message = (f"{path}: inference: {problem}. The node would receive and assemble but analyse nothing; "
-                   f"details: lungnode models --config {path} verify")
+        lines = [f"{path}: inference: {problem}" for problem in model_problems]
+        lines[-1] += (". The node would receive and assemble but analyse nothing; "
+                      f"details: lungnode models --config {path} verify")
         if args.strict:
-            raise LungnodeError(message)
-        print(f"warning: {message}", file=sys.stderr)
+            raise LungnodeError("\n".join(lines))
+        for line in lines:
+            print(f"warning: {line}", file=sys.stderr)
     for problem in pairing_warnings(cfg.inference) if cfg.workers.count else []:
         print(f"warning: {path}: inference: {problem}", file=sys.stderr)
     problems = _unwritable(cfg)
@@ -109,34 +112,101 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_problems(cfg: Config) -> list[str]:
+    """Why each configured model folder cannot play its role (manifest, file hash, role), one entry per model:
+    the help promises every problem, and fixing three folders one check-config run at a time is slow."""
+    from node.pipeline.infer import Which, check_role, model_name
+    from node.pipeline.manifest import load_manifest
+
+    roles: tuple[Which, ...] = ("lung", "lesion", "diagnosis")
+    problems = []
+    for role in roles:
+        try:
+            check_role(load_manifest(cfg.inference.models_dir / model_name(cfg.inference, role)), role)
+        except LungnodeError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or the closest of its parents that exists: where serve would have to create what is missing."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def _cannot_create_in(folder: Path) -> str | None:
+    """Why this user cannot create a file in ``folder`` (None: it can), found by creating and removing one:
+    os.access says yes to root for any folder, /proc or a read-only mount included, where serve then fails."""
+    if not folder.is_dir():
+        return "is not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".lungnode-check-", dir=folder)
+    except OSError:
+        return "is not writable"
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def _cannot_append(file: Path) -> bool:
+    """Whether opening ``file`` for append fails, as the log handler would open it (nothing is written)."""
+    try:
+        with file.open("a", encoding="utf-8"):
+            return False
+    except OSError:
+        return True
+
+
+def _cannot_create(file: Path) -> str | None:
+    """Why this user cannot create ``file``, whose folder exists (None: it can), by creating and removing it; one
+    that appeared meanwhile (a node started) is opened for append instead, and kept."""
+    if not file.parent.is_dir():
+        return "is not a folder"
+    try:
+        os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return "is not writable" if _cannot_append(file) else None
+    except OSError:
+        return "is not writable"
+    file.unlink()
+    return None
+
+
+def _log_file_problem(log_file: Path, fix: str) -> str | None:
+    """Why serve could not open ``log_file`` (it stops at once then, before it could log why), or None."""
+    if log_file.exists():
+        if log_file.is_file() and not _cannot_append(log_file):
+            return None
+        return f"logging.file: {log_file} cannot be written by this user: {fix}"
+    existing = _nearest_existing(log_file.parent)
+    why = _cannot_create(log_file) if existing == log_file.parent else _cannot_create_in(existing)
+    if why is None:
+        return None
+    return f"logging.file: {log_file} cannot be created by this user ({existing} {why}): {fix}"
+
+
 def _unwritable(cfg: Config) -> dict[str, str]:
-    """The folders the node writes (spool, SQLite ledger, log file) that this user could not create or write, and a
-    log file it could not append to, by key."""
+    """The folders the node writes (spool, SQLite ledger) and the log file that this user could not create or
+    write, by key; each found by really creating a file there, not by permission bits."""
     from sqlalchemy.engine import make_url
 
     url = make_url(cfg.storage.database_url)
-    folders = {"storage.spool_dir": cfg.storage.spool_dir}
+    folders = {"storage.spool_dir": cfg.storage.spool_dir.absolute()}
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        folders["storage.database_url"] = Path(str(url.database)).parent
-    log_file = cfg.logging.file.absolute() if cfg.logging.file is not None else None
-    if log_file is not None:
-        folders["logging.file"] = log_file.parent
+        folders["storage.database_url"] = Path(str(url.database)).parent.absolute()
     fix = "run the node as a user who can, or change it"
     problems = {}
     for key, folder in folders.items():
-        existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
-        if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
-            why = "is not writable" if existing.is_dir() else "is not a folder"
-            what = log_file if key == "logging.file" else folder.absolute()  # the log file: the path IT wrote
-            verb = "written" if existing == what else "created"
-            problems[key] = f"{key}: {what} cannot be {verb} by this user ({existing} {why}): {fix}"
-    if log_file is not None and "logging.file" not in problems and log_file.exists() \
-            and not (log_file.is_file() and os.access(log_file, os.W_OK)):
-        problems["logging.file"] = f"logging.file: {log_file} cannot be written by this user: {fix}"
+        existing = _nearest_existing(folder)
+        if why := _cannot_create_in(existing):
+            verb = "written" if existing == folder else "created"
+            problems[key] = f"{key}: {folder} cannot be {verb} by this user ({existing} {why}): {fix}"
+    if cfg.logging.file is not None and (problem := _log_file_problem(cfg.logging.file.absolute(), fix)):
+        problems["logging.file"] = problem
     return problems
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from node.db.models import Job
     from node.db.status import render_text, summary
     from node.db.trace import render_trace, trace
 
@@ -156,11 +226,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 2
         return _metrics(cfg)
     with _ledger(cfg) as (engine, sessions), sessions() as s:
+        database = engine.url.render_as_string(hide_password=True)
+        if "job" in criteria and s.get(Job, criteria["job"]) is None:
+            # an id that was never given is a typo, not a study the PACS failed to route here
+            print(f"database: {database}\nlungnode status: there is no job {criteria['job']} (lungnode status "
+                  f"lists the jobs)", file=sys.stderr)
+            return 1
         spool = cfg.storage.spool_dir
         data = trace(s, spool_dir=spool, **criteria) if criteria else summary(s, limit=args.limit, spool_dir=spool)
         if not criteria:
             _add_node_state(data, s, cfg)
-        data["database"] = engine.url.render_as_string(hide_password=True)
+        data["database"] = database
     if criteria and not data["studies"]:
         what = ", ".join(f"--{k.replace('_', '-')}" for k in criteria)
         print(f"database: {data['database']}\nnothing received matches {what}: the node never stored it (its log's "
@@ -174,12 +250,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _add_node_state(data: dict[str, Any], s: Session, cfg: Config) -> None:
-    """What status and its metrics add to the ledger's summary: the spool's headroom and the workers."""
-    from node.db.status import storage_summary
+    """What status and its metrics add to the ledger's summary: the spool's headroom, the workers, and which
+    outbox destinations this configuration still has (the ledger alone cannot say)."""
+    from node.db.status import mark_configured, storage_summary
     from node.db.workers import workers_summary
 
     data["storage"] = storage_summary(s, cfg.storage.spool_dir, cfg.storage.min_free_disk_mb)
     data["workers"] = workers_summary(s, alive_s=cfg.workers.lease_s)
+    mark_configured(data.get("outbox", {}), [d.name for d in cfg.destinations])
 
 
 def _queue(cfg: Config, *, as_json: bool) -> int:
@@ -253,7 +331,7 @@ def cmd_reanalyse(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     from node.db.models import Job
-    from node.send.outbox import requeue_failed
+    from node.send.outbox import requeue_failed, unsendable
 
     if (args.job is None) == (not args.failed):
         print("lungnode retry: give either a JOB id or --failed", file=sys.stderr)
@@ -270,21 +348,27 @@ def cmd_retry(args: argparse.Namespace) -> int:
                     print(f"lungnode retry: there is no job {args.job} (lungnode status lists the jobs)",
                           file=sys.stderr)
                     return 2
-        requeued = requeue_failed(sessions, job_id=args.job, resend=args.resend)
+        configured = [d.name for d in cfg.destinations]
+        requeued = requeue_failed(sessions, job_id=args.job, resend=args.resend, destinations=configured)
+        unknown = unsendable(sessions, destinations=configured, job_id=args.job)
         # Destinations configured after the job ran never got rows: --resend queues its results for them too.
         added = _queue_for_new_destinations(cfg, sessions, args.job) if args.resend else {}
     scope = f"job {args.job}" if args.job is not None else "all jobs"
     for dest, n in added.items():
         print(f"queued {n} object(s) of {scope} for {dest}, which never had them (configured after the job ran)")
-    if not requeued and not added:
+    if not requeued and not added and not unknown:
         print(f"no failed or waiting sends for {scope}: nothing requeued" + (
             "; it has no results to send (lungnode reanalyse JOB analyses it again)" if args.resend else ""))
         return 0
     what = "send(s), delivered ones included," if args.resend else "failed or waiting send(s)"
     for dest, n in requeued:
-        print(f"requeued {n} {what} to {dest} ({scope}), with a fresh set of attempts; a running node sends them "
-              f"within sending.poll_interval_s")
-    return 0
+        print(f"requeued {n} {what} to {dest} ({scope}), with a fresh set of attempts; a running node sends "
+              f"them within sending.poll_interval_s")
+    for dest, n in unknown:  # left as they are: no node would send them
+        print(f"lungnode retry: {n} failed or waiting send(s) to {dest} ({scope}) cannot be sent: {dest} is not a destination in "
+              f"{args.config or 'the embedded defaults'} (its destinations: {', '.join(configured) or 'none'}). Add "
+              f"it back to destinations and restart the node to send them, or they stay unsent", file=sys.stderr)
+    return 1 if unknown else 0
 
 
 def _queue_for_new_destinations(cfg: Config, sessions: sessionmaker[Session], job_id: int) -> dict[str, int]:
@@ -479,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
         "a fresh set of attempts, and make those still waiting for their next attempt due now: run it once a "
         "destination is back. Sends that were superseded by a newer revision of their series are not requeued. "
         "The job ids are in lungnode status and in the event=send_failed log lines (jobs=...). Exit status: 0 "
-        "done (also when there was nothing to requeue), 2 no such job or database.",
+        "done (also when there was nothing to requeue), 1 some are for a destination the configuration no longer "
+        "has (named on stderr: they stay unsent until it is added back), 2 no such job or database.",
     )
     _config_arg(p)
     p.add_argument("job", type=int, nargs="?", help="requeue the failed or waiting sends of this job id")
@@ -519,10 +604,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the whole loop on this machine: a local Orthanc as PACS sends a synthetic COVID-19 CT to the node "
-        "and gets SEG, SR and key image back",
+        "and gets its results back (SEG, SR, key images and KOS)",
         description="Starts a private Orthanc (Debian package orthanc) and a node on free local ports, uploads a "
-        "synthetic COVID-19 chest CT to Orthanc, has Orthanc send it to the node and waits for the results to come "
-        "back into Orthanc; prints Orthanc's web viewer URL and the result instances. Ctrl-C stops both. "
+        "synthetic COVID-19 chest CT to Orthanc, has Orthanc send it to the node and waits for the results (SEG, SR, "
+        "key images and the Key Object Selection marking them) to come back into Orthanc; prints Orthanc's web "
+        "viewer URL and the result instances. Ctrl-C stops both. "
         "Exit status: 0 the results came back (stopped by --exit or Ctrl-C after that), 1 the node stopped or the "
         "results did not come back within --timeout (the reason and the node's log file are printed), 2 Orthanc is "
         "not installed or failed (the reason is printed), 130 Ctrl-C before the results were in.",

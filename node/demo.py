@@ -1,6 +1,6 @@
 """``lungnode demo``: the whole loop on one machine, with Orthanc as the hospital's PACS.
 
-    Orthanc (PACS) ──C-STORE──► lungnode ──analysis──► SEG + SR + key image ──C-STORE──► Orthanc
+    Orthanc (PACS) ──C-STORE──► lungnode ──analysis──► SEG + SR + key images + KOS ──C-STORE──► Orthanc
 
 1. starts a private Orthanc (Debian package) and a node (``lungnode serve``) on free local ports,
    each knowing the other, everything under one folder (``--dir``);
@@ -134,7 +134,7 @@ def run_demo(workdir: Path | None = None, *, slices: int = 120, matrix: int = 51
         started = time.monotonic()
         _say(out, "Orthanc sends the study to lungnode (C-STORE)...")
         pacs.push("lungnode", [study_id])
-        _say(out, "waiting for the results to come back (series complete, analysis, SEG/SR/key image, send)...")
+        _say(out, "waiting for the results to come back (series complete, analysis, SEG/SR/key images/KOS, send)...")
         found: dict[str, list[str]] = {}
         while time.monotonic() - started < timeout_s:
             found = _result_instances(pacs, study_id)

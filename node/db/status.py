@@ -274,7 +274,8 @@ def render_text(data: dict[str, Any]) -> str:
                      f"jobs wait in the queue; fix the models (lungnode models verify), the node checks them again "
                      f"every workers.models_recheck_s")
     if "workers" in data:
-        lines.append(render_workers(data["workers"], queued=c["jobs"].get(JobState.queued.value, 0)))
+        lines.append(render_workers(data["workers"], queued=c["jobs"].get(JobState.queued.value, 0),
+                                    analysis_enabled=analysis["enabled"]))
     if "recent" in data:
         lines.append(render_recent(data["recent"]))
     lines += [
@@ -317,22 +318,49 @@ def render_recent(recent: dict[str, Any]) -> str:
     return head + "; ".join(parts)
 
 
-def render_workers(workers: list[dict[str, Any]], *, queued: int) -> str:
-    """One line per worker seen today; a warning when jobs wait and no worker is alive to take them."""
+#: Stopped workers that status's text lists, the most recently stopped; older ones are counted (--json lists all).
+STOPPED_LISTED = 2
+
+
+def _workers_to_list(workers: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The workers worth a line, live ones first, then lost ones, then the latest stopped; and how many stopped
+    ones are left out: every restart adds a stopped row, which would bury the live worker among them."""
+    live = [w for w in workers if w["state"] in ("busy", "idle")]
+    lost = [w for w in workers if w["state"] == "lost"]
+    stopped = sorted((w for w in workers if w["state"] == "stopped"), key=lambda w: w["seen_s_ago"])
+    return live + lost + stopped[:STOPPED_LISTED], max(0, len(stopped) - STOPPED_LISTED)
+
+
+def render_workers(workers: list[dict[str, Any]], *, queued: int, analysis_enabled: bool = True) -> str:
+    """One line per worker seen today (old stopped ones counted); a warning when jobs wait and no worker is alive to
+    take them, which says why: models that do not pass their checks, or workers that stopped."""
     alive = [w for w in workers if w["state"] in ("busy", "idle")]
     counts = ", ".join(f"{n} {st}" for st in WORKER_STATES if (n := sum(w["state"] == st for w in workers)))
     lines = [f"workers: {counts or 'none has run today'}"]
-    for w in workers:
+    listed, more_stopped = _workers_to_list(workers)
+    for w in listed:
         doing = f"job #{w['job']}" if w["state"] == "busy" else w["state"]
         # a remote worker left running through an upgrade runs the old code on the new schema
         other = (f"  version {w['version']}, not {__version__}: restart it" if w["state"] in ("busy", "idle")
                  and w["version"] != __version__ else "")
         lines.append(f"  {w['name']:28} {doing:12} {w['provider'] or '-':24} seen {_duration(w['seen_s_ago'])} ago"
                      + other)
-    if queued and not alive:
+    if more_stopped:
+        lines.append(f"  ... and {more_stopped} more stopped (lungnode status --json lists them)")
+    if queued and not alive and not analysis_enabled:
+        lines.append(f"{queued} jobs wait for the models: serve starts no worker while analysis is disabled (above) "
+                     "and starts them once the models pass their checks")
+    elif queued and not alive:
         lines.append(f"NO WORKER ALIVE: {queued} jobs wait. Serve starts workers.count of them (its log says why "
                      "one stopped: event=worker_died); `lungnode worker` runs more")
     return "\n".join(lines)
+
+
+def mark_configured(outbox: dict[str, Any], configured: list[str]) -> None:
+    """Mark each outbox destination with whether the configuration still has it (``configured``): the sender
+    skips the rows of one it no longer has, so they wait forever unless it is added back."""
+    for dest, entry in outbox.items():
+        entry["configured"] = dest in configured
 
 
 def render_outbox(outbox: dict[str, Any]) -> str:
@@ -347,6 +375,11 @@ def render_outbox(outbox: dict[str, Any]) -> str:
         error = f"{when}{entry['last_error']}" if entry["last_error"] else "-"
         lines.append(f"{dest:20} {c['pending']:>7} {c['sending']:>7} {c['sent']:>6} {c['committed']:>9} {c['failed']:>6} "
                      f"{c['superseded']:>10}  {error}")
+        if entry.get("configured") is False:
+            unsent = c["pending"] + c["sending"] + c["failed"]
+            lines.append(f"{'':20} {dest} is not configured: add it back to destinations (and restart the node), or "
+                         f"its {unsent} unsent result(s) are never sent" if unsent else
+                         f"{'':20} {dest} is not configured any more: nothing is left to send to it")
     return "\n".join(lines)
 
 

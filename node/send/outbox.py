@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -408,11 +408,12 @@ class Outbox:
 
 
 def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None,
-                   resend: bool = False) -> list[tuple[str, int]]:
+                   resend: bool = False, destinations: Collection[str] | None = None) -> list[tuple[str, int]]:
     """Put ``failed`` rows (all, or one job's) back in the queue with a fresh set of attempts, and make rows
     waiting for their next attempt due now (an operator who just fixed the destination should not wait out the
     backoff); returns (destination, count) pairs for the operator's message. ``resend`` (one job only): also the
-    rows already delivered, for a PACS that lost them (a PACS keeps one copy of a SOP Instance UID)."""
+    rows already delivered, for a PACS that lost them (a PACS keeps one copy of a SOP Instance UID).
+    ``destinations``: only rows for these (the configured ones; a row for another could never be sent)."""
     if resend and job_id is None:
         raise ValueError("resend needs one job")
     states = [SendState.failed, SendState.pending] + ([SendState.sent, SendState.committed] if resend else [])
@@ -432,6 +433,8 @@ def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None
         query = select(OutboxItem).where(OutboxItem.state.in_(states), OutboxItem.rejected_by.is_(None))
         if job_id is not None:
             query = query.where(OutboxItem.job_id == job_id)
+        if destinations is not None:
+            query = query.where(OutboxItem.destination.in_(list(destinations)))
         # Not resent: what a rejection note withdrew, and what the job's reanalysis no longer makes (file gone).
         items = [item for item in s.scalars(query.with_for_update()).all()
                  if item.state in (SendState.failed, SendState.pending) or Path(item.path).is_file()]
@@ -451,6 +454,20 @@ def requeue_failed(sessions: sessionmaker[Session], *, job_id: int | None = None
     for dest, n in sorted(counts.items()):
         log.info(kv("send_requeued", destination=dest, count=n, job=job_id))
     return sorted(counts.items())
+
+
+def unsendable(sessions: sessionmaker[Session], *, destinations: Collection[str], job_id: int | None = None
+               ) -> list[tuple[str, int]]:
+    """(destination, count) of failed or waiting rows (all, or one job's) for destinations not in
+    ``destinations``: nothing sends them until that destination is configured again."""
+    query = (select(OutboxItem.destination, func.count())
+             .where(OutboxItem.state.in_([SendState.failed, SendState.pending]), OutboxItem.rejected_by.is_(None),
+                    OutboxItem.destination.not_in(list(destinations)))
+             .group_by(OutboxItem.destination).order_by(OutboxItem.destination))
+    if job_id is not None:
+        query = query.where(OutboxItem.job_id == job_id)
+    with sessions() as s:
+        return [(dest, int(n)) for dest, n in s.execute(query)]
 
 
 def outbox_summary(s: Session) -> dict[str, Any]:

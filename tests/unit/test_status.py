@@ -277,3 +277,53 @@ def test_a_job_queued_again_for_reanalysis_waits_from_now(sessions: sessionmaker
     with sessions() as s:
         oldest = dt.datetime.fromisoformat(summary(s)["counts"]["oldest_queued_at"])
     assert abs((oldest - utcnow()).total_seconds()) < 60, oldest
+
+
+def test_jobs_waiting_while_analysis_is_disabled_wait_for_the_models_not_for_a_dead_worker(
+        sessions: sessionmaker[Session]) -> None:
+    """Models missing: serve never started a worker, so "NO WORKER ALIVE ... event=worker_died" sent IT looking for
+    a crash that did not happen."""
+    from node.db.status import record_analysis_state
+
+    with sessions.begin() as s:
+        series = Series(study=Study(study_instance_uid="1.2.7"), series_instance_uid="1.2.7.1", modality="CT",
+                        origin=SeriesOrigin.modality, state=SeriesState.complete)
+        s.add(Job(series=series, revision=1, state=JobState.queued))
+        record_analysis_state(s, problem="model folder /x/lung_seg does not exist")
+    with sessions() as s:
+        data = summary(s, limit=10)
+    data["workers"] = []
+    text = render_text(data)
+    assert "ANALYSIS DISABLED" in text and "NO WORKER ALIVE" not in text and "worker_died" not in text, text
+    assert "1 jobs wait for the models: serve starts no worker while analysis is disabled" in text, text
+    data["analysis"] = {"enabled": True}
+    assert "NO WORKER ALIVE: 1 jobs wait" in render_text(data)  # models fine and no worker: one did stop
+
+
+def test_the_live_worker_comes_first_and_old_stopped_ones_are_counted(sessions: sessionmaker[Session]) -> None:
+    """Every restart leaves a stopped row; listed by name, the one live worker was lost among ten stopped ones."""
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from node.db.models import WorkerRecord, utcnow
+    from node.db.status import render_workers
+    from node.db.workers import register, report, workers_summary
+
+    now = utcnow()
+    for n in range(10):  # restarts, the latest (pid 109) a minute ago
+        name = f"host:{100 + n}"
+        register(sessions, name, provider="CPUExecutionProvider")
+        report(sessions, name, provider="CPUExecutionProvider", job_id=None, stopped=True)
+        with sessions.begin() as s:
+            s.execute(update(WorkerRecord).where(WorkerRecord.name == name)
+                      .values(seen_at=now - dt.timedelta(minutes=60 - 6 * n)))
+    register(sessions, "host:9", provider="CPUExecutionProvider")  # sorts after them all as text
+    with sessions() as s:
+        workers = workers_summary(s, alive_s=120)
+    assert len(workers) == 11
+    lines = render_workers(workers, queued=0).splitlines()
+    assert lines[0] == "workers: 1 idle, 10 stopped", lines
+    assert lines[1].split()[:2] == ["host:9", "idle"], lines
+    assert [line.split()[0] for line in lines[2:4]] == ["host:109", "host:108"], lines  # the latest stopped
+    assert lines[4:] == ["  ... and 8 more stopped (lungnode status --json lists them)"], lines
