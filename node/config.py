@@ -546,7 +546,8 @@ class SendingSettings(Strict):
     retry_base_s: float = Field(default=10.0, gt=0, description="delay before the first retry")
     retry_factor: float = Field(default=2.0, ge=1, description="each further retry waits this many times longer")
     retry_max_delay_s: float = Field(default=900.0, gt=0, description="longest wait between two attempts")
-    max_attempts: int = Field(default=8, ge=1, description="attempts before an object is marked failed")
+    max_attempts: int = Field(default=24, ge=1, description="attempts before an object is marked failed (the "
+                              "defaults keep trying for about 4.5 hours: a PACS maintenance window)")
     batch_size: int = Field(default=100, ge=1, le=1000, description="objects sent in one association at most")
     poll_interval_s: float = Field(default=1.0, gt=0, description="how often the sender looks for due objects")
     connect_timeout_s: float = Field(default=15.0, gt=0,
