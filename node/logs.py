@@ -10,6 +10,7 @@ import logging
 import logging.handlers
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,13 @@ def kv(event: str, **fields: Any) -> str:
 def phi(value: Any) -> str:
     """Patient-identifying value for a log line: shown only when include_phi is enabled."""
     return str(value) if _PHI["enabled"] else "[redacted]"
+
+
+def redacted_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` for an ERROR line: where it was raised (files, lines, code), and its message only
+    where logging.include_phi allows (it may quote a header value, as ``error_reason``)."""
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    return f"Traceback (most recent call last):\n{frames}{type(exc).__name__}: {phi(exc)}"
 
 
 def error_reason(exc: BaseException) -> str:

@@ -129,12 +129,15 @@ class JobQueue:
             return bool(getattr(result, "rowcount", 0))
 
     def finish(self, job_id: int, state: JobState, *, error: str | None = None, timings: dict[str, Any] | None = None,
-               also: Callable[[Session], object] | None = None) -> bool:
+               also: Callable[[Session], object] | None = None, log_reason: str | None = None) -> bool:
         """Record the outcome; False (and nothing written) if another worker owns the job now.
 
         ``also`` runs in the same transaction once the job is known to be ours (e.g. queueing the
         results for sending), so the outcome and what follows from it are committed together or not at all.
+        ``log_reason``: ``error`` as the log line may show it, where ``error`` quotes an exception's message (patient
+        data, perhaps: ``node.logs.error_reason``); default ``error``.
         """
+        shown = error if log_reason is None else log_reason
         if state not in FINISHED_STATES:
             raise ValueError(f"not a final state: {state}")
         with self.sessions.begin() as s:
@@ -156,14 +159,14 @@ class JobQueue:
                 error = (f"{state.value}, but revision {newer} of the series arrived while it ran: its results stay "
                          f"in the spool and are not sent (the job of revision {newer} answers for the series)")
                 state = job.state = JobState.superseded
-                job.error = error
+                job.error = shown = error
             elif also is not None:
                 also(s)
             s.add(Event(kind=f"job_{state.value}", level="error" if state == JobState.failed else "info",
                         job_id=job_id, series_id=job.series_id, message=error or state.value, data=timings))
         # A series that was never analysed needs a person: ERROR, what sites alert on (docs/operations.md).
         log.log(logging.ERROR if state == JobState.failed else logging.INFO,
-                kv(f"job_{state.value}", job=job_id, worker=self.worker, reason=error))
+                kv(f"job_{state.value}", job=job_id, worker=self.worker, reason=shown))
         return True
 
     def requeue_stalled(self, now: dt.datetime | None = None, *, idle: bool = False) -> int:
@@ -291,6 +294,27 @@ def restore_superseded(s: Session, *, series_id: int, revision: int) -> int:
     return len(jobs)
 
 
+def requeue_finished(s: Session, job: Job, *, why: str, by: str) -> int:
+    """Put a finished job back in the queue (in the caller's transaction), its results not yet delivered withdrawn:
+    it sends its new ones. ``why`` goes into its job_requeued event, ``by`` into the withdrawn sends' reason. Returns
+    how many sends were withdrawn."""
+    unsent = s.execute(update(OutboxItem).where(OutboxItem.job_id == job.id, OutboxItem.kind != REJECTION_NOTE,
+                                                OutboxItem.state.in_([SendState.pending, SendState.failed])).values(
+            state=SendState.superseded, updated_at=utcnow(),
+            last_error=f"not sent: the job is analysed again ({by}); it sends its new results"))
+    withdrawn = int(getattr(unsent, "rowcount", 0) or 0)
+    if withdrawn:
+        s.add(Event(kind="send_superseded", job_id=job.id,
+                    message=f"{withdrawn} results not yet delivered are withdrawn: the job is analysed again"))
+    job.state, job.error, job.worker, job.attempts = JobState.queued, None, None, 0
+    job.started_at = job.finished_at = job.heartbeat_at = None
+    # Queued now: its wait, the oldest-queued metric (an alert) and the day's turnaround count from here,
+    # not from the series' first arrival days ago. The job's events keep its history.
+    job.created_at = utcnow()
+    s.add(Event(kind="job_requeued", job_id=job.id, series_id=job.series_id, message=why))
+    return withdrawn
+
+
 def requeue_for_reanalysis(sessions: sessionmaker[Session], job_id: int) -> str:
     """Put a finished job of a series' current revision back in the queue, so the models run on it again (after a
     model update, say); returns what was done, for the operator. Its results replace the earlier ones in the spool
@@ -311,21 +335,8 @@ def requeue_for_reanalysis(sessions: sessionmaker[Session], job_id: int) -> str:
                                 "(retention.received_days) and the node holds no copy: send the series from the PACS "
                                 "again; the node stores it again and analyses it as a new revision")
         before = job.state.value
-        unsent = s.execute(update(OutboxItem).where(OutboxItem.job_id == job.id, OutboxItem.kind != REJECTION_NOTE,
-                                                    OutboxItem.state.in_([SendState.pending, SendState.failed])).values(
-                state=SendState.superseded, updated_at=utcnow(),
-                last_error="not sent: the job is analysed again (lungnode reanalyse); it sends its new results"))
-        withdrawn = int(getattr(unsent, "rowcount", 0) or 0)
-        if withdrawn:
-            s.add(Event(kind="send_superseded", job_id=job.id,
-                        message=f"{withdrawn} results not yet delivered are withdrawn: the job is analysed again"))
-        job.state, job.error, job.worker, job.attempts = JobState.queued, None, None, 0
-        job.started_at = job.finished_at = job.heartbeat_at = None
-        # Queued now: its wait, the oldest-queued metric (an alert) and the day's turnaround count from here,
-        # not from the series' first arrival days ago. The job's events keep its history.
-        job.created_at = utcnow()
-        s.add(Event(kind="job_requeued", job_id=job.id, series_id=series.id,
-                    message=f"reanalysis asked by an operator (it was {before})"))
+        withdrawn = requeue_finished(s, job, why=f"reanalysis asked by an operator (it was {before})",
+                                     by="lungnode reanalyse")
     log.info(kv("job_requeued", job=job_id, reason="reanalysis asked by an operator", was=before,
                 sends_withdrawn=withdrawn or None))
     withdrawn_note = (f"; {withdrawn} of its results not yet delivered are withdrawn (the new results go out "

@@ -24,12 +24,16 @@ import highdicom as hd
 import highdicom._standard_utils
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
+from pydicom.valuerep import VR
 
 from node import MANUFACTURER, __version__
 from node.errors import LungnodeError
+from node.logs import kv
 from node.outputs.codes import LESION_REGION, Structure
 from node.outputs.identity import MODEL_NAME
 from node.outputs.uids import OutputUIDs
@@ -85,16 +89,59 @@ class SegmentSpec:
 
 
 def read_source_headers(paths: Sequence[Path]) -> dict[str, Dataset]:
-    """Headers (no pixel data) of the source images by SOP Instance UID: highdicom needs them for references."""
+    """Headers (no pixel data) of the source images by SOP Instance UID: highdicom needs them for references.
+    Elements that cannot be decoded are left out (``drop_undecodable``): one would fail every object."""
     headers: dict[str, Dataset] = {}
+    dropped: set[str] = set()
     for path in paths:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (pydicom.errors.InvalidDicomError, OSError, EOFError):
             continue
+        dropped.update(drop_undecodable(ds))
         if "SOPInstanceUID" in ds:
             headers[str(ds.SOPInstanceUID)] = ds
+    if dropped:  # tags only: the values may be patient data
+        log.warning(kv("source_elements_left_out", tags=",".join(sorted(dropped)),
+                       reason="an unknown value representation: their values cannot be decoded, and the outputs "
+                              "copy no private element"))
     return headers
+
+
+#: The value representations pydicom decodes; an explicit VR outside them ('ZZ') fails when the value is read.
+KNOWN_VRS = frozenset(vr.value for vr in VR)
+
+
+def _repaired(raw: RawDataElement) -> RawDataElement | None:
+    """``raw`` as pydicom can decode it: unchanged for a known VR, with its dictionary VR for a public element sent
+    with an unknown one, or None (a private element with an unknown VR: its value cannot be read)."""
+    if raw.VR is None or raw.VR in KNOWN_VRS:
+        return raw
+    if raw.tag.is_private or not dictionary_has_tag(raw.tag):
+        return None
+    return raw._replace(VR=dictionary_VR(raw.tag))
+
+
+def drop_undecodable(ds: Dataset) -> list[str]:
+    """Delete from ``ds`` (and its sequences' items) the elements pydicom cannot decode, such as a private element
+    sent with the explicit VR 'ZZ', and read a public one sent so with its dictionary VR; returns the deleted tags.
+    No private element is copied into the outputs, but decoding the character set
+    (``charset.prepare_source_character_sets``) walks every element. Only raw VRs are looked at: cheap per file."""
+    dropped: list[str] = []
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement):
+            repaired = _repaired(raw)
+            if repaired is None:
+                del ds[tag]
+                dropped.append(str(tag))
+                continue
+            if repaired is not raw:
+                ds[tag] = repaired
+        if raw.VR == "SQ":
+            for item in ds[tag].value:
+                dropped.extend(drop_undecodable(item))
+    return dropped
 
 
 def _rgb_to_lab(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:

@@ -24,7 +24,7 @@ from node.logs import kv
 from node.outputs.write import OUTPUTS_FILE, manifests_for, write_outputs
 from node.pipeline.infer import InferenceDeviceError, choose_providers, models_problem
 from node.pipeline.runner import RESULT_FILE, Analysis, analyse_series
-from node.pipeline.select import SeriesHeader, choose
+from node.pipeline.select import SeriesHeader, choose, header_image
 from node.pipeline.volume import QAFlag
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,9 @@ def scan(root: Path) -> dict[str, tuple[SeriesHeader, list[Path]]]:
                             "process one study at a time, e.g. one folder per study")
     out = {}
     for uid, members in groups.items():
-        header = SeriesHeader.from_dataset(members[0][1], slice_count=len(members))
+        judged = header_image(ds for _, ds in members)  # as a worker judges it: not by a localizer filed first
+        assert judged is not None  # members is not empty
+        header = SeriesHeader.from_dataset(judged, slice_count=len(members))
         out[uid] = (header, [p for p, _ in members])
     return out
 

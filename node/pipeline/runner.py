@@ -21,7 +21,8 @@ import numpy as np
 
 from node import __version__
 from node.config import InferenceSettings
-from node.logs import kv, phi
+from node.errors import one_line
+from node.logs import error_reason, kv, redacted_traceback
 from node.pipeline import postprocess as post
 from node.pipeline.coverage import check_coverage
 from node.pipeline.infer import CUDA, Model, get_model
@@ -63,6 +64,7 @@ class Analysis:
     lungs: np.ndarray | None = None  # canonical (z, y, x) label map, 1 right / 2 left
     lesions: np.ndarray | None = None  # canonical label map, 1 ground glass / 2 consolidation
     output_errors: list[str] = field(default_factory=list)  # DICOM outputs that could not be built ("seg: X")
+    log_reason: str | None = None  # ``reason`` as a log line may show it, where that quotes an exception's message
 
     def result_json(self) -> dict[str, Any]:
         m = self.measurements.as_dict() if self.measurements else {}
@@ -256,9 +258,10 @@ def analyse_series(
         log.info(kv("series_rejected", series=series_instance_uid, code=refused.flag.code, reason=refused.flag.reason))
     except Exception as exc:  # a failure of this series must still give a result that says what happened
         result.status = "failed"
-        result.reason = f"analysis failed: {type(exc).__name__}: {exc}"  # the job record; not sent in the SR
+        result.reason = f"analysis failed: {one_line(exc)}"  # the job record, one line; not sent in the SR
         # The message may quote a header value (patient data): logged only where logging.include_phi allows.
-        log.error(kv("series_failed", series=series_instance_uid, error=f"{type(exc).__name__}: {phi(exc)}"))
-        log.debug("series_failed traceback", exc_info=exc)
+        result.log_reason = f"analysis failed: {error_reason(exc)}"
+        log.error(kv("series_failed", series=series_instance_uid, error=error_reason(exc)) + "\n"
+                  + redacted_traceback(exc))
     result.timings_s["total"] = sum(v for k, v in result.timings_s.items() if k != "total")
     return result

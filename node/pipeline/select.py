@@ -11,11 +11,16 @@ import datetime as dt
 import math
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from pydicom.dataset import Dataset
 
 from node.config import SelectionSettings
+from node.pipeline.volume import SeriesRefused, is_localizer, number_of_frames
+from node.receive.inspect import ANALYSABLE_SOP_CLASSES
+
+#: How the reason of a series passed over for a better one of its study begins; it ends with that one's UID.
+NOT_BEST = "another series of the study is preferred"
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class SeriesHeader:
     convolution_kernel: str
     normal_z: float | None  # |z component| of the slice normal, 1.0 for a true axial series
     study_date: dt.date | None = None  # Study Date (else Series or Acquisition Date); None: absent or not a date
+    problem: str | None = None  # a header value selection needs that cannot be read, in words (skips the series)
 
     @classmethod
     def from_dataset(cls, ds: Dataset, *, slice_count: int) -> SeriesHeader:
@@ -46,10 +52,10 @@ class SeriesHeader:
 
         normal_z = None
         iop = ds.get("ImageOrientationPatient")
-        if iop is None and "SharedFunctionalGroupsSequence" in ds:
-            shared = ds.SharedFunctionalGroupsSequence[0]
-            if "PlaneOrientationSequence" in shared:
-                iop = shared.PlaneOrientationSequence[0].get("ImageOrientationPatient")
+        shared = _first_item(ds.get("SharedFunctionalGroupsSequence"))
+        if iop is None and shared is not None:
+            orientation = _first_item(shared.get("PlaneOrientationSequence"))
+            iop = orientation.get("ImageOrientationPatient") if orientation is not None else None
         numbers = _finite(iop) if iop is not None and len(iop) == 6 else None
         if numbers is not None:
             r, c = numbers[:3], numbers[3:]
@@ -59,16 +65,17 @@ class SeriesHeader:
             )
             normal_z = abs(nz) / norm if norm else None
         thickness = ds.get("SliceThickness")
-        if thickness in (None, "") and "SharedFunctionalGroupsSequence" in ds:
-            groups = [ds.SharedFunctionalGroupsSequence[0]]
-            if ds.get("PerFrameFunctionalGroupsSequence"):
-                groups.append(ds.PerFrameFunctionalGroupsSequence[0])
+        if thickness in (None, "") and shared is not None:
+            groups = [g for g in (shared, _first_item(ds.get("PerFrameFunctionalGroupsSequence"))) if g is not None]
             for group in groups:
-                measures = group.get("PixelMeasuresSequence")
-                if measures and measures[0].get("SliceThickness") not in (None, ""):
-                    thickness = measures[0].SliceThickness
+                measures = _first_item(group.get("PixelMeasuresSequence"))
+                if measures is not None and measures.get("SliceThickness") not in (None, ""):
+                    thickness = measures.SliceThickness
                     break
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        try:
+            frames, problem = number_of_frames(ds), None
+        except SeriesRefused as refused:  # judged like any other rule: this series skipped, its siblings not harmed
+            frames, problem = 1, refused.flag.reason
         return cls(
             series_instance_uid=str(ds.SeriesInstanceUID),
             modality=str(ds.get("Modality", "")),
@@ -82,7 +89,30 @@ class SeriesHeader:
             normal_z=normal_z,
             study_date=next((d for d in map(_date, (ds.get(k) for k in ("StudyDate", "SeriesDate", "AcquisitionDate")))
                              if d is not None), None),
+            problem=problem,
         )
+
+
+def _first_item(sequence: object) -> Dataset | None:
+    """The first item of a sequence value, or None when it is absent or empty."""
+    return sequence[0] if isinstance(sequence, Sequence) and len(sequence) and isinstance(sequence[0], Dataset) else None
+
+
+def header_image(datasets: Iterable[Dataset]) -> Dataset | None:
+    """The image a series is judged by, whatever order its images came in: the first CT image that is not a
+    localizer, else the first CT image, else the first image (None for none). Reads ``datasets`` only up to it.
+
+    A stray image of another kind must not decide the selection of a CT series (the analysis refuses the mix,
+    ``mixed_modalities``, with its reason), and a localizer filed in an axial series is left out of its volume.
+    """
+    first = first_ct = None
+    for ds in datasets:
+        first = first if first is not None else ds
+        if str(ds.get("SOPClassUID", "")) in ANALYSABLE_SOP_CLASSES:
+            if not is_localizer(ds):
+                return ds
+            first_ct = first_ct if first_ct is not None else ds
+    return first_ct if first_ct is not None else first
 
 
 def _date(value: object) -> dt.date | None:
@@ -128,6 +158,8 @@ def check(header: SeriesHeader, rules: SelectionSettings, *, today: dt.date | No
     def skip(rule: str, reason: str) -> Verdict:
         return Verdict(uid, False, rule, reason)
 
+    if header.problem is not None:
+        return skip("header_invalid", header.problem)
     if header.modality not in rules.modalities:
         return skip("modality", f"modality {header.modality or '(none)'} is not one of {', '.join(rules.modalities)}")
     if rules.max_study_age_days is not None and header.study_date is not None:
@@ -194,8 +226,15 @@ def choose(headers: Sequence[SeriesHeader], rules: SelectionSettings,
                 h.series_instance_uid,
                 False,
                 "not_best",
-                f"another series of the study is preferred ({best.slice_thickness_mm:g} mm, "
+                f"{NOT_BEST} ({best.slice_thickness_mm:g} mm, "
                 f"kernel '{best.convolution_kernel}'): {best.series_instance_uid}",
             )
         out.append(v)
     return best, out
+
+
+def passed_over_for(reason: str | None) -> str | None:
+    """The UID of the series a job was passed over for (its recorded reason is ``choose``'s ``not_best``), or None."""
+    if not reason or not reason.startswith(NOT_BEST) or ": " not in reason:
+        return None
+    return reason.rsplit(": ", 1)[1]

@@ -25,7 +25,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from node.errors import LungnodeError
+from node.errors import LungnodeError, one_line
+from node.pipeline.codestream import coded_size, rle_pixels
 
 Severity = Literal["refuse", "flag"]
 
@@ -148,6 +149,42 @@ def _number(ds: Dataset, keyword: str, default: float) -> float:
     return number
 
 
+def _shown(value: object) -> str:
+    """A header value quoted in a reason, cut short (it is a count or a size, never patient data)."""
+    return repr(str(value)[:16])
+
+
+def number_of_frames(ds: Dataset) -> int:
+    """Number of Frames (1 when absent, empty or 0), or a refusal that names the value: ``int('ab')`` must not
+    surface as a Python error, nor fail the job of another series of the study that reads this header."""
+    value = ds.get("NumberOfFrames")
+    if value in (None, ""):
+        return 1
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = float("nan")
+    if not (np.isfinite(number) and number >= 0 and number.is_integer()):
+        raise SeriesRefused("header_invalid", f"NumberOfFrames {_shown(value)} is not a number of frames")
+    return int(number) or 1
+
+
+def _size(ds: Dataset, keyword: str) -> int:
+    """Rows or Columns, or a refusal that names it (an image without them was never an image)."""
+    value = ds.get(keyword)
+    if isinstance(value, int) and value > 0:
+        return value
+    raise SeriesRefused("header_invalid", f"{keyword} is missing or not a positive number in an image")
+
+
+def is_localizer(ds: Dataset) -> bool:
+    """A localizer (scout, topogram): ImageType holds LOCALIZER (value 3 of a CT image's). It is a projection
+    across the body, not a slice of the stack, though scanners file it in the axial series at times."""
+    image_type = ds.get("ImageType") or []
+    values = [image_type] if isinstance(image_type, str) else list(image_type)
+    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
+
+
 def _planes_classic(ds: Dataset) -> list[_Plane]:
     return [
         _Plane(
@@ -157,8 +194,8 @@ def _planes_classic(ds: Dataset) -> list[_Plane]:
             row_dir=_floats(ds.get("ImageOrientationPatient"), 6, "Image Orientation (Patient)")[:3],
             col_dir=_floats(ds.get("ImageOrientationPatient"), 6, "Image Orientation (Patient)")[3:],
             pixel_spacing=tuple(_floats(ds.get("PixelSpacing"), 2, "Pixel Spacing")),
-            rows=int(ds.Rows),
-            cols=int(ds.Columns),
+            rows=_size(ds, "Rows"),
+            cols=_size(ds, "Columns"),
             slope=_number(ds, "RescaleSlope", 1.0) or 1.0,
             intercept=_number(ds, "RescaleIntercept", 0.0),
             thickness=_number(ds, "SliceThickness", 0.0),
@@ -196,8 +233,8 @@ def _planes_enhanced(ds: Dataset) -> list[_Plane]:
                 row_dir=iop[:3],
                 col_dir=iop[3:],
                 pixel_spacing=tuple(_floats(meas.get("PixelSpacing"), 2, "Pixel Spacing")),
-                rows=int(ds.Rows),
-                cols=int(ds.Columns),
+                rows=_size(ds, "Rows"),
+                cols=_size(ds, "Columns"),
                 slope=_number(trans, "RescaleSlope", 1.0) if trans is not None else 1.0,
                 intercept=_number(trans, "RescaleIntercept", 0.0) if trans is not None else 0.0,
                 thickness=_number(meas, "SliceThickness", 0.0),  # Enhanced CT keeps it per frame group
@@ -206,20 +243,32 @@ def _planes_enhanced(ds: Dataset) -> list[_Plane]:
     return planes
 
 
-def read_planes(paths: Sequence[Path]) -> list[_Plane]:
+def _planes_of(ds: Dataset) -> list[_Plane]:
+    if number_of_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        return _planes_enhanced(ds)
+    return _planes_classic(ds)
+
+
+def read_planes(paths: Sequence[Path]) -> tuple[list[_Plane], int]:
     """Every image plane in the files (multi-frame files give one plane per frame), each with its file's
     data set, pixel data included: the geometry is checked first, then the same data sets are decoded,
-    so each file is parsed once (a third of the time of reading a series)."""
+    so each file is parsed once (a third of the time of reading a series). Also returns how many localizer
+    images were left out: in a series with other images they are not slices of it, whatever order they came in;
+    a series of localizers alone is read as it is (and refused for what it is)."""
     planes: list[_Plane] = []
+    localizers: list[Dataset] = []
     for path in paths:
         ds = pydicom.dcmread(path)
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
-            planes.extend(_planes_enhanced(ds))
+        if is_localizer(ds):
+            localizers.append(ds)
         else:
-            planes.extend(_planes_classic(ds))
+            planes.extend(_planes_of(ds))
+    if not planes:
+        planes = [plane for ds in localizers for plane in _planes_of(ds)]
+        localizers = []
     if not planes:
         raise SeriesRefused("empty", "the series has no images")
-    return planes
+    return planes, len(localizers)
 
 
 def _check_geometry(planes: list[_Plane]) -> tuple[list[_Plane], np.ndarray, float, list[QAFlag]]:
@@ -326,6 +375,55 @@ def _frame_pixels(ds: Dataset, cache: dict[int, np.ndarray], frame_number: int |
     return arr[frame_number - 1]
 
 
+def _is_decoder_panic(exc: BaseException) -> bool:
+    """A panic inside a Rust decoder (pylibjpeg-rle on an RLE frame shorter than Rows x Columns): pyo3 raises it as
+    a BaseException, which the worker's ``except Exception`` would not catch."""
+    return type(exc).__name__ == "PanicException"
+
+
+def _declared_mismatch(plane: _Plane) -> SeriesRefused | None:
+    """A refusal when a JPEG, JPEG-LS or JPEG 2000 frame declares another size than Rows x Columns: known before
+    decoding, which would fail with a numpy broadcast error (or, Rows and Columns swapped, decode the wrong image)."""
+    declared = coded_size(plane.ds)
+    if declared is None or declared == (plane.rows, plane.cols):
+        return None
+    return SeriesRefused("matrix_mismatch", f"the compressed pixel data of image {plane.ds.get('SOPInstanceUID', '?')} "
+                         f"is {declared[0]} x {declared[1]} pixels, its header says Rows {plane.rows} x Columns "
+                         f"{plane.cols}")
+
+
+def _held_mismatch(plane: _Plane) -> SeriesRefused | None:
+    """A refusal when an RLE frame that failed to decode holds another number of pixels than Rows x Columns (RLE
+    declares no size: its first segment is measured, on this failure path only)."""
+    held = rle_pixels(plane.ds)
+    if held is None or held == plane.rows * plane.cols:
+        return None
+    return SeriesRefused("matrix_mismatch", f"the RLE pixel data of image {plane.ds.get('SOPInstanceUID', '?')} holds "
+                         f"{held} pixels a frame, its header says Rows {plane.rows} x Columns {plane.cols} "
+                         f"({plane.rows * plane.cols})")
+
+
+def _plane_pixels(plane: _Plane, cache: dict[int, np.ndarray]) -> np.ndarray:
+    """The stored values of one plane, or a refusal in words: a frame whose size disagrees with Rows x Columns, or
+    pixel data that cannot be decoded (the decoders' own errors name neither the image nor the cause)."""
+    if id(plane.ds) not in cache and (refused := _declared_mismatch(plane)) is not None:
+        raise refused
+    try:
+        pixels = _frame_pixels(plane.ds, cache, plane.frame_number)
+    except BaseException as exc:  # pydicom/decoder errors vary by codec; all mean the pixels are unusable
+        if not isinstance(exc, Exception) and not _is_decoder_panic(exc):
+            raise
+        raise _held_mismatch(plane) or SeriesRefused(
+            "unreadable_pixels",
+            f"the pixel data of image {plane.ds.get('SOPInstanceUID', '?')} cannot be decoded ({one_line(exc)})",
+        ) from exc
+    if pixels.shape != (plane.rows, plane.cols):
+        raise SeriesRefused("matrix_mismatch", f"the pixel data of image {plane.ds.get('SOPInstanceUID', '?')} "
+                            f"decodes to {' x '.join(map(str, pixels.shape))} pixels, its header says Rows "
+                            f"{plane.rows} x Columns {plane.cols}")
+    return pixels
+
+
 def _release_pixels(ds: Dataset, cache: dict[int, np.ndarray]) -> None:
     """Drop a decoded file's pixel data (its bytes and pydicom's cached array) once the volume holds all of
     its frames: with both kept to the end, reading a 300-slice series peaked at three times the volume's
@@ -396,7 +494,11 @@ def _check_lossy(datasets: Sequence[Dataset]) -> list[QAFlag]:
 
 def load_volume(paths: Sequence[Path]) -> Volume:
     """Read a series (classic, Enhanced or Legacy Converted Enhanced CT) into a checked canonical HU volume."""
-    ordered, normal, gap, flags = _check_geometry(read_planes(paths))
+    planes, localizers = read_planes(paths)
+    ordered, normal, gap, flags = _check_geometry(planes)
+    if localizers:
+        flags.append(QAFlag("localizer_left_out", "flag", f"{localizers} localizer image(s) (ImageType LOCALIZER) "
+                            "in the series left out of the volume: projections, not slices"))
     first = ordered[0]
     row_dir = first.row_dir / np.linalg.norm(first.row_dir)
     col_dir = first.col_dir / np.linalg.norm(first.col_dir)
@@ -413,14 +515,7 @@ def load_volume(paths: Sequence[Path]) -> Volume:
     frames_left = Counter(id(plane.ds) for plane in ordered)
     for z, plane in enumerate(ordered):
         datasets[id(plane.ds)] = plane.ds
-        try:
-            pixels = _frame_pixels(plane.ds, cache, plane.frame_number)
-        except Exception as exc:  # pydicom/decoder errors vary by codec; all mean the pixels are unusable
-            raise SeriesRefused(
-                "unreadable_pixels",
-                f"the pixel data of image {plane.ds.get('SOPInstanceUID', '?')} cannot be decoded "
-                f"({type(exc).__name__}: {exc})",
-            ) from exc
+        pixels = _plane_pixels(plane, cache)
         _check_stored_range(pixels, plane)
         img = _to_hu_by_table(pixels, plane, tables)
         if flip_rows:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -18,25 +19,26 @@ import traceback
 from pathlib import Path
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Config
 from node.db.jobs import Claimed, JobQueue, this_machine
-from node.db.models import REJECTION_NOTE, Instance, Job, JobState, Series, SeriesOrigin, SeriesState
+from node.db.models import REJECTION_NOTE, Instance, Job, JobState, Series
 from node.db.session import db_reason, make_engine, make_sessionmaker, warn_on_clock_skew
 from node.db.workers import SEEN_EVERY_S, register, report
-from node.errors import LungnodeError
-from node.logs import LoopErrors, kv, setup_logging
+from node.errors import LungnodeError, one_line
+from node.logs import LoopErrors, error_reason, kv, redacted_traceback, setup_logging
 from node.outputs.device import installation_device_uid
 from node.outputs.history import previous_sr
-from node.outputs.write import OUTPUTS_FILE, manifests_for, write_outputs
+from node.outputs.write import OUTPUTS_FILE, WrittenObject, manifests_for, write_outputs
 from node.pipeline.infer import get_model
 from node.pipeline.runner import Analysis, analyse_series, warm_up
-from node.pipeline.select import SeriesHeader, Verdict, check, choose
+from node.pipeline.select import SeriesHeader, Verdict, check, choose, header_image, passed_over_for
+from node.pipeline.siblings import candidate_files, requeue_if_preferred_refused, requeue_passed_over
 from node.pipeline.volume import QAFlag
-from node.receive.inspect import ANALYSABLE_SOP_CLASSES
 from node.receive.spool import results_path
 from node.send.outbox import enqueue_results
 from node.send.rejections import queue_rejections, withdrawals
@@ -63,44 +65,20 @@ def results_dir(config: Config, job_id: int) -> Path:
 
 
 def _series_header(paths: list[Path]) -> SeriesHeader:
-    """Selection facts of the series, from its first CT image (slice count from the file count).
-
-    A stray image of another kind in a CT series must not decide its selection: the analysis refuses the mix
+    """Selection facts of the series, from the image ``select.header_image`` picks (slice count from the file count):
+    its first CT image that is not a localizer, so the verdict does not depend on the order images came in. A stray
+    image of another kind in a CT series must not decide its selection: the analysis refuses the mix
     (``mixed_modalities``) with its reason.
     """
     if not paths:
         raise LungnodeError("the series has no instances left in the spool")
-    first = None
-    for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if first is None:
-            first = ds
-        if str(ds.get("SOPClassUID", "")) in ANALYSABLE_SOP_CLASSES:
-            return SeriesHeader.from_dataset(ds, slice_count=len(paths))
-    if first is None:  # not reached: paths is not empty
-        raise LungnodeError("the series has no instances left in the spool")
-    return SeriesHeader.from_dataset(first, slice_count=len(paths))
+    ds = header_image(pydicom.dcmread(path, stop_before_pixels=True) for path in paths)
+    assert ds is not None  # paths is not empty
+    return SeriesHeader.from_dataset(ds, slice_count=len(paths))
 
 
-def _sibling_series_files(sessions: sessionmaker[Session], series_id: int) -> list[list[Path]]:
-    """Files of the other complete modality series of the same study, one list per series."""
-    with sessions() as s:
-        series = s.get(Series, series_id)
-        assert series is not None
-        siblings = s.scalars(
-            select(Series.id).where(
-                Series.study_id == series.study_id,
-                Series.id != series_id,
-                Series.state == SeriesState.complete,
-                Series.origin == SeriesOrigin.modality,
-                Series.purged_at.is_(None),
-            )
-        ).all()
-        return [
-            [Path(p) for p in s.scalars(select(Instance.path).where(Instance.series_id == sid,
-                                                                    Instance.purged_at.is_(None)))]
-            for sid in siblings
-        ]
+#: Why a sibling's header cannot be read for the choice (its own job says so when it runs).
+_UNREADABLE = (LungnodeError, OSError, InvalidDicomError)
 
 
 def _series_files(sessions: sessionmaker[Session], job: Claimed) -> tuple[str, list[Path]]:
@@ -173,9 +151,7 @@ class Worker:
         except Exception as exc:  # any failure of one job is recorded on it; the worker goes on
             if _db_unreachable(exc):
                 raise  # recording it would fail too; the loop waits for the database
-            log.error(kv("job_error", job=job.job_id, error=f"{type(exc).__name__}: {exc}"))
-            log.debug(traceback.format_exc())
-            self.queue.finish(job.job_id, JobState.failed, error=f"{type(exc).__name__}: {exc}")
+            self._fail(job, exc)
         finally:
             beat_stop.set()
             if watchdog is not None:
@@ -184,12 +160,27 @@ class Worker:
             self._report(None)
         return True
 
+    def _fail(self, job: Claimed, exc: Exception) -> None:
+        """Record an unexpected failure of a job: one readable line as its reason (lungnode status shows it), the
+        traceback in the log at ERROR with the job's id. The message may quote a header value, so the log shows it
+        only where logging.include_phi allows, as the analysis' own series_failed does."""
+        log.error(kv("job_error", job=job.job_id, error=error_reason(exc)) + "\n" + redacted_traceback(exc))
+        self.queue.finish(job.job_id, JobState.failed, error=one_line(exc), log_reason=error_reason(exc))
+
     def _select(self, job: Claimed, header: SeriesHeader) -> Verdict:
-        """This series' verdict among the complete CT series of its study (the best one is analysed)."""
+        """This series' verdict among the complete CT series of its study that may still be analysed (the best one
+        is; one refused by its checks is no candidate: ``node.pipeline.siblings``). A sibling whose header cannot be
+        read is left out of the choice: its own job is refused for it, and it must not fail this one."""
         verdict = check(header, self.config.selection)
         if not verdict.eligible:
             return verdict
-        others = [_series_header(p) for p in _sibling_series_files(self.sessions, job.series_id) if p]
+        others = []
+        for uid, paths in candidate_files(self.sessions, job.series_id):
+            try:
+                others.append(_series_header(paths))
+            except _UNREADABLE as exc:
+                log.warning(kv("sibling_unreadable", job=job.job_id, series=uid, error=error_reason(exc),
+                               effect="left out of the choice of the study's series"))
         _, verdicts = choose([header, *others], self.config.selection)
         return verdicts[0]
 
@@ -206,14 +197,12 @@ class Worker:
         state = {"ok": JobState.done, "rejected": JobState.rejected, "failed": JobState.failed}[analysis.status]
         out = results_dir(self.config, job.job_id)
         staged = analysis.write(out.with_name(f"{out.name}.attempt-{job.attempt}"))
-        _, paths = _series_files(self.sessions, job)
-        predecessor = previous_sr(self.sessions, series_id=job.series_id, revision=job.revision, job_id=job.job_id,
-                                  results_dir=lambda job_id: results_dir(self.config, job_id))
-        with self.sessions() as s:
-            withdrawn = withdrawals(s, job.series_id)
-        objects = write_outputs(analysis, out_dir=staged.parent, source_paths=paths, settings=self.config.outputs,
-                                revision=job.revision, manifests=manifests_for(self.config.inference, analysis),
-                                predecessor=predecessor, device_uid=self.device_uid, withdrawals=withdrawn)
+        try:
+            objects = self._write_outputs(job, analysis, staged.parent)
+        except Exception:
+            # Nothing of it is published: no job owns the staged folder, and retention would never delete it.
+            shutil.rmtree(staged.parent, ignore_errors=True)
+            raise
         error = analysis.reason
         if analysis.output_errors and state == JobState.done:
             # The radiologist would get less than the analysis found: a person must look (the reason names the
@@ -223,8 +212,9 @@ class Worker:
             log.error(kv("outputs_incomplete", job=job.job_id, built=len(objects),
                          failed=",".join(e.split(":")[0] for e in analysis.output_errors),
                          effect="the built ones are sent" if objects else "nothing to send: job failed"))
-        if self.abandoned.is_set():
-            return  # failed by workers.max_job_s while it ran: this process is ending; publish and record nothing
+        if self.abandoned.is_set():  # failed by workers.max_job_s while it ran: this process is ending
+            shutil.rmtree(staged.parent, ignore_errors=True)
+            return  # publish and record nothing
         last = [OUTPUTS_FILE, staged.name]
         names = sorted(f.name for f in staged.parent.iterdir() if f.name not in last) + last
         out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +225,12 @@ class Worker:
             if old.name not in names and old.is_file() and not old.name.startswith(REJECTION_NOTE):
                 old.unlink()  # (its rejection notes stay: what they withdrew is still replaced)
 
+        preferred = passed_over_for(analysis.reason) if state == JobState.rejected else None
+        requeued: list[int] = []
+
         def queue_for_sending(session: Session) -> None:
+            if state == JobState.rejected and preferred is None:  # refused: its siblings passed over for it run
+                requeued.extend(requeue_passed_over(session, series_id=job.series_id, reason=analysis.reason))
             if self.config.destinations and (out / OUTPUTS_FILE).is_file():
                 enqueue_results(session, job_id=job.job_id, results_dir=out, destinations=self.config.destinations)
                 if state == JobState.done and not analysis.output_errors:  # only whole results replace the old ones
@@ -243,7 +238,25 @@ class Worker:
                                      settings=self.config.outputs, device_uid=self.device_uid)
 
         timings = {**self._waits(job), **analysis.result_json()["timings_s"]}
-        self.queue.finish(job.job_id, state, error=error, timings=timings, also=queue_for_sending)
+        if not self.queue.finish(job.job_id, state, error=error, timings=timings, also=queue_for_sending,
+                                 log_reason=analysis.log_reason):
+            return
+        for job_id in requeued:
+            log.info(kv("job_requeued", job=job_id, reason="the series preferred to it was refused by its checks",
+                        refused_job=job.job_id))
+        if preferred is not None:
+            requeue_if_preferred_refused(self.sessions, job_id=job.job_id, preferred_uid=preferred)
+
+    def _write_outputs(self, job: Claimed, analysis: Analysis, staged_dir: Path) -> list[WrittenObject]:
+        """The DICOM outputs of ``analysis``, written into the staged folder of this attempt."""
+        _, paths = _series_files(self.sessions, job)
+        predecessor = previous_sr(self.sessions, series_id=job.series_id, revision=job.revision, job_id=job.job_id,
+                                  results_dir=lambda job_id: results_dir(self.config, job_id))
+        with self.sessions() as s:
+            withdrawn = withdrawals(s, job.series_id)
+        return write_outputs(analysis, out_dir=staged_dir, source_paths=paths, settings=self.config.outputs,
+                             revision=job.revision, manifests=manifests_for(self.config.inference, analysis),
+                             predecessor=predecessor, device_uid=self.device_uid, withdrawals=withdrawn)
 
     def _waits(self, job: Claimed) -> dict[str, float]:
         """Seconds from the last image to the series being complete, and from the job's creation to its start."""

@@ -1,8 +1,9 @@
 """Read and check a received instance before it is acknowledged.
 
 pydicom reads a truncated file without complaint (it returns short values), so completeness is
-checked here: the last element must hold as many bytes as its header declares, and native pixel
-data must be as long as Rows x Columns x frames says. Anything wrong becomes an InstanceRejected
+checked here: the last element must hold as many bytes as its header declares, native pixel
+data must be as long as Rows x Columns x frames says, and compressed pixel data needs Rows, Columns
+and BitsAllocated to be decoded at all. Anything wrong becomes an InstanceRejected
 carrying the DICOM status to answer.
 """
 
@@ -38,6 +39,8 @@ LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 ANALYSABLE_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE})
 
 _UNDEFINED = 0xFFFFFFFF
+#: Pixel data elements a CT image cannot use in place of Pixel Data (7FE0,0010), by tag.
+FLOAT_PIXEL_DATA = {0x7FE00008: "Float Pixel Data (7FE0,0008)", 0x7FE00009: "Double Float Pixel Data (7FE0,0009)"}
 
 
 @dataclass(frozen=True)
@@ -132,13 +135,32 @@ def _check_complete(ds: Dataset, path: Path) -> None:
                 if end < size:
                     raise _truncated(f"{size - end} stray bytes after element {raw.tag} (an element header cut short)")
     if str(ds.get("SOPClassUID", "")) in ANALYSABLE_SOP_CLASSES and "PixelData" not in ds:
+        if float_pixels := [name for tag, name in FLOAT_PIXEL_DATA.items() if tag in ds]:
+            raise InstanceRejected(STATUS_INCOMPLETE, f"a CT image with {float_pixels[0]} and no Pixel Data "
+                                   "(7FE0,0010): CT numbers are stored as integers with a rescale, and this node "
+                                   "does not take float pixel data for CT")
         raise _truncated("a CT image without pixel data")
-    if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_encapsulated:
+    if "PixelData" not in ds:
+        return
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        problem = _encapsulated_problem(_int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "BitsAllocated"))
+    else:
         problem = _pixel_length_problem(len(ds.PixelData or b""), _int(ds, "Rows"), _int(ds, "Columns"),
                                         _int(ds, "SamplesPerPixel"), _int(ds, "NumberOfFrames"),
                                         _int(ds, "BitsAllocated"))
-        if problem:
-            raise InstanceRejected(STATUS_INCOMPLETE, problem)
+    if problem:
+        raise InstanceRejected(STATUS_INCOMPLETE, problem)
+
+
+def _encapsulated_problem(rows: int | None, cols: int | None, bits: int | None) -> str | None:
+    """Why the header of compressed pixel data cannot describe its frames, or None. Their length says nothing (the
+    codestream's size is checked when decoded, ``node.pipeline.codestream``), but without Rows, Columns and Bits
+    Allocated (type 1, PS3.3 C.7.6.3) no decoder can make an image of them."""
+    missing = [name for name, value in (("Rows", rows), ("Columns", cols), ("BitsAllocated", bits)) if not value]
+    if missing:
+        return (f"compressed pixel data without {' or '.join(missing)} (or 0): Rows, Columns and BitsAllocated must "
+                "be given and positive")
+    return None
 
 
 def _pixel_length_problem(got: int, rows: int | None, cols: int | None, samples: int | None, frames: int | None,
@@ -149,6 +171,8 @@ def _pixel_length_problem(got: int, rows: int | None, cols: int | None, samples:
     accept and refuse the same files."""
     if not rows or not cols:
         return f"an image of {rows or 0} x {cols or 0} pixels: Rows and Columns must be given and positive"
+    if not bits:
+        return "pixel data without BitsAllocated (or 0): its length cannot be checked, nor its pixels read"
     expected = rows * cols * (samples or 1) * (frames or 1) * (bits or 0) // 8
     if got < expected:
         return f"pixel data truncated: {got} of {expected} bytes"
@@ -198,7 +222,10 @@ def _walked_header(path: Path) -> InstanceHeader | None:
             return None
     elif encapsulated != (walked.pixel_data_length == -1):
         return None
-    elif not encapsulated:
+    elif encapsulated:
+        if _encapsulated_problem(_as_int(v.get("Rows")), _as_int(v.get("Columns")), _as_int(v.get("BitsAllocated"))):
+            return None  # pydicom's path names what is missing
+    else:
         if _pixel_length_problem(walked.pixel_data_length, _as_int(v.get("Rows")), _as_int(v.get("Columns")),
                                  _as_int(v.get("SamplesPerPixel")), _int_text(v.get("NumberOfFrames")),
                                  _as_int(v.get("BitsAllocated"))):

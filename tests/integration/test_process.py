@@ -74,6 +74,23 @@ def test_scout_only_folder_is_rejected_with_the_reason(tmp_path: Path, models: P
     assert json.loads((tmp_path / "out" / "outputs.json").read_text())["objects"] == []
 
 
+def test_a_localizer_filed_first_in_the_axial_series_is_left_out(tmp_path: Path, models: Path) -> None:
+    """Judged by its first image, the series was refused for the localizer's ImageType; a worker judges it by an
+    axial image, whatever order the files are in, and so does ``process``."""
+    import pydicom
+
+    series = synth_series(tmp_path / "study" / "axial", phantom(slices=40, matrix=96, seed=5))
+    scout = pydicom.dcmread(write_scout(tmp_path / "scout.dcm", study_uid=series.study_uid))
+    scout.SeriesInstanceUID = series.series_uid
+    first = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    scout.PatientID, scout.PatientName = first.PatientID, first.PatientName
+    scout.save_as(tmp_path / "study" / "axial" / "AA00000.dcm", enforce_file_format=True)  # sorted first
+    proc, result = run_process(tmp_path / "study", tmp_path / "out", models)
+    assert proc.returncode == 0, proc.stderr
+    assert result["status"] == "ok" and result["series_instance_uid"] == series.series_uid
+    assert [q["code"] for q in result["qa"] if q["code"] == "localizer_left_out"] == ["localizer_left_out"]
+
+
 def test_empty_folder_is_rejected(tmp_path: Path, models: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("nothing here")

@@ -130,6 +130,57 @@ def test_truncated_inside_pixel_data_header(tmp_path: Path, keep: int) -> None:
     assert rejected(tmp_path / "cut.dcm").status == STATUS_INCOMPLETE
 
 
+# -- the image header of compressed pixel data -----------------------------------------------------
+@pytest.mark.parametrize("ts", ["rle", "jpeg-ls", "jpeg2000", "jpeg-lossless"])
+@pytest.mark.parametrize("missing", [("Rows",), ("Columns",), ("Rows", "Columns"), ("BitsAllocated",)])
+def test_compressed_ct_without_rows_columns_or_bits_allocated_is_refused_by_name(
+        tmp_path: Path, ts: str, missing: tuple[str, ...]) -> None:
+    """Such images were acknowledged (0x0000): only native pixel data had its Rows and Columns checked."""
+    src = ct_file(tmp_path, transfer_syntax=ts)
+    ds = pydicom.dcmread(src)
+    for keyword in missing:
+        delattr(ds, keyword)
+    path = tmp_path / "no-header.dcm"
+    ds.save_as(path)  # as sent: the compressed pixel data kept, the header short of its image description
+    rej = rejected(path)
+    assert rej.status == STATUS_INCOMPLETE
+    assert rej.reason.startswith(f"compressed pixel data without {' or '.join(missing)} ")
+
+
+def test_compressed_ct_with_rows_0_is_refused(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(ct_file(tmp_path, transfer_syntax="jpeg-ls"))
+    ds.Rows = 0
+    ds.save_as(tmp_path / "rows0.dcm")
+    rej = rejected(tmp_path / "rows0.dcm")
+    assert rej.status == STATUS_INCOMPLETE and "without Rows (or 0)" in rej.reason
+
+
+def test_native_pixel_data_without_bits_allocated_is_refused(tmp_path: Path) -> None:
+    ds = make_ct_dataset(study_uid=generate_uid(), series_uid=generate_uid(), matrix=16)
+    del ds.BitsAllocated
+    ds["PixelData"].VR = "OW"  # pydicom takes the VR from BitsAllocated otherwise
+    ds.save_as(tmp_path / "nobits.dcm", enforce_file_format=True)
+    rej = rejected(tmp_path / "nobits.dcm")
+    assert rej.status == STATUS_INCOMPLETE and "without BitsAllocated" in rej.reason
+
+
+@pytest.mark.parametrize(("tag", "vr", "name"), [(0x7FE00008, "OF", "Float Pixel Data (7FE0,0008)"),
+                                                 (0x7FE00009, "OD", "Double Float Pixel Data (7FE0,0009)")])
+def test_ct_with_float_pixel_data_is_refused_as_unsupported_not_truncated(tmp_path: Path, tag: int, vr: str,
+                                                                          name: str) -> None:
+    ds = make_ct_dataset(study_uid=generate_uid(), series_uid=generate_uid(), matrix=16)
+    values = (np.frombuffer(ds.PixelData, dtype=np.uint16).astype(np.float32) - 1024.0)
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.RescaleIntercept, ds.RescaleSlope
+    ds.BitsAllocated = 32 if vr == "OF" else 64
+    ds.add_new(tag, vr, values.astype(np.float32 if vr == "OF" else np.float64).tobytes())
+    path = tmp_path / "float.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    rej = rejected(path)
+    assert rej.status == STATUS_INCOMPLETE
+    assert f"a CT image with {name} and no Pixel Data (7FE0,0010)" in rej.reason and "float" in rej.reason
+    assert "truncated" not in rej.reason
+
+
 # -- garbage --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(8))
 def test_garbage_bytes_after_valid_file_meta(tmp_path: Path, seed: int) -> None:

@@ -84,3 +84,31 @@ def test_utf8_objects_are_left_alone() -> None:
 def test_the_source_character_set_is_written_in_a_form_highdicom_takes(source: str | list[str] | None,
                                                                         written: str | list[str] | None) -> None:
     assert writable_character_set(source) == written
+
+
+def test_source_elements_pydicom_cannot_decode_are_left_out_of_the_headers(tmp_path: Path) -> None:
+    """A private element sent with the explicit VR 'ZZ' made decoding the source headers raise NotImplementedError
+    (with a traceback in its message), and no output was built. A public one sent so is read with its dictionary VR."""
+    from node.outputs.charset import prepare_source_character_sets
+    from node.outputs.seg import read_source_headers
+
+    ds = _object("ISO_IR 100", PatientName="Müller^Jürgen", StudyID="S1")
+    item = Dataset()
+    item.add_new(0x00090010, "LO", "PRIVCREATOR")
+    item.add_new(0x00091011, "LO", "NESTED")
+    ds.add_new(0x00090010, "LO", "PRIVCREATOR")
+    ds.add_new(0x00091010, "LO", "PRIVVAL1")
+    ds.add_new(0x00400260, "SQ", Sequence([item]))  # Performed Protocol Code Sequence, a private element inside
+    path = tmp_path / "zz.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    raw = path.read_bytes()
+    for tag in (b"\x09\x00\x10\x10", b"\x09\x00\x11\x10", b"\x20\x00\x10\x00"):  # (0009,1010), (0009,1011), StudyID
+        raw = raw.replace(tag + b"LO", tag + b"ZZ", 1).replace(tag + b"SH", tag + b"ZZ", 1)
+    path.write_bytes(raw)
+    with pytest.raises(NotImplementedError):
+        pydicom.dcmread(path).decode()
+    [header] = read_source_headers([path]).values()
+    prepare_source_character_sets([header])
+    assert (header.StudyID, header.PatientName) == ("S1", "Müller^Jürgen")
+    assert 0x00091010 not in header and 0x00091011 not in header.PerformedProtocolCodeSequence[0]
+    assert header.PerformedProtocolCodeSequence[0][0x00090010].value == "PRIVCREATOR"

@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from node.config import Config, PatternRule, SelectionSettings
-from node.pipeline.select import SeriesHeader, Verdict, check, choose
+from node.pipeline.select import NOT_BEST, SeriesHeader, Verdict, check, choose, header_image, passed_over_for
 from tests.helpers.faults import phantom, synth_series, write_enhanced_ct
 
 DEFAULTS = Config().selection
@@ -211,6 +211,60 @@ def test_choose_without_candidates(base: Dataset) -> None:
     best, verdicts = choose([scout, thick], DEFAULTS)
     assert best is None
     assert [v.rule for v in verdicts] == ["series_description", "slice_thickness"]
+
+
+def _with_raw(ds: Dataset, tag: int, vr: str, value: bytes) -> Dataset:
+    """``ds`` holding an element as read from a file, undecoded (pydicom will not set 'ab' into an IS itself)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = copy.deepcopy(ds)
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+    return ds
+
+
+@pytest.mark.parametrize("value", [b"ab", b"-2", b"1.5 "])
+def test_a_number_of_frames_that_is_not_one_skips_the_series_by_name(base: Dataset, value: bytes) -> None:
+    """``int('ab')`` failed the job of this series and of every other series of its study that chose among them."""
+    bad = SeriesHeader.from_dataset(_with_raw(base, 0x00280008, "IS", value), slice_count=120)
+    v = skipped(bad)
+    assert (v.rule, v.reason) == ("header_invalid", f"NumberOfFrames {value.decode().strip()!r} is not a number of "
+                                                    "frames")
+    good = header(base)
+    best, verdicts = choose([good, bad], DEFAULTS)
+    assert best is good and verdicts[0].eligible and verdicts[1].rule == "header_invalid"
+    assert SeriesHeader.from_dataset(_with_raw(base, 0x00280008, "IS", b"1 "), slice_count=120).problem is None
+
+
+def test_the_reason_of_a_series_passed_over_names_the_one_preferred(base: Dataset) -> None:
+    thin, thick = header(base, SliceThickness="1"), header(base, SliceThickness="2.5")
+    _, verdicts = choose([thick, thin], DEFAULTS)
+    assert verdicts[0].reason and verdicts[0].reason.startswith(NOT_BEST)
+    assert passed_over_for(verdicts[0].reason) == thin.series_instance_uid
+    assert passed_over_for("1 slice(s) missing in 1 gap(s) of the stack") is None and passed_over_for(None) is None
+
+
+def _localizer(ds: Dataset) -> Dataset:
+    scout = copy.deepcopy(ds)
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    return scout
+
+
+def test_a_series_is_judged_by_an_axial_image_whatever_order_its_localizer_came_in(base: Dataset) -> None:
+    """Judged by its first image in the ledger, a series with its localizer first was refused 'ImageType ... holds
+    LOCALIZER', and the same series with the localizer later was not."""
+    from pydicom.uid import MRImageStorage
+
+    scout = _localizer(base)
+    mr = copy.deepcopy(base)
+    mr.SOPClassUID = MRImageStorage
+    for images in ([scout, base], [base, scout], [mr, scout, base]):
+        assert header_image(iter(images)) is base
+    assert header_image([scout, _localizer(base)]) is scout  # localizers alone: the first, refused for what it is
+    assert header_image([mr]) is mr and header_image([]) is None
+    assert skipped(SeriesHeader.from_dataset(scout, slice_count=120)).rule == "image_type"
 
 
 def test_enhanced_ct_header_is_eligible(written: Path, tmp_path: Path) -> None:

@@ -393,3 +393,97 @@ def test_hu_by_table_equals_the_formula() -> None:
     wide = np.array([[70000, -5]], dtype=np.int32)  # other types take the formula
     plane = SimpleNamespace(ds=pydicom.Dataset(), slope=1.0, intercept=-1024.0)
     np.testing.assert_array_equal(_to_hu_by_table(wide, plane, tables), [[32767, AIR_HU]])  # type: ignore[arg-type]
+
+
+# -- header values and compressed frames that disagree with the header --------------------------------
+def _plant_number_of_frames(path: Path, value: bytes) -> None:
+    """Give the file a Number of Frames of two bytes as sent (pydicom will not write 'ab' into an IS itself)."""
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 1
+    ds.save_as(path, enforce_file_format=True)
+    raw = path.read_bytes()
+    element = b"\x28\x00\x08\x00IS\x02\x001 "  # (0028,0008) IS, explicit VR little endian
+    assert raw.count(element) == 1
+    path.write_bytes(raw.replace(element, element[:8] + value))
+
+
+def test_a_number_of_frames_that_is_not_a_number_is_refused_by_name(series: Synth) -> None:
+    """It failed as ``ValueError: invalid literal for int() with base 10: 'ab'``."""
+    _plant_number_of_frames(series.file_of_index(4), b"ab")
+    err = refused(series.files)
+    assert (err.flag.code, err.flag.reason) == ("header_invalid", "NumberOfFrames 'ab' is not a number of frames")
+
+
+@pytest.mark.parametrize("ts", ["rle", "jpeg-ls", "jpeg2000", "jpeg-lossless"])
+@pytest.mark.parametrize(("rows", "cols"), [(32, 64), (64, 128)])
+def test_compressed_frames_of_another_size_than_rows_x_columns_are_refused_in_words(
+        tmp_path: Path, ts: str, rows: int, cols: int) -> None:
+    """The decoders failed with a numpy broadcast error, or, for an RLE frame longer than the header says, a panic in
+    the Rust decoder that ``except Exception`` does not catch (it would have ended the worker process)."""
+    from tests.helpers.series import write_ct_series
+
+    files = write_ct_series(tmp_path / ts, slices=4, matrix=64, transfer_syntax=ts).files
+    assert load_volume(files).shape == (4, 64, 64)
+    _set_all_as_sent(files, Rows=rows, Columns=cols)
+    err = refused(files)
+    assert err.flag.code == "matrix_mismatch", err.flag.reason
+    if ts == "rle":  # RLE declares no size: its first segment is measured
+        assert f"holds 4096 pixels a frame, its header says Rows {rows} x Columns {cols} ({rows * cols})" in err.flag.reason
+    else:
+        assert f"is 64 x 64 pixels, its header says Rows {rows} x Columns {cols}" in err.flag.reason
+    assert "broadcast" not in err.flag.reason
+
+
+def test_swapped_rows_and_columns_of_a_jpeg_frame_are_refused_before_decoding(tmp_path: Path) -> None:
+    """Rows and Columns swapped keep the byte count: the frame would decode, into the wrong image."""
+    from tests.helpers.series import write_ct_series
+
+    files = write_ct_series(tmp_path / "jls", slices=3, matrix=64, transfer_syntax="jpeg-ls").files
+    _set_all_as_sent(files, Rows=32, Columns=128)
+    err = refused(files)
+    assert err.flag.code == "matrix_mismatch" and "is 64 x 64 pixels" in err.flag.reason
+
+
+def _set_all_as_sent(files: list[Path], **values: object) -> None:
+    """Change header values and keep the pixel data as it is (compressed, not re-encoded)."""
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+
+
+# -- localizers filed in an axial series ----------------------------------------------------------------
+def _localizer_in(series: Synth) -> Path:
+    """A localizer as scanners file one in the axial series: a coronal projection of another size, ImageType
+    ORIGINAL/PRIMARY/LOCALIZER, same series."""
+    ds = pydicom.dcmread(series.file_of_index(0))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    ds.InstanceNumber = 0
+    pixels = ds.pixel_array[: MATRIX // 2].copy()
+    ds.Rows = pixels.shape[0]
+    ds.PixelData = pixels.tobytes()
+    path = series.folder / "IM00000.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("at", [0, SLICES // 2, SLICES])
+def test_a_localizer_in_the_series_is_left_out_of_the_volume_wherever_it_came(series: Synth, at: int) -> None:
+    """The verdict depended on the order: refused for the localizer's ImageType when it came first, 'images of
+    different sizes' when it came in the middle."""
+    reference = load_volume(series.files)
+    localizer = _localizer_in(series)
+    vol = load_volume([*series.files[:at], localizer, *series.files[at:]])
+    np.testing.assert_array_equal(vol.hu, reference.hu)
+    assert [f.sop_instance_uid for f in vol.frames] == [f.sop_instance_uid for f in reference.frames]
+    (flag,) = [f for f in vol.qa if f.code == "localizer_left_out"]
+    assert flag.severity == "flag" and flag.reason.startswith("1 localizer image(s) (ImageType LOCALIZER)")
+
+
+def test_localizers_alone_are_not_left_out(series: Synth) -> None:
+    """Nothing else to read: the localizers are read as they are, and refused for what they are."""
+    err = refused([_localizer_in(series)])
+    assert err.flag.code == "too_few_slices"

@@ -1,0 +1,113 @@
+"""The series of a study compete for one analysis, and a series passed over is analysed after all when the one
+preferred to it is refused by its own checks.
+
+Selection ranks a study's series by their headers alone (``node.pipeline.select.choose``): a 1 mm lung-kernel
+series is preferred to a 2.5 mm one before any pixel is read. If the preferred series is then refused by the
+analysis (a slice missing, no lung coverage), the study would get no analysis at all. So a series refused by its
+checks is no candidate for its siblings' choice, and the siblings passed over for it go back to the queue, where
+the choice is made again without it. Their job_requeued event names the series refused and why.
+
+A job passed over records the UID of the series preferred at the end of its reason (``select.NOT_BEST``): the
+ledger needs no other column to find it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import Exists, exists, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db.jobs import requeue_finished
+from node.db.models import Instance, Job, JobState, Series, SeriesOrigin, SeriesState, Study
+from node.logs import kv
+from node.pipeline.select import NOT_BEST, passed_over_for
+
+log = logging.getLogger(__name__)
+
+
+def _refused_by_checks() -> Exists:
+    """SQL: the series' job of its current revision ended rejected, and not for being passed over."""
+    return exists(select(Job.id).where(
+        Job.series_id == Series.id, Job.revision == Series.revision, Job.state == JobState.rejected,
+        or_(Job.error.is_(None), ~Job.error.startswith(NOT_BEST))))
+
+
+def candidate_files(sessions: sessionmaker[Session], series_id: int) -> list[tuple[str, list[Path]]]:
+    """The other complete modality series of the study that may still be analysed (none refused by its checks),
+    each as its SeriesInstanceUID and files."""
+    with sessions() as s:
+        series = s.get(Series, series_id)
+        assert series is not None
+        siblings = s.execute(
+            select(Series.id, Series.series_instance_uid).where(
+                Series.study_id == series.study_id,
+                Series.id != series_id,
+                Series.state == SeriesState.complete,
+                Series.origin == SeriesOrigin.modality,
+                Series.purged_at.is_(None),
+                ~_refused_by_checks(),
+            )
+        ).all()
+        return [
+            (uid, [Path(p) for p in s.scalars(select(Instance.path).where(Instance.series_id == sid,
+                                                                          Instance.purged_at.is_(None)))])
+            for sid, uid in siblings
+        ]
+
+
+def _lock_study(s: Session, series_id: int) -> int:
+    """Lock the study's row for the rest of the transaction and return its id: a job refused and a sibling passed
+    over for it, recorded by two workers at once, then see each other's outcome (PostgreSQL; SQLite runs one
+    writing transaction at a time)."""
+    study_id = s.scalar(select(Series.study_id).where(Series.id == series_id))
+    assert study_id is not None
+    s.execute(select(Study.id).where(Study.id == study_id).with_for_update())
+    return study_id
+
+
+def _passed_over_for(s: Session, study_id: int, series_uid: str) -> list[Job]:
+    """The study's jobs of current revisions that ended passed over for ``series_uid``."""
+    rejected = s.scalars(select(Job).join(Series, Series.id == Job.series_id).where(
+        Series.study_id == study_id, Job.revision == Series.revision, Job.state == JobState.rejected,
+        Job.error.startswith(NOT_BEST))).all()
+    return [job for job in rejected if passed_over_for(job.error) == series_uid]
+
+
+def requeue_passed_over(s: Session, *, series_id: int, reason: str | None) -> list[int]:
+    """In the caller's transaction, which records ``series_id``'s job as refused by its checks (``reason``): the jobs
+    passed over for it go back to the queue. Returns their ids."""
+    study_id = _lock_study(s, series_id)
+    uid = s.scalar(select(Series.series_instance_uid).where(Series.id == series_id))
+    assert uid is not None
+    jobs = _passed_over_for(s, study_id, uid)
+    for job in jobs:
+        requeue_finished(s, job, by="the series preferred to it was refused",
+                         why=f"series {uid}, preferred to this one, was refused by its checks ({reason}): the choice "
+                             "is made again without it")
+    return [job.id for job in jobs]
+
+
+def requeue_if_preferred_refused(sessions: sessionmaker[Session], *, job_id: int, preferred_uid: str) -> bool:
+    """After ``job_id`` was recorded as passed over for ``preferred_uid``: when that series has been refused by its
+    checks meanwhile (by another worker, while this one chose), this job goes back to the queue; True if it did.
+    Without this, both outcomes recorded at once would leave the study with no analysis."""
+    with sessions.begin() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        study_id = _lock_study(s, job.series_id)
+        s.refresh(job)
+        if job.state != JobState.rejected or passed_over_for(job.error) != preferred_uid:
+            return False
+        preferred = s.execute(select(Job.state, Job.error).join(Series, Series.id == Job.series_id).where(
+            Series.study_id == study_id, Series.series_instance_uid == preferred_uid,
+            Job.revision == Series.revision)).first()
+        if preferred is None or preferred.state != JobState.rejected or passed_over_for(preferred.error) is not None:
+            return False
+        requeue_finished(s, job, by="the series preferred to it was refused",
+                         why=f"series {preferred_uid}, preferred to this one, was refused by its checks "
+                             f"({preferred.error}): the choice is made again without it")
+    log.info(kv("job_requeued", job=job_id, reason="the series preferred to it was refused by its checks",
+                preferred=preferred_uid))
+    return True
