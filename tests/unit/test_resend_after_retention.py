@@ -74,16 +74,22 @@ def jobs(sessions: sessionmaker[Session]) -> list[tuple[int, JobState]]:
         return [(j.revision, j.state) for j in s.scalars(select(Job).order_by(Job.id))]
 
 
-def analysed_then_purged(pacs: Pacs, spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session],
-                         assembler: Assembler) -> int:
-    """All three slices received, revision 1 analysed, then deleted by retention; returns revision 1's job id."""
-    for i in range(3):
+def analysed(pacs: Pacs, spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session], assembler: Assembler,
+             *, slices: int = 3) -> int:
+    """The first ``slices`` slices received and revision 1 analysed (its job done); returns that job's id."""
+    for i in range(slices):
         assert pacs.send(spool, ledger, i).outcome == Outcome.stored
     assert assembler.complete_due(now=LATER) == 1
     with sessions.begin() as s:
         job = s.scalars(select(Job)).one()
         job.state = JobState.done
-        job_id = int(job.id)
+        return int(job.id)
+
+
+def analysed_then_purged(pacs: Pacs, spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session],
+                         assembler: Assembler) -> int:
+    """All three slices received, revision 1 analysed, then deleted by retention; returns revision 1's job id."""
+    job_id = analysed(pacs, spool, ledger, sessions, assembler)
     assert purge_expired(spool, sessions, days=7, now=utcnow() + dt.timedelta(days=8)) == 1
     assert not list(spool.instances.rglob("*.dcm"))
     with sessions() as s:
@@ -164,11 +170,7 @@ def test_an_image_sent_while_retention_deletes_its_series_is_kept(
     """The PACS sends a slice again just as retention deletes the series. The store waits for the deletion (the
     series' gate), then restores the slice as a new revision: acknowledged and kept, not deleted with the rest."""
     pacs = Pacs()
-    for i in range(3):
-        pacs.send(spool, ledger, i)
-    assert assembler.complete_due(now=LATER) == 1
-    with sessions.begin() as s:
-        s.scalars(select(Job)).one().state = JobState.done
+    analysed(pacs, spool, ledger, sessions, assembler)
 
     delete_files = spool.remove_files
     stored: list[Recorded] = []
@@ -205,11 +207,7 @@ def test_retention_leaves_a_series_that_an_image_reached_after_its_due_list(
     """A store in flight when retention reaches the series: retention waits for it, checks again, and finds the
     series receiving a new revision, so it deletes nothing."""
     pacs = Pacs()
-    for i in range(2):
-        pacs.send(spool, ledger, i)
-    assert assembler.complete_due(now=LATER) == 1
-    with sessions.begin() as s:
-        s.scalars(select(Job)).one().state = JobState.done
+    analysed(pacs, spool, ledger, sessions, assembler, slices=2)
     in_flight, release = threading.Event(), threading.Event()
 
     def late_store() -> None:
@@ -241,11 +239,7 @@ def test_files_a_stop_left_in_the_middle_of_retention_are_deleted_at_start(
     """Retention marks the rows first, then deletes the files: after a stop between the two, start-up reconciliation
     finishes the deletion instead of taking the files for images sent again (which would analyse them again)."""
     pacs = Pacs()
-    for i in range(3):
-        pacs.send(spool, ledger, i)
-    assert assembler.complete_due(now=LATER) == 1
-    with sessions.begin() as s:
-        s.scalars(select(Job)).one().state = JobState.done
+    analysed(pacs, spool, ledger, sessions, assembler)
 
     def stopped(paths: list[Path]) -> int:
         raise KeyboardInterrupt("the node stopped here")
