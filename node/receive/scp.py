@@ -363,6 +363,11 @@ class StorageSCP:
     def _on_accepted(self, event: evt.Event) -> None:
         assoc: PnAssociation = event.assoc
         calling = str(assoc.requestor.ae_title).strip()
+        if calling == CHECK_AE and _is_loopback(str(assoc.requestor.address)):
+            # The node's own health check (lungnode echo, every 30 s in the container): neither a ledger row nor
+            # two INFO lines each time (2880 a day). It stores nothing; an image it carried would still be recorded.
+            log.debug(kv("association_accepted", calling_ae=calling, note="the node's own health check"))
+            return
         try:
             assoc_id = self.ledger.open_association(
                 calling_ae=calling,
@@ -597,8 +602,8 @@ class StorageSCP:
                                note=f"content differs from the instance already held ({size} against "
                                     f"{recorded.existing_size} bytes); the one held first is kept: a corrected "
                                     f"image needs a new SOP Instance UID"))
-            else:
-                log.info(kv("store_duplicate", assoc=assoc_id, sop=sop_uid))
+            else:  # the usual re-push of a study: counted in the association's closing line (duplicates=N)
+                log.debug(kv("store_duplicate", assoc=assoc_id, sop=sop_uid))
         elif log.isEnabledFor(logging.DEBUG):  # the hot path: format only when it is written
             log.debug(kv("store_ok", assoc=assoc_id, sop=sop_uid, series=header.series_instance_uid))
         return STATUS_SUCCESS
