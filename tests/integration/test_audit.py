@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit import AuditTrail
 from node.config import AuditSettings, Config, Destination
-from node.db.models import Job, JobState, Series, SeriesOrigin, SeriesState, Study, utcnow
+from node.db.models import Instance, Job, JobState, Series, SeriesOrigin, SeriesState, Study, utcnow
 from node.receive.retention import purge_expired
 from node.receive.spool import Spool
 from node.send.outbox import enqueue_results
@@ -228,8 +228,14 @@ def test_retention_deleting_images_is_audited_over_tcp(
     with sessions.begin() as s:
         row = Series(study=Study(study_instance_uid=series.study_uid), series_instance_uid=series.series_uid,
                      modality="CT", origin=SeriesOrigin.modality, state=SeriesState.complete, revision=1,
-                     completed_at=utcnow() - dt.timedelta(days=8))
+                     instance_count=3, completed_at=utcnow() - dt.timedelta(days=8))
         s.add(Job(series=row, revision=1, state=JobState.done))
+        s.flush()
+        for sop in series.sop_uids:  # the ledger names what retention deletes
+            path = spool.path_for(series.series_uid, sop)
+            s.add(Instance(series_id=row.id, sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                           transfer_syntax_uid="1.2.840.10008.1.2.1", revision=1, path=str(path),
+                           size_bytes=path.stat().st_size))
     audit = AuditTrail(AuditSettings(host="127.0.0.1", port=repository.tcp, transport="tcp"), ae_title="LUNGNODE")
     audit.start()
     try:

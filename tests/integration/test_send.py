@@ -221,7 +221,8 @@ def test_refused_objects_fail_with_the_reason_and_retry_failed_delivers(
     scp.status = 0xB000  # a warning: counts as sent, recorded
     db_url = str(sessions.kw["bind"].url)
     config = tmp_path / "config.yaml"
-    config.write_text(f"storage: {{database_url: '{db_url}'}}\n")
+    config.write_text(f"storage: {{database_url: '{db_url}'}}\n"  # the node's own configuration, as IT runs it
+                      f"destinations: [{{name: peer, ae_title: PEER, host: 127.0.0.1, port: {port}}}]\n")
     proc = run_cli("retry", "--failed", "--config", config)
     assert proc.returncode == 0, proc.stderr
     assert "requeued 3 failed or waiting send(s) to peer" in proc.stdout
