@@ -151,11 +151,17 @@ class IngestLedger:
         with self.sessions() as s:
             return set(s.scalars(select(Instance.path).where(Instance.purged_at.is_(None))))
 
-    def purged_paths(self) -> dict[str, dt.datetime]:
-        """Paths of the instances retention deleted (their rows stay, marked purged), with when."""
+    def purged_paths(self, paths: list[str]) -> dict[str, dt.datetime]:
+        """Those of ``paths`` whose instances retention deleted (their rows stay, marked purged), with when. Asked
+        for given paths only: the ledger keeps a purged row for every image it ever held."""
+        found: dict[str, dt.datetime] = {}
         with self.sessions() as s:
-            return {path: at for path, at in s.execute(
-                select(Instance.path, Instance.purged_at).where(Instance.purged_at.is_not(None))) if at is not None}
+            for i in range(0, len(paths), 500):
+                found.update((path, at) for path, at in s.execute(
+                    select(Instance.path, Instance.purged_at).where(Instance.path.in_(paths[i:i + 500]),
+                                                                     Instance.purged_at.is_not(None)))
+                    if at is not None)
+        return found
 
     def record_instance(
         self,

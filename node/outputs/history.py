@@ -10,7 +10,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import ColumnElement, exists, or_, select
+from sqlalchemy import ColumnElement, Select, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Job, JobState, OutboxItem, SendState, Series, Study
@@ -39,33 +39,27 @@ def previous_sr(sessions: sessionmaker[Session], *, series_id: int, revision: in
                                  Job.state.in_(_FINISHED_WITH_SR)).order_by(Job.revision.desc(), Job.id.desc())
         ).all()
         for earlier_id in earlier:
-            found = _delivered_sr(s, earlier_id)
-            if found is not None:
-                return found
-            if not s.scalar(select(exists().where(OutboxItem.job_id == earlier_id, OutboxItem.kind == "sr"))):
-                local = predecessor_from(results_dir(earlier_id))  # no destination: the SR it wrote
+            row = s.execute(_sr_rows(earlier_id, delivered=True).order_by(OutboxItem.id.desc()).limit(1)).first()
+            if row is not None and row.series_instance_uid is not None:
+                return predecessor_reference(study_uid=row.study_instance_uid, series_uid=row.series_instance_uid,
+                                             sop_class_uid=row.sop_class_uid, sop_instance_uid=row.sop_instance_uid)
+            # No destination (no row), or delivered by a row from before migration 0005, which does not record the
+            # SR's series: the SR in the job's results folder, while it is there.
+            if row is not None or s.execute(_sr_rows(earlier_id, delivered=False).limit(1)).first() is None:
+                local = predecessor_from(results_dir(earlier_id))
                 if local is not None:
                     return local
     return None
 
 
-def _delivered_sr(s: Session, job_id: int) -> Dataset | None:
-    """The job's SR as a destination received it, from its outbox row (None: none delivered)."""
-    row = s.execute(
-        select(OutboxItem.sop_instance_uid, OutboxItem.sop_class_uid, OutboxItem.series_instance_uid,
-               Study.study_instance_uid)
-        .join(Job, OutboxItem.job_id == Job.id).join(Series, Job.series_id == Series.id)
-        .join(Study, Series.study_id == Study.id)
-        .where(OutboxItem.job_id == job_id, OutboxItem.kind == "sr", OutboxItem.series_instance_uid.is_not(None),
-               OutboxItem.state.in_([SendState.sent, SendState.committed]))
-        .order_by(OutboxItem.id.desc()).limit(1)).first()
-    if row is None:
-        return None
-    sop_uid, sop_class, series_uid, study_uid = row
-    if series_uid is None:  # a row from before migration 0005 does not say: not named
-        return None
-    return predecessor_reference(study_uid=study_uid, series_uid=series_uid, sop_class_uid=sop_class,
-                                 sop_instance_uid=sop_uid)
+def _sr_rows(job_id: int, *, delivered: bool) -> Select[str, str, str | None, str]:
+    """The job's SR outbox rows (only those a destination received, with ``delivered``), with the SR's study."""
+    query = (select(OutboxItem.sop_instance_uid, OutboxItem.sop_class_uid, OutboxItem.series_instance_uid,
+                    Study.study_instance_uid)
+             .join(Job, OutboxItem.job_id == Job.id).join(Series, Job.series_id == Series.id)
+             .join(Study, Series.study_id == Study.id)
+             .where(OutboxItem.job_id == job_id, OutboxItem.kind == "sr"))
+    return query.where(OutboxItem.state.in_([SendState.sent, SendState.committed])) if delivered else query
 
 
 def _published(job_id: Any, sop_instance_uid: str | None = None) -> ColumnElement[bool]:

@@ -13,7 +13,6 @@ ledger needs no other column to find it again.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from sqlalchemy import Exists, exists, or_, select
@@ -21,10 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.jobs import requeue_finished
 from node.db.models import Instance, Job, JobState, Series, SeriesOrigin, SeriesState, Study
-from node.logs import kv
 from node.pipeline.select import NOT_BEST, passed_over_for
-
-log = logging.getLogger(__name__)
 
 
 def _refused_by_checks() -> Exists:
@@ -68,10 +64,11 @@ def _lock_study(s: Session, series_id: int) -> int:
 
 
 def _passed_over_for(s: Session, study_id: int, series_uid: str) -> list[Job]:
-    """The study's jobs of current revisions that ended passed over for ``series_uid``."""
+    """The study's jobs of current revisions that ended passed over for ``series_uid``, whose images the spool still
+    holds (their series rows locked, as retention locks them: a series retention deleted has nothing to analyse)."""
     rejected = s.scalars(select(Job).join(Series, Series.id == Job.series_id).where(
         Series.study_id == study_id, Job.revision == Series.revision, Job.state == JobState.rejected,
-        Job.error.startswith(NOT_BEST))).all()
+        Series.purged_at.is_(None), Job.error.startswith(NOT_BEST)).with_for_update()).all()
     return [job for job in rejected if passed_over_for(job.error) == series_uid]
 
 
@@ -89,25 +86,24 @@ def requeue_passed_over(s: Session, *, series_id: int, reason: str | None) -> li
     return [job.id for job in jobs]
 
 
-def requeue_if_preferred_refused(sessions: sessionmaker[Session], *, job_id: int, preferred_uid: str) -> bool:
-    """After ``job_id`` was recorded as passed over for ``preferred_uid``: when that series has been refused by its
-    checks meanwhile (by another worker, while this one chose), this job goes back to the queue; True if it did.
-    Without this, both outcomes recorded at once would leave the study with no analysis."""
-    with sessions.begin() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        study_id = _lock_study(s, job.series_id)
-        s.refresh(job)
-        if job.state != JobState.rejected or passed_over_for(job.error) != preferred_uid:
-            return False
-        preferred = s.execute(select(Job.state, Job.error).join(Series, Series.id == Job.series_id).where(
-            Series.study_id == study_id, Series.series_instance_uid == preferred_uid,
-            Job.revision == Series.revision)).first()
-        if preferred is None or preferred.state != JobState.rejected or passed_over_for(preferred.error) is not None:
-            return False
-        requeue_finished(s, job, by="the series preferred to it was refused",
-                         why=f"series {preferred_uid}, preferred to this one, was refused by its checks "
-                             f"({preferred.error}): the choice is made again without it")
-    log.info(kv("job_requeued", job=job_id, reason="the series preferred to it was refused by its checks",
-                preferred=preferred_uid))
+def requeue_if_preferred_refused(s: Session, *, job_id: int, preferred_uid: str) -> bool:
+    """In the transaction that records ``job_id`` as passed over for ``preferred_uid``: when that series has been
+    refused by its checks meanwhile (by another worker, while this one chose), this job goes back to the queue; True
+    if it did. Without this, both outcomes recorded at once would leave the study with no analysis; in the same
+    transaction, no stop between the two can leave it so either."""
+    job = s.get(Job, job_id)
+    assert job is not None
+    study_id = _lock_study(s, job.series_id)
+    held = s.scalar(select(Series.id).where(Series.id == job.series_id, Series.purged_at.is_(None))
+                    .with_for_update())
+    if held is None or job.state != JobState.rejected or passed_over_for(job.error) != preferred_uid:
+        return False
+    preferred = s.execute(select(Job.state, Job.error).join(Series, Series.id == Job.series_id).where(
+        Series.study_id == study_id, Series.series_instance_uid == preferred_uid,
+        Job.revision == Series.revision)).first()
+    if preferred is None or preferred.state != JobState.rejected or passed_over_for(preferred.error) is not None:
+        return False
+    requeue_finished(s, job, by="the series preferred to it was refused",
+                     why=f"series {preferred_uid}, preferred to this one, was refused by its checks "
+                         f"({preferred.error}): the choice is made again without it")
     return True

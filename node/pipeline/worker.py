@@ -227,10 +227,15 @@ class Worker:
 
         preferred = passed_over_for(analysis.reason) if state == JobState.rejected else None
         requeued: list[int] = []
+        requeued_self: list[int] = []
 
         def queue_for_sending(session: Session) -> None:
             if state == JobState.rejected and preferred is None:  # refused: its siblings passed over for it run
                 requeued.extend(requeue_passed_over(session, series_id=job.series_id, reason=analysis.reason))
+            if preferred is not None and requeue_if_preferred_refused(session, job_id=job.job_id,
+                                                                      preferred_uid=preferred):
+                requeued_self.append(job.job_id)
+                return  # queued again: nothing of this outcome is sent
             if self.config.destinations and (out / OUTPUTS_FILE).is_file():
                 enqueue_results(session, job_id=job.job_id, results_dir=out, destinations=self.config.destinations)
                 if state == JobState.done and not analysis.output_errors:  # only whole results replace the old ones
@@ -244,8 +249,9 @@ class Worker:
         for job_id in requeued:
             log.info(kv("job_requeued", job=job_id, reason="the series preferred to it was refused by its checks",
                         refused_job=job.job_id))
-        if preferred is not None:
-            requeue_if_preferred_refused(self.sessions, job_id=job.job_id, preferred_uid=preferred)
+        for job_id in requeued_self:
+            log.info(kv("job_requeued", job=job_id, reason="the series preferred to it was refused by its checks",
+                        preferred=preferred))
 
     def _write_outputs(self, job: Claimed, analysis: Analysis, staged_dir: Path) -> list[WrittenObject]:
         """The DICOM outputs of ``analysis``, written into the staged folder of this attempt."""

@@ -52,11 +52,10 @@ def reconcile(spool: Spool, ledger: IngestLedger, sessions: sessionmaker[Session
     discarded = spool.discard_incoming()
     aborted = ledger.abort_open_associations()
     known = ledger.known_paths()
-    purged_rows = ledger.purged_paths()
+    unknown = [path for path in spool.committed_files() if str(path) not in known]
+    purged_rows = ledger.purged_paths([str(path) for path in unknown])
     adopted = unreadable = duplicates = purged = 0
-    for path in spool.committed_files():
-        if str(path) in known:
-            continue
+    for path in unknown:
         if _left_by_retention(path, purged_rows.get(str(path))):
             spool.remove_files([path])
             purged += 1

@@ -67,14 +67,15 @@ def _purge_series(spool: Spool, sessions: sessionmaker[Session], series_id: int,
             return 0
         paths = [Path(p) for p in s.scalars(select(Instance.path).where(Instance.series_id == series_id,
                                                                        Instance.purged_at.is_(None)))]
-        # Read before the files go: the audit message names the study and patient whose images were deleted.
-        studies = studies_of(sorted(p for p in paths if p.is_file())) if audit is not None and audit.enabled else []
         at = utcnow()
         s.execute(update(Series).where(Series.id == series_id).values(purged_at=at))
         s.execute(update(Instance).where(Instance.series_id == series_id, Instance.purged_at.is_(None))
                   .values(purged_at=at))
         s.add(Event(kind="series_purged", series_id=series_id,
                     message=f"{len(paths)} received files deleted after {days:g} days (retention)"))
+    # Read before the files go (the audit message names the study and patient whose images were deleted), but not
+    # inside the transaction: on SQLite it holds the write lock every store waits for. The gate is still held.
+    studies = studies_of(sorted(p for p in paths if p.is_file())) if audit is not None and audit.enabled else []
     removed = spool.remove_files(paths)
     if audit is not None:
         for study in studies:

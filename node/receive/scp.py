@@ -91,6 +91,8 @@ _ASSOC_ID = "_lungnode_assoc_id"
 #: An association that sent no C-STORE for this long has finished its batch: a stop does not wait for it.
 _IDLE_AT_STOP_S = 1.0
 _ASSOC_STATS = "_lungnode_assoc_stats"
+# Set on the node's own health-check association, recorded only if it stores an image.
+_RECORD_ON_STORE = "_lungnode_record_on_store"
 #: (result source, diagnostic) of an A-ASSOCIATE-RJ that pynetdicom sends itself -> the reason IT reads in the log
 _WRONG_CALLED_AE = (0x01, 0x07)  # A-ASSOCIATE-RJ source service-user, called-AE-title-not-recognized
 _REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
@@ -365,9 +367,15 @@ class StorageSCP:
         calling = str(assoc.requestor.ae_title).strip()
         if calling == CHECK_AE and _is_loopback(str(assoc.requestor.address)):
             # The node's own health check (lungnode echo, every 30 s in the container): neither a ledger row nor
-            # two INFO lines each time (2880 a day). It stores nothing; an image it carried would still be recorded.
+            # two INFO lines each time (2880 a day). Should it carry an image after all, it is recorded then.
             log.debug(kv("association_accepted", calling_ae=calling, note="the node's own health check"))
+            setattr(assoc, _RECORD_ON_STORE, True)
             return
+        self._record_association(assoc)
+
+    def _record_association(self, assoc: PnAssociation) -> None:
+        """The association's ledger row, its statistics and its INFO line."""
+        calling = str(assoc.requestor.ae_title).strip()
         try:
             assoc_id = self.ledger.open_association(
                 calling_ae=calling,
@@ -447,6 +455,9 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int:
         t0 = time.perf_counter()
+        if getattr(event.assoc, _RECORD_ON_STORE, False):  # a health check's association that stores after all
+            setattr(event.assoc, _RECORD_ON_STORE, False)
+            self._record_association(event.assoc)
         self._handler.duplicate = False
         self._handler.header = None
         unwritten = tuning.incoming_error(event.dataset_path)

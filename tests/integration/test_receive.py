@@ -73,7 +73,7 @@ def test_echoscu(node: NodeProcess) -> None:
     assert node.query("SELECT calling_ae, state FROM associations")[0][:] == ("ECHOSCU", "released")
 
 
-def test_lungnode_echo_says_whether_the_listener_answers(node_factory: NodeFactory) -> None:
+def test_lungnode_echo_says_whether_the_listener_answers(node_factory: NodeFactory, tmp_path: Path) -> None:
     """The container's health check: 0 while the listener answers (even when it refuses this caller), 1 after."""
     node = node_factory(settings={"dicom": {"allowed_callers": ["PACS"]}})
     proc = run_cli("echo", "--config", node.config_path, "--timeout", "5")
@@ -90,6 +90,10 @@ def test_lungnode_echo_says_whether_the_listener_answers(node_factory: NodeFacto
     assert "LUNGNODE-CHECK" not in open_node.log, "the health check every 30 s fills neither the log..."
     assert [tuple(r) for r in open_node.query("SELECT calling_ae FROM associations")] == [("ECHOSCU",)], \
         "...nor the ledger"
+    image = make_series(tmp_path / "ct", slices=1, matrix=32).files  # that title storing an image is recorded
+    assert [s.status for s in send_files(open_node.port, image, calling="LUNGNODE-CHECK")] == [SUCCESS]
+    assert [tuple(r) for r in open_node.query("SELECT a.calling_ae FROM instances i JOIN associations a "
+                                              "ON a.id = i.association_id")] == [("LUNGNODE-CHECK",)]
     assert open_node.stop() == 0
     proc = run_cli("echo", "--config", open_node.config_path, "--timeout", "2")
     assert proc.returncode == 1 and f"no DICOM listener answered at 127.0.0.1:{open_node.port}" in proc.stderr

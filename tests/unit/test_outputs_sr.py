@@ -420,6 +420,12 @@ def test_worker_publishes_objects_and_the_next_revision_names_the_previous_sr(
     with worker.sessions.begin() as s:
         s.query(OutboxItem).filter(OutboxItem.kind == "sr").update({OutboxItem.state: SendState.sent})
     assert predecessor_uid() == sr1.sop_instance_uid
+    with worker.sessions.begin() as s:  # a row from before migration 0005 does not record the SR's series...
+        s.query(OutboxItem).filter(OutboxItem.kind == "sr").update({OutboxItem.series_instance_uid: None})
+    assert predecessor_uid() == sr1.sop_instance_uid  # ...so the SR in the results folder names it
+    with worker.sessions.begin() as s:
+        s.query(OutboxItem).filter(OutboxItem.kind == "sr").update(
+            {OutboxItem.series_instance_uid: sr1.series_instance_uid})
     import shutil
     shutil.rmtree(first)  # retention deleted revision 1's results: the ledger still knows the SR the PACS holds
     assert predecessor_uid() == sr1.sop_instance_uid

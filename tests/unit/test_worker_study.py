@@ -257,6 +257,28 @@ def test_a_series_refused_first_is_no_candidate_for_its_siblings(
     assert job(sessions, jobs[thick.series_uid]).state.value == "done"
 
 
+def test_a_series_passed_over_whose_images_retention_deleted_is_not_queued_again(
+        worker: Worker, ledger: IngestLedger, sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    """Passed over, its job finished, then its images deleted by retention before the preferred series was refused:
+    there is nothing left to analyse, so it stays as it was instead of failing at ERROR."""
+    from sqlalchemy import update
+
+    from node.db.models import Series, utcnow
+
+    thin, thin_files, thick = _thin_with_a_gap_and_thick(tmp_path)
+    receive(ledger, thick.files)
+    receive(ledger, thin_files)
+    jobs = complete(sessions)
+    assert worker.run_one()  # the thick series: passed over for the thin one
+    assert job(sessions, jobs[thick.series_uid]).state.value == "rejected"
+    with sessions.begin() as s:
+        s.execute(update(Series).where(Series.series_instance_uid == thick.series_uid).values(purged_at=utcnow()))
+    assert worker.run_one()  # the thin series: refused for its gap
+    assert run_all(worker) == 0
+    thick_job = job(sessions, jobs[thick.series_uid])
+    assert thick_job.state.value == "rejected" and (thick_job.error or "").startswith("another series")
+
+
 def test_a_series_passed_over_while_the_preferred_one_was_being_refused_is_analysed(
         config: Config, ledger: IngestLedger, sessions: sessionmaker[Session], tmp_path: Path) -> None:
     """Two workers: one chooses for the thick series while the thin one is still queued, the other refuses the thin
