@@ -595,12 +595,12 @@ class StorageSCP:
         if recorded.outcome == Outcome.duplicate:
             self._handler.duplicate = True
             if created and recorded.existing_path not in (None, str(final)):
-                # The same SOP Instance UID is held under another series: one instance, one file. The copy
-                # just linked would be an orphan without a row; the ledger's copy stays.
+                # Held at another path (the ledger refuses the same UID in another series, so: a spool_dir moved
+                # since): one instance, one file. The copy just linked would be an orphan without a row.
                 final.unlink(missing_ok=True)
                 log.warning(kv("store_duplicate", assoc=assoc_id, sop=sop_uid,
-                               note="this SOP Instance UID is already held under another series; the copy "
-                                    "held first is kept"))
+                               note="this SOP Instance UID is already held at another path; the copy held first "
+                                    "is kept"))
                 return STATUS_SUCCESS
             held_syntax = recorded.existing_transfer_syntax
             if held_syntax not in (None, header.transfer_syntax_uid):
