@@ -80,9 +80,7 @@ def requeue_passed_over(s: Session, *, series_id: int, reason: str | None) -> li
     assert uid is not None
     jobs = _passed_over_for(s, study_id, uid)
     for job in jobs:
-        requeue_finished(s, job, by="the series preferred to it was refused",
-                         why=f"series {uid}, preferred to this one, was refused by its checks ({reason}): the choice "
-                             "is made again without it")
+        _requeue(s, job, preferred_uid=uid, reason=reason)
     return [job.id for job in jobs]
 
 
@@ -103,7 +101,12 @@ def requeue_if_preferred_refused(s: Session, *, job_id: int, preferred_uid: str)
         Job.revision == Series.revision)).first()
     if preferred is None or preferred.state != JobState.rejected or passed_over_for(preferred.error) is not None:
         return False
-    requeue_finished(s, job, by="the series preferred to it was refused",
-                     why=f"series {preferred_uid}, preferred to this one, was refused by its checks "
-                         f"({preferred.error}): the choice is made again without it")
+    _requeue(s, job, preferred_uid=preferred_uid, reason=preferred.error)
     return True
+
+
+def _requeue(s: Session, job: Job, *, preferred_uid: str, reason: str | None) -> None:
+    """Queue a job passed over for ``preferred_uid`` again, its event saying that series was refused and why."""
+    requeue_finished(s, job, by="the series preferred to it was refused",
+                     why=f"series {preferred_uid}, preferred to this one, was refused by its checks ({reason}): the "
+                         "choice is made again without it")
