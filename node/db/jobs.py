@@ -76,8 +76,12 @@ def study_settling(series: Any, now: dt.datetime, settle_s: float) -> ColumnElem
 
 class JobQueue:
     def __init__(self, sessions: sessionmaker[Session], *, worker: str, lease_s: float = 60.0, max_attempts: int = 3,
-                 study_settle_s: float = 0.0, low_max_wait_s: float = 0.0) -> None:
+                 study_settle_s: float = 0.0, low_max_wait_s: float = 0.0,
+                 on_failed: Callable[[Session, Job], object] | None = None) -> None:
+        """``on_failed`` runs in the transaction that fails a job its workers no longer ran (``_give_back``): the
+        worker frees the series passed over for it there, as it does for the jobs it fails itself."""
         self.sessions = sessions
+        self.on_failed = on_failed
         self.worker = worker
         self.lease_s = lease_s
         self.max_attempts = max_attempts
@@ -217,6 +221,8 @@ class JobQueue:
             job.finished_at = utcnow()
             job.error = f"worker {stalled_worker} {why} on {job.attempts} attempts"
             s.add(Event(kind="job_failed", level="error", job_id=job.id, series_id=job.series_id, message=job.error))
+            if self.on_failed is not None:
+                self.on_failed(s, job)
         else:
             s.add(Event(kind="job_requeued", level="warning", job_id=job.id, series_id=job.series_id,
                         message=f"worker {stalled_worker} {why}: back in the queue"))

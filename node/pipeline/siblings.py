@@ -1,11 +1,13 @@
 """The series of a study compete for one analysis, and a series passed over is analysed after all when the one
-preferred to it is refused by its own checks.
+preferred to it ends without results: refused by its own checks, or failed.
 
 Selection ranks a study's series by their headers alone (``node.pipeline.select.choose``): a 1 mm lung-kernel
 series is preferred to a 2.5 mm one before any pixel is read. If the preferred series is then refused by the
-analysis (a slice missing, no lung coverage), the study would get no analysis at all. So a series refused by its
-checks is no candidate for its siblings' choice, and the siblings passed over for it go back to the queue, where
-the choice is made again without it. Their job_requeued event names the series refused and why.
+analysis (a slice missing, no lung coverage), or its job fails (an unexpected error, outputs that
+cannot be written, an analysis past workers.max_job_s), the study would get no analysis at all. So a series that
+ended so is no candidate for its siblings' choice, and the siblings passed over for it go back to the queue, where
+the choice is made again without it. Their job_requeued event names the series and why it gave no results. A failed
+series that ``lungnode reanalyse`` then runs again may give the study a second set of results, for that series.
 
 A job passed over records the UID of the series preferred at the end of its reason (``select.NOT_BEST``): the
 ledger needs no other column to find it again.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Exists, exists, or_, select
+from sqlalchemy import Exists, and_, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.jobs import requeue_finished
@@ -23,16 +25,22 @@ from node.db.models import Instance, Job, JobState, Series, SeriesOrigin, Series
 from node.pipeline.select import NOT_BEST, passed_over_for
 
 
-def _refused_by_checks() -> Exists:
-    """SQL: the series' job of its current revision ended rejected, and not for being passed over."""
+def _ended_without_results() -> Exists:
+    """SQL: the series' job of its current revision failed, or ended rejected and not for being passed over."""
     return exists(select(Job.id).where(
-        Job.series_id == Series.id, Job.revision == Series.revision, Job.state == JobState.rejected,
-        or_(Job.error.is_(None), ~Job.error.startswith(NOT_BEST))))
+        Job.series_id == Series.id, Job.revision == Series.revision,
+        or_(Job.state == JobState.failed,
+            and_(Job.state == JobState.rejected, or_(Job.error.is_(None), ~Job.error.startswith(NOT_BEST))))))
+
+
+def _gave_no_results(state: JobState, reason: str | None) -> bool:
+    """The outcome ``_ended_without_results`` finds, for one job's state and reason."""
+    return state == JobState.failed or (state == JobState.rejected and passed_over_for(reason) is None)
 
 
 def candidate_files(sessions: sessionmaker[Session], series_id: int) -> list[tuple[str, list[Path]]]:
-    """The other complete modality series of the study that may still be analysed (none refused by its checks),
-    each as its SeriesInstanceUID and files."""
+    """The other complete modality series of the study that may still be analysed (none refused by its checks or
+    failed), each as its SeriesInstanceUID and files."""
     with sessions() as s:
         series = s.get(Series, series_id)
         assert series is not None
@@ -43,7 +51,7 @@ def candidate_files(sessions: sessionmaker[Session], series_id: int) -> list[tup
                 Series.state == SeriesState.complete,
                 Series.origin == SeriesOrigin.modality,
                 Series.purged_at.is_(None),
-                ~_refused_by_checks(),
+                ~_ended_without_results(),
             )
         ).all()
         return [
@@ -54,8 +62,8 @@ def candidate_files(sessions: sessionmaker[Session], series_id: int) -> list[tup
 
 
 def _lock_study(s: Session, series_id: int) -> int:
-    """Lock the study's row for the rest of the transaction and return its id: a job refused and a sibling passed
-    over for it, recorded by two workers at once, then see each other's outcome (PostgreSQL; SQLite runs one
+    """Lock the study's row for the rest of the transaction and return its id: a job refused (or failed) and a
+    sibling passed over for it, recorded by two workers at once, then see each other's outcome (PostgreSQL; SQLite runs one
     writing transaction at a time)."""
     study_id = s.scalar(select(Series.study_id).where(Series.id == series_id))
     assert study_id is not None
@@ -72,23 +80,23 @@ def _passed_over_for(s: Session, study_id: int, series_uid: str) -> list[Job]:
     return [job for job in rejected if passed_over_for(job.error) == series_uid]
 
 
-def requeue_passed_over(s: Session, *, series_id: int, reason: str | None) -> list[int]:
-    """In the caller's transaction, which records ``series_id``'s job as refused by its checks (``reason``): the jobs
-    passed over for it go back to the queue. Returns their ids."""
+def requeue_passed_over(s: Session, *, series_id: int, state: JobState, reason: str | None) -> list[int]:
+    """In the caller's transaction, which records ``series_id``'s job as refused by its checks or failed (``state``,
+    ``reason``): the jobs passed over for it go back to the queue. Returns their ids."""
     study_id = _lock_study(s, series_id)
     uid = s.scalar(select(Series.series_instance_uid).where(Series.id == series_id))
     assert uid is not None
     jobs = _passed_over_for(s, study_id, uid)
     for job in jobs:
-        _requeue(s, job, preferred_uid=uid, reason=reason)
+        _requeue(s, job, preferred_uid=uid, state=state, reason=reason)
     return [job.id for job in jobs]
 
 
-def requeue_if_preferred_refused(s: Session, *, job_id: int, preferred_uid: str) -> bool:
+def requeue_if_preferred_ended(s: Session, *, job_id: int, preferred_uid: str) -> bool:
     """In the transaction that records ``job_id`` as passed over for ``preferred_uid``: when that series has been
-    refused by its checks meanwhile (by another worker, while this one chose), this job goes back to the queue; True
-    if it did. Without this, both outcomes recorded at once would leave the study with no analysis; in the same
-    transaction, no stop between the two can leave it so either."""
+    refused by its checks or has failed meanwhile (in another worker, while this one chose), this job goes back to
+    the queue; True if it did. Without this, both outcomes recorded at once would leave the study with no analysis;
+    in the same transaction, no stop between the two can leave it so either."""
     job = s.get(Job, job_id)
     assert job is not None
     study_id = _lock_study(s, job.series_id)
@@ -99,14 +107,21 @@ def requeue_if_preferred_refused(s: Session, *, job_id: int, preferred_uid: str)
     preferred = s.execute(select(Job.state, Job.error).join(Series, Series.id == Job.series_id).where(
         Series.study_id == study_id, Series.series_instance_uid == preferred_uid,
         Job.revision == Series.revision)).first()
-    if preferred is None or preferred.state != JobState.rejected or passed_over_for(preferred.error) is not None:
+    if preferred is None or not _gave_no_results(preferred.state, preferred.error):
         return False
-    _requeue(s, job, preferred_uid=preferred_uid, reason=preferred.error)
+    _requeue(s, job, preferred_uid=preferred_uid, state=preferred.state, reason=preferred.error)
     return True
 
 
-def _requeue(s: Session, job: Job, *, preferred_uid: str, reason: str | None) -> None:
-    """Queue a job passed over for ``preferred_uid`` again, its event saying that series was refused and why."""
-    requeue_finished(s, job, by="the series preferred to it was refused",
-                     why=f"series {preferred_uid}, preferred to this one, was refused by its checks ({reason}): the "
-                         "choice is made again without it")
+def requeued_because(state: JobState) -> str:
+    """Why a passed-over job went back to the queue, in words for its job_requeued log line (no patient data)."""
+    return ("the series preferred to it failed" if state == JobState.failed
+            else "the series preferred to it was refused by its checks")
+
+
+def _requeue(s: Session, job: Job, *, preferred_uid: str, state: JobState, reason: str | None) -> None:
+    """Queue a job passed over for ``preferred_uid`` again, its event saying how that series ended and why."""
+    ended = "failed" if state == JobState.failed else "was refused by its checks"
+    requeue_finished(s, job, by=requeued_because(state),
+                     why=f"series {preferred_uid}, preferred to this one, {ended} ({reason}): the choice is made "
+                         "again without it")

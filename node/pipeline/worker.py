@@ -37,7 +37,7 @@ from node.outputs.write import OUTPUTS_FILE, WrittenObject, manifests_for, write
 from node.pipeline.infer import get_model
 from node.pipeline.runner import Analysis, analyse_series, warm_up
 from node.pipeline.select import SeriesHeader, Verdict, check, choose, header_image, passed_over_for
-from node.pipeline.siblings import candidate_files, requeue_if_preferred_refused, requeue_passed_over
+from node.pipeline.siblings import candidate_files, requeue_if_preferred_ended, requeue_passed_over, requeued_because
 from node.pipeline.volume import QAFlag
 from node.receive.spool import results_path
 from node.send.outbox import enqueue_results
@@ -58,6 +58,19 @@ def _db_unreachable(exc: BaseException) -> bool:
     the job is not failed for it (it goes back to the queue once the database answers)."""
     return isinstance(exc, (OperationalError, InterfaceError)) or (
         isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
+def _log_requeued(job_ids: list[int], state: JobState, *, ended_job: int) -> None:
+    """One job_requeued line per job passed over for ``ended_job``'s series, which ended ``state`` without results."""
+    for job_id in job_ids:
+        log.info(kv("job_requeued", job=job_id, reason=requeued_because(state), ended_job=ended_job))
+
+
+def _free_siblings(s: Session, job: Job) -> None:
+    """A job failed after its workers stopped on it max_attempts times: the series passed over for its series go
+    back to the queue, in the transaction that fails it."""
+    _log_requeued(requeue_passed_over(s, series_id=job.series_id, state=JobState.failed, reason=job.error),
+                  JobState.failed, ended_job=job.id)
 
 
 def results_dir(config: Config, job_id: int) -> Path:
@@ -102,7 +115,7 @@ class Worker:
         w = config.workers
         self.queue = JobQueue(self.sessions, worker=self.name, lease_s=w.lease_s, max_attempts=w.max_attempts,
                               study_settle_s=config.assembly.study_settle_s,
-                              low_max_wait_s=config.assembly.low_priority_max_wait_s)
+                              low_max_wait_s=config.assembly.low_priority_max_wait_s, on_failed=_free_siblings)
         self.stop = threading.Event()
         self.device_uid = installation_device_uid(config.storage.spool_dir)  # the SR's and KOS's observer
         self.provider: str | None = None  # of its models, once loaded (preload)
@@ -165,7 +178,20 @@ class Worker:
         traceback in the log at ERROR with the job's id. The message may quote a header value, so the log shows it
         only where logging.include_phi allows, as the analysis' own series_failed does."""
         log.error(kv("job_error", job=job.job_id, error=error_reason(exc)) + "\n" + redacted_traceback(exc))
-        self.queue.finish(job.job_id, JobState.failed, error=one_line(exc), log_reason=error_reason(exc))
+        self._record_failed(job.job_id, error=one_line(exc), log_reason=error_reason(exc))
+
+    def _record_failed(self, job_id: int, *, error: str, log_reason: str | None = None) -> None:
+        """Record a job as failed; the series passed over for its series go back to the queue in the same
+        transaction (``node.pipeline.siblings``): the study may still be analysed from one of them."""
+        requeued: list[int] = []
+
+        def free_siblings(session: Session) -> None:
+            series_id = session.scalar(select(Job.series_id).where(Job.id == job_id))
+            assert series_id is not None
+            requeued.extend(requeue_passed_over(session, series_id=series_id, state=JobState.failed, reason=error))
+
+        if self.queue.finish(job_id, JobState.failed, error=error, also=free_siblings, log_reason=log_reason):
+            _log_requeued(requeued, JobState.failed, ended_job=job_id)
 
     def _select(self, job: Claimed, header: SeriesHeader) -> Verdict:
         """This series' verdict among the complete CT series of its study that may still be analysed (the best one
@@ -230,10 +256,10 @@ class Worker:
         requeued_self: list[int] = []
 
         def queue_for_sending(session: Session) -> None:
-            if state == JobState.rejected and preferred is None:  # refused: its siblings passed over for it run
-                requeued.extend(requeue_passed_over(session, series_id=job.series_id, reason=analysis.reason))
-            if preferred is not None and requeue_if_preferred_refused(session, job_id=job.job_id,
-                                                                      preferred_uid=preferred):
+            if state in (JobState.rejected, JobState.failed) and preferred is None:  # no results: its siblings run
+                requeued.extend(requeue_passed_over(session, series_id=job.series_id, state=state, reason=error))
+            if preferred is not None and requeue_if_preferred_ended(session, job_id=job.job_id,
+                                                                    preferred_uid=preferred):
                 requeued_self.append(job.job_id)
                 return  # queued again: nothing of this outcome is sent
             if self.config.destinations and (out / OUTPUTS_FILE).is_file():
@@ -246,11 +272,9 @@ class Worker:
         if not self.queue.finish(job.job_id, state, error=error, timings=timings, also=queue_for_sending,
                                  log_reason=analysis.log_reason):
             return
-        for job_id in requeued:
-            log.info(kv("job_requeued", job=job_id, reason="the series preferred to it was refused by its checks",
-                        refused_job=job.job_id))
+        _log_requeued(requeued, state, ended_job=job.job_id)
         for job_id in requeued_self:
-            log.info(kv("job_requeued", job=job_id, reason="the series preferred to it was refused by its checks",
+            log.info(kv("job_requeued", job=job_id, reason="the series preferred to it ended without results",
                         preferred=preferred))
 
     def _write_outputs(self, job: Claimed, analysis: Analysis, staged_dir: Path) -> list[WrittenObject]:
@@ -327,7 +351,7 @@ class Worker:
 
     def _fail_timed_out(self, job_id: int, error: str) -> None:
         try:
-            self.queue.finish(job_id, JobState.failed, error=error)
+            self._record_failed(job_id, error=error)
         except SQLAlchemyError as exc:
             log.error(kv("job_timeout_not_recorded", job=job_id, error=db_reason(exc),
                          effect="the job goes back to the queue when its lease runs out (at once for a worker started "

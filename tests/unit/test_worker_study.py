@@ -2,7 +2,7 @@
 (conftest's ``engine``, ``sessions`` and ``ledger``), tiny real ONNX models, ``Worker.run_one`` in process.
 
 One series must not cost another its analysis (a bad header in a sibling, a preferred series that its checks then
-refuse), the order images came in must not decide a verdict (a localizer first or in the middle), and a job that
+refuse or whose job fails), the order images came in must not decide a verdict (a localizer first or in the middle), and a job that
 fails records one readable line, leaving no staged folder behind.
 """
 
@@ -303,6 +303,74 @@ def test_a_series_passed_over_while_the_preferred_one_was_being_refused_is_analy
     finally:
         first.engine.dispose()
         second.engine.dispose()
+
+
+def _thin_and_thick(tmp_path: Path) -> tuple[Synth, Synth]:
+    """Series X: 1.25 mm, sharp kernel (preferred); series Y: 5 mm, smooth; both complete."""
+    study = pydicom.uid.generate_uid()
+    return (chest(tmp_path, "thin", study, slice_thickness_mm=1.25, kernel="sharp", series_number=3),
+            chest(tmp_path, "thick", study, slice_thickness_mm=5.0, kernel="smooth", series_number=2))
+
+
+def _block_outputs(config: Config, job_id: int) -> None:
+    """The job's first attempt cannot write outputs.json: a folder holds its name."""
+    (results_dir(config, job_id).with_name(f"job-{job_id}.attempt-1") / "outputs.json").mkdir(parents=True)
+
+
+def test_when_the_preferred_series_fails_the_next_one_is_analysed(
+        worker: Worker, config: Config, ledger: IngestLedger, sessions: sessionmaker[Session], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The thick series was passed over for the thin one, whose job then failed: without the fallback the study
+    would have no results at all."""
+    thin, thick = _thin_and_thick(tmp_path)
+    receive(ledger, thick.files)  # its job first: passed over for the thin one, which is still queued
+    receive(ledger, thin.files)
+    jobs = complete(sessions)
+    _block_outputs(config, jobs[thin.series_uid])
+    with caplog.at_level(logging.INFO):
+        assert run_all(worker) == 3  # thick (passed over), thin (failed), thick again
+    thin_job, thick_job = job(sessions, jobs[thin.series_uid]), job(sessions, jobs[thick.series_uid])
+    assert thin_job.state.value == "failed" and (thin_job.error or "").startswith("IsADirectoryError: ")
+    assert (thick_job.state.value, thick_job.error) == ("done", None)
+    [requeued] = [message for kind, message in events(sessions, thick_job.id) if kind == "job_requeued"]
+    assert requeued.startswith(f"series {thin.series_uid}, preferred to this one, failed (IsADirectoryError: ")
+    [line] = [r.getMessage() for r in caplog.records if "event=job_requeued" in r.getMessage()]
+    assert f"job={thick_job.id}" in line and f"ended_job={thin_job.id}" in line and "failed" in line
+
+
+def test_a_series_failed_first_is_no_candidate_for_its_siblings(
+        worker: Worker, config: Config, ledger: IngestLedger, sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    thin, thick = _thin_and_thick(tmp_path)
+    receive(ledger, thin.files)  # its job first: failed; the thick one then chooses without it
+    receive(ledger, thick.files)
+    jobs = complete(sessions)
+    _block_outputs(config, jobs[thin.series_uid])
+    assert run_all(worker) == 2
+    assert job(sessions, jobs[thin.series_uid]).state.value == "failed"
+    assert job(sessions, jobs[thick.series_uid]).state.value == "done"
+
+
+def test_when_the_preferred_series_fails_for_stalling_its_workers_the_next_one_is_analysed(
+        worker: Worker, ledger: IngestLedger, sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    """A job whose workers stopped on it max_attempts times is failed by the queue, not by a worker: it frees the
+    series passed over for it too."""
+    from sqlalchemy import update
+
+    thin, thick = _thin_and_thick(tmp_path)
+    receive(ledger, thick.files)
+    receive(ledger, thin.files)
+    jobs = complete(sessions)
+    assert worker.run_one()  # the thick series: passed over for the thin one
+    assert job(sessions, jobs[thick.series_uid]).state.value == "rejected"
+    with sessions.begin() as s:  # the thin one's third worker stopped responding half an hour ago
+        s.execute(update(Job).where(Job.id == jobs[thin.series_uid]).values(
+            state="running", worker="elsewhere:1", attempts=3, heartbeat_at=utcnow() - dt.timedelta(minutes=30)))
+    assert worker.queue.requeue_stalled() == 1
+    thin_job = job(sessions, jobs[thin.series_uid])
+    assert thin_job.state.value == "failed" and thin_job.error == "worker elsewhere:1 stopped responding on 3 attempts"
+    assert job(sessions, jobs[thick.series_uid]).state.value == "queued"
+    assert run_all(worker) == 1
+    assert job(sessions, jobs[thick.series_uid]).state.value == "done"
 
 
 # -- D: a localizer filed in the axial series -------------------------------------------------------------
