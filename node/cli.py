@@ -477,8 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "process",
         help="analyse a folder of DICOM files offline and write OUT/result.json",
-        description="Run selection, QA and the models on a folder holding a series or a study. "
-        "Exit status: 0 analysed, 3 rejected (the reason is in result.json), 1 failed (the analysis, or a DICOM "
+        description="Run selection, QA and the models on a folder holding a series or a study: the best series "
+        "of the study is analysed, and when its checks refuse it (or its analysis fails) the next one, as in the "
+        "node. Exit status: 0 analysed, 3 rejected (the reason is in result.json), 1 failed (the analysis, or a DICOM "
         "output that could not be built: result.json's output_errors), 2 usage or set-up error "
         "(missing input, bad configuration, models that cannot run; nothing is written).",
     )

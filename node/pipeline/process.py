@@ -3,7 +3,9 @@
 The folder may hold one series or a whole study (any layout, non-DICOM files ignored); images of
 several studies are refused, since one result must not mix patients. Series are grouped by
 SeriesInstanceUID, the selection rules pick the best one, and it is analysed exactly as a worker
-would; ``DIR/result.json`` says what happened, including why the other series were skipped, and the
+would. As in the node, when the analysis refuses that series (a slice missing) or fails, the next eligible one is
+analysed (``node.pipeline.siblings``). ``DIR/result.json`` says what happened, including why the other series were
+skipped or gave no results, and the
 DICOM outputs (SEG, SR, key images) are written beside it, listed in ``DIR/outputs.json``. A
 previous run's outputs in ``DIR`` are removed first, so nothing there belongs to another study.
 """
@@ -14,6 +16,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -24,7 +27,7 @@ from node.logs import kv
 from node.outputs.write import OUTPUTS_FILE, manifests_for, write_outputs
 from node.pipeline.infer import InferenceDeviceError, choose_providers, models_problem
 from node.pipeline.runner import RESULT_FILE, Analysis, analyse_series
-from node.pipeline.select import SeriesHeader, choose, header_image
+from node.pipeline.select import SeriesHeader, check, choose, header_image, rank_key
 from node.pipeline.volume import QAFlag
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,39 @@ def clear_previous_run(out_dir: Path) -> int:
     return removed
 
 
+def ranked(series: dict[str, tuple[SeriesHeader, list[Path]]], config: Config) -> list[SeriesHeader]:
+    """The series the selection rules allow, best first (the order ``choose`` prefers them in)."""
+    return sorted((h for h, _ in series.values() if check(h, config.selection).eligible),
+                  key=lambda h: rank_key(h, config.selection))
+
+
+def _analyse_best(series: dict[str, tuple[SeriesHeader, list[Path]]], candidates: list[SeriesHeader], config: Config,
+                  progress: Callable[[str], None]) -> tuple[Analysis, list[Analysis]]:
+    """Analyse the candidates in turn until one gives results, as the node's workers do for a study. Returns that
+    analysis (the first one's when none does: it says why the preferred series was refused) and the others that were
+    analysed and gave none."""
+    outcomes: list[Analysis] = []
+    for header in candidates:
+        uid = header.series_instance_uid
+        _, paths = series[uid]
+        print(f"analysing series {uid} ({len(paths)} images)", file=sys.stderr)
+        outcome = analyse_series(paths, config.inference, series_instance_uid=uid, progress=progress)
+        if outcome.status == "ok":
+            return outcome, outcomes
+        outcomes.append(outcome)
+        if header is not candidates[-1]:
+            print(f"  series {uid} {outcome.status}: {outcome.reason}; the next series is analysed", file=sys.stderr)
+    return outcomes[0], outcomes[1:]
+
+
+def _tried(other: Analysis, *, preferred: bool) -> QAFlag:
+    """A series of the study that was analysed besides the one the result is for and gave no results."""
+    ended = "failed" if other.status == "failed" else "was refused by its checks"
+    role = "preferred to this one" if preferred else "the next candidate"
+    return QAFlag(f"tried_{other.status}", "flag",
+                  f"series {other.series_instance_uid}, {role}, was analysed and {ended}: {other.reason}")
+
+
 def process(input_path: Path, out_dir: Path, config: Config) -> int:
     """Run the whole path on ``input_path`` and write ``out_dir/result.json``; returns the exit code."""
     def progress(step: str) -> None:
@@ -126,6 +162,7 @@ def process(input_path: Path, out_dir: Path, config: Config) -> int:
         print(f"rejected: {analysis.reason}", file=sys.stderr)
         return EXIT_REJECTED
     best, verdicts = choose([h for h, _ in series.values()], config.selection)
+    done: set[str] = set()  # the series analysed
     for v in verdicts:
         if not v.eligible:
             print(f"skipped series {v.series_instance_uid}: {v.reason}", file=sys.stderr)
@@ -137,19 +174,18 @@ def process(input_path: Path, out_dir: Path, config: Config) -> int:
                             reason=f"no series qualifies for analysis ({reasons})",
                             qa=[QAFlag(f"selection_{first.rule}", "refuse", first.reason or "")])
     else:
-        _, paths = series[best.series_instance_uid]
-        print(f"analysing series {best.series_instance_uid} ({len(paths)} images)", file=sys.stderr)
         try:
             _, device_reason = choose_providers(config.inference.device)
         except InferenceDeviceError as exc:
             device_reason = str(exc)
         print(f"  inference: {device_reason}", file=sys.stderr)
-        analysis = analyse_series(paths, config.inference, series_instance_uid=best.series_instance_uid,
-                                  progress=progress)
+        analysis, others = _analyse_best(series, ranked(series, config), config, progress)
+        analysis.qa.extend(_tried(other, preferred=analysis.status == "ok") for other in others)
+        done = {analysis.series_instance_uid} | {other.series_instance_uid for other in others}
     analysis.qa.extend(
         QAFlag(f"skipped_{v.rule}", "flag", f"series {v.series_instance_uid} not analysed: {v.reason}")
         for v in verdicts
-        if not v.eligible and best is not None
+        if not v.eligible and best is not None and v.series_instance_uid not in done
     )
     path = analysis.write(out_dir)
     _, source_paths = series.get(analysis.series_instance_uid, (None, []))

@@ -185,3 +185,27 @@ def test_a_copy_of_an_image_is_one_slice_not_two(tmp_path: Path, models: Path) -
     proc, result = run_process(tmp_path / "ct", tmp_path / "out", models)
     assert proc.returncode == 0 and result["status"] == "ok", proc.stderr
     assert "ignored 2 copies of images already found" in proc.stderr
+
+
+def test_when_the_preferred_series_is_refused_the_next_one_is_analysed(tmp_path: Path, models: Path) -> None:
+    """As in the node (node.pipeline.siblings): the thin series, preferred, misses a slice; the thick one is
+    analysed, and the result says why the thin one gave none."""
+    study = tmp_path / "study"
+    study_uid = generate_uid()
+    thin = synth_series(study / "thin", phantom(slices=48, matrix=96, seed=5, slice_thickness_mm=1.25, kernel="sharp"),
+                        study_instance_uid=study_uid, series_number=3)
+    thick = synth_series(study / "thick", phantom(slices=40, matrix=96, seed=5, slice_thickness_mm=5.0, kernel="smooth"),
+                         study_instance_uid=study_uid, series_number=2)
+    thin.file_of_index(20).unlink()  # 47 slices: enough for selection (40), one missing for the checks
+
+    proc, result = run_process(study, tmp_path / "out", models)
+    assert proc.returncode == 0, proc.stderr
+    assert result["status"] == "ok" and result["series_instance_uid"] == thick.series_uid
+    [tried] = [q for q in result["qa"] if q["code"].startswith("tried_")]
+    assert tried["code"] == "tried_rejected" and tried["severity"] == "flag"
+    assert tried["reason"].startswith(f"series {thin.series_uid}, preferred to this one, was analysed and was "
+                                      "refused by its checks: ") and "1 slice(s) missing" in tried["reason"]
+    assert not [q for q in result["qa"] if q["code"].startswith("skipped_")]  # the thin one is not "not analysed"
+    assert proc.stderr.index(f"analysing series {thin.series_uid}") < proc.stderr.index(
+        f"analysing series {thick.series_uid}")
+    assert "the next series is analysed" in proc.stderr
