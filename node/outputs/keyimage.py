@@ -1,10 +1,13 @@
 """Key images: a few axial slices with the lesion overlay burnt in, for viewers without SEG support.
 
-Secondary Capture (RGB, 8 bits), one instance per slice: the most involved slices of the series
-(lesion area, kept apart so they show different levels), in the lung window, radiological view
-(patient's right on the image's left). Ground glass and consolidation are filled in their SEG
-colours, the lungs outlined; a band below the image holds the legend with the volumes and the
-not-for-clinical-use statement. Burned In Annotation is YES: these images carry text.
+Secondary Capture (RGB, 8 bits), one instance per slice, in the lung window, radiological view (patient's right on
+the image's left). On a series the node calls pneumonia (``node.outputs.call``) they are the most involved slices
+(lesion area, kept apart so they show different levels); on one it does not, the slices with the most lung, so that
+the few millilitres the lesion model may mark on a normal lung are not what the images put forward. Ground glass and
+consolidation are filled in their SEG colours, the lungs outlined; a band below the image holds the legend with the
+volumes, the node's call and the not-for-clinical-use statement. Small matrices are enlarged (to at least
+``MIN_WIDTH`` columns) so that text stays legible. Burned In Annotation is NO: the text names no patient and no
+date, which is what that attribute is about (PS3.3 C.7.6.1.1), so de-identifying exports need not quarantine them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node import MANUFACTURER, __version__
+from node.outputs.call import call_text, calls_pneumonia
 from node.outputs.codes import STRUCTURES
 from node.outputs.identity import copy_identity, name_equipment
 from node.outputs.uids import OutputUIDs
@@ -29,14 +33,15 @@ from node.synthetic.preview import outline
 
 LUNG_WINDOW = (-600.0, 1500.0)  # level, width
 ALPHA = 0.45
+MIN_WIDTH = 512  # columns a key image is enlarged to, at least (an integer factor): a 9-pixel font is hard to read
 
 
-def pick_slices(lungs: np.ndarray, lesions: np.ndarray, count: int) -> list[int]:
+def pick_slices(lungs: np.ndarray, lesions: np.ndarray, count: int, *, by_lesions: bool = True) -> list[int]:
     """Canonical z of the most involved slices (lesion area), at least ~5 % of the series apart.
 
-    Without lesions, the slices with the largest lung area; without lungs, none.
+    Without lesions (or with ``by_lesions`` False), the slices with the largest lung area; without lungs, none.
     """
-    area = (lesions > 0).sum(axis=(1, 2)).astype(np.float64)
+    area = (lesions > 0).sum(axis=(1, 2)).astype(np.float64) if by_lesions else np.zeros(len(lungs))
     if not area.any():
         area = (lungs > 0).sum(axis=(1, 2)).astype(np.float64)
     if not area.any():
@@ -62,9 +67,18 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
+def enlargement(cols: int) -> int:
+    """The integer factor a slice of ``cols`` columns is enlarged by (1 from ``MIN_WIDTH`` up)."""
+    return max(1, -(-MIN_WIDTH // cols))
+
+
 def render(hu: np.ndarray, lungs: np.ndarray, lesions: np.ndarray, *, legend: Sequence[tuple[tuple[int, int, int], str]],
-           title: str) -> np.ndarray:
-    """One canonical slice as RGB with the overlay, a title line and the legend band below."""
+           title: str, call: str | None = None) -> np.ndarray:
+    """One canonical slice as RGB with the overlay, a title line and the legend band below (with ``call``, the
+    node's call, above the statement); enlarged by ``enlargement``."""
+    k = enlargement(hu.shape[1])
+    if k > 1:  # every pixel a k x k block: the overlay's edges stay where the masks put them
+        hu, lungs, lesions = (np.repeat(np.repeat(a, k, axis=0), k, axis=1) for a in (hu, lungs, lesions))
     gray = _window(hu)
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
     for s in STRUCTURES:
@@ -89,14 +103,9 @@ def render(hu: np.ndarray, lungs: np.ndarray, lesions: np.ndarray, *, legend: Se
             x = 4
         entries[-1].append((colour, text))
         x += width
-    words = f"NOT FOR CLINICAL USE. {NOT_FOR_CLINICAL_USE}".split()
-    statement = [words[0]]
-    for word in words[1:]:
-        if measure.textlength(f"{statement[-1]} {word}", font=font) > cols - 8:
-            statement.append(word)
-        else:
-            statement[-1] += f" {word}"
-    band = (len(entries) + len(statement)) * line_h + 8
+    said = _wrap(call, measure, font, cols - 8) if call else []
+    statement = _wrap(f"NOT FOR CLINICAL USE. {NOT_FOR_CLINICAL_USE}", measure, font, cols - 8)
+    band = (len(entries) + len(said) + len(statement)) * line_h + 8
     canvas = Image.new("RGB", (cols, rows + band), (0, 0, 0))
     canvas.paste(Image.fromarray(rgb.astype(np.uint8), "RGB"), (0, 0))
     draw = ImageDraw.Draw(canvas)
@@ -111,10 +120,23 @@ def render(hu: np.ndarray, lungs: np.ndarray, lesions: np.ndarray, *, legend: Se
             draw.text((x + size + 2, y), text, fill=(255, 255, 255), font=font)
             x += size + 8 + int(draw.textlength(text, font=font))
         y += line_h
-    for text in statement:
-        draw.text((4, y), text, fill=(255, 200, 0), font=font)
+    for text, colour in [(line, (255, 255, 255)) for line in said] + [(line, (255, 200, 0)) for line in statement]:
+        draw.text((4, y), text, fill=colour, font=font)
         y += line_h
     return np.asarray(canvas, dtype=np.uint8)
+
+
+def _wrap(text: str, measure: ImageDraw.ImageDraw, font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+          width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` pixels (a word longer than that on a line of its own)."""
+    words = text.split()
+    lines = [words[0]]
+    for word in words[1:]:
+        if measure.textlength(f"{lines[-1]} {word}", font=font) > width:
+            lines.append(word)
+        else:
+            lines[-1] += f" {word}"
+    return lines
 
 
 def legend_entries(result: Mapping[str, object]) -> list[tuple[tuple[int, int, int], str]]:
@@ -128,8 +150,13 @@ def legend_entries(result: Mapping[str, object]) -> list[tuple[tuple[int, int, i
         group, key = volumes[s.key]
         values = result.get(group)
         ml = values.get(key) if isinstance(values, dict) else None
-        out.append((s.rgb, f"{s.label} {ml:.0f} mL" if isinstance(ml, (int, float)) else s.label))
+        out.append((s.rgb, f"{s.label} {_ml(ml)} mL" if isinstance(ml, (int, float)) else s.label))
     return out
+
+
+def _ml(ml: float) -> str:
+    """A volume as the legend shows it: one decimal under 10 mL (as the SR has it), so 0.4 mL is not "0 mL"."""
+    return f"{ml:.1f}" if abs(ml) < 10 else f"{ml:.0f}"
 
 
 def source_label(volume: Volume, z: int, headers: Mapping[str, Dataset]) -> str:
@@ -150,16 +177,19 @@ def build_key_images(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, 
                      reference: Dataset, uids: OutputUIDs, series_number: int, series_description: str,
                      count: int, headers: Mapping[str, Dataset] | None = None,
                      device_serial_number: str = "1") -> list[hd.sc.SCImage]:
-    """Secondary Capture images of the most involved slices (none when there are no lungs).
+    """Secondary Capture images of the most involved slices, or of the most lung on a series not called pneumonia
+    (none when there are no lungs).
 
     ``headers``: the source images' headers by SOP Instance UID, for the Instance Number each image names.
     """
     legend = legend_entries(result)
+    call = call_text(result)
     images = []
-    slices = pick_slices(lungs, lesions, count)
+    slices = pick_slices(lungs, lesions, count, by_lesions=calls_pneumonia(result))
     for number, z in enumerate(slices, start=1):
         where = source_label(volume, z, headers or {})
-        pixels = render(volume.hu[z], lungs[z], lesions[z], legend=legend, title=f"lungnode {__version__}  {where}")
+        pixels = render(volume.hu[z], lungs[z], lesions[z], legend=legend, title=f"lungnode {__version__}  {where}",
+                        call=call)
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=reference,
             pixel_array=pixels,
@@ -177,7 +207,7 @@ def build_key_images(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, 
         copy_identity(sc, reference)  # highdicom's Secondary Capture copies only some of it
         name_equipment(sc, device_serial_number)
         sc.SeriesDescription = series_description
-        sc.BurnedInAnnotation = "YES"
+        sc.BurnedInAnnotation = "NO"  # its text identifies neither the patient nor the date (module docstring)
         sc.ConversionType = "WSD"  # rendered by software (workstation), not taken from a digital interface (DI)
         # A chest is not a paired body part: with it named, General Series needs no Laterality.
         sc.BodyPartExamined = str(reference.get("BodyPartExamined") or "CHEST")

@@ -13,7 +13,6 @@ most likely false) a mark would announce a finding the report does not make.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -30,17 +29,6 @@ from node.pipeline.runner import NOT_FOR_CLINICAL_USE
 from node.pipeline.volume import Volume
 
 OF_INTEREST = codes.DCM.OfInterest  # (113000, DCM, "Of Interest")
-
-
-def calls_pneumonia(result: Mapping[str, Any]) -> bool:
-    """Whether the analysis (its ``result.json`` dict) calls the series pneumonia: the diagnosis model's most
-    probable class, or the slice rule's decision; True when it has neither (no way to say no)."""
-    probabilities: dict[str, float] = result.get("probabilities") or {}
-    decision = (result.get("slice_rule") or {}).get("decision")
-    if not probabilities and decision is None:
-        return True
-    most_probable = max(probabilities, key=lambda name: probabilities[name]) if probabilities else None
-    return decision == "pneumonia" or (most_probable is not None and most_probable != "no_pneumonia")
 
 
 def build_kos(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, headers: Mapping[str, Dataset],

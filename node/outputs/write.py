@@ -35,12 +35,13 @@ from pydicom.valuerep import DA, DT, TM, validate_value
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.config import InferenceSettings, OutputsSettings
 from node.logs import kv, phi
+from node.outputs.call import calls_pneumonia
 from node.outputs.charset import prepare_source_character_sets, settle_character_set
 from node.outputs.clock import creation_moment, stamp_creation
 from node.outputs.codes import STRUCTURES, ModelRole
 from node.outputs.identity import COPIED_KEYWORDS
 from node.outputs.keyimage import build_key_images
-from node.outputs.kos import build_kos, calls_pneumonia
+from node.outputs.kos import build_kos
 from node.outputs.seg import AlgorithmInfo, OutputError, SegmentSpec, build_seg, read_source_headers
 from node.outputs.sr import build_sr, predecessor_reference
 from node.outputs.sr_template import SRTemplate, load_template

@@ -13,8 +13,8 @@ import pytest
 from pydicom.multival import MultiValue
 
 from node.config import OutputsSettings
+from node.outputs.call import calls_pneumonia
 from node.outputs.keyimage import pick_slices
-from node.outputs.kos import calls_pneumonia
 from node.outputs.truth import analysis_from_series
 from node.outputs.write import write_outputs
 from tests.helpers.faults import Synth, phantom, synth_series, write_enhanced_ct
