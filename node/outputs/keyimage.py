@@ -23,10 +23,10 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node import MANUFACTURER, __version__
-from node.outputs.call import call_text, calls_pneumonia
 from node.outputs.codes import STRUCTURES
 from node.outputs.identity import copy_identity, name_equipment
 from node.outputs.uids import OutputUIDs
+from node.pipeline.call import call_text, calls_pneumonia
 from node.pipeline.runner import NOT_FOR_CLINICAL_USE
 from node.pipeline.volume import Volume
 from node.synthetic.preview import outline

@@ -39,7 +39,12 @@ NUMBER_PATHS: frozenset[str] = frozenset({
                                    "tail_skip")),
 })
 #: Coded values: the path and the values it can take (each needs a code in the template).
-CODED_PATHS: dict[str, frozenset[str]] = {"slice_rule.decision": frozenset({"pneumonia", "no_pneumonia"})}
+CODED_PATHS: dict[str, frozenset[str]] = {
+    "slice_rule.decision": frozenset({"pneumonia", "no_pneumonia"}),
+    "call.pneumonia": frozenset({"pneumonia", "no_pneumonia"}),  # node.pipeline.call
+    # the reference diagnosis model's classes (a site's model with others needs a template of its own)
+    "call.most_probable": frozenset({"covid19", "other_pneumonia", "no_pneumonia"}),
+}
 _PROBABILITY_RE = re.compile(r"^probabilities\.[a-z][a-z0-9_]{0,63}$")
 
 

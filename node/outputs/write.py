@@ -35,7 +35,6 @@ from pydicom.valuerep import DA, DT, TM, validate_value
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.config import InferenceSettings, OutputsSettings
 from node.logs import kv, phi
-from node.outputs.call import calls_pneumonia
 from node.outputs.charset import prepare_source_character_sets, settle_character_set
 from node.outputs.clock import creation_moment, stamp_creation
 from node.outputs.codes import STRUCTURES, ModelRole
@@ -46,6 +45,7 @@ from node.outputs.seg import AlgorithmInfo, OutputError, SegmentSpec, build_seg,
 from node.outputs.sr import build_sr, predecessor_reference
 from node.outputs.sr_template import SRTemplate, load_template
 from node.outputs.uids import OutputUIDs, content_digest
+from node.pipeline.call import calls_pneumonia
 from node.pipeline.infer import model_name
 from node.pipeline.manifest import ALGORITHM_FAMILIES, ManifestError, ModelManifest, load_manifest
 from node.pipeline.runner import Analysis

@@ -24,6 +24,7 @@ from node.config import InferenceSettings
 from node.errors import one_line
 from node.logs import error_reason, kv, redacted_traceback
 from node.pipeline import postprocess as post
+from node.pipeline.call import call_values
 from node.pipeline.coverage import check_coverage
 from node.pipeline.infer import CUDA, Model, get_model
 from node.pipeline.preprocess import (
@@ -71,14 +72,16 @@ class Analysis:
         # output_errors only when there are some: result.json is written again after the outputs, and the
         # outputs' UIDs derive from this dict as it was before them (node.outputs.uids)
         errors = {"output_errors": list(self.output_errors)} if self.output_errors else {}
+        called = {"probabilities": self.probabilities,
+                  "slice_rule": self.slice_rule.as_dict() if self.slice_rule else None}
         return {
             "status": self.status,
             "reason": self.reason,
             "series_instance_uid": self.series_instance_uid,
             "qa": [{"code": f.code, "severity": f.severity, "reason": f.reason} for f in self.qa],
             "models": self.models,
-            "probabilities": self.probabilities,
-            "slice_rule": self.slice_rule.as_dict() if self.slice_rule else None,
+            **called,
+            "call": call_values(called),
             "lung_volume_ml": m.get("lung_volume_ml"),
             "lesion_volume_ml": m.get("lesion_volume_ml"),
             "involvement_percent": m.get("involvement_percent"),

@@ -12,12 +12,12 @@ import pytest
 
 from node import MANUFACTURER, __version__
 from node.config import OutputsSettings
-from node.outputs.call import call_text
 from node.outputs.codes import STRUCTURES
 from node.outputs.keyimage import ALPHA, build_key_images, enlargement, legend_entries, pick_slices, render
 from node.outputs.truth import analysis_from_series
 from node.outputs.uids import OutputUIDs
 from node.outputs.write import write_outputs
+from node.pipeline.call import call_text
 from node.pipeline.runner import Analysis
 from tests.helpers.faults import Synth, phantom, synth_series
 

@@ -13,10 +13,10 @@ import pytest
 from pydicom.multival import MultiValue
 
 from node.config import OutputsSettings
-from node.outputs.call import calls_pneumonia
 from node.outputs.keyimage import pick_slices
 from node.outputs.truth import analysis_from_series
 from node.outputs.write import write_outputs
+from node.pipeline.call import calls_pneumonia
 from tests.helpers.faults import Synth, phantom, synth_series, write_enhanced_ct
 
 KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"

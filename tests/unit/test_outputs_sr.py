@@ -27,6 +27,7 @@ from node.outputs.sr import FAILED_STATEMENT
 from node.outputs.sr_template import TEMPLATES_DIR, TemplateError, load_template, lookup
 from node.outputs.truth import analysis_from_series
 from node.outputs.write import predecessor_from, read_manifest, write_outputs
+from node.pipeline.call import calls_pneumonia
 from node.pipeline.runner import NOT_FOR_CLINICAL_USE, Analysis
 from node.pipeline.volume import QAFlag
 from node.pipeline.worker import Worker, results_dir
@@ -122,7 +123,18 @@ def test_sr_values_equal_result_json(analysis: Analysis, synth: Synth, tmp_path:
             (item,) = [i for i in items if i.ValueType == "CODE" and concept(i) == code_of(e.concept)]
             expected = e.codes[lookup(result, e.value)].to_code()
             assert item.ConceptCodeSequence[0].CodeValue == expected.value
-    assert compared == sum(len(g.measurements) for g in TEMPLATE.groups) == 13  # every value the template names
+    assert compared == sum(len(g.measurements) for g in TEMPLATE.groups) == 16  # every value the template names
+
+    # the node's call, which decides its key images and KOS, is stated, not left to be worked out
+    call = groups["Call of the node"]
+    (said,) = [i for i in call if i.ValueType == "CODE" and concept(i) == ("NODECALL", "99LUNGNODE")]
+    (best,) = [i for i in call if i.ValueType == "CODE" and concept(i) == ("MOSTPROBABLE", "99LUNGNODE")]
+    probabilities = result["probabilities"]
+    assert result["call"]["most_probable"] == max(probabilities, key=probabilities.get)
+    assert best.ConceptCodeSequence[0].CodeValue == {"covid19": "840539006", "other_pneumonia": "OTHERPNEUMONIA",
+                                                      "no_pneumonia": "NOPNEUMONIA"}[result["call"]["most_probable"]]
+    assert said.ConceptCodeSequence[0].CodeValue == (
+        codes.SCT.Present if calls_pneumonia(result) else codes.SCT.Absent).value
 
     # the decision is the slice rule's, with its code
     decision = result["slice_rule"]["decision"]
@@ -290,18 +302,18 @@ def shipped() -> dict[str, Any]:
 
 @pytest.mark.parametrize(("edit", "field", "words"), [
     (lambda d: d["groups"][0].update(colour="red"), "groups[0].colour", "unknown key"),
-    (lambda d: d["groups"][4]["measurements"][0].update(unti=None), "groups[4].measurements[0].unti",
+    (lambda d: d["groups"][5]["measurements"][0].update(unti=None), "groups[5].measurements[0].unti",
      "unknown key (did you mean unit?)"),
-    (lambda d: d["groups"][4]["measurements"][0].update(value="lung_volume_ml.middle"),
-     "groups[4].measurements[0].value", "unknown value"),
-    (lambda d: d["groups"][4]["measurements"][0].update(concept={"keyword": "SCT.Volumen"}),
-     "groups[4].measurements[0].concept", "not in pydicom's code dictionaries"),
-    (lambda d: d["groups"][4]["measurements"][0].update(unit={"code": "ml", "scheme": "SCT", "meaning": "ml"}),
-     "groups[4].measurements[0].unit", "UCUM"),
-    (lambda d: d["groups"][3]["evaluations"][0]["codes"].pop("no_pneumonia"), "groups[3].evaluations[0]",
+    (lambda d: d["groups"][5]["measurements"][0].update(value="lung_volume_ml.middle"),
+     "groups[5].measurements[0].value", "unknown value"),
+    (lambda d: d["groups"][5]["measurements"][0].update(concept={"keyword": "SCT.Volumen"}),
+     "groups[5].measurements[0].concept", "not in pydicom's code dictionaries"),
+    (lambda d: d["groups"][5]["measurements"][0].update(unit={"code": "ml", "scheme": "SCT", "meaning": "ml"}),
+     "groups[5].measurements[0].unit", "UCUM"),
+    (lambda d: d["groups"][4]["evaluations"][0]["codes"].pop("no_pneumonia"), "groups[4].evaluations[0]",
      "missing ['no_pneumonia']"),
-    (lambda d: d["groups"][4].update(segment="liver"), "groups[4].segment", "unknown segment"),
-    (lambda d: d["groups"][1].update(id="covid19_probability"), "groups", "unique"),
+    (lambda d: d["groups"][5].update(segment="liver"), "groups[5].segment", "unknown segment"),
+    (lambda d: d["groups"][2].update(id="covid19_probability"), "groups", "unique"),
     (lambda d: d["statements"].pop("disclaimer"), "statements.disclaimer", "Field required"),
     (lambda d: d.pop("coding_schemes"), "coding_schemes", "['99LUNGNODE'] used but not declared"),
 ])

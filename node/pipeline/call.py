@@ -1,4 +1,5 @@
-"""What the node calls a series, from its ``result.json``: the one place the KOS and the key images read it from.
+"""What the node calls a series, from its ``result.json``: the one place result.json's ``call``, the SR, the KOS and
+the key images take it from.
 
 The 3D diagnosis model gives class probabilities and the slice rule gives pneumonia / no pneumonia from per-slice
 lesion evidence; the series is called pneumonia when either says so (the more sensitive reading: these are reference
@@ -45,3 +46,13 @@ def call_text(result: Mapping[str, Any]) -> str | None:
                  if isinstance(share, (int, float)) and isinstance(least, (int, float)) else "")
         parts.append(f"slice rule: {str(rule['decision']).replace('_', ' ')}{basis}")
     return "; ".join(parts) or None
+
+
+def call_values(result: Mapping[str, Any]) -> dict[str, str | None] | None:
+    """result.json's ``call``: ``pneumonia`` ("pneumonia" or "no_pneumonia", ``calls_pneumonia``) and
+    ``most_probable`` (the diagnosis model's class); None when the analysis has no probabilities and no slice rule
+    (a series refused or failed: nothing was called)."""
+    best = most_probable(result)
+    if best is None and (result.get("slice_rule") or {}).get("decision") is None:
+        return None
+    return {"pneumonia": "pneumonia" if calls_pneumonia(result) else "no_pneumonia", "most_probable": best}
