@@ -1,7 +1,7 @@
 """DICOM Segmentation of the lungs and lesions, frame by frame against the source images.
 
 One segment per structure (:data:`node.outputs.codes.STRUCTURES`). The canonical masks of the
-analysis are mapped back to each source image with ``Volume.to_source``'s flips, so frame ``i``
+analysis are mapped back to each source image with ``Volume.to_source``'s flips (and transpose), so frame ``i``
 of the array handed to highdicom lines up pixel for pixel with source image ``i`` (classic CT:
 one file per slice, in any order of arrival or orientation) or with source frame ``i`` (one
 Enhanced CT object, frames in frame-number order). highdicom then writes each frame's
@@ -13,6 +13,7 @@ LABELMAP is never written (Orthanc 1.10 refuses its presentation context over DI
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections.abc import Mapping, Sequence
@@ -177,6 +178,20 @@ def segment_descriptions(specs: Sequence[SegmentSpec], uids: OutputUIDs) -> list
     return out
 
 
+def _one_orientation(sources: list[Dataset]) -> list[Dataset]:
+    """The source headers, with the first one's Image Orientation (Patient) where another differs in the last digits
+    (rounding noise the volume accepts within ``ORIENTATION_TOLERANCE``): highdicom wants it identical in every source
+    image, and would refuse the SEG. The callers' headers are not changed: those that differ are copied."""
+    first = [float(v) for v in sources[0].ImageOrientationPatient]
+    out = []
+    for ds in sources:
+        if [float(v) for v in ds.ImageOrientationPatient] != first:
+            ds = copy.deepcopy(ds)
+            ds.ImageOrientationPatient = sources[0].ImageOrientationPatient
+        out.append(ds)
+    return out
+
+
 def _source_layout(volume: Volume, headers: Mapping[str, Dataset]) -> tuple[list[Dataset], np.ndarray]:
     """Source images for highdicom and, per array frame, the canonical z it comes from."""
     frames = volume.frames
@@ -185,7 +200,7 @@ def _source_layout(volume: Volume, headers: Mapping[str, Dataset]) -> tuple[list
         raise OutputError(f"{len(missing)} source image header(s) missing (e.g. {missing[0]}): pass every file of "
                           "the analysed series")
     if all(f.frame_number is None for f in frames):
-        return [headers[f.sop_instance_uid] for f in frames], np.arange(len(frames))
+        return _one_orientation([headers[f.sop_instance_uid] for f in frames]), np.arange(len(frames))
     objects = {f.sop_instance_uid for f in frames}
     if len(objects) > 1:
         raise OutputError(f"the series is {len(objects)} multi-frame objects: a SEG can reference one multi-frame "
@@ -208,6 +223,8 @@ def source_stack(volume: Volume, mask: np.ndarray, order: np.ndarray) -> np.ndar
         out = out[:, ::-1, :]
     if volume.flip_cols:
         out = out[:, :, ::-1]
+    if volume.transposed:
+        out = out.transpose(0, 2, 1)
     return out
 
 
@@ -258,7 +275,8 @@ def build_seg(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, headers
     maps = {"lungs": lungs, "lesions": lesions}
     # Segment-major memory: each (frame, segment) plane is contiguous, which is what highdicom reads
     # frame by frame; the array it gets is the (frames, rows, columns, segments) view of it.
-    planes = np.empty((len(specs), len(order), *volume.shape[1:]), dtype=np.uint8)
+    rows_cols = volume.shape[:0:-1] if volume.transposed else volume.shape[1:]  # the source images' matrix
+    planes = np.empty((len(specs), len(order), *rows_cols), dtype=np.uint8)
     for i, spec in enumerate(specs):
         s = spec.structure
         np.equal(source_stack(volume, maps[s.label_map], order), s.value, out=planes[i], casting="unsafe")

@@ -5,9 +5,12 @@ volume is brought to one canonical orientation, whatever the patient position:
 
     axis 0 (z): inferior -> superior     axis 1 (y): anterior -> posterior     axis 2 (x): right -> left
 
-which is the usual radiological view of an axial slice (patient's right on the image's left). Only
-flips are needed for axial series; ``Volume.to_source`` undoes them so masks can be written back
-frame by frame against the source images.
+which is the usual radiological view of an axial slice (patient's right on the image's left). Flips
+bring supine and prone, head- and feet-first series there; images stored turned by a quarter (decubitus
+positions, rows running front to back) are transposed first. ``Volume.to_source`` undoes both so masks
+can be written back frame by frame against the source images. Images turned in their plane by more
+than ``MAX_IN_PLANE_ROTATION_DEG`` from the nearest of these layouts are refused: the models and the
+right/left split assume the radiological view.
 
 Problems with the geometry or the pixel values raise SeriesRefused with a human-readable reason;
 milder ones are recorded as QA flags on the volume.
@@ -36,6 +39,9 @@ DUPLICATE_TOLERANCE_MM = 0.01
 SPACING_TOLERANCE = 0.10
 #: Cosine tolerance for "the same orientation" between slices.
 ORIENTATION_TOLERANCE = 1e-3
+#: Largest in-plane turn (degrees) from the nearest axis-aligned layout analysed (measured: 30 degrees still
+#: gives right and left lungs on the right side; past 45 another layout is nearer).
+MAX_IN_PLANE_ROTATION_DEG = 30.0
 AIR_HU = -1024
 
 
@@ -72,10 +78,11 @@ class Volume:
     origin_lps: np.ndarray  # position of voxel (0, 0, 0), mm
     axes_lps: np.ndarray  # 3x3, rows: unit vectors of canonical x, y, z in patient space
     frames: list[SourceFrame]  # source of each canonical z
-    flip_rows: bool  # source image rows run opposite to canonical y
-    flip_cols: bool  # source image columns run opposite to canonical x
+    flip_rows: bool  # source image rows (of the transposed image, if transposed) run opposite to canonical y
+    flip_cols: bool  # source image columns (of the transposed image, if transposed) run opposite to canonical x
     reference: Dataset  # header of one source image (patient/study modules for outputs)
     qa: list[QAFlag] = field(default_factory=list)
+    transposed: bool = False  # source image rows run along canonical x (images turned by a quarter)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -96,6 +103,8 @@ class Volume:
                 plane = plane[::-1, :]
             if self.flip_cols:
                 plane = plane[:, ::-1]
+            if self.transposed:
+                plane = plane.T
             out.append((frame, np.ascontiguousarray(plane)))
         return out
 
@@ -502,12 +511,24 @@ def load_volume(paths: Sequence[Path]) -> Volume:
     first = ordered[0]
     row_dir = first.row_dir / np.linalg.norm(first.row_dir)
     col_dir = first.col_dir / np.linalg.norm(first.col_dir)
+    row_sp, col_sp = first.pixel_spacing
+    rows, cols = first.rows, first.cols
     # Canonical axes in LPS: x toward patient left (+L), y toward posterior (+P), z toward head (+S).
+    # Images whose columns advance front to back (decubitus) are transposed: from here on, row_dir, col_dir, the
+    # spacings and the matrix are those of the transposed image, whose columns advance right to left.
+    transposed = bool(abs(row_dir[1]) > abs(row_dir[0]))
+    if transposed:
+        row_dir, col_dir, row_sp, col_sp, rows, cols = col_dir, row_dir, col_sp, row_sp, cols, rows
+    in_plane = float(np.hypot(row_dir[0], row_dir[1])) or 1.0  # the row direction's length in the axial plane
+    turned = float(np.degrees(np.arccos(min(1.0, abs(float(row_dir[0])) / in_plane))))
+    if turned > MAX_IN_PLANE_ROTATION_DEG + 0.01:  # 30 degrees as written in a header reads 30.000001
+        raise SeriesRefused("rotated_in_plane", f"images turned {turned:.0f} degrees in their plane (more than "
+                            f"{MAX_IN_PLANE_ROTATION_DEG:g}): the models need the patient's right-left along the "
+                            "image rows or columns")
     flip_cols = bool(row_dir[0] < 0)
     flip_rows = bool(col_dir[1] < 0)
     if normal[2] < 0:
         ordered = ordered[::-1]
-    rows, cols = first.rows, first.cols
     hu = np.empty((len(ordered), rows, cols), dtype=np.int16)
     cache: dict[int, np.ndarray] = {}
     tables: dict[tuple[str, ...], np.ndarray] = {}
@@ -518,6 +539,8 @@ def load_volume(paths: Sequence[Path]) -> Volume:
         pixels = _plane_pixels(plane, cache)
         _check_stored_range(pixels, plane)
         img = _to_hu_by_table(pixels, plane, tables)
+        if transposed:
+            img = img.T
         if flip_rows:
             img = img[::-1, :]
         if flip_cols:
@@ -534,7 +557,6 @@ def load_volume(paths: Sequence[Path]) -> Volume:
     z_axis = normal if normal[2] >= 0 else -normal
     # Voxel (0,0,0) is at the corner of the lowest slice that the flips brought to index 0.
     base = ordered[0].position.copy()
-    row_sp, col_sp = first.pixel_spacing
     if flip_cols:
         base = base + row_dir * col_sp * (cols - 1)
     if flip_rows:
@@ -552,4 +574,5 @@ def load_volume(paths: Sequence[Path]) -> Volume:
         flip_cols=flip_cols,
         reference=first.ds,
         qa=flags,
+        transposed=transposed,
     )

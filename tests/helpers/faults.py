@@ -173,6 +173,59 @@ def to_hfp(paths: list[Path]) -> None:
     rewrite(paths, edit)
 
 
+def to_decubitus(paths: list[Path], side: str) -> None:
+    """Re-encode as lying on one side, images stored turned by a quarter: columns advance front to back (HFDR: IOP
+    [0,1,0, -1,0,0], rows toward the patient's right) or back to front (HFDL: [0,-1,0, 1,0,0], rows toward the
+    left). Every pixel still lands on the same patient point, so a correct reader gives the HFS volume."""
+
+    def edit(ds: Dataset, i: int) -> None:
+        x, y, z = _position(ds)
+        row_sp, col_sp = (float(v) for v in ds.PixelSpacing)
+        arr = ds.pixel_array
+        if side == "HFDR":  # first pixel: the source's top-right corner (patient's left, front)
+            ds.ImagePositionPatient = [x + col_sp * (ds.Columns - 1), y, z]
+            ds.ImageOrientationPatient = [0, 1, 0, -1, 0, 0]
+            turned = arr.T[::-1, :]
+        else:  # first pixel: the source's bottom-left corner (patient's right, back)
+            ds.ImagePositionPatient = [x, y + row_sp * (ds.Rows - 1), z]
+            ds.ImageOrientationPatient = [0, -1, 0, 1, 0, 0]
+            turned = arr.T[:, ::-1]
+        ds.PixelSpacing = [col_sp, row_sp]
+        ds.PatientPosition = side
+        set_pixels(ds, turned)
+
+    rewrite(paths, edit)
+
+
+def crop_columns(paths: list[Path], n: int) -> None:
+    """Keep the first ``n`` columns of every image (a rectangular matrix; positions unchanged)."""
+
+    def edit(ds: Dataset, i: int) -> None:
+        set_pixels(ds, ds.pixel_array[:, :n])
+
+    rewrite(paths, edit)
+
+
+def orientation_noise(paths: list[Path], size: float = 1e-6) -> None:
+    """Image Orientation (Patient) off by a different few millionths in each file, as some exporters round it."""
+
+    def edit(ds: Dataset, i: int) -> None:
+        ds.ImageOrientationPatient = [float(v) + (size * (i % 3) if k in (1, 3) else 0.0)
+                                      for k, v in enumerate(ds.ImageOrientationPatient)]
+
+    rewrite(paths, edit)
+
+
+def turn_in_plane(paths: list[Path], degrees: float) -> None:
+    """Image Orientation (Patient) turned about the slice normal (headers only: the pixels are not resampled)."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+
+    def edit(ds: Dataset, i: int) -> None:
+        ds.ImageOrientationPatient = [float(c), float(s), 0.0, float(-s), float(c), 0.0]
+
+    rewrite(paths, edit)
+
+
 # -- planted pixel-value faults -------------------------------------------------------------------
 def rescale(paths: list[Path], *, slope: float, intercept: float) -> None:
     """Store HU as (HU - intercept) / slope in 16 bits (exact for the slopes used in the tests)."""

@@ -30,8 +30,11 @@ from node.pipeline.runner import Analysis
 from node.synthetic import Phantom
 from tests.helpers.faults import (
     Synth,
+    crop_columns,
+    orientation_noise,
     phantom,
     synth_series,
+    to_decubitus,
     to_hfp,
     write_enhanced_ct,
     write_legacy_converted_ct,
@@ -67,6 +70,12 @@ def make_case(tmp_path: Path, layout: str) -> Case:
     uid_of = {p: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
     if layout == "hfp":
         to_hfp(files)
+    crop = RECT_COLUMNS if layout == "hfdr_rectangular" else None
+    if layout == "hfdr_rectangular":  # lying on the right side, images turned by a quarter, 96 x 80
+        crop_columns(files, RECT_COLUMNS)
+        to_decubitus(files, "HFDR")
+    if layout == "orientation_noise":
+        orientation_noise(files)
     if layout in ("enhanced", "legacy_converted"):
         [(path, members)] = (write_enhanced_ct(files, tmp_path / "enhanced" / "ct.dcm", order_seed=3)
                              if layout == "enhanced" else [write_legacy_converted_ct(files, tmp_path / "lce" / "ct.dcm")])
@@ -78,9 +87,10 @@ def make_case(tmp_path: Path, layout: str) -> Case:
         truth_key = {(uid, None): uid for uid in uid_of.values()}
         series_uid = synth.series_uid
         random.Random(7).shuffle(files)  # order of arrival says nothing
-    analysis = analysis_from_series(files, lungs=synth.phantom.lungs, lesions=synth.phantom.lesions,
+    keep = slice(None, crop)
+    analysis = analysis_from_series(files, lungs=synth.phantom.lungs[..., keep], lesions=synth.phantom.lesions[..., keep],
                                     series_instance_uid=series_uid)
-    np.testing.assert_array_equal(analysis.volume.hu, synth.phantom.hu)  # type: ignore[union-attr]
+    np.testing.assert_array_equal(analysis.volume.hu, synth.phantom.hu[..., keep])  # type: ignore[union-attr]
     return Case(synth, files, analysis, truth_key)
 
 
@@ -104,7 +114,18 @@ def frames_by_source(seg: pydicom.Dataset) -> dict[tuple[int, str, int | None], 
     return out
 
 
-LAYOUTS = ["hfs_shuffled", "ffs_radiological", "ffs_mirrored", "hfp", "enhanced", "legacy_converted"]
+LAYOUTS = ["hfs_shuffled", "ffs_radiological", "ffs_mirrored", "hfp", "hfdr_rectangular", "orientation_noise",
+           "enhanced", "legacy_converted"]
+RECT_COLUMNS = 80
+
+
+def as_stored(layout: str, plane: np.ndarray) -> np.ndarray:
+    """A truth plane of the HFS series in the pixel layout ``make_case`` stored its image in."""
+    if layout == "hfp":
+        return plane[::-1, ::-1]  # to_hfp rotates the stored pixels by 180 degrees
+    if layout == "hfdr_rectangular":
+        return plane[:, :RECT_COLUMNS].T[::-1, :]  # as crop_columns and to_decubitus stored them
+    return plane
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -121,8 +142,7 @@ def test_seg_frames_equal_the_truth_of_their_source_image(tmp_path: Path, layout
     for number, s in enumerate(STRUCTURES, start=1):
         for (src_uid, frame), classic_uid in case.truth_key.items():
             expected = truth[s.label_map][classic_uid] == s.value
-            if layout == "hfp":
-                expected = expected[::-1, ::-1]  # to_hfp rotates the stored pixels by 180 degrees
+            expected = as_stored(layout, expected)
             frame_pixels = got.get((number, src_uid, frame))
             if frame_pixels is None:
                 assert not expected.any(), f"segment {number}: non-empty source {src_uid} frame {frame} has no frame"
@@ -147,9 +167,7 @@ def test_seg_frames_equal_the_truth_of_their_source_image(tmp_path: Path, layout
                                                  segment_numbers=[1, 2, 3, 4], assert_missing_frames_are_empty=True)
     for i, key in enumerate(keys):
         for j, s in enumerate(STRUCTURES):
-            expected = truth[s.label_map][case.truth_key[key]] == s.value
-            if layout == "hfp":
-                expected = expected[::-1, ::-1]
+            expected = as_stored(layout, truth[s.label_map][case.truth_key[key]] == s.value)
             np.testing.assert_array_equal(arr[i, :, :, j].astype(bool), expected)
 
 

@@ -30,7 +30,9 @@ from tests.helpers.faults import (
     shear_tilt,
     shift_positions,
     synth_series,
+    to_decubitus,
     to_hfp,
+    turn_in_plane,
     write_enhanced_ct,
     write_legacy_converted_ct,
 )
@@ -234,6 +236,28 @@ def test_head_first_prone_layout_flips_rows_and_columns(series: Synth) -> None:
     np.testing.assert_allclose(vol.axes_lps, np.eye(3), atol=1e-6)
     for frame, plane in vol.to_source(series.phantom.lungs):
         np.testing.assert_array_equal(plane, truth[frame.sop_instance_uid][::-1, ::-1])
+
+
+@pytest.mark.parametrize("side", ["HFDR", "HFDL"])
+def test_images_turned_by_a_quarter_are_transposed_so_right_stays_right(series: Synth, side: str) -> None:
+    """Decubitus series store the patient's right-left along the image columns: read as they were, the lungs
+    would be split front/back and called right and left."""
+    truth = truth_by_sop(series)
+    to_decubitus(series.files, side)
+    vol = load_volume(series.files)
+    assert vol.transposed
+    np.testing.assert_array_equal(vol.hu, series.phantom.hu)
+    assert vol.origin_lps == pytest.approx(series.phantom.origin_mm, abs=1e-3)
+    np.testing.assert_allclose(vol.axes_lps, np.eye(3), atol=1e-6)
+    for frame, plane in vol.to_source(series.phantom.lungs):  # masks go back in each image's own layout
+        expected = truth[frame.sop_instance_uid].T
+        np.testing.assert_array_equal(plane, expected[::-1, :] if side == "HFDR" else expected[:, ::-1])
+
+
+def test_images_turned_past_the_limit_in_their_plane_are_refused(series: Synth) -> None:
+    turn_in_plane(series.files, 40)
+    error = refused(series.files)
+    assert error.flag.code == "rotated_in_plane" and "40 degrees" in str(error)
 
 
 # -- pixel values ------------------------------------------------------------------------------
