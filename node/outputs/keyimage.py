@@ -1,7 +1,7 @@
 """Key images: a few axial slices with the lesion overlay burnt in, for viewers without SEG support.
 
 Secondary Capture (RGB, 8 bits), one instance per slice, in the lung window, radiological view (patient's right on
-the image's left). On a series the node calls pneumonia (``node.outputs.call``) they are the most involved slices
+the image's left). On a series the node calls pneumonia (``node.pipeline.call``) they are the most involved slices
 (lesion area, kept apart so they show different levels); on one it does not, the slices with the most lung, so that
 the few millilitres the lesion model may mark on a normal lung are not what the images put forward. Ground glass and
 consolidation are filled in their SEG colours, the lungs outlined; a band below the image holds the legend with the

@@ -1,7 +1,7 @@
 """DICOM Segmentation of the lungs and lesions, frame by frame against the source images.
 
 One segment per structure (:data:`node.outputs.codes.STRUCTURES`). The canonical masks of the
-analysis are mapped back to each source image with ``Volume.to_source``'s flips (and transpose), so frame ``i``
+analysis are mapped back to each source image with ``Volume.in_source_layout``, so frame ``i``
 of the array handed to highdicom lines up pixel for pixel with source image ``i`` (classic CT:
 one file per slice, in any order of arrival or orientation) or with source frame ``i`` (one
 Enhanced CT object, frames in frame-number order). highdicom then writes each frame's
@@ -218,14 +218,7 @@ def _source_layout(volume: Volume, headers: Mapping[str, Dataset]) -> tuple[list
 def source_stack(volume: Volume, mask: np.ndarray, order: np.ndarray) -> np.ndarray:
     """A canonical (z, y, x) mask in the source pixel layout, stacked in the order of ``order``."""
     identity = len(order) == mask.shape[0] and bool(np.all(order == np.arange(len(order))))
-    out = mask if identity else mask[order]  # a view, not a copy, for classic series
-    if volume.flip_rows:
-        out = out[:, ::-1, :]
-    if volume.flip_cols:
-        out = out[:, :, ::-1]
-    if volume.transposed:
-        out = out.transpose(0, 2, 1)
-    return out
+    return volume.in_source_layout(mask if identity else mask[order])  # a view, not a copy, for classic series
 
 
 class _Segmentation(hd.seg.Segmentation):
@@ -275,8 +268,7 @@ def build_seg(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, headers
     maps = {"lungs": lungs, "lesions": lesions}
     # Segment-major memory: each (frame, segment) plane is contiguous, which is what highdicom reads
     # frame by frame; the array it gets is the (frames, rows, columns, segments) view of it.
-    rows_cols = volume.shape[:0:-1] if volume.transposed else volume.shape[1:]  # the source images' matrix
-    planes = np.empty((len(specs), len(order), *rows_cols), dtype=np.uint8)
+    planes = np.empty((len(specs), len(order), *volume.source_matrix), dtype=np.uint8)
     for i, spec in enumerate(specs):
         s = spec.structure
         np.equal(source_stack(volume, maps[s.label_map], order), s.value, out=planes[i], casting="unsafe")

@@ -3,9 +3,9 @@ preferred to it ends without results: refused by its own checks, or failed.
 
 Selection ranks a study's series by their headers alone (``node.pipeline.select.choose``): a 1 mm lung-kernel
 series is preferred to a 2.5 mm one before any pixel is read. If the preferred series is then refused by the
-analysis (a slice missing, no lung coverage), or its job fails (an unexpected error, outputs that
-cannot be written, an analysis past workers.max_job_s), the study would get no analysis at all. So a series that
-ended so is no candidate for its siblings' choice, and the siblings passed over for it go back to the queue, where
+analysis (a slice missing, no lung coverage), or its job fails (an unexpected error, outputs that cannot be
+written, an analysis past workers.max_job_s), the study would get no analysis at all. So a series that ended so is
+no candidate for its siblings' choice, and the siblings passed over for it go back to the queue, where
 the choice is made again without it. Their job_requeued event names the series and why it gave no results. A failed
 series that ``lungnode reanalyse`` then runs again may give the study a second set of results, for that series.
 
@@ -63,8 +63,8 @@ def candidate_files(sessions: sessionmaker[Session], series_id: int) -> list[tup
 
 def _lock_study(s: Session, series_id: int) -> int:
     """Lock the study's row for the rest of the transaction and return its id: a job refused (or failed) and a
-    sibling passed over for it, recorded by two workers at once, then see each other's outcome (PostgreSQL; SQLite runs one
-    writing transaction at a time)."""
+    sibling passed over for it, recorded by two workers at once, then see each other's outcome (PostgreSQL; SQLite
+    runs one writing transaction at a time)."""
     study_id = s.scalar(select(Series.study_id).where(Series.id == series_id))
     assert study_id is not None
     s.execute(select(Study.id).where(Study.id == study_id).with_for_update())

@@ -94,19 +94,25 @@ class Volume:
         dz, dy, dx = self.spacing_mm
         return dz * dy * dx / 1000.0
 
+    @property
+    def source_matrix(self) -> tuple[int, int]:
+        """Rows and columns of the source images."""
+        _, y, x = self.shape
+        return (x, y) if self.transposed else (y, x)
+
+    def in_source_layout(self, canonical: np.ndarray) -> np.ndarray:
+        """A canonical (..., y, x) array in the source images' pixel layout: the flips and transpose undone (a
+        view)."""
+        out = canonical
+        if self.flip_rows:
+            out = out[..., ::-1, :]
+        if self.flip_cols:
+            out = out[..., :, ::-1]
+        return np.swapaxes(out, -1, -2) if self.transposed else out
+
     def to_source(self, mask: np.ndarray) -> list[tuple[SourceFrame, np.ndarray]]:
         """Split a canonical (z, y, x) mask into per-source-frame 2D arrays in source pixel order."""
-        out = []
-        for z, frame in enumerate(self.frames):
-            plane = mask[z]
-            if self.flip_rows:
-                plane = plane[::-1, :]
-            if self.flip_cols:
-                plane = plane[:, ::-1]
-            if self.transposed:
-                plane = plane.T
-            out.append((frame, np.ascontiguousarray(plane)))
-        return out
+        return [(frame, np.ascontiguousarray(self.in_source_layout(mask[z]))) for z, frame in enumerate(self.frames)]
 
 
 @dataclass
