@@ -51,7 +51,10 @@ def creation_moment(header: Dataset | None, now: dt.datetime | None = None) -> t
 
 
 def stamp_creation(ds: Dataset, moment: dt.datetime, offset: str | None) -> None:
-    """Write ``moment`` (an aware datetime) into the creation dates and times ``ds`` has, and the offset."""
+    """Write ``moment`` (an aware datetime) into the creation dates and times ``ds`` has, and the offset. Series Date
+    and Time are written in any case: PACS series lists show them, and every object of one analysis is made at once
+    (the same moment for the whole series)."""
+    ds.SeriesDate, ds.SeriesTime = moment.strftime("%Y%m%d"), moment.strftime("%H%M%S.%f")
     for date_kw, time_kw in CREATION_TIMES:
         if date_kw in ds:
             setattr(ds, date_kw, moment.strftime("%Y%m%d"))

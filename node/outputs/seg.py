@@ -75,9 +75,11 @@ class AlgorithmInfo:
     name: str
     version: str
     family: Code
+    sha256: str | None = None  # of model.onnx: the SR names the model file so too
 
     def sequence(self) -> hd.AlgorithmIdentificationSequence:
-        return hd.AlgorithmIdentificationSequence(name=self.name, family=self.family, version=self.version)
+        return hd.AlgorithmIdentificationSequence(name=self.name, family=self.family, version=self.version,
+                                                  parameters={"sha256": self.sha256} if self.sha256 else None)
 
 
 @dataclass(frozen=True)

@@ -149,12 +149,12 @@ def segment_specs(manifests: Mapping[str, ModelManifest] | None, models: Mapping
             label = labels.get(s.key)
             type_code = label.snomed.to_code() if label is not None and label.snomed is not None else s.type
             algorithm = AlgorithmInfo(manifest.algorithm.name, manifest.algorithm.version,
-                                      manifest.algorithm.family_code())
+                                      manifest.algorithm.family_code(), manifest.sha256)
         else:
             model = models.get(s.role, {})
             type_code = s.type
             algorithm = AlgorithmInfo(model.get("name", "unknown"), model.get("version", "unknown"),
-                                      ALGORITHM_FAMILIES["Artificial Intelligence"])
+                                      ALGORITHM_FAMILIES["Artificial Intelligence"], model.get("sha256"))
         specs.append(SegmentSpec(s, type_code, algorithm))
     return specs
 

@@ -72,6 +72,7 @@ def test_process_dates_the_objects_in_the_node_s_time_zone(tmp_path: Path) -> No
         assert len(objects) >= 4
         stamps = {(str(ds.ContentDate), str(ds.ContentTime)) for ds in objects}
         assert len(stamps) == 1  # one moment for all objects of the analysis
+        assert {(str(ds.SeriesDate), str(ds.SeriesTime)) for ds in objects} == stamps  # shown in PACS series lists
         [(date, time)] = stamps
         when = dt.datetime.strptime(date + time.split(".")[0], "%Y%m%d%H%M%S").replace(
             tzinfo=dt.timezone(dt.timedelta(hours=hours)))

@@ -211,6 +211,8 @@ def test_segments_are_coded_identified_and_belong_to_the_source_study(hfs_case: 
     algos = [(s.SegmentAlgorithmName, s.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion,
               s.SegmentationAlgorithmIdentificationSequence[0].AlgorithmFamilyCodeSequence[0].CodeMeaning) for s in segs]
     assert algos == [("lung-unet", "2.1.0", "Artificial Intelligence")] * 2 + [("lesion-unet", "3.0.1", "Morphological Operations")] * 2
+    hashes = [s.SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters for s in segs]
+    assert hashes == [f"sha256={m.sha256}" for m in (manifests()["lung"],) * 2 + (manifests()["lesion"],) * 2]
     colours = [tuple(s.RecommendedDisplayCIELabValue) for s in segs]
     assert len(set(colours)) == 4
     assert all(s.TrackingUID and s.TrackingID for s in segs)
