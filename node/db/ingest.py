@@ -179,9 +179,11 @@ class IngestLedger:
         """
         now = received_at or utcnow()
         known = self._series.get(header.series_instance_uid)
-        if known is not None and (known.study_uid != header.study_instance_uid or (
-                known.patient_id and header.patient_id and known.patient_id != _cut(header.patient_id, 64))):
-            raise _other_study(header)
+        if known is not None and known.study_uid != header.study_instance_uid:
+            raise _other_study(header, patient=False)
+        if known is not None and known.patient_id and header.patient_id and (
+                known.patient_id != _cut(header.patient_id, 64)):
+            raise _other_study(header, patient=True)
         series_id = known.series_id if known is not None else None
         if known is not None and not known.patient_id and header.patient_id:
             series_id = None  # the full path: the first instance that names the patient names it for the study
@@ -275,14 +277,14 @@ class IngestLedger:
             s.flush()
 
         if study.patient_id and h.patient_id and study.patient_id != _cut(h.patient_id, 64):
-            raise _other_study(h)
+            raise _other_study(h, patient=True)
         if not study.patient_id and h.patient_id:
             # A study whose first images came without a PatientID takes the first one given: a later different one
             # is then another patient, refused as above, not mixed into the series.
             study.patient_id = _cut(h.patient_id, 64)
         series = s.scalar(select(Series).where(Series.series_instance_uid == h.series_instance_uid))
         if series is not None and series.study_id != study.id:
-            raise _other_study(h)
+            raise _other_study(h, patient=False)
         new_revision = False
         opened = "series_revision_opened"  # or series_restored: what the new revision is
         superseded = 0
@@ -371,13 +373,13 @@ def _duplicate(s: Session, existing: Instance, h: InstanceHeader) -> Recorded:
                     existing_size=existing.size_bytes, existing_transfer_syntax=existing.transfer_syntax_uid)
 
 
-def _other_study(h: InstanceHeader) -> InstanceRejected:
-    """Images of two patients or studies must never be analysed as one series: refuse, naming no patient."""
-    return InstanceRejected(
-        STATUS_OTHER_STUDY,
-        f"series {h.series_instance_uid} (or study {h.study_instance_uid}) is already held here under another "
-        "study or a different PatientID; refused so that two patients' images are never analysed together",
-    )
+def _other_study(h: InstanceHeader, *, patient: bool) -> InstanceRejected:
+    """Images of two patients or studies must never be analysed as one series: refuse, naming no patient.
+    ``patient``: the study holds another PatientID (else: the series is held under another study)."""
+    conflict = (f"study {h.study_instance_uid} already holds images with another PatientID" if patient else
+                f"series {h.series_instance_uid} is already held here under another study")
+    return InstanceRejected(STATUS_OTHER_STUDY, f"{conflict}; refused so that two patients' images are never "
+                            "analysed together")
 
 
 def unrecordable(exc: DataError) -> InstanceRejected:

@@ -33,6 +33,18 @@ STATUS_UID_MISMATCH = 0xC222
 STATUS_INCOMPLETE = 0xC223
 STATUS_OTHER_STUDY = 0xC224  # the series is already known under another study or patient
 
+#: The Error Comment (0000,0902; LO, at most 64 characters) of each refusal, which a PACS shows beside the status:
+#: what went wrong in words, naming no patient. The node's log line (event=store_refused) has the whole reason.
+ERROR_COMMENTS = {
+    STATUS_OUT_OF_RESOURCES: "lungnode: out of resources (spool or database); send it again",
+    STATUS_SOP_CLASS_MISMATCH: "lungnode: SOP Class differs from the one the request names",
+    STATUS_CANNOT_PARSE: "lungnode: the data set cannot be read",
+    STATUS_MISSING_UID: "lungnode: a Study, Series or SOP Instance UID is missing",
+    STATUS_UID_MISMATCH: "lungnode: SOP Instance UID differs from the request's",
+    STATUS_INCOMPLETE: "lungnode: pixel data or image attributes missing or cut short",
+    STATUS_OTHER_STUDY: "lungnode: conflicts with images held (study, series, PatientID)",
+}
+
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"

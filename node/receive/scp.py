@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, cast
 
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRBigEndian,
@@ -54,6 +55,7 @@ from node.errors import InstanceRejected, LungnodeError
 from node.logs import kv
 from node.receive import tuning
 from node.receive.inspect import (
+    ERROR_COMMENTS,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     InstanceHeader,
@@ -453,7 +455,17 @@ class StorageSCP:
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
-    def _on_store(self, event: evt.Event) -> int:
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        """The C-STORE response: its status, with an Error Comment on a refusal (``ERROR_COMMENTS``)."""
+        status = self._store_status(event)
+        comment = ERROR_COMMENTS.get(status) if status != STATUS_SUCCESS else None
+        if comment is None:
+            return status
+        answer = Dataset()
+        answer.Status, answer.ErrorComment = status, comment
+        return answer
+
+    def _store_status(self, event: evt.Event) -> int:
         t0 = time.perf_counter()
         if getattr(event.assoc, _RECORD_ON_STORE, False):  # a health check's association that stores after all
             setattr(event.assoc, _RECORD_ON_STORE, False)

@@ -25,6 +25,7 @@ class Sent:
     path: Path
     sop_uid: str
     status: int | None  # None: no response (association lost)
+    comment: str | None = None  # the response's Error Comment, if any
 
 
 def _nodelay(event: evt.Event) -> None:
@@ -82,7 +83,7 @@ def send_files(
                 results.append(Sent(path, sop, None))
                 break
             status = int(rsp.Status) if "Status" in rsp else None
-            sent = Sent(path, sop, status)
+            sent = Sent(path, sop, status, str(rsp.ErrorComment) if "ErrorComment" in rsp else None)
             results.append(sent)
             if on_sent is not None:
                 on_sent(sent)

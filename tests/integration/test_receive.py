@@ -325,8 +325,14 @@ def test_a_series_never_mixes_two_studies_or_patients(node: NodeProcess, tmp_pat
     assert [s.status for s in send_files(node.port, series.files[:2])] == [SUCCESS, SUCCESS]
     other_study = _rewritten(series.files[2], tmp_path / "other-study.dcm", StudyInstanceUID=generate_uid())
     other_patient = _rewritten(series.files[2], tmp_path / "other-patient.dcm", PatientID="SOMEONE_ELSE")
-    assert store_status(node.port, other_study) == 0xC224
-    assert store_status(node.port, other_patient) == 0xC224
+    [(study_refused, study_comment)] = [(s.status, s.comment) for s in send_files(node.port, [other_study])]
+    [(patient_refused, patient_comment)] = [(s.status, s.comment) for s in send_files(node.port, [other_patient])]
+    assert study_refused == patient_refused == 0xC224
+    # the PACS is told why beside the status (Error Comment); the log names which conflict it was
+    assert study_comment == patient_comment == "lungnode: conflicts with images held (study, series, PatientID)"
+    node.wait_for_log(rf"event=store_refused .*status=0xC224 .*series {series.series_uid} is already held here "
+                      "under another study")
+    node.wait_for_log(r"event=store_refused .*status=0xC224 .*study \S+ already holds images with another PatientID")
     assert node.count("instances") == 2 and node.count("studies") == 1
     assert len(node.spool_files()) == 2 and node.incoming_files() == []
     assert "SOMEONE_ELSE" not in node.log  # the reason names no patient
