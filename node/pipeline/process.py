@@ -199,8 +199,9 @@ def process(input_path: Path, out_dir: Path, config: Config) -> int:
         print(f"  wrote {obj.kind} {out_dir / obj.file}", file=sys.stderr)
     log.info(kv("process_done", status=analysis.status, result=path, objects=len(objects)))
     print(f"{analysis.status}{': ' + analysis.reason if analysis.reason else ''} -> {path}", file=sys.stderr)
-    if analysis.output_errors:  # as a worker would fail the job: the PACS would miss these objects
+    if objects or analysis.output_errors:  # again, with the outputs' timings (and errors)
         analysis.write(out_dir)
+    if analysis.output_errors:  # as a worker would fail the job: the PACS would miss these objects
         print(f"failed: DICOM outputs not built ({'; '.join(analysis.output_errors)}); the reason is in the "
               "event=output_failed log line above", file=sys.stderr)
         return EXIT_FAILED

@@ -50,6 +50,8 @@ def test_process_writes_the_objects_and_outputs_json(tmp_path: Path, models: Pat
     rc, result, objects = process(series.folder, tmp_path / "out", models)
     assert rc == 0 and result["status"] == "ok"
     assert [o["kind"] for o in objects] == ["seg", "sr", "key_image", "key_image", "key_image", "kos"]
+    # result.json has the time each output took too (a third of the whole on large series)
+    assert {"output_seg", "output_sr", "output_key_images", "output_kos"} <= set(result["timings_s"])
     proposed = {row[1]: UID_RE.findall(row[2]) for row in table("Presentation contexts proposed")}
     for obj in objects:
         ds = pydicom.dcmread(tmp_path / "out" / obj["file"], stop_before_pixels=True)
