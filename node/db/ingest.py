@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from pydicom.uid import UID
 from sqlalchemy import Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -398,5 +399,7 @@ def _origin_note(origin: SeriesOrigin, h: InstanceHeader) -> str | None:
     if origin == SeriesOrigin.own_output:
         return "this node's own output returned by a peer: stored, never analysed"
     if origin == SeriesOrigin.other:
-        return f"storage class {h.sop_class_uid} is stored but not analysed"
+        name = UID(h.sop_class_uid).name  # pydicom's name, e.g. X-Ray Radiation Dose SR Storage; the UID when unknown
+        named = f"{name} ({h.sop_class_uid})" if name != h.sop_class_uid else h.sop_class_uid
+        return f"storage class {named} is stored but not analysed"
     return None

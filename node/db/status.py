@@ -97,6 +97,7 @@ def summary(s: Session, *, limit: int = 20, spool_dir: Path | None = None) -> di
             "series_instance_uid": ser.series_instance_uid,
             "modality": ser.modality,
             "series_number": ser.series_number,
+            "series_description": ser.series_description,
             "origin": ser.origin.value,
             "state": ser.state.value,
             "revision": ser.revision,
@@ -262,6 +263,12 @@ def render_storage(storage: dict[str, Any]) -> str:
     return line
 
 
+def _series_name(ser: dict[str, Any]) -> str:
+    """The series' number and description as a PACS lists them, before its UID: what IT recognises a series by."""
+    name = " ".join(str(v) for v in (ser.get("series_number"), ser.get("series_description")) if v not in (None, ""))
+    return f"{name}  " if name else ""
+
+
 def render_text(data: dict[str, Any]) -> str:
     c = data["counts"]
     jobs = ", ".join(f"{k} {v}" for k, v in sorted(c["jobs"].items())) or "none"
@@ -289,7 +296,7 @@ def render_text(data: dict[str, Any]) -> str:
             job_text += f" {job['priority']}"
         lines.append(
             f"{(ser['last_received_at'] or '')[:19]:20} {ser['state']:10} {ser['revision']:>3} {ser['instances']:>5} "
-            f"{ser['origin']:10} {job_text:19} {ser['series_instance_uid']}"
+            f"{ser['origin']:10} {job_text:19} {_series_name(ser)}{ser['series_instance_uid']}"
         )
         if ser["note"]:
             lines.append(f"{'':20} note: {ser['note']}")

@@ -160,13 +160,17 @@ def _ml(ml: float) -> str:
 
 
 def source_label(volume: Volume, z: int, headers: Mapping[str, Dataset]) -> str:
-    """Where canonical slice ``z`` is in the source series, as a viewer shows it: the source image's Instance
-    Number (and frame), and the slice's position along the patient axis. The canonical index means nothing
-    to a reader scrolling the original series."""
+    """Where canonical slice ``z`` is in the source series, as a viewer shows it: the source series' number, the
+    image's Instance Number (and frame), and the slice's position along the patient axis. The canonical index means
+    nothing to a reader scrolling the original series, and a study analysed from two series (one arriving late) has
+    two sets of key images that only the series number tells apart."""
     frame = volume.frames[z]
     ds = headers.get(frame.sop_instance_uid)
     number = ds.get("InstanceNumber") if ds is not None else None
     where = f"image {number}" if number not in (None, "") else f"slice {z + 1}/{volume.shape[0]}"
+    series = ds.get("SeriesNumber") if ds is not None else None
+    if series not in (None, ""):
+        where = f"series {series} {where}"
     if frame.frame_number is not None:
         where += f" frame {frame.frame_number}"
     position = volume.origin_lps + z * volume.spacing_mm[0] * volume.axes_lps[2]

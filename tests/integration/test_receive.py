@@ -578,6 +578,9 @@ def test_non_ct_storage_class_is_stored_without_a_job(node: NodeProcess, tmp_pat
         assert node.jobs(series.series_uid) == []
         assert_stored(node, series)
     assert node.status()["counts"]["jobs"] == {}
+    notes = {s["series_instance_uid"]: s["note"] for s in node.status()["series"]}
+    assert notes[sc.series_uid] == ("storage class Secondary Capture Image Storage (1.2.840.10008.5.1.4.1.1.7) is "
+                                    "stored but not analysed")  # named, not only numbered
 
 
 def test_a_ct_series_whose_first_instance_is_not_ct_still_gets_a_job(node: NodeProcess, tmp_path: Path) -> None:

@@ -288,6 +288,8 @@ def test_a_backlog_is_analysed_most_urgent_first(node_factory: NodeFactory, tmp_
     assert "priority=low" in node.wait_for_log(rf"event=series_complete series={low.series_uid} .*").group(0)
     listing = run_cli("status", "--config", node.config_path).stdout
     assert "queued high" in listing and "queued low" in listing
+    # each series by its number and description, as the PACS lists it, before its UID
+    assert re.search(rf"#\d+ queued high +1 Synthetic chest CT \(phantom\)  {high.series_uid}", listing), listing
     waiting = run_cli("status", "--queue", "--config", node.config_path)
     assert waiting.returncode == 0, waiting.stderr
     lines = waiting.stdout.splitlines()

@@ -141,7 +141,8 @@ def test_key_images_round_trip(analysis: Analysis, synth: Synth, tmp_path: Path)
         # the picture is the canonical slice with its overlay, exactly as rendered, titled with the source image's
         # Instance Number and position (what a reader scrolling the original series sees), not the canonical index
         source = by_uid[vol.frames[z].sop_instance_uid]
-        label = f"image {source.InstanceNumber}  z {float(source.ImagePositionPatient[2]):.1f} mm"
+        label = (f"series {source.SeriesNumber} image {source.InstanceNumber}  "
+                 f"z {float(source.ImagePositionPatient[2]):.1f} mm")
         assert label in ds.ImageComments
         expected = render(vol.hu[z], analysis.lungs[z], analysis.lesions[z],  # type: ignore[index]
                           legend=legend_entries(analysis.result_json()),
