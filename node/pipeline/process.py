@@ -22,12 +22,14 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from node.config import Config
+from node.db.models import JobState
 from node.errors import LungnodeError
 from node.logs import kv
 from node.outputs.write import OUTPUTS_FILE, manifests_for, write_outputs
 from node.pipeline.infer import InferenceDeviceError, choose_providers, models_problem
 from node.pipeline.runner import RESULT_FILE, Analysis, analyse_series
 from node.pipeline.select import SeriesHeader, check, choose, header_image, rank_key
+from node.pipeline.siblings import ended_as
 from node.pipeline.volume import QAFlag
 
 log = logging.getLogger(__name__)
@@ -137,7 +139,7 @@ def _analyse_best(series: dict[str, tuple[SeriesHeader, list[Path]]], candidates
 
 def _tried(other: Analysis, *, preferred: bool) -> QAFlag:
     """A series of the study that was analysed besides the one the result is for and gave no results."""
-    ended = "failed" if other.status == "failed" else "was refused by its checks"
+    ended = ended_as(JobState(other.status))
     role = "preferred to this one" if preferred else "the next candidate"
     return QAFlag(f"tried_{other.status}", "flag",
                   f"series {other.series_instance_uid}, {role}, was analysed and {ended}: {other.reason}")

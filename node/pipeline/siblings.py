@@ -113,15 +113,18 @@ def requeue_if_preferred_ended(s: Session, *, job_id: int, preferred_uid: str) -
     return True
 
 
+def ended_as(state: JobState) -> str:
+    """How a series that gave no results ended, in words: "failed" or "was refused by its checks"."""
+    return "failed" if state == JobState.failed else "was refused by its checks"
+
+
 def requeued_because(state: JobState) -> str:
     """Why a passed-over job went back to the queue, in words for its job_requeued log line (no patient data)."""
-    return ("the series preferred to it failed" if state == JobState.failed
-            else "the series preferred to it was refused by its checks")
+    return f"the series preferred to it {ended_as(state)}"
 
 
 def _requeue(s: Session, job: Job, *, preferred_uid: str, state: JobState, reason: str | None) -> None:
     """Queue a job passed over for ``preferred_uid`` again, its event saying how that series ended and why."""
-    ended = "failed" if state == JobState.failed else "was refused by its checks"
     requeue_finished(s, job, by=requeued_because(state),
-                     why=f"series {preferred_uid}, preferred to this one, {ended} ({reason}): the choice is made "
-                         "again without it")
+                     why=f"series {preferred_uid}, preferred to this one, {ended_as(state)} ({reason}): the choice "
+                         "is made again without it")
