@@ -156,6 +156,7 @@ def phantom_volume(seed: int, kind: str | None = None, *, slices: int | None = N
     args = phantom_spec_args(seed, kind, slices=slices, matrix=matrix)
     ph = make_phantom(PhantomSpec(**args))
     args["voxel_ml"] = float(np.prod(ph.spacing_mm)) / 1000.0
+    args["slice_spacing_z_mm"] = float(ph.spacing_mm[0])
     return ph.hu, ph.lungs, ph.lesions, args
 
 

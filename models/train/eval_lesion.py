@@ -40,7 +40,7 @@ from models.train.data_lesion import (
     read_medseg,
     read_medseg_train,
 )
-from node.pipeline.postprocess import clean_lesions
+from node.pipeline.postprocess import clean_lesions, smooth_along_z, z_weights
 from node.pipeline.preprocess import Placement, full_box, lung_box, place_labels, slices_input
 
 VAL_SEED0 = 200_000
@@ -87,9 +87,19 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return d.dice()
 
 
-def labels_from_probs(probs: np.ndarray, placement: Placement, shape: tuple[int, int, int]) -> np.ndarray:
-    """Argmax on the model grid, put back into the volume with nearest neighbour (as the node does)."""
+def labels_from_probs(probs: np.ndarray, placement: Placement, shape: tuple[int, int, int],
+                      z_weights: np.ndarray | None = None) -> np.ndarray:
+    """Argmax on the model grid, put back into the volume with nearest neighbour (as the node does);
+    with ``z_weights`` (more than one) the probabilities are first averaged along z, as the node does
+    for a manifest with ``postprocessing.smooth_z_sigma_mm``."""
+    if z_weights is not None and z_weights.size > 1:
+        probs = smooth_along_z(probs, z_weights)
     return place_labels(np.argmax(probs, axis=1).astype(np.uint8), placement, shape)
+
+
+def manifest_z_weights(manifest: Any, spacing_z_mm: float) -> np.ndarray:
+    """The z weights a lesion manifest asks for at this slice spacing (``[1.0]``: none)."""
+    return z_weights(spacing_z_mm, float(manifest.postprocessing.get("smooth_z_sigma_mm", 0.0)))
 
 
 def gray_map(model_dir: Path) -> tuple[GrayMap, int]:
@@ -176,10 +186,13 @@ def clean_series_lesions(raw: np.ndarray, lungs: np.ndarray, manifest: Any, voxe
 
 
 def phantom_series_labels(run: Runner, hu: np.ndarray, lungs: np.ndarray, manifest: Any,
-                          voxel_ml: float) -> np.ndarray:
-    """The node's lesion step on a phantom with its true lung mask: box, model, placement, cleaning."""
+                          args: dict[str, Any]) -> np.ndarray:
+    """The node's lesion step on a phantom with its true lung mask: box, model, (smoothing,) placement,
+    cleaning. ``args`` as :func:`phantom_volume` gives them (voxel volume, slice spacing)."""
     probs, placement = phantom_series_probs(run, hu, lungs, manifest)
-    return clean_series_lesions(labels_from_probs(probs, placement, hu.shape), lungs, manifest, voxel_ml)
+    weights = manifest_z_weights(manifest, args["slice_spacing_z_mm"])
+    return clean_series_lesions(labels_from_probs(probs, placement, hu.shape, weights), lungs, manifest,
+                                args["voxel_ml"])
 
 
 def phantom_metrics(run: Runner, manifest: Any, n: int, log=print) -> dict[str, Any]:
@@ -187,7 +200,7 @@ def phantom_metrics(run: Runner, manifest: Any, n: int, log=print) -> dict[str, 
     pooled = DiceSum()
     for seed, kind in val_seeds(n):
         hu, lungs, lesions, args = phantom_volume(seed, kind)
-        pred = phantom_series_labels(run, hu, lungs, manifest, args["voxel_ml"])
+        pred = phantom_series_labels(run, hu, lungs, manifest, args)
         pooled.add(pred, lesions)
         d = dice(pred, lesions)
         log(f"  phantom {seed} {kind} {args['slice_thickness_mm']} mm matrix {args['matrix']}: "
@@ -205,7 +218,7 @@ def phantom_test_metrics(run: Runner, manifest: Any, n: int, log=print, seed0: i
     for i in range(n):
         seed, kind = seed0 + i, VAL_KINDS[i % 3]
         hu, lungs, lesions, args = phantom_volume(seed, kind)
-        pred = phantom_series_labels(run, hu, lungs, manifest, args["voxel_ml"])
+        pred = phantom_series_labels(run, hu, lungs, manifest, args)
         one = DiceSum()
         for acc in (pooled, by_kind[kind], one):
             acc.add(pred, lesions)

@@ -19,8 +19,9 @@ warns at start that the figures in the model card do not hold for that pair.
 
 ``preprocessing`` and ``postprocessing`` are model-specific settings (numbers, strings, booleans),
 e.g. ``crop_to_lung_box: true``, ``batch_size: 16`` (slices per run on the CPU), ``cuda_batch_size: 64``
-(on the GPU), ``keep_largest_components: 2``, ``min_component_ml: 5``, ``threshold: 0.5``; the pipeline
-step that uses a model documents the keys it reads.
+(on the GPU), ``keep_largest_components: 2``, ``min_component_ml: 5``, ``threshold: 0.5``,
+``smooth_z_sigma_mm: 2`` (a 2D slice model's probabilities averaged along z before the argmax); the
+pipeline step that uses a model documents the keys it reads.
 """
 
 from __future__ import annotations

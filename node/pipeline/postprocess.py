@@ -47,6 +47,45 @@ def drop_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     return largest_components(mask, 0, min_voxels)
 
 
+#: Neighbours reach 2.5 sigma along z; beyond it a Gaussian weight is under 5 % of the centre's.
+Z_REACH_SIGMAS = 2.5
+
+
+def z_weights(spacing_mm: float, sigma_mm: float) -> np.ndarray:
+    """Gaussian weights of slices -K..K in mm (K = floor(2.5 sigma / spacing)); ``[1.0]`` when sigma is 0
+    or the slices are further apart than the reach (a thick-slice series is left as it is)."""
+    if sigma_mm <= 0 or spacing_mm <= 0:
+        return np.ones(1)
+    k = int(np.floor(Z_REACH_SIGMAS * sigma_mm / spacing_mm + 1e-9))
+    d = np.arange(-k, k + 1) * spacing_mm
+    return np.exp(-(d**2) / (2.0 * sigma_mm**2))
+
+
+def smooth_along_z(probs: np.ndarray, weights: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Slices ``start:stop`` of ``[N, C, H, W]`` class probabilities averaged with their neighbours'.
+
+    A 2D model labels each slice alone, so where evidence is weak (the edge of ground glass, a noisy
+    thin slice) a voxel's class can flip from one slice to the next; the neighbours' evidence steadies
+    it. ``weights`` come from :func:`z_weights`; at the first and last slices they are renormalised over
+    the neighbours that exist, so each result is still a probability distribution. Float32 out, so a
+    caller can keep ``probs`` in float16 and work through a series a few slices at a time.
+    """
+    n = probs.shape[0]
+    stop = n if stop is None else stop
+    k = weights.size // 2
+    out = np.zeros((stop - start, *probs.shape[1:]), dtype=np.float32)
+    norm = np.zeros(stop - start, dtype=np.float32)
+    for j, w in enumerate(weights):
+        off = j - k
+        lo, hi = max(start, -off), min(stop, n - off)  # slices i whose neighbour i + off exists
+        if lo >= hi:
+            continue
+        out[lo - start : hi - start] += np.float32(w) * probs[lo + off : hi + off]
+        norm[lo - start : hi - start] += np.float32(w)
+    out /= norm[:, None, None, None]
+    return out
+
+
 def clean_lungs(labels: np.ndarray, *, keep: int, min_ml: float, voxel_ml: float) -> np.ndarray:
     """Per lung: its largest component(s), without specks."""
     out = np.zeros_like(labels, dtype=np.uint8)

@@ -152,13 +152,36 @@ def warm_up(model: Model) -> None:
     model.run(np.zeros(model.input_shape(batch), dtype=np.float32))
 
 
+#: Slices decided at a time after smoothing along z (bounds the float32 working copy).
+SMOOTH_CHUNK = 32
+
+
 def segment_on_grid(
-    volume: Volume, model: Model, names: tuple[str, str], box: tuple[slice, slice, slice]
+    volume: Volume, model: Model, names: tuple[str, str], box: tuple[slice, slice, slice],
+    smooth_z_sigma_mm: float = 0.0,
 ) -> tuple[np.ndarray, Placement]:
-    """Run a 2D slice model over ``box``: its label map on the model's grid and where that grid sits."""
+    """Run a 2D slice model over ``box``: its label map on the model's grid and where that grid sits.
+
+    With ``smooth_z_sigma_mm`` the probabilities are averaged along z before the argmax
+    (:func:`post.smooth_along_z`); they are then kept for the whole box, in float16 (66 MB for 300
+    slices of 192 x 192 x 3), instead of being reduced batch by batch.
+    """
     x, placement = slices_input(volume.hu, model.manifest, box)
-    labels = model.run_batched(x, slice_batch(model), reduce=lambda probs: _label_map(probs, model, names))
-    return labels, placement
+    weights = post.z_weights(volume.spacing_mm[0], smooth_z_sigma_mm)
+    if weights.size == 1:
+        labels = model.run_batched(x, slice_batch(model), reduce=lambda probs: _label_map(probs, model, names))
+        return labels, placement
+    probs = model.run_batched(x, slice_batch(model), reduce=lambda p: p.astype(np.float16))
+    return smoothed_label_map(probs, weights, model, names), placement
+
+
+def smoothed_label_map(probs: np.ndarray, weights: np.ndarray, model: Model, names: tuple[str, str]) -> np.ndarray:
+    """The label map of ``[N, C, H, W]`` probabilities averaged along z with ``weights``, a chunk at a time."""
+    labels = np.empty((probs.shape[0], *probs.shape[2:]), dtype=np.uint8)
+    for z0 in range(0, probs.shape[0], SMOOTH_CHUNK):
+        z1 = min(probs.shape[0], z0 + SMOOTH_CHUNK)
+        labels[z0:z1] = _label_map(post.smooth_along_z(probs, weights, z0, z1), model, names)
+    return labels
 
 
 def segment(volume: Volume, model: Model, names: tuple[str, str], box: tuple[slice, slice, slice]) -> np.ndarray:
@@ -188,8 +211,10 @@ def segment_lesions(volume: Volume, lungs: np.ndarray, model: Model, lungs_box: 
         box = full_box(volume.shape)
     else:
         box = lung_box(lungs > 0) if lungs_box is None else lungs_box
-    labels, placement = segment_on_grid(volume, model, ("ground_glass_opacity", "consolidation"), box)
-    min_ml = float(model.manifest.postprocessing.get("min_component_ml", 0.1))
+    pp = model.manifest.postprocessing
+    labels, placement = segment_on_grid(volume, model, ("ground_glass_opacity", "consolidation"), box,
+                                        smooth_z_sigma_mm=float(pp.get("smooth_z_sigma_mm", 0.0)))
+    min_ml = float(pp.get("min_component_ml", 0.1))
     # Cleaned on the box alone (the model saw nothing outside it): a third of a 512x512 volume's voxels.
     region = post.clean_lesions(labels_in_box(labels, placement), lungs[box], min_ml=min_ml, voxel_ml=volume.voxel_ml)
     out = np.zeros(volume.shape, dtype=np.uint8)

@@ -56,5 +56,5 @@ def test_score_without_folds_gives_the_phantom_figure_alone(tmp_path: Path) -> N
     seed, kind = val_seeds(1)[0]
     hu, lungs, lesions, args = phantom_volume(seed, kind)
     model = load_model(member, device="cpu", threads=1)
-    pred = phantom_series_labels(model.run, hu, lungs, model.manifest, args["voxel_ml"])
+    pred = phantom_series_labels(model.run, hu, lungs, model.manifest, args)
     assert scores["seed0"]["synthetic_val"] == pytest.approx(dice(pred, lesions)["infection"], abs=1e-4)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from node.pipeline.postprocess import clean_lesions, clean_lungs, drop_small, keep_largest, measure
+from node.pipeline.postprocess import (
+    clean_lesions,
+    clean_lungs,
+    drop_small,
+    keep_largest,
+    measure,
+    smooth_along_z,
+    z_weights,
+)
 
 
 def three_blobs() -> np.ndarray:
@@ -132,3 +140,56 @@ def test_measure_scales_with_voxel_volume(voxel_ml: float) -> None:
     assert m.lung_ml["right"] == pytest.approx(round(100 * voxel_ml, 1))
     assert m.involvement_percent["right"] == 20.0 and m.involvement_percent["left"] == 0.0
     assert m.involvement_percent["total"] == 10.0
+
+
+# ------------------------------------------------------------------ smoothing along z
+
+
+def test_z_weights_reach_two_and_a_half_sigma() -> None:
+    w = z_weights(1.0, 2.0)  # neighbours up to 5 mm: 5 slices each side
+    assert w.size == 11 and w[5] == 1.0 and np.allclose(w, w[::-1])
+    assert w[0] == pytest.approx(np.exp(-25 / 8))
+    assert z_weights(2.5, 1.0).size == 3  # 2.5 mm reach: one neighbour each side
+    assert z_weights(5.0, 1.5).size == 1  # thick slices: out of reach, left alone
+    assert z_weights(1.0, 0.0).size == 1 and z_weights(0.0, 2.0).size == 1
+
+
+def _probs(lesion_slices: list[int], n: int = 7) -> np.ndarray:
+    """[n, 3, 2, 2] probabilities: background 0.8 / ground glass 0.2, except ``lesion_slices`` (0.3 / 0.7)."""
+    p = np.zeros((n, 3, 2, 2), dtype=np.float32)
+    p[:, 0], p[:, 1] = 0.8, 0.2
+    p[lesion_slices, 0], p[lesion_slices, 1] = 0.3, 0.7
+    return p
+
+
+def test_smoothing_overrules_a_one_slice_flip_and_keeps_a_lesion_several_slices_deep() -> None:
+    w = z_weights(1.0, 1.0)  # weights 0.135, 0.607, 1, 0.607, 0.135
+    speck = smooth_along_z(_probs([3]), w)
+    assert (speck.argmax(axis=1) == 0).all()  # slice 3 alone: background (0.3 + 0.8 * 1.484) / 2.485 = 0.60
+    deep = smooth_along_z(_probs([2, 3, 4]), w)
+    assert (deep[3].argmax(axis=0) == 1).all()  # in the middle of three lesion slices it stays a lesion
+    assert deep[3, 1, 0, 0] == pytest.approx((0.7 * 2.214 + 0.2 * 0.271) / 2.485, abs=1e-4)
+
+
+def test_smoothing_keeps_distributions_and_renormalises_at_the_ends() -> None:
+    rng = np.random.default_rng(0)
+    p = rng.random((9, 3, 4, 4)).astype(np.float32)
+    p /= p.sum(axis=1, keepdims=True)
+    w = z_weights(1.0, 1.5)
+    out = smooth_along_z(p, w)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-6)
+    k = w.size // 2  # the first slice: itself and its k upper neighbours only
+    np.testing.assert_allclose(out[0], np.tensordot(w[k:], p[: k + 1], axes=1) / w[k:].sum(), atol=1e-6)
+    uniform = np.repeat(p[:1], 9, axis=0)
+    np.testing.assert_allclose(smooth_along_z(uniform, w), uniform, atol=1e-6)
+
+
+def test_smoothing_a_few_slices_at_a_time_equals_all_at_once() -> None:
+    rng = np.random.default_rng(1)
+    p = rng.random((11, 3, 3, 3)).astype(np.float16)
+    w = z_weights(1.25, 2.0)
+    whole = smooth_along_z(p, w)
+    parts = np.concatenate([smooth_along_z(p, w, z, min(11, z + 4)) for z in range(0, 11, 4)])
+    assert whole.dtype == np.float32
+    np.testing.assert_array_equal(whole, parts)
+    assert smooth_along_z(p, np.ones(1)).shape == p.shape
