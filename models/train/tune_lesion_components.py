@@ -17,101 +17,44 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
-from models.train.data_lesion import phantom_volume
-from models.train.eval_diagnosis import LIDC, MODELS, lidc_volume
-from models.train.eval_lesion import DiceSum, labels_from_probs, phantom_series_probs, phantom_test_metrics, val_seeds
+from models.train.eval_lesion import labels_from_probs
+from models.train.lesion_variants import Chain, Variant, run_step, score_phantoms, synthetic_test
 from node.pipeline.postprocess import clean_lesions
-from node.pipeline.preprocess import lung_box
+from node.pipeline.preprocess import Placement
 
 VAL_BAR = 0.7309  # 0.3.0's 0.7359 on the 30 validation phantoms, less 0.005
 RECALL_DROP = 0.05
 TEST_BAR = 0.7748  # 0.3.0's 0.7798 on the 30 synthetic test series, less 0.005
 LIDC_23_BAR_ML = 63.4  # 0.3.0's false lesion on LIDC-IDRI-0002 and -0003 together
-RECALL_MIN_ML = 1.0
 
 
-def truth_components(truth: np.ndarray, voxel_ml: float) -> tuple[np.ndarray, np.ndarray]:
-    """Face-connected component labels of a truth lesion mask, and which labels are lesions of at least
-    ``RECALL_MIN_ML`` (index 0, the background, never)."""
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((truth > 0).astype(np.uint8))))
-    big = np.bincount(labels.ravel()) * voxel_ml >= RECALL_MIN_ML
-    big[0] = False
-    return labels, big
+def minimum(m: float) -> Variant:
+    """The node's lesion step with ``min_component_ml`` = ``m``."""
+    def variant(probs: np.ndarray, placement: Placement, shape: tuple[int, int, int], lungs: np.ndarray,
+                facts: dict[str, Any]) -> np.ndarray:
+        return clean_lesions(labels_from_probs(probs, placement, shape), lungs, min_ml=m, voxel_ml=facts["voxel_ml"])
+    return variant
 
 
-def found(pred: np.ndarray, labels: np.ndarray, big: np.ndarray) -> int:
-    """How many of the ``big`` truth lesions touch a predicted lesion voxel."""
-    hit = np.bincount(labels[pred > 0].ravel(), minlength=big.size) > 0
-    return int((big & hit).sum())
-
-
-class Chain:
-    """The node's lungs, lesion and diagnosis steps on a real series, the lesion labels kept raw so that
-    every minimum is applied to the same model output."""
-
-    def __init__(self, lesion_dir: Path) -> None:
-        from node.pipeline.infer import load_model
-
-        self.lung = load_model(MODELS / "lung_seg", device="cpu", threads=2)
-        self.lesion = load_model(lesion_dir, device="cpu", threads=2)
-        self.diagnosis = load_model(MODELS / "diagnosis", device="cpu", threads=2)
-
-    def series(self, name: str, minima: list[float]) -> dict[str, Any]:
-        from node.pipeline.runner import classify, segment, segment_lungs
-
-        vol = lidc_volume(LIDC[name])
-        lungs = segment_lungs(vol, self.lung)
-        raw = segment(vol, self.lesion, ("ground_glass_opacity", "consolidation"), lung_box(lungs > 0))
-        out: dict[str, Any] = {}
-        for m in minima:
-            les = clean_lesions(raw, lungs, min_ml=m, voxel_ml=vol.voxel_ml)
-            probs = classify(vol, lungs, les, self.diagnosis)
-            out[str(m)] = {"call": max(probs, key=lambda k: probs[k]), "probabilities": probs,
-                           "false_lesion_ml": round(float((les > 0).sum() * vol.voxel_ml), 1)}
-        return out
+def variants(minima: list[float]) -> dict[str, Variant]:
+    return {str(m): minimum(m) for m in minima}
 
 
 def phantoms(lesion_dir: Path, minima: list[float], n: int, log=print) -> dict[str, Any]:
     """Pooled Dice, lesion recall and false volume on normal series for every minimum, validation phantoms."""
-    from node.pipeline.infer import load_model
-
-    model = load_model(lesion_dir, device="cpu", threads=2)
-    sums = {m: DiceSum() for m in minima}
-    hits = {m: 0 for m in minima}
-    total = 0
-    false_ml = {m: 0.0 for m in minima}
-    for i, (seed, kind) in enumerate(val_seeds(n)):
-        hu, lungs, truth, args = phantom_volume(seed, kind)
-        v = args["voxel_ml"]
-        probs, placement = phantom_series_probs(lambda x: model.run_batched(x, 16), hu, lungs, model.manifest)
-        raw = labels_from_probs(probs, placement, hu.shape)
-        labels, big = truth_components(truth, v)  # once per phantom, for every minimum
-        total += int(big.sum())
-        for m in minima:
-            pred = clean_lesions(raw, lungs, min_ml=m, voxel_ml=v)
-            sums[m].add(pred, truth)
-            hits[m] += found(pred, labels, big)
-            if kind == "normal":
-                false_ml[m] += float((pred > 0).sum() * v)
-        if (i + 1) % 5 == 0:
-            log(f"  validation phantoms {i + 1}/{n}")
-    return {str(m): {"infection_dice": round(sums[m].dice()["infection"], 4),
-                     "lesion_recall": round(hits[m] / total, 4) if total else None,
-                     "false_ml_normal_series": round(false_ml[m], 1)} for m in minima} | {"truth_components": total}
+    return score_phantoms(lesion_dir, variants(minima), n, log)
 
 
 def select(plan: dict[str, Any], lesion_dir: Path, n: int) -> dict[str, Any]:
     minima = [float(m) for m in plan["candidate"]["min_component_ml"]]
     log = lambda s: print(s, flush=True)  # noqa: E731
     log("LIDC-IDRI-0001 through the chain")
-    lidc1 = Chain(lesion_dir).series("LIDC-IDRI-0001", minima)
+    lidc1 = Chain(lesion_dir).series("LIDC-IDRI-0001", variants(minima))
     for m in minima:
         r = lidc1[str(m)]
         log(f"  {m:4} ml: {r['call']} (no_pneumonia {r['probabilities']['no_pneumonia']}), false {r['false_lesion_ml']} ml")
@@ -135,26 +78,13 @@ def select(plan: dict[str, Any], lesion_dir: Path, n: int) -> dict[str, Any]:
 
 def real_ct(lesion_dir: Path, chosen: float) -> dict[str, Any]:
     chain = Chain(lesion_dir)
-    out = {name: chain.series(name, [chosen])[str(chosen)] for name in ("LIDC-IDRI-0002", "LIDC-IDRI-0003")}
+    out = {name: chain.series(name, variants([chosen]))[str(chosen)] for name in ("LIDC-IDRI-0002", "LIDC-IDRI-0003")}
     false_ml = sum(r["false_lesion_ml"] for r in out.values())
     passed = all(r["call"] == "no_pneumonia" for r in out.values()) and false_ml <= LIDC_23_BAR_ML
     for name, r in out.items():
         print(f"  {name}: {r['call']} {r['probabilities']}, false {r['false_lesion_ml']} ml", flush=True)
     print(f"  together {false_ml:.1f} ml (bar {LIDC_23_BAR_ML}): {'passed' if passed else 'failed'}", flush=True)
     return {"series": out, "false_lesion_ml_together": round(false_ml, 1), "passed": passed}
-
-
-def test(lesion_dir: Path, chosen: float, n: int) -> dict[str, Any]:
-    from node.pipeline.infer import load_model
-
-    model = load_model(lesion_dir, device="cpu", threads=2)
-    manifest = model.manifest
-    manifest.postprocessing["min_component_ml"] = chosen
-    res = phantom_test_metrics(lambda x: model.run_batched(x, 16), manifest, n,
-                               log=lambda s: print(s, flush=True))
-    res["passed"] = res["infection_dice"] >= TEST_BAR
-    print(f"  synthetic test {res['infection_dice']:.4f} (bar {TEST_BAR}): {'passed' if res['passed'] else 'failed'}")
-    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,24 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="results JSON, read back by the later steps")
     a = ap.parse_args(argv)
     plan = json.loads(a.plan.read_text(encoding="utf-8"))
-    results: dict[str, Any] = json.loads(a.out.read_text(encoding="utf-8")) if a.out.is_file() else {"plan": str(a.plan)}
-    t0 = time.perf_counter()
-    if a.step == "select":
-        results["step_1_select"] = select(plan, a.model, a.phantoms)
-    else:
-        chosen = results.get("step_1_select", {}).get("chosen_min_component_ml")
-        if chosen is None:
-            raise SystemExit("step 1 chose no minimum (or has not run): the plan stops there")
-        if a.step == "real-ct":
-            results["step_2_real_ct"] = real_ct(a.model, chosen)
-        else:
-            if not results.get("step_2_real_ct", {}).get("passed"):
-                raise SystemExit("step 2 has not passed: the test split is not read")
-            if "step_3_test" in results:
-                raise SystemExit("the test split was already scored for this plan: once only")
-            results["step_3_test"] = test(a.model, chosen, a.phantoms)
-    results.setdefault("seconds", {})[a.step] = round(time.perf_counter() - t0, 1)
-    a.out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    run_step(a.plan, a.out, a.step, "chosen_min_component_ml",
+             select=lambda: select(plan, a.model, a.phantoms),
+             real_ct=lambda chosen: real_ct(a.model, chosen),
+             test=lambda chosen: synthetic_test(a.model, "min_component_ml", chosen, a.phantoms, TEST_BAR))
     return 0
 
 

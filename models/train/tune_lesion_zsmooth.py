@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
-from models.train.data_lesion import phantom_spec_args, phantom_volume
-from models.train.eval_diagnosis import LIDC, MODELS, TB_DIR, lidc_volume, nifti_volume
-from models.train.eval_lesion import DiceSum, labels_from_probs, phantom_series_probs, phantom_test_metrics, val_seeds
-from models.train.tune_lesion_components import found, truth_components
-from node.pipeline.postprocess import clean_lesions, z_weights
-from node.pipeline.preprocess import lung_box, place_labels, slices_input
+from models.train.data_lesion import phantom_spec_args
+from models.train.eval_diagnosis import TB_DIR, nifti_volume
+from models.train.lesion_variants import Chain, Variant, run_step, score_phantoms, synthetic_test
+from node.pipeline.postprocess import clean_lesions, smooth_along_z, z_weights
+from node.pipeline.preprocess import Placement, place_labels
 
 DICE_GAIN = 0.01
 LIDC_FALSE_FACTOR = 1.1
@@ -45,39 +43,24 @@ LIDC_23_SLAB_PLAN_ML = 63.4
 VAL_BAR = 0.7309  # 0.3.0's 0.7359 on the 30 validation phantoms, less 0.005
 MEDSEG_TEST_BAR = 0.7152  # 0.3.0's 0.7202, less 0.005
 TEST_BAR = 0.7748  # 0.3.0's 0.7798 on the 30 synthetic test series, less 0.005
-NAMES = ("ground_glass_opacity", "consolidation")
+MIN_ML = 0.1  # postprocessing.min_component_ml of the lesion models judged here
 
 
-class Chain:
-    """The node's lung, lesion and diagnosis steps on a real series; the lesion network runs once and
-    every sigma is applied to its probabilities."""
+def sigma(s: float) -> Variant:
+    """The node's lesion step with ``smooth_z_sigma_mm`` = ``s``: float16 probabilities smoothed along z
+    as ``runner.segment_on_grid`` does (float32 argmax where there is nothing to smooth), then cleaned."""
+    def variant(probs: np.ndarray, placement: Placement, shape: tuple[int, int, int], lungs: np.ndarray,
+                facts: dict[str, Any]) -> np.ndarray:
+        w = z_weights(facts["slice_spacing_z_mm"], s)
+        if w.size > 1:
+            probs = smooth_along_z(probs.astype(np.float16), w)
+        raw = place_labels(np.argmax(probs, axis=1).astype(np.uint8), placement, shape)
+        return clean_lesions(raw, lungs, min_ml=MIN_ML, voxel_ml=facts["voxel_ml"])
+    return variant
 
-    def __init__(self, lesion_dir: Path) -> None:
-        from node.pipeline.infer import load_model
 
-        self.lung = load_model(MODELS / "lung_seg", device="cpu", threads=2)
-        self.lesion = load_model(lesion_dir, device="cpu", threads=2)
-        self.diagnosis = load_model(MODELS / "diagnosis", device="cpu", threads=2)
-
-    def series(self, name: str, sigmas: list[float]) -> dict[str, Any]:
-        return {k: {n: v for n, v in r.items() if n not in ("lesions", "lungs")} for k, r in self.volume(lidc_volume(LIDC[name]), sigmas).items()}
-
-    def volume(self, vol: Any, sigmas: list[float]) -> dict[str, Any]:
-        from node.pipeline.runner import classify, segment_lungs, slice_batch, smoothed_label_map
-
-        lungs = segment_lungs(vol, self.lung)
-        x, placement = slices_input(vol.hu, self.lesion.manifest, lung_box(lungs > 0))
-        probs = self.lesion.run_batched(x, slice_batch(self.lesion), reduce=lambda p: p.astype(np.float16))
-        min_ml = float(self.lesion.manifest.postprocessing.get("min_component_ml", 0.1))
-        out: dict[str, Any] = {}
-        for s in sigmas:
-            grid = smoothed_label_map(probs, z_weights(vol.spacing_mm[0], s), self.lesion, NAMES)
-            les = clean_lesions(place_labels(grid, placement, vol.shape), lungs, min_ml=min_ml, voxel_ml=vol.voxel_ml)
-            p = classify(vol, lungs, les, self.diagnosis)
-            out[str(s)] = {"call": max(p, key=lambda k: p[k]), "probabilities": p,
-                           "false_lesion_ml": round(float((les > 0).sum() * vol.voxel_ml), 1), "lesions": les,
-                           "lungs": lungs}
-        return out
+def variants(sigmas: list[float]) -> dict[str, Variant]:
+    return {str(s): sigma(s) for s in sigmas}
 
 
 def slab_volume(seed: int, kind: str, slices: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -96,32 +79,9 @@ def slab_volume(seed: int, kind: str, slices: int = 60) -> tuple[np.ndarray, np.
 def phantoms(lesion_dir: Path, sigmas: list[float], n: int, log=print, slabs: bool = False) -> dict[str, Any]:
     """Pooled Dice, lesion recall and false volume on normal series for every sigma: the validation
     phantoms, or (``slabs``) their contiguous slabs."""
-    from node.pipeline.infer import load_model
-
-    model = load_model(lesion_dir, device="cpu", threads=2)
-    min_ml = float(model.manifest.postprocessing.get("min_component_ml", 0.1))
-    sums = {s: DiceSum() for s in sigmas}
-    hits = {s: 0 for s in sigmas}
-    false_ml = {s: 0.0 for s in sigmas}
-    total = 0
-    for i, (seed, kind) in enumerate(val_seeds(n)):
-        hu, lungs, truth, args = (slab_volume if slabs else phantom_volume)(seed, kind)
-        v = args["voxel_ml"]
-        probs, placement = phantom_series_probs(lambda x: model.run_batched(x, 16), hu, lungs, model.manifest)
-        labels, big = truth_components(truth, v)
-        total += int(big.sum())
-        for s in sigmas:
-            raw = labels_from_probs(probs, placement, hu.shape, z_weights(args["slice_spacing_z_mm"], s))
-            pred = clean_lesions(raw, lungs, min_ml=min_ml, voxel_ml=v)
-            sums[s].add(pred, truth)
-            hits[s] += found(pred, labels, big)
-            if kind == "normal":
-                false_ml[s] += float((pred > 0).sum() * v)
-        if (i + 1) % 5 == 0:
-            log(f"  validation {'slabs' if slabs else 'phantoms'} {i + 1}/{n}")
-    return {str(s): {"infection_dice": round(sums[s].dice()["infection"], 4),
-                     "lesion_recall": round(hits[s] / total, 4) if total else None,
-                     "false_ml_normal_series": round(false_ml[s], 1)} for s in sigmas} | {"truth_components": total}
+    if slabs:
+        return score_phantoms(lesion_dir, variants(sigmas), n, log, volume=slab_volume, what="validation slabs")
+    return score_phantoms(lesion_dir, variants(sigmas), n, log)
 
 
 def select(plan: dict[str, Any], lesion_dir: Path, n: int) -> dict[str, Any]:
@@ -130,7 +90,7 @@ def select(plan: dict[str, Any], lesion_dir: Path, n: int) -> dict[str, Any]:
         raise SystemExit("the plan's first sigma must be 0 (the baseline rerun)")
     log = lambda s: print(s, flush=True)  # noqa: E731
     log("LIDC-IDRI-0001 through the chain")
-    lidc1 = Chain(lesion_dir).series("LIDC-IDRI-0001", sigmas)
+    lidc1 = Chain(lesion_dir).series("LIDC-IDRI-0001", variants(sigmas))
     for s in sigmas:
         r = lidc1[str(s)]
         log(f"  sigma {s} mm: {r['call']} (no_pneumonia {r['probabilities']['no_pneumonia']}), "
@@ -167,7 +127,7 @@ def select_slabs(plan: dict[str, Any], lesion_dir: Path, n: int) -> dict[str, An
     a_ok = val["infection_dice"] >= VAL_BAR
     log(f"  Dice {val['infection_dice']} (bar {VAL_BAR}): {'passed' if a_ok else 'failed'}")
     log("(b) LIDC-IDRI-0001 through the chain")
-    lidc1 = Chain(lesion_dir).series("LIDC-IDRI-0001", sigmas)
+    lidc1 = Chain(lesion_dir).series("LIDC-IDRI-0001", variants(sigmas))
     log(f"(c) contiguous slabs ({n})")
     slabs = phantoms(lesion_dir, sigmas, n, log, slabs=True)
     base = slabs["0.0"]
@@ -197,10 +157,10 @@ def tb_report(chain: Chain, sigmas: list[float]) -> dict[str, Any]:
     for ct in sorted(TB_DIR.glob("*-128x128x64.nii.gz")):
         vol, _ = nifti_volume(ct)
         msk = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(ct).replace(".nii.gz", "-msk.nii.gz")), "LPS"))
-        rows = chain.volume(vol, sigmas)
+        rows = chain.volume(vol, variants(sigmas))
         coarse = (msk > 0) & (rows[str(sigmas[0])]["lungs"] > 0)
         out[ct.name.split("-")[0]] = {"slice_spacing_mm": round(float(vol.spacing_mm[0]), 2), **{
-            k: {"call": r["call"], "probabilities": r["probabilities"], "lesion_ml": r["false_lesion_ml"],
+            k: {"call": r["call"], "probabilities": r["probabilities"], "lesion_ml": r["lesion_ml"],
                 "coarse_mask_covered": round(float((coarse & (r["lesions"] > 0)).sum() / max(int(coarse.sum()), 1)), 3)}
             for k, r in rows.items()}}
         print(f"  {ct.name.split('-')[0]}: " + "; ".join(f"sigma {k}: {v['call']}, {v['lesion_ml']} ml, covers "
@@ -211,7 +171,7 @@ def tb_report(chain: Chain, sigmas: list[float]) -> dict[str, Any]:
 
 def real_ct(plan: dict[str, Any], lesion_dir: Path, chosen: float) -> dict[str, Any]:
     chain = Chain(lesion_dir)
-    out = {name: chain.series(name, [chosen])[str(chosen)] for name in ("LIDC-IDRI-0002", "LIDC-IDRI-0003")}
+    out = {name: chain.series(name, variants([chosen]))[str(chosen)] for name in ("LIDC-IDRI-0002", "LIDC-IDRI-0003")}
     false_ml = sum(r["false_lesion_ml"] for r in out.values())
     bar = LIDC_23_SLAB_PLAN_ML if "contiguous_slabs" in plan else LIDC_23_BAR_ML
     passed = all(r["call"] == "no_pneumonia" for r in out.values()) and false_ml <= bar
@@ -242,19 +202,9 @@ def test_with_medseg(lesion_dir: Path, chosen: float, n: int) -> dict[str, Any]:
     return res
 
 
-def test(lesion_dir: Path, chosen: float, n: int) -> dict[str, Any]:
-    from node.pipeline.infer import load_model
-
-    model = load_model(lesion_dir, device="cpu", threads=2)
-    manifest = model.manifest
-    manifest.postprocessing["smooth_z_sigma_mm"] = chosen
-    res = phantom_test_metrics(lambda x: model.run_batched(x, 16), manifest, n, log=lambda s: print(s, flush=True))
-    res["passed"] = res["infection_dice"] >= TEST_BAR
-    print(f"  synthetic test {res['infection_dice']:.4f} (bar {TEST_BAR}): {'passed' if res['passed'] else 'failed'}")
-    return res
-
-
 def main(argv: list[str] | None = None) -> int:
+    from node.pipeline.manifest import load_manifest
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plan", type=Path, required=True)
     ap.add_argument("--model", type=Path, default=Path("models/lesion_seg"), help="the lesion model folder")
@@ -263,26 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="results JSON, read back by the later steps")
     a = ap.parse_args(argv)
     plan = json.loads(a.plan.read_text(encoding="utf-8"))
-    results: dict[str, Any] = json.loads(a.out.read_text(encoding="utf-8")) if a.out.is_file() else {"plan": str(a.plan)}
-    t0 = time.perf_counter()
-    if a.step == "select":
-        pick = select_slabs if "contiguous_slabs" in plan else select
-        results["step_1_select"] = pick(plan, a.model, a.phantoms)
-    else:
-        chosen = results.get("step_1_select", {}).get("chosen_smooth_z_sigma_mm")
-        if chosen is None:
-            raise SystemExit("step 1 chose no sigma (or has not run): the plan stops there")
-        if a.step == "real-ct":
-            results["step_2_real_ct"] = real_ct(plan, a.model, chosen)
-        else:
-            if not results.get("step_2_real_ct", {}).get("passed"):
-                raise SystemExit("step 2 has not passed: the test split is not read")
-            if "step_3_test" in results:
-                raise SystemExit("the test split was already scored for this plan: once only")
-            judge = test_with_medseg if "contiguous_slabs" in plan else test
-            results["step_3_test"] = judge(a.model, chosen, a.phantoms)
-    results.setdefault("seconds", {})[a.step] = round(time.perf_counter() - t0, 1)
-    a.out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    if float(load_manifest(a.model).postprocessing.get("min_component_ml", 0.1)) != MIN_ML:
+        raise SystemExit(f"{a.model}: min_component_ml is not {MIN_ML}, which the plans judged here assume")
+    slabs = "contiguous_slabs" in plan
+    run_step(a.plan, a.out, a.step, "chosen_smooth_z_sigma_mm",
+             select=lambda: (select_slabs if slabs else select)(plan, a.model, a.phantoms),
+             real_ct=lambda chosen: real_ct(plan, a.model, chosen),
+             test=lambda chosen: (test_with_medseg(a.model, chosen, a.phantoms) if slabs else
+                                  synthetic_test(a.model, "smooth_z_sigma_mm", chosen, a.phantoms, TEST_BAR)))
     return 0
 
 
