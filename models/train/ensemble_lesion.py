@@ -38,6 +38,7 @@ from models.train.eval_lesion import (
     dice,
     gray_map,
     labels_from_probs,
+    manifest_z_weights,
     medseg_placement,
     onnx_runner,
     oof_probs,
@@ -74,9 +75,10 @@ def synthetic_val(members: list[Path], n: int, log=print) -> dict[str, DiceSum]:
         hu, lungs, lesions, args = phantom_volume(seed, kind)
         outs = [phantom_series_probs(partial(m.run_batched, batch_size=16), hu, lungs, manifest) for m in models]
         placement = outs[0][1]
+        weights = manifest_z_weights(manifest, args["slice_spacing_z_mm"])
         for key, probs in [(f"seed{i}", p) for i, (p, _) in enumerate(outs)] + [
                 ("ensemble", np.mean([p for p, _ in outs], axis=0))]:
-            pred = clean_series_lesions(labels_from_probs(probs, placement, hu.shape), lungs, manifest,
+            pred = clean_series_lesions(labels_from_probs(probs, placement, hu.shape, weights), lungs, manifest,
                                         args["voxel_ml"])
             sums[key].add(pred, lesions)
         if (j + 1) % 10 == 0:

@@ -88,12 +88,12 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 
 def labels_from_probs(probs: np.ndarray, placement: Placement, shape: tuple[int, int, int],
-                      z_weights: np.ndarray | None = None) -> np.ndarray:
+                      weights: np.ndarray | None = None) -> np.ndarray:
     """Argmax on the model grid, put back into the volume with nearest neighbour (as the node does);
-    with ``z_weights`` (more than one) the probabilities are first averaged along z, as the node does
-    for a manifest with ``postprocessing.smooth_z_sigma_mm``."""
-    if z_weights is not None and z_weights.size > 1:
-        probs = smooth_along_z(probs, z_weights)
+    with z ``weights`` (more than one) the probabilities are first stored in float16 and averaged along
+    z, as the node does for a manifest with ``postprocessing.smooth_z_sigma_mm``."""
+    if weights is not None and weights.size > 1:
+        probs = smooth_along_z(probs.astype(np.float16), weights)
     return place_labels(np.argmax(probs, axis=1).astype(np.uint8), placement, shape)
 
 

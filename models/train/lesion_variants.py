@@ -32,6 +32,7 @@ from node.pipeline.preprocess import Placement
 #: series' facts (``voxel_ml``, ``slice_spacing_z_mm``) -> the cleaned lesion label map
 Variant = Callable[[np.ndarray, Placement, tuple[int, int, int], np.ndarray, dict[str, Any]], np.ndarray]
 RECALL_MIN_ML = 1.0
+LABELS = ("background", "ground_glass_opacity", "consolidation")  # the label maps' 0, 1, 2
 
 
 def truth_components(truth: np.ndarray, voxel_ml: float) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +90,9 @@ class Chain:
         self.lung = load_model(MODELS / "lung_seg", device="cpu", threads=2)
         self.lesion = load_model(lesion_dir, device="cpu", threads=2)
         self.diagnosis = load_model(MODELS / "diagnosis", device="cpu", threads=2)
+        if self.lesion.manifest.output.label_names != list(LABELS):
+            raise SystemExit(f"{lesion_dir}: the variants here take class index 1 for ground glass and 2 for "
+                             f"consolidation; this model's labels are {self.lesion.manifest.output.label_names}")
 
     def volume(self, vol: Any, variants: Mapping[str, Variant]) -> dict[str, Any]:
         """Per variant: call, probabilities, lesion volume (``lesion_ml``) and the maps themselves

@@ -10,7 +10,7 @@ passed (read back from ``--out``):
 
 * ``select``: LIDC-IDRI-0001 through the node's chain and the validation phantoms (seeds 200000+) for
   every sigma; a plan with ``contiguous_slabs`` also scores 60-slice contiguous slabs of the same seeds
-  (the standard phantoms' slices lie 7-15 mm apart, out of smoothing's reach). The plan's rule picks
+  (the standard phantoms' slices lie 8-18 mm apart, out of smoothing's reach). The plan's rule picks
   one sigma or none;
 * ``real-ct``: LIDC-IDRI-0002 and -0003 (validation only) with the chosen sigma, and the TB CTs reported;
 * ``test``: the synthetic test series (seeds 230000+) and, with ``--medseg``, the MedSeg test split,
@@ -29,9 +29,10 @@ import SimpleITK as sitk
 
 from models.train.data_lesion import phantom_spec_args
 from models.train.eval_diagnosis import TB_DIR, nifti_volume
+from models.train.eval_lesion import labels_from_probs
 from models.train.lesion_variants import Chain, Variant, run_step, score_phantoms, synthetic_test
-from node.pipeline.postprocess import clean_lesions, smooth_along_z, z_weights
-from node.pipeline.preprocess import Placement, place_labels
+from node.pipeline.postprocess import clean_lesions, z_weights
+from node.pipeline.preprocess import Placement
 
 DICE_GAIN = 0.01
 LIDC_FALSE_FACTOR = 1.1
@@ -51,10 +52,7 @@ def sigma(s: float) -> Variant:
     as ``runner.segment_on_grid`` does (float32 argmax where there is nothing to smooth), then cleaned."""
     def variant(probs: np.ndarray, placement: Placement, shape: tuple[int, int, int], lungs: np.ndarray,
                 facts: dict[str, Any]) -> np.ndarray:
-        w = z_weights(facts["slice_spacing_z_mm"], s)
-        if w.size > 1:
-            probs = smooth_along_z(probs.astype(np.float16), w)
-        raw = place_labels(np.argmax(probs, axis=1).astype(np.uint8), placement, shape)
+        raw = labels_from_probs(probs, placement, shape, z_weights(facts["slice_spacing_z_mm"], s))
         return clean_lesions(raw, lungs, min_ml=MIN_ML, voxel_ml=facts["voxel_ml"])
     return variant
 
@@ -211,11 +209,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step", choices=("select", "real-ct", "test"), required=True)
     ap.add_argument("--phantoms", type=int, default=30)
     ap.add_argument("--out", type=Path, required=True, help="results JSON, read back by the later steps")
+    ap.add_argument("--candidate", choices=("A", "B"), default=None,
+                    help="a plan with candidates A and B: which one --model is (B stops at sigma 0, and only A "
+                         "reaches the test step)")
     a = ap.parse_args(argv)
     plan = json.loads(a.plan.read_text(encoding="utf-8"))
+    slabs = "contiguous_slabs" in plan
+    if slabs and a.candidate is None:
+        raise SystemExit(f"{a.plan} judges candidates A and B: say which with --candidate")
+    if a.step != "select" and a.candidate == "B":
+        chosen = json.loads(a.out.read_text(encoding="utf-8"))["step_1_select"].get("chosen_smooth_z_sigma_mm") \
+            if a.out.is_file() else None
+        if chosen in (None, 0.0) or a.step == "test":
+            raise SystemExit("B changes nothing at sigma 0, and its test figures cannot change: the plan stops for B")
     if float(load_manifest(a.model).postprocessing.get("min_component_ml", 0.1)) != MIN_ML:
         raise SystemExit(f"{a.model}: min_component_ml is not {MIN_ML}, which the plans judged here assume")
-    slabs = "contiguous_slabs" in plan
     run_step(a.plan, a.out, a.step, "chosen_smooth_z_sigma_mm",
              select=lambda: (select_slabs if slabs else select)(plan, a.model, a.phantoms),
              real_ct=lambda chosen: real_ct(plan, a.model, chosen),

@@ -47,7 +47,7 @@ def drop_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     return largest_components(mask, 0, min_voxels)
 
 
-#: Neighbours reach 2.5 sigma along z; beyond it a Gaussian weight is under 5 % of the centre's.
+#: Neighbours reach 2.5 sigma along z; there a Gaussian weight is 4.4 % of the centre's.
 Z_REACH_SIGMAS = 2.5
 
 
@@ -66,12 +66,16 @@ def smooth_along_z(probs: np.ndarray, weights: np.ndarray, start: int = 0, stop:
 
     A 2D model labels each slice alone, so where evidence is weak (the edge of ground glass, a noisy
     thin slice) a voxel's class can flip from one slice to the next; the neighbours' evidence steadies
-    it. ``weights`` come from :func:`z_weights`; at the first and last slices they are renormalised over
-    the neighbours that exist, so each result is still a probability distribution. Float32 out, so a
-    caller can keep ``probs`` in float16 and work through a series a few slices at a time.
+    it. ``weights`` (odd in number, centre in the middle) come from :func:`z_weights`; within reach of
+    either end of the series they are renormalised over the neighbours that exist, so each result is
+    still a probability distribution. Float32 out, so a caller can keep ``probs`` in float16 and work
+    through a series a few slices at a time.
     """
     n = probs.shape[0]
     stop = n if stop is None else stop
+    if not 0 <= start <= stop <= n or weights.size % 2 != 1:
+        raise ValueError(f"slices {start}:{stop} of {n} with {weights.size} weights: need 0 <= start <= stop <= n "
+                         "and an odd number of weights")
     k = weights.size // 2
     out = np.zeros((stop - start, *probs.shape[1:]), dtype=np.float32)
     norm = np.zeros(stop - start, dtype=np.float32)
