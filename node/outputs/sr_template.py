@@ -33,7 +33,7 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "sr_templates"
 #: Numeric values a template may report: result.json paths (``probabilities.<label>`` takes any label).
 NUMBER_PATHS: frozenset[str] = frozenset({
     *(f"lung_volume_ml.{k}" for k in ("right", "left", "total")),
-    *(f"lesion_volume_ml.{k}" for k in ("ggo", "consolidation", "total")),
+    *(f"lesion_volume_ml.{k}" for k in ("ggo", "consolidation", "total", "right", "left")),
     *(f"involvement_percent.{k}" for k in ("right", "left", "total")),
     *(f"slice_rule.{k}" for k in ("abnormal_slice_share", "slices_considered", "min_share", "head_skip",
                                    "tail_skip")),

@@ -114,7 +114,7 @@ def clean_lesions(labels: np.ndarray, lungs: np.ndarray, *, min_ml: float, voxel
 @dataclass(frozen=True)
 class Measurements:
     lung_ml: dict[str, float]  # right, left, total
-    lesion_ml: dict[str, float]  # ggo, consolidation, total
+    lesion_ml: dict[str, float]  # ggo, consolidation, total; right, left (lesions in each lung)
     involvement_percent: dict[str, float | None]  # right, left, total; None where that lung was not found
 
     def as_dict(self) -> dict[str, Mapping[str, float | None]]:
@@ -143,6 +143,7 @@ def measure(lungs: np.ndarray, lesions: np.ndarray, voxel_ml: float) -> Measurem
 
     return Measurements(
         lung_ml={"right": round(r_ml, 1), "left": round(l_ml, 1), "total": round(r_ml + l_ml, 1)},
-        lesion_ml={"ggo": round(ggo_ml, 1), "consolidation": round(cons_ml, 1), "total": round(ggo_ml + cons_ml, 1)},
+        lesion_ml={"ggo": round(ggo_ml, 1), "consolidation": round(cons_ml, 1), "total": round(ggo_ml + cons_ml, 1),
+                   "right": round(r_les, 1), "left": round(l_les, 1)},
         involvement_percent={"right": pct(r_les, r_ml), "left": pct(l_les, l_ml), "total": pct(r_les + l_les, r_ml + l_ml)},
     )

@@ -219,7 +219,7 @@ def test_run_one_analyses_a_queued_series(ledger: Ledger, tmp_path: Path) -> Non
     assert [m["name"] for m in result["models"]] == ["lung_seg", "lesion_seg", "diagnosis"]
     assert all(len(m["sha256"]) == 64 for m in result["models"])
     assert set(result["lung_volume_ml"]) == {"right", "left", "total"}
-    assert set(result["lesion_volume_ml"]) == {"ggo", "consolidation", "total"}
+    assert set(result["lesion_volume_ml"]) == {"ggo", "consolidation", "total", "right", "left"}
     assert set(result["involvement_percent"]) == {"right", "left", "total"}
     assert result["lung_volume_ml"]["total"] > 0
     assert {q["code"] for q in result["qa"]} <= {"slice_gap"}  # a clean chest: no refusal, no partial coverage

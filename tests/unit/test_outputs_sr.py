@@ -123,7 +123,14 @@ def test_sr_values_equal_result_json(analysis: Analysis, synth: Synth, tmp_path:
             (item,) = [i for i in items if i.ValueType == "CODE" and concept(i) == code_of(e.concept)]
             expected = e.codes[lookup(result, e.value)].to_code()
             assert item.ConceptCodeSequence[0].CodeValue == expected.value
-    assert compared == sum(len(g.measurements) for g in TEMPLATE.groups) == 16  # every value the template names
+    assert compared == sum(len(g.measurements) for g in TEMPLATE.groups) == 18  # every value the template names
+    # which lung carries the lesions: each side's lesion volume, with its finding site
+    for side, site in (("right", "3341006"), ("left", "44029006")):
+        items = groups[f"Lesions of the {side} lung"]
+        assert [i.ConceptCodeSequence[0].CodeValue for i in items
+                if i.ValueType == "CODE" and concept(i) == ("363698007", "SCT")] == [site]
+    lesion = result["lesion_volume_ml"]
+    assert lesion["right"] + lesion["left"] == pytest.approx(lesion["total"], abs=0.11)  # each rounded to 0.1 ml
 
     # the node's call, which decides its key images and KOS, is stated, not left to be worked out
     call = groups["Call of the node"]

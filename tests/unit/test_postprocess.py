@@ -110,7 +110,7 @@ def test_measure_by_hand() -> None:
     lesions[3, 7, 9] = 1  # 1 voxel GGO in the left lung = 0.5 ml
     m = measure(lungs, lesions, 0.5)
     assert m.lung_ml == {"right": 48.0, "left": 40.0, "total": 88.0}
-    assert m.lesion_ml == {"ggo": 4.5, "consolidation": 4.0, "total": 8.5}
+    assert m.lesion_ml == {"ggo": 4.5, "consolidation": 4.0, "total": 8.5, "right": 4.0, "left": 4.5}
     # right 4 / 48 = 8.333 %, left 4.5 / 40 = 11.25 %, total 8.5 / 88 = 9.659 %
     assert m.involvement_percent == {"right": 8.33, "left": 11.25, "total": 9.66}
     d = m.as_dict()
