@@ -75,7 +75,7 @@ def enlargement(cols: int) -> int:
 def render(hu: np.ndarray, lungs: np.ndarray, lesions: np.ndarray, *, legend: Sequence[tuple[tuple[int, int, int], str]],
            title: str, call: str | None = None) -> np.ndarray:
     """One canonical slice as RGB with the overlay, a title line and the legend band below (with ``call``, the
-    node's call, above the statement); enlarged by ``enlargement``."""
+    node's call, above the statement: its lines each start a new line); enlarged by ``enlargement``."""
     k = enlargement(hu.shape[1])
     if k > 1:  # every pixel a k x k block: the overlay's edges stay where the masks put them
         hu, lungs, lesions = (np.repeat(np.repeat(a, k, axis=0), k, axis=1) for a in (hu, lungs, lesions))
@@ -103,7 +103,7 @@ def render(hu: np.ndarray, lungs: np.ndarray, lesions: np.ndarray, *, legend: Se
             x = 4
         entries[-1].append((colour, text))
         x += width
-    said = _wrap(call, measure, font, cols - 8) if call else []
+    said = [line for part in (call or "").split("\n") if part for line in _wrap(part, measure, font, cols - 8)]
     statement = _wrap(f"NOT FOR CLINICAL USE. {NOT_FOR_CLINICAL_USE}", measure, font, cols - 8)
     band = (len(entries) + len(said) + len(statement)) * line_h + 8
     canvas = Image.new("RGB", (cols, rows + band), (0, 0, 0))
@@ -154,6 +154,23 @@ def legend_entries(result: Mapping[str, object]) -> list[tuple[tuple[int, int, i
     return out
 
 
+def involvement_text(result: Mapping[str, object]) -> str | None:
+    """The share of each lung that lesions take, as the SR reports it; None when the analysis has none."""
+    pct = result.get("involvement_percent")
+    if not isinstance(pct, dict) or not pct:
+        return None
+
+    def one(key: str) -> str:
+        value = pct.get(key)
+        return f"{float(value):.1f}%" if isinstance(value, (int, float)) else "unknown"
+    return f"Lung involved by lesions: right {one('right')}, left {one('left')}, both {one('total')}"
+
+
+def band_text(result: Mapping[str, object]) -> str | None:
+    """What the key image says under the legend: the node's call, and the involvement on a line of its own."""
+    return "\n".join(t for t in (call_text(result), involvement_text(result)) if t) or None
+
+
 def _ml(ml: float) -> str:
     """A volume as the legend shows it: one decimal under 10 mL (as the SR has it), so 0.4 mL is not "0 mL"."""
     return f"{ml:.1f}" if abs(ml) < 10 else f"{ml:.0f}"
@@ -187,7 +204,7 @@ def build_key_images(*, volume: Volume, lungs: np.ndarray, lesions: np.ndarray, 
     ``headers``: the source images' headers by SOP Instance UID, for the Instance Number each image names.
     """
     legend = legend_entries(result)
-    call = call_text(result)
+    call = band_text(result)
     images = []
     slices = pick_slices(lungs, lesions, count, by_lesions=calls_pneumonia(result))
     for number, z in enumerate(slices, start=1):

@@ -13,7 +13,16 @@ import pytest
 from node import MANUFACTURER, __version__
 from node.config import OutputsSettings
 from node.outputs.codes import STRUCTURES
-from node.outputs.keyimage import ALPHA, build_key_images, enlargement, legend_entries, pick_slices, render
+from node.outputs.keyimage import (
+    ALPHA,
+    band_text,
+    build_key_images,
+    enlargement,
+    involvement_text,
+    legend_entries,
+    pick_slices,
+    render,
+)
 from node.outputs.truth import analysis_from_series
 from node.outputs.uids import OutputUIDs
 from node.outputs.write import write_outputs
@@ -84,6 +93,15 @@ def test_call_text(result: dict[str, object], expected: str | None) -> None:
     assert call_text(result) == expected
 
 
+def test_the_band_says_the_call_and_how_much_of_each_lung_is_involved() -> None:
+    result = {"probabilities": {"covid19": 0.81, "other_pneumonia": 0.1, "no_pneumonia": 0.09},
+              "involvement_percent": {"right": 12.34, "left": None, "total": 7.0}}
+    assert involvement_text(result) == "Lung involved by lesions: right 12.3%, left unknown, both 7.0%"
+    assert band_text(result) == ("Most probable: COVID-19 pneumonia (probability 0.81)\n"
+                                 "Lung involved by lesions: right 12.3%, left unknown, both 7.0%")
+    assert involvement_text({}) is None and band_text({}) is None
+
+
 def test_legend_volumes_keep_a_decimal_under_10_ml() -> None:
     entries = legend_entries({"lung_volume_ml": {"right": 2872.44, "left": 9.96},
                               "lesion_volume_ml": {"ggo": 0.36, "consolidation": 0.0}})
@@ -146,7 +164,7 @@ def test_key_images_round_trip(analysis: Analysis, synth: Synth, tmp_path: Path)
         assert label in ds.ImageComments
         expected = render(vol.hu[z], analysis.lungs[z], analysis.lesions[z],  # type: ignore[index]
                           legend=legend_entries(analysis.result_json()),
-                          title=f"lungnode {__version__}  {label}", call=call_text(analysis.result_json()))
+                          title=f"lungnode {__version__}  {label}", call=band_text(analysis.result_json()))
         np.testing.assert_array_equal(pixels, expected)
         assert analysis.lesions[z].any()  # the most involved slices show lesions
         # the patient's right lung is on the image's left
