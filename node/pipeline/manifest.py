@@ -62,6 +62,10 @@ ALGORITHM_FAMILIES: dict[str, Code] = {
 Scalar = bool | int | float | str
 
 
+#: Settings the pipeline reads as sizes, counts or volumes (preprocessing and postprocessing alike).
+NON_NEGATIVE_KEYS = frozenset({"min_component_ml", "smooth_z_sigma_mm", "keep_largest_components", "batch_size",
+                               "cuda_batch_size"})
+
 class ManifestError(LungnodeError):
     """A model folder is unusable: invalid or missing manifest, missing model, hash mismatch."""
 
@@ -248,6 +252,9 @@ class ModelManifest(_Strict):
             for key, value in v.items():
                 if not isinstance(value, (bool, int, float, str)):
                     raise ValueError(f"{key}: must be a number, string or boolean, got {type(value).__name__}")
+                if key in NON_NEGATIVE_KEYS and (isinstance(value, (bool, str)) or value < 0):
+                    # read with float() in the middle of an analysis: a bad value must stop the model loading
+                    raise ValueError(f"{key}: must be a number of 0 or more, got {value!r}")
         return v
 
     @field_validator("sha256")

@@ -153,6 +153,12 @@ def test_preprocessing_values_are_scalars() -> None:
     )
 
 
+@pytest.mark.parametrize("value", ["two", -1.0, True])
+def test_sizes_the_pipeline_reads_must_be_numbers(value: object) -> None:
+    msg = manifest_error(edited(postprocessing={"smooth_z_sigma_mm": value}))
+    assert f"postprocessing: smooth_z_sigma_mm: must be a number of 0 or more, got {value!r}" in msg
+
+
 # -- files on disk ------------------------------------------------------------------------------
 def test_sha256_mismatch_caught(tmp_path: Path) -> None:
     folder = make_seg2d(tmp_path / "lung_seg")
