@@ -148,12 +148,17 @@ def phantom_spec_args(seed: int, kind: str | None = None, *, slices: int | None 
     return {**args, **{k: v for k, v in overrides.items() if v is not None}}
 
 
-def phantom_volume(seed: int, kind: str | None = None, *, slices: int | None = None, matrix: int | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """One random phantom in canonical layout: (hu, lungs, lesions, spec args + voxel_ml)."""
+def phantom_volume(seed: int, kind: str | None = None, *, slices: int | None = None, matrix: int | None = None,
+                   contiguous: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """One random phantom in canonical layout: (hu, lungs, lesions, spec args + voxel_ml and slice spacing).
+
+    ``contiguous``: slices spaced at the slice thickness (a mid-lung slab when they are shorter than the
+    chest) instead of spread over the whole chest."""
     from node.synthetic.phantom import PhantomSpec, make_phantom
 
     args = phantom_spec_args(seed, kind, slices=slices, matrix=matrix)
+    if contiguous:
+        args["slice_spacing_mm"] = args["slice_thickness_mm"]
     ph = make_phantom(PhantomSpec(**args))
     args["voxel_ml"] = float(np.prod(ph.spacing_mm)) / 1000.0
     args["slice_spacing_z_mm"] = float(ph.spacing_mm[0])

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from models.train.data_lesion import phantom_spec_args
+from models.train.data_lesion import phantom_volume
 from models.train.eval_diagnosis import TB_DIR, nifti_volume
 from models.train.eval_lesion import labels_from_probs
 from models.train.lesion_variants import Chain, Variant, run_step, score_phantoms, synthetic_test
@@ -64,14 +64,7 @@ def variants(sigmas: list[float]) -> dict[str, Variant]:
 def slab_volume(seed: int, kind: str, slices: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """A validation phantom's own anatomy, kind, matrix, thickness and noise, as ``slices`` contiguous
     slices spaced at the slice thickness (a mid-lung slab when they are shorter than the chest)."""
-    from node.synthetic.phantom import PhantomSpec, make_phantom
-
-    args = phantom_spec_args(seed, kind)
-    args.update(slices=slices, slice_spacing_mm=args["slice_thickness_mm"])
-    ph = make_phantom(PhantomSpec(**args))
-    args["voxel_ml"] = float(np.prod(ph.spacing_mm)) / 1000.0
-    args["slice_spacing_z_mm"] = float(ph.spacing_mm[0])
-    return ph.hu, ph.lungs, ph.lesions, args
+    return phantom_volume(seed, kind, slices=slices, contiguous=True)
 
 
 def phantoms(lesion_dir: Path, sigmas: list[float], n: int, log=print, slabs: bool = False) -> dict[str, Any]:
@@ -157,13 +150,13 @@ def tb_report(chain: Chain, sigmas: list[float]) -> dict[str, Any]:
         msk = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(ct).replace(".nii.gz", "-msk.nii.gz")), "LPS"))
         rows = chain.volume(vol, variants(sigmas))
         coarse = (msk > 0) & (rows[str(sigmas[0])]["lungs"] > 0)
-        out[ct.name.split("-")[0]] = {"slice_spacing_mm": round(float(vol.spacing_mm[0]), 2), **{
-            k: {"call": r["call"], "probabilities": r["probabilities"], "lesion_ml": r["lesion_ml"],
-                "coarse_mask_covered": round(float((coarse & (r["lesions"] > 0)).sum() / max(int(coarse.sum()), 1)), 3)}
-            for k, r in rows.items()}}
-        print(f"  {ct.name.split('-')[0]}: " + "; ".join(f"sigma {k}: {v['call']}, {v['lesion_ml']} ml, covers "
-              f"{v['coarse_mask_covered']}" for k, v in out[ct.name.split("-")[0]].items() if k != "slice_spacing_mm"),
-              flush=True)
+        case = {k: {"call": r["call"], "probabilities": r["probabilities"], "lesion_ml": r["lesion_ml"],
+                    "coarse_mask_covered": round(float((coarse & (r["lesions"] > 0)).sum() / max(int(coarse.sum()), 1)), 3)}
+                for k, r in rows.items()}
+        name = ct.name.split("-")[0]
+        out[name] = {"slice_spacing_mm": round(float(vol.spacing_mm[0]), 2), **case}
+        print(f"  {name}: " + "; ".join(f"sigma {k}: {v['call']}, {v['lesion_ml']} ml, covers {v['coarse_mask_covered']}"
+                                       for k, v in case.items()), flush=True)
     return out
 
 
