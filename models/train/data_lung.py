@@ -28,6 +28,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -75,22 +76,28 @@ def to_samples(hu: np.ndarray, lungs: np.ndarray, size: int, name: str, *, level
 
 def phantom_volume(seed: int, workdir: Path, *, slices: int = 48, matrix: int | None = None,
                    orientation: str | None = None, ffs_convention: str | None = None,
+                   kind: str | None = None, variant: str | None = None,
                    ) -> tuple[np.ndarray, np.ndarray, dict]:
     """One random phantom, written as DICOM and read back: (canonical hu, canonical lungs, params).
 
     ``orientation``/``ffs_convention`` force the patient position (evaluation of left/right on
-    head-first and feet-first series); the random draws are made either way, so the rest of the
-    phantom is the same for a given seed.
+    head-first and feet-first series), ``kind``/``variant`` the lesion pattern (extra pneumonia
+    phantoms); the random draws are made either way, so the rest of the phantom is the same for a
+    given seed.
     """
     from node.synthetic.dicom import SeriesOptions, write_series
     from node.synthetic.lesions import VARIANTS
     from node.synthetic.phantom import KERNELS, KINDS, THICKNESSES, PhantomSpec, make_phantom
 
     rng = np.random.default_rng(10_000 + seed)
-    kind = str(rng.choice(KINDS))
+    drawn_kind = str(rng.choice(KINDS))
+    drawn_variant = str(rng.choice(VARIANTS[drawn_kind]))
+    kind = kind or drawn_kind
     spec = PhantomSpec(
         kind=kind,  # type: ignore[arg-type]
-        variant=str(rng.choice(VARIANTS[kind])),
+        # a forced kind without a variant takes one from its own generator: the main draws stay put
+        variant=variant or (drawn_variant if kind == drawn_kind
+                            else str(np.random.default_rng(seed).choice(VARIANTS[kind]))),
         kernel=str(rng.choice(KERNELS)),  # type: ignore[arg-type]
         noise_hu=float(rng.uniform(5.0, 60.0)),
         slice_thickness_mm=float(rng.choice(THICKNESSES)),
@@ -126,12 +133,14 @@ def phantom_volume(seed: int, workdir: Path, *, slices: int = 48, matrix: int | 
 
 
 def phantom_samples(seeds: list[int], size: int, *, slices: int = 48, matrix: int | None = None,
-                    every: int = 1) -> SliceSet:
-    """Samples from the phantoms of ``seeds`` (each rendered in a temporary folder, then deleted)."""
+                    every: int = 1, patterns: Sequence[tuple[str, str]] = ()) -> SliceSet:
+    """Samples from the phantoms of ``seeds`` (each rendered in a temporary folder, then deleted);
+    ``patterns`` (kind, variant), when given, are forced on the seeds in turn."""
     sets = []
     with tempfile.TemporaryDirectory(prefix="lung-phantoms-") as tmp:
-        for seed in seeds:
-            hu, lungs, _ = phantom_volume(seed, Path(tmp), slices=slices, matrix=matrix)
+        for i, seed in enumerate(seeds):
+            kind, variant = patterns[i % len(patterns)] if patterns else (None, None)
+            hu, lungs, _ = phantom_volume(seed, Path(tmp), slices=slices, matrix=matrix, kind=kind, variant=variant)
             sets.append(to_samples(hu, lungs, size, f"phantom{seed}", every=every))
     return concat(sets)
 

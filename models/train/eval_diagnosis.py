@@ -121,10 +121,13 @@ def held_out_node_chain(model: Model, seeds: list[int], lung_model: Model | None
 
 # ------------------------------------------------------------------ real CT
 
-def _try_model(name: str) -> Model | None:
-    """A sibling model folder if it is present and loads (hash checked), else None."""
+def _try_model(name: str, folder: Path | None = None) -> Model | None:
+    """A sibling model folder if it is present and loads (hash checked), else None; a ``folder`` named by
+    the caller must load."""
+    if folder is not None:
+        return load_model(folder, device="cpu", threads=2)
     try:
-        return load_model(MODELS / name, device="cpu", threads=2)
+        return load_model(folder or MODELS / name, device="cpu", threads=2)
     except Exception:  # noqa: BLE001 - absent or unfinished model: fall back and say so
         return None
 
@@ -233,7 +236,8 @@ def model_wall_seconds(model: Model, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
-def evaluate(model_dir: Path, n_held_out: int, threads: int, cache: Path, chain: int = 0) -> dict[str, Any]:
+def evaluate(model_dir: Path, n_held_out: int, threads: int, cache: Path, chain: int = 0,
+             lung_dir: Path | None = None) -> dict[str, Any]:
     model = load_model(model_dir, device="cpu", threads=threads)
     cases = load_cases(cache, held_out_names(n_held_out))
     res: dict[str, Any] = {"held_out_phantoms": {}}
@@ -242,7 +246,7 @@ def evaluate(model_dir: Path, n_held_out: int, threads: int, cache: Path, chain:
         res["held_out_phantoms"][f"lesion_map_{mode}"] = metrics
         if mode == "degraded":
             res["held_out_errors"] = [r for r in rows if r["true"] != r["pred"]]
-    lung_model, lesion_model = _try_model("lung_seg"), _try_model("lesion_seg")
+    lung_model, lesion_model = _try_model("lung_seg", lung_dir), _try_model("lesion_seg")
     if chain and lesion_model is not None:
         seeds = [int(n.removeprefix("phantom")) for n in held_out_names(chain)]
         res["held_out_phantoms"]["node_chain_lung_and_lesion_models"] = held_out_node_chain(
@@ -284,9 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--chain", type=int, default=0,
                     help="also re-render this many held-out phantoms and run lung + lesion models + classify")
+    ap.add_argument("--lung-model", type=Path, help="lung model folder for the chain (default: models/lung_seg)")
     ap.add_argument("--write-metrics", action="store_true")
     a = ap.parse_args(argv)
-    res = evaluate(a.model, a.held_out, a.threads, a.cache, a.chain)
+    res = evaluate(a.model, a.held_out, a.threads, a.cache, a.chain, a.lung_model)
     print(json.dumps(res, indent=1))
     if a.write_metrics:
         write_metrics(a.model, res)

@@ -33,6 +33,12 @@ from node.pipeline.manifest import file_sha256
 
 VERSION = "0.2.0"
 VAL_SEED0 = 100_000
+#: Extra pneumonia phantoms (``--pneumonia-phantoms``): seeds from here, patterns in turn. Dense
+#: consolidation against the chest wall has the chest wall's density; only such cases teach the model
+#: that it is lung (0.2.0 kept 37 % of one lobar phantom's consolidation).
+PNEUMONIA_SEED0 = 50_000
+PNEUMONIA_PATTERNS = (("pneumonia", "lobar"), ("pneumonia", "segmental"), ("pneumonia", "lobar"),
+                      ("pneumonia", "bronchopneumonia"))
 
 
 def seed_everything(seed: int) -> None:
@@ -101,18 +107,23 @@ def parity(model: UNet2D, onnx_path: Path, x: np.ndarray, tol: float = 1e-4) -> 
 
 def train(out: Path, *, epochs: int = 10, seed: int = 0, phantoms: int = 16, val_phantoms: int = 4, size: int = 192,
           base: int = 8, slices: int = 48, matrix: int | None = None, lidc: bool = True, batch: int = 16,
-          lr: float = 3e-3, every: int = 1, log=print) -> dict[str, Any]:
+          lr: float = 3e-3, every: int = 1, pneumonia_phantoms: int = 0, log=print) -> dict[str, Any]:
     seed_everything(seed)
     t0 = time.perf_counter()
     train_seeds = list(range(seed * 1000, seed * 1000 + phantoms))
+    pneumonia_seeds = list(range(PNEUMONIA_SEED0 + seed * 1000, PNEUMONIA_SEED0 + seed * 1000 + pneumonia_phantoms))
     val_seeds = list(range(VAL_SEED0 + seed * 1000, VAL_SEED0 + seed * 1000 + val_phantoms))
     sets = [phantom_samples(train_seeds, size, slices=slices, matrix=matrix, every=every)]
+    if pneumonia_seeds:
+        sets.append(phantom_samples(pneumonia_seeds, size, slices=slices, matrix=matrix, every=every,
+                                    patterns=PNEUMONIA_PATTERNS))
     lidc_set = lidc_0001_samples(size, every=every) if lidc else None
     if lidc_set is not None:
         sets.append(lidc_set)
     data: SliceSet = concat(sets)
     val = phantom_samples(val_seeds, size, slices=slices, matrix=matrix, every=every)
-    log(f"data: {len(data)} training slices ({phantoms} phantoms{', LIDC-IDRI-0001' if lidc_set else ''}), "
+    extra = f" + {pneumonia_phantoms} pneumonia" if pneumonia_seeds else ""
+    log(f"data: {len(data)} training slices ({phantoms}{extra} phantoms{', LIDC-IDRI-0001' if lidc_set else ''}), "
         f"{len(val)} validation slices ({val_phantoms} phantoms), {time.perf_counter() - t0:.1f} s")
 
     model = UNet2D(base)
@@ -153,6 +164,9 @@ def train(out: Path, *, epochs: int = 10, seed: int = 0, phantoms: int = 16, val
     last = history[-1]
     training = {
         "data": {"phantoms": phantoms, "phantom_seeds": [train_seeds[0], train_seeds[-1]], "slices_per_phantom": slices,
+                 "pneumonia_phantoms": pneumonia_phantoms,
+                 "pneumonia_seeds": [pneumonia_seeds[0], pneumonia_seeds[-1]] if pneumonia_seeds else [],
+                 "pneumonia_patterns": [v for _, v in PNEUMONIA_PATTERNS] if pneumonia_seeds else [],
                  "lidc_idri_0001": lidc_set is not None, "lidc_labels": "models.train.lung_labels.label_lungs",
                  "slices": len(data), "every_nth_slice": every},
         "validation": {"phantoms": val_phantoms, "phantom_seeds": [val_seeds[0], val_seeds[-1]]},
@@ -179,13 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", type=int, default=8)
     ap.add_argument("--slices", type=int, default=48)
     ap.add_argument("--every", type=int, default=1, help="take every n-th slice")
+    ap.add_argument("--pneumonia-phantoms", type=int, default=0,
+                    help="extra pneumonia phantoms (lobar, segmental, lobar, bronchopneumonia in turn)")
     ap.add_argument("--no-lidc", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     train(a.out, epochs=a.epochs, seed=a.seed, phantoms=a.phantoms, val_phantoms=a.val_phantoms, size=a.size,
-          base=a.base, slices=a.slices, lidc=not a.no_lidc, every=a.every, log=lambda s: print(s, flush=True))
+          base=a.base, slices=a.slices, lidc=not a.no_lidc, every=a.every,
+          pneumonia_phantoms=a.pneumonia_phantoms, log=lambda s: print(s, flush=True))
     return 0
 
 
