@@ -107,7 +107,8 @@ def parity(model: UNet2D, onnx_path: Path, x: np.ndarray, tol: float = 1e-4) -> 
 
 def train(out: Path, *, epochs: int = 10, seed: int = 0, phantoms: int = 16, val_phantoms: int = 4, size: int = 192,
           base: int = 8, slices: int = 48, matrix: int | None = None, lidc: bool = True, batch: int = 16,
-          lr: float = 3e-3, every: int = 1, pneumonia_phantoms: int = 0, log=print) -> dict[str, Any]:
+          lr: float = 3e-3, every: int = 1, pneumonia_phantoms: int = 0, lidc_every: int | None = None,
+          lidc_repeat: int = 1, log=print) -> dict[str, Any]:
     seed_everything(seed)
     t0 = time.perf_counter()
     train_seeds = list(range(seed * 1000, seed * 1000 + phantoms))
@@ -117,9 +118,9 @@ def train(out: Path, *, epochs: int = 10, seed: int = 0, phantoms: int = 16, val
     if pneumonia_seeds:
         sets.append(phantom_samples(pneumonia_seeds, size, slices=slices, matrix=matrix, every=every,
                                     patterns=PNEUMONIA_PATTERNS))
-    lidc_set = lidc_0001_samples(size, every=every) if lidc else None
+    lidc_set = lidc_0001_samples(size, every=lidc_every or every) if lidc else None
     if lidc_set is not None:
-        sets.append(lidc_set)
+        sets.extend([lidc_set] * max(1, lidc_repeat))  # each copy augmented on its own every epoch
     data: SliceSet = concat(sets)
     val = phantom_samples(val_seeds, size, slices=slices, matrix=matrix, every=every)
     extra = f" + {pneumonia_phantoms} pneumonia" if pneumonia_seeds else ""
@@ -168,6 +169,7 @@ def train(out: Path, *, epochs: int = 10, seed: int = 0, phantoms: int = 16, val
                  "pneumonia_seeds": [pneumonia_seeds[0], pneumonia_seeds[-1]] if pneumonia_seeds else [],
                  "pneumonia_patterns": [v for _, v in PNEUMONIA_PATTERNS] if pneumonia_seeds else [],
                  "lidc_idri_0001": lidc_set is not None, "lidc_labels": "models.train.lung_labels.label_lungs",
+                 "lidc_every_nth_slice": lidc_every or every, "lidc_repeat": max(1, lidc_repeat),
                  "slices": len(data), "every_nth_slice": every},
         "validation": {"phantoms": val_phantoms, "phantom_seeds": [val_seeds[0], val_seeds[-1]]},
         "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "base_channels": base, "parameters": n_params(model),
@@ -196,13 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pneumonia-phantoms", type=int, default=0,
                     help="extra pneumonia phantoms (lobar, segmental, lobar, bronchopneumonia in turn)")
     ap.add_argument("--no-lidc", action="store_true")
+    ap.add_argument("--lidc-every", type=int, help="take every n-th LIDC-IDRI-0001 slice (default: --every)")
+    ap.add_argument("--lidc-repeat", type=int, default=1, help="LIDC-IDRI-0001 slices this many times per epoch")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     train(a.out, epochs=a.epochs, seed=a.seed, phantoms=a.phantoms, val_phantoms=a.val_phantoms, size=a.size,
           base=a.base, slices=a.slices, lidc=not a.no_lidc, every=a.every,
-          pneumonia_phantoms=a.pneumonia_phantoms, log=lambda s: print(s, flush=True))
+          pneumonia_phantoms=a.pneumonia_phantoms, lidc_every=a.lidc_every, lidc_repeat=a.lidc_repeat,
+          log=lambda s: print(s, flush=True))
     return 0
 
 
