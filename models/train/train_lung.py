@@ -31,7 +31,7 @@ from models.train.metrics import dice_per_label
 from models.train.unet2d import UNet2D, export_onnx, n_params
 from node.pipeline.manifest import file_sha256
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 VAL_SEED0 = 100_000
 #: Extra pneumonia phantoms (``--pneumonia-phantoms``): seeds from here, patterns in turn. Dense
 #: consolidation against the chest wall has the chest wall's density; only such cases teach the model

@@ -80,3 +80,13 @@ def test_one_epoch_training_writes_a_loadable_model(tmp_path: Path) -> None:
     assert probs.shape == (5, 3, 64, 64)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert parity(res["model"], out / "model.onnx", res["val"].x[:7]) <= 1e-4
+
+
+def test_extra_pneumonia_phantoms_and_real_weight_are_recorded(tmp_path: Path) -> None:
+    out = tmp_path / "lung_seg"
+    train(out, epochs=1, phantoms=1, val_phantoms=1, size=64, slices=8, matrix=128, lidc=False, batch=8,
+          pneumonia_phantoms=2, log=lambda s: None)
+    data = load_manifest(out).training["data"]  # type: ignore[index]
+    assert data["pneumonia_phantoms"] == 2 and data["pneumonia_seeds"] == [50_000, 50_001]
+    assert data["pneumonia_patterns"][:2] == ["lobar", "segmental"]
+    assert data["slices"] == 3 * 8  # one random phantom and two pneumonia phantoms, every slice
