@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -140,11 +141,14 @@ class Worker:
         except SQLAlchemyError:
             pass
 
-    def run_one(self) -> bool:
+    def run_one(self, db_answered: Callable[[], None] | None = None) -> bool:
         """Claim and run one job; False when the queue was empty. A database error that is not the job's fault
-        (``_db_unreachable``) is raised, leaving the job to ``requeue_stalled`` once the database answers."""
+        (``_db_unreachable``) is raised, leaving the job to ``requeue_stalled`` once the database answers.
+        ``db_answered`` is called once the claim went through, before the job runs (a job can take minutes)."""
         self.queue.requeue_stalled(idle=True)  # none of ours runs now: one left running was lost to a database error
         job = self.queue.claim()
+        if db_answered is not None:
+            db_answered()
         if job is None:
             return False
         beat_stop = threading.Event()
@@ -375,7 +379,7 @@ class Worker:
                 elif time.monotonic() - reported_at >= min(SEEN_EVERY_S, self.config.workers.lease_s / 4):
                     self._report(None)
                     reported_at = time.monotonic()
-                busy = self.run_one()
+                busy = self.run_one(db_answered=errors.ok)  # a cleared error is said before the job, not after
             except SQLAlchemyError as exc:
                 errors.failed(exc)
                 delay = min(max(delay * 2, poll), DB_RETRY_MAX_S)
