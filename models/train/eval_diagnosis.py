@@ -127,7 +127,7 @@ def _try_model(name: str, folder: Path | None = None) -> Model | None:
     if folder is not None:
         return load_model(folder, device="cpu", threads=2)
     try:
-        return load_model(folder or MODELS / name, device="cpu", threads=2)
+        return load_model(MODELS / name, device="cpu", threads=2)
     except Exception:  # noqa: BLE001 - absent or unfinished model: fall back and say so
         return None
 
