@@ -130,7 +130,7 @@ def consolidation_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=REPO / "models" / "lung_seg")
-    ap.add_argument("--phantoms", type=int, default=6, help="held-out phantoms (x3 patient positions)")
+    ap.add_argument("--phantoms", type=int, default=6, help="held-out phantoms (x3 patient positions; 0: none)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime CPU threads")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--consolidation", choices=("card", "select"), default="card",
@@ -157,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
     ph = out["phantoms"]
     out["summary"] = {
-        "phantom_dice_right_mean": round(float(np.mean([r["dice_right"] for r in ph])), 4),
-        "phantom_dice_left_mean": round(float(np.mean([r["dice_left"] for r in ph])), 4),
-        "phantom_dice_min": round(float(min(min(r["dice_right"], r["dice_left"]) for r in ph)), 4),
+        **({"phantom_dice_right_mean": round(float(np.mean([r["dice_right"] for r in ph])), 4),
+            "phantom_dice_left_mean": round(float(np.mean([r["dice_left"] for r in ph])), 4),
+            "phantom_dice_min": round(float(min(min(r["dice_right"], r["dice_left"]) for r in ph)), 4)}
+           if ph else {}),  # --phantoms 0: the LIDC series and the consolidation phantoms only
         "swaps": sum(r["swapped"] for r in ph) + sum(r["swapped"] for r in out["lidc"]),
         "consolidation_inside": consolidation_summary(out["consolidation"]),
     }
